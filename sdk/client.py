@@ -1,0 +1,341 @@
+"""The tensord client: put, get, mount, load_into, ls, info, delete over one daemon connection."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from sdk.connection import Connection, socket_path
+from sdk.errors import IntegrityError, InvalidArgument, NotFound, TensordError
+from sdk.manifest import Manifest, TensorSpec, specs_to_wire
+from sdk.names import check_name, check_prefix, check_version
+from sdk.slabs import Slab, open_slab
+from sdk.tensors import dtype_name, fingerprint, to_dtype
+
+
+class Mount:
+    """Zero-copy views of one pinned version on this node; the pin lasts until `close()`.
+
+    Host memory is mapped copy-on-write: writing to a view changes only this process's copy,
+    and the views stay readable after close. GPU memory is shared: views alias the daemon's
+    slab, so never write to them, and do not use them after close.
+    """
+
+    def __init__(self, client: Client, pin: int, manifest: Manifest, slab: Slab) -> None:
+        self._client, self._pin, self._slab = client, pin, slab
+        self.manifest = manifest
+        self.name, self.version = manifest.name, manifest.version
+        self.tensors: dict[str, torch.Tensor] = {t.name: slab.view(t) for t in manifest.tensors}
+
+    def close(self) -> None:
+        if self._pin:
+            pin, self._pin = self._pin, 0
+            self._slab.close()
+            self._client._release(pin)
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Reservation:
+    """A slab reserved for a new version: write every tensor, then `commit()` (or `abort()`).
+
+    Readers see nothing until commit; a reservation that is neither committed nor aborted is
+    released when its connection closes.
+    """
+
+    def __init__(self, client: Client, rid: int, manifest: Manifest, slab: Slab) -> None:
+        self._client, self._rid, self.slab = client, rid, slab
+        self.manifest = manifest
+        self._fingerprints: dict[str, int] = {}
+
+    def write(self, tensor_name: str, src: torch.Tensor) -> None:
+        """Copy `src` into the slab at its place and record its fingerprint."""
+        spec = self._spec(tensor_name)
+        if dtype_name(src.dtype) != spec.dtype or tuple(src.shape) != spec.shape:
+            raise InvalidArgument(f"tensor {tensor_name!r}: dtype/shape differ from the reservation")
+        self.slab.write_from(spec, src)
+        self._fingerprints[tensor_name] = fingerprint(src)
+
+    def written(self, tensor_name: str, fp: int) -> None:
+        """Record the fingerprint of a tensor the caller wrote into `slab` itself."""
+        self._fingerprints[self._spec(tensor_name).name] = fp
+
+    def _spec(self, tensor_name: str) -> TensorSpec:
+        if tensor_name not in self.manifest:
+            raise InvalidArgument(f"tensor {tensor_name!r} is not part of this reservation")
+        return self.manifest[tensor_name]
+
+    def commit(self) -> int:
+        missing = [t.name for t in self.manifest.tensors if t.name not in self._fingerprints]
+        if missing:
+            raise InvalidArgument(f"tensors not written before commit: {missing[:5]}")
+        self.slab.close()  # drop write access first: the daemon seals host slabs at commit
+        fps = [self._fingerprints[t.name] for t in self.manifest.tensors]
+        result, _ = self._client._conn().call("put_commit", reservation=self._rid, fingerprints=fps)
+        self._rid = 0
+        return int(result["version"])
+
+    def abort(self) -> None:
+        if self._rid:
+            rid, self._rid = self._rid, 0
+            self.slab.close()
+            self._client._conn().call("put_abort", reservation=rid)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._rid:
+            self.abort()
+
+
+class Client:
+    """A connection to one tensord daemon. Thread-safe; a context manager; unusable after close.
+
+    `socket`: path of the daemon's Unix socket (default: $TENSORD_SOCKET, else
+    /run/tensord/tensord.sock). `timeout`: seconds to wait for any one reply.
+    """
+
+    def __init__(self, socket: str | None = None, *, timeout: float | None = 300.0) -> None:
+        self.socket = socket_path(socket)
+        self.timeout = timeout
+        self._connection: Connection | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+    def _conn(self) -> Connection:
+        with self._lock:
+            if self._closed:
+                raise TensordError("this client is closed")
+            if self._connection is None:
+                self._connection = Connection(
+                    self.socket, timeout=self.timeout, identity=f"pid:{os.getpid()}"
+                )
+            return self._connection
+
+    def close(self) -> None:
+        """Close the connection; the daemon releases every pin and reservation it held."""
+        with self._lock:
+            self._closed = True
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ----------------------------------------------------------------------------
+    def _open(self, name: str, version: int | None) -> tuple[int, Manifest, Slab]:
+        check_name(name)
+        version = check_version(version)
+        result, fds = self._conn().call("open", name=name, version=version)
+        manifest = Manifest.from_wire(result["manifest"])
+        return result["pin"], manifest, open_slab(result["replica"], fds)
+
+    def _release(self, pin: int) -> None:
+        conn = self._connection
+        if conn is not None and not self._closed:
+            conn.call("release", pin=pin)
+
+    @contextmanager
+    def _opened(self, name: str, version: int | None) -> Iterator[tuple[Manifest, Slab]]:
+        pin, manifest, slab = self._open(name, version)
+        try:
+            yield manifest, slab
+        finally:
+            slab.close()
+            self._release(pin)
+
+    def mount(self, name: str, version: int | str | None = None) -> Mount:
+        """Pin a version and map it zero-copy (same node only). Use as a context manager."""
+        pin, manifest, slab = self._open(name, version)  # type: ignore[arg-type]
+        try:
+            return Mount(self, pin, manifest, slab)
+        except BaseException:
+            slab.close()
+            self._release(pin)
+            raise
+
+    def get(
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        names: list[str] | None = None,
+        verify: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """A private copy of a version's tensors on `device`.
+
+        Default device: cpu for a host replica, the current CUDA device for a GPU replica.
+        `names` selects a subset; `verify` checks every fingerprint (IntegrityError on mismatch).
+        """
+        with self._opened(name, version) as (manifest, slab):  # type: ignore[arg-type]
+            target = _target_device(device, slab.device)
+            out: dict[str, torch.Tensor] = {}
+            for spec in _select(manifest, names):
+                dst = torch.empty(spec.shape, dtype=to_dtype(spec.dtype), device=target)
+                slab.read_into(spec, dst)
+                out[spec.name] = dst
+            if verify:
+                _verify(manifest, out)
+            return out
+
+    def load_into(
+        self,
+        target: torch.nn.Module | Mapping[str, torch.Tensor],
+        name: str,
+        version: int | str | None = None,
+        *,
+        strict: bool = True,
+        verify: bool = False,
+    ) -> int:
+        """Copy a version straight into existing tensors (a module's state_dict or a dict).
+
+        Names, shapes and dtypes are checked first; on any mismatch nothing is written.
+        `strict`: the names must match exactly; otherwise only common names are loaded.
+        Returns the version loaded.
+        """
+        tensors = target.state_dict() if isinstance(target, torch.nn.Module) else target
+        if not isinstance(tensors, Mapping):
+            raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
+        with self._opened(name, version) as (manifest, slab):  # type: ignore[arg-type]
+            pairs = _match(manifest, tensors, strict=strict)
+            for spec, dst in pairs:
+                if dst.is_contiguous():
+                    slab.read_into(spec, dst)
+                else:
+                    tmp = torch.empty(spec.shape, dtype=dst.dtype, device=dst.device)
+                    slab.read_into(spec, tmp)
+                    dst.copy_(tmp)
+            if verify:
+                _verify(manifest, {spec.name: dst for spec, dst in pairs})
+            return manifest.version
+
+    # -- writing ----------------------------------------------------------------------------
+    def reserve(
+        self, name: str, specs: Mapping[str, tuple[str, tuple[int, ...]]], *, device: str = "cpu"
+    ) -> Reservation:
+        """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape)."""
+        check_name(name)
+        result, fds = self._conn().call(
+            "put_begin", name=name, device=str(device), tensors=specs_to_wire(specs)
+        )
+        manifest = Manifest.from_wire(result["manifest"])
+        try:
+            slab = open_slab(result["replica"], fds, writable=True)
+        except BaseException:
+            self._conn().call("put_abort", reservation=result["reservation"])
+            raise
+        return Reservation(self, result["reservation"], manifest, slab)
+
+    def put(
+        self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None
+    ) -> int:
+        """Store `tensors` as the next version of `name`; all or nothing. Returns the version.
+
+        `device`: where the slab lives ("cpu", "cuda:N"); default: where the tensors are.
+        """
+        if not isinstance(tensors, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
+        specs = {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+        slab_device = str(device) if device is not None else _home_device(tensors.values())
+        with self.reserve(name, specs, device=slab_device) as reservation:
+            for key, tensor in tensors.items():
+                reservation.write(key, tensor)
+            return reservation.commit()
+
+    # -- catalogue --------------------------------------------------------------------------
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Sets whose name starts with `prefix`: name, latest, versions, nbytes, device."""
+        result, _ = self._conn().call("ls", prefix=check_prefix(prefix))
+        return list(result)
+
+    def info(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        """One version: tensors (dtype, shape, nbytes), bytes, device, pins, all versions."""
+        result, _ = self._conn().call("info", name=check_name(name), version=check_version(version))
+        return dict(result)
+
+    def delete(self, name: str, version: int | None = None) -> int:
+        """Delete one version, or every version of `name`. Idempotent: returns how many went."""
+        version = check_version(version, allow_latest=False)
+        result, _ = self._conn().call("delete", name=check_name(name), version=version)
+        return int(result["deleted"])
+
+    def status(self) -> dict[str, Any]:
+        """The daemon: node, devices with budget and use, sets, pins."""
+        result, _ = self._conn().call("status")
+        return dict(result)
+
+
+def _target_device(device: str | torch.device | None, slab_device: str) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if slab_device == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _home_device(tensors: Any) -> str:
+    devices = {str(t.device) for t in tensors}
+    if len(devices) > 1:
+        raise InvalidArgument(f"tensors lie on several devices {sorted(devices)}: pass device=")
+    device = devices.pop() if devices else "cpu"
+    return "cpu" if device == "cpu" else str(torch.device(device))
+
+
+def _select(manifest: Manifest, names: list[str] | None) -> list[TensorSpec]:
+    if names is None:
+        return list(manifest.tensors)
+    missing = [n for n in names if n not in manifest]
+    if missing:
+        raise NotFound(f"{manifest.name} v{manifest.version} has no tensors {missing[:5]}")
+    return [manifest[n] for n in names]
+
+
+def _match(
+    manifest: Manifest, tensors: Mapping[str, torch.Tensor], *, strict: bool
+) -> list[tuple[TensorSpec, torch.Tensor]]:
+    if strict:
+        missing = sorted(set(tensors) - {t.name for t in manifest.tensors})
+        unexpected = sorted({t.name for t in manifest.tensors} - set(tensors))
+        if missing or unexpected:
+            raise InvalidArgument(
+                f"names differ from {manifest.name} v{manifest.version}: "
+                f"missing in the set {missing[:5]}, not in the target {unexpected[:5]}"
+            )
+    pairs = [(manifest[k], t) for k, t in tensors.items() if k in manifest]
+    for spec, t in pairs:
+        if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
+            raise InvalidArgument(
+                f"tensor {spec.name!r}: target is {t.dtype} {tuple(t.shape)}, "
+                f"the set holds {spec.dtype} {spec.shape}"
+            )
+    return pairs
+
+
+def _verify(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        expected = manifest[key].fingerprint
+        if expected is not None and fingerprint(t) != expected:
+            raise IntegrityError(
+                f"tensor {key!r} of {manifest.name} v{manifest.version} fails its fingerprint",
+                name=manifest.name,
+                version=manifest.version,
+                tensor=key,
+            )

@@ -1,0 +1,85 @@
+"""One blocking control-plane connection to a daemon (Unix socket, file descriptors included)."""
+
+from __future__ import annotations
+
+import array
+import itertools
+import os
+import socket
+import threading
+from typing import Any
+
+from sdk import wire
+from sdk.errors import ProtocolError, Unavailable, from_wire
+
+DEFAULT_SOCKET = "/run/tensord/tensord.sock"
+
+
+def socket_path(explicit: str | None = None) -> str:
+    """Argument > TENSORD_SOCKET > the default path."""
+    if explicit is not None:
+        return explicit
+    return os.environ.get("TENSORD_SOCKET") or DEFAULT_SOCKET
+
+
+class Connection:
+    """Request/reply over one socket; thread-safe (one call at a time)."""
+
+    def __init__(self, path: str, *, timeout: float | None, identity: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise Unavailable(f"cannot reach the tensord daemon at {path}: {exc.strerror or exc}") from exc
+        self.server = self.call("hello", protocol=wire.PROTOCOL_VERSION, client=identity)[0]
+
+    def call(self, op: str, **args: Any) -> tuple[Any, list[int]]:
+        """Send one request; return the result and any file descriptors that came with it."""
+        with self._lock:
+            request_id = next(self._ids)
+            try:
+                self._sock.sendall(wire.encode({"id": request_id, "op": op, "args": args}))
+                fds: list[int] = []
+                length = wire.frame_length(self._recv(wire.HEADER.size, fds))
+                reply = wire.decode(self._recv(length, fds))
+            except (OSError, TimeoutError) as exc:
+                self.close()
+                raise Unavailable(f"lost the tensord daemon at {self.path}: {exc}") from exc
+        if reply.get("id") != request_id or len(fds) != reply.get("fds", 0):
+            _close_all(fds)
+            raise ProtocolError(f"reply does not match request {request_id} ({op})")
+        if not reply.get("ok"):
+            _close_all(fds)
+            raise from_wire(reply.get("error"))
+        return reply.get("result"), fds
+
+    def _recv(self, n: int, fds: list[int]) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            data, ancillary, flags, _ = self._sock.recvmsg(
+                n - len(buf), socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
+            )
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            if flags & socket.MSG_CTRUNC:
+                _close_all(fds)
+                raise ProtocolError("file descriptors were truncated")
+            if not data:
+                raise ConnectionResetError("the daemon closed the connection")
+            buf += data
+        return bytes(buf)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()

@@ -1,0 +1,50 @@
+"""Validation of set names and versions: the same rules in the SDK and the daemon."""
+
+from __future__ import annotations
+
+import re
+
+from sdk.errors import InvalidArgument
+
+MAX_NAME_BYTES = 255
+_SEGMENT = re.compile(r"[a-z0-9._-]+")
+
+
+def check_name(name: object) -> str:
+    """Return `name` if it is a valid set name, else raise InvalidArgument.
+
+    A name is segments of ``[a-z0-9._-]`` joined by ``/``; no empty, ``.`` or ``..`` segment;
+    at most 255 bytes.
+    """
+    if not isinstance(name, str):
+        raise InvalidArgument(f"name must be a string, not {type(name).__name__}")
+    if not name:
+        raise InvalidArgument("name must not be empty")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"name is longer than {MAX_NAME_BYTES} bytes", name=name[:64])
+    for segment in name.split("/"):
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment):
+            raise InvalidArgument(
+                f"bad name {name!r}: segments of [a-z0-9._-] joined by '/', no '.' or '..'",
+                name=name,
+            )
+    return name
+
+
+def check_prefix(prefix: object) -> str:
+    """A listing prefix: empty, or a name, optionally ending in '/'."""
+    if not isinstance(prefix, str):
+        raise InvalidArgument(f"prefix must be a string, not {type(prefix).__name__}")
+    stripped = prefix[:-1] if prefix.endswith("/") else prefix
+    if stripped:
+        check_name(stripped)
+    return prefix
+
+
+def check_version(version: object, *, allow_latest: bool = True) -> int | None:
+    """A positive int, or None / "latest" for the newest committed version."""
+    if version is None or (allow_latest and version == "latest"):
+        return None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidArgument(f"version must be a positive integer or 'latest', not {version!r}")
+    return version

@@ -1,0 +1,116 @@
+"""Client-side access to a slab on the same node: shared-memory files and CUDA IPC.
+
+Host slabs are sealed memfds passed over the Unix socket. Reads copy with ``preadv`` straight
+into the destination tensor (one copy, no mapping to fault in); mounts map the file
+copy-on-write, so a client writing through a mount never changes what others read.
+CUDA slabs are opened from IPC handles; a mount's views alias the daemon's memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import torch
+
+from sdk.errors import ProtocolError, TransferError
+from sdk.manifest import TensorSpec
+from sdk.tensors import as_bytes, view_bytes
+
+_MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+
+
+class Slab:
+    """One replica's memory as seen by this process."""
+
+    device: str
+    nbytes: int
+
+    def view(self, spec: TensorSpec) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_into(self, spec: TensorSpec, dst: torch.Tensor) -> None:
+        """Copy one tensor's bytes into `dst` (contiguous, matching dtype and shape)."""
+        dst.copy_(self.view(spec))
+
+    def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
+        self.view(spec).copy_(src)
+
+    def close(self) -> None:
+        pass
+
+
+class HostSlab(Slab):
+    def __init__(self, fd: int, nbytes: int, *, writable: bool = False) -> None:
+        self.fd, self.nbytes, self.device = fd, nbytes, "cpu"
+        self._writable = writable
+        self._base: torch.Tensor | None = None
+
+    def view(self, spec: TensorSpec) -> torch.Tensor:
+        if self._base is None:
+            self._base = self._map()
+        return view_bytes(self._base[spec.offset : spec.offset + spec.nbytes], spec.dtype, spec.shape)
+
+    def _map(self) -> torch.Tensor:
+        # Shared and writable only while a writer fills its own reservation; readers map
+        # copy-on-write, which the write seal allows.
+        flags = mmap.MAP_SHARED if self._writable else mmap.MAP_PRIVATE
+        mm = mmap.mmap(self.fd, self.nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive as long as its views
+
+    def read_into(self, spec: TensorSpec, dst: torch.Tensor) -> None:
+        if dst.device.type != "cpu":
+            super().read_into(spec, dst)
+            return
+        _pio(os.preadv, self.fd, as_bytes(dst), spec.offset)
+
+    def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
+        if src.device.type != "cpu":
+            src = src.cpu()
+        _pio(os.pwritev, self.fd, as_bytes(src.contiguous()), spec.offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CudaSlab(Slab):
+    def __init__(self, ipc: list[Any], nbytes: int) -> None:
+        device = int(ipc[0])
+        self.device, self.nbytes = f"cuda:{device}", nbytes
+        storage = torch.UntypedStorage._new_shared_cuda(*ipc)
+        self._base = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, 0, (nbytes,), (1,))
+
+    def view(self, spec: TensorSpec) -> torch.Tensor:
+        return view_bytes(self._base[spec.offset : spec.offset + spec.nbytes], spec.dtype, spec.shape)
+
+    def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
+        super().write_from(spec, src)
+        torch.cuda.synchronize(self.device)
+
+
+def _pio(call: Any, fd: int, buf: torch.Tensor, offset: int) -> None:
+    """Run preadv/pwritev over a whole uint8 tensor, looping over short transfers."""
+    mv = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
+    done, total = 0, len(mv)
+    while done < total:
+        n = call(fd, [mv[done : done + _MAX_IO]], offset + done)
+        if n <= 0:
+            raise TransferError(f"slab I/O stopped after {done} of {total} bytes")
+        done += n
+
+
+def open_slab(replica: dict[str, Any], fds: list[int], *, writable: bool = False) -> Slab:
+    """Build the accessor a daemon's replica descriptor describes."""
+    kind, nbytes = replica.get("kind"), replica.get("nbytes")
+    if not isinstance(nbytes, int):
+        raise ProtocolError("replica descriptor lacks nbytes")
+    if kind == "host":
+        if len(fds) != 1:
+            raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
+        return HostSlab(fds[0], nbytes, writable=writable)
+    if kind == "cuda":
+        return CudaSlab(replica["ipc"], nbytes)
+    raise ProtocolError(f"unknown replica kind {kind!r}")

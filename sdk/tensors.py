@@ -1,0 +1,75 @@
+"""torch helpers shared by the SDK and the daemon: dtype names, byte views, fingerprints."""
+
+from __future__ import annotations
+
+import torch
+
+from sdk.errors import InvalidArgument
+from sdk.manifest import DTYPE_SIZES
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in DTYPE_SIZES if isinstance(getattr(torch, name, None), torch.dtype)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+_BLOCK_WORDS = 1 << 16  # 512 KiB of int64 words per fingerprint block
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # odd, as a signed int64
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise InvalidArgument(f"dtype {dtype} is not supported by tensord") from None
+
+
+def to_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidArgument(f"dtype {name!r} is not available in this torch build") from None
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's bytes (any dtype, 0-d and empty included)."""
+    if not t.is_contiguous():
+        raise InvalidArgument("as_bytes needs a contiguous tensor")
+    nbytes = t.numel() * t.element_size()
+    out = torch.empty(0, dtype=torch.uint8, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (nbytes,), (1,))
+
+
+def view_bytes(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Interpret a flat uint8 tensor (at an aligned offset) as a tensor of `dtype` and `shape`."""
+    out = torch.empty(0, dtype=to_dtype(dtype), device=buf.device)
+    itemsize = out.element_size()
+    offset = buf.storage_offset()
+    if offset % itemsize:
+        raise InvalidArgument(f"byte offset {offset} is not aligned for {dtype}")
+    return out.set_(buf.untyped_storage(), offset // itemsize, shape)
+
+
+def fingerprint(t: torch.Tensor) -> int:
+    """A 64-bit fingerprint of a tensor's bytes, the same on CPU and GPU, computed where it lies.
+
+    The bytes are read as int64 words in blocks of 512 KiB; each block's wrapping sum is
+    weighted by an odd number that depends on the block's position, and the byte length and
+    the tail bytes are mixed in. It detects any change that alters a block's word sum and
+    blocks moved or swapped; it is an integrity check against torn or misplaced data, not a
+    cryptographic hash. Integer sums wrap identically in any order, so devices agree.
+    """
+    b = as_bytes(t.contiguous())
+    n = b.numel()
+    nwords = n // 8
+    if nwords and b.storage_offset() % 8:
+        b = b.clone()
+    words = b[: nwords * 8].view(torch.int64)
+    full = nwords // _BLOCK_WORDS * _BLOCK_WORDS
+    parts = [words[:full].view(-1, _BLOCK_WORDS).sum(1), words[full:].sum().reshape(1)]
+    tail = b[nwords * 8 :].to(torch.int64)
+    if tail.numel():
+        parts.append((tail << (8 * torch.arange(tail.numel(), device=b.device))).sum().reshape(1))
+    sums = torch.cat(parts)
+    weights = torch.arange(sums.numel(), device=b.device, dtype=torch.int64) * 2 + _GOLDEN
+    value = int((sums * weights).sum().item()) ^ (n * 0xFF51AFD7ED558CCD)
+    return value & 0xFFFFFFFFFFFFFFFF

@@ -1,0 +1,54 @@
+"""The control-plane wire format, shared by the SDK and the daemon.
+
+A frame is a 4-byte big-endian length followed by one msgpack map.
+Request ``{id, op, args}``; reply ``{id, ok: true, result}`` or
+``{id, ok: false, error: {code, message, details}}``. On a Unix socket a reply may carry
+file descriptors (SCM_RIGHTS) for shared-memory slabs; the reply's ``fds`` key counts them.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from sdk.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 64 * 1024 * 1024
+HEADER = struct.Struct(">I")
+MAX_FDS = 16
+
+#: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one.
+OPS = frozenset(
+    {
+        "hello", "status", "ls", "info", "open", "release",
+        "put_begin", "put_commit", "put_abort", "delete",
+    }
+)  # fmt: skip
+MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete"})
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    return length
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable frame: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("a frame must hold a map")
+    return message

@@ -1,0 +1,3 @@
+from tensord.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""The `tensord` command: serve, load, ls, info, rm, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sdk.errors import TensordError
+
+log = logging.getLogger("tensord")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except TensordError as exc:
+        print(f"tensord: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensord", description="GPU tensor-store daemon and its tools")
+    p.add_argument("--socket", help="daemon socket (default: $TENSORD_SOCKET or /run/tensord/tensord.sock)")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", help="TOML config file (default: none; every key has a default)")
+    s.add_argument("--node", help="node id (default: hostname)")
+    s.set_defaults(run=_serve)
+
+    s = sub.add_parser("load", help="load a .safetensors file or a Hugging Face directory")
+    s.add_argument("path")
+    s.add_argument("--name", required=True, help="set name, e.g. minilm or llama-8b/tp0")
+    s.add_argument("--device", default="cpu", help="where the slab lives: cpu or cuda:N (default cpu)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=_load)
+
+    s = sub.add_parser("ls", help="list sets")
+    s.add_argument("prefix", nargs="?", default="")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_ls)
+
+    s = sub.add_parser("info", help="describe one version of a set")
+    s.add_argument("name")
+    s.add_argument("--version", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_info)
+
+    s = sub.add_parser("rm", help="delete a set, or one version of it")
+    s.add_argument("name")
+    s.add_argument("--version", type=int)
+    s.set_defaults(run=_rm)
+
+    s = sub.add_parser("status", help="devices, budgets, use, sets, pins")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_status)
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tensord import config as cfg
+    from tensord.daemon import Daemon
+
+    config = cfg.load(args.config).with_overrides(socket=args.socket, node=args.node and cfg.check_node_id(args.node))
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        log.warning("uvloop is not installed; using the default asyncio loop")
+    os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)  # IPC-exported slabs need plain segments
+    asyncio.run(Daemon(config).run())
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sdk import Client
+
+    return Client(args.socket)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from tensord.ingest import load_checkpoint
+
+    with _client(args) as client:
+        t0 = time.perf_counter()
+        version, nbytes = load_checkpoint(client, args.path, args.name, device=args.device, progress=not args.quiet)
+        dt = time.perf_counter() - t0
+    print(f"{args.name} v{version}: {nbytes / 1e9:.3f} GB in {dt:.2f} s ({nbytes / 1e9 / dt:.2f} GB/s)")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sets = client.ls(args.prefix)
+    if args.json:
+        print(json.dumps(sets, indent=2))
+        return 0
+    rows = [(s["name"], str(s["latest"]), ",".join(map(str, s["versions"])), str(s["tensors"]),
+             _human(s["nbytes"]), s["device"] or "-") for s in sets]  # fmt: skip
+    _table(("NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE"), rows)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.info(args.name, args.version)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']} v{info['version']} (latest v{info['latest']}; versions {info['versions']})")
+    print(f"  {len(info['tensors'])} tensors, {_human(info['nbytes'])} on {info['device'] or '-'}, "
+          f"{info['pins']} pins, created {time.ctime(info['created'])}, origin {info['origin']}")  # fmt: skip
+    _table(("TENSOR", "DTYPE", "SHAPE", "BYTES"),
+           [(k, t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["nbytes"]))
+            for k, t in info["tensors"].items()])  # fmt: skip
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        n = client.delete(args.name, args.version)
+    print(f"deleted {n} version{'s' * (n != 1)}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        st = client.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"node {st['node']} (tensord {st['version']}, up {st['uptime']:.0f} s): {st['sets']} sets, "
+          f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations")  # fmt: skip
+    _table(("DEVICE", "BUDGET", "USED", "FREE"),
+           [(d, _human(v["budget"]), _human(v["used"]), _human(v["budget"] - v["used"]))
+            for d, v in st["devices"].items()])  # fmt: skip
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())

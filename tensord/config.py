@@ -1,0 +1,171 @@
+"""The daemon's typed configuration: TOML file, TENSORD_* environment, defaults.
+
+Precedence: command-line argument > environment > file > default. Every key is documented in
+configs/tensord.toml. Unknown keys and bad values are errors, reported with their place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sdk.connection import DEFAULT_SOCKET
+from sdk.errors import InvalidArgument
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from an int or a string like "60GiB", "512 MB", "1.5GB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise InvalidArgument(f"{where}: {value!r} is not a size (e.g. 4096, \"512MiB\", \"60GiB\")")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str = field(default_factory=lambda: check_node_id(socket.gethostname()))
+    socket: str = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    log_level: str = "info"
+    budgets: dict[str, int | None] = field(default_factory=lambda: {"cpu": None})  # None: auto
+    retention: int = 0
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/tensord/"
+    lease_ttl: float = 10.0
+
+    def with_overrides(self, **kw: Any) -> Config:
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def check_node_id(node: str) -> str:
+    node = node.lower()
+    if not re.fullmatch(r"[a-z0-9._-]{1,64}", node):
+        raise InvalidArgument(f"node id {node!r} must be 1-64 chars of [a-z0-9._-]")
+    return node
+
+
+# (section, key) -> (Config field, parser). One table for the file; ENV for the environment.
+def _str(v: object, where: str) -> str:
+    if not isinstance(v, str):
+        raise InvalidArgument(f"{where}: expected a string, not {v!r}")
+    return v
+
+
+def _mode(v: object, where: str) -> int:
+    try:
+        return int(_str(v, where), 8)
+    except ValueError:
+        raise InvalidArgument(f"{where}: {v!r} is not an octal mode like \"0660\"") from None
+
+
+def _level(v: object, where: str) -> str:
+    level = _str(v, where).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument(f"{where}: log level must be debug, info, warning or error")
+    return level
+
+
+def _count(v: object, where: str) -> int:
+    if isinstance(v, str) and v.isdigit():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise InvalidArgument(f"{where}: expected a non-negative integer, not {v!r}")
+    return v
+
+
+def _seconds(v: object, where: str) -> float:
+    try:
+        x = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{where}: expected seconds, not {v!r}") from None
+    if not 1.0 <= x <= 3600:
+        raise InvalidArgument(f"{where}: must lie between 1 and 3600 seconds")
+    return x
+
+
+def _endpoints(v: object, where: str) -> tuple[str, ...]:
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not all(isinstance(e, str) for e in items):
+        raise InvalidArgument(f"{where}: expected a list of \"host:port\" strings")
+    out = tuple(e.strip() for e in items if e.strip())
+    for e in out:
+        if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", e):
+            raise InvalidArgument(f"{where}: {e!r} is not host:port")
+    return out
+
+
+def _budgets(v: object, where: str) -> dict[str, int | None]:
+    if not isinstance(v, Mapping):
+        raise InvalidArgument(f"{where}: expected a table of device = size")
+    out: dict[str, int | None] = {}
+    for device, size in v.items():
+        if not _DEVICE.match(device):
+            raise InvalidArgument(f"{where}: device {device!r} must be \"cpu\" or \"cuda:N\"")
+        out[device] = None if size == "auto" else parse_size(size, f"{where}.{device}")
+    return out
+
+
+FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("daemon", "node"): ("node", lambda v, w: check_node_id(_str(v, w))),
+    ("daemon", "socket"): ("socket", _str),
+    ("daemon", "socket_mode"): ("socket_mode", _mode),
+    ("daemon", "log_level"): ("log_level", _level),
+    ("memory", "budgets"): ("budgets", _budgets),
+    ("memory", "retention"): ("retention", _count),
+    ("registry", "etcd_endpoints"): ("etcd_endpoints", _endpoints),
+    ("registry", "prefix"): ("etcd_prefix", _str),
+    ("registry", "lease_ttl"): ("lease_ttl", _seconds),
+}
+ENV: dict[str, tuple[str, Any]] = {
+    "TENSORD_NODE": ("node", lambda v, w: check_node_id(v)),
+    "TENSORD_SOCKET": ("socket", _str),
+    "TENSORD_LOG_LEVEL": ("log_level", _level),
+    "TENSORD_RETENTION": ("retention", _count),
+    "TENSORD_ETCD": ("etcd_endpoints", _endpoints),
+    "TENSORD_CPU_BUDGET": ("cpu_budget", lambda v, w: None if v == "auto" else parse_size(v, w)),
+}
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file (if any), then the environment."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"config file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"config file {path}: {exc}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise InvalidArgument(f"{path}: [{section}] must be a table")
+            for key, raw in table.items():
+                if (section, key) not in FILE_KEYS:
+                    raise InvalidArgument(f"{path}: unknown key {section}.{key}")
+                attr, parse = FILE_KEYS[(section, key)]
+                values[attr] = parse(raw, f"{path}: {section}.{key}")
+    env = os.environ if env is None else env
+    for var, (attr, parse) in ENV.items():
+        if env.get(var):
+            values[attr] = parse(env[var], var)
+    if "cpu_budget" in values:
+        values["budgets"] = {**values.get("budgets", {"cpu": None}), "cpu": values.pop("cpu_budget")}
+    return Config(**values)

@@ -1,0 +1,141 @@
+"""Slabs (one contiguous allocation per replica) and per-device budgets.
+
+Host slabs are memfds: they vanish with the daemon and the last mapping, and are sealed at
+commit so that nobody, the writer included, can change a committed version. CUDA slabs are one
+allocation each, exported by CUDA IPC handle.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from typing import Any
+
+from sdk.errors import InvalidArgument, OutOfCapacity
+from sdk.manifest import ALIGN
+
+log = logging.getLogger(__name__)
+
+_SEAL_SIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_SEAL_COMMIT = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+class Slab:
+    device: str
+    nbytes: int
+
+    def descriptor(self) -> tuple[dict[str, Any], list[int]]:
+        """What a client on this node needs to reach the slab, and the fds to pass with it."""
+        raise NotImplementedError
+
+    def seal(self) -> None:
+        """Make the slab immutable where the platform allows it."""
+
+    def free(self) -> None:
+        raise NotImplementedError
+
+
+class HostSlab(Slab):
+    def __init__(self, nbytes: int, label: str) -> None:
+        self.device, self.nbytes = "cpu", nbytes
+        self.fd = os.memfd_create(f"tensord:{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, nbytes)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEAL_SIZE)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def descriptor(self) -> tuple[dict[str, Any], list[int]]:
+        return {"kind": "host", "nbytes": self.nbytes}, [self.fd]
+
+    def seal(self) -> None:
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEAL_COMMIT)
+        except OSError as exc:  # EBUSY: a writable shared mapping still exists
+            raise InvalidArgument(
+                "cannot seal the slab: the writer still maps it writable; drop its views first"
+            ) from exc
+
+    def free(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CudaSlab(Slab):
+    def __init__(self, nbytes: int, device: str) -> None:
+        import torch
+
+        self.device, self.nbytes = device, nbytes
+        self.tensor: Any = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._ipc = list(self.tensor.untyped_storage()._share_cuda_())
+
+    def descriptor(self) -> tuple[dict[str, Any], list[int]]:
+        return {"kind": "cuda", "nbytes": self.nbytes, "ipc": self._ipc}, []
+
+    def free(self) -> None:
+        self.tensor = None
+
+
+def allocate(device: str, nbytes: int, label: str) -> Slab:
+    """One slab of at least ALIGN bytes on `device` ("cpu" or "cuda:N")."""
+    nbytes = max(nbytes, ALIGN)
+    if device == "cpu":
+        return HostSlab(nbytes, label)
+    try:
+        return CudaSlab(nbytes, device)
+    except RuntimeError as exc:  # the CUDA allocator's out-of-memory and driver errors
+        raise OutOfCapacity(f"cannot allocate {nbytes} bytes on {device}: {exc}", device=device) from exc
+
+
+def detect_devices() -> dict[str, int]:
+    """Every device on this machine and its total memory in bytes."""
+    devices = {"cpu": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                devices[f"cuda:{i}"] = torch.cuda.get_device_properties(i).total_memory
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return devices
+
+
+class Budgets:
+    """Bytes each device may hold, and bytes held or reserved now."""
+
+    def __init__(self, configured: dict[str, int | None], present: dict[str, int]) -> None:
+        self.limit: dict[str, int] = {}
+        for device, size in configured.items():
+            if device not in present:
+                log.warning("budget for %s ignored: no such device here", device)
+                continue
+            auto = present[device] // 2 if device == "cpu" else present[device] * 9 // 10
+            self.limit[device] = auto if size is None else size
+        for device, total in present.items():  # GPUs present but not configured: auto
+            if device != "cpu" and device not in configured:
+                self.limit[device] = total * 9 // 10
+        self.used = dict.fromkeys(self.limit, 0)
+
+    def check_device(self, device: str) -> str:
+        if device == "cuda":
+            device = "cuda:0"
+        if device not in self.limit:
+            raise InvalidArgument(f"device {device!r} is not served here; devices: {sorted(self.limit)}")
+        return device
+
+    def take(self, device: str, nbytes: int) -> None:
+        if self.used[device] + nbytes > self.limit[device]:
+            raise OutOfCapacity(
+                f"{device}: {nbytes} bytes requested, {self.limit[device] - self.used[device]} "
+                f"of {self.limit[device]} free",
+                device=device,
+                requested=nbytes,
+            )
+        self.used[device] += nbytes
+
+    def give(self, device: str, nbytes: int) -> None:
+        self.used[device] -= nbytes

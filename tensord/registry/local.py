@@ -1,0 +1,105 @@
+"""The embedded registry: the same interface in memory, for one node without etcd."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sdk.errors import NotFound
+from sdk.manifest import Manifest
+from tensord.registry.base import NodeRecord, Registry, Replica
+
+
+@dataclass
+class _Set:
+    next: int = 1
+    latest: int = 0
+    manifests: dict[int, Manifest] = field(default_factory=dict)
+    replicas: dict[int, dict[tuple[str, str], Replica]] = field(default_factory=dict)
+
+
+class LocalRegistry(Registry):
+    def __init__(self) -> None:
+        self._sets: dict[str, _Set] = {}
+        self._node: NodeRecord | None = None
+        self._changed = asyncio.Condition()
+
+    async def start(self, node: NodeRecord) -> None:
+        self._node = node
+
+    async def close(self) -> None:
+        self._node = None
+
+    async def allocate_version(self, name: str) -> int:
+        s = self._sets.setdefault(name, _Set())
+        s.next += 1
+        return s.next - 1
+
+    async def commit(self, manifest: Manifest, replica: Replica) -> None:
+        s = self._sets.setdefault(manifest.name, _Set())
+        s.manifests[manifest.version] = manifest
+        s.replicas[manifest.version] = {(replica.node, replica.device): replica}
+        s.latest = max(s.latest, manifest.version)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def resolve(self, name: str, version: int | None = None) -> int:
+        s = self._sets.get(name)
+        if s is None or not s.manifests:
+            raise NotFound(f"no set named {name!r}", name=name)
+        if version is None:
+            return s.latest if s.latest in s.manifests else max(s.manifests)
+        if version not in s.manifests:
+            raise NotFound(f"{name!r} has no version {version}", name=name, version=version)
+        return version
+
+    async def manifest(self, name: str, version: int) -> Manifest:
+        return self._sets[name].manifests[await self.resolve(name, version)]
+
+    async def versions(self, name: str) -> list[int]:
+        s = self._sets.get(name)
+        return sorted(s.manifests) if s else []
+
+    async def names(self, prefix: str = "") -> list[str]:
+        return sorted(n for n, s in self._sets.items() if s.manifests and n.startswith(prefix))
+
+    async def delete_version(self, name: str, version: int) -> bool:
+        s = self._sets.get(name)
+        if s is None or version not in s.manifests:
+            return False
+        del s.manifests[version]
+        s.replicas.pop(version, None)
+        return True
+
+    async def add_replica(self, replica: Replica) -> None:
+        s = self._sets.get(replica.name)
+        if s is None or replica.version not in s.manifests:
+            raise NotFound(f"{replica.name!r} has no version {replica.version}")
+        s.replicas[replica.version][(replica.node, replica.device)] = replica
+
+    async def remove_replica(self, name: str, version: int, node: str, device: str) -> None:
+        s = self._sets.get(name)
+        if s is not None:
+            s.replicas.get(version, {}).pop((node, device), None)
+
+    async def replicas(self, name: str, version: int) -> list[Replica]:
+        s = self._sets.get(name)
+        return list(s.replicas.get(version, {}).values()) if s else []
+
+    async def nodes(self) -> list[NodeRecord]:
+        return [self._node] if self._node else []
+
+    async def watch(self, name: str, *, after: int = 0) -> AsyncIterator[int]:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._pending(name, after) is not None)
+            version = self._pending(name, after)
+            if version is not None:
+                after = version
+                yield version
+
+    def _pending(self, name: str, after: int) -> int | None:
+        s = self._sets.get(name)
+        newer = [v for v in s.manifests if v > after] if s else []
+        return min(newer) if newer else None

@@ -1,0 +1,173 @@
+"""The node's store: slabs it holds, reservations being written, pins, budgets, retention.
+
+Names and versions live in the registry; the store keeps the memory. A version becomes
+visible only at commit, after its bytes are written and its slab sealed. A retired or deleted
+version is no longer resolvable, and its slab is freed when its last pin goes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from sdk.errors import InvalidArgument, NotFound
+from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
+from tensord.memory import Budgets, Slab, allocate
+from tensord.registry.base import Registry, Replica
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Held:
+    """One version held on this node."""
+
+    manifest: Manifest
+    slab: Slab
+    pins: int = 0
+    live: bool = True  # False once retired or deleted: freed when pins reach 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.manifest.name, self.manifest.version
+
+
+@dataclass(eq=False)
+class Reservation:
+    id: int
+    name: str
+    manifest: Manifest  # version 0 until commit
+    slab: Slab
+    origin: str
+    started: float = field(default_factory=time.time)
+
+
+class Store:
+    def __init__(self, node: str, registry: Registry, budgets: Budgets, *, retention: int = 0) -> None:
+        self.node, self.registry, self.budgets, self.retention = node, registry, budgets, retention
+        self.held: dict[tuple[str, int], Held] = {}
+        self.reservations: dict[int, Reservation] = {}
+        self._ids = itertools.count(1)
+
+    # -- writing ----------------------------------------------------------------------------
+    def reserve(self, name: str, device: str, specs: list[TensorSpec], origin: str) -> Reservation:
+        device = self.budgets.check_device(device)
+        placed, nbytes = layout(specs)
+        nbytes = max(nbytes, ALIGN)
+        self.budgets.take(device, nbytes)
+        rid = next(self._ids)
+        try:
+            slab = allocate(device, nbytes, f"{name}#{rid}")
+        except BaseException:
+            self.budgets.give(device, nbytes)
+            raise
+        manifest = Manifest(name, 0, tuple(placed), nbytes, time.time(), origin)
+        self.reservations[rid] = r = Reservation(rid, name, manifest, slab, origin)
+        log.debug("reserved %d bytes on %s for %s (#%d)", nbytes, device, name, rid)
+        return r
+
+    def reservation(self, rid: object) -> Reservation:
+        if not isinstance(rid, int) or rid not in self.reservations:
+            raise NotFound(f"no open reservation {rid!r}")
+        return self.reservations[rid]
+
+    async def commit(self, rid: int, fingerprints: list[int]) -> Held:
+        r = self.reservation(rid)
+        specs = r.manifest.tensors
+        if len(fingerprints) != len(specs) or not all(
+            isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 2**64 for f in fingerprints
+        ):
+            raise InvalidArgument(f"commit needs one 64-bit fingerprint per tensor ({len(specs)})")
+        r.slab.seal()
+        del self.reservations[rid]
+        version = 0
+        try:
+            version = await self.registry.allocate_version(r.name)
+            tensors = tuple(
+                TensorSpec(s.name, s.dtype, s.shape, s.offset, s.nbytes, fp)
+                for s, fp in zip(specs, fingerprints, strict=True)
+            )
+            m = r.manifest
+            manifest = Manifest(m.name, version, tensors, m.nbytes, time.time(), m.origin)
+            held = Held(manifest, r.slab)
+            self.held[held.key] = held  # before the registry, so whoever resolves it finds it
+            await self.registry.commit(manifest, self.replica(held))
+        except BaseException:
+            self.held.pop((r.name, version), None)
+            self._free(r.slab)
+            raise
+        log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, len(specs),
+                 m.nbytes, r.slab.device)  # fmt: skip
+        await self._retain(r.name)
+        return held
+
+    def abort(self, rid: int) -> None:
+        r = self.reservations.pop(rid, None)
+        if r is not None:
+            self._free(r.slab)
+            log.debug("aborted reservation #%d for %s", rid, r.name)
+
+    def replica(self, held: Held) -> Replica:
+        m = held.manifest
+        return Replica(m.name, m.version, self.node, held.slab.device, nbytes=held.slab.nbytes)
+
+    # -- reading ----------------------------------------------------------------------------
+    async def resolve(self, name: str, version: int | None) -> Held:
+        version = await self.registry.resolve(name, version)
+        held = self.held.get((name, version))
+        if held is None or not held.live:
+            raise NotFound(f"{name} v{version} is not held on node {self.node}", name=name, version=version)
+        return held
+
+    def pin(self, held: Held) -> None:
+        held.pins += 1
+
+    def unpin(self, held: Held) -> None:
+        held.pins -= 1
+        if held.pins == 0 and not held.live:
+            self._drop(held)
+
+    # -- removal ----------------------------------------------------------------------------
+    async def delete(self, name: str, version: int | None) -> int:
+        versions = [version] if version is not None else await self.registry.versions(name)
+        deleted = 0
+        for v in versions:
+            deleted += await self.registry.delete_version(name, v)
+            held = self.held.get((name, v))
+            if held is not None and held.live:
+                self._retire(held)
+        return deleted
+
+    async def _retain(self, name: str) -> None:
+        """Keep the newest `retention` versions of `name` (0: keep all)."""
+        if not self.retention:
+            return
+        versions = await self.registry.versions(name)
+        for v in versions[: -self.retention]:
+            await self.registry.delete_version(name, v)
+            held = self.held.get((name, v))
+            if held is not None and held.live:
+                log.info("retention: retiring %s v%d (%d pins)", name, v, held.pins)
+                self._retire(held)
+
+    def _retire(self, held: Held) -> None:
+        held.live = False
+        if held.pins == 0:
+            self._drop(held)
+
+    def _drop(self, held: Held) -> None:
+        self.held.pop(held.key, None)
+        self._free(held.slab)
+
+    def _free(self, slab: Slab) -> None:
+        slab.free()
+        self.budgets.give(slab.device, slab.nbytes)
+
+    def close(self) -> None:
+        """Free everything (shutdown): reservations, then held slabs, pinned or not."""
+        for rid in list(self.reservations):
+            self.abort(rid)
+        for held in list(self.held.values()):
+            self._drop(held)
