@@ -39,7 +39,7 @@ class Slab:
 class HostSlab(Slab):
     def __init__(self, nbytes: int, label: str) -> None:
         self.device, self.nbytes = "cpu", nbytes
-        self.fd = os.memfd_create(f"tensord:{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd = os.memfd_create(f"tensord:{label}"[:240], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, nbytes)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEAL_SIZE)

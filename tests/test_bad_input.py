@@ -1,0 +1,239 @@
+"""Bad input from outside gets a clear error, changes nothing, and the daemon keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+
+import sdk
+from sdk import wire
+from sdk.names import check_name
+
+
+class Raw:
+    """A hand-driven connection, to send what the SDK never would."""
+
+    def __init__(self, path: str, hello: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        if hello:
+            assert self.call("hello", protocol=wire.PROTOCOL_VERSION)["ok"]
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, message: Any) -> None:
+        body = msgpack.packb(message)
+        self.send_bytes(struct.pack(">I", len(body)) + body)
+
+    def recv(self) -> dict[str, Any] | None:
+        header = self._exact(4)
+        if header is None:
+            return None
+        (n,) = struct.unpack(">I", header)
+        body = self._exact(n)
+        assert body is not None
+        return msgpack.unpackb(body)
+
+    def _exact(self, n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.send({"id": 1, "op": op, "args": args})
+        reply = self.recv()
+        assert reply is not None
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _code(reply: dict[str, Any]) -> str:
+    assert reply["ok"] is False, reply
+    return reply["error"]["code"]
+
+
+@pytest.fixture
+def raw(daemon):
+    r = Raw(daemon.socket)
+    yield r
+    r.close()
+
+
+@pytest.fixture(autouse=True)
+def _daemon_unharmed(daemon):
+    """After every test here: the store is as it was and the daemon still serves."""
+    with daemon.client() as c:
+        before = (c.ls(), c.status()["devices"], c.status()["reservations"])
+    yield
+    with daemon.client() as c:
+        assert (c.ls(), c.status()["devices"], c.status()["reservations"]) == before
+        assert c.put("probe", {"x": torch.ones(1)}) >= 1
+        c.delete("probe")
+
+
+BAD_NAMES = ["", "Upper", "a//b", "/a", "a/", "a/../b", "..", ".", "a b", "a\x00b", "é", "x" * 256, 7, None]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused_by_sdk_and_daemon(raw: Raw, client: sdk.Client, name: Any) -> None:
+    with pytest.raises(sdk.InvalidArgument):
+        check_name(name)
+    for op, args in (("open", {}), ("info", {}), ("delete", {}),
+                     ("put_begin", {"device": "cpu", "tensors": []})):  # fmt: skip
+        assert _code(raw.call(op, name=name, **args)) == "invalid_argument"
+    if isinstance(name, str):
+        with pytest.raises(sdk.InvalidArgument):
+            client.put(name, {"x": torch.ones(1)})
+
+
+def test_longest_valid_name_works(client: sdk.Client) -> None:
+    name = "a/" * 126 + "abc"
+    assert len(name) == 255
+    assert client.put(name, {"x": torch.ones(1)}) == 1
+    client.delete(name)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        "nope",
+        [["x", "float32"]],
+        [["x", "float33", [1]]],
+        [["x", "float32", [-1]]],
+        [["x", "float32", "12"]],
+        [["x", "float32", [1.5]]],
+        [["x", "float32", [True]]],
+        [["", "float32", [1]]],
+        [["x", "float32", [1]], ["x", "float32", [1]]],
+        [["x", "float32", [2**50]]],
+        [["x", "float32", [1] * 17]],
+    ],
+)
+def test_bad_tensor_specs(raw: Raw, tensors: Any) -> None:
+    assert _code(raw.call("put_begin", name="bad-spec", device="cpu", tensors=tensors)) == "invalid_argument"
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:99", "", 3, "cpu:0"])
+def test_bad_devices(raw: Raw, device: Any) -> None:
+    reply = raw.call("put_begin", name="bad-device", device=device, tensors=[["x", "float32", [1]]])
+    assert _code(reply) == "invalid_argument"
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", 1.0, True, "latest!"])
+def test_bad_versions(raw: Raw, client: sdk.Client, version: Any) -> None:
+    client.put("bad-version", {"x": torch.ones(1)})
+    assert _code(raw.call("open", name="bad-version", version=version)) == "invalid_argument"
+    client.delete("bad-version")
+
+
+def test_unknown_op_wrong_args_and_no_hello(daemon, raw: Raw) -> None:
+    assert _code(raw.call("format_disk")) == "invalid_argument"
+    assert _code(raw.call("ls", prefix=5)) == "invalid_argument"
+    assert _code(raw.call("ls", bogus=1)) == "invalid_argument"
+    assert _code(raw.call("info")) == "invalid_argument"
+    raw.send({"id": "x", "op": "ls", "args": {}})
+    assert _code(raw.recv()) == "protocol_error"
+    raw.send({"id": 2, "op": "ls", "args": [1]})
+    assert _code(raw.recv()) == "invalid_argument"
+    raw.send([1, 2, 3])
+    assert _code(raw.recv()) == "protocol_error"
+    fresh = Raw(daemon.socket, hello=False)
+    assert _code(fresh.call("ls")) == "protocol_error"
+    assert _code(fresh.call("hello", protocol=99)) == "protocol_error"
+    fresh.close()
+
+
+def test_garbage_frames_get_an_error_and_the_connection_survives(raw: Raw) -> None:
+    raw.send_bytes(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+    assert _code(raw.recv()) == "protocol_error"
+    assert raw.call("ls")["ok"]
+
+
+def test_oversized_frame_closes_the_connection(raw: Raw) -> None:
+    raw.send_bytes(struct.pack(">I", wire.MAX_FRAME + 1))
+    assert _code(raw.recv()) == "protocol_error"
+    assert raw.recv() is None  # closed
+
+
+def test_truncated_frame_then_disconnect(daemon) -> None:
+    r = Raw(daemon.socket)
+    r.send_bytes(struct.pack(">I", 100) + b"\x80" * 10)
+    r.close()
+
+
+def test_disconnect_in_the_middle_of_a_put_releases_the_reservation(daemon) -> None:
+    r = Raw(daemon.socket)
+    reply = r.call("put_begin", name="abandoned", device="cpu", tensors=[["x", "float32", [1 << 20]]])
+    assert reply["ok"], reply
+    with daemon.client() as c:
+        assert c.status()["reservations"] == 1
+        r.close()
+        for _ in range(200):
+            if c.status()["reservations"] == 0:
+                break
+            import time
+
+            time.sleep(0.01)
+        assert c.status()["reservations"] == 0
+        with pytest.raises(sdk.NotFound):
+            c.info("abandoned")
+
+
+def test_commit_checks_fingerprints_and_ownership(daemon, raw: Raw) -> None:
+    reply = raw.call("put_begin", name="owned", device="cpu", tensors=[["x", "float32", [4]]])
+    rid = reply["result"]["reservation"]
+    for fps in ([], [1, 2], ["x"], [-1], [True], [1.5]):
+        assert _code(raw.call("put_commit", reservation=rid, fingerprints=fps)) == "invalid_argument"
+    other = Raw(daemon.socket)
+    assert _code(other.call("put_commit", reservation=rid, fingerprints=[0])) == "invalid_argument"
+    assert _code(other.call("put_abort", reservation=rid)) == "invalid_argument"
+    other.close()
+    assert raw.call("put_abort", reservation=rid)["ok"]
+
+
+def test_put_of_non_tensors_is_refused(client: sdk.Client) -> None:
+    for bad in ({"x": [1, 2]}, {1: torch.ones(1)}, [torch.ones(1)]):
+        with pytest.raises(sdk.InvalidArgument):
+            client.put("not-tensors", bad)  # type: ignore[arg-type]
+
+
+def test_load_into_mismatch_changes_nothing(client: sdk.Client) -> None:
+    client.put("shape-check", {"a": torch.ones(2, 3), "b": torch.ones(4)})
+    cases = [
+        {"a": torch.zeros(3, 2), "b": torch.zeros(4)},  # shape
+        {"a": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(4)},  # dtype
+        {"a": torch.zeros(2, 3)},  # missing in target (strict)
+        {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)},  # not in the set
+    ]
+    for target in cases:
+        with pytest.raises(sdk.InvalidArgument):
+            client.load_into(target, "shape-check")
+        assert all(not t.any() for t in target.values())
+    assert client.status()["pins"] == 0
+    client.delete("shape-check")
+
+
+def test_closed_client_refuses_reuse(daemon) -> None:
+    c = daemon.client()
+    c.ls()
+    c.close()
+    with pytest.raises(sdk.TensordError):
+        c.ls()
+
+
+def test_no_daemon_is_unavailable(tmp_path) -> None:
+    with pytest.raises(sdk.Unavailable):
+        sdk.Client(str(tmp_path / "none.sock")).ls()
