@@ -1,0 +1,341 @@
+"""Safetensors checkpoint files: read and validate headers, find the tensors of a checkpoint.
+
+Only headers are read here (8-byte little-endian length + JSON); tensor bytes stay on disk and
+are described by ``FileTensor`` (file path, absolute byte offset, length) so that the ingest can
+read them straight into a slab. Every file is untrusted input: anything inconsistent raises
+``InvalidArgument`` naming the file and the tensor, a missing file or shard ``NotFound``.
+
+Format: https://github.com/huggingface/safetensors (``safetensors/src/tensor.rs``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from sdk.errors import InvalidArgument, NotFound
+from sdk.manifest import TensorSpec, check_spec
+
+log = logging.getLogger(__name__)
+
+#: safetensors dtype code -> tensord dtype name (a key of ``sdk.manifest.DTYPE_SIZES``).
+#: The sub-byte codes F4, F6_E2M3 and F6_E3M2 have no tensord dtype and are refused, as are
+#: complex32 and complex128 on export (safetensors has no code for them).
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
+#: tensord dtype name -> safetensors dtype code.
+TENSORD_TO_SAFETENSORS: dict[str, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+_SUB_BYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+
+#: The largest header accepted (the safetensors reference implementation's limit).
+MAX_HEADER_BYTES = 100_000_000
+INDEX_NAME = "model.safetensors.index.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_INDEX_BYTES = 100_000_000
+_METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor stored in a file: ``nbytes`` bytes at absolute byte ``offset`` of ``path``."""
+
+    name: str
+    dtype: str  # tensord dtype name
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def spec(self) -> TensorSpec:
+        """The tensor as a manifest spec (no slab offset yet)."""
+        return TensorSpec(self.name, self.dtype, self.shape, 0, self.nbytes)
+
+
+def _bad(path: str, message: str, tensor: str | None = None) -> InvalidArgument:
+    where = f"{path}: tensor {tensor!r}: " if tensor is not None else f"{path}: "
+    details: dict[str, Any] = {"path": path}
+    if tensor is not None:
+        details["tensor"] = tensor
+    return InvalidArgument(_one_line(where + message), **details)
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_duplicates(path: str, what: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise _bad(path, f"key appears twice in the {what}", key)
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_json(path: str, raw: bytes, what: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad(path, f"{what} is not UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates(path, what), parse_constant=_reject_constant)
+    except InvalidArgument:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, f"{what} is not valid JSON: {exc}") from None
+
+
+def read_header_and_metadata(path: str | os.PathLike[str]) -> tuple[list[FileTensor], dict[str, str]]:
+    """Read and validate one file's header; return its tensors (by offset) and ``__metadata__``."""
+    p = os.fspath(path)
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block open()
+            raise _bad(p, "is a directory" if os.path.isdir(p) else "is not a regular file")
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(p, f"truncated: {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise _bad(p, f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+            if 8 + n > size:
+                raise _bad(p, f"header length {n} runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise NotFound(f"{p}: no such file", path=p) from None
+    except OSError as exc:
+        raise _bad(p, f"cannot read: {exc.strerror or exc}") from exc
+    if len(raw) != n:
+        raise _bad(p, "file changed while its header was read")
+    header = _load_json(p, raw, "header")
+    tensors, metadata = _parse_header(p, header, data_len=size - 8 - n, data_start=8 + n)
+    return tensors, metadata
+
+
+def read_header(path: str | os.PathLike[str]) -> list[FileTensor]:
+    """Read and validate one safetensors file's header (never its data); tensors by offset."""
+    return read_header_and_metadata(path)[0]
+
+
+def _parse_header(
+    path: str, header: Any, *, data_len: int, data_start: int
+) -> tuple[list[FileTensor], dict[str, str]]:
+    if not isinstance(header, dict):
+        raise _bad(path, f"header must be a JSON object, not {type(header).__name__}")
+    metadata = header.pop(_METADATA_KEY, None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    entries: list[tuple[int, int, FileTensor]] = []
+    for name, info in header.items():
+        begin, end, tensor = _parse_entry(path, name, info, data_len=data_len, data_start=data_start)
+        entries.append((begin, end, tensor))
+    entries.sort(key=lambda e: (e[0], e[1], e[2].name))
+    prev_end, prev_name = 0, ""
+    for begin, end, tensor in entries:
+        if begin == end:  # an empty tensor owns no bytes
+            continue
+        if begin < prev_end:
+            raise _bad(path, f"data_offsets [{begin}, {end}] overlap tensor {prev_name!r}", tensor.name)
+        prev_end, prev_name = end, tensor.name
+    if prev_end < data_len:
+        log.warning("%s: %d bytes after the last tensor are not used", path, data_len - prev_end)
+    return [e[2] for e in entries], dict(metadata)
+
+
+def _parse_entry(
+    path: str, name: str, info: Any, *, data_len: int, data_start: int
+) -> tuple[int, int, FileTensor]:
+    if not isinstance(info, dict):
+        raise _bad(path, "entry must be an object with dtype, shape and data_offsets", name)
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise _bad(path, f"entry lacks {', '.join(missing)}", name)
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        why = (
+            "sub-byte dtype is not supported"
+            if isinstance(code, str) and code in _SUB_BYTE
+            else "unknown dtype"
+        )
+        raise _bad(path, f"{why} {code!r:.40}", name)
+    try:
+        spec = check_spec(name, SAFETENSORS_DTYPES[code], shape)
+    except InvalidArgument as exc:
+        raise _bad(path, f"invalid entry: {exc.message}", name) from None
+    except UnicodeEncodeError:
+        raise _bad(path, "name is not valid UTF-8 text", name) from None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _bad(path, f"data_offsets must be [begin, end] integers, not {offsets!r:.60}", name)
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _bad(path, f"data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end", name)
+    if end > data_len:
+        raise _bad(
+            path,
+            f"data_offsets [{begin}, {end}] run past the data area of {data_len} bytes (file truncated?)",
+            name,
+        )
+    if end - begin != spec.nbytes:
+        raise _bad(
+            path,
+            f"data_offsets span {end - begin} bytes but {code} shape {list(spec.shape)} needs {spec.nbytes}",
+            name,
+        )
+    tensor = FileTensor(spec.name, spec.dtype, spec.shape, path, data_start + begin, spec.nbytes)
+    return begin, end, tensor
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> list[FileTensor]:
+    """Every tensor of a checkpoint: a ``.safetensors`` file or a directory of them.
+
+    A directory is read through its ``model.safetensors.index.json`` (or the one
+    ``*.safetensors.index.json``) when it has one, else every ``*.safetensors`` in it; names must be
+    unique across files. Shard files must resolve, after symlinks, inside ``root`` (default: the
+    directory itself; a Hugging Face cache snapshot links to ``../../blobs``, so pass the repo's
+    cache folder there). Tensors come in file-name order, then by offset.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise NotFound(f"{p}: no such checkpoint file or directory", path=p)
+    if not os.path.isdir(p):
+        if root is not None:
+            _check_inside(p, os.fspath(root), p)
+        return read_header(p)
+    base = os.fspath(root) if root is not None else p
+    index = _find_index(p)
+    tensors = _read_indexed(p, index, base) if index else _read_all(p, base)
+    log.debug("%s: %d tensors, %d bytes", p, len(tensors), sum(t.nbytes for t in tensors))
+    return tensors
+
+
+def _find_index(directory: str) -> str | None:
+    if os.path.isfile(os.path.join(directory, INDEX_NAME)):
+        return os.path.join(directory, INDEX_NAME)
+    found = sorted(n for n in os.listdir(directory) if n.endswith(INDEX_SUFFIX))
+    if len(found) > 1:
+        raise _bad(directory, f"several index files and no {INDEX_NAME}: {', '.join(found)}")
+    return os.path.join(directory, found[0]) if found else None
+
+
+def _check_inside(file: str, root: str, origin: str) -> None:
+    real, real_root = os.path.realpath(file), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise _bad(origin, f"{file} resolves to {real}, outside {real_root}")
+
+
+def _shard_path(directory: str, shard: Any, index: str, tensor: str, root: str) -> str:
+    ok = (
+        isinstance(shard, str)
+        and shard not in ("", ".", "..")
+        and "/" not in shard
+        and "\\" not in shard
+        and "\0" not in shard
+    )
+    if not ok:
+        raise _bad(index, f"shard {shard!r:.80} must be a plain file name inside the directory", tensor)
+    file = os.path.join(directory, shard)
+    if not os.path.exists(file):
+        raise NotFound(
+            f"{index}: shard {shard!r} (for tensor {tensor!r}) does not exist", path=file, tensor=tensor
+        )
+    _check_inside(file, root, index)
+    return file
+
+
+def _read_indexed(directory: str, index: str, root: str) -> list[FileTensor]:
+    try:
+        if os.path.getsize(index) > MAX_INDEX_BYTES:
+            raise _bad(index, f"index larger than {MAX_INDEX_BYTES} bytes")
+        with open(index, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise _bad(index, f"cannot read: {exc.strerror or exc}") from exc
+    data = _load_json(index, raw, "index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise _bad(index, "index must be an object with a weight_map object")
+    by_shard: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        file = _shard_path(directory, shard, index, tensor, root)
+        by_shard.setdefault(file, set()).add(tensor)
+    out: list[FileTensor] = []
+    for file in sorted(by_shard):
+        found = read_header(file)
+        names = {t.name for t in found}
+        expected = by_shard[file]
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        if missing:
+            raise _bad(index, f"not found in its shard {os.path.basename(file)}", missing[0])
+        if extra:
+            owner = weight_map.get(extra[0])
+            where = f"the index names shard {owner!r}" if owner is not None else "the index does not list it"
+            raise _bad(file, f"found in this shard but {where}", extra[0])
+        out.extend(found)
+    return out
+
+
+def _read_all(directory: str, root: str) -> list[FileTensor]:
+    files = sorted(
+        os.path.join(directory, n)
+        for n in os.listdir(directory)
+        if n.endswith(".safetensors") and not os.path.isdir(os.path.join(directory, n))
+    )
+    if not files:
+        raise NotFound(f"{directory}: no .safetensors files and no index", path=directory)
+    out: list[FileTensor] = []
+    seen: dict[str, str] = {}
+    for file in files:
+        _check_inside(file, root, directory)
+        for t in read_header(file):
+            if t.name in seen:
+                raise _bad(file, f"name also used in {seen[t.name]}", t.name)
+            seen[t.name] = file
+            out.append(t)
+    return out

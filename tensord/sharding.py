@@ -1,0 +1,233 @@
+"""Tensor-parallel split on load: which dim of which tensor each rank gets, as byte ranges.
+
+Rules are data, an ordered list of ``(regex, dim | "replicate")`` pairs searched against the
+tensor name; the first match wins and unmatched names get the rules' default. They load from
+TOML (format in ``configs/sharding-rules.example.toml``); Llama-style rules ship as
+``tensord/rules/llama.toml``.
+
+Splitting dim ``d`` of a row-major tensor into ``tp`` equal parts gives rank ``r`` the bytes of
+``prod(shape[:d])`` rows, each one contiguous run of ``shape[d] // tp * prod(shape[d+1:])``
+elements; ``plan_shard`` lists those runs as (file offset, length) in the shard's own order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdk.errors import InvalidArgument, NotFound
+from sdk.manifest import DTYPE_SIZES, MAX_DIMS
+from tensord.checkpoint import FileTensor
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+REPLICATE = "replicate"
+#: A rule's action: a dim to split (negative counts from the end) or ``None`` to replicate.
+Split = int | None
+
+RULES_DIR = Path(__file__).resolve().parent / "rules"
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    pattern: re.Pattern[str]
+    dim: Split  # None: replicate
+
+    def describe(self) -> str:
+        return f"{self.pattern.pattern!r} -> {REPLICATE if self.dim is None else self.dim}"
+
+
+@dataclass(frozen=True)
+class ShardRules:
+    """Ordered rules, first match wins; ``default`` for names no rule matches."""
+
+    rules: tuple[ShardRule, ...] = ()
+    default: Split = None
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, object]], *, default: object = REPLICATE) -> ShardRules:
+        """Build from ``(regex, dim | "replicate")`` pairs, validating each."""
+        rules = tuple(
+            ShardRule(_compile(pattern, f"rule {i}"), _split(dim, f"rule {i}"))
+            for i, (pattern, dim) in enumerate(pairs)
+        )
+        return cls(rules, _split(default, "default"))
+
+    def match(self, name: str) -> Split:
+        """The split for ``name``: a dim, or ``None`` to replicate."""
+        for rule in self.rules:
+            if rule.pattern.search(name):
+                return rule.dim
+        return self.default
+
+
+def _compile(pattern: object, where: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidArgument(f"sharding {where}: pattern must be a non-empty string, not {pattern!r:.80}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InvalidArgument(f"sharding {where}: bad regex {pattern!r:.80}: {exc}") from None
+
+
+def _split(value: object, where: str) -> Split:
+    if value == REPLICATE:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and -MAX_DIMS <= value < MAX_DIMS:
+        return value
+    raise InvalidArgument(f"sharding {where}: split must be a dim (int) or {REPLICATE!r}, not {value!r:.40}")
+
+
+def parse_rules(data: Mapping[str, Any], *, source: str = "rules") -> ShardRules:
+    """Validate rules already parsed from TOML: ``default`` and a ``[[rule]]`` array."""
+    unknown = set(data) - {"default", "rule"}
+    if unknown:
+        raise InvalidArgument(f"{source}: unknown keys {sorted(unknown)}; expected 'default' and [[rule]]")
+    raw = data.get("rule", [])
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{source}: 'rule' must be an array of tables ([[rule]])")
+    pairs = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or set(entry) != {"pattern", "split"}:
+            raise InvalidArgument(f"{source}: rule {i} must have exactly the keys 'pattern' and 'split'")
+        pairs.append((entry["pattern"], entry["split"]))
+    try:
+        return ShardRules.from_pairs(pairs, default=data.get("default", REPLICATE))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{source}: {exc.message}") from None
+
+
+def load_rules(path: str | os.PathLike[str]) -> ShardRules:
+    """Load and validate sharding rules from a TOML file."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise NotFound(f"{p}: no such sharding rules file", path=p) from None
+    except OSError as exc:
+        raise InvalidArgument(f"{p}: cannot read sharding rules: {exc.strerror or exc}", path=p) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{p}: bad TOML: {exc}", path=p) from None
+    rules = parse_rules(data, source=p)
+    log.debug("loaded %d sharding rules from %s", len(rules.rules), p)
+    return rules
+
+
+def builtin_rules(name: str) -> ShardRules:
+    """Rules shipped with tensord, by name (``"llama"``)."""
+    if not re.fullmatch(r"[a-z0-9_-]+", name) or not (RULES_DIR / f"{name}.toml").is_file():
+        known = sorted(p.stem for p in RULES_DIR.glob("*.toml"))
+        raise NotFound(f"no built-in sharding rules {name!r:.40}; known: {', '.join(known)}")
+    return load_rules(RULES_DIR / f"{name}.toml")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How to read one rank's shard of a tensor: concatenate ``ranges`` of ``tensor.path``."""
+
+    tensor: FileTensor
+    rank: int
+    tp: int
+    dim: Split  # normalised (non-negative) dim, or None when replicated
+    shape: tuple[int, ...]  # the shard's shape
+    ranges: tuple[tuple[int, int], ...]  # (absolute file offset, length), in order
+
+    @property
+    def name(self) -> str:
+        return self.tensor.name
+
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, length in self.ranges)
+
+
+def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> ShardPlan:
+    """Plan rank ``rank`` of ``tp``'s part of ``tensor`` under ``rules``."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise InvalidArgument(f"tp must be a positive int, not {tp!r:.40}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < tp:
+        raise InvalidArgument(f"rank must be an int in [0, {tp}), not {rank!r:.40}")
+    split = rules.match(tensor.name)
+    shape = tensor.shape
+    if split is None or tp == 1:
+        whole = ((tensor.offset, tensor.nbytes),) if tensor.nbytes else ()
+        return ShardPlan(tensor, rank, tp, None, shape, whole)
+    if not shape:
+        raise InvalidArgument(
+            f"tensor {tensor.name!r}: a 0-d tensor can only be replicated, the rule splits dim {split}",
+            tensor=tensor.name,
+        )
+    d = split + len(shape) if split < 0 else split
+    if not 0 <= d < len(shape):
+        raise InvalidArgument(
+            f"tensor {tensor.name!r}: split dim {split} is out of range for shape {list(shape)}",
+            tensor=tensor.name,
+        )
+    if shape[d] % tp:
+        raise InvalidArgument(
+            f"tensor {tensor.name!r}: dim {d} of size {shape[d]} is not divisible by tp={tp}",
+            tensor=tensor.name,
+        )
+    part = shape[d] // tp
+    inner = math.prod(shape[d + 1 :]) * DTYPE_SIZES[tensor.dtype]
+    rows, row_bytes, chunk = math.prod(shape[:d]), shape[d] * inner, part * inner
+    start = tensor.offset + rank * chunk
+    ranges = _coalesce((start + i * row_bytes, chunk) for i in range(rows)) if chunk else ()
+    return ShardPlan(tensor, rank, tp, d, (*shape[:d], part, *shape[d + 1 :]), ranges)
+
+
+def plan_shards(tensors: Iterable[FileTensor], rank: int, tp: int, rules: ShardRules) -> list[ShardPlan]:
+    """``plan_shard`` for every tensor; the first bad one raises."""
+    return [plan_shard(t, rank, tp, rules) for t in tensors]
+
+
+def _coalesce(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
+    return tuple(out)
+
+
+def read_plan(plan: ShardPlan, out: bytearray | memoryview | None = None) -> memoryview:
+    """Read a shard's bytes into ``out`` (or a new buffer) with positional reads; return the view."""
+    buf = memoryview(bytearray(plan.nbytes) if out is None else out).cast("B")
+    if len(buf) < plan.nbytes:
+        raise InvalidArgument(f"tensor {plan.name!r}: buffer of {len(buf)} bytes, shard needs {plan.nbytes}")
+    fd = os.open(plan.tensor.path, os.O_RDONLY)
+    try:
+        _pread_all(fd, plan.ranges, buf, plan.tensor.path)
+    finally:
+        os.close(fd)
+    return buf[: plan.nbytes]
+
+
+def _pread_all(fd: int, ranges: Sequence[tuple[int, int]], buf: memoryview, path: str) -> None:
+    pos = 0
+    for offset, length in ranges:
+        done = 0
+        while done < length:
+            got = os.preadv(fd, [buf[pos + done : pos + length]], offset + done)
+            if got == 0:
+                raise InvalidArgument(f"{path}: file ended at byte {offset + done} (truncated?)", path=path)
+            done += got
+        pos += length
