@@ -1,0 +1,76 @@
+"""The tensord command: output, exit codes, and clear errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.test_minilm import tensord
+
+
+def _fail(out, *needles: str) -> None:
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("tensord: error: ")
+    for needle in needles:
+        assert needle in out.stderr
+
+
+def test_ls_info_status_rm(daemon, client) -> None:
+    client.put("cli/model", {"w": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8)})
+    out = tensord("ls", socket=daemon.socket)
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[0].split() == ["NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE"]
+    assert "cli/model" in out.stdout
+    info = json.loads(tensord("info", "cli/model", "--json", socket=daemon.socket).stdout)
+    assert info["tensors"]["w"] == {"dtype": "bfloat16", "shape": [4, 8], "nbytes": 64}
+    text = tensord("info", "cli/model", socket=daemon.socket).stdout
+    assert "cli/model v1" in text and "bfloat16" in text and "4x8" in text
+    status = json.loads(tensord("status", "--json", socket=daemon.socket).stdout)
+    assert status["devices"]["cpu"]["used"] >= 512 and status["sets"] >= 1
+    assert "DEVICE" in tensord("status", socket=daemon.socket).stdout
+    out = tensord("rm", "cli/model", socket=daemon.socket)
+    assert out.returncode == 0 and out.stdout.strip() == "deleted 1 version"
+    assert tensord("rm", "cli/model", socket=daemon.socket).stdout.strip() == "deleted 0 versions"
+
+
+def test_user_mistakes_are_one_line_errors(daemon, tmp_path) -> None:
+    _fail(tensord("info", "no/such/set", socket=daemon.socket), "no set named")
+    _fail(tensord("info", "Bad Name", socket=daemon.socket), "bad name")
+    _fail(tensord("ls", socket=str(tmp_path / "nowhere.sock")), "cannot reach the tensord daemon")
+    _fail(tensord("load", str(tmp_path / "missing.safetensors"), "--name", "x", socket=daemon.socket))
+
+
+def _corrupt_files(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10)}, good)
+    raw = good.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    yield "truncated", raw[:-100]
+    yield "not safetensors", b"this is not a checkpoint at all, not even close"
+    yield "header past end", struct.pack("<Q", 10**9) + raw[8:]
+    yield "bad json", struct.pack("<Q", hlen) + b"{" * hlen + raw[8 + hlen :]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_bad_checkpoints_are_refused_and_change_nothing(daemon, client, tmp_path, case) -> None:
+    what, data = list(_corrupt_files(tmp_path))[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data)
+    before = (client.ls(), client.status()["devices"])
+    _fail(tensord("load", str(path), "--name", "corrupt", socket=daemon.socket), str(path))
+    assert (client.ls(), client.status()["devices"]) == before, what
+    assert client.status()["reservations"] == 0
+
+
+def test_serve_rejects_a_bad_config(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[memory]\nretention = -3\n")
+    out = tensord("serve", "--config", str(bad), socket=str(tmp_path / "s.sock"))
+    _fail(out, "memory.retention")
+    bad.write_text("[memroy]\nretention = 1\n")
+    _fail(tensord("serve", "--config", str(bad), socket=str(tmp_path / "s.sock")), "unknown key memroy.retention")
