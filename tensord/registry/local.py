@@ -55,7 +55,8 @@ class LocalRegistry(Registry):
         return version
 
     async def manifest(self, name: str, version: int) -> Manifest:
-        return self._sets[name].manifests[await self.resolve(name, version)]
+        version = await self.resolve(name, version)
+        return self._sets[name].manifests[version]
 
     async def versions(self, name: str) -> list[int]:
         s = self._sets.get(name)
@@ -93,11 +94,12 @@ class LocalRegistry(Registry):
     async def watch(self, name: str, *, after: int = 0) -> AsyncIterator[int]:
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: self._pending(name, after) is not None)
-            version = self._pending(name, after)
-            if version is not None:
-                after = version
-                yield version
+                version = self._pending(name, after)
+                while version is None:
+                    await self._changed.wait()
+                    version = self._pending(name, after)
+            after = version
+            yield version
 
     def _pending(self, name: str, after: int) -> int | None:
         s = self._sets.get(name)
