@@ -78,6 +78,7 @@ class Reservation:
         missing = [t.name for t in self.manifest.tensors if t.name not in self._fingerprints]
         if missing:
             raise InvalidArgument(f"tensors not written before commit: {missing[:5]}")
+        self.slab.finish()
         self.slab.close()  # drop write access first: the daemon seals host slabs at commit
         fps = [self._fingerprints[t.name] for t in self.manifest.tensors]
         result, _ = self._client._conn().call("put_commit", reservation=self._rid, fingerprints=fps)
@@ -87,8 +88,11 @@ class Reservation:
     def abort(self) -> None:
         if self._rid:
             rid, self._rid = self._rid, 0
-            self.slab.close()
-            self._client._conn().call("put_abort", reservation=rid)
+            try:
+                self.slab.finish()
+            finally:
+                self.slab.close()
+                self._client._conn().call("put_abort", reservation=rid)
 
     def __enter__(self) -> Reservation:
         return self
@@ -156,8 +160,11 @@ class Client:
         try:
             yield manifest, slab
         finally:
-            slab.close()
-            self._release(pin)
+            try:
+                slab.finish()
+            finally:
+                slab.close()
+                self._release(pin)
 
     def mount(self, name: str, version: int | str | None = None) -> Mount:
         """Pin a version and map it zero-copy (same node only). Use as a context manager."""

@@ -37,6 +37,9 @@ class Slab:
     def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
         self.view(spec).copy_(src)
 
+    def finish(self) -> None:
+        """Wait for copies in flight: call before the pin or reservation is given up."""
+
     def close(self) -> None:
         pass
 
@@ -63,12 +66,12 @@ class HostSlab(Slab):
         if dst.device.type != "cpu":
             super().read_into(spec, dst)
             return
-        _pio(os.preadv, self.fd, as_bytes(dst), spec.offset)
+        read_exact(self.fd, as_bytes(dst), spec.offset)
 
     def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
         if src.device.type != "cpu":
             src = src.cpu()
-        _pio(os.pwritev, self.fd, as_bytes(src.contiguous()), spec.offset)
+        write_all(self.fd, as_bytes(src.contiguous()), spec.offset)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -77,18 +80,31 @@ class HostSlab(Slab):
 
 
 class CudaSlab(Slab):
-    def __init__(self, ipc: list[Any], nbytes: int) -> None:
-        device = int(ipc[0])
-        self.device, self.nbytes = f"cuda:{device}", nbytes
+    def __init__(self, base: torch.Tensor) -> None:
+        """`base`: the slab as a flat uint8 CUDA tensor."""
+        self.device, self.nbytes, self._base = str(base.device), base.numel(), base
+
+    @classmethod
+    def from_ipc(cls, ipc: list[Any], nbytes: int) -> CudaSlab:
         storage = torch.UntypedStorage._new_shared_cuda(*ipc)
-        self._base = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, 0, (nbytes,), (1,))
+        device = torch.device("cuda", int(ipc[0]))
+        return cls(torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,)))
 
     def view(self, spec: TensorSpec) -> torch.Tensor:
         return view_bytes(self._base[spec.offset : spec.offset + spec.nbytes], spec.dtype, spec.shape)
 
-    def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
-        super().write_from(spec, src)
-        torch.cuda.synchronize(self.device)
+    def finish(self) -> None:
+        for device in range(torch.cuda.device_count()):  # the copies may have run on any GPU
+            torch.cuda.synchronize(device)
+
+
+def read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
+    """Fill a CPU uint8 tensor from `fd` at `offset`; TransferError if the file ends first."""
+    _pio(os.preadv, fd, buf, offset)
+
+
+def write_all(fd: int, buf: torch.Tensor, offset: int) -> None:
+    _pio(os.pwritev, fd, buf, offset)
 
 
 def _pio(call: Any, fd: int, buf: torch.Tensor, offset: int) -> None:
@@ -112,5 +128,5 @@ def open_slab(replica: dict[str, Any], fds: list[int], *, writable: bool = False
             raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
         return HostSlab(fds[0], nbytes, writable=writable)
     if kind == "cuda":
-        return CudaSlab(replica["ipc"], nbytes)
+        return CudaSlab.from_ipc(replica["ipc"], nbytes)
     raise ProtocolError(f"unknown replica kind {kind!r}")

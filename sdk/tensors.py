@@ -12,7 +12,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
-_BLOCK_WORDS = 1 << 16  # 512 KiB of int64 words per fingerprint block
+_BLOCK_WORDS = 1 << 16  # int64 words per fingerprint block
+BLOCK_BYTES = _BLOCK_WORDS * 8
+_MASK = 2**64 - 1
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # odd, as a signed int64
 
 
@@ -59,17 +61,34 @@ def fingerprint(t: torch.Tensor) -> int:
     cryptographic hash. Integer sums wrap identically in any order, so devices agree.
     """
     b = as_bytes(t.contiguous())
+    return fingerprint_finish(fingerprint_part(b, 0, b.numel()), b.numel())
+
+
+def fingerprint_part(b: torch.Tensor, start: int, total: int) -> int:
+    """The share of bytes ``[start, start + len(b))`` of a `total`-byte tensor in its fingerprint.
+
+    For computing a fingerprint chunk by chunk: `start` must be a multiple of BLOCK_BYTES, and
+    so must the chunk's length unless it is the last chunk. Add the shares, then finish.
+    """
     n = b.numel()
-    nwords = n // 8
-    if nwords and b.storage_offset() % 8:
+    last = start + n == total
+    if start % BLOCK_BYTES or (not last and n % BLOCK_BYTES):
+        raise InvalidArgument(f"fingerprint chunks must be aligned to {BLOCK_BYTES} bytes")
+    words_end = (total // 8 * 8 - start) if last else n
+    if words_end and b.storage_offset() % 8:
         b = b.clone()
-    words = b[: nwords * 8].view(torch.int64)
-    full = nwords // _BLOCK_WORDS * _BLOCK_WORDS
-    parts = [words[:full].view(-1, _BLOCK_WORDS).sum(1), words[full:].sum().reshape(1)]
-    tail = b[nwords * 8 :].to(torch.int64)
-    if tail.numel():
-        parts.append((tail << (8 * torch.arange(tail.numel(), device=b.device))).sum().reshape(1))
+    words = b[:words_end].view(torch.int64)
+    full = words.numel() // _BLOCK_WORDS * _BLOCK_WORDS
+    parts = [words[:full].view(-1, _BLOCK_WORDS).sum(1)]
+    if last:
+        tail = b[words_end:].to(torch.int64)
+        shifts = 8 * torch.arange(tail.numel(), device=b.device, dtype=torch.int64)
+        parts += [words[full:].sum().reshape(1), (tail << shifts).sum().reshape(1)]
     sums = torch.cat(parts)
-    weights = torch.arange(sums.numel(), device=b.device, dtype=torch.int64) * 2 + _GOLDEN
-    value = int((sums * weights).sum().item()) ^ (n * 0xFF51AFD7ED558CCD)
-    return value & 0xFFFFFFFFFFFFFFFF
+    first = start // BLOCK_BYTES
+    index = torch.arange(first, first + sums.numel(), device=b.device, dtype=torch.int64)
+    return int((sums * (index * 2 + _GOLDEN)).sum().item()) & _MASK
+
+
+def fingerprint_finish(shares: int, total: int) -> int:
+    return ((shares & _MASK) ^ (total * 0xFF51AFD7ED558CCD)) & _MASK

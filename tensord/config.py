@@ -35,7 +35,7 @@ def parse_size(value: object, where: str) -> int:
         return value
     m = _SIZE.match(value) if isinstance(value, str) else None
     if m is None:
-        raise InvalidArgument(f"{where}: {value!r} is not a size (e.g. 4096, \"512MiB\", \"60GiB\")")
+        raise InvalidArgument(f'{where}: {value!r} is not a size (e.g. 4096, "512MiB", "60GiB")')
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
@@ -73,7 +73,7 @@ def _mode(v: object, where: str) -> int:
     try:
         return int(_str(v, where), 8)
     except ValueError:
-        raise InvalidArgument(f"{where}: {v!r} is not an octal mode like \"0660\"") from None
+        raise InvalidArgument(f'{where}: {v!r} is not an octal mode like "0660"') from None
 
 
 def _level(v: object, where: str) -> str:
@@ -104,7 +104,7 @@ def _seconds(v: object, where: str) -> float:
 def _endpoints(v: object, where: str) -> tuple[str, ...]:
     items = v.split(",") if isinstance(v, str) else v
     if not isinstance(items, list | tuple) or not all(isinstance(e, str) for e in items):
-        raise InvalidArgument(f"{where}: expected a list of \"host:port\" strings")
+        raise InvalidArgument(f'{where}: expected a list of "host:port" strings')
     out = tuple(e.strip() for e in items if e.strip())
     for e in out:
         if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", e):
@@ -118,7 +118,7 @@ def _budgets(v: object, where: str) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for device, size in v.items():
         if not _DEVICE.match(device):
-            raise InvalidArgument(f"{where}: device {device!r} must be \"cpu\" or \"cuda:N\"")
+            raise InvalidArgument(f'{where}: device {device!r} must be "cpu" or "cuda:N"')
         out[device] = None if size == "auto" else parse_size(size, f"{where}.{device}")
     return out
 

@@ -35,7 +35,9 @@ class Daemon:
         self.budgets = Budgets(config.budgets, detect_devices())
         self.store = Store(config.node, self.registry, self.budgets, retention=config.retention)
         self.service = Service(self.store)
-        self.server = Server(config.socket, config.socket_mode, self.service.handle, self.service.session_closed)
+        self.server = Server(
+            config.socket, config.socket_mode, self.service.handle, self.service.session_closed
+        )
         self._stop = asyncio.Event()
 
     async def start(self) -> None:

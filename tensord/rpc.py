@@ -40,9 +40,7 @@ Handler = Callable[[Session, dict[str, Any]], Awaitable[tuple[Any, list[int]]]]
 class Server:
     """Accepts connections on a Unix socket and feeds requests to `handle`."""
 
-    def __init__(
-        self, path: str, mode: int, handle: Handler, on_close: Callable[[Session], None]
-    ) -> None:
+    def __init__(self, path: str, mode: int, handle: Handler, on_close: Callable[[Session], None]) -> None:
         self.path, self.mode = path, mode
         self._handle, self._on_close = handle, on_close
         self._listener: socket.socket | None = None
@@ -150,7 +148,9 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: i
     return bytes(buf)
 
 
-async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
+async def _send(
+    loop: asyncio.AbstractEventLoop, conn: socket.socket, reply: dict[str, Any], fds: list[int]
+) -> None:
     try:
         data = wire.encode(reply)
     except ProtocolError as exc:

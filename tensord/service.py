@@ -52,7 +52,9 @@ class Service:
     async def op_hello(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         protocol, client = _args(request, "protocol", optional=("client",))
         if protocol != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol {protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}")
+            raise ProtocolError(
+                f"protocol {protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}"
+            )
         session.hello = True
         if isinstance(client, str):
             session.peer = f"{client[:64]} ({session.peer})"
@@ -140,8 +142,10 @@ class Service:
             "version": version,
             "latest": await registry.resolve(name),
             "versions": await registry.versions(name),
-            "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
-                        for t in manifest.tensors},  # fmt: skip
+            "tensors": {
+                t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+                for t in manifest.tensors
+            },  # fmt: skip
             "nbytes": manifest.data_bytes,
             "slab_bytes": manifest.nbytes,
             "created": manifest.created,
@@ -159,8 +163,10 @@ class Service:
             "node": store.node,
             "version": __version__,
             "uptime": time.time() - self.started,
-            "devices": {d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]}
-                        for d in store.budgets.limit},  # fmt: skip
+            "devices": {
+                d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]}
+                for d in store.budgets.limit
+            },  # fmt: skip
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
             "pins": sum(h.pins for h in store.held.values()),
