@@ -1,0 +1,341 @@
+"""Mooncake Transfer Engine transport: one-sided reads and writes to peers across nodes.
+
+Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
+``mooncake.engine.TransferEngine``):
+
+- ``initialize(hostname, "P2PHANDSHAKE", protocol, device_names) -> int`` (0 = ok). With P2P
+  handshake there is no metadata server: a peer's session id is ``"hostname:get_rpc_port()"``.
+  The protocol string only picks the buffer allocator; the transport itself is chosen from the
+  environment (``MC_FORCE_TCP``, ``MC_FORCE_HCA``, ``MC_INTRA_NVLINK``, ``MC_FORCE_MNNVL``) and
+  from RDMA auto-discovery, which falls back to TCP silently when no NIC is found. That is why
+  ``configure_env`` sets them explicitly.
+- Return codes: 0 ok; -1 for any failed transfer; registration: -3 address not registered,
+  -7 overlapping region (``include/error.h``). Native calls release the GIL.
+- Over TCP the peer rejects remote ranges outside its registered memory at once (rc -1), but an
+  unregistered *local* buffer is not checked, so this module checks local ranges itself.
+- Over TCP at most ``MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER + MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER``
+  entries (default 1024 + 1024) may be in flight to one peer. A batch beyond that fails (rc -1,
+  "TCP lane queue-full rejection") and every later transfer to that peer fails too (still after
+  15 s in our test; other peers are unaffected). So
+  ``configure_env`` raises both to their maximum (65535) and batches are split into native calls
+  of at most ``max_batch_entries`` entries (default 1024).
+- A dead peer (closed socket) fails at once; a peer that stops answering fails after
+  ``MC_TRANSFER_TIMEOUT`` seconds (default 30, at least 5) plus 1 ns per byte.
+- Both listeners (handshake RPC and TCP data) bind to all interfaces whatever the hostname:
+  registered memory is readable by anyone who can reach those ports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sdk.errors import InvalidArgument, TransferError
+
+from .base import Entry, Registrations, Transport, coalesce, total_bytes
+
+__all__ = ["PROTOCOLS", "MooncakeTransport", "available", "configure_env", "resolve_protocol"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("tcp", "rdma", "nvlink_intra", "auto")
+_SELECTORS = ("MC_FORCE_TCP", "MC_FORCE_HCA", "MC_FORCE_MNNVL", "MC_INTRA_NVLINK", "MC_TE_FILTERS")
+_NIC = re.compile(r"[A-Za-z0-9_.:-]+")
+_IB_SYSFS = "/sys/class/infiniband"
+_MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
+_TCP_QUEUE_MAX = "65535"  # the largest value Mooncake accepts for its per-peer TCP queues
+
+
+def _rdma_devices() -> list[str]:
+    try:
+        return sorted(os.listdir(_IB_SYSFS))
+    except OSError:
+        return []
+
+
+def _load_engine_module() -> Any:
+    return importlib.import_module("mooncake.engine")
+
+
+def available(protocol: str = "tcp") -> tuple[bool, str]:
+    """Whether a ``MooncakeTransport`` with this protocol can start here, and why not."""
+    if protocol not in PROTOCOLS:
+        return False, f"unknown protocol {protocol!r}, expected one of {PROTOCOLS}"
+    try:
+        engine = _load_engine_module()
+    except (ImportError, OSError) as exc:
+        return False, f"mooncake-transfer-engine is not installed or cannot load: {exc}"
+    if protocol == "nvlink_intra" and not getattr(engine, "SUPPORT_INTRA_NVLINK", False):
+        return False, "this Mooncake build has no intra-node NVLink transport (SUPPORT_INTRA_NVLINK is False)"
+    if protocol == "rdma" and not _rdma_devices():
+        return False, f"no RDMA devices under {_IB_SYSFS}"
+    return True, ""
+
+
+def resolve_protocol(protocol: str) -> str:
+    """``auto`` becomes ``rdma`` when RDMA devices exist, else ``tcp``; others pass through."""
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(
+            f"unknown transport protocol {protocol!r}", protocol=protocol, allowed=PROTOCOLS
+        )
+    if protocol == "auto":
+        return "rdma" if _rdma_devices() else "tcp"
+    return protocol
+
+
+def configure_env(
+    protocol: str, nics: Sequence[str] | None = None, *, timeout_s: float | None = None
+) -> dict[str, str | None]:
+    """The Mooncake environment for these options: name -> value, None meaning "unset";
+    variables not in the result are left as they are.
+
+    The only place that decides Mooncake's environment; ``MooncakeTransport`` applies the
+    result just before it creates the engine. ``nics`` restricts RDMA to these devices.
+    """
+    proto = resolve_protocol(protocol)
+    if nics is not None:
+        if (
+            isinstance(nics, str)
+            or not nics
+            or not all(isinstance(n, str) and _NIC.fullmatch(n) for n in nics)
+        ):
+            raise InvalidArgument("nics must be a non-empty list of device names", nics=nics)
+        if proto != "rdma":
+            raise InvalidArgument(f"nics apply to rdma only, not {proto}", protocol=protocol, nics=list(nics))
+    env: dict[str, str | None] = dict.fromkeys(_SELECTORS)
+    if proto == "tcp":
+        env["MC_FORCE_TCP"] = "1"
+        env["MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"] = _TCP_QUEUE_MAX
+        env["MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER"] = _TCP_QUEUE_MAX
+    elif proto == "rdma":
+        env["MC_FORCE_HCA"] = "1"  # fail when no NIC works instead of falling back to TCP
+        if nics is not None:
+            env["MC_TE_FILTERS"] = ",".join(nics)
+    else:
+        env["MC_INTRA_NVLINK"] = "1"
+    if timeout_s is not None:
+        if not timeout_s > 0:
+            raise InvalidArgument("timeout_s must be positive", timeout_s=timeout_s)
+        env["MC_TRANSFER_TIMEOUT"] = str(max(_MIN_TIMEOUT_S, math.ceil(timeout_s)))
+    return env
+
+
+def _apply_env(env: dict[str, str | None]) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _topology_nics(engine: Any) -> list[str]:
+    """RDMA devices the engine discovered (best effort, for the log)."""
+    try:
+        topo = json.loads(engine.get_local_topology())
+        return sorted({nic for tiers in topo.values() for tier in tiers for nic in tier})
+    except Exception:  # only used for logging
+        return []
+
+
+class MooncakeTransport(Transport):
+    """One Mooncake Transfer Engine with P2P handshake; ``session`` is ``"hostname:port"``.
+
+    ``hostname`` is what peers use to reach this engine (an address on the cluster fabric).
+    ``timeout_s`` bounds a transfer to a peer that stops answering (Mooncake default 30 s).
+    A batch is one native call when it has at most ``max_batch_entries`` entries after
+    coalescing; larger batches are split into the fewest such calls.
+    Mooncake reads its environment when an engine starts: engines created one after another in
+    one process may use different options, but its log level is fixed by the first one.
+    """
+
+    name = "mooncake"
+
+    def __init__(
+        self,
+        hostname: str = "127.0.0.1",
+        protocol: str = "tcp",
+        nics: Sequence[str] | None = None,
+        *,
+        timeout_s: float | None = None,
+        max_batch_entries: int = 1024,
+    ) -> None:
+        if not isinstance(max_batch_entries, int) or max_batch_entries < 1:
+            raise InvalidArgument(
+                "max_batch_entries must be a positive int", max_batch_entries=max_batch_entries
+            )
+        self.max_batch_entries = max_batch_entries
+        if not isinstance(hostname, str) or not hostname or ":" in hostname:
+            raise InvalidArgument("hostname must be a host name or IPv4 address", hostname=hostname)
+        self.protocol = resolve_protocol(protocol)
+        ok, why = available(self.protocol)
+        if not ok:
+            raise TransferError(
+                f"Mooncake transport {self.protocol} is unavailable: {why}", protocol=protocol
+            )
+        env = configure_env(self.protocol, nics, timeout_s=timeout_s)
+        _apply_env(env)
+        devices = ",".join(nics) if nics is not None else ""
+        try:
+            engine = _load_engine_module().TransferEngine()
+            rc = engine.initialize(hostname, "P2PHANDSHAKE", self.protocol, devices)
+        except Exception as exc:
+            raise TransferError(
+                f"Mooncake engine failed to start on {hostname} ({self.protocol}): {exc}"
+            ) from exc
+        if rc != 0:
+            raise TransferError(
+                f"Mooncake engine failed to start on {hostname} ({self.protocol}), rc {rc}",
+                rc=rc,
+                protocol=self.protocol,
+            )
+        self._engine: Any = engine
+        self._session = f"{hostname}:{engine.get_rpc_port()}"
+        self._regs = Registrations(self._session)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._closed = False
+        logger.info(
+            "transport mooncake/%s ready, session %s, rdma nics %s, env %s",
+            self.protocol,
+            self._session,
+            _topology_nics(engine) or "none",
+            {k: v for k, v in env.items() if v is not None},
+        )
+
+    @property
+    def session(self) -> str:
+        return self._session
+
+    def _fail(self, message: str, **details: Any) -> TransferError:
+        return TransferError(message, session=self._session, protocol=self.protocol, **details)
+
+    def register(self, address: int, length: int) -> None:
+        with self._lock:
+            self._check_open()
+            if not self._regs.add(address, length):
+                return
+            try:
+                rc = self._engine.register_memory(address, length)
+            except Exception as exc:
+                self._regs.remove(address)
+                raise self._fail(f"register {length} bytes at {address:#x} failed: {exc}") from exc
+            if rc != 0:
+                self._regs.remove(address)
+                raise self._fail(
+                    f"register {length} bytes at {address:#x} on {self._session} failed, rc {rc}",
+                    rc=rc,
+                    address=address,
+                    nbytes=length,
+                )
+        logger.debug("registered %s bytes at %#x on %s", length, address, self._session)
+
+    def unregister(self, address: int) -> None:
+        with self._lock:
+            self._check_open()
+            seg = self._regs.remove(address)
+            if seg is None:
+                return
+            try:
+                rc = self._engine.unregister_memory(address)
+            except Exception as exc:
+                raise self._fail(f"unregister {address:#x} failed: {exc}") from exc
+        if rc != 0:
+            raise self._fail(
+                f"unregister {address:#x} on {self._session} failed, rc {rc}", rc=rc, address=address
+            )
+        logger.debug("unregistered %s bytes at %#x on %s", seg.length, address, self._session)
+
+    def read(self, session: str, entries: Sequence[Entry]) -> None:
+        self._transfer("read", session, entries)
+
+    def write(self, session: str, entries: Sequence[Entry]) -> None:
+        self._transfer("write", session, entries)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._fail(f"transport {self._session} is closed")
+
+    def _transfer(self, op: str, session: str, entries: Sequence[Entry]) -> None:
+        if not isinstance(session, str) or not session:
+            raise InvalidArgument("session must be a non-empty 'host:port' string", session=session)
+        batch = coalesce(entries)
+        if not batch:
+            return
+        nbytes = total_bytes(batch)
+        route = f"from {session} to {self._session}" if op == "read" else f"from {self._session} to {session}"
+        what = f"mooncake {op} of {nbytes} bytes in {len(batch)} entries {route}"
+        with self._lock:
+            self._check_open()
+            self._regs.check(batch, side="local", peer=session)
+            self._in_flight += 1
+        call = (
+            self._engine.batch_transfer_sync_read if op == "read" else self._engine.batch_transfer_sync_write
+        )
+        step = self.max_batch_entries
+        start = time.monotonic()
+        rc = 0
+        try:
+            for i in range(0, len(batch), step):  # one native call unless the batch is very long
+                part = batch[i : i + step]
+                rc = call(
+                    session,
+                    [e.local_address for e in part],
+                    [e.remote_address for e in part],
+                    [e.length for e in part],
+                )
+                if rc != 0:
+                    break
+        except Exception as exc:
+            raise self._fail(f"{what} failed: {exc}", peer=session, nbytes=nbytes) from exc
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._idle.notify_all()
+        seconds = time.monotonic() - start
+        if rc != 0:
+            raise self._fail(
+                f"{what} failed after {seconds:.3f} s, rc {rc}",
+                peer=session,
+                nbytes=nbytes,
+                entries=len(batch),
+                rc=rc,
+            )
+        logger.debug(
+            "%s %s bytes in %s entries with %s: %.4f s, %.2f GB/s",
+            op,
+            nbytes,
+            len(batch),
+            session,
+            seconds,
+            nbytes / seconds / 1e9 if seconds > 0 else math.inf,
+        )
+
+    def close(self) -> None:
+        """Refuse new transfers, wait for those in flight, unregister everything, stop the engine."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._in_flight:
+                self._idle.wait()
+            for seg in self._regs:
+                self._regs.remove(seg.address)
+                try:
+                    rc = self._engine.unregister_memory(seg.address)
+                except Exception:  # teardown logs instead of raising
+                    logger.warning("unregister %#x on %s raised", seg.address, self._session, exc_info=True)
+                    continue
+                if rc != 0:
+                    logger.warning("unregister %#x on %s failed, rc %s", seg.address, self._session, rc)
+            engine, self._engine = self._engine, None
+        del engine  # the native destructor closes segments and stops the listeners (about 1 s)
+        logger.info("transport mooncake/%s closed, session %s", self.protocol, self._session)
