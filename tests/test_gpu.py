@@ -1,0 +1,134 @@
+"""GPU slabs: CUDA IPC export, mounts from other processes, copies onto the other GPU.
+
+Run on a GPU host with `pytest -m gpu` (and `-m multigpu` for two GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sdk
+from sdk.tensors import fingerprint
+from tests.daemons import REPO
+
+pytestmark = pytest.mark.gpu
+
+
+def _llm_like(device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return {
+        "embed": torch.randn(1024, 256, generator=g, device=device).bfloat16(),
+        "q_proj": torch.randn(256, 256, generator=g, device=device).bfloat16(),
+        "norm": torch.randn(256, generator=g, device=device),
+        "scale": torch.tensor(0.5, device=device).to(torch.float8_e4m3fn),
+        "empty": torch.empty(0, 4, device=device),
+        "ids": torch.arange(33, device=device),
+    }
+
+
+def test_fingerprint_is_the_same_on_cpu_and_gpu() -> None:
+    for t in _llm_like("cuda:0").values():
+        assert fingerprint(t) == fingerprint(t.cpu())
+    big = torch.randint(0, 255, (3 << 20 | 12345,), dtype=torch.uint8, device="cuda:0")
+    assert fingerprint(big) == fingerprint(big.cpu())
+
+
+def test_cuda_slab_round_trip(client: sdk.Client) -> None:
+    src = _llm_like("cuda:0")
+    version = client.put("gpu/set", src)  # default: where the tensors are
+    info = client.info("gpu/set")
+    assert info["device"] == "cuda:0"
+    got = client.get("gpu/set", verify=True)
+    for k, t in src.items():
+        assert got[k].device == torch.device("cuda:0") and torch.equal(got[k].cpu(), t.cpu()), k
+    on_cpu = client.get("gpu/set", device="cpu")
+    assert all(torch.equal(on_cpu[k], t.cpu()) for k, t in src.items())
+    with client.mount("gpu/set") as m:
+        assert m.version == version
+        assert all(m.tensors[k].device == torch.device("cuda:0") for k in src)
+        assert all(torch.equal(m.tensors[k], t) for k, t in src.items())
+    status = client.status()
+    assert status["devices"]["cuda:0"]["used"] > 0
+
+
+def test_cpu_tensors_into_a_cuda_slab_and_back(client: sdk.Client) -> None:
+    src = {k: t.cpu() for k, t in _llm_like("cuda:0", seed=1).items()}
+    client.put("gpu/from-cpu", src, device="cuda:0")
+    got = client.get("gpu/from-cpu", device="cpu", verify=True)
+    assert all(torch.equal(got[k], t) for k, t in src.items())
+
+
+CHILD = """
+import sys, sdk, torch
+from sdk.tensors import fingerprint
+with sdk.Client(sys.argv[1]).mount(sys.argv[2]) as m:
+    print(" ".join(f"{k}={fingerprint(t)}" for k, t in sorted(m.tensors.items())), flush=True)
+    if len(sys.argv) > 3:
+        import time; time.sleep(600)
+"""
+
+
+def _child(daemon, name: str, hold: bool = False) -> subprocess.Popen[str]:
+    args = [sys.executable, "-c", CHILD, daemon.socket, name] + (["hold"] if hold else [])
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "") + ":" + str(REPO)})  # fmt: skip
+
+
+def test_ipc_mount_from_another_process(daemon, client: sdk.Client) -> None:
+    src = _llm_like("cuda:0", seed=2)
+    client.put("gpu/ipc", src)
+    with _child(daemon, "gpu/ipc") as child:
+        out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0
+    expected = " ".join(f"{k}={fingerprint(t)}" for k, t in sorted(src.items()))
+    assert out.strip() == expected
+
+
+def test_gpu_mount_released_when_its_process_is_killed(daemon, client: sdk.Client) -> None:
+    client.put("gpu/killed", _llm_like("cuda:0"))
+    with _child(daemon, "gpu/killed", hold=True) as child:
+        assert child.stdout is not None and child.stdout.readline()
+        assert client.info("gpu/killed")["pins"] == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    import time
+
+    deadline = time.monotonic() + 10
+    while client.info("gpu/killed")["pins"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.info("gpu/killed")["pins"] == 0
+
+
+def test_daemon_ignores_expandable_segments(start_daemon) -> None:
+    d = start_daemon("expandable", env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    with d.client() as c:
+        c.put("gpu/exp", {"x": torch.ones(1 << 20, device="cuda:0")})
+        with c.mount("gpu/exp") as m:
+            assert float(m.tensors["x"].sum()) == float(1 << 20)
+
+
+@pytest.mark.multigpu
+def test_get_and_load_into_the_other_gpu(client: sdk.Client) -> None:
+    src = _llm_like("cuda:0", seed=3)
+    client.put("gpu/peer", src)
+    got = client.get("gpu/peer", device="cuda:1", verify=True)
+    assert all(got[k].device == torch.device("cuda:1") and torch.equal(got[k].cpu(), t.cpu()) for k, t in src.items())
+    target = {k: torch.zeros_like(t, device="cuda:1") for k, t in src.items()}
+    client.load_into(target, "gpu/peer", verify=True)
+    assert all(torch.equal(target[k].cpu(), t.cpu()) for k, t in src.items())
+
+
+@pytest.mark.multigpu
+def test_slab_on_the_second_gpu(client: sdk.Client) -> None:
+    src = _llm_like("cuda:1", seed=4)
+    client.put("gpu/second", src)
+    assert client.info("gpu/second")["device"] == "cuda:1"
+    with client.mount("gpu/second") as m:
+        assert all(m.tensors[k].device == torch.device("cuda:1") for k in src)
+        assert all(torch.equal(m.tensors[k], t) for k, t in src.items())
