@@ -53,12 +53,19 @@ def sync() -> None:
             torch.cuda.synchronize(d)
 
 
-def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
+def median_seconds(
+    fn: Callable[[], object], runs: int, warmup: int = 1, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall time of `fn` (GPU work included); `setup` runs untimed before each call."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
         sync()
     times = []
     for _ in range(runs):
+        if setup is not None:
+            setup()
         sync()
         t0 = time.perf_counter()
         fn()

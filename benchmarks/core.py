@@ -45,7 +45,8 @@ def transfers(client: sdk.Client, device: str, gib: float, runs: int) -> None:
     copy = median_seconds(lambda: [dst[k].copy_(t) for k, t in src.items()], runs)
     print(row("plain clone (allocate + copy)", nbytes, clone))
     print(row("plain copy_ into existing tensors", nbytes, copy))
-    put = median_seconds(lambda: client.put("bench/set", src, device=device), runs)
+    put = median_seconds(lambda: client.put("bench/set", src, device=device), runs,
+                         setup=lambda: client.delete("bench/set"))  # fmt: skip
     print(row("tensord put   (vs clone)", nbytes, put, clone))
     get = median_seconds(lambda: client.get("bench/set", device=device), runs)
     print(row("tensord get   (vs clone)", nbytes, get, clone))

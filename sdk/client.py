@@ -14,7 +14,7 @@ from sdk.connection import Connection, socket_path
 from sdk.errors import IntegrityError, InvalidArgument, NotFound, TensordError
 from sdk.manifest import Manifest, TensorSpec, specs_to_wire
 from sdk.names import check_name, check_prefix, check_version
-from sdk.slabs import Slab, open_slab
+from sdk.slabs import Slab, open_slab, pool
 from sdk.tensors import dtype_name, fingerprint, to_dtype
 
 
@@ -64,6 +64,16 @@ class Reservation:
             raise InvalidArgument(f"tensor {tensor_name!r}: dtype/shape differ from the reservation")
         self.slab.write_from(spec, src)
         self._fingerprints[tensor_name] = fingerprint(src)
+
+    def write_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write many tensors at once: copies spread over I/O threads, fingerprints alongside."""
+        specs = [self._spec(k) for k in tensors]
+        for spec, src in zip(specs, tensors.values(), strict=True):
+            if dtype_name(src.dtype) != spec.dtype or tuple(src.shape) != spec.shape:
+                raise InvalidArgument(f"tensor {spec.name!r}: dtype/shape differ from the reservation")
+        fps = {k: pool().submit(fingerprint, t) for k, t in tensors.items()}
+        self.slab.write_many(list(zip(specs, tensors.values(), strict=True)))
+        self._fingerprints.update((k, f.result()) for k, f in fps.items())
 
     def written(self, tensor_name: str, fp: int) -> None:
         """Record the fingerprint of a tensor the caller wrote into `slab` itself."""
@@ -193,10 +203,13 @@ class Client:
         with self._opened(name, version) as (manifest, slab):  # type: ignore[arg-type]
             target = _target_device(device, slab.device)
             out: dict[str, torch.Tensor] = {}
-            for spec in _select(manifest, names):
-                dst = torch.empty(spec.shape, dtype=to_dtype(spec.dtype), device=target)
-                slab.read_into(spec, dst)
-                out[spec.name] = dst
+
+            def destinations() -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+                for s in _select(manifest, names):
+                    out[s.name] = torch.empty(s.shape, dtype=to_dtype(s.dtype), device=target)
+                    yield s, out[s.name]
+
+            slab.read_many(destinations())
             if verify:
                 _verify(manifest, out)
             return out
@@ -221,10 +234,9 @@ class Client:
             raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
         with self._opened(name, version) as (manifest, slab):  # type: ignore[arg-type]
             pairs = _match(manifest, tensors, strict=strict)
+            slab.read_many([(s, d) for s, d in pairs if d.is_contiguous()])
             for spec, dst in pairs:
-                if dst.is_contiguous():
-                    slab.read_into(spec, dst)
-                else:
+                if not dst.is_contiguous():
                     tmp = torch.empty(spec.shape, dtype=dst.dtype, device=dst.device)
                     slab.read_into(spec, tmp)
                     dst.copy_(tmp)
@@ -263,8 +275,7 @@ class Client:
         specs = {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
         slab_device = str(device) if device is not None else _home_device(tensors.values())
         with self.reserve(name, specs, device=slab_device) as reservation:
-            for key, tensor in tensors.items():
-                reservation.write(key, tensor)
+            reservation.write_all(tensors)
             return reservation.commit()
 
     # -- catalogue --------------------------------------------------------------------------

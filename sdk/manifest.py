@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sdk.errors import InvalidArgument
 
@@ -49,8 +49,7 @@ def align_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """One tensor of a set: where its bytes lie in the slab and what they should hash to."""
 
     name: str
@@ -115,16 +114,18 @@ class Manifest:
         if not isinstance(raw, list):
             raise InvalidArgument("manifest tensors must be a list")
         tensors = []
-        for entry in raw:
-            if not isinstance(entry, list) or len(entry) != 6:
+        for entry in raw:  # the hot path of every read: one pass, no intermediate objects
+            if type(entry) is not list or len(entry) != 6:
                 raise InvalidArgument("manifest tensor entry must be a 6-item list")
-            spec = check_spec(entry[0], entry[1], entry[2])
-            offset, length, fp = entry[3], entry[4], entry[5]
-            if fp is not None and (not _is_int(fp) or not 0 <= fp < 2**64):
+            name, dtype, shape, offset, length, fp = entry
+            if fp is not None and (type(fp) is not int or not 0 <= fp < 2**64):
                 raise InvalidArgument("fingerprint must be a 64-bit unsigned integer")
-            if not _is_int(offset) or not _is_int(length) or length != spec.nbytes:
-                raise InvalidArgument(f"tensor {spec.name!r}: bad offset or length")
-            tensors.append(TensorSpec(spec.name, spec.dtype, spec.shape, offset, length, fp))
+            if type(offset) is not int:
+                raise InvalidArgument(f"tensor {name!r:.80}: bad offset")
+            spec = check_spec(name, dtype, shape, offset, fp)
+            if length != spec.nbytes or type(length) is not int:
+                raise InvalidArgument(f"tensor {spec.name!r}: length disagrees with dtype and shape")
+            tensors.append(spec)
         if not _is_int(version) or version < 0 or not _is_int(nbytes):
             raise InvalidArgument("manifest version and nbytes must be integers")
         created, origin = data.get("created", 0.0), data.get("origin", "")
@@ -138,20 +139,25 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_spec(name: object, dtype: object, shape: object) -> TensorSpec:
+def check_spec(
+    name: object, dtype: object, shape: object, offset: int = 0, fingerprint: int | None = None
+) -> TensorSpec:
     """Validate one tensor's name, dtype and shape; return a spec with nbytes filled in."""
-    if not isinstance(name, str) or not name or "\0" in name:
+    if type(name) is not str or not name or "\0" in name:
         raise InvalidArgument(f"tensor name must be a non-empty string, not {name!r:.80}")
-    if len(name.encode()) > MAX_TENSOR_NAME_BYTES:
+    if len(name) * 4 > MAX_TENSOR_NAME_BYTES and len(name.encode()) > MAX_TENSOR_NAME_BYTES:
         raise InvalidArgument(f"tensor name longer than {MAX_TENSOR_NAME_BYTES} bytes")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None  # type: ignore[arg-type]
+    if size is None:
         raise InvalidArgument(f"tensor {name!r}: unknown dtype {dtype!r:.40}")
-    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
+    if type(shape) not in (list, tuple) or len(shape) > MAX_DIMS:  # type: ignore[arg-type]
         raise InvalidArgument(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} ints")
-    if not all(_is_int(d) and 0 <= d < 2**48 for d in shape):
-        raise InvalidArgument(f"tensor {name!r}: shape must hold non-negative ints, not {shape!r:.80}")
-    shape = tuple(shape)
-    return TensorSpec(name, dtype, shape, 0, math.prod(shape) * DTYPE_SIZES[dtype])
+    numel = 1
+    for d in shape:  # type: ignore[attr-defined]
+        if type(d) is not int or not 0 <= d < 2**48:
+            raise InvalidArgument(f"tensor {name!r}: shape must hold non-negative ints, not {shape!r:.80}")
+        numel *= d
+    return TensorSpec(name, dtype, tuple(shape), offset, numel * size, fingerprint)  # type: ignore[arg-type]
 
 
 def layout(specs: Iterable[TensorSpec]) -> tuple[list[TensorSpec], int]:

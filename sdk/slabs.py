@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -19,6 +22,31 @@ from sdk.manifest import TensorSpec
 from sdk.tensors import as_bytes, view_bytes
 
 _MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+_CHUNK = 32 << 20  # host copies are split into chunks spread over a few threads
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def pool() -> ThreadPoolExecutor:
+    """The SDK's I/O threads (created on first use): preadv/pwritev and torch release the GIL."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="tensord-io")
+        return _pool
+
+
+def run_all(jobs: Sequence[Callable[[], object]]) -> None:
+    """Run jobs on the I/O threads; wait for all; raise the first error."""
+    if len(jobs) == 1:
+        jobs[0]()
+        return
+    futures: list[Future[object]] = [pool().submit(job) for job in jobs]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 class Slab:
@@ -36,6 +64,16 @@ class Slab:
 
     def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
         self.view(spec).copy_(src)
+
+    def read_many(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
+        """Copy many tensors; `pairs` is consumed lazily, so each copy starts as soon as its
+        destination exists."""
+        for spec, dst in pairs:
+            self.read_into(spec, dst)
+
+    def write_many(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> None:
+        for spec, src in pairs:
+            self.write_from(spec, src)
 
     def finish(self) -> None:
         """Wait for copies in flight: call before the pin or reservation is given up."""
@@ -73,6 +111,31 @@ class HostSlab(Slab):
             src = src.cpu()
         write_all(self.fd, as_bytes(src.contiguous()), spec.offset)
 
+    def read_many(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
+        pairs = list(pairs)
+        jobs = self._jobs(read_exact, [(s, d) for s, d in pairs if d.device.type == "cpu"])
+        super().read_many([(s, d) for s, d in pairs if d.device.type != "cpu"])
+        run_all(jobs)
+
+    def write_many(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> None:
+        run_all(self._jobs(write_all, [(s, t.cpu().contiguous()) for s, t in pairs]))
+
+    def _jobs(self, io: Callable[[int, torch.Tensor, int], None],
+              pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> list[Callable[[], None]]:  # fmt: skip
+        """One job per chunk of at most _CHUNK bytes; small tensors are grouped into one job."""
+        jobs: list[Callable[[], None]] = []
+        small: list[tuple[torch.Tensor, int]] = []
+        for spec, t in pairs:
+            buf = as_bytes(t)
+            if spec.nbytes < _CHUNK:
+                small.append((buf, spec.offset))
+                continue
+            for a in range(0, spec.nbytes, _CHUNK):
+                jobs.append(lambda b=buf[a : a + _CHUNK], o=spec.offset + a: io(self.fd, b, o))
+        if small:
+            jobs.append(lambda: [io(self.fd, b, o) for b, o in small] and None)
+        return jobs
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -86,6 +149,7 @@ class CudaSlab(Slab):
 
     @classmethod
     def from_ipc(cls, ipc: list[Any], nbytes: int) -> CudaSlab:
+        torch.cuda.init()  # opening a handle in a process that never touched CUDA crashes
         storage = torch.UntypedStorage._new_shared_cuda(*ipc)
         device = torch.device("cuda", int(ipc[0]))
         return cls(torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,)))
