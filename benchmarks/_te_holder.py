@@ -95,7 +95,7 @@ class Holder:
 def _serve(size: int, protocol: str, timeout_s: float | None) -> None:
     import torch
 
-    from tensord.transport.mooncake import MooncakeTransport
+    from sdk.transport.mooncake import MooncakeTransport
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     buf = torch.empty(size, dtype=torch.uint8)

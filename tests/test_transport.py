@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from sdk.errors import InvalidArgument, TransferError
-from tensord.transport import mooncake
-from tensord.transport.base import Entry, Registrations, Segment, coalesce
-from tensord.transport.memory import MemoryTransport
+from sdk.transport import mooncake
+from sdk.transport.base import Entry, Registrations, Segment, coalesce
+from sdk.transport.memory import MemoryTransport
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]

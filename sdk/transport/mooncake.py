@@ -47,7 +47,9 @@ __all__ = ["PROTOCOLS", "MooncakeTransport", "available", "configure_env", "reso
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("tcp", "rdma", "nvlink_intra", "auto")
-_SELECTORS = ("MC_FORCE_TCP", "MC_FORCE_HCA", "MC_FORCE_MNNVL", "MC_INTRA_NVLINK", "MC_TE_FILTERS")
+# MC_INTRA_NVLINK is read by the 0.3.13 CPU wheel, MC_INTRANODE_NVLINK by the 0.3.14 CUDA wheels.
+_NVLINK = ("MC_INTRA_NVLINK", "MC_INTRANODE_NVLINK")
+_SELECTORS = ("MC_FORCE_TCP", "MC_FORCE_HCA", "MC_FORCE_MNNVL", *_NVLINK, "MC_TE_FILTERS")
 _NIC = re.compile(r"[A-Za-z0-9_.:-]+")
 _IB_SYSFS = "/sys/class/infiniband"
 _MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
@@ -120,7 +122,7 @@ def configure_env(
         if nics is not None:
             env["MC_TE_FILTERS"] = ",".join(nics)
     else:
-        env["MC_INTRA_NVLINK"] = "1"
+        env.update(dict.fromkeys(_NVLINK, "1"))
     if timeout_s is not None:
         if not timeout_s > 0:
             raise InvalidArgument("timeout_s must be positive", timeout_s=timeout_s)
