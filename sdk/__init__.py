@@ -14,7 +14,7 @@ socket in $TENSORD_SOCKET (default /run/tensord/tensord.sock).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,6 +57,8 @@ __all__ = [
     "ls",
     "mount",
     "put",
+    "replicate",
+    "watch",
 ]
 
 _default: Client | None = None
@@ -114,6 +116,15 @@ def delete(name: str, version: int | None = None) -> int:
     return default_client().delete(name, version)
 
 
+def replicate(name: str, version: int | str | None = None, *, to: str | None = None) -> dict[str, Any]:
+    return default_client().replicate(name, version, to=to)
+
+
+def watch(name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:
+    return default_client().watch(name, after=after, timeout=timeout)
+
+
+replicate.__doc__, watch.__doc__ = Client.replicate.__doc__, Client.watch.__doc__
 put.__doc__, get.__doc__, mount.__doc__ = Client.put.__doc__, Client.get.__doc__, Client.mount.__doc__
 load_into.__doc__, ls.__doc__ = Client.load_into.__doc__, Client.ls.__doc__
 info.__doc__, delete.__doc__ = Client.info.__doc__, Client.delete.__doc__

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 
-from sdk.connection import Connection, socket_path
-from sdk.errors import IntegrityError, InvalidArgument, NotFound, TensordError
+from sdk.connection import Connection, endpoint
+from sdk.errors import IntegrityError, InvalidArgument, NotFound, TensordError, TransferError
 from sdk.manifest import Manifest, TensorSpec, specs_to_wire
 from sdk.names import check_name, check_prefix, check_version
-from sdk.slabs import Slab, open_slab, pool
+from sdk.slabs import RemoteSlab, Slab, open_slab, pool
+from sdk.transport.base import Transport
 from sdk.tensors import dtype_name, fingerprint, to_dtype
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_MAX_REPLICAS = 8  # distinct replicas one read tries before giving up
+_WATCH_POLL = 30.0  # seconds one long poll waits
 
 
 class Mount:
@@ -115,14 +121,25 @@ class Reservation:
 class Client:
     """A connection to one tensord daemon. Thread-safe; a context manager; unusable after close.
 
-    `socket`: path of the daemon's Unix socket (default: $TENSORD_SOCKET, else
-    /run/tensord/tensord.sock). `timeout`: seconds to wait for any one reply.
+    `socket`: path of the local daemon's Unix socket. `address`: "host:port" of a daemon's TCP
+    listener, for a process on a node without a daemon. Default: $TENSORD_ADDR if set, else
+    $TENSORD_SOCKET, else /run/tensord/tensord.sock. `token`: for listeners that require one
+    (default: $TENSORD_TOKEN). `timeout`: seconds to wait for any one reply.
     """
 
-    def __init__(self, socket: str | None = None, *, timeout: float | None = 300.0) -> None:
-        self.socket = socket_path(socket)
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float | None = 300.0,
+    ) -> None:
+        self.endpoint = endpoint(socket, address)
+        self.token = token if token is not None else os.environ.get("TENSORD_TOKEN")
         self.timeout = timeout
         self._connection: Connection | None = None
+        self._engine: Transport | None = None
         self._closed = False
         self._lock = threading.Lock()
 
@@ -132,10 +149,25 @@ class Client:
             if self._closed:
                 raise TensordError("this client is closed")
             if self._connection is None:
-                self._connection = Connection(
-                    self.socket, timeout=self.timeout, identity=f"pid:{os.getpid()}"
-                )
+                self._connection = self._connect()
             return self._connection
+
+    def _connect(self) -> Connection:
+        return Connection(self.endpoint, timeout=self.timeout, identity=f"pid:{os.getpid()}", token=self.token)
+
+    def _transport(self) -> Transport:
+        """This process's Transfer Engine, started on first use (reads from other nodes)."""
+        with self._lock:
+            if self._engine is None:
+                from sdk.transport.mooncake import MooncakeTransport
+
+                conn = self._connection
+                info = (conn.server.get("transport") if conn is not None else None) or {}
+                protocol = os.environ.get("TENSORD_TRANSPORT") or info.get("protocol") or "tcp"
+                hostname = os.environ.get("TENSORD_TRANSPORT_HOST") or (
+                    info.get("hostname") if conn is not None and conn.is_local else None) or "127.0.0.1"  # fmt: skip
+                self._engine = MooncakeTransport(hostname, protocol)
+            return self._engine
 
     def close(self) -> None:
         """Close the connection; the daemon releases every pin and reservation it held."""
@@ -144,6 +176,9 @@ class Client:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
 
     def __enter__(self) -> Client:
         return self
@@ -152,29 +187,53 @@ class Client:
         self.close()
 
     # -- reading ----------------------------------------------------------------------------
-    def _open(self, name: str, version: int | None) -> tuple[int, Manifest, Slab]:
+    def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[int, Manifest, Slab]:
         check_name(name)
         version = check_version(version)
-        result, fds = self._conn().call("open", name=name, version=version)
+        args: dict[str, Any] = {"name": name, "version": version}
+        if exclude:
+            args["exclude"] = exclude
+        result, fds = self._conn().call("open", **args)
         manifest = Manifest.from_wire(result["manifest"])
-        return result["pin"], manifest, open_slab(result["replica"], fds)
+        return result["pin"], manifest, open_slab(result["replica"], fds, transport=self._transport)
 
-    def _release(self, pin: int) -> None:
+    def _release(self, pin: int) -> bool:
+        """Give a pin back; True if it held throughout (a remote node did not lose it)."""
         conn = self._connection
-        if conn is not None and not self._closed:
-            conn.call("release", pin=pin)
+        if conn is None or self._closed:
+            return False
+        result, _ = conn.call("release", pin=pin)
+        return bool(result.get("intact", True))
 
-    @contextmanager
-    def _opened(self, name: str, version: int | None) -> Iterator[tuple[Manifest, Slab]]:
-        pin, manifest, slab = self._open(name, version)
-        try:
-            yield manifest, slab
-        finally:
+    def _read(self, name: str, version: int | str | None, copy: Callable[[Manifest, Slab], T]) -> T:
+        """Pin a version, run `copy`, release. A copy from another node whose pin was lost or
+        whose bytes failed is retried on another replica, for the same version."""
+        wanted = check_version(version)
+        exclude: list[str] = []
+        for _ in range(_MAX_REPLICAS):
+            pin, manifest, slab = self._open(name, wanted, exclude)
+            wanted = manifest.version  # "latest" resolves once per read
+            failure: TensordError | None = None
             try:
-                slab.finish()
+                value = copy(manifest, slab)
+            except (TransferError, IntegrityError) as exc:
+                if not isinstance(slab, RemoteSlab):
+                    raise
+                failure = exc
             finally:
-                slab.close()
-                self._release(pin)
+                try:
+                    slab.finish()
+                finally:
+                    slab.close()
+                    intact = self._release(pin)
+            if failure is None and intact:
+                return value
+            assert isinstance(slab, RemoteSlab)
+            log.warning("read of %s v%d from node %s failed (%s); trying another replica", name, wanted,
+                        slab.node, failure or "pin lost during the read")  # fmt: skip
+            exclude.append(slab.node)
+        raise TransferError(f"{name} v{wanted}: every replica failed ({', '.join(exclude)})",
+                            name=name, version=wanted)  # fmt: skip
 
     def mount(self, name: str, version: int | str | None = None) -> Mount:
         """Pin a version and map it zero-copy (same node only). Use as a context manager."""
@@ -200,7 +259,8 @@ class Client:
         Default device: cpu for a host replica, the current CUDA device for a GPU replica.
         `names` selects a subset; `verify` checks every fingerprint (IntegrityError on mismatch).
         """
-        with self._opened(name, version) as (manifest, slab):  # type: ignore[arg-type]
+
+        def copy(manifest: Manifest, slab: Slab) -> dict[str, torch.Tensor]:
             target = _target_device(device, slab.device)
             out: dict[str, torch.Tensor] = {}
 
@@ -211,8 +271,11 @@ class Client:
 
             slab.read_many(destinations())
             if verify:
+                slab.finish()
                 _verify(manifest, out)
             return out
+
+        return self._read(name, version, copy)
 
     def load_into(
         self,
@@ -232,7 +295,8 @@ class Client:
         tensors = target.state_dict() if isinstance(target, torch.nn.Module) else target
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
-        with self._opened(name, version) as (manifest, slab):  # type: ignore[arg-type]
+
+        def copy(manifest: Manifest, slab: Slab) -> int:
             pairs = _match(manifest, tensors, strict=strict)
             slab.read_many([(s, d) for s, d in pairs if d.is_contiguous()])
             for spec, dst in pairs:
@@ -241,21 +305,28 @@ class Client:
                     slab.read_into(spec, tmp)
                     dst.copy_(tmp)
             if verify:
+                slab.finish()
                 _verify(manifest, {spec.name: dst for spec, dst in pairs})
             return manifest.version
 
+        return self._read(name, version, copy)
+
     # -- writing ----------------------------------------------------------------------------
     def reserve(
-        self, name: str, specs: Mapping[str, tuple[str, tuple[int, ...]]], *, device: str = "cpu"
-    ) -> Reservation:
-        """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape)."""
+        self, name: str, specs: Mapping[str, tuple[str, tuple[int, ...]]], *, device: str = "cpu",
+        origin: str | None = None,
+    ) -> Reservation:  # fmt: skip
+        """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape).
+
+        `origin` records where the bytes come from (e.g. "file:/models/x.safetensors")."""
         check_name(name)
-        result, fds = self._conn().call(
-            "put_begin", name=name, device=str(device), tensors=specs_to_wire(specs)
-        )
+        args: dict[str, Any] = {"name": name, "device": str(device), "tensors": specs_to_wire(specs)}
+        if origin is not None:
+            args["origin"] = origin
+        result, fds = self._conn().call("put_begin", **args)
         manifest = Manifest.from_wire(result["manifest"])
         try:
-            slab = open_slab(result["replica"], fds, writable=True)
+            slab = open_slab(result["replica"], fds, writable=True, transport=self._transport)
         except BaseException:
             self._conn().call("put_abort", reservation=result["reservation"])
             raise
@@ -300,11 +371,56 @@ class Client:
         result, _ = self._conn().call("status")
         return dict(result)
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """Live nodes of the cluster: node record (devices and budgets) and current status."""
+        result, _ = self._conn().call("nodes")
+        return list(result)
+
+    # -- cluster ----------------------------------------------------------------------------
+    def replicate(
+        self, name: str, version: int | str | None = None, *, to: str | None = None, device: str | None = None
+    ) -> dict[str, Any]:
+        """Make node `to` (default: this client's daemon) pull a copy of a version from a peer
+        and advertise it as a replica. Returns the node, version and device of the copy."""
+        args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
+        if to is not None:
+            args["to"] = to
+        if device is not None:
+            args["device"] = device
+        result, _ = self._conn().call("replicate", **args)
+        return dict(result)
+
+    def watch(self, name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:
+        """Yield each version of `name` committed after `after` (default: the current latest),
+        in order, as it is committed. Stops after `timeout` seconds without one (None: never).
+
+        Uses a connection of its own, so the client stays usable while a watch waits.
+        """
+        check_name(name)
+        if after is None:
+            try:
+                after = int(self.info(name)["latest"])
+            except NotFound:
+                after = 0
+        conn = self._connect()
+        try:
+            while True:
+                wait = _WATCH_POLL if timeout is None else min(_WATCH_POLL, timeout)
+                result, _ = conn.call("wait", name=name, after=after, timeout=wait)
+                if result["version"] is None:
+                    if timeout is not None:
+                        return
+                    continue
+                after = int(result["version"])
+                yield after
+        finally:
+            conn.close()
+
 
 def _target_device(device: str | torch.device | None, slab_device: str) -> torch.device:
     if device is not None:
         return torch.device(device)
-    if slab_device == "cpu":
+    if slab_device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 

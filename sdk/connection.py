@@ -10,33 +10,60 @@ import threading
 from typing import Any
 
 from sdk import wire
-from sdk.errors import ProtocolError, Unavailable, from_wire
+from sdk.errors import InvalidArgument, ProtocolError, Unavailable, from_wire
 
 DEFAULT_SOCKET = "/run/tensord/tensord.sock"
 
 
-def socket_path(explicit: str | None = None) -> str:
-    """Argument > TENSORD_SOCKET > the default path."""
-    if explicit is not None:
-        return explicit
-    return os.environ.get("TENSORD_SOCKET") or DEFAULT_SOCKET
+def endpoint(socket: str | None = None, address: str | None = None) -> str:
+    """Where to reach the daemon: "unix:PATH" or "tcp:HOST:PORT".
+
+    An explicit socket or address wins; then TENSORD_ADDR (a daemon's TCP listener, for
+    processes on nodes without a daemon); then TENSORD_SOCKET; then the default socket.
+    """
+    if socket is not None:
+        return f"unix:{socket}"
+    address = address if address is not None else os.environ.get("TENSORD_ADDR")
+    if address:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise InvalidArgument(f"daemon address {address!r} is not host:port")
+        return f"tcp:{address}"
+    return f"unix:{os.environ.get('TENSORD_SOCKET') or DEFAULT_SOCKET}"
 
 
 class Connection:
     """Request/reply over one socket; thread-safe (one call at a time)."""
 
-    def __init__(self, path: str, *, timeout: float | None, identity: str) -> None:
-        self.path = path
+    def __init__(self, where: str, *, timeout: float | None, identity: str, token: str | None) -> None:
+        self.where = where
+        self.is_local = where.startswith("unix:")
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        kind, _, target = where.partition(":")
         try:
-            self._sock.connect(path)
+            if kind == "unix":
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.settimeout(timeout)
+                try:
+                    self._sock.connect(target)
+                except OSError:
+                    self._sock.close()
+                    raise
+            else:
+                host, _, port = target.rpartition(":")
+                self._sock = socket.create_connection((host, int(port)), timeout=timeout)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            self._sock.close()
-            raise Unavailable(f"cannot reach the tensord daemon at {path}: {exc.strerror or exc}") from exc
-        self.server = self.call("hello", protocol=wire.PROTOCOL_VERSION, client=identity)[0]
+            raise Unavailable(f"cannot reach the tensord daemon at {target}: {exc.strerror or exc}") from exc
+        hello: dict[str, Any] = {"protocol": wire.PROTOCOL_VERSION, "client": identity}
+        if token:
+            hello["token"] = token
+        try:
+            self.server = self.call("hello", **hello)[0]
+        except BaseException:
+            self.close()
+            raise
 
     def call(self, op: str, **args: Any) -> tuple[Any, list[int]]:
         """Send one request; return the result and any file descriptors that came with it."""
@@ -49,7 +76,7 @@ class Connection:
                 reply = wire.decode(self._recv(length, fds))
             except (OSError, TimeoutError) as exc:
                 self.close()
-                raise Unavailable(f"lost the tensord daemon at {self.path}: {exc}") from exc
+                raise Unavailable(f"lost the tensord daemon at {self.where}: {exc}") from exc
         if reply.get("id") != request_id or len(fds) != reply.get("fds", 0):
             _close_all(fds)
             raise ProtocolError(f"reply does not match request {request_id} ({op})")

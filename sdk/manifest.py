@@ -117,12 +117,12 @@ class Manifest:
         for entry in raw:  # the hot path of every read: one pass, no intermediate objects
             if type(entry) is not list or len(entry) != 6:
                 raise InvalidArgument("manifest tensor entry must be a 6-item list")
-            name, dtype, shape, offset, length, fp = entry
+            tensor, dtype, shape, offset, length, fp = entry
             if fp is not None and (type(fp) is not int or not 0 <= fp < 2**64):
                 raise InvalidArgument("fingerprint must be a 64-bit unsigned integer")
             if type(offset) is not int:
-                raise InvalidArgument(f"tensor {name!r:.80}: bad offset")
-            spec = check_spec(name, dtype, shape, offset, fp)
+                raise InvalidArgument(f"tensor {tensor!r:.80}: bad offset")
+            spec = check_spec(tensor, dtype, shape, offset, fp)
             if length != spec.nbytes or type(length) is not int:
                 raise InvalidArgument(f"tensor {spec.name!r}: length disagrees with dtype and shape")
             tensors.append(spec)

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from sdk.errors import ProtocolError, TransferError
+from sdk.errors import InvalidArgument, ProtocolError, TransferError
 from sdk.manifest import TensorSpec
 from sdk.tensors import as_bytes, view_bytes
+from sdk.transport.base import Entry, Transport
 
 _MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
 _CHUNK = 32 << 20  # host copies are split into chunks spread over a few threads
@@ -162,6 +163,63 @@ class CudaSlab(Slab):
             torch.cuda.synchronize(device)
 
 
+class RemoteSlab(Slab):
+    """A slab on another node, read and written one-sided through this process's Transfer Engine.
+
+    Each batch registers the destination (or source) tensors' storages for its duration,
+    moves one entry per tensor in one native call (entries contiguous on both sides merge),
+    then unregisters them.
+    """
+
+    def __init__(self, descriptor: dict[str, Any], transport: Transport) -> None:
+        try:
+            self.node, self.session = str(descriptor["node"]), str(descriptor["session"])
+            self.address, self.nbytes = int(descriptor["address"]), int(descriptor["nbytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"bad remote replica descriptor: {descriptor!r:.200}") from exc
+        self.device = str(descriptor.get("device", "cpu"))  # where the bytes lie on their node
+        self._transport = transport
+
+    def view(self, spec: TensorSpec) -> torch.Tensor:
+        raise InvalidArgument(
+            f"{spec.name!r} lies on node {self.node}: mount needs a replica on this node "
+            "(use get or load_into, or replicate the set here first)"
+        )
+
+    def read_into(self, spec: TensorSpec, dst: torch.Tensor) -> None:
+        self.read_many([(spec, dst)])
+
+    def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
+        self.write_many([(spec, src)])
+
+    def read_many(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
+        self._move(self._transport.read, list(pairs))
+
+    def write_many(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> None:
+        self._move(self._transport.write, [(s, t.contiguous()) for s, t in pairs])
+
+    def _move(self, call: Callable[[str, list[Entry]], None], pairs: list[tuple[TensorSpec, torch.Tensor]]) -> None:
+        storages: dict[int, int] = {}
+        entries = []
+        for spec, t in pairs:
+            if not t.is_contiguous():
+                raise InvalidArgument(f"tensor {spec.name!r}: remote copies need contiguous tensors")
+            if spec.nbytes:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+                entries.append(Entry(t.data_ptr(), self.address + spec.offset, spec.nbytes))
+        registered = []
+        try:
+            for address, length in storages.items():
+                self._transport.register(address, length)
+                registered.append(address)
+            if entries:
+                call(self.session, entries)
+        finally:
+            for address in registered:
+                self._transport.unregister(address)
+
+
 def read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
     """Fill a CPU uint8 tensor from `fd` at `offset`; TransferError if the file ends first."""
     _pio(os.preadv, fd, buf, offset)
@@ -182,9 +240,14 @@ def _pio(call: Any, fd: int, buf: torch.Tensor, offset: int) -> None:
         done += n
 
 
-def open_slab(replica: dict[str, Any], fds: list[int], *, writable: bool = False) -> Slab:
+def open_slab(
+    replica: dict[str, Any], fds: list[int], *, writable: bool = False,
+    transport: Callable[[], Transport] | None = None,
+) -> Slab:  # fmt: skip
     """Build the accessor a daemon's replica descriptor describes."""
     kind, nbytes = replica.get("kind"), replica.get("nbytes")
+    if kind == "remote" and transport is not None:
+        return RemoteSlab(replica, transport())
     if not isinstance(nbytes, int):
         raise ProtocolError("replica descriptor lacks nbytes")
     if kind == "host":

@@ -23,11 +23,11 @@ MAX_FDS = 16
 #: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one.
 OPS = frozenset(
     {
-        "hello", "status", "ls", "info", "open", "release",
-        "put_begin", "put_commit", "put_abort", "delete",
+        "hello", "status", "ls", "info", "open", "release", "wait", "nodes",
+        "put_begin", "put_commit", "put_abort", "delete", "replicate",
     }
 )  # fmt: skip
-MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete"})
+MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate"})
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -47,9 +47,28 @@ class Config:
     log_level: str = "info"
     budgets: dict[str, int | None] = field(default_factory=lambda: {"cpu": None})  # None: auto
     retention: int = 0
+    listen: str = ""  # "host:port" of the TCP control listener; "" = none
+    token: str = ""
+    token_reads: bool = False
     etcd_endpoints: tuple[str, ...] = ()
     etcd_prefix: str = "/tensord/"
     lease_ttl: float = 10.0
+    etcd_ca_cert: str | None = None
+    etcd_cert_key: str | None = None
+    etcd_cert_cert: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = None
+    transport: str = ""  # "" = tcp when etcd is configured, off otherwise
+    transport_host: str = ""
+    nics: tuple[str, ...] = ()
+    pull_through: bool = False
+
+    @property
+    def transport_protocol(self) -> str:
+        """The Transfer Engine protocol in effect, or "off"."""
+        if self.transport:
+            return self.transport
+        return "tcp" if self.etcd_endpoints else "off"
 
     def with_overrides(self, **kw: Any) -> Config:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -112,6 +131,35 @@ def _endpoints(v: object, where: str) -> tuple[str, ...]:
     return out
 
 
+def _bool(v: object, where: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return v.lower() in ("1", "true", "yes")
+    raise InvalidArgument(f"{where}: expected true or false, not {v!r}")
+
+
+def _address(v: object, where: str) -> str:
+    text = _str(v, where)
+    if text and not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", text):
+        raise InvalidArgument(f"{where}: {text!r} is not host:port")
+    return text
+
+
+def _protocol(v: object, where: str) -> str:
+    text = _str(v, where).lower()
+    if text not in ("", "off", "auto", "tcp", "rdma", "nvlink_intra"):
+        raise InvalidArgument(f"{where}: protocol must be off, auto, tcp, rdma or nvlink_intra")
+    return text
+
+
+def _names(v: object, where: str) -> tuple[str, ...]:
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list | tuple) or not all(isinstance(e, str) and e for e in items):
+        raise InvalidArgument(f"{where}: expected a list of names")
+    return tuple(items)
+
+
 def _budgets(v: object, where: str) -> dict[str, int | None]:
     if not isinstance(v, Mapping):
         raise InvalidArgument(f"{where}: expected a table of device = size")
@@ -128,11 +176,23 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("daemon", "socket"): ("socket", _str),
     ("daemon", "socket_mode"): ("socket_mode", _mode),
     ("daemon", "log_level"): ("log_level", _level),
+    ("daemon", "listen"): ("listen", _address),
+    ("daemon", "token"): ("token", _str),
+    ("daemon", "token_reads"): ("token_reads", _bool),
     ("memory", "budgets"): ("budgets", _budgets),
     ("memory", "retention"): ("retention", _count),
     ("registry", "etcd_endpoints"): ("etcd_endpoints", _endpoints),
     ("registry", "prefix"): ("etcd_prefix", _str),
     ("registry", "lease_ttl"): ("lease_ttl", _seconds),
+    ("registry", "ca_cert"): ("etcd_ca_cert", _str),
+    ("registry", "cert_key"): ("etcd_cert_key", _str),
+    ("registry", "cert_cert"): ("etcd_cert_cert", _str),
+    ("registry", "user"): ("etcd_user", _str),
+    ("registry", "password"): ("etcd_password", _str),
+    ("transport", "protocol"): ("transport", _protocol),
+    ("transport", "hostname"): ("transport_host", _str),
+    ("transport", "nics"): ("nics", _names),
+    ("cache", "pull_through"): ("pull_through", _bool),
 }
 ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_NODE": ("node", lambda v, w: check_node_id(v)),
@@ -140,6 +200,12 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_LOG_LEVEL": ("log_level", _level),
     "TENSORD_RETENTION": ("retention", _count),
     "TENSORD_ETCD": ("etcd_endpoints", _endpoints),
+    "TENSORD_ETCD_PASSWORD": ("etcd_password", _str),
+    "TENSORD_LISTEN": ("listen", _address),
+    "TENSORD_TOKEN": ("token", _str),
+    "TENSORD_TRANSPORT": ("transport", _protocol),
+    "TENSORD_TRANSPORT_HOST": ("transport_host", _str),
+    "TENSORD_PULL_THROUGH": ("pull_through", _bool),
     "TENSORD_CPU_BUDGET": ("cpu_budget", lambda v, w: None if v == "auto" else parse_size(v, w)),
 }
 

@@ -7,9 +7,13 @@ allocation each, exported by CUDA IPC handle.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import logging
+import mmap
 import os
+import secrets
 from typing import Any
 
 from sdk.errors import InvalidArgument, OutOfCapacity
@@ -21,13 +25,28 @@ _SEAL_SIZE = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _SEAL_COMMIT = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
 class Slab:
     device: str
     nbytes: int
+    generation: int  # random per allocation: a replica record names the allocation it describes
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
         """What a client on this node needs to reach the slab, and the fds to pass with it."""
         raise NotImplementedError
+
+    def address(self, *, writable: bool) -> int:
+        """The slab's address in the daemon (for the Transfer Engine); mapped on first use."""
+        raise NotImplementedError
+
+    def unmap(self) -> None:
+        """Drop the daemon's own mapping, if any (the engine must have unregistered it)."""
 
     def seal(self) -> None:
         """Make the slab immutable where the platform allows it."""
@@ -38,7 +57,8 @@ class Slab:
 
 class HostSlab(Slab):
     def __init__(self, nbytes: int, label: str) -> None:
-        self.device, self.nbytes = "cpu", nbytes
+        self.device, self.nbytes, self.generation = "cpu", nbytes, secrets.randbits(62)
+        self._mapped: tuple[int, bool] | None = None  # (address, writable)
         self.fd = os.memfd_create(f"tensord:{label}"[:240], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, nbytes)
@@ -50,6 +70,23 @@ class HostSlab(Slab):
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
         return {"kind": "host", "nbytes": self.nbytes}, [self.fd]
 
+    def address(self, *, writable: bool) -> int:
+        if self._mapped is not None and self._mapped[1] == writable:
+            return self._mapped[0]
+        self.unmap()
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        addr = _libc.mmap(None, self.nbytes, prot, mmap.MAP_SHARED, self.fd, 0)
+        if addr in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OutOfCapacity(f"cannot map a slab of {self.nbytes} bytes: {os.strerror(err)}")
+        self._mapped = (addr, writable)
+        return addr
+
+    def unmap(self) -> None:
+        if self._mapped is not None:
+            _libc.munmap(self._mapped[0], self.nbytes)
+            self._mapped = None
+
     def seal(self) -> None:
         try:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEAL_COMMIT)
@@ -59,6 +96,7 @@ class HostSlab(Slab):
             ) from exc
 
     def free(self) -> None:
+        self.unmap()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -68,12 +106,15 @@ class CudaSlab(Slab):
     def __init__(self, nbytes: int, device: str) -> None:
         import torch
 
-        self.device, self.nbytes = device, nbytes
+        self.device, self.nbytes, self.generation = device, nbytes, secrets.randbits(62)
         self.tensor: Any = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self._ipc = list(self.tensor.untyped_storage()._share_cuda_())
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
         return {"kind": "cuda", "nbytes": self.nbytes, "ipc": self._ipc}, []
+
+    def address(self, *, writable: bool) -> int:
+        return int(self.tensor.data_ptr())
 
     def free(self) -> None:
         self.tensor = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdk import wire
-from sdk.errors import InvalidArgument, ProtocolError, TensordError
+from sdk.errors import InvalidArgument, ProtocolError, TensordError, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 class Session:
     id: int
     peer: str = ""
+    local: bool = True  # on the Unix socket (same node): may receive file descriptors
+    authorized: bool = False  # presented the right token (TCP only)
     hello: bool = False
     pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
     reservations: set[int] = field(default_factory=set)
@@ -38,36 +41,71 @@ Handler = Callable[[Session, dict[str, Any]], Awaitable[tuple[Any, list[int]]]]
 
 
 class Server:
-    """Accepts connections on a Unix socket and feeds requests to `handle`."""
+    """Accepts connections on a Unix socket (and optionally TCP) and feeds requests to `handle`.
 
-    def __init__(self, path: str, mode: int, handle: Handler, on_close: Callable[[Session], None]) -> None:
-        self.path, self.mode = path, mode
+    On TCP, a listener with a token refuses every mutating op (and, with `token_reads`, every
+    op) to a connection whose hello did not carry that token. The Unix socket is trusted: its
+    file mode is the boundary.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        mode: int,
+        handle: Handler,
+        on_close: Callable[[Session], Awaitable[None]],
+        *,
+        tcp: str = "",
+        token: str = "",
+        token_reads: bool = False,
+    ) -> None:
+        self.path, self.mode, self.tcp = path, mode, tcp
+        self._token, self._token_reads = token, token_reads
         self._handle, self._on_close = handle, on_close
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting: asyncio.Task[None] | None = None
+        self._accepting: list[asyncio.Task[None]] = []
         self._next = 0
+        self.tcp_port = 0
 
     async def start(self) -> None:
         _remove_stale_socket(self.path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.bind(self.path)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(self.path)
         os.chmod(self.path, self.mode)
-        sock.listen(128)
-        self._listener = sock
-        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+        self._listen(unix, local=True)
         log.info("listening on %s (mode %o)", self.path, self.mode)
+        if self.tcp:
+            host, _, port = self.tcp.rpartition(":")
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((host, int(port)))
+            except OSError as exc:
+                tcp.close()
+                raise InvalidArgument(f"cannot listen on {self.tcp}: {exc.strerror}") from exc
+            self.tcp_port = tcp.getsockname()[1]
+            self._listen(tcp, local=False)
+            log.info("listening on tcp %s:%d (token %s)", host, self.tcp_port,
+                     "required" if self._token else "NOT required: anyone who reaches it can write")  # fmt: skip
 
-    async def _accept(self) -> None:
+    def _listen(self, sock: socket.socket, *, local: bool) -> None:
+        sock.setblocking(False)
+        sock.listen(128)
+        self._listeners.append(sock)
+        self._accepting.append(asyncio.get_running_loop().create_task(self._accept(sock, local)))
+
+    async def _accept(self, listener: socket.socket, local: bool) -> None:
         loop = asyncio.get_running_loop()
-        assert self._listener is not None
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            conn, address = await loop.sock_accept(listener)
             conn.setblocking(False)
+            if not local:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._next += 1
-            task = loop.create_task(self._serve(conn, Session(self._next, _peer(conn))))
+            peer = _peer(conn) if local else f"{address[0]}:{address[1]}"
+            task = loop.create_task(self._serve(conn, Session(self._next, peer, local=local)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -93,7 +131,7 @@ class Server:
             log.debug("session %d: %s", session.id, exc)
         finally:
             conn.close()
-            self._on_close(session)
+            await self._on_close(session)
             log.debug("session %d closed", session.id)
 
     async def _dispatch(self, session: Session, body: bytes) -> tuple[dict[str, Any], list[int]]:
@@ -110,6 +148,7 @@ class Server:
                 raise InvalidArgument("args must be a map")
             if not session.hello and op != "hello":
                 raise ProtocolError("the first request must be hello")
+            self._authorize(session, op, args)
             result, fds = await self._handle(session, {"op": op, **args})
             return {"id": request_id, "ok": True, "result": result, "fds": len(fds)}, fds
         except TensordError as exc:
@@ -119,15 +158,30 @@ class Server:
             error = TensordError(f"internal error: {type(exc).__name__}: {exc}")
             return {"id": request_id, "ok": False, "error": error.to_wire()}, []
 
+    def _authorize(self, session: Session, op: str, args: dict[str, Any]) -> None:
+        if op == "hello":
+            token = args.get("token")
+            if token is not None and self._token:
+                if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token.encode()):
+                    raise Unauthorized("wrong token")
+                session.authorized = True
+            return
+        if session.local or not self._token or session.authorized:
+            return
+        if op in wire.MUTATING or self._token_reads:
+            raise Unauthorized(f"{op} over TCP needs the daemon's token (TENSORD_TOKEN)")
+
     async def close(self) -> None:
         """Stop accepting, then close every connection (their sessions release what they held)."""
-        if self._accepting is not None:
-            self._accepting.cancel()
+        for task in self._accepting:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+                await task
+        self._accepting.clear()
+        if self._listeners:
+            for sock in self._listeners:
+                sock.close()
+            self._listeners.clear()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         for task in list(self._tasks):

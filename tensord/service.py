@@ -1,21 +1,27 @@
-"""The ops of the control plane: argument checks, then the store. One method per op."""
+"""The ops of the control plane: argument checks, then the store or the cluster. One method per op."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from typing import Any
 
 from sdk import wire
-from sdk.errors import InvalidArgument, ProtocolError
+from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unavailable
 from sdk.manifest import specs_from_wire
 from sdk.names import check_name, check_prefix, check_version
 from tensord import __version__
+from tensord.cluster import Cluster
+from tensord.peers import RemotePin
 from tensord.rpc import Session
 from tensord.store import Held, Store
 
 log = logging.getLogger(__name__)
+
+MAX_WAIT = 300.0
 
 
 def _args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()) -> list[Any]:
@@ -30,61 +36,167 @@ def _args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = (
     return [request.get(k) for k in (*required, *optional)]
 
 
+def _nodes(value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise InvalidArgument("exclude must be a list of node ids")
+    return value
+
+
 class Service:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: Store, cluster: Cluster | None = None, *, pull_through: bool = False,
+                 listen: str = "") -> None:  # fmt: skip
+        self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
         self.started = time.time()
         self._pins = itertools.count(1)
+        self._watches: dict[int, dict[str, tuple[asyncio.Task[None], asyncio.Queue[int], int]]] = {}
 
     async def handle(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         method = getattr(self, "op_" + request["op"])
         return await method(session, request)
 
-    def session_closed(self, session: Session) -> None:
-        for held in session.pins.values():
-            self.store.unpin(held)
+    async def session_closed(self, session: Session) -> None:
+        for pin in session.pins.values():
+            await self._unpin(pin)
         session.pins.clear()
         for rid in session.reservations:
             self.store.abort(rid)
         session.reservations.clear()
+        for task, _, _ in self._watches.pop(session.id, {}).values():
+            task.cancel()
 
     # -- session ------------------------------------------------------------------------------
     async def op_hello(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        protocol, client = _args(request, "protocol", optional=("client",))
+        protocol, client, _ = _args(request, "protocol", optional=("client", "token"))
         if protocol != wire.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"protocol {protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}"
-            )
+            raise ProtocolError(f"protocol {protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}")
         session.hello = True
         if isinstance(client, str):
             session.peer = f"{client[:64]} ({session.peer})"
-        return {"protocol": wire.PROTOCOL_VERSION, "node": self.store.node, "version": __version__}, []
+        transport = self.store.transport
+        return {"protocol": wire.PROTOCOL_VERSION, "node": self.store.node, "version": __version__,
+                "transport": transport.describe() if transport is not None else None}, []  # fmt: skip
 
     # -- reading ------------------------------------------------------------------------------
     async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version = _args(request, "name", optional=("version",))
-        held = await self.store.resolve(check_name(name), check_version(version))
-        self.store.pin(held)
+        name, version, exclude = _args(request, "name", optional=("version", "exclude"))
+        check_name(name)
+        exclude = _nodes(exclude)
+        version = await self.store.resolve_version(name, check_version(version))
+        held = self.store.held.get((name, version))
+        if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
+            held = await self.cluster.replicate(name, version, None)
+        if held is not None and held.live and self.store.node not in exclude:
+            self.store.pin(held)
+            pin = next(self._pins)
+            session.pins[pin] = held
+            replica, fds = self._descriptor(session, held)
+            return {"pin": pin, "manifest": held.manifest.to_wire(), "replica": replica}, fds
+        if self.cluster is None:
+            raise NotFound(f"{name} v{version} is not held on node {self.store.node}", name=name, version=version)
+        result, remote = await self.cluster.pin_remote(name, version, exclude)
         pin = next(self._pins)
-        session.pins[pin] = held
-        replica, fds = held.slab.descriptor()
-        return {"pin": pin, "manifest": held.manifest.to_wire(), "replica": replica}, fds
+        session.pins[pin] = remote
+        return {"pin": pin, "manifest": result["manifest"], "replica": result["replica"]}, []
+
+    def _descriptor(self, session: Session, held: Held) -> tuple[dict[str, Any], list[int]]:
+        if session.local:
+            return held.slab.descriptor()
+        r = self.store.replica(held)
+        if not r.transport:
+            raise Unavailable(f"node {self.store.node} has no Transfer Engine: its sets are readable "
+                              "over its Unix socket only")  # fmt: skip
+        return {"kind": "remote", "node": r.node, "device": r.device, "session": r.transport,
+                "address": r.address, "nbytes": r.nbytes, "generation": r.generation}, []  # fmt: skip
 
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (pin,) = _args(request, "pin")
-        held = session.pins.pop(pin, None) if isinstance(pin, int) else None
-        if held is not None:
-            self.store.unpin(held)
-        return {"released": held is not None}, []
+        held = session.pins.pop(pin, None) if isinstance(pin, int) and not isinstance(pin, bool) else None
+        intact = await self._unpin(held) if held is not None else False
+        return {"released": held is not None, "intact": intact}, []
+
+    async def _unpin(self, pin: Held | RemotePin) -> bool:
+        if isinstance(pin, RemotePin):
+            assert self.cluster is not None
+            return await self.cluster.release(pin)
+        self.store.unpin(pin)
+        return True
+
+    async def op_replicate(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, version, device, to = _args(request, "name", optional=("version", "device", "to"))
+        check_name(name)
+        if device is not None and not isinstance(device, str):
+            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
+        if self.cluster is None:
+            raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
+        version = await self.store.resolve_version(name, check_version(version))
+        if to is not None and to != self.store.node:
+            if not isinstance(to, str):
+                raise InvalidArgument("to must be a node id")
+            record = {n.node: n for n in await self.store.registry.nodes()}.get(to)
+            if record is None:
+                raise NotFound(f"no live node {to!r}")
+            result, _ = await self.cluster.peers.get(to, record.control).call(
+                "replicate", name=name, version=version, device=device)  # fmt: skip
+            return result, []
+        held = await self.cluster.replicate(name, version, device)
+        return {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}, []
+
+    async def op_wait(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Long poll: the next version of `name` committed after `after`, or None at timeout."""
+        name, after, timeout = _args(request, "name", "after", optional=("timeout",))
+        check_name(name)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise InvalidArgument("after must be a non-negative integer")
+        timeout = 30.0 if timeout is None else timeout
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT:
+            raise InvalidArgument(f"timeout must lie between 0 and {MAX_WAIT} seconds")
+        watches = self._watches.setdefault(session.id, {})
+        current = watches.get(name)
+        if current is None or current[2] != after:
+            if current is not None:
+                current[0].cancel()
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            task = asyncio.get_running_loop().create_task(self._pump(name, after, queue))
+            current = watches[name] = (task, queue, after)
+        task, queue, _ = current
+        try:
+            version = await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            if task.done() and task.exception() is not None:
+                watches.pop(name, None)
+                raise Unavailable(f"watching {name} failed: {task.exception()}") from None
+            return {"version": None}, []
+        watches[name] = (task, queue, version)
+        return {"version": version}, []
+
+    async def _pump(self, name: str, after: int, queue: asyncio.Queue[int]) -> None:
+        async for version in self.store.registry.watch(name, after=after):
+            queue.put_nowait(version)
 
     # -- writing ------------------------------------------------------------------------------
     async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, device, tensors = _args(request, "name", "device", "tensors")
+        name, device, tensors, origin = _args(request, "name", "device", "tensors", optional=("origin",))
         if not isinstance(device, str):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
-        r = self.store.reserve(check_name(name), device, specs_from_wire(tensors), f"put by {session.peer}")
+        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
+            raise InvalidArgument("origin must be a string of at most 4096 characters")
+        r = self.store.reserve(check_name(name), device, specs_from_wire(tensors), origin or f"put by {session.peer}")
         session.reservations.add(r.id)
-        replica, fds = r.slab.descriptor()
+        try:
+            if session.local:
+                replica, fds = r.slab.descriptor()
+            else:  # a writer on another node writes with its Transfer Engine
+                address = self.store.expose(r.slab, writable=True)
+                assert self.store.transport is not None
+                replica, fds = {"kind": "remote", "node": self.store.node, "device": r.slab.device,
+                                "session": self.store.transport.session, "address": address,
+                                "nbytes": r.slab.nbytes, "generation": r.slab.generation}, []  # fmt: skip
+        except BaseException:
+            session.reservations.discard(r.id)
+            self.store.abort(r.id)
+            raise
         return {"reservation": r.id, "manifest": r.manifest.to_wire(), "replica": replica}, fds
 
     async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -124,17 +236,19 @@ class Service:
                 continue
             latest = await registry.resolve(name)
             manifest = await registry.manifest(name, latest)
-            held = self.store.held.get((name, latest))
+            replicas = await registry.replicas(name, latest)
             out.append({
                 "name": name, "latest": latest, "versions": versions, "nbytes": manifest.data_bytes,
-                "tensors": len(manifest.tensors), "device": held.slab.device if held else None,
+                "tensors": len(manifest.tensors),
+                "device": ",".join(sorted({f"{r.node}:{r.device}" if self.cluster else r.device for r in replicas}))
+                or None,
             })  # fmt: skip
         return out, []
 
     async def op_info(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         name, version = _args(request, "name", optional=("version",))
         registry = self.store.registry
-        version = await registry.resolve(check_name(name), check_version(version))
+        version = await self.store.resolve_version(check_name(name), check_version(version))
         manifest = await registry.manifest(name, version)
         held = self.store.held.get((name, version))
         return {
@@ -142,10 +256,8 @@ class Service:
             "version": version,
             "latest": await registry.resolve(name),
             "versions": await registry.versions(name),
-            "tensors": {
-                t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
-                for t in manifest.tensors
-            },  # fmt: skip
+            "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+                        for t in manifest.tensors},  # fmt: skip
             "nbytes": manifest.data_bytes,
             "slab_bytes": manifest.nbytes,
             "created": manifest.created,
@@ -163,12 +275,30 @@ class Service:
             "node": store.node,
             "version": __version__,
             "uptime": time.time() - self.started,
-            "devices": {
-                d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]}
-                for d in store.budgets.limit
-            },  # fmt: skip
+            "listen": self.listen,
+            "transport": store.transport.describe() if store.transport is not None else None,
+            "devices": {d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]}
+                        for d in store.budgets.limit},  # fmt: skip
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
             "pins": sum(h.pins for h in store.held.values()),
             "reservations": len(store.reservations),
         }, []
+
+    async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Live nodes with their capacity and, where reachable, their use."""
+        _args(request)
+        records = await self.store.registry.nodes()
+
+        async def status(record: Any) -> dict[str, Any] | None:
+            if record.node == self.store.node:
+                return (await self.op_status(session, {"op": "status"}))[0]  # type: ignore[no-any-return]
+            if self.cluster is None:
+                return None
+            with contextlib.suppress(TensordError, TimeoutError):
+                peer = self.cluster.peers.get(record.node, record.control)
+                return (await asyncio.wait_for(peer.call("status"), 5.0))[0]  # type: ignore[no-any-return]
+            return None
+
+        statuses = await asyncio.gather(*(status(r) for r in records))
+        return [{**r.to_wire(), "status": s} for r, s in zip(records, statuses, strict=True)], []

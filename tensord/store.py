@@ -12,8 +12,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sdk.errors import InvalidArgument, NotFound
+from sdk.errors import InvalidArgument, NotFound, Unavailable
 from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
+from sdk.transport.base import Transport
 from tensord.memory import Budgets, Slab, allocate
 from tensord.registry.base import Registry, Replica
 
@@ -45,25 +46,50 @@ class Reservation:
 
 
 class Store:
-    def __init__(self, node: str, registry: Registry, budgets: Budgets, *, retention: int = 0) -> None:
+    def __init__(
+        self, node: str, registry: Registry, budgets: Budgets, *, retention: int = 0,
+        transport: Transport | None = None,
+    ) -> None:  # fmt: skip
         self.node, self.registry, self.budgets, self.retention = node, registry, budgets, retention
+        self.transport = transport
         self.held: dict[tuple[str, int], Held] = {}
         self.reservations: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
+        self._registered: dict[int, tuple[Slab, int]] = {}  # id(slab) -> (slab, address)
 
-    # -- writing ----------------------------------------------------------------------------
-    def reserve(self, name: str, device: str, specs: list[TensorSpec], origin: str) -> Reservation:
+    # -- the Transfer Engine's view of slabs --------------------------------------------------
+    def expose(self, slab: Slab, *, writable: bool) -> int:
+        """Register the slab with the Transfer Engine (read-only once committed); its address."""
+        if self.transport is None:
+            raise Unavailable(f"node {self.node} has no Transfer Engine (transport is off)")
+        self.hide(slab)
+        address = slab.address(writable=writable)
+        self.transport.register(address, slab.nbytes)
+        self._registered[id(slab)] = (slab, address)
+        return address
+
+    def hide(self, slab: Slab) -> None:
+        entry = self._registered.pop(id(slab), None)
+        if entry is not None and self.transport is not None:
+            self.transport.unregister(entry[1])
+        slab.unmap()
+
+    def allocate(self, device: str, nbytes: int, label: str) -> Slab:
         device = self.budgets.check_device(device)
-        placed, nbytes = layout(specs)
         nbytes = max(nbytes, ALIGN)
         self.budgets.take(device, nbytes)
-        rid = next(self._ids)
         try:
-            slab = allocate(device, nbytes, f"{name}#{rid}")
+            return allocate(device, nbytes, label)
         except BaseException:
             self.budgets.give(device, nbytes)
             raise
-        manifest = Manifest(name, 0, tuple(placed), nbytes, time.time(), origin)
+
+    # -- writing ----------------------------------------------------------------------------
+    def reserve(self, name: str, device: str, specs: list[TensorSpec], origin: str) -> Reservation:
+        placed, nbytes = layout(specs)
+        rid = next(self._ids)
+        slab = self.allocate(device, nbytes, f"{name}#{rid}")
+        manifest = Manifest(name, 0, tuple(placed), slab.nbytes, time.time(), origin)
         self.reservations[rid] = r = Reservation(rid, name, manifest, slab, origin)
         log.debug("reserved %d bytes on %s for %s (#%d)", nbytes, device, name, rid)
         return r
@@ -80,6 +106,7 @@ class Store:
             isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 2**64 for f in fingerprints
         ):
             raise InvalidArgument(f"commit needs one 64-bit fingerprint per tensor ({len(specs)})")
+        self.hide(r.slab)  # a writable mapping would make the seal fail
         r.slab.seal()
         del self.reservations[rid]
         version = 0
@@ -93,6 +120,8 @@ class Store:
             manifest = Manifest(m.name, version, tensors, m.nbytes, time.time(), m.origin)
             held = Held(manifest, r.slab)
             self.held[held.key] = held  # before the registry, so whoever resolves it finds it
+            if self.transport is not None:
+                self.expose(r.slab, writable=False)
             await self.registry.commit(manifest, self.replica(held))
         except BaseException:
             self.held.pop((r.name, version), None)
@@ -110,16 +139,56 @@ class Store:
             log.debug("aborted reservation #%d for %s", rid, r.name)
 
     def replica(self, held: Held) -> Replica:
-        m = held.manifest
-        return Replica(m.name, m.version, self.node, held.slab.device, nbytes=held.slab.nbytes)
+        m, slab = held.manifest, held.slab
+        entry = self._registered.get(id(slab))
+        session = self.transport.session if self.transport is not None and entry else ""
+        return Replica(m.name, m.version, self.node, slab.device, transport=session,
+                       address=entry[1] if entry else 0, nbytes=slab.nbytes, generation=slab.generation)  # fmt: skip
+
+    def discard(self, slab: Slab) -> None:
+        """Free a slab that never became a version (a failed pull)."""
+        self._free(slab)
+
+    async def adopt(self, manifest: Manifest, slab: Slab) -> Held:
+        """Hold a copy of a committed version that came from another node, and advertise it."""
+        self.hide(slab)
+        slab.seal()
+        held = self.held.get((manifest.name, manifest.version))
+        if held is not None and held.live:
+            self._free(slab)
+            return held
+        held = Held(manifest, slab)
+        self.held[held.key] = held
+        try:
+            if self.transport is not None:
+                self.expose(slab, writable=False)
+            await self.registry.add_replica(self.replica(held))
+        except BaseException:
+            self._drop(held)
+            raise
+        log.info("holding a replica of %s v%d on %s", manifest.name, manifest.version, slab.device)
+        return held
 
     # -- reading ----------------------------------------------------------------------------
     async def resolve(self, name: str, version: int | None) -> Held:
-        version = await self.registry.resolve(name, version)
-        held = self.held.get((name, version))
+        """The locally held version `version` names; NotFound if this node does not hold it."""
+        held = self.held.get((name, await self.resolve_version(name, version)))
         if held is None or not held.live:
-            raise NotFound(f"{name} v{version} is not held on node {self.node}", name=name, version=version)
+            raise NotFound(f"{name} v{version or 'latest'} is not held on node {self.node}",
+                           name=name, version=version)  # fmt: skip
         return held
+
+    async def resolve_version(self, name: str, version: int | None) -> int:
+        """Ask the registry; while it is unreachable, answer from what this node holds."""
+        try:
+            return await self.registry.resolve(name, version)
+        except Unavailable:
+            local = [v for (n, v), h in self.held.items() if n == name and h.live]
+            if version is not None and version in local:
+                return version
+            if version is None and local:
+                return max(local)
+            raise
 
     def pin(self, held: Held) -> None:
         held.pins += 1
@@ -162,8 +231,17 @@ class Store:
         self._free(held.slab)
 
     def _free(self, slab: Slab) -> None:
+        self.hide(slab)
         slab.free()
         self.budgets.give(slab.device, slab.nbytes)
+
+    async def reconcile(self) -> None:
+        """Retire held versions whose manifest left the registry (deleted by another node)."""
+        for held in [h for h in self.held.values() if h.live]:
+            name, version = held.key
+            if version not in await self.registry.versions(name):
+                log.info("%s v%d was deleted elsewhere: retiring the local replica", name, version)
+                self._retire(held)
 
     def close(self) -> None:
         """Free everything (shutdown): reservations, then held slabs, pinned or not."""

@@ -162,11 +162,17 @@ class Transport(abc.ABC):
     """
 
     name: str = "transport"
+    protocol: str = ""
 
     @property
     @abc.abstractmethod
     def session(self) -> str:
         """This engine's session id, what peers pass to ``read``/``write``."""
+
+    def describe(self) -> dict[str, str]:
+        """What a client on the same node needs to start a compatible engine."""
+        return {"name": self.name, "protocol": self.protocol, "session": self.session,
+                "hostname": self.session.rpartition(":")[0]}  # fmt: skip
 
     @abc.abstractmethod
     def register(self, address: int, length: int) -> None:
