@@ -7,6 +7,7 @@ for any dtype and for vectorised copies.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -90,6 +91,11 @@ class Manifest:
     def data_bytes(self) -> int:
         """Bytes of tensor data, without alignment padding."""
         return sum(t.nbytes for t in self.tensors)
+
+    @functools.cached_property
+    def wire(self) -> dict[str, Any]:
+        """The wire form, computed once (a manifest never changes)."""
+        return self.to_wire()
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -92,7 +92,7 @@ class Service:
             pin = next(self._pins)
             session.pins[pin] = held
             replica, fds = self._descriptor(session, held)
-            return {"pin": pin, "manifest": held.manifest.to_wire(), "replica": replica}, fds
+            return {"pin": pin, "manifest": held.manifest.wire, "replica": replica}, fds
         if self.cluster is None:
             raise NotFound(f"{name} v{version} is not held on node {self.store.node}", name=name, version=version)
         result, remote = await self.cluster.pin_remote(name, version, exclude)
@@ -197,7 +197,7 @@ class Service:
             session.reservations.discard(r.id)
             self.store.abort(r.id)
             raise
-        return {"reservation": r.id, "manifest": r.manifest.to_wire(), "replica": replica}, fds
+        return {"reservation": r.id, "manifest": r.manifest.wire, "replica": replica}, fds
 
     async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         rid, fingerprints = _args(request, "reservation", "fingerprints")
@@ -249,8 +249,8 @@ class Service:
         name, version = _args(request, "name", optional=("version",))
         registry = self.store.registry
         version = await self.store.resolve_version(check_name(name), check_version(version))
-        manifest = await registry.manifest(name, version)
         held = self.store.held.get((name, version))
+        manifest = held.manifest if held is not None else await registry.manifest(name, version)
         return {
             "name": name,
             "version": version,

@@ -1,0 +1,128 @@
+"""Remote get through the Transfer Engine against the engine alone, same bytes, same run.
+
+    python benchmarks/cluster.py                                  # CPU: TCP on loopback
+    python benchmarks/cluster.py --protocol nvlink_intra --device cuda:0 --to cuda:1 --gib 16
+
+Node A holds the set (slab on --device); the client talks to node B's socket, so every byte
+comes from A one-sided through the client's own engine. Limits measured in the same run:
+a raw engine read of A's slab into pre-registered memory (one entry), and on GPUs a peer copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import REPO, llm_shapes, median_seconds, random_set, row, sync
+
+import sdk
+from sdk.transport.base import Entry
+from tests.daemons import DaemonProcess
+from tests.etcd_server import free_port, start_etcd
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--protocol", default="tcp")
+    p.add_argument("--device", default="cpu", help="where node A's slab lives")
+    p.add_argument("--to", default="cpu", help="where the client's copy lands")
+    p.add_argument("--gib", type=float, default=0.25)
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args()
+    etcd = start_etcd(Path(tempfile.mkdtemp(prefix="tensord-etcd-")))
+    work = Path(tempfile.mkdtemp(prefix="tensord-cluster-"))
+    daemons = []
+    try:
+        for node in ("a", "b"):
+            config = (f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\nlog_level = "warning"\n'
+                      f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "{args.protocol}"\n')  # fmt: skip
+            daemons.append(DaemonProcess(work, node, config, env={"TENSORD_LOG_LEVEL": "warning"}).start())
+        a, b = daemons
+        src = random_set(llm_shapes(int(args.gib * 2**30)), "cpu" if args.device == "cpu" else args.device)
+        nbytes = sum(t.numel() * t.element_size() for t in src.values())
+        with a.client() as ca:
+            ca.put("bench/remote", src, device=args.device)
+        with b.client() as cb:
+            cb.get("bench/remote", names=["model.norm.weight"])  # start the client's engine
+            engine = cb._transport()
+            pin, manifest, slab = cb._open("bench/remote", None)
+            dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
+            engine.register(dst.data_ptr(), manifest.nbytes)
+            raw = median_seconds(lambda: engine.read(slab.session, [Entry(dst.data_ptr(), slab.address, manifest.nbytes)]),  # type: ignore[attr-defined]
+                                 args.runs)  # fmt: skip
+            engine.unregister(dst.data_ptr())
+            del dst
+
+            def raw_fresh() -> None:  # what a get must also do: fresh memory, registered for the read
+                fresh = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
+                engine.register(fresh.data_ptr(), manifest.nbytes)
+                engine.read(slab.session, [Entry(fresh.data_ptr(), slab.address, manifest.nbytes)])  # type: ignore[attr-defined]
+                engine.unregister(fresh.data_ptr())
+
+            raw_new = median_seconds(raw_fresh, args.runs)
+            cb._release(pin)
+            get = median_seconds(lambda: cb.get("bench/remote", device=args.to), args.runs)
+            targets = {k: torch.empty_like(t, device=args.to) for k, t in src.items()}
+            load = median_seconds(lambda: cb.load_into(targets, "bench/remote"), args.runs)
+            print(f"{len(src)} LLM-shaped bf16 tensors, {nbytes / 2**30:.2f} GiB on node A ({args.device}), "
+                  f"read from node B's socket into {args.to} over {args.protocol}; ratio = limit / tensord")  # fmt: skip
+            print(row("raw engine read into registered memory, one entry", nbytes, raw))
+            print(row("raw engine read into fresh memory (allocate+register)", nbytes, raw_new))
+            if args.device.startswith("cuda") and args.to.startswith("cuda") and args.device != args.to:
+                peer = median_seconds(lambda: [t.to(args.to) for t in src.values()], args.runs)
+                print(row(f"peer copy {args.device} -> {args.to}", nbytes, peer))
+                print(row("tensord get (vs peer copy)", nbytes, get, peer))
+            print(row("tensord get (vs raw read into fresh memory)", nbytes, get, raw_new))
+            print(row("tensord load_into (vs raw read into registered memory)", nbytes, load, raw))
+            watch_latency(a, b)
+    finally:
+        for d in daemons:
+            d.kill()
+        etcd.stop(kill=True)
+        etcd.cleanup()
+    sync()
+
+
+def watch_latency(a: DaemonProcess, b: DaemonProcess, rounds: int = 20) -> None:
+    """From the commit request on node A to the version arriving at a watcher on node B."""
+    import threading
+
+    arrived: dict[int, float] = {}
+    with a.client() as ca:
+        ca.put("bench/watched", {"x": torch.zeros(1)})
+        stream = b.client().watch("bench/watched", timeout=30)
+        ready = threading.Event()
+
+        def follow() -> None:
+            ready.set()
+            for version in stream:
+                arrived[version] = time.perf_counter()
+                if len(arrived) == rounds:
+                    return
+
+        t = threading.Thread(target=follow)
+        t.start()
+        ready.wait()
+        time.sleep(0.5)
+        started: dict[int, float] = {}
+        for i in range(rounds):
+            with ca.reserve("bench/watched", {"x": ("float32", (1,))}) as r:
+                r.write("x", torch.tensor([float(i)]))
+                t0 = time.perf_counter()
+                started[r.commit()] = t0
+            time.sleep(0.05)
+        t.join(60)
+    lat = [arrived[v] - started[v] for v in started if v in arrived]
+    print(f"  commit-to-watch notification across nodes: median {statistics.median(lat) * 1e3:.1f} ms, "
+          f"max {max(lat) * 1e3:.1f} ms over {len(lat)} commits")  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    main()
