@@ -8,6 +8,9 @@ of --runs after --warmup is printed in GB/s of tensor data, with ratios:
                       a GPU device): the disk limit as the issue defines it
   raw read N threads  the same with --threads readers on interleaved chunks (DESIGN: the best
                       raw read is the limit)
+  raw read -> memfd   the same, each piece then written to its place in a new memfd (cpu) or
+  raw read -> gpu     copied to its place in one GPU buffer: a plain copy of the same bytes to
+                      where a load puts them, without fingerprints
   fresh memfd fill    (cpu) pwritev of the same number of bytes into a new memfd: what it costs
                       this machine to give a host slab its pages, whatever the source
   load_file           safetensors.torch.load_file(path, device=--device); on cpu it maps the
@@ -31,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,7 +54,7 @@ READ_CHUNK = 16 * MiB
 def generate(path: Path, gib: float) -> None:
     """Llama-shaped bf16 tensors (hidden 2048, GQA 4:1, intermediate 5632) of random bits."""
     hidden, kv, inter, vocab = 2048, 512, 5632, 32000
-    layer = {
+    layer: dict[str, tuple[int, ...]] = {
         "self_attn.q_proj.weight": (hidden, hidden),
         "self_attn.k_proj.weight": (kv, hidden),
         "self_attn.v_proj.weight": (kv, hidden),
@@ -65,13 +68,13 @@ def generate(path: Path, gib: float) -> None:
     per_layer = sum(math.prod(s) for s in layer.values()) * 2
     fixed = 2 * vocab * hidden * 2
     layers = max(1, round((gib * (1 << 30) - fixed) / per_layer))
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         shapes |= {f"model.layers.{i}.{k}": s for k, s in layer.items()}
     shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
     gen = torch.Generator().manual_seed(0)
 
-    def tensors():  # type: ignore[no-untyped-def]
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, shape in shapes.items():
             bits = torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, generator=gen)
             yield name, bits.view(torch.bfloat16)
@@ -103,12 +106,22 @@ def drop_cache(path: Path) -> str:
 # -- the contenders -------------------------------------------------------------------------------------
 
 
-def raw_read(path: Path, threads: int, pinned: bool) -> Callable[[], None]:
+def raw_read(path: Path, threads: int, device: str, sink: bool = False) -> Callable[[], None]:
+    """Read the file in READ_CHUNK pieces (interleaved over `threads`) into reused buffers.
+
+    `sink`: also copy every piece to its place in fresh memory on `device` (a new memfd for
+    cpu, one GPU buffer for cuda): the plain copy of the same bytes that a load does.
+    """
     size = os.path.getsize(path)
-    bufs = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=pinned) for _ in range(threads)]
+    gpu = device.startswith("cuda")
+    bufs = [torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=gpu) for _ in range(threads)]
+    target = torch.empty(size, dtype=torch.uint8, device=device) if sink and gpu else None
 
     def run() -> None:
         fd = os.open(path, os.O_RDONLY)
+        out = os.memfd_create("bench-raw") if sink and not gpu else -1
+        if out >= 0:
+            os.ftruncate(out, size)
 
         def reader(i: int) -> None:
             mv = bufs[i].numpy().data
@@ -119,11 +132,12 @@ def raw_read(path: Path, threads: int, pinned: bool) -> Callable[[], None]:
                     if n <= 0:
                         break
                     done += n
+                if out >= 0:
+                    os.pwritev(out, [mv[:done]], off)
+                elif target is not None:
+                    target[off : off + done].copy_(bufs[i][:done])
 
         try:
-            if threads == 1:
-                reader(0)
-                return
             pool = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
             for t in pool:
                 t.start()
@@ -131,6 +145,8 @@ def raw_read(path: Path, threads: int, pinned: bool) -> Callable[[], None]:
                 t.join()
         finally:
             os.close(fd)
+            if out >= 0:
+                os.close(out)
 
     return run
 
@@ -243,9 +259,11 @@ def main() -> None:
         how = drop_cache(path)
         daemon = DaemonProcess(Path(tmp) / "daemon", "bench").start()
         try:
+            sink = "gpu" if gpu else "memfd"
             contenders: dict[str, Callable[[], object] | None] = {
-                "raw read 1 thread": raw_read(path, 1, gpu),
-                f"raw read {args.threads} threads": raw_read(path, args.threads, gpu),
+                "raw read 1 thread": raw_read(path, 1, args.device),
+                f"raw read {args.threads} threads": raw_read(path, args.threads, args.device),
+                f"raw read -> {sink}": raw_read(path, args.threads, args.device, sink=True),
                 "fresh memfd fill": None if gpu else memfd_fill(nbytes),
                 f"load_file({args.device})": safetensors_load(path, args.device, clone=False),
                 "load_file + clone": None if gpu else safetensors_load(path, args.device, clone=True),
@@ -278,7 +296,7 @@ def report(results: dict[str, tuple[float, float]], args: argparse.Namespace, nb
     if ours is None:
         return
     print()
-    raw = [v for k, v in results.items() if k.startswith("raw read")]
+    raw = [v for k, v in results.items() if k.startswith("raw read") and "->" not in k]
     rows = [(name, cold, warm) for name, (cold, warm) in results.items() if name != "tensord load"]
     if raw:
         rows.append(("best raw read", max(r[0] for r in raw), max(r[1] for r in raw)))

@@ -43,7 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="set name, e.g. minilm or llama-8b/tp0")
     s.add_argument("--device", default="cpu", help="where the slab lives: cpu or cuda:N (default cpu)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--tp", type=int, help="split for tensor parallelism: sets NAME/tp0 .. NAME/tp{N-1}")
+    s.add_argument("--rules", help="sharding rules TOML file, or a built-in name (default with --tp: llama)")
+    s.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
     s.set_defaults(run=_load)
+
+    s = sub.add_parser("export", help="write one version of a set to a .safetensors file")
+    s.add_argument("name")
+    s.add_argument("path")
+    s.add_argument("--version", type=int, help="default: latest")
+    s.set_defaults(run=_export)
 
     s = sub.add_parser("ls", help="list sets")
     s.add_argument("prefix", nargs="?", default="")
@@ -73,10 +82,13 @@ def _serve(args: argparse.Namespace) -> int:
     from tensord import config as cfg
     from tensord.daemon import Daemon
 
-    config = cfg.load(args.config).with_overrides(socket=args.socket, node=args.node and cfg.check_node_id(args.node))
+    config = cfg.load(args.config).with_overrides(
+        socket=args.socket, node=args.node and cfg.check_node_id(args.node)
+    )
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("grpc").setLevel(logging.WARNING)
     try:
         import uvloop
 
@@ -95,13 +107,54 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from tensord.ingest import load_checkpoint
+    from sdk.errors import InvalidArgument
+    from tensord.ingest import load_checkpoint, load_sharded
+
+    if args.rules is not None and args.tp is None:
+        raise InvalidArgument("--rules needs --tp")
+    with _client(args) as client:
+        t0 = time.perf_counter()
+        if args.tp is None:
+            version, nbytes = load_checkpoint(
+                client, args.path, args.name, device=args.device, threads=args.threads,
+                progress=not args.quiet,
+            )  # fmt: skip
+            loaded = [(args.name, version)]
+        else:
+            loaded = load_sharded(
+                client, args.path, args.name, tp=args.tp, rules=_rules(args.rules),
+                device=args.device, threads=args.threads, progress=not args.quiet,
+            )  # fmt: skip
+        dt = time.perf_counter() - t0
+        if args.tp is not None:
+            nbytes = sum(client.info(n, v)["nbytes"] for n, v in loaded)
+    for name, version in loaded[:-1]:
+        print(f"{name} v{version}")
+    name, version = loaded[-1]
+    print(f"{name} v{version}: {nbytes / 1e9:.3f} GB in {dt:.2f} s ({nbytes / 1e9 / dt:.2f} GB/s)")
+    return 0
+
+
+def _rules(spec: str | None) -> Any:
+    """Sharding rules from a TOML file, or built-in rules by name (default: llama)."""
+    from tensord.sharding import builtin_rules, load_rules
+
+    if spec is None:
+        return builtin_rules("llama")
+    if os.path.exists(spec) or os.sep in spec or spec.endswith(".toml"):
+        return load_rules(spec)
+    return builtin_rules(spec)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tensord.ingest import export_set
 
     with _client(args) as client:
         t0 = time.perf_counter()
-        version, nbytes = load_checkpoint(client, args.path, args.name, device=args.device, progress=not args.quiet)
+        version = export_set(client, args.name, args.path, version=args.version)
         dt = time.perf_counter() - t0
-    print(f"{args.name} v{version}: {nbytes / 1e9:.3f} GB in {dt:.2f} s ({nbytes / 1e9 / dt:.2f} GB/s)")
+    size = os.path.getsize(args.path)
+    print(f"{args.name} v{version} -> {args.path}: {size / 1e9:.3f} GB in {dt:.2f} s")
     return 0
 
 

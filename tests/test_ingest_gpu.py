@@ -1,0 +1,75 @@
+"""Fast ingest into GPU slabs: pinned staging ring, copies on CUDA streams. Needs a CUDA GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdk.tensors import BLOCK_BYTES, dtype_name, fingerprint
+from tensord.checkpoint import read_checkpoint
+from tensord.ingest import export_set, ingest_into, load_checkpoint, load_sharded
+from tensord.sharding import builtin_rules
+from tests.test_ingest import MANY, _check_shards, _llama, _random, _same
+from tests.test_minilm import WEIGHTS
+
+pytestmark = pytest.mark.gpu
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_minilm_to_gpu(client, threads: int) -> None:
+    load_checkpoint(client, WEIGHTS, f"gpu/minilm-{threads}", device="cuda:0", threads=threads)
+    expected = load_file(WEIGHTS, device="cuda:0")
+    got = client.get(f"gpu/minilm-{threads}", device="cuda:0", verify=True)
+    assert set(got) == set(expected)
+    for key, t in expected.items():
+        assert got[key].device.type == "cuda"
+        assert torch.equal(got[key], t), key
+
+
+def test_small_chunks_many_dtypes_to_gpu(client, tmp_path) -> None:
+    expected = {f"t{i}.{dtype_name(d)}": _random(d, s, i) for i, (d, s) in enumerate(MANY)}
+    path = tmp_path / "many.safetensors"
+    save_file(expected, path)
+    tensors = read_checkpoint(path)
+    with client.reserve("gpu/many", {t.name: (t.dtype, t.shape) for t in tensors}, device="cuda:0") as r:
+        fps = ingest_into(r.slab, r.manifest, tensors, threads=3, chunk_bytes=BLOCK_BYTES)
+        assert fps == [fingerprint(expected[t.name]) for t in r.manifest.tensors]
+        for spec, fp in zip(r.manifest.tensors, fps, strict=True):
+            r.written(spec.name, fp)
+        r.commit()
+    got = client.get("gpu/many", device="cpu", verify=True)
+    for key, t in expected.items():
+        assert _same(got[key], t), key
+
+
+def test_default_chunks_to_gpu_equal_load_file(client, tmp_path) -> None:
+    path = tmp_path / "big.safetensors"
+    save_file({"big": _random(torch.bfloat16, (20 * MiB + 3,), 1),  # 40 MiB + 6 bytes
+               "small": _random(torch.float32, (1000, 3), 2)}, path)  # fmt: skip
+    load_checkpoint(client, path, "gpu/big", device="cuda:0", threads=4)
+    expected = load_file(path, device="cuda:0")
+    got = client.get("gpu/big", device="cuda:0", verify=True)
+    for key, t in expected.items():
+        assert torch.equal(got[key], t), key
+
+
+def test_sharded_load_to_gpu(client, tmp_path) -> None:
+    expected = _llama()
+    path = tmp_path / "model.safetensors"
+    save_file(expected, path)
+    rules = builtin_rules("llama")
+    load_sharded(client, path, "gpu/llama", tp=2, rules=rules, device="cuda:0")
+    _check_shards(client, "gpu/llama", 2, rules, expected)
+
+
+def test_export_from_gpu(client, tmp_path) -> None:
+    load_checkpoint(client, WEIGHTS, "gpu/export", device="cuda:0")
+    out = tmp_path / "out.safetensors"
+    export_set(client, "gpu/export", out)
+    expected, got = load_file(WEIGHTS), load_file(out)
+    assert set(got) == set(expected)
+    for key, t in expected.items():
+        assert _same(got[key], t), key
