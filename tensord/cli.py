@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensord", description="GPU tensor-store daemon and its tools")
     p.add_argument("--socket", help="daemon socket (default: $TENSORD_SOCKET or /run/tensord/tensord.sock)")
+    p.add_argument("--addr", help="a daemon's TCP listener host:port instead of a socket (default: $TENSORD_ADDR)")
+    p.add_argument("--token", help="token for a TCP listener (default: $TENSORD_TOKEN)")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -70,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int)
     s.set_defaults(run=_rm)
 
+    s = sub.add_parser("replicate", help="make a node pull a copy of a set from a peer")
+    s.add_argument("name")
+    s.add_argument("--version", type=int)
+    s.add_argument("--to", help="node that pulls (default: the daemon this command talks to)")
+    s.add_argument("--device", help="where the copy lives there (default: like the source, else cpu)")
+    s.set_defaults(run=_replicate)
+
+    s = sub.add_parser("nodes", help="live nodes with capacity and use")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_nodes)
+
     s = sub.add_parser("status", help="devices, budgets, use, sets, pins")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_status)
@@ -103,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from sdk import Client
 
-    return Client(args.socket)
+    return Client(args.socket, address=args.addr, token=args.token)
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -179,6 +192,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{info['name']} v{info['version']} (latest v{info['latest']}; versions {info['versions']})")
     print(f"  {len(info['tensors'])} tensors, {_human(info['nbytes'])} on {info['device'] or '-'}, "
           f"{info['pins']} pins, created {time.ctime(info['created'])}, origin {info['origin']}")  # fmt: skip
+    replicas = ", ".join(f"{r['node']}:{r['device']}" for r in info["replicas"]) or "none"
+    print(f"  replicas: {replicas}")
     _table(("TENSOR", "DTYPE", "SHAPE", "BYTES"),
            [(k, t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["nbytes"]))
             for k, t in info["tensors"].items()])  # fmt: skip
@@ -189,6 +204,31 @@ def _rm(args: argparse.Namespace) -> int:
     with _client(args) as client:
         n = client.delete(args.name, args.version)
     print(f"deleted {n} version{'s' * (n != 1)}")
+    return 0
+
+
+def _replicate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        t0 = time.perf_counter()
+        r = client.replicate(args.name, args.version, to=args.to, device=args.device)
+    print(f"{r['name']} v{r['version']} held on node {r['node']} ({r['device']}) in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        nodes = client.nodes()
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    rows = []
+    for n in nodes:
+        st = n.get("status") or {}
+        for device, budget in sorted(n["devices"].items()):
+            used = st.get("devices", {}).get(device, {}).get("used")
+            rows.append((n["node"], n["host"], n["control"], n["transport"] or "-", device, _human(budget),
+                         "?" if used is None else _human(used), str(st.get("sets", "?"))))  # fmt: skip
+    _table(("NODE", "HOST", "CONTROL", "TRANSPORT", "DEVICE", "BUDGET", "USED", "SETS"), rows)
     return 0
 
 

@@ -314,3 +314,19 @@ def test_a_daemon_restarted_with_the_same_node_id(etcd, fresh) -> None:
             assert ca.put("x/restarted", {"w": torch.full((4,), 2.0)}) == 2
         assert torch.equal(cc.get("x/restarted")["w"], torch.full((4,), 2.0))
         _wait_for(lambda: [r["node"] for r in cc.info("x/restarted", 1)["replicas"]] == [], TTL + 3)
+
+
+def test_cli_shows_nodes_and_replicates(abc) -> None:
+    from tests.test_minilm import tensord
+
+    with abc.client("a") as a:
+        a.put("x/cli", {"w": torch.ones(4)})
+    out = tensord("nodes", socket=abc.nodes["c"].socket)
+    assert out.returncode == 0, out.stderr
+    assert {line.split()[0] for line in out.stdout.splitlines()[1:]} == {"a", "b", "c"}
+    out = tensord("replicate", "x/cli", "--to", "b", socket=abc.nodes["c"].socket)
+    assert out.returncode == 0 and "held on node b (cpu)" in out.stdout, out.stderr
+    out = tensord("info", "x/cli", socket=abc.nodes["c"].socket)
+    assert "replicas: a:cpu, b:cpu" in out.stdout or "replicas: b:cpu, a:cpu" in out.stdout
+    out = tensord("--addr", abc.address("a"), "rm", "x/cli", socket=None)  # no token: refused
+    assert out.returncode == 1 and "needs the daemon's token" in out.stderr

@@ -18,8 +18,11 @@ MODEL_DIR = Path(minilm.__file__).parent / "model"
 WEIGHTS = MODEL_DIR / "model.safetensors"
 
 
-def tensord(*args: str, socket: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TENSORD_SOCKET": socket, "PYTHONPATH": str(REPO)}
+def tensord(*args: str, socket: str | None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would, against the daemon at `socket`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if socket is not None:
+        env["TENSORD_SOCKET"] = socket
     return subprocess.run([sys.executable, "-m", "tensord", *args], env=env, capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
 
