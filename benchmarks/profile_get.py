@@ -47,6 +47,19 @@ def main() -> None:
                     phases.setdefault(label, []).append(b - a)
             for label, values in phases.items():
                 print(f"  {label:<32} {statistics.median(values[2:]) * 1e3:8.3f} ms")
+            import cProfile
+            import pstats
+
+            for _ in range(3):
+                c.get("p", device=args.device)
+            sync()
+            t0 = time.perf_counter()
+            c.get("p", device=args.device)
+            sync()
+            print(f"  client.get end to end           {(time.perf_counter() - t0) * 1e3:8.3f} ms")
+            profile = cProfile.Profile()
+            profile.runcall(lambda: (c.get("p", device=args.device), sync()))
+            pstats.Stats(profile).sort_stats("tottime").print_stats(12)
     finally:
         daemon.stop()
 

@@ -16,7 +16,7 @@ from sdk.manifest import Manifest, TensorSpec, specs_to_wire
 from sdk.names import check_name, check_prefix, check_version
 from sdk.slabs import RemoteSlab, Slab, open_slab, pool
 from sdk.transport.base import Transport
-from sdk.tensors import dtype_name, fingerprint, to_dtype
+from sdk.tensors import dtype_name, fingerprint, fingerprints, to_dtype
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,9 +77,13 @@ class Reservation:
         for spec, src in zip(specs, tensors.values(), strict=True):
             if dtype_name(src.dtype) != spec.dtype or tuple(src.shape) != spec.shape:
                 raise InvalidArgument(f"tensor {spec.name!r}: dtype/shape differ from the reservation")
-        fps = {k: pool().submit(fingerprint, t) for k, t in tensors.items()}
+        if all(t.device.type == "cpu" for t in tensors.values()):  # hash on other threads meanwhile
+            futures = {k: pool().submit(fingerprint, t) for k, t in tensors.items()}
+            self.slab.write_many(list(zip(specs, tensors.values(), strict=True)))
+            self._fingerprints.update((k, f.result()) for k, f in futures.items())
+            return
         self.slab.write_many(list(zip(specs, tensors.values(), strict=True)))
-        self._fingerprints.update((k, f.result()) for k, f in fps.items())
+        self._fingerprints.update(zip(tensors, fingerprints(list(tensors.values())), strict=True))
 
     def written(self, tensor_name: str, fp: int) -> None:
         """Record the fingerprint of a tensor the caller wrote into `slab` itself."""
@@ -464,9 +468,9 @@ def _match(
 
 
 def _verify(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
-    for key, t in tensors.items():
+    for key, actual in zip(tensors, fingerprints(list(tensors.values())), strict=True):
         expected = manifest[key].fingerprint
-        if expected is not None and fingerprint(t) != expected:
+        if expected is not None and actual != expected:
             raise IntegrityError(
                 f"tensor {key!r} of {manifest.name} v{manifest.version} fails its fingerprint",
                 name=manifest.name,

@@ -64,12 +64,30 @@ def fingerprint(t: torch.Tensor) -> int:
     return fingerprint_finish(fingerprint_part(b, 0, b.numel()), b.numel())
 
 
+def fingerprints(tensors: list[torch.Tensor]) -> list[int]:
+    """`fingerprint` of many tensors, with one device-to-host transfer per device (not per tensor)."""
+    shares = [_share(as_bytes(t.contiguous()), 0, t.numel() * t.element_size()) for t in tensors]
+    values: list[int] = [0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, share in enumerate(shares):
+        by_device.setdefault(share.device, []).append(i)
+    for indices in by_device.values():
+        for i, v in zip(indices, torch.stack([shares[i] for i in indices]).tolist(), strict=True):
+            values[i] = fingerprint_finish(v, tensors[i].numel() * tensors[i].element_size())
+    return values
+
+
 def fingerprint_part(b: torch.Tensor, start: int, total: int) -> int:
     """The share of bytes ``[start, start + len(b))`` of a `total`-byte tensor in its fingerprint.
 
     For computing a fingerprint chunk by chunk: `start` must be a multiple of BLOCK_BYTES, and
     so must the chunk's length unless it is the last chunk. Add the shares, then finish.
     """
+    return int(_share(b, start, total).item()) & _MASK
+
+
+def _share(b: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """fingerprint_part as a 0-d int64 tensor on b's device (no synchronisation)."""
     n = b.numel()
     last = start + n == total
     if start % BLOCK_BYTES or (not last and n % BLOCK_BYTES):
@@ -87,7 +105,7 @@ def fingerprint_part(b: torch.Tensor, start: int, total: int) -> int:
     sums = torch.cat(parts)
     first = start // BLOCK_BYTES
     index = torch.arange(first, first + sums.numel(), device=b.device, dtype=torch.int64)
-    return int((sums * (index * 2 + _GOLDEN)).sum().item()) & _MASK
+    return (sums * (index * 2 + _GOLDEN)).sum()
 
 
 def fingerprint_finish(shares: int, total: int) -> int:

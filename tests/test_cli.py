@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.test_minilm import tensord
+from tests.daemons import tensord
 
 
 def _fail(out, *needles: str) -> None:

@@ -16,7 +16,7 @@ import torch
 
 import sdk
 from sdk.transport.mooncake import available
-from tests.daemons import REPO, DaemonProcess
+from tests.daemons import DaemonProcess, child_env
 from tests.etcd_server import EtcdServer, free_port, start_etcd
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
@@ -155,7 +155,7 @@ time.sleep(600)
 
 
 def test_a_writer_killed_before_commit_leaves_nothing(abc) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     with abc.client("b") as b:
         used = b.status()["devices"]["cpu"]["used"]
         with subprocess.Popen([sys.executable, "-c", WRITER, abc.address("b"), TOKEN], env=env,
@@ -317,7 +317,7 @@ def test_a_daemon_restarted_with_the_same_node_id(etcd, fresh) -> None:
 
 
 def test_cli_shows_nodes_and_replicates(abc) -> None:
-    from tests.test_minilm import tensord
+    from tests.daemons import tensord
 
     with abc.client("a") as a:
         a.put("x/cli", {"w": torch.ones(4)})

@@ -15,7 +15,7 @@ import torch
 
 import sdk
 from sdk.tensors import fingerprint
-from tests.daemons import REPO
+from tests.daemons import child_env
 
 pytestmark = pytest.mark.gpu
 
@@ -77,7 +77,7 @@ with sdk.Client(sys.argv[1]).mount(sys.argv[2]) as m:
 def _child(daemon, name: str, hold: bool = False) -> subprocess.Popen[str]:
     args = [sys.executable, "-c", CHILD, daemon.socket, name] + (["hold"] if hold else [])
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "") + ":" + str(REPO)})  # fmt: skip
+                            env=child_env())  # fmt: skip
 
 
 def test_ipc_mount_from_another_process(daemon, client: sdk.Client) -> None:

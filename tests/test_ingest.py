@@ -19,7 +19,7 @@ from sdk.tensors import BLOCK_BYTES, as_bytes, dtype_name, fingerprint
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
-from tests.test_minilm import WEIGHTS, tensord
+from tests.daemons import WEIGHTS, needs_minilm, tensord
 
 MiB = 1 << 20
 
@@ -88,6 +88,7 @@ def _check_set(client, name: str, expected: dict[str, torch.Tensor]) -> None:
 # -- real weights -----------------------------------------------------------------------------
 
 
+@needs_minilm
 @pytest.mark.parametrize("threads", [1, 4])
 def test_minilm_round_trip(client, threads: int) -> None:
     version, nbytes = load_checkpoint(client, WEIGHTS, f"ingest/minilm-{threads}", threads=threads)
@@ -297,6 +298,7 @@ def test_sharded_failure_after_a_rank_is_written_commits_none(client, llama, tmp
 # -- export ---------------------------------------------------------------------------------------------
 
 
+@needs_minilm
 def test_cli_export_round_trip(daemon, client, many, tmp_path) -> None:
     path, expected = many
     load_checkpoint(client, path, "ingest/export")

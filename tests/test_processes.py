@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdk
-from tests.daemons import REPO
+from tests.daemons import child_env
 
 
 def _wait_for(predicate, timeout: float = 10.0) -> None:
@@ -36,7 +36,7 @@ time.sleep(600)
 def test_mount_is_released_when_its_process_is_killed(daemon, client: sdk.Client) -> None:
     client.put("held-by-child", {"x": torch.ones(1000)})
     with subprocess.Popen([sys.executable, "-c", MOUNTER, daemon.socket, "held-by-child"],
-                          stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) as child:  # fmt: skip
+                          stdout=subprocess.PIPE, text=True, env=child_env()) as child:  # fmt: skip
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["mounted", "1", "1000.0"]
         assert client.info("held-by-child")["pins"] == 1
