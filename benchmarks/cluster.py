@@ -20,6 +20,7 @@ import torch
 from _common import REPO, llm_shapes, median_seconds, random_set, row, sync
 
 import sdk
+from sdk.slabs import memory_range
 from sdk.transport.base import Entry
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
@@ -51,17 +52,19 @@ def main() -> None:
             engine = cb._transport()
             pin, manifest, slab = cb._open("bench/remote", None)
             dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
-            engine.register(dst.data_ptr(), manifest.nbytes)
+            base, length = memory_range(dst)
+            engine.register(base, length)
             raw = median_seconds(lambda: engine.read(slab.session, [Entry(dst.data_ptr(), slab.address, manifest.nbytes)]),  # type: ignore[attr-defined]
                                  args.runs)  # fmt: skip
-            engine.unregister(dst.data_ptr())
+            engine.unregister(base)
             del dst
 
             def raw_fresh() -> None:  # what a get must also do: fresh memory, registered for the read
                 fresh = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
-                engine.register(fresh.data_ptr(), manifest.nbytes)
+                start, size = memory_range(fresh)
+                engine.register(start, size)
                 engine.read(slab.session, [Entry(fresh.data_ptr(), slab.address, manifest.nbytes)])  # type: ignore[attr-defined]
-                engine.unregister(fresh.data_ptr())
+                engine.unregister(start)
 
             raw_new = median_seconds(raw_fresh, args.runs)
             cb._release(pin)

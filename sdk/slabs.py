@@ -8,6 +8,8 @@ CUDA slabs are opened from IPC handles; a mount's views alias the daemon's memor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mmap
 import os
 import threading
@@ -21,6 +23,8 @@ from sdk.errors import InvalidArgument, ProtocolError, TransferError
 from sdk.manifest import TensorSpec
 from sdk.tensors import as_bytes, view_bytes
 from sdk.transport.base import Entry, Transport
+
+log = logging.getLogger(__name__)
 
 _MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
 _CHUNK = 32 << 20  # host copies are split into chunks spread over a few threads
@@ -199,25 +203,39 @@ class RemoteSlab(Slab):
         self._move(self._transport.write, [(s, t.contiguous()) for s, t in pairs])
 
     def _move(self, call: Callable[[str, list[Entry]], None], pairs: list[tuple[TensorSpec, torch.Tensor]]) -> None:
-        storages: dict[int, int] = {}
+        ranges: dict[int, tuple[int, torch.device]] = {}
         entries = []
         for spec, t in pairs:
             if not t.is_contiguous():
                 raise InvalidArgument(f"tensor {spec.name!r}: remote copies need contiguous tensors")
             if spec.nbytes:
-                storage = t.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
+                base, length = memory_range(t)
+                ranges[base] = (max(length, ranges.get(base, (0, t.device))[0]), t.device)
                 entries.append(Entry(t.data_ptr(), self.address + spec.offset, spec.nbytes))
         registered = []
         try:
-            for address, length in storages.items():
-                self._transport.register(address, length)
+            for address, (length, device) in ranges.items():
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    self._transport.register(address, length)
                 registered.append(address)
             if entries:
                 call(self.session, entries)
         finally:
             for address in registered:
-                self._transport.unregister(address)
+                try:
+                    self._transport.unregister(address)
+                except TransferError as exc:  # the bytes have moved; a leftover registration is harmless
+                    log.warning("%s", exc.message)
+
+
+def memory_range(t: torch.Tensor) -> tuple[int, int]:
+    """The range to register for a tensor: its storage on the host, its whole allocation on a GPU."""
+    if t.device.type == "cuda":
+        from sdk.transport.cuda import allocation_range
+
+        return allocation_range(t.data_ptr(), t.device.index or 0)
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
 
 
 def read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:

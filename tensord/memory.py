@@ -48,6 +48,10 @@ class Slab:
     def unmap(self) -> None:
         """Drop the daemon's own mapping, if any (the engine must have unregistered it)."""
 
+    def registration(self, address: int) -> tuple[int, int]:
+        """The range to register with a Transfer Engine so that `address` is reachable."""
+        return address, self.nbytes
+
     def seal(self) -> None:
         """Make the slab immutable where the platform allows it."""
 
@@ -115,6 +119,11 @@ class CudaSlab(Slab):
 
     def address(self, *, writable: bool) -> int:
         return int(self.tensor.data_ptr())
+
+    def registration(self, address: int) -> tuple[int, int]:
+        from sdk.transport.cuda import allocation_range
+
+        return allocation_range(address, self.tensor.device.index or 0)
 
     def free(self) -> None:
         self.tensor = None

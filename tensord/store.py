@@ -56,6 +56,7 @@ class Store:
         self.reservations: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self._registered: dict[int, tuple[Slab, int]] = {}  # id(slab) -> (slab, address)
+        self._ranges: dict[int, list[int]] = {}  # registered base -> [length, users]
 
     # -- the Transfer Engine's view of slabs --------------------------------------------------
     def expose(self, slab: Slab, *, writable: bool) -> int:
@@ -64,14 +65,23 @@ class Store:
             raise Unavailable(f"node {self.node} has no Transfer Engine (transport is off)")
         self.hide(slab)
         address = slab.address(writable=writable)
-        self.transport.register(address, slab.nbytes)
+        base, length = slab.registration(address)
+        users = self._ranges.setdefault(base, [length, 0])
+        if users[1] == 0:
+            self.transport.register(base, length)
+        users[1] += 1
         self._registered[id(slab)] = (slab, address)
         return address
 
     def hide(self, slab: Slab) -> None:
         entry = self._registered.pop(id(slab), None)
         if entry is not None and self.transport is not None:
-            self.transport.unregister(entry[1])
+            base, _ = slab.registration(entry[1])
+            users = self._ranges[base]
+            users[1] -= 1
+            if users[1] == 0:
+                del self._ranges[base]
+                self.transport.unregister(base)
         slab.unmap()
 
     def allocate(self, device: str, nbytes: int, label: str) -> Slab:

@@ -198,7 +198,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tor
 
 
 def _check_shards(client, name: str, tp: int, rules: ShardRules, expected: dict[str, torch.Tensor]) -> None:
-    shards = [client.get(f"{name}/tp{rank}", verify=True) for rank in range(tp)]
+    shards = [client.get(f"{name}/tp{rank}", device="cpu", verify=True) for rank in range(tp)]
     for key, t in expected.items():
         dim = rules.match(key)
         if dim is None:

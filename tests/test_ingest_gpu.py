@@ -54,7 +54,7 @@ def test_default_chunks_to_gpu_equal_load_file(client, tmp_path) -> None:
     expected = load_file(path, device="cuda:0")
     got = client.get("gpu/big", device="cuda:0", verify=True)
     for key, t in expected.items():
-        assert torch.equal(got[key], t), key
+        assert _same(got[key], t), key  # bitwise: random bits include NaNs
 
 
 def test_sharded_load_to_gpu(client, tmp_path) -> None:
