@@ -22,6 +22,7 @@ from _common import REPO, llm_shapes, median_seconds, random_set, row, sync
 import sdk
 from sdk.slabs import memory_range
 from sdk.transport.base import Entry
+from sdk.transport.cuda import current
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 
@@ -53,18 +54,22 @@ def main() -> None:
             pin, manifest, slab = cb._open("bench/remote", None)
             dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
             base, length = memory_range(dst)
-            engine.register(base, length)
+            with current(args.to):
+                engine.register(base, length)
             raw = median_seconds(lambda: engine.read(slab.session, [Entry(dst.data_ptr(), slab.address, manifest.nbytes)]),  # type: ignore[attr-defined]
                                  args.runs)  # fmt: skip
-            engine.unregister(base)
+            with current(args.to):
+                engine.unregister(base)
             del dst
 
             def raw_fresh() -> None:  # what a get must also do: fresh memory, registered for the read
                 fresh = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
                 start, size = memory_range(fresh)
-                engine.register(start, size)
+                with current(args.to):
+                    engine.register(start, size)
                 engine.read(slab.session, [Entry(fresh.data_ptr(), slab.address, manifest.nbytes)])  # type: ignore[attr-defined]
-                engine.unregister(start)
+                with current(args.to):
+                    engine.unregister(start)
 
             raw_new = median_seconds(raw_fresh, args.runs)
             cb._release(pin)

@@ -8,7 +8,6 @@ CUDA slabs are opened from IPC handles; a mount's views alias the daemon's memor
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import os
@@ -23,6 +22,7 @@ from sdk.errors import InvalidArgument, ProtocolError, TransferError
 from sdk.manifest import TensorSpec
 from sdk.tensors import as_bytes, view_bytes
 from sdk.transport.base import Entry, Transport
+from sdk.transport.cuda import current
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +215,16 @@ class RemoteSlab(Slab):
         registered = []
         try:
             for address, (length, device) in ranges.items():
-                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                with current(str(device)):
                     self._transport.register(address, length)
-                registered.append(address)
+                registered.append((address, str(device)))
             if entries:
                 call(self.session, entries)
         finally:
-            for address in registered:
+            for address, device in registered:
                 try:
-                    self._transport.unregister(address)
+                    with current(device):
+                        self._transport.unregister(address)
                 except TransferError as exc:  # the bytes have moved; a leftover registration is harmless
                     log.warning("%s", exc.message)
 

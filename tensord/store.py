@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from sdk.errors import InvalidArgument, NotFound, Unavailable
 from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
 from sdk.transport.base import Transport
+from sdk.transport.cuda import current
 from tensord.memory import Budgets, Slab, allocate
 from tensord.registry.base import Registry, Replica
 
@@ -61,14 +62,15 @@ class Store:
     # -- the Transfer Engine's view of slabs --------------------------------------------------
     def expose(self, slab: Slab, *, writable: bool) -> int:
         """Register the slab with the Transfer Engine (read-only once committed); its address."""
-        if self.transport is None:
-            raise Unavailable(f"node {self.node} has no Transfer Engine (transport is off)")
+        if self.transport is None or not self.transport.supports(slab.device):
+            raise Unavailable(f"node {self.node} has no Transfer Engine for {slab.device} memory")
         self.hide(slab)
         address = slab.address(writable=writable)
         base, length = slab.registration(address)
         users = self._ranges.setdefault(base, [length, 0])
         if users[1] == 0:
-            self.transport.register(base, length)
+            with current(slab.device):
+                self.transport.register(base, length)
         users[1] += 1
         self._registered[id(slab)] = (slab, address)
         return address
@@ -81,7 +83,8 @@ class Store:
             users[1] -= 1
             if users[1] == 0:
                 del self._ranges[base]
-                self.transport.unregister(base)
+                with current(slab.device):
+                    self.transport.unregister(base)
         slab.unmap()
 
     def allocate(self, device: str, nbytes: int, label: str) -> Slab:
@@ -130,7 +133,7 @@ class Store:
             manifest = Manifest(m.name, version, tensors, m.nbytes, time.time(), m.origin)
             held = Held(manifest, r.slab)
             self.held[held.key] = held  # before the registry, so whoever resolves it finds it
-            if self.transport is not None:
+            if self.transport is not None and self.transport.supports(r.slab.device):
                 self.expose(r.slab, writable=False)
             await self.registry.commit(manifest, self.replica(held))
         except BaseException:
@@ -170,7 +173,7 @@ class Store:
         held = Held(manifest, slab)
         self.held[held.key] = held
         try:
-            if self.transport is not None:
+            if self.transport is not None and self.transport.supports(slab.device):
                 self.expose(slab, writable=False)
             await self.registry.add_replica(self.replica(held))
         except BaseException:

@@ -169,6 +169,10 @@ class Transport(abc.ABC):
     def session(self) -> str:
         """This engine's session id, what peers pass to ``read``/``write``."""
 
+    def supports(self, device: str) -> bool:
+        """Whether memory on `device` ("cpu", "cuda:N") can be registered with this engine."""
+        return True
+
     def describe(self) -> dict[str, str]:
         """What a client on the same node needs to start a compatible engine."""
         return {"name": self.name, "protocol": self.protocol, "session": self.session,

@@ -200,6 +200,10 @@ class MooncakeTransport(Transport):
             )
         self._engine: Any = engine
         self._session = f"{hostname}:{engine.get_rpc_port()}"
+        if self.protocol == "nvlink_intra":
+            from sdk.transport.cuda import enable_peer_access
+
+            enable_peer_access()
         self._regs = Registrations(self._session)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -216,6 +220,10 @@ class MooncakeTransport(Transport):
     @property
     def session(self) -> str:
         return self._session
+
+    def supports(self, device: str) -> bool:
+        # the intra-node NVLink transport moves device memory only
+        return self.protocol != "nvlink_intra" or device.startswith("cuda")
 
     def _fail(self, message: str, **details: Any) -> TransferError:
         return TransferError(message, session=self._session, protocol=self.protocol, **details)
