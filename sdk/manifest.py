@@ -151,8 +151,11 @@ def check_spec(
     """Validate one tensor's name, dtype and shape; return a spec with nbytes filled in."""
     if type(name) is not str or not name or "\0" in name:
         raise InvalidArgument(f"tensor name must be a non-empty string, not {name!r:.80}")
-    if len(name) * 4 > MAX_TENSOR_NAME_BYTES and len(name.encode()) > MAX_TENSOR_NAME_BYTES:
-        raise InvalidArgument(f"tensor name longer than {MAX_TENSOR_NAME_BYTES} bytes")
+    try:
+        if len(name.encode()) > MAX_TENSOR_NAME_BYTES:
+            raise InvalidArgument(f"tensor name longer than {MAX_TENSOR_NAME_BYTES} bytes")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"tensor name {name!r:.80} is not valid UTF-8 text") from None
     size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None  # type: ignore[arg-type]
     if size is None:
         raise InvalidArgument(f"tensor {name!r}: unknown dtype {dtype!r:.40}")
