@@ -34,7 +34,7 @@ from sdk.errors import InvalidArgument
 from sdk.manifest import Manifest, TensorSpec
 from sdk.names import check_name
 from sdk.slabs import CudaSlab, HostSlab, Slab, write_all
-from sdk.tensors import BLOCK_BYTES, fingerprint_finish, fingerprint_part
+from sdk.tensors import BLOCK_BYTES, fingerprint_finish, fingerprint_part, fingerprints
 from tensord.checkpoint import TENSORD_TO_SAFETENSORS, FileTensor, read_checkpoint
 from tensord.export import write_safetensors
 from tensord.sharding import ShardPlan, ShardRules, plan_shards
@@ -142,8 +142,12 @@ def ingest_into(
     started = time.perf_counter()
     with _opened(sources) as fds:
         chunks = _plan_chunks(sources, fds, chunk)
-        shares = _run(slab, specs, sources, chunks, threads, chunk, progress)
-    fps = [fingerprint_finish(share, spec.nbytes) for share, spec in zip(shares, specs, strict=True)]
+        on_gpu = isinstance(slab, CudaSlab)  # then hash where the bytes land, in one batch
+        shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu)
+    if on_gpu:
+        fps = fingerprints([slab.view(spec) for spec in specs])
+    else:
+        fps = [fingerprint_finish(share, spec.nbytes) for share, spec in zip(shares, specs, strict=True)]
     total = sum(spec.nbytes for spec in specs)
     seconds = max(time.perf_counter() - started, 1e-9)
     log.info("ingested %d tensors, %d bytes in %.3f s (%.2f GB/s) into %s with %d threads",
@@ -278,8 +282,11 @@ def _run(
     threads: int,
     chunk: int,
     progress: Callable[[int], None] | None,
+    *,
+    hash_chunks: bool = True,
 ) -> list[int]:
-    """Read, fingerprint and write every chunk with `threads` workers; the fingerprint shares."""
+    """Read, fingerprint (if `hash_chunks`) and write every chunk with `threads` workers; the
+    fingerprint shares."""
     shares = [0] * len(specs)
     for i, spec in enumerate(specs):  # empty tensors have no chunks
         if not spec.nbytes:
@@ -317,7 +324,7 @@ def _run(
                         event.synchronize()  # its last copy is done: the buffer may be refilled
                     view = buf[: c.nbytes]
                     _read_chunk(c, view.numpy().data, junk, sources[c.index])
-                    share = fingerprint_part(view, c.start, specs[c.index].nbytes)
+                    share = fingerprint_part(view, c.start, specs[c.index].nbytes) if hash_chunks else 0
                     target.write(c, view, stream)
                     if event is not None:
                         event.record(stream)
