@@ -53,6 +53,7 @@ __all__ = [
     "fingerprint",
     "get",
     "info",
+    "load_checkpoint",
     "load_into",
     "ls",
     "mount",
@@ -114,6 +115,13 @@ def info(name: str, version: int | str | None = None) -> dict[str, Any]:
 
 def delete(name: str, version: int | None = None) -> int:
     return default_client().delete(name, version)
+
+
+def load_checkpoint(path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
+    return default_client().load_checkpoint(path, name, device=device, threads=threads)
+
+
+load_checkpoint.__doc__ = Client.load_checkpoint.__doc__
 
 
 def replicate(name: str, version: int | str | None = None, *, to: str | None = None) -> dict[str, Any]:

@@ -353,6 +353,15 @@ class Client:
             reservation.write_all(tensors)
             return reservation.commit()
 
+    def load_checkpoint(self, path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
+        """Make the daemon load a .safetensors file or Hugging Face directory that it reads itself
+        (it must lie under the daemon's ingest.allowed_roots). Returns the new version."""
+        args: dict[str, Any] = {"path": os.path.abspath(path), "name": check_name(name), "device": device}
+        if threads is not None:
+            args["threads"] = threads
+        result, _ = self._conn().call("load", **args)
+        return int(result["version"])
+
     # -- catalogue --------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
         """Sets whose name starts with `prefix`: name, latest, versions, nbytes, device."""

@@ -24,10 +24,10 @@ MAX_FDS = 16
 OPS = frozenset(
     {
         "hello", "status", "ls", "info", "open", "release", "wait", "nodes",
-        "put_begin", "put_commit", "put_abort", "delete", "replicate",
+        "put_begin", "put_commit", "put_abort", "delete", "replicate", "load",
     }
 )  # fmt: skip
-MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate"})
+MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load"})
 
 
 def encode(message: dict[str, Any]) -> bytes:

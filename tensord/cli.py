@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tp", type=int, help="split for tensor parallelism: sets NAME/tp0 .. NAME/tp{N-1}")
     s.add_argument("--rules", help="sharding rules TOML file, or a built-in name (default with --tp: llama)")
     s.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
+    s.add_argument("--on-daemon", action="store_true",
+                   help="let the daemon read the file itself (it must lie under ingest.allowed_roots)")
     s.set_defaults(run=_load)
 
     s = sub.add_parser("export", help="write one version of a set to a .safetensors file")
@@ -125,9 +127,15 @@ def _load(args: argparse.Namespace) -> int:
 
     if args.rules is not None and args.tp is None:
         raise InvalidArgument("--rules needs --tp")
+    if args.on_daemon and args.tp is not None:
+        raise InvalidArgument("--on-daemon loads whole sets; use it without --tp")
     with _client(args) as client:
         t0 = time.perf_counter()
-        if args.tp is None:
+        if args.on_daemon:
+            version = client.load_checkpoint(args.path, args.name, device=args.device, threads=args.threads)
+            nbytes = client.info(args.name, version)["nbytes"]
+            loaded = [(args.name, version)]
+        elif args.tp is None:
             version, nbytes = load_checkpoint(
                 client, args.path, args.name, device=args.device, threads=args.threads,
                 progress=not args.quiet,

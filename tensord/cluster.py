@@ -14,12 +14,9 @@ from typing import Any
 
 from sdk.errors import NotFound, TensordError, TransferError, Unavailable
 from sdk.manifest import Manifest
-from sdk.slabs import CudaSlab, HostSlab
-from sdk.tensors import fingerprint
+from sdk.tensors import fingerprints
 from sdk.transport.base import Entry
-from tensord.memory import CudaSlab as DaemonCudaSlab
-from tensord.memory import HostSlab as DaemonHostSlab
-from tensord.memory import Slab
+from tensord.memory import Slab, own_view
 from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Held, Store
@@ -101,15 +98,11 @@ class Cluster:
 
 def _verify(slab: Slab, manifest: Manifest) -> None:
     """Check every fingerprint of a pulled copy, where it lies (GPU copies on the GPU)."""
-    import os
-
-    view = (HostSlab(os.dup(slab.fd), slab.nbytes) if isinstance(slab, DaemonHostSlab)
-            else CudaSlab(slab.tensor) if isinstance(slab, DaemonCudaSlab) else None)  # fmt: skip
-    if view is None:
-        raise TransferError(f"cannot verify a slab on {slab.device}")
+    view = own_view(slab)
     try:
-        for spec in manifest.tensors:
-            if spec.fingerprint is not None and fingerprint(view.view(spec)) != spec.fingerprint:
+        actual = fingerprints([view.view(spec) for spec in manifest.tensors])
+        for spec, fp in zip(manifest.tensors, actual, strict=True):
+            if spec.fingerprint is not None and fp != spec.fingerprint:
                 raise TransferError(f"tensor {spec.name!r} of {manifest.name} v{manifest.version} "
                                     "arrived with a wrong fingerprint")  # fmt: skip
     finally:

@@ -62,6 +62,7 @@ class Config:
     transport_host: str = ""
     nics: tuple[str, ...] = ()
     pull_through: bool = False
+    allowed_roots: tuple[str, ...] = ()  # directories a daemon-side load may read
 
     @property
     def transport_protocol(self) -> str:
@@ -160,6 +161,13 @@ def _names(v: object, where: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _roots(v: object, where: str) -> tuple[str, ...]:
+    roots = _names(v, where) if v else ()
+    if not all(os.path.isabs(r) for r in roots):
+        raise InvalidArgument(f"{where}: allowed roots must be absolute paths")
+    return tuple(os.path.realpath(r) for r in roots)
+
+
 def _budgets(v: object, where: str) -> dict[str, int | None]:
     if not isinstance(v, Mapping):
         raise InvalidArgument(f"{where}: expected a table of device = size")
@@ -193,6 +201,7 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("transport", "hostname"): ("transport_host", _str),
     ("transport", "nics"): ("nics", _names),
     ("cache", "pull_through"): ("pull_through", _bool),
+    ("ingest", "allowed_roots"): ("allowed_roots", lambda v, w: _roots(v, w)),
 }
 ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_NODE": ("node", lambda v, w: check_node_id(v)),
@@ -206,6 +215,7 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_TRANSPORT": ("transport", _protocol),
     "TENSORD_TRANSPORT_HOST": ("transport_host", _str),
     "TENSORD_PULL_THROUGH": ("pull_through", _bool),
+    "TENSORD_ALLOWED_ROOTS": ("allowed_roots", lambda v, w: _roots(v.split(":"), w)),
     "TENSORD_CPU_BUDGET": ("cpu_budget", lambda v, w: None if v == "auto" else parse_size(v, w)),
 }
 

@@ -61,7 +61,8 @@ class Daemon:
         self.store = Store(config.node, self.registry, self.budgets, retention=config.retention)
         self.peers = Peers(config.token)
         cluster = Cluster(self.store, self.peers) if config.etcd_endpoints else None
-        self.service = Service(self.store, cluster, pull_through=config.pull_through, listen=config.listen)
+        self.service = Service(self.store, cluster, pull_through=config.pull_through, listen=config.listen,
+                               allowed_roots=config.allowed_roots)  # fmt: skip
         self.server = Server(
             config.socket, config.socket_mode, self.service.handle, self.service.session_closed,
             tcp=config.listen, token=config.token, token_reads=config.token_reads,

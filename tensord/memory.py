@@ -189,3 +189,15 @@ class Budgets:
 
     def give(self, device: str, nbytes: int) -> None:
         self.used[device] -= nbytes
+
+
+def own_view(slab: Slab) -> Any:
+    """The daemon's own accessor for a slab (an sdk.slabs.Slab), to fill or hash it in place."""
+    from sdk.slabs import CudaSlab as CudaAccess
+    from sdk.slabs import HostSlab as HostAccess
+
+    if isinstance(slab, HostSlab):
+        return HostAccess(os.dup(slab.fd), slab.nbytes, writable=True)
+    if isinstance(slab, CudaSlab):
+        return CudaAccess(slab.tensor)
+    raise InvalidArgument(f"no accessor for a slab on {slab.device}")

@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from typing import Any
 
 from sdk import wire
-from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unavailable
+from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unauthorized, Unavailable
 from sdk.manifest import specs_from_wire
 from sdk.names import check_name, check_prefix, check_version
 from tensord import __version__
+from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
+from tensord.ingest import Progress, ingest_into
+from tensord.memory import own_view
 from tensord.peers import RemotePin
 from tensord.rpc import Session
 from tensord.store import Held, Store
@@ -46,8 +50,9 @@ def _nodes(value: object) -> list[str]:
 
 class Service:
     def __init__(self, store: Store, cluster: Cluster | None = None, *, pull_through: bool = False,
-                 listen: str = "") -> None:  # fmt: skip
+                 listen: str = "", allowed_roots: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
+        self.allowed_roots = allowed_roots
         self.started = time.time()
         self._pins = itertools.count(1)
         self._watches: dict[int, dict[str, tuple[asyncio.Task[None], asyncio.Queue[int], int]]] = {}
@@ -214,6 +219,41 @@ class Service:
         self.store.abort(rid)
         session.reservations.discard(rid)
         return {}, []
+
+    async def op_load(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Load a checkpoint the daemon reads itself, from a directory the config allows."""
+        path, name, device, threads = _args(request, "path", "name", optional=("device", "threads"))
+        check_name(name)
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument("path must be a non-empty string")
+        if threads is None:
+            threads = 4
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+            raise InvalidArgument("threads must be an integer from 1 to 64")
+        real = os.path.realpath(path)
+        root = next((r for r in self.allowed_roots if real == r or real.startswith(r + os.sep)), None)
+        if root is None:
+            raise Unauthorized(f"{path} is not under a directory this daemon may read "
+                               f"(ingest.allowed_roots: {list(self.allowed_roots) or 'none'})")  # fmt: skip
+        tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
+        r = self.store.reserve(name, device or "cpu", [t.spec() for t in tensors], f"file:{real}")
+        session.reservations.add(r.id)
+        try:
+            slab = own_view(r.slab)
+            total = sum(t.nbytes for t in tensors)
+            bar = Progress(total, False, logger=log, label=f"load {name}")
+            try:
+                fps = await asyncio.to_thread(ingest_into, slab, r.manifest, tensors, threads=threads,
+                                              progress=bar.advance)  # fmt: skip
+            finally:
+                slab.close()
+            held = await self.store.commit(r.id, fps)
+        except BaseException:
+            self.store.abort(r.id)
+            raise
+        finally:
+            session.reservations.discard(r.id)
+        return {"version": held.manifest.version, "nbytes": total}, []
 
     def _own(self, session: Session, rid: object) -> None:
         if rid not in session.reservations:
