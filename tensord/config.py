@@ -75,10 +75,10 @@ class Config:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
-def check_node_id(node: str) -> str:
+def check_node_id(node: str, where: str = "node id") -> str:
     node = node.lower()
     if not re.fullmatch(r"[a-z0-9._-]{1,64}", node):
-        raise InvalidArgument(f"node id {node!r} must be 1-64 chars of [a-z0-9._-]")
+        raise InvalidArgument(f"{where}: {node!r} must be 1-64 chars of [a-z0-9._-]")
     return node
 
 
@@ -180,7 +180,7 @@ def _budgets(v: object, where: str) -> dict[str, int | None]:
 
 
 FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
-    ("daemon", "node"): ("node", lambda v, w: check_node_id(_str(v, w))),
+    ("daemon", "node"): ("node", lambda v, w: check_node_id(_str(v, w), w)),
     ("daemon", "socket"): ("socket", _str),
     ("daemon", "socket_mode"): ("socket_mode", _mode),
     ("daemon", "log_level"): ("log_level", _level),
@@ -204,7 +204,7 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("ingest", "allowed_roots"): ("allowed_roots", lambda v, w: _roots(v, w)),
 }
 ENV: dict[str, tuple[str, Any]] = {
-    "TENSORD_NODE": ("node", lambda v, w: check_node_id(v)),
+    "TENSORD_NODE": ("node", lambda v, w: check_node_id(v, w)),
     "TENSORD_SOCKET": ("socket", _str),
     "TENSORD_LOG_LEVEL": ("log_level", _level),
     "TENSORD_RETENTION": ("retention", _count),
