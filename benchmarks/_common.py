@@ -21,15 +21,27 @@ def start_daemon(**kw: object) -> DaemonProcess:
     return DaemonProcess(Path(tempfile.mkdtemp(prefix="tensord-bench-")), "bench", **kw).start()  # type: ignore[arg-type]
 
 
-def llm_shapes(total_bytes: int, hidden: int = 4096, ffn: int = 14336, vocab: int = 128256) -> dict[str, tuple[int, ...]]:
+def llm_shapes(
+    total_bytes: int, hidden: int = 4096, ffn: int = 14336, vocab: int = 128256
+) -> dict[str, tuple[int, ...]]:
     """Llama-like bf16 tensor shapes adding up to about `total_bytes` (~9 tensors a layer)."""
-    layer = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (hidden // 4, hidden),
-             "self_attn.v_proj.weight": (hidden // 4, hidden), "self_attn.o_proj.weight": (hidden, hidden),
-             "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
-             "mlp.down_proj.weight": (hidden, ffn), "input_layernorm.weight": (hidden,),
-             "post_attention_layernorm.weight": (hidden,)}  # fmt: skip
+    layer = {
+        "self_attn.q_proj.weight": (hidden, hidden),
+        "self_attn.k_proj.weight": (hidden // 4, hidden),
+        "self_attn.v_proj.weight": (hidden // 4, hidden),
+        "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
     per_layer = sum(2 * _numel(s) for s in layer.values())
-    ends = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    ends = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     layers = max(1, (total_bytes - sum(2 * _numel(s) for s in ends.values())) // per_layer)
     shapes = {f"model.layers.{i}.{k}": s for i in range(layers) for k, s in layer.items()}
     return {**shapes, **ends}
@@ -44,7 +56,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def random_set(shapes: dict[str, tuple[int, ...]], device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(0)
-    return {k: torch.randn(s, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16) for k, s in shapes.items()}
+    return {
+        k: torch.randn(s, generator=g, device=device, dtype=torch.float32).to(torch.bfloat16) for k, s in shapes.items()
+    }
 
 
 def sync() -> None:

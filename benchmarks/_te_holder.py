@@ -32,9 +32,7 @@ class Holder:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--size", str(size), "--protocol", protocol]
         if timeout_s is not None:
             cmd += ["--timeout-s", str(timeout_s)]
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,

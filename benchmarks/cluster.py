@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from _common import REPO, llm_shapes, median_seconds, random_set, row, sync
 
-import sdk
 from sdk.slabs import memory_range
 from sdk.transport.base import Entry
 from sdk.transport.cuda import current
@@ -40,8 +39,10 @@ def main() -> None:
     daemons = []
     try:
         for node in ("a", "b"):
-            config = (f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\nlog_level = "warning"\n'
-                      f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "{args.protocol}"\n')  # fmt: skip
+            config = (
+                f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\nlog_level = "warning"\n'
+                f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "{args.protocol}"\n'
+            )
             daemons.append(DaemonProcess(work, node, config, env={"TENSORD_LOG_LEVEL": "warning"}).start())
         a, b = daemons
         src = random_set(llm_shapes(int(args.gib * 2**30)), "cpu" if args.device == "cpu" else args.device)
@@ -56,11 +57,12 @@ def main() -> None:
             base, length = memory_range(dst)
             with current(args.to):
                 engine.register(base, length)
-            raw = median_seconds(lambda: engine.read(slab.session, [Entry(dst.data_ptr(), slab.address, manifest.nbytes)]),  # type: ignore[attr-defined]
-                                 args.runs)  # fmt: skip
+            raw = median_seconds(
+                lambda: engine.read(slab.session, [Entry(dst.data_ptr(), slab.address, manifest.nbytes)]),  # type: ignore[attr-defined]
+                args.runs,
+            )
             with current(args.to):
                 engine.unregister(base)
-            del dst
 
             def raw_fresh() -> None:  # what a get must also do: fresh memory, registered for the read
                 fresh = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
@@ -76,8 +78,10 @@ def main() -> None:
             get = median_seconds(lambda: cb.get("bench/remote", device=args.to), args.runs)
             targets = {k: torch.empty_like(t, device=args.to) for k, t in src.items()}
             load = median_seconds(lambda: cb.load_into(targets, "bench/remote"), args.runs)
-            print(f"{len(src)} LLM-shaped bf16 tensors, {nbytes / 2**30:.2f} GiB on node A ({args.device}), "
-                  f"read from node B's socket into {args.to} over {args.protocol}; ratio = limit / tensord")  # fmt: skip
+            print(
+                f"{len(src)} LLM-shaped bf16 tensors, {nbytes / 2**30:.2f} GiB on node A ({args.device}), "
+                f"read from node B's socket into {args.to} over {args.protocol}; ratio = limit / tensord"
+            )
             print(row("raw engine read into registered memory, one entry", nbytes, raw))
             print(row("raw engine read into fresh memory (allocate+register)", nbytes, raw_new))
             if args.device.startswith("cuda") and args.to.startswith("cuda") and args.device != args.to:
@@ -125,8 +129,10 @@ def watch_latency(a: DaemonProcess, b: DaemonProcess, rounds: int = 20) -> None:
             time.sleep(0.05)
         t.join(60)
     lat = [arrived[v] - started[v] for v in started if v in arrived]
-    print(f"  commit-to-watch notification across nodes: median {statistics.median(lat) * 1e3:.1f} ms, "
-          f"max {max(lat) * 1e3:.1f} ms over {len(lat)} commits")  # fmt: skip
+    print(
+        f"  commit-to-watch notification across nodes: median {statistics.median(lat) * 1e3:.1f} ms, "
+        f"max {max(lat) * 1e3:.1f} ms over {len(lat)} commits"
+    )
 
 
 if __name__ == "__main__":

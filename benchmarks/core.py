@@ -38,15 +38,18 @@ def transfers(client: sdk.Client, device: str, gib: float, runs: int) -> None:
     shapes = llm_shapes(int(gib * 2**30))
     src = random_set(shapes, device)
     nbytes = sum(t.numel() * t.element_size() for t in src.values())
-    print(f"\n{len(src)} LLM-shaped bf16 tensors, {nbytes / 2**30:.2f} GiB, slab on {device}; "
-          "ratio = baseline time / tensord time")  # fmt: skip
+    print(
+        f"\n{len(src)} LLM-shaped bf16 tensors, {nbytes / 2**30:.2f} GiB, slab on {device}; "
+        "ratio = baseline time / tensord time"
+    )
     clone = median_seconds(lambda: {k: t.clone() for k, t in src.items()}, runs)
     dst = {k: torch.empty_like(t) for k, t in src.items()}
     copy = median_seconds(lambda: [dst[k].copy_(t) for k, t in src.items()], runs)
     print(row("plain clone (allocate + copy)", nbytes, clone))
     print(row("plain copy_ into existing tensors", nbytes, copy))
-    put = median_seconds(lambda: client.put("bench/set", src, device=device), runs,
-                         setup=lambda: client.delete("bench/set"))  # fmt: skip
+    put = median_seconds(
+        lambda: client.put("bench/set", src, device=device), runs, setup=lambda: client.delete("bench/set")
+    )
     print(row("tensord put   (vs clone)", nbytes, put, clone))
     get = median_seconds(lambda: client.get("bench/set", device=device), runs)
     print(row("tensord get   (vs clone)", nbytes, get, clone))
@@ -63,7 +66,7 @@ def transfers(client: sdk.Client, device: str, gib: float, runs: int) -> None:
         print(row(f"tensord get onto {other} (vs peer copy)", nbytes, get_far, peer))
         load_far = median_seconds(lambda: client.load_into(far, "bench/set"), runs)
         print(row(f"tensord load_into on {other} (vs peer copy_)", nbytes, load_far, peer_copy))
-    del src, dst
+    # (src and dst are freed when this function returns)
     gc.collect()
 
 

@@ -287,8 +287,10 @@ def main() -> None:
 
 def report(results: dict[str, tuple[float, float]], args: argparse.Namespace, nbytes: int, how: str) -> None:
     print()
-    print(f"device {args.device}, {nbytes / 1e9:.2f} GB of tensor data, tensord threads {args.threads}, "
-          f"median of {args.runs} after {args.warmup} warm-up, cold = {how}")  # fmt: skip
+    print(
+        f"device {args.device}, {nbytes / 1e9:.2f} GB of tensor data, tensord threads {args.threads}, "
+        f"median of {args.runs} after {args.warmup} warm-up, cold = {how}"
+    )
     print(f"{'':24s} {'cold GB/s':>10s} {'warm GB/s':>10s}")
     for name, (cold, warm) in results.items():
         print(f"{name:24s} {cold:10.2f} {warm:10.2f}")

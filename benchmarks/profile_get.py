@@ -1,11 +1,12 @@
 """Where the time of one `get` goes, phase by phase (GPU or CPU slabs).
 
-    python benchmarks/profile_get.py --device cuda:0 --gib 16
+python benchmarks/profile_get.py --device cuda:0 --gib 16
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -31,7 +32,9 @@ def main() -> None:
                 marks = [("start", time.perf_counter())]
                 pin, manifest, slab = c._open("p", None)
                 marks.append(("open (rpc + manifest + slab)", time.perf_counter()))
-                out = {s.name: torch.empty(s.shape, dtype=to_dtype(s.dtype), device=args.device) for s in manifest.tensors}
+                out = {
+                    s.name: torch.empty(s.shape, dtype=to_dtype(s.dtype), device=args.device) for s in manifest.tensors
+                }
                 marks.append(("allocate", time.perf_counter()))
                 views = [slab.view(s) for s in manifest.tensors]
                 marks.append(("views", time.perf_counter()))
@@ -43,7 +46,7 @@ def main() -> None:
                 slab.close()
                 c._release(pin)
                 marks.append(("release", time.perf_counter()))
-                for (_, a), (label, b) in zip(marks, marks[1:], strict=False):
+                for (_, a), (label, b) in itertools.pairwise(marks):
                     phases.setdefault(label, []).append(b - a)
             for label, values in phases.items():
                 print(f"  {label:<32} {statistics.median(values[2:]) * 1e3:8.3f} ms")

@@ -22,16 +22,17 @@ from tests.etcd_server import start_etcd
 def measure(daemon: DaemonProcess, label: str, n: int, runs: int = 20) -> None:
     with daemon.client() as c:
         c.put("bench/many", {f"model.layers.{i // 10}.part{i % 10}.weight": torch.zeros(4) for i in range(n)})
-        for what, call in (("info", lambda: c.info("bench/many")),
-                           ("open + release (resolve, manifest)", lambda: c._release(c._open("bench/many", None)[0]))):  # fmt: skip
+        for what, call in (
+            ("info", lambda: c.info("bench/many")),
+            ("open + release (resolve, manifest)", lambda: c._release(c._open("bench/many", None)[0])),
+        ):
             call()
             times = []
             for _ in range(runs):
                 t0 = time.perf_counter()
                 call()
                 times.append(time.perf_counter() - t0)
-            print(f"  {label:<9} {what:<36} median {statistics.median(times) * 1e3:7.2f} ms  "
-                  f"(limit 50 ms)")  # fmt: skip
+            print(f"  {label:<9} {what:<36} median {statistics.median(times) * 1e3:7.2f} ms  (limit 50 ms)")
 
 
 def main() -> None:
@@ -47,8 +48,12 @@ def main() -> None:
         local.kill()
     (work / "etcd").mkdir()
     etcd = start_etcd(work / "etcd")
-    node = DaemonProcess(work, "etcd", f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "off"\n',
-                         env={"TENSORD_LOG_LEVEL": "warning"}).start()  # fmt: skip
+    node = DaemonProcess(
+        work,
+        "etcd",
+        f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "off"\n',
+        env={"TENSORD_LOG_LEVEL": "warning"},
+    ).start()
     try:
         measure(node, "etcd", args.tensors)
     finally:

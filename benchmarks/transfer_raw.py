@@ -74,8 +74,7 @@ def main() -> None:
         for n in counts:
             chunk = size // n
             entries = [
-                Entry(local.data_ptr() + i * chunk, holder.address + (n - 1 - i) * chunk, chunk)
-                for i in range(n)
+                Entry(local.data_ptr() + i * chunk, holder.address + (n - 1 - i) * chunk, chunk) for i in range(n)
             ]
             local.zero_()
             times = _time(functools.partial(te.read, holder.session, entries), args.runs, args.warmup)

@@ -15,8 +15,8 @@ from sdk.errors import IntegrityError, InvalidArgument, NotFound, TensordError, 
 from sdk.manifest import Manifest, TensorSpec, specs_to_wire
 from sdk.names import check_name, check_prefix, check_version
 from sdk.slabs import RemoteSlab, Slab, open_slab, pool
-from sdk.transport.base import Transport
 from sdk.tensors import dtype_name, fingerprint, fingerprints, to_dtype
+from sdk.transport.base import Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,8 +168,11 @@ class Client:
                 conn = self._connection
                 info = (conn.server.get("transport") if conn is not None else None) or {}
                 protocol = os.environ.get("TENSORD_TRANSPORT") or info.get("protocol") or "tcp"
-                hostname = os.environ.get("TENSORD_TRANSPORT_HOST") or (
-                    info.get("hostname") if conn is not None and conn.is_local else None) or "127.0.0.1"  # fmt: skip
+                hostname = (
+                    os.environ.get("TENSORD_TRANSPORT_HOST")
+                    or (info.get("hostname") if conn is not None and conn.is_local else None)
+                    or "127.0.0.1"
+                )
                 self._engine = MooncakeTransport(hostname, protocol)
             return self._engine
 
@@ -233,11 +236,15 @@ class Client:
             if failure is None and intact:
                 return value
             assert isinstance(slab, RemoteSlab)
-            log.warning("read of %s v%d from node %s failed (%s); trying another replica", name, wanted,
-                        slab.node, failure or "pin lost during the read")  # fmt: skip
+            log.warning(
+                "read of %s v%d from node %s failed (%s); trying another replica",
+                name,
+                wanted,
+                slab.node,
+                failure or "pin lost during the read",
+            )
             exclude.append(slab.node)
-        raise TransferError(f"{name} v{wanted}: every replica failed ({', '.join(exclude)})",
-                            name=name, version=wanted)  # fmt: skip
+        raise TransferError(f"{name} v{wanted}: every replica failed ({', '.join(exclude)})", name=name, version=wanted)
 
     def mount(self, name: str, version: int | str | None = None) -> Mount:
         """Pin a version and map it zero-copy (same node only). Use as a context manager."""
@@ -317,9 +324,13 @@ class Client:
 
     # -- writing ----------------------------------------------------------------------------
     def reserve(
-        self, name: str, specs: Mapping[str, tuple[str, tuple[int, ...]]], *, device: str = "cpu",
+        self,
+        name: str,
+        specs: Mapping[str, tuple[str, tuple[int, ...]]],
+        *,
+        device: str = "cpu",
         origin: str | None = None,
-    ) -> Reservation:  # fmt: skip
+    ) -> Reservation:
         """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape).
 
         `origin` records where the bytes come from (e.g. "file:/models/x.safetensors")."""
@@ -336,9 +347,7 @@ class Client:
             raise
         return Reservation(self, result["reservation"], manifest, slab)
 
-    def put(
-        self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None
-    ) -> int:
+    def put(self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> int:
         """Store `tensors` as the next version of `name`; all or nothing. Returns the version.
 
         `device`: where the slab lives ("cpu", "cuda:N"); default: where the tensors are.
@@ -470,8 +479,7 @@ def _match(
     for spec, t in pairs:
         if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
             raise InvalidArgument(
-                f"tensor {spec.name!r}: target is {t.dtype} {tuple(t.shape)}, "
-                f"the set holds {spec.dtype} {spec.shape}"
+                f"tensor {spec.name!r}: target is {t.dtype} {tuple(t.shape)}, the set holds {spec.dtype} {spec.shape}"
             )
     return pairs
 

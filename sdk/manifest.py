@@ -156,7 +156,7 @@ def check_spec(
             raise InvalidArgument(f"tensor name longer than {MAX_TENSOR_NAME_BYTES} bytes")
     except UnicodeEncodeError:
         raise InvalidArgument(f"tensor name {name!r:.80} is not valid UTF-8 text") from None
-    size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None  # type: ignore[arg-type]
+    size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
     if size is None:
         raise InvalidArgument(f"tensor {name!r}: unknown dtype {dtype!r:.40}")
     if type(shape) not in (list, tuple) or len(shape) > MAX_DIMS:  # type: ignore[arg-type]

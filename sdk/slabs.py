@@ -8,6 +8,7 @@ CUDA slabs are opened from IPC handles; a mount's views alias the daemon's memor
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -125,8 +126,9 @@ class HostSlab(Slab):
     def write_many(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> None:
         run_all(self._jobs(write_all, [(s, t.cpu().contiguous()) for s, t in pairs]))
 
-    def _jobs(self, io: Callable[[int, torch.Tensor, int], None],
-              pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> list[Callable[[], None]]:  # fmt: skip
+    def _jobs(
+        self, io: Callable[[int, torch.Tensor, int], None], pairs: Sequence[tuple[TensorSpec, torch.Tensor]]
+    ) -> list[Callable[[], None]]:
         """One job per chunk of at most _CHUNK bytes; small tensors are grouped into one job."""
         jobs: list[Callable[[], None]] = []
         small: list[tuple[torch.Tensor, int]] = []
@@ -136,9 +138,14 @@ class HostSlab(Slab):
                 small.append((buf, spec.offset))
                 continue
             for a in range(0, spec.nbytes, _CHUNK):
-                jobs.append(lambda b=buf[a : a + _CHUNK], o=spec.offset + a: io(self.fd, b, o))
+                jobs.append(functools.partial(io, self.fd, buf[a : a + _CHUNK], spec.offset + a))
+
+        def run_small() -> None:
+            for b, o in small:
+                io(self.fd, b, o)
+
         if small:
-            jobs.append(lambda: [io(self.fd, b, o) for b, o in small] and None)
+            jobs.append(run_small)
         return jobs
 
     def close(self) -> None:
@@ -214,16 +221,16 @@ class RemoteSlab(Slab):
                 entries.append(Entry(t.data_ptr(), self.address + spec.offset, spec.nbytes))
         registered = []
         try:
-            for address, (length, device) in ranges.items():
-                with current(str(device)):
+            for address, (length, where) in ranges.items():
+                with current(str(where)):
                     self._transport.register(address, length)
-                registered.append((address, str(device)))
+                registered.append((address, str(where)))
             if entries:
                 call(self.session, entries)
         finally:
-            for address, device in registered:
+            for address, place in registered:
                 try:
-                    with current(device):
+                    with current(place):
                         self._transport.unregister(address)
                 except TransferError as exc:  # the bytes have moved; a leftover registration is harmless
                     log.warning("%s", exc.message)
@@ -250,7 +257,7 @@ def write_all(fd: int, buf: torch.Tensor, offset: int) -> None:
 
 def _pio(call: Any, fd: int, buf: torch.Tensor, offset: int) -> None:
     """Run preadv/pwritev over a whole uint8 tensor, looping over short transfers."""
-    mv = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
+    mv = buf.numpy().data if buf.numel() else memoryview(b"")
     done, total = 0, len(mv)
     while done < total:
         n = call(fd, [mv[done : done + _MAX_IO]], offset + done)
@@ -260,9 +267,12 @@ def _pio(call: Any, fd: int, buf: torch.Tensor, offset: int) -> None:
 
 
 def open_slab(
-    replica: dict[str, Any], fds: list[int], *, writable: bool = False,
+    replica: dict[str, Any],
+    fds: list[int],
+    *,
+    writable: bool = False,
     transport: Callable[[], Transport] | None = None,
-) -> Slab:  # fmt: skip
+) -> Slab:
     """Build the accessor a daemon's replica descriptor describes."""
     kind, nbytes = replica.get("kind"), replica.get("nbytes")
     if kind == "remote" and transport is not None:

@@ -48,7 +48,15 @@ def view_bytes(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.T
     offset = buf.storage_offset()
     if offset % itemsize:
         raise InvalidArgument(f"byte offset {offset} is not aligned for {dtype}")
-    return out.set_(buf.untyped_storage(), offset // itemsize, shape)
+    return out.set_(buf.untyped_storage(), offset // itemsize, shape, contiguous_strides(shape))
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def fingerprint(t: torch.Tensor) -> int:

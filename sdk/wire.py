@@ -23,10 +23,22 @@ MAX_FDS = 16
 #: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one.
 OPS = frozenset(
     {
-        "hello", "status", "ls", "info", "open", "release", "wait", "nodes",
-        "put_begin", "put_commit", "put_abort", "delete", "replicate", "load",
+        "hello",
+        "status",
+        "ls",
+        "info",
+        "open",
+        "release",
+        "wait",
+        "nodes",
+        "put_begin",
+        "put_commit",
+        "put_abort",
+        "delete",
+        "replicate",
+        "load",
     }
-)  # fmt: skip
+)
 MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load"})
 
 

@@ -160,9 +160,7 @@ def read_header(path: str | os.PathLike[str]) -> list[FileTensor]:
     return read_header_and_metadata(path)[0]
 
 
-def _parse_header(
-    path: str, header: Any, *, data_len: int, data_start: int
-) -> tuple[list[FileTensor], dict[str, str]]:
+def _parse_header(path: str, header: Any, *, data_len: int, data_start: int) -> tuple[list[FileTensor], dict[str, str]]:
     if not isinstance(header, dict):
         raise _bad(path, f"header must be a JSON object, not {type(header).__name__}")
     metadata = header.pop(_METADATA_KEY, None)
@@ -187,9 +185,7 @@ def _parse_header(
     return [e[2] for e in entries], dict(metadata)
 
 
-def _parse_entry(
-    path: str, name: str, info: Any, *, data_len: int, data_start: int
-) -> tuple[int, int, FileTensor]:
+def _parse_entry(path: str, name: str, info: Any, *, data_len: int, data_start: int) -> tuple[int, int, FileTensor]:
     if not isinstance(info, dict):
         raise _bad(path, "entry must be an object with dtype, shape and data_offsets", name)
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
@@ -197,11 +193,7 @@ def _parse_entry(
         raise _bad(path, f"entry lacks {', '.join(missing)}", name)
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
-        why = (
-            "sub-byte dtype is not supported"
-            if isinstance(code, str) and code in _SUB_BYTE
-            else "unknown dtype"
-        )
+        why = "sub-byte dtype is not supported" if isinstance(code, str) and code in _SUB_BYTE else "unknown dtype"
         raise _bad(path, f"{why} {code!r:.40}", name)
     try:
         spec = check_spec(name, SAFETENSORS_DTYPES[code], shape)
@@ -230,9 +222,7 @@ def _parse_entry(
     return begin, end, tensor
 
 
-def read_checkpoint(
-    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
-) -> list[FileTensor]:
+def read_checkpoint(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> list[FileTensor]:
     """Every tensor of a checkpoint: a ``.safetensors`` file or a directory of them.
 
     A directory is read through its ``model.safetensors.index.json`` (or the one
@@ -282,9 +272,7 @@ def _shard_path(directory: str, shard: Any, index: str, tensor: str, root: str) 
         raise _bad(index, f"shard {shard!r:.80} must be a plain file name inside the directory", tensor)
     file = os.path.join(directory, shard)
     if not os.path.exists(file):
-        raise NotFound(
-            f"{index}: shard {shard!r} (for tensor {tensor!r}) does not exist", path=file, tensor=tensor
-        )
+        raise NotFound(f"{index}: shard {shard!r} (for tensor {tensor!r}) does not exist", path=file, tensor=tensor)
     _check_inside(file, root, index)
     return file
 

@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tp", type=int, help="split for tensor parallelism: sets NAME/tp0 .. NAME/tp{N-1}")
     s.add_argument("--rules", help="sharding rules TOML file, or a built-in name (default with --tp: llama)")
     s.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
-    s.add_argument("--on-daemon", action="store_true",
-                   help="let the daemon read the file itself (it must lie under ingest.allowed_roots)")
+    s.add_argument(
+        "--on-daemon",
+        action="store_true",
+        help="let the daemon read the file itself (it must lie under ingest.allowed_roots)",
+    )
     s.set_defaults(run=_load)
 
     s = sub.add_parser("export", help="write one version of a set to a .safetensors file")
@@ -97,12 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tensord import config as cfg
     from tensord.daemon import Daemon
 
-    config = cfg.load(args.config).with_overrides(
-        socket=args.socket, node=args.node and cfg.check_node_id(args.node)
-    )
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    config = cfg.load(args.config).with_overrides(socket=args.socket, node=args.node and cfg.check_node_id(args.node))
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)
     try:
         import uvloop
@@ -137,15 +136,25 @@ def _load(args: argparse.Namespace) -> int:
             loaded = [(args.name, version)]
         elif args.tp is None:
             version, nbytes = load_checkpoint(
-                client, args.path, args.name, device=args.device, threads=args.threads,
+                client,
+                args.path,
+                args.name,
+                device=args.device,
+                threads=args.threads,
                 progress=not args.quiet,
-            )  # fmt: skip
+            )
             loaded = [(args.name, version)]
         else:
             loaded = load_sharded(
-                client, args.path, args.name, tp=args.tp, rules=_rules(args.rules),
-                device=args.device, threads=args.threads, progress=not args.quiet,
-            )  # fmt: skip
+                client,
+                args.path,
+                args.name,
+                tp=args.tp,
+                rules=_rules(args.rules),
+                device=args.device,
+                threads=args.threads,
+                progress=not args.quiet,
+            )
         dt = time.perf_counter() - t0
         if args.tp is not None:
             nbytes = sum(client.info(n, v)["nbytes"] for n, v in loaded)
@@ -185,8 +194,17 @@ def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sets, indent=2))
         return 0
-    rows = [(s["name"], str(s["latest"]), ",".join(map(str, s["versions"])), str(s["tensors"]),
-             _human(s["nbytes"]), s["device"] or "-") for s in sets]  # fmt: skip
+    rows = [
+        (
+            s["name"],
+            str(s["latest"]),
+            ",".join(map(str, s["versions"])),
+            str(s["tensors"]),
+            _human(s["nbytes"]),
+            s["device"] or "-",
+        )
+        for s in sets
+    ]
     _table(("NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE"), rows)
     return 0
 
@@ -198,13 +216,19 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['name']} v{info['version']} (latest v{info['latest']}; versions {info['versions']})")
-    print(f"  {len(info['tensors'])} tensors, {_human(info['nbytes'])} on {info['device'] or '-'}, "
-          f"{info['pins']} pins, created {time.ctime(info['created'])}, origin {info['origin']}")  # fmt: skip
+    print(
+        f"  {len(info['tensors'])} tensors, {_human(info['nbytes'])} on {info['device'] or '-'}, "
+        f"{info['pins']} pins, created {time.ctime(info['created'])}, origin {info['origin']}"
+    )
     replicas = ", ".join(f"{r['node']}:{r['device']}" for r in info["replicas"]) or "none"
     print(f"  replicas: {replicas}")
-    _table(("TENSOR", "DTYPE", "SHAPE", "BYTES"),
-           [(k, t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["nbytes"]))
-            for k, t in info["tensors"].items()])  # fmt: skip
+    _table(
+        ("TENSOR", "DTYPE", "SHAPE", "BYTES"),
+        [
+            (k, t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["nbytes"]))
+            for k, t in info["tensors"].items()
+        ],
+    )
     return 0
 
 
@@ -234,8 +258,18 @@ def _nodes(args: argparse.Namespace) -> int:
         st = n.get("status") or {}
         for device, budget in sorted(n["devices"].items()):
             used = st.get("devices", {}).get(device, {}).get("used")
-            rows.append((n["node"], n["host"], n["control"], n["transport"] or "-", device, _human(budget),
-                         "?" if used is None else _human(used), str(st.get("sets", "?"))))  # fmt: skip
+            rows.append(
+                (
+                    n["node"],
+                    n["host"],
+                    n["control"],
+                    n["transport"] or "-",
+                    device,
+                    _human(budget),
+                    "?" if used is None else _human(used),
+                    str(st.get("sets", "?")),
+                )
+            )
     _table(("NODE", "HOST", "CONTROL", "TRANSPORT", "DEVICE", "BUDGET", "USED", "SETS"), rows)
     return 0
 
@@ -246,11 +280,17 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"node {st['node']} (tensord {st['version']}, up {st['uptime']:.0f} s): {st['sets']} sets, "
-          f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations")  # fmt: skip
-    _table(("DEVICE", "BUDGET", "USED", "FREE"),
-           [(d, _human(v["budget"]), _human(v["used"]), _human(v["budget"] - v["used"]))
-            for d, v in st["devices"].items()])  # fmt: skip
+    print(
+        f"node {st['node']} (tensord {st['version']}, up {st['uptime']:.0f} s): {st['sets']} sets, "
+        f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations"
+    )
+    _table(
+        ("DEVICE", "BUDGET", "USED", "FREE"),
+        [
+            (d, _human(v["budget"]), _human(v["used"]), _human(v["budget"] - v["used"]))
+            for d, v in st["devices"].items()
+        ],
+    )
     return 0
 
 

@@ -31,8 +31,11 @@ class Cluster:
 
     async def candidates(self, name: str, version: int, exclude: list[str]) -> list[tuple[Replica, NodeRecord]]:
         nodes = {n.node: n for n in await self.store.registry.nodes()}
-        found = [(r, nodes[r.node]) for r in await self.store.registry.replicas(name, version)
-                 if r.node in nodes and r.node != self.store.node and r.node not in exclude]  # fmt: skip
+        found = [
+            (r, nodes[r.node])
+            for r in await self.store.registry.replicas(name, version)
+            if r.node in nodes and r.node != self.store.node and r.node not in exclude
+        ]
         if not found:
             raise NotFound(f"no live replica of {name} v{version} on another node", name=name, version=version)
         peers = {r.node: self.peers.get(r.node, n.control) for r, n in found if n.control.startswith("tcp:")}
@@ -52,8 +55,9 @@ class Cluster:
                 continue
             peer.busy += 1
             return result, pin
-        raise TransferError(f"no replica of {name} v{version} could be pinned: {'; '.join(errors)}",
-                            name=name, version=version)  # fmt: skip
+        raise TransferError(
+            f"no replica of {name} v{version} could be pinned: {'; '.join(errors)}", name=name, version=version
+        )
 
     async def release(self, pin: RemotePin) -> bool:
         pin.peer.busy = max(0, pin.peer.busy - 1)
@@ -67,7 +71,8 @@ class Cluster:
         transport = self.store.transport
         if transport is None:
             raise Unavailable(f"node {self.store.node} has no Transfer Engine to pull with")
-        errors, exclude = [], []
+        errors: list[str] = []
+        exclude: list[str] = []
         while True:
             try:
                 result, pin = await self.pin_remote(name, version, exclude)
@@ -103,7 +108,8 @@ def _verify(slab: Slab, manifest: Manifest) -> None:
         actual = fingerprints([view.view(spec) for spec in manifest.tensors])
         for spec, fp in zip(manifest.tensors, actual, strict=True):
             if spec.fingerprint is not None and fp != spec.fingerprint:
-                raise TransferError(f"tensor {spec.name!r} of {manifest.name} v{manifest.version} "
-                                    "arrived with a wrong fingerprint")  # fmt: skip
+                raise TransferError(
+                    f"tensor {spec.name!r} of {manifest.name} v{manifest.version} arrived with a wrong fingerprint"
+                )
     finally:
         view.close()

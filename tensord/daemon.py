@@ -30,10 +30,15 @@ def make_registry(config: Config) -> Registry:
     from tensord.registry.etcd import EtcdRegistry
 
     return EtcdRegistry(
-        list(config.etcd_endpoints), prefix=config.etcd_prefix, lease_ttl=config.lease_ttl,
-        ca_cert=config.etcd_ca_cert, cert_key=config.etcd_cert_key, cert_cert=config.etcd_cert_cert,
-        user=config.etcd_user, password=config.etcd_password,
-    )  # fmt: skip
+        list(config.etcd_endpoints),
+        prefix=config.etcd_prefix,
+        lease_ttl=config.lease_ttl,
+        ca_cert=config.etcd_ca_cert,
+        cert_key=config.etcd_cert_key,
+        cert_cert=config.etcd_cert_cert,
+        user=config.etcd_user,
+        password=config.etcd_password,
+    )
 
 
 def advertised_host(config: Config) -> str:
@@ -61,12 +66,22 @@ class Daemon:
         self.store = Store(config.node, self.registry, self.budgets, retention=config.retention)
         self.peers = Peers(config.token)
         cluster = Cluster(self.store, self.peers) if config.etcd_endpoints else None
-        self.service = Service(self.store, cluster, pull_through=config.pull_through, listen=config.listen,
-                               allowed_roots=config.allowed_roots)  # fmt: skip
+        self.service = Service(
+            self.store,
+            cluster,
+            pull_through=config.pull_through,
+            listen=config.listen,
+            allowed_roots=config.allowed_roots,
+        )
         self.server = Server(
-            config.socket, config.socket_mode, self.service.handle, self.service.session_closed,
-            tcp=config.listen, token=config.token, token_reads=config.token_reads,
-        )  # fmt: skip
+            config.socket,
+            config.socket_mode,
+            self.service.handle,
+            self.service.session_closed,
+            tcp=config.listen,
+            token=config.token,
+            token_reads=config.token_reads,
+        )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -78,16 +93,25 @@ class Daemon:
         if self.config.listen:
             control = f"tcp:{advertised_host(self.config)}:{self.server.tcp_port}"
         node = NodeRecord(
-            self.config.node, host=socket.gethostname(), control=control,
-            transport=self.transport.session if self.transport else "", devices=dict(self.budgets.limit),
-        )  # fmt: skip
+            self.config.node,
+            host=socket.gethostname(),
+            control=control,
+            transport=self.transport.session if self.transport else "",
+            devices=dict(self.budgets.limit),
+        )
         await self.registry.start(node)
         if self.config.etcd_endpoints:
             self._tasks.append(asyncio.get_running_loop().create_task(self._reconcile()))
         budgets = ", ".join(f"{d}={b / 2**30:.1f}GiB" for d, b in self.budgets.limit.items())
-        log.info("tensord node %s ready (pid %d; registry %s; control %s; transport %s; budgets %s)",
-                 self.config.node, os.getpid(), type(self.registry).__name__, control,
-                 self.transport.session if self.transport else "off", budgets)  # fmt: skip
+        log.info(
+            "tensord node %s ready (pid %d; registry %s; control %s; transport %s; budgets %s)",
+            self.config.node,
+            os.getpid(),
+            type(self.registry).__name__,
+            control,
+            self.transport.session if self.transport else "off",
+            budgets,
+        )
 
     async def _reconcile(self) -> None:
         while True:

@@ -69,9 +69,7 @@ def write_safetensors(
                     raise InvalidArgument(f"{target}: the source yielded more than {len(planned)} tensors")
                 f.write(_payload(item, planned[count - 1]))
             if count != len(planned):
-                raise InvalidArgument(
-                    f"{target}: the source yielded {count} tensors, expected {len(planned)}"
-                )
+                raise InvalidArgument(f"{target}: the source yielded {count} tensors, expected {len(planned)}")
             f.flush()
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), mode)
@@ -157,13 +155,10 @@ def _payload(item: TensorItem, spec: TensorSpec) -> memoryview:
         try:
             buf = memoryview(data).cast("B")  # type: ignore[arg-type]
         except TypeError as exc:
-            raise InvalidArgument(
-                f"tensor {spec.name!r}: data must be C-contiguous bytes-like: {exc}"
-            ) from None
+            raise InvalidArgument(f"tensor {spec.name!r}: data must be C-contiguous bytes-like: {exc}") from None
     if len(buf) != spec.nbytes:
         raise InvalidArgument(
-            f"tensor {spec.name!r}: {len(buf)} bytes of data, "
-            f"{spec.dtype} {list(spec.shape)} needs {spec.nbytes}"
+            f"tensor {spec.name!r}: {len(buf)} bytes of data, {spec.dtype} {list(spec.shape)} needs {spec.nbytes}"
         )
     return buf
 
@@ -172,8 +167,7 @@ def _tensor_bytes(spec: TensorSpec, t: Any) -> memoryview:
     torch = _torch()
     if _tensor_dtype(t) != spec.dtype or tuple(t.shape) != spec.shape:
         raise InvalidArgument(
-            f"tensor {spec.name!r}: data is {t.dtype} {list(t.shape)}, "
-            f"declared {spec.dtype} {list(spec.shape)}"
+            f"tensor {spec.name!r}: data is {t.dtype} {list(t.shape)}, declared {spec.dtype} {list(spec.shape)}"
         )
     if t.layout != torch.strided or t.is_meta:
         raise InvalidArgument(f"tensor {spec.name!r}: only dense tensors with data can be written")

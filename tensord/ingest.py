@@ -90,8 +90,7 @@ class Progress:
             if self.logger is not None and (now - self._logged > self.log_every or finished):
                 self._logged = now
                 done_gb, total_gb, rate, eta = self._figures(now)
-                self.logger.info("%s: %.2f/%.2f GB, %.2f GB/s, ETA %.1f s",
-                                 self.label, done_gb, total_gb, rate, eta)  # fmt: skip
+                self.logger.info("%s: %.2f/%.2f GB, %.2f GB/s, ETA %.1f s", self.label, done_gb, total_gb, rate, eta)
 
     def _figures(self, now: float) -> tuple[float, float, float, float]:
         rate = self.done / max(now - self.start, 1e-9)
@@ -150,8 +149,15 @@ def ingest_into(
         fps = [fingerprint_finish(share, spec.nbytes) for share, spec in zip(shares, specs, strict=True)]
     total = sum(spec.nbytes for spec in specs)
     seconds = max(time.perf_counter() - started, 1e-9)
-    log.info("ingested %d tensors, %d bytes in %.3f s (%.2f GB/s) into %s with %d threads",
-             len(specs), total, seconds, total / seconds / 1e9, slab.device, threads)  # fmt: skip
+    log.info(
+        "ingested %d tensors, %d bytes in %.3f s (%.2f GB/s) into %s with %d threads",
+        len(specs),
+        total,
+        seconds,
+        total / seconds / 1e9,
+        slab.device,
+        threads,
+    )
     return fps
 
 
@@ -339,8 +345,7 @@ def _run(
                 failed.append(exc)
             stop.set()
 
-    pool = [threading.Thread(target=worker, args=(s,), name=f"ingest-{i}", daemon=True)
-            for i, s in enumerate(streams)]  # fmt: skip
+    pool = [threading.Thread(target=worker, args=(s,), name=f"ingest-{i}", daemon=True) for i, s in enumerate(streams)]
     for t in pool:
         t.start()
     try:
@@ -387,14 +392,16 @@ def _preadv_all(fd: int, iovs: list[memoryview], offset: int, source: Source) ->
         except OSError as exc:
             raise InvalidArgument(
                 f"{_path(source)}: cannot read tensor {source.name!r}: {exc.strerror or exc}",
-                path=_path(source), tensor=source.name,
-            ) from exc  # fmt: skip
+                path=_path(source),
+                tensor=source.name,
+            ) from exc
         if n <= 0:
             raise InvalidArgument(
                 f"{_path(source)}: file ended at byte {offset + done} inside tensor {source.name!r} "
                 "(truncated while loading?)",
-                path=_path(source), tensor=source.name,
-            )  # fmt: skip
+                path=_path(source),
+                tensor=source.name,
+            )
         done += n
         while iovs and n >= len(iovs[0]):  # drop what a short read filled
             n -= len(iovs[0])
@@ -466,12 +473,16 @@ def load_sharded(
     bar = Progress(total, progress, label=name)
     with ExitStack() as stack:  # aborts every reservation not committed, on any error
         reservations = [
-            stack.enter_context(client.reserve(
-                n, {p.name: (p.dtype, p.shape) for p in plans[rank]}, device=device,
-                origin=f"file:{os.path.abspath(path)}#rank={rank}&tp={tp}",
-            ))
+            stack.enter_context(
+                client.reserve(
+                    n,
+                    {p.name: (p.dtype, p.shape) for p in plans[rank]},
+                    device=device,
+                    origin=f"file:{os.path.abspath(path)}#rank={rank}&tp={tp}",
+                )
+            )
             for rank, n in enumerate(names)
-        ]  # fmt: skip
+        ]
         for reservation, rank in zip(reservations, plans, strict=True):
             _fill(reservation, rank, threads, bar)
         return [(n, r.commit()) for n, r in zip(names, reservations, strict=True)]
@@ -502,8 +513,10 @@ def export_set(client: Client, name: str, path: str | Path, *, version: int | No
     if bad:
         raise InvalidArgument(
             f"{name} v{v}: tensor {bad[0][0]!r} has dtype {bad[0][1]}, which safetensors cannot store",
-            name=name, version=v, tensor=bad[0][0],
-        )  # fmt: skip
+            name=name,
+            version=v,
+            tensor=bad[0][0],
+        )
     specs = [TensorSpec(k, t["dtype"], tuple(t["shape"])) for k, t in tensors.items()]
     metadata = {"format": "pt", "tensord.name": name, "tensord.version": str(v)}
     if info.get("device") == "cpu":

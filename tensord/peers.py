@@ -52,8 +52,7 @@ class Peer:
                 reply = wire.decode(await reader.readexactly(wire.frame_length(header)))
             except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 await self._drop()
-                raise Unavailable(f"node {self.node} at {self.address} is unreachable: {exc}",
-                                  node=self.node) from exc  # fmt: skip
+                raise Unavailable(f"node {self.node} at {self.address} is unreachable: {exc}", node=self.node) from exc
             if reply.get("id") != request_id:
                 await self._drop()
                 raise Unavailable(f"node {self.node} answered out of turn", node=self.node)

@@ -87,8 +87,12 @@ class Server:
                 raise InvalidArgument(f"cannot listen on {self.tcp}: {exc.strerror}") from exc
             self.tcp_port = tcp.getsockname()[1]
             self._listen(tcp, local=False)
-            log.info("listening on tcp %s:%d (token %s)", host, self.tcp_port,
-                     "required" if self._token else "NOT required: anyone who reaches it can write")  # fmt: skip
+            log.info(
+                "listening on tcp %s:%d (token %s)",
+                host,
+                self.tcp_port,
+                "required" if self._token else "NOT required: anyone who reaches it can write",
+            )
 
     def _listen(self, sock: socket.socket, *, local: bool) -> None:
         sock.setblocking(False)
@@ -202,9 +206,7 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: i
     return bytes(buf)
 
 
-async def _send(
-    loop: asyncio.AbstractEventLoop, conn: socket.socket, reply: dict[str, Any], fds: list[int]
-) -> None:
+async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
     try:
         data = wire.encode(reply)
     except ProtocolError as exc:

@@ -49,8 +49,15 @@ def _nodes(value: object) -> list[str]:
 
 
 class Service:
-    def __init__(self, store: Store, cluster: Cluster | None = None, *, pull_through: bool = False,
-                 listen: str = "", allowed_roots: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        cluster: Cluster | None = None,
+        *,
+        pull_through: bool = False,
+        listen: str = "",
+        allowed_roots: tuple[str, ...] = (),
+    ) -> None:
         self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
         self.allowed_roots = allowed_roots
         self.started = time.time()
@@ -80,8 +87,12 @@ class Service:
         if isinstance(client, str):
             session.peer = f"{client[:64]} ({session.peer})"
         transport = self.store.transport
-        return {"protocol": wire.PROTOCOL_VERSION, "node": self.store.node, "version": __version__,
-                "transport": transport.describe() if transport is not None else None}, []  # fmt: skip
+        return {
+            "protocol": wire.PROTOCOL_VERSION,
+            "node": self.store.node,
+            "version": __version__,
+            "transport": transport.describe() if transport is not None else None,
+        }, []
 
     # -- reading ------------------------------------------------------------------------------
     async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -110,10 +121,18 @@ class Service:
             return held.slab.descriptor()
         r = self.store.replica(held)
         if not r.transport:
-            raise Unavailable(f"node {self.store.node} has no Transfer Engine: its sets are readable "
-                              "over its Unix socket only")  # fmt: skip
-        return {"kind": "remote", "node": r.node, "device": r.device, "session": r.transport,
-                "address": r.address, "nbytes": r.nbytes, "generation": r.generation}, []  # fmt: skip
+            raise Unavailable(
+                f"node {self.store.node} has no Transfer Engine: its sets are readable over its Unix socket only"
+            )
+        return {
+            "kind": "remote",
+            "node": r.node,
+            "device": r.device,
+            "session": r.transport,
+            "address": r.address,
+            "nbytes": r.nbytes,
+            "generation": r.generation,
+        }, []
 
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (pin,) = _args(request, "pin")
@@ -143,7 +162,8 @@ class Service:
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             result, _ = await self.cluster.peers.get(to, record.control).call(
-                "replicate", name=name, version=version, device=device)  # fmt: skip
+                "replicate", name=name, version=version, device=device
+            )
             return result, []
         held = await self.cluster.replicate(name, version, device)
         return {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}, []
@@ -195,9 +215,18 @@ class Service:
             else:  # a writer on another node writes with its Transfer Engine
                 address = self.store.expose(r.slab, writable=True)
                 assert self.store.transport is not None
-                replica, fds = {"kind": "remote", "node": self.store.node, "device": r.slab.device,
-                                "session": self.store.transport.session, "address": address,
-                                "nbytes": r.slab.nbytes, "generation": r.slab.generation}, []  # fmt: skip
+                replica, fds = (
+                    {
+                        "kind": "remote",
+                        "node": self.store.node,
+                        "device": r.slab.device,
+                        "session": self.store.transport.session,
+                        "address": address,
+                        "nbytes": r.slab.nbytes,
+                        "generation": r.slab.generation,
+                    },
+                    [],
+                )
         except BaseException:
             session.reservations.discard(r.id)
             self.store.abort(r.id)
@@ -230,11 +259,13 @@ class Service:
             threads = 4
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
             raise InvalidArgument("threads must be an integer from 1 to 64")
-        real = os.path.realpath(path)
+        real = await asyncio.to_thread(os.path.realpath, path)
         root = next((r for r in self.allowed_roots if real == r or real.startswith(r + os.sep)), None)
         if root is None:
-            raise Unauthorized(f"{path} is not under a directory this daemon may read "
-                               f"(ingest.allowed_roots: {list(self.allowed_roots) or 'none'})")  # fmt: skip
+            raise Unauthorized(
+                f"{path} is not under a directory this daemon may read "
+                f"(ingest.allowed_roots: {list(self.allowed_roots) or 'none'})"
+            )
         tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
         r = self.store.reserve(name, device or "cpu", [t.spec() for t in tensors], f"file:{real}")
         session.reservations.add(r.id)
@@ -243,8 +274,9 @@ class Service:
             total = sum(t.nbytes for t in tensors)
             bar = Progress(total, False, logger=log, label=f"load {name}")
             try:
-                fps = await asyncio.to_thread(ingest_into, slab, r.manifest, tensors, threads=threads,
-                                              progress=bar.advance)  # fmt: skip
+                fps = await asyncio.to_thread(
+                    ingest_into, slab, r.manifest, tensors, threads=threads, progress=bar.advance
+                )
             finally:
                 slab.close()
             held = await self.store.commit(r.id, fps)
@@ -277,12 +309,17 @@ class Service:
             latest = await registry.resolve(name)
             manifest = await registry.manifest(name, latest)
             replicas = await registry.replicas(name, latest)
-            out.append({
-                "name": name, "latest": latest, "versions": versions, "nbytes": manifest.data_bytes,
-                "tensors": len(manifest.tensors),
-                "device": ",".join(sorted({f"{r.node}:{r.device}" if self.cluster else r.device for r in replicas}))
-                or None,
-            })  # fmt: skip
+            out.append(
+                {
+                    "name": name,
+                    "latest": latest,
+                    "versions": versions,
+                    "nbytes": manifest.data_bytes,
+                    "tensors": len(manifest.tensors),
+                    "device": ",".join(sorted({f"{r.node}:{r.device}" if self.cluster else r.device for r in replicas}))
+                    or None,
+                }
+            )
         return out, []
 
     async def op_info(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -296,8 +333,9 @@ class Service:
             "version": version,
             "latest": await registry.resolve(name),
             "versions": await registry.versions(name),
-            "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
-                        for t in manifest.tensors},  # fmt: skip
+            "tensors": {
+                t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes} for t in manifest.tensors
+            },
             "nbytes": manifest.data_bytes,
             "slab_bytes": manifest.nbytes,
             "created": manifest.created,
@@ -317,8 +355,9 @@ class Service:
             "uptime": time.time() - self.started,
             "listen": self.listen,
             "transport": store.transport.describe() if store.transport is not None else None,
-            "devices": {d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]}
-                        for d in store.budgets.limit},  # fmt: skip
+            "devices": {
+                d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]} for d in store.budgets.limit
+            },
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
             "pins": sum(h.pins for h in store.held.values()),
@@ -332,12 +371,12 @@ class Service:
 
         async def status(record: Any) -> dict[str, Any] | None:
             if record.node == self.store.node:
-                return (await self.op_status(session, {"op": "status"}))[0]  # type: ignore[no-any-return]
+                return dict((await self.op_status(session, {"op": "status"}))[0])
             if self.cluster is None:
                 return None
             with contextlib.suppress(TensordError, TimeoutError):
                 peer = self.cluster.peers.get(record.node, record.control)
-                return (await asyncio.wait_for(peer.call("status"), 5.0))[0]  # type: ignore[no-any-return]
+                return dict((await asyncio.wait_for(peer.call("status"), 5.0))[0])
             return None
 
         statuses = await asyncio.gather(*(status(r) for r in records))

@@ -48,9 +48,14 @@ class Reservation:
 
 class Store:
     def __init__(
-        self, node: str, registry: Registry, budgets: Budgets, *, retention: int = 0,
+        self,
+        node: str,
+        registry: Registry,
+        budgets: Budgets,
+        *,
+        retention: int = 0,
         transport: Transport | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.node, self.registry, self.budgets, self.retention = node, registry, budgets, retention
         self.transport = transport
         self.held: dict[tuple[str, int], Held] = {}
@@ -140,8 +145,7 @@ class Store:
             self.held.pop((r.name, version), None)
             self._free(r.slab)
             raise
-        log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, len(specs),
-                 m.nbytes, r.slab.device)  # fmt: skip
+        log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, len(specs), m.nbytes, r.slab.device)
         await self._retain(r.name)
         return held
 
@@ -155,8 +159,16 @@ class Store:
         m, slab = held.manifest, held.slab
         entry = self._registered.get(id(slab))
         session = self.transport.session if self.transport is not None and entry else ""
-        return Replica(m.name, m.version, self.node, slab.device, transport=session,
-                       address=entry[1] if entry else 0, nbytes=slab.nbytes, generation=slab.generation)  # fmt: skip
+        return Replica(
+            m.name,
+            m.version,
+            self.node,
+            slab.device,
+            transport=session,
+            address=entry[1] if entry else 0,
+            nbytes=slab.nbytes,
+            generation=slab.generation,
+        )
 
     def discard(self, slab: Slab) -> None:
         """Free a slab that never became a version (a failed pull)."""
@@ -187,8 +199,7 @@ class Store:
         """The locally held version `version` names; NotFound if this node does not hold it."""
         held = self.held.get((name, await self.resolve_version(name, version)))
         if held is None or not held.live:
-            raise NotFound(f"{name} v{version or 'latest'} is not held on node {self.node}",
-                           name=name, version=version)  # fmt: skip
+            raise NotFound(f"{name} v{version or 'latest'} is not held on node {self.node}", name=name, version=version)
         return held
 
     async def resolve_version(self, name: str, version: int | None) -> int:

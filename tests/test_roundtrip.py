@@ -7,30 +7,18 @@ import torch
 
 import sdk
 from sdk.tensors import DTYPES, as_bytes, fingerprint
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Random bytes reinterpreted as `dtype` (covers NaN payloads, subnormals, every bit)."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.empty(shape, dtype=dtype)
-    b = as_bytes(t)
-    b.copy_(torch.randint(0, 256, (b.numel(),), dtype=torch.uint8, generator=g))
-    if dtype == torch.bool:
-        b.bitwise_and_(1)
-    return t
+from tests.data import random_tensor as _random
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(as_bytes(a.contiguous()), as_bytes(b.contiguous()))
-    )
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a.contiguous()), as_bytes(b.contiguous()))
 
 
-ALL = {f"{name}/{i}": _random(dtype, shape, seed=i)
-       for name, dtype in DTYPES.items()
-       for i, shape in enumerate([(), (0,), (7,), (3, 5, 2), (1000, 33)])}  # fmt: skip
+ALL = {
+    f"{name}/{i}": _random(dtype, shape, seed=i)
+    for name, dtype in DTYPES.items()
+    for i, shape in enumerate([(), (0,), (7,), (3, 5, 2), (1000, 33)])
+}
 
 
 def test_every_dtype_round_trips_bit_exact(client: sdk.Client) -> None:
@@ -60,8 +48,12 @@ def test_manifest_fingerprints_match_the_source(client: sdk.Client) -> None:
 
 def test_non_contiguous_and_views_are_accepted(client: sdk.Client) -> None:
     base = torch.randn(64, 32)
-    tensors = {"t": base.t(), "slice": base[::3, 1:7], "expanded": torch.randn(1, 8).expand(5, 8),
-               "offset_view": base.view(-1)[13:29]}  # fmt: skip
+    tensors = {
+        "t": base.t(),
+        "slice": base[::3, 1:7],
+        "expanded": torch.randn(1, 8).expand(5, 8),
+        "offset_view": base.view(-1)[13:29],
+    }
     client.put("views", tensors)
     got = client.get("views")
     for key, t in tensors.items():

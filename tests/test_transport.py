@@ -287,9 +287,7 @@ def test_mooncake_batched_write_lands_in_peer_memory(holder, reader):
     buf[: 16 * MiB].random_(0, 256)
     # four 4 MiB pieces to four scattered remote offsets
     offsets = [48 * MiB, 4 * MiB, 20 * MiB + 12345, 60 * MiB - 4 * MiB]
-    entries = [
-        Entry(buf.data_ptr() + i * 4 * MiB, holder.address + off, 4 * MiB) for i, off in enumerate(offsets)
-    ]
+    entries = [Entry(buf.data_ptr() + i * 4 * MiB, holder.address + off, 4 * MiB) for i, off in enumerate(offsets)]
     te.write(holder.session, entries)
     for i, off in enumerate(offsets):
         assert holder.sha256(off, 4 * MiB) == sha(buf[i * 4 * MiB : (i + 1) * 4 * MiB])

@@ -45,8 +45,12 @@ def test_latest_falls_back_when_the_newest_is_deleted(client: sdk.Client) -> Non
 
 def test_unknown_names_and_versions(client: sdk.Client) -> None:
     client.put("known", {"x": torch.ones(1)})
-    for call in (lambda: client.get("unknown"), lambda: client.get("known", 9),
-                 lambda: client.info("known", 9), lambda: client.mount("unknown")):  # fmt: skip
+    for call in (
+        lambda: client.get("unknown"),
+        lambda: client.get("known", 9),
+        lambda: client.info("known", 9),
+        lambda: client.mount("unknown"),
+    ):
         with pytest.raises(sdk.NotFound):
             call()
 

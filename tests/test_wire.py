@@ -11,8 +11,9 @@ from sdk.manifest import ALIGN, Manifest, TensorSpec, check_spec, layout
 
 
 def _manifest() -> Manifest:
-    specs, nbytes = layout([check_spec("a", "float32", [2, 3]), check_spec("b", "bfloat16", []),
-                            check_spec("c", "int8", [0])])  # fmt: skip
+    specs, nbytes = layout(
+        [check_spec("a", "float32", [2, 3]), check_spec("b", "bfloat16", []), check_spec("c", "int8", [0])]
+    )
     tensors = tuple(s._replace(fingerprint=i) for i, s in enumerate(specs))
     return Manifest("model/tp0", 7, tensors, nbytes, 123.0, "put by test")
 

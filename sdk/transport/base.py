@@ -115,12 +115,8 @@ class Registrations:
             return False
         below = self._segments[i] if i >= 0 else None
         above = self._segments[i + 1] if i + 1 < len(self._segments) else None
-        if (below is not None and below.end > address) or (
-            above is not None and above.address < address + length
-        ):
-            raise InvalidArgument(
-                "register: range overlaps a registered range", address=address, length=length
-            )
+        if (below is not None and below.end > address) or (above is not None and above.address < address + length):
+            raise InvalidArgument("register: range overlaps a registered range", address=address, length=length)
         self._starts.insert(i + 1, address)
         self._segments.insert(i + 1, Segment(self.session, address, length))
         return True
@@ -175,8 +171,12 @@ class Transport(abc.ABC):
 
     def describe(self) -> dict[str, str]:
         """What a client on the same node needs to start a compatible engine."""
-        return {"name": self.name, "protocol": self.protocol, "session": self.session,
-                "hostname": self.session.rpartition(":")[0]}  # fmt: skip
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "session": self.session,
+            "hostname": self.session.rpartition(":")[0],
+        }
 
     @abc.abstractmethod
     def register(self, address: int, length: int) -> None:

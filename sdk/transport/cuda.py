@@ -19,8 +19,11 @@ from sdk.errors import TransferError
 @functools.cache
 def _libcuda() -> ctypes.CDLL:
     lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
-                                            ctypes.c_uint64]  # fmt: skip
+    lib.cuMemGetAddressRange_v2.argtypes = [
+        ctypes.POINTER(ctypes.c_uint64),
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_uint64,
+    ]
     return lib
 
 

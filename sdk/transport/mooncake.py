@@ -85,9 +85,7 @@ def available(protocol: str = "tcp") -> tuple[bool, str]:
 def resolve_protocol(protocol: str) -> str:
     """``auto`` becomes ``rdma`` when RDMA devices exist, else ``tcp``; others pass through."""
     if protocol not in PROTOCOLS:
-        raise InvalidArgument(
-            f"unknown transport protocol {protocol!r}", protocol=protocol, allowed=PROTOCOLS
-        )
+        raise InvalidArgument(f"unknown transport protocol {protocol!r}", protocol=protocol, allowed=PROTOCOLS)
     if protocol == "auto":
         return "rdma" if _rdma_devices() else "tcp"
     return protocol
@@ -104,11 +102,7 @@ def configure_env(
     """
     proto = resolve_protocol(protocol)
     if nics is not None:
-        if (
-            isinstance(nics, str)
-            or not nics
-            or not all(isinstance(n, str) and _NIC.fullmatch(n) for n in nics)
-        ):
+        if isinstance(nics, str) or not nics or not all(isinstance(n, str) and _NIC.fullmatch(n) for n in nics):
             raise InvalidArgument("nics must be a non-empty list of device names", nics=nics)
         if proto != "rdma":
             raise InvalidArgument(f"nics apply to rdma only, not {proto}", protocol=protocol, nics=list(nics))
@@ -170,18 +164,14 @@ class MooncakeTransport(Transport):
         max_batch_entries: int = 1024,
     ) -> None:
         if not isinstance(max_batch_entries, int) or max_batch_entries < 1:
-            raise InvalidArgument(
-                "max_batch_entries must be a positive int", max_batch_entries=max_batch_entries
-            )
+            raise InvalidArgument("max_batch_entries must be a positive int", max_batch_entries=max_batch_entries)
         self.max_batch_entries = max_batch_entries
         if not isinstance(hostname, str) or not hostname or ":" in hostname:
             raise InvalidArgument("hostname must be a host name or IPv4 address", hostname=hostname)
         self.protocol = resolve_protocol(protocol)
         ok, why = available(self.protocol)
         if not ok:
-            raise TransferError(
-                f"Mooncake transport {self.protocol} is unavailable: {why}", protocol=protocol
-            )
+            raise TransferError(f"Mooncake transport {self.protocol} is unavailable: {why}", protocol=protocol)
         env = configure_env(self.protocol, nics, timeout_s=timeout_s)
         _apply_env(env)
         devices = ",".join(nics) if nics is not None else ""
@@ -189,9 +179,7 @@ class MooncakeTransport(Transport):
             engine = _load_engine_module().TransferEngine()
             rc = engine.initialize(hostname, "P2PHANDSHAKE", self.protocol, devices)
         except Exception as exc:
-            raise TransferError(
-                f"Mooncake engine failed to start on {hostname} ({self.protocol}): {exc}"
-            ) from exc
+            raise TransferError(f"Mooncake engine failed to start on {hostname} ({self.protocol}): {exc}") from exc
         if rc != 0:
             raise TransferError(
                 f"Mooncake engine failed to start on {hostname} ({self.protocol}), rc {rc}",
@@ -259,9 +247,7 @@ class MooncakeTransport(Transport):
             except Exception as exc:
                 raise self._fail(f"unregister {address:#x} failed: {exc}") from exc
         if rc != 0:
-            raise self._fail(
-                f"unregister {address:#x} on {self._session} failed, rc {rc}", rc=rc, address=address
-            )
+            raise self._fail(f"unregister {address:#x} on {self._session} failed, rc {rc}", rc=rc, address=address)
         logger.debug("unregistered %s bytes at %#x on %s", seg.length, address, self._session)
 
     def read(self, session: str, entries: Sequence[Entry]) -> None:
@@ -287,9 +273,7 @@ class MooncakeTransport(Transport):
             self._check_open()
             self._regs.check(batch, side="local", peer=session)
             self._in_flight += 1
-        call = (
-            self._engine.batch_transfer_sync_read if op == "read" else self._engine.batch_transfer_sync_write
-        )
+        call = self._engine.batch_transfer_sync_read if op == "read" else self._engine.batch_transfer_sync_write
         step = self.max_batch_entries
         start = time.monotonic()
         rc = 0

@@ -126,9 +126,7 @@ class _Client(aetcd.Client):
             self.clusterstub = rpc.ClusterStub(channel)
             self.leasestub = rpc.LeaseStub(channel)
             self.maintenancestub = rpc.MaintenanceStub(channel)
-            self._watcher = aetcd.Watcher(
-                rpc.WatchStub(channel), timeout=self._timeout, metadata=self.metadata
-            )
+            self._watcher = aetcd.Watcher(rpc.WatchStub(channel), timeout=self._timeout, metadata=self.metadata)
             self._connected.set()
 
 
@@ -228,9 +226,7 @@ class EtcdRegistry(Registry):
                 self._drop_client(index)  # a fresh client authenticates again
             elif len(self._addrs) > 1 and self._current == index:
                 self._current = (index + 1) % len(self._addrs)
-                log.info(
-                    "etcd %s failed on %s; trying %s next", what, endpoint, self._endpoints[self._current]
-                )
+                log.info("etcd %s failed on %s; trying %s next", what, endpoint, self._endpoints[self._current])
             raise Unavailable(f"etcd {what} failed on {endpoint}: {exc}", endpoint=endpoint) from exc
 
     def _drop_client(self, index: int) -> None:
