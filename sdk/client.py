@@ -204,11 +204,16 @@ class Client:
         manifest = Manifest.from_wire(result["manifest"])
         return result["pin"], manifest, open_slab(result["replica"], fds, transport=self._transport)
 
-    def _release(self, pin: int) -> bool:
-        """Give a pin back; True if it held throughout (a remote node did not lose it)."""
+    def _release(self, pin: int, *, wait: bool = True) -> bool:
+        """Give a pin back; True if it held throughout (a remote node did not lose it).
+
+        A pin on this node cannot be lost, so it can be given back without `wait`ing."""
         conn = self._connection
         if conn is None or self._closed:
             return False
+        if not wait:
+            conn.post("release", pin=pin)
+            return True
         result, _ = conn.call("release", pin=pin)
         return bool(result.get("intact", True))
 
@@ -232,7 +237,7 @@ class Client:
                     slab.finish()
                 finally:
                     slab.close()
-                    intact = self._release(pin)
+                    intact = self._release(pin, wait=isinstance(slab, RemoteSlab))
             if failure is None and intact:
                 return value
             assert isinstance(slab, RemoteSlab)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -11,6 +12,8 @@ from typing import Any
 
 from sdk import wire
 from sdk.errors import InvalidArgument, ProtocolError, Unavailable, from_wire
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/tensord/tensord.sock"
 
@@ -40,6 +43,7 @@ class Connection:
         self.is_local = where.startswith("unix:")
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._posted: set[int] = set()
         kind, _, target = where.partition(":")
         try:
             if kind == "unix":
@@ -71,9 +75,16 @@ class Connection:
             request_id = next(self._ids)
             try:
                 self._sock.sendall(wire.encode({"id": request_id, "op": op, "args": args}))
-                fds: list[int] = []
-                length = wire.frame_length(self._recv(wire.HEADER.size, fds))
-                reply = wire.decode(self._recv(length, fds))
+                while True:
+                    fds: list[int] = []
+                    length = wire.frame_length(self._recv(wire.HEADER.size, fds))
+                    reply = wire.decode(self._recv(length, fds))
+                    if reply.get("id") not in self._posted:
+                        break
+                    self._posted.discard(reply.get("id"))  # the answer to an earlier post()
+                    _close_all(fds)
+                    if not reply.get("ok"):
+                        log.warning("an earlier request failed: %s", reply.get("error"))
             except (OSError, TimeoutError) as exc:
                 self.close()
                 raise Unavailable(f"lost the tensord daemon at {self.where}: {exc}") from exc
@@ -84,6 +95,17 @@ class Connection:
             _close_all(fds)
             raise from_wire(reply.get("error"))
         return reply.get("result"), fds
+
+    def post(self, op: str, **args: Any) -> None:
+        """Send a request without waiting: its reply is read (and dropped) by the next call."""
+        with self._lock:
+            request_id = next(self._ids)
+            try:
+                self._sock.sendall(wire.encode({"id": request_id, "op": op, "args": args}))
+            except OSError as exc:
+                self.close()
+                raise Unavailable(f"lost the tensord daemon at {self.where}: {exc}") from exc
+            self._posted.add(request_id)
 
     def _recv(self, n: int, fds: list[int]) -> bytes:
         buf = bytearray()
