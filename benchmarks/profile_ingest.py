@@ -1,0 +1,74 @@
+"""Where the time of one `tensord load` to a GPU goes, phase by phase (diagnostic).
+
+python benchmarks/profile_ingest.py --device cuda:0 --gib 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import start_daemon, sync
+from ingest import generate
+
+from sdk.tensors import fingerprint_finish, fingerprints
+from tensord import ingest
+from tensord.checkpoint import read_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=8)
+    args = p.parse_args()
+    path = Path(tempfile.mkdtemp(prefix="tensord-prof-")) / "model.safetensors"
+    generate(path, args.gib)
+    daemon = start_daemon(env={"TENSORD_LOG_LEVEL": "warning"})
+    phases: dict[str, list[float]] = {}
+    try:
+        with daemon.client() as c:
+            for _ in range(5):
+                marks = [("start", time.perf_counter())]
+                tensors = read_checkpoint(path)
+                marks.append(("read header", time.perf_counter()))
+                r = c.reserve("p", {t.name: (t.dtype, t.shape) for t in tensors}, device=args.device)
+                marks.append(("reserve + open slab", time.perf_counter()))
+                specs = list(r.manifest.tensors)
+                gpu = args.device.startswith("cuda")
+                size = ingest._chunk_size(r.slab, None)
+                with ingest._opened(tensors) as fds:
+                    chunks = ingest._plan_chunks(tensors, fds, size)
+                    shares = ingest._run(r.slab, specs, tensors, chunks, args.threads, size, None, hash_chunks=not gpu)
+                marks.append(("read + copy pipeline", time.perf_counter()))
+                if gpu:
+                    fps = fingerprints([r.slab.view(s) for s in specs])
+                else:
+                    fps = [fingerprint_finish(x, s.nbytes) for x, s in zip(shares, specs, strict=True)]
+                marks.append(("fingerprints", time.perf_counter()))
+                for s, fp in zip(specs, fps, strict=True):
+                    r.written(s.name, fp)
+                r.commit()
+                marks.append(("commit", time.perf_counter()))
+                c.delete("p")
+                sync()
+                for (_, a), (label, b) in itertools.pairwise(marks):
+                    phases.setdefault(label, []).append(b - a)
+        nbytes = sum(t.nbytes for t in tensors)
+        total = sum(statistics.median(v[1:]) for v in phases.values())
+        for label, values in phases.items():
+            print(f"  {label:<28} {statistics.median(values[1:]) * 1e3:8.1f} ms")
+        print(f"  total {total * 1e3:.1f} ms = {nbytes / total / 1e9:.2f} GB/s for {nbytes / 1e9:.2f} GB, "
+              f"{len(tensors)} tensors, {args.threads} threads")  # fmt: skip
+    finally:
+        daemon.stop()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
