@@ -95,7 +95,7 @@ def fingerprint_part(b: torch.Tensor, start: int, total: int) -> int:
 
 
 def _share(b: torch.Tensor, start: int, total: int) -> torch.Tensor:
-    """fingerprint_part as a 0-d int64 tensor on b's device (no synchronisation)."""
+    """fingerprint_part as a 0-d int64 tensor on b's device (no synchronisation, ~3 kernels)."""
     n = b.numel()
     last = start + n == total
     if start % BLOCK_BYTES or (not last and n % BLOCK_BYTES):
@@ -104,16 +104,36 @@ def _share(b: torch.Tensor, start: int, total: int) -> torch.Tensor:
     if words_end and b.storage_offset() % 8:
         b = b.clone()
     words = b[:words_end].view(torch.int64)
-    full = words.numel() // _BLOCK_WORDS * _BLOCK_WORDS
-    parts = [words[:full].view(-1, _BLOCK_WORDS).sum(1)]
-    if last:
-        tail = b[words_end:].to(torch.int64)
-        shifts = 8 * torch.arange(tail.numel(), device=b.device, dtype=torch.int64)
-        parts += [words[full:].sum().reshape(1), (tail << shifts).sum().reshape(1)]
-    sums = torch.cat(parts)
-    first = start // BLOCK_BYTES
-    index = torch.arange(first, first + sums.numel(), device=b.device, dtype=torch.int64)
-    return (sums * (index * 2 + _GOLDEN)).sum()
+    first, nfull = start // BLOCK_BYTES, words.numel() // _BLOCK_WORDS
+    share = torch.zeros((), dtype=torch.int64, device=b.device)
+    if nfull:  # each whole block's sum, weighted by its position
+        sums = words[: nfull * _BLOCK_WORDS].view(nfull, _BLOCK_WORDS).sum(1)
+        share = (sums * _weights(b.device, first + nfull)[first:]).sum()
+    if last:  # then the partial block and the tail bytes, as the next two positions
+        rest = words[nfull * _BLOCK_WORDS :]
+        if rest.numel():
+            share = share + rest.sum() * _weight(first + nfull)
+        tail = b[words_end:]
+        if tail.numel():
+            shifts = 8 * torch.arange(tail.numel(), device=b.device, dtype=torch.int64)
+            share = share + (tail.to(torch.int64) << shifts).sum() * _weight(first + nfull + 1)
+    return share
+
+
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _weight(index: int) -> int:
+    return index * 2 + _GOLDEN
+
+
+def _weights(device: torch.device, count: int) -> torch.Tensor:
+    """Block weights 0..count-1 on `device`, from a table that grows as needed."""
+    table = _WEIGHTS.get(device)
+    if table is None or table.numel() < count:
+        size = max(count, 2 * (table.numel() if table is not None else 4096))
+        table = _WEIGHTS[device] = torch.arange(size, device=device, dtype=torch.int64) * 2 + _GOLDEN
+    return table[:count]
 
 
 def fingerprint_finish(shares: int, total: int) -> int:
