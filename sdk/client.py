@@ -223,7 +223,13 @@ class Client:
         wanted = check_version(version)
         exclude: list[str] = []
         for _ in range(_MAX_REPLICAS):
-            pin, manifest, slab = self._open(name, wanted, exclude)
+            try:
+                pin, manifest, slab = self._open(name, wanted, exclude)
+            except NotFound as exc:
+                if not exclude:
+                    raise
+                raise TransferError(f"{name} v{wanted}: every replica failed ({', '.join(exclude)})",
+                                    name=name, version=wanted) from exc  # fmt: skip
             wanted = manifest.version  # "latest" resolves once per read
             failure: TensordError | None = None
             try:

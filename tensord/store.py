@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sdk.errors import InvalidArgument, NotFound, Unavailable
+from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
 from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
 from sdk.transport.base import Transport
 from sdk.transport.cuda import current
@@ -30,6 +30,7 @@ class Held:
     slab: Slab
     pins: int = 0
     live: bool = True  # False once retired or deleted: freed when pins reach 0
+    advertised: bool = False  # True once the registry knows it (reconcile trusts no other)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -141,12 +142,16 @@ class Store:
             if self.transport is not None and self.transport.supports(r.slab.device):
                 self.expose(r.slab, writable=False)
             await self.registry.commit(manifest, self.replica(held))
+            held.advertised = True
         except BaseException:
             self.held.pop((r.name, version), None)
             self._free(r.slab)
             raise
         log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, len(specs), m.nbytes, r.slab.device)
-        await self._retain(r.name)
+        try:
+            await self._retain(r.name)
+        except TensordError as exc:  # the version stands; retention runs again at the next commit
+            log.warning("retention for %s skipped: %s", r.name, exc.message)
         return held
 
     def abort(self, rid: int) -> None:
@@ -188,6 +193,7 @@ class Store:
             if self.transport is not None and self.transport.supports(slab.device):
                 self.expose(slab, writable=False)
             await self.registry.add_replica(self.replica(held))
+            held.advertised = True
         except BaseException:
             self._drop(held)
             raise
@@ -261,7 +267,7 @@ class Store:
 
     async def reconcile(self) -> None:
         """Retire held versions whose manifest left the registry (deleted by another node)."""
-        for held in [h for h in self.held.values() if h.live]:
+        for held in [h for h in self.held.values() if h.live and h.advertised]:
             name, version = held.key
             if version not in await self.registry.versions(name):
                 log.info("%s v%d was deleted elsewhere: retiring the local replica", name, version)
