@@ -104,10 +104,10 @@ class Service:
         if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
             held = await self.cluster.replicate(name, version, None)
         if held is not None and held.live and self.store.node not in exclude:
+            replica, fds = self._descriptor(session, held)
             self.store.pin(held)
             pin = next(self._pins)
             session.pins[pin] = held
-            replica, fds = self._descriptor(session, held)
             return {"pin": pin, "manifest": held.manifest.wire, "replica": replica}, fds
         if self.cluster is None:
             raise NotFound(f"{name} v{version} is not held on node {self.store.node}", name=name, version=version)
