@@ -118,7 +118,15 @@ def test_module_level_api_uses_tensord_socket(daemon, monkeypatch: pytest.Monkey
 
 
 def test_exported_members() -> None:
-    assert set(sdk.__all__) == {n for n in dir(sdk) if not n.startswith("_") and n in sdk.__all__}
-    for name in sdk.__all__:
-        assert getattr(sdk, name) is not None
+    """`__all__` is the API: every public class or function of `sdk` is in it, and nothing else."""
+    import inspect
+
+    public = {
+        name
+        for name, value in vars(sdk).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and (value.__module__ or "").startswith("sdk")
+    }
+    assert public == set(sdk.__all__)
     assert issubclass(sdk.NotFound, sdk.TensordError)
