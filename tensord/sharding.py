@@ -17,7 +17,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,28 +206,3 @@ def _coalesce(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         else:
             out.append((offset, length))
     return tuple(out)
-
-
-def read_plan(plan: ShardPlan, out: bytearray | memoryview | None = None) -> memoryview:
-    """Read a shard's bytes into ``out`` (or a new buffer) with positional reads; return the view."""
-    buf = memoryview(bytearray(plan.nbytes) if out is None else out).cast("B")
-    if len(buf) < plan.nbytes:
-        raise InvalidArgument(f"tensor {plan.name!r}: buffer of {len(buf)} bytes, shard needs {plan.nbytes}")
-    fd = os.open(plan.tensor.path, os.O_RDONLY)
-    try:
-        _pread_all(fd, plan.ranges, buf, plan.tensor.path)
-    finally:
-        os.close(fd)
-    return buf[: plan.nbytes]
-
-
-def _pread_all(fd: int, ranges: Sequence[tuple[int, int]], buf: memoryview, path: str) -> None:
-    pos = 0
-    for offset, length in ranges:
-        done = 0
-        while done < length:
-            got = os.preadv(fd, [buf[pos + done : pos + length]], offset + done)
-            if got == 0:
-                raise InvalidArgument(f"{path}: file ended at byte {offset + done} (truncated?)", path=path)
-            done += got
-        pos += length

@@ -18,7 +18,6 @@ from tensord.sharding import (
     parse_rules,
     plan_shard,
     plan_shards,
-    read_plan,
 )
 from tests.daemons import WEIGHTS, needs_minilm
 from tests.data import random_tensor
@@ -29,6 +28,16 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "sharding-rules.exam
 def raw(t: torch.Tensor) -> torch.Tensor:
     """A tensor's bytes, for bit-exact comparison of any dtype."""
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def read_plan(plan: ShardPlan) -> bytes:
+    """The shard's bytes: the planned (offset, length) ranges of its file, in order."""
+    with open(plan.tensor.path, "rb") as f:
+        parts = []
+        for offset, length in plan.ranges:
+            f.seek(offset)
+            parts.append(f.read(length))
+    return b"".join(parts)
 
 
 def shard_tensor(plan: ShardPlan, dtype: torch.dtype) -> torch.Tensor:
