@@ -12,7 +12,7 @@ from typing import Any
 
 from sdk import wire
 from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unauthorized, Unavailable
-from sdk.manifest import specs_from_wire
+from sdk.manifest import Manifest, specs_from_wire
 from sdk.names import check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
@@ -306,8 +306,11 @@ class Service:
             versions = await registry.versions(name)
             if not versions:
                 continue
-            latest = await registry.resolve(name)
-            manifest = await registry.manifest(name, latest)
+            try:
+                latest = await registry.resolve(name)
+                manifest = await self._manifest(name, latest)
+            except NotFound:  # deleted while listing
+                continue
             replicas = await registry.replicas(name, latest)
             out.append(
                 {
@@ -327,7 +330,7 @@ class Service:
         registry = self.store.registry
         version = await self.store.resolve_version(check_name(name), check_version(version))
         held = self.store.held.get((name, version))
-        manifest = held.manifest if held is not None else await registry.manifest(name, version)
+        manifest = await self._manifest(name, version)
         return {
             "name": name,
             "version": version,
@@ -344,6 +347,11 @@ class Service:
             "pins": held.pins if held else 0,
             "replicas": [r.to_wire() for r in await registry.replicas(name, version)],
         }, []
+
+    async def _manifest(self, name: str, version: int) -> Manifest:
+        """A committed manifest: from memory when this node holds the version (it never changes)."""
+        held = self.store.held.get((name, version))
+        return held.manifest if held is not None else await self.store.registry.manifest(name, version)
 
     async def op_status(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         _args(request)
