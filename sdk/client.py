@@ -65,11 +65,7 @@ class Reservation:
 
     def write(self, tensor_name: str, src: torch.Tensor) -> None:
         """Copy `src` into the slab at its place and record its fingerprint."""
-        spec = self._spec(tensor_name)
-        if dtype_name(src.dtype) != spec.dtype or tuple(src.shape) != spec.shape:
-            raise InvalidArgument(f"tensor {tensor_name!r}: dtype/shape differ from the reservation")
-        self.slab.write_from(spec, src)
-        self._fingerprints[tensor_name] = fingerprint(src)
+        self.write_all({tensor_name: src})
 
     def write_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Write many tensors at once: copies spread over I/O threads, fingerprints alongside."""
