@@ -51,6 +51,9 @@ def transfers(client: sdk.Client, device: str, gib: float, runs: int) -> None:
         lambda: client.put("bench/set", src, device=device), runs, setup=lambda: client.delete("bench/set")
     )
     print(row("tensord put   (vs clone)", nbytes, put, clone))
+    if device == "cpu":
+        huge = client.status()["huge_pages"] >= nbytes
+        print(f"  (the host slab lies in {'huge pages' if huge else '4 KiB pages: the kernel gives no huge pages'})")
     get = median_seconds(lambda: client.get("bench/set", device=device), runs)
     print(row("tensord get   (vs clone)", nbytes, get, clone))
     load = median_seconds(lambda: client.load_into(dst, "bench/set"), runs)

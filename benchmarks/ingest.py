@@ -8,11 +8,12 @@ of --runs after --warmup is printed in GB/s of tensor data, with ratios:
                       a GPU device): the disk limit as the issue defines it
   raw read N threads  the same with --threads readers on interleaved chunks (DESIGN: the best
                       raw read is the limit)
-  raw read -> memfd   the same, each piece then written to its place in a new memfd (cpu) or
-  raw read -> gpu     copied to its place in one GPU buffer: a plain copy of the same bytes to
-                      where a load puts them, without fingerprints
-  fresh memfd fill    (cpu) pwritev of the same number of bytes into a new memfd: what it costs
-                      this machine to give a host slab its pages, whatever the source
+  raw read -> slab    the same, each piece read straight to its place in a new host slab (the
+  raw read -> gpu     daemon's kind: huge pages where the kernel gives them) or copied to its
+                      place in one GPU buffer: a plain copy of the same bytes to where a load
+                      puts them, without fingerprints
+  fresh slab fill     (cpu) copying the same number of bytes into a new host slab: what it
+                      costs this machine to give a slab its pages, whatever the source
   load_file           safetensors.torch.load_file(path, device=--device); on cpu it maps the
                       file and returns before reading it, so "load_file + clone" (every tensor
                       copied into private memory, as loading a state_dict does) is also shown
@@ -42,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import load_file
 
+from sdk.mapping import Mapping
 from tensord.checkpoint import read_checkpoint
 from tensord.export import write_safetensors
-from tensord.ingest import load_checkpoint
+from tensord.ingest import default_threads, load_checkpoint
+from tensord.memory import HostSlab
 from tests.daemons import DaemonProcess
 
 MiB = 1 << 20
@@ -109,8 +112,9 @@ def drop_cache(path: Path) -> str:
 def raw_read(path: Path, threads: int, device: str, sink: bool = False) -> Callable[[], None]:
     """Read the file in READ_CHUNK pieces (interleaved over `threads`) into reused buffers.
 
-    `sink`: also copy every piece to its place in fresh memory on `device` (a new memfd for
-    cpu, one GPU buffer for cuda): the plain copy of the same bytes that a load does.
+    `sink`: also put every piece at its place in fresh memory on `device` (read straight into
+    a new host slab for cpu, copied into one GPU buffer for cuda): the plain copy of the same
+    bytes that a load does.
     """
     size = os.path.getsize(path)
     gpu = device.startswith("cuda")
@@ -119,22 +123,21 @@ def raw_read(path: Path, threads: int, device: str, sink: bool = False) -> Calla
 
     def run() -> None:
         fd = os.open(path, os.O_RDONLY)
-        out = os.memfd_create("bench-raw") if sink and not gpu else -1
-        if out >= 0:
-            os.ftruncate(out, size)
+        slab = HostSlab(size, "bench-raw", huge=True) if sink and not gpu else None
+        mapping = Mapping(slab.fd, slab.size, writable=True) if slab is not None else None
+        dest = mapping.tensor() if mapping is not None else None
 
         def reader(i: int) -> None:
-            mv = bufs[i].numpy().data
             for off in range(i * READ_CHUNK, size, threads * READ_CHUNK):
-                done = 0
-                while off + done < size and done < READ_CHUNK:
-                    n = os.preadv(fd, [mv[done:]], off + done)
-                    if n <= 0:
+                n = min(READ_CHUNK, size - off)
+                buf = dest[off : off + n] if dest is not None else bufs[i][:n]
+                mv, done = buf.numpy().data, 0
+                while done < n:
+                    got = os.preadv(fd, [mv[done:]], off + done)
+                    if got <= 0:
                         break
-                    done += n
-                if out >= 0:
-                    os.pwritev(out, [mv[:done]], off)
-                elif target is not None:
+                    done += got
+                if target is not None:
                     target[off : off + done].copy_(bufs[i][:done])
 
         try:
@@ -145,24 +148,35 @@ def raw_read(path: Path, threads: int, device: str, sink: bool = False) -> Calla
                 t.join()
         finally:
             os.close(fd)
-            if out >= 0:
-                os.close(out)
+            if mapping is not None and slab is not None:
+                mapping.close()
+                slab.free()
 
     return run
 
 
-def memfd_fill(nbytes: int) -> Callable[[], None]:
-    buf = torch.ones(READ_CHUNK, dtype=torch.uint8)
-    mv = buf.numpy().data
+def slab_fill(nbytes: int, threads: int) -> Callable[[], None]:
+    src = torch.ones(READ_CHUNK, dtype=torch.uint8)
 
     def run() -> None:
-        fd = os.memfd_create("bench-fill")
+        slab = HostSlab(nbytes, "bench-fill", huge=True)
+        mapping = Mapping(slab.fd, slab.size, writable=True)
+        dest = mapping.tensor()
+
+        def writer(i: int) -> None:
+            for off in range(i * READ_CHUNK, nbytes, threads * READ_CHUNK):
+                n = min(READ_CHUNK, nbytes - off)
+                dest[off : off + n].copy_(src[:n])
+
         try:
-            os.ftruncate(fd, nbytes)
-            for off in range(0, nbytes, READ_CHUNK):
-                os.pwritev(fd, [mv[: min(READ_CHUNK, nbytes - off)]], off)
+            pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
         finally:
-            os.close(fd)
+            mapping.close()
+            slab.free()
 
     return run
 
@@ -239,13 +253,14 @@ def main() -> None:
     parser.add_argument("--path", type=Path, help="a .safetensors file (default: generate one)")
     parser.add_argument("--gib", type=float, default=1.5, help="size of the generated file")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    parser.add_argument("--threads", type=int, default=4, help="tensord reader threads")
+    parser.add_argument("--threads", type=int, help="reader threads (default: what tensord load uses)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--only", help="comma-separated row names to run (e.g. 'tensord load')")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     gpu = args.device.startswith("cuda")
+    args.threads = args.threads or default_threads(args.device)
 
     with tempfile.TemporaryDirectory(prefix="tensord-bench-") as tmp:
         path = args.path
@@ -259,12 +274,12 @@ def main() -> None:
         how = drop_cache(path)
         daemon = DaemonProcess(Path(tmp) / "daemon", "bench").start()
         try:
-            sink = "gpu" if gpu else "memfd"
+            sink = "gpu" if gpu else "slab"
             contenders: dict[str, Callable[[], object] | None] = {
                 "raw read 1 thread": raw_read(path, 1, args.device),
                 f"raw read {args.threads} threads": raw_read(path, args.threads, args.device),
                 f"raw read -> {sink}": raw_read(path, args.threads, args.device, sink=True),
-                "fresh memfd fill": None if gpu else memfd_fill(nbytes),
+                "fresh slab fill": None if gpu else slab_fill(nbytes, args.threads),
                 f"load_file({args.device})": safetensors_load(path, args.device, clone=False),
                 "load_file + clone": None if gpu else safetensors_load(path, args.device, clone=True),
                 "fastsafetensors": fastsafetensors_load(path, args.device),
@@ -275,7 +290,7 @@ def main() -> None:
             for name, fn in contenders.items():
                 if fn is None or (only is not None and name not in only):
                     continue
-                # A fresh memfd fill reads no file: "cold" is the same as warm.
+                # A fresh slab fill reads no file: "cold" is the same as warm.
                 cold = measure(fn, path, cold=True, runs=args.runs, warmup=args.warmup)
                 warm = measure(fn, path, cold=False, runs=args.runs, warmup=args.warmup)
                 results[name] = (nbytes / cold / 1e9, nbytes / warm / 1e9)
@@ -291,6 +306,10 @@ def report(results: dict[str, tuple[float, float]], args: argparse.Namespace, nb
         f"device {args.device}, {nbytes / 1e9:.2f} GB of tensor data, tensord threads {args.threads}, "
         f"median of {args.runs} after {args.warmup} warm-up, cold = {how}"
     )
+    if not args.device.startswith("cuda"):
+        probe = HostSlab(nbytes, "bench-probe", huge=True)
+        print(f"host slabs in huge pages: {'yes' if probe.huge else 'no (the kernel gives none)'}")
+        probe.free()
     print(f"{'':24s} {'cold GB/s':>10s} {'warm GB/s':>10s}")
     for name, (cold, warm) in results.items():
         print(f"{name:24s} {cold:10.2f} {warm:10.2f}")

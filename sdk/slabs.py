@@ -1,9 +1,10 @@
 """Client-side access to a slab on the same node: shared-memory files and CUDA IPC.
 
-Host slabs are sealed memfds passed over the Unix socket. Reads copy with ``preadv`` straight
-into the destination tensor (one copy, no mapping to fault in); mounts map the file
-copy-on-write, so a client writing through a mount never changes what others read.
-CUDA slabs are opened from IPC handles; a mount's views alias the daemon's memory.
+Host slabs are memfds (sealed once committed) passed over the Unix socket. Reads copy with
+``preadv`` straight into the destination tensor (one copy, no mapping to fault in); mounts map
+the file copy-on-write, so a client writing through a mount never changes what others read.
+CUDA slabs are opened from IPC handles (kept open a few seconds for the next read: `sdk.ipc`);
+a mount's views alias the daemon's memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 
 from sdk.errors import InvalidArgument, ProtocolError, TransferError
+from sdk.ipc import cache as ipc_cache
 from sdk.manifest import TensorSpec
+from sdk.mapping import MAP_NORESERVE, Mapping, map_size
 from sdk.tensors import as_bytes, view_bytes
 from sdk.transport.base import Entry, Transport
 from sdk.transport.cuda import current
@@ -89,22 +92,32 @@ class Slab:
 
 
 class HostSlab(Slab):
+    """A memfd on this node. Reads copy with ``preadv``; mounts map it copy-on-write; a writer
+    fills its reservation through a shared mapping that ``finish()`` drops (the daemon can only
+    seal a slab nobody maps writable). Huge-page slabs (hugetlbfs) take no ``write()`` at all."""
+
     def __init__(self, fd: int, nbytes: int, *, writable: bool = False) -> None:
         self.fd, self.nbytes, self.device = fd, nbytes, "cpu"
         self._writable = writable
+        self._size = map_size(fd, nbytes)
         self._base: torch.Tensor | None = None
+        self._mapping: Mapping | None = None
+        self._lock = threading.Lock()
 
     def view(self, spec: TensorSpec) -> torch.Tensor:
-        if self._base is None:
-            self._base = self._map()
-        return view_bytes(self._base[spec.offset : spec.offset + spec.nbytes], spec.dtype, spec.shape)
+        return view_bytes(self._bytes()[spec.offset : spec.offset + spec.nbytes], spec.dtype, spec.shape)
 
-    def _map(self) -> torch.Tensor:
-        # Shared and writable only while a writer fills its own reservation; readers map
-        # copy-on-write, which the write seal allows.
-        flags = mmap.MAP_SHARED if self._writable else mmap.MAP_PRIVATE
-        mm = mmap.mmap(self.fd, self.nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive as long as its views
+    def _bytes(self) -> torch.Tensor:
+        with self._lock:
+            if self._base is None:
+                if self._writable:
+                    self._mapping = Mapping(self.fd, self._size, writable=True)
+                    self._base = self._mapping.tensor()
+                else:  # copy-on-write, which the write seal allows; lives as long as its views
+                    flags = mmap.MAP_PRIVATE | MAP_NORESERVE
+                    mm = mmap.mmap(self.fd, self._size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    self._base = torch.frombuffer(mm, dtype=torch.uint8)
+            return self._base
 
     def read_into(self, spec: TensorSpec, dst: torch.Tensor) -> None:
         if dst.device.type != "cpu":
@@ -112,22 +125,23 @@ class HostSlab(Slab):
             return
         read_exact(self.fd, as_bytes(dst), spec.offset)
 
-    def write_from(self, spec: TensorSpec, src: torch.Tensor) -> None:
-        if src.device.type != "cpu":
-            src = src.cpu()
-        write_all(self.fd, as_bytes(src.contiguous()), spec.offset)
-
     def read_many(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
         pairs = list(pairs)
-        jobs = self._jobs(read_exact, [(s, d) for s, d in pairs if d.device.type == "cpu"])
+        jobs = self._jobs(self._read_at, [(s, d) for s, d in pairs if d.device.type == "cpu"])
         super().read_many([(s, d) for s, d in pairs if d.device.type != "cpu"])
         run_all(jobs)
 
     def write_many(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> None:
-        run_all(self._jobs(write_all, [(s, t.cpu().contiguous()) for s, t in pairs]))
+        run_all(self._jobs(self._write_at, [(s, t.contiguous()) for s, t in pairs]))
+
+    def _read_at(self, buf: torch.Tensor, offset: int) -> None:
+        read_exact(self.fd, buf, offset)
+
+    def _write_at(self, buf: torch.Tensor, offset: int) -> None:
+        self._bytes()[offset : offset + buf.numel()].copy_(buf)
 
     def _jobs(
-        self, io: Callable[[int, torch.Tensor, int], None], pairs: Sequence[tuple[TensorSpec, torch.Tensor]]
+        self, io: Callable[[torch.Tensor, int], None], pairs: Sequence[tuple[TensorSpec, torch.Tensor]]
     ) -> list[Callable[[], None]]:
         """One job per chunk of at most _CHUNK bytes; small tensors are grouped into one job."""
         jobs: list[Callable[[], None]] = []
@@ -138,17 +152,26 @@ class HostSlab(Slab):
                 small.append((buf, spec.offset))
                 continue
             for a in range(0, spec.nbytes, _CHUNK):
-                jobs.append(functools.partial(io, self.fd, buf[a : a + _CHUNK], spec.offset + a))
+                jobs.append(functools.partial(io, buf[a : a + _CHUNK], spec.offset + a))
 
         def run_small() -> None:
             for b, o in small:
-                io(self.fd, b, o)
+                io(b, o)
 
         if small:
             jobs.append(run_small)
         return jobs
 
+    def finish(self) -> None:
+        """Drop a writer's mapping (its views become invalid): the slab can then be sealed."""
+        with self._lock:
+            if self._mapping is not None:
+                self._base = None
+                self._mapping.close()
+                self._mapping = None
+
     def close(self) -> None:
+        self.finish()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -161,8 +184,7 @@ class CudaSlab(Slab):
 
     @classmethod
     def from_ipc(cls, ipc: list[Any], nbytes: int) -> CudaSlab:
-        torch.cuda.init()  # opening a handle in a process that never touched CUDA crashes
-        storage = torch.UntypedStorage._new_shared_cuda(*ipc)
+        storage = ipc_cache.storage(ipc)
         device = torch.device("cuda", int(ipc[0]))
         return cls(torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,)))
 
@@ -248,19 +270,10 @@ def memory_range(t: torch.Tensor) -> tuple[int, int]:
 
 def read_exact(fd: int, buf: torch.Tensor, offset: int) -> None:
     """Fill a CPU uint8 tensor from `fd` at `offset`; TransferError if the file ends first."""
-    _pio(os.preadv, fd, buf, offset)
-
-
-def write_all(fd: int, buf: torch.Tensor, offset: int) -> None:
-    _pio(os.pwritev, fd, buf, offset)
-
-
-def _pio(call: Any, fd: int, buf: torch.Tensor, offset: int) -> None:
-    """Run preadv/pwritev over a whole uint8 tensor, looping over short transfers."""
     mv = buf.numpy().data if buf.numel() else memoryview(b"")
     done, total = 0, len(mv)
     while done < total:
-        n = call(fd, [mv[done : done + _MAX_IO]], offset + done)
+        n = os.preadv(fd, [mv[done : done + _MAX_IO]], offset + done)
         if n <= 0:
             raise TransferError(f"slab I/O stopped after {done} of {total} bytes")
         done += n

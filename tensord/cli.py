@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--tp", type=int, help="split for tensor parallelism: sets NAME/tp0 .. NAME/tp{N-1}")
     s.add_argument("--rules", help="sharding rules TOML file, or a built-in name (default with --tp: llama)")
-    s.add_argument("--threads", type=int, help="reader threads (default: 16 for cuda, 4 for cpu)")
+    s.add_argument("--threads", type=int, help="reader threads (default: 16 for cuda; for cpu one per core, 2 to 8)")
     s.add_argument(
         "--on-daemon",
         action="store_true",
@@ -282,7 +282,8 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"node {st['node']} (tensord {st['version']}, up {st['uptime']:.0f} s): {st['sets']} sets, "
-        f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations"
+        f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations; "
+        f"host slabs in huge pages: {_human(st.get('huge_pages', 0))}"
     )
     _table(
         ("DEVICE", "BUDGET", "USED", "FREE"),

@@ -56,6 +56,7 @@ class Config:
     log_level: str = "info"
     budgets: dict[str, int | None] = field(default_factory=lambda: {"cpu": None})  # None: auto
     retention: int = 0
+    huge_pages: bool = True  # host slabs of huge pages where the kernel has them
     listen: str = ""  # "host:port" of the TCP control listener; "" = none
     token: str = ""
     token_reads: bool = False
@@ -198,6 +199,7 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("daemon", "token_reads"): ("token_reads", _bool),
     ("memory", "budgets"): ("budgets", _budgets),
     ("memory", "retention"): ("retention", _count),
+    ("memory", "huge_pages"): ("huge_pages", _bool),
     ("registry", "etcd_endpoints"): ("etcd_endpoints", _endpoints),
     ("registry", "prefix"): ("etcd_prefix", _str),
     ("registry", "lease_ttl"): ("lease_ttl", _seconds),
@@ -217,6 +219,7 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_SOCKET": ("socket", _str),
     "TENSORD_LOG_LEVEL": ("log_level", _level),
     "TENSORD_RETENTION": ("retention", _count),
+    "TENSORD_HUGE_PAGES": ("huge_pages", _bool),
     "TENSORD_ETCD": ("etcd_endpoints", _endpoints),
     "TENSORD_ETCD_PASSWORD": ("etcd_password", _str),
     "TENSORD_LISTEN": ("listen", _address),

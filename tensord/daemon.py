@@ -63,7 +63,9 @@ class Daemon:
         self.registry = make_registry(config)
         self.budgets = Budgets(config.budgets, detect_devices())
         self.transport: Transport | None = None
-        self.store = Store(config.node, self.registry, self.budgets, retention=config.retention)
+        self.store = Store(
+            config.node, self.registry, self.budgets, retention=config.retention, huge_pages=config.huge_pages
+        )
         self.peers = Peers(config.token)
         cluster = Cluster(self.store, self.peers) if config.etcd_endpoints else None
         self.service = Service(

@@ -366,6 +366,7 @@ class Service:
             "devices": {
                 d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]} for d in store.budgets.limit
             },
+            "huge_pages": store.huge_page_bytes(),
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
             "pins": sum(h.pins for h in store.held.values()),

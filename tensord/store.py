@@ -16,7 +16,7 @@ from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
 from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
 from sdk.transport.base import Transport
 from sdk.transport.cuda import current
-from tensord.memory import Budgets, Slab, allocate
+from tensord.memory import Budgets, HostSlab, Slab, allocate
 from tensord.registry.base import Registry, Replica
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,11 @@ class Store:
         budgets: Budgets,
         *,
         retention: int = 0,
+        huge_pages: bool = False,
         transport: Transport | None = None,
     ) -> None:
         self.node, self.registry, self.budgets, self.retention = node, registry, budgets, retention
+        self.huge_pages = huge_pages
         self.transport = transport
         self.held: dict[tuple[str, int], Held] = {}
         self.reservations: dict[int, Reservation] = {}
@@ -98,10 +100,15 @@ class Store:
         nbytes = max(nbytes, ALIGN)
         self.budgets.take(device, nbytes)
         try:
-            return allocate(device, nbytes, label)
+            return allocate(device, nbytes, label, huge_pages=self.huge_pages)
         except BaseException:
             self.budgets.give(device, nbytes)
             raise
+
+    def huge_page_bytes(self) -> int:
+        """Bytes of host slabs (held or reserved) that lie in huge pages."""
+        slabs = [h.slab for h in self.held.values()] + [r.slab for r in self.reservations.values()]
+        return sum(s.size for s in slabs if isinstance(s, HostSlab) and s.huge)
 
     # -- writing ----------------------------------------------------------------------------
     def reserve(self, name: str, device: str, specs: list[TensorSpec], origin: str) -> Reservation:

@@ -17,3 +17,12 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
     if dtype == torch.bool:
         b.bitwise_and_(1)
     return t
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact equality of dtype, shape and bytes (NaN payloads included)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(as_bytes(a.cpu().contiguous()), as_bytes(b.cpu().contiguous()))
+    )

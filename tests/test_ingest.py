@@ -14,23 +14,15 @@ from safetensors.torch import load_file, save_file
 from sdk.errors import InvalidArgument
 from sdk.manifest import Manifest, layout
 from sdk.slabs import CudaSlab, HostSlab
-from sdk.tensors import BLOCK_BYTES, as_bytes, dtype_name, fingerprint
+from sdk.tensors import BLOCK_BYTES, dtype_name, fingerprint
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tests.daemons import WEIGHTS, needs_minilm, tensord
 from tests.data import random_tensor as _random
+from tests.data import same_bits as _same
 
 MiB = 1 << 20
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return as_bytes(t.contiguous())
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-exact equality (NaN patterns in random floats included)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
 #: (dtype, shape): odd sizes, sizes above the test chunk (BLOCK_BYTES) and not multiples of it,
@@ -392,8 +384,9 @@ def test_ingest_into_memory_the_daemon_owns(many, caplog, kind: str) -> None:
     placed, nbytes = layout([t.spec() for t in tensors])
     manifest = Manifest("inproc", 0, tuple(placed), nbytes)
     if kind == "memfd":
-        slab = HostSlab(os.memfd_create("tensord-test"), nbytes, writable=True)
-        os.ftruncate(slab.fd, nbytes)
+        fd = os.memfd_create("tensord-test")
+        os.ftruncate(fd, nbytes)
+        slab = HostSlab(fd, nbytes, writable=True)
     else:
         slab = CudaSlab(torch.zeros(nbytes, dtype=torch.uint8))  # any flat uint8 tensor
     logger = logging.getLogger("tensord.test-daemon")

@@ -6,13 +6,9 @@ import pytest
 import torch
 
 import sdk
-from sdk.tensors import DTYPES, as_bytes, fingerprint
+from sdk.tensors import DTYPES, fingerprint
 from tests.data import random_tensor as _random
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a.contiguous()), as_bytes(b.contiguous()))
-
+from tests.data import same_bits as _same_bits
 
 ALL = {
     f"{name}/{i}": _random(dtype, shape, seed=i)
