@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +131,34 @@ def test_slab_on_the_second_gpu(client: sdk.Client) -> None:
     with client.mount("gpu/second") as m:
         assert all(m.tensors[k].device == torch.device("cuda:1") for k in src)
         assert all(torch.equal(m.tensors[k], t) for k, t in src.items())
+
+
+def test_ipc_mappings_are_reused_then_closed(client: sdk.Client, monkeypatch) -> None:
+    """A second read of a slab reuses this process's mapping; a slab the daemon freed and
+    reused for another version reads as the new version; idle mappings close."""
+    from sdk.ipc import cache
+
+    cache.clear()
+    monkeypatch.setenv("TENSORD_IPC_KEEP_SECONDS", "0.5")
+    first = _llm_like("cuda:0", seed=7)
+    client.put("gpu/ipc", first)
+    client.get("gpu/ipc")
+    assert len(cache._open) == 1
+    got = client.get("gpu/ipc")
+    assert len(cache._open) == 1 and all(torch.equal(got[k], t) for k, t in first.items())
+    for seed in (8, 9):  # same sizes: the daemon's allocator may hand out the same block again
+        client.delete("gpu/ipc")
+        nxt = _llm_like("cuda:0", seed=seed)
+        client.put("gpu/ipc", nxt)
+        got = client.get("gpu/ipc", verify=True)
+        assert all(torch.equal(got[k], t) for k, t in nxt.items()), seed
+    deadline = time.monotonic() + 5
+    while cache._open and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not cache._open  # closed by the timer after 0.5 s idle
+    monkeypatch.setenv("TENSORD_IPC_KEEP_SECONDS", "0")
+    client.get("gpu/ipc")
+    assert not cache._open  # 0: never kept
+    monkeypatch.setenv("TENSORD_IPC_KEEP_SECONDS", "soon")
+    with pytest.raises(sdk.InvalidArgument, match="TENSORD_IPC_KEEP_SECONDS"):
+        client.get("gpu/ipc")
