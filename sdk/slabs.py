@@ -3,8 +3,8 @@
 Host slabs are memfds (sealed once committed) passed over the Unix socket. Reads copy with
 ``preadv`` straight into the destination tensor (one copy, no mapping to fault in); mounts map
 the file copy-on-write, so a client writing through a mount never changes what others read.
-CUDA slabs are opened from IPC handles (kept open a few seconds for the next read: `sdk.ipc`);
-a mount's views alias the daemon's memory.
+CUDA slabs are opened from IPC handles and closed in the background (`sdk.ipc`); a mount's views
+alias the daemon's memory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sdk.errors import InvalidArgument, ProtocolError, TransferError
-from sdk.ipc import cache as ipc_cache
+from sdk.ipc import mappings
 from sdk.manifest import TensorSpec
 from sdk.mapping import MAP_NORESERVE, Mapping, map_size
 from sdk.tensors import as_bytes, view_bytes
@@ -178,22 +178,33 @@ class HostSlab(Slab):
 
 
 class CudaSlab(Slab):
-    def __init__(self, base: torch.Tensor) -> None:
-        """`base`: the slab as a flat uint8 CUDA tensor."""
-        self.device, self.nbytes, self._base = str(base.device), base.numel(), base
+    def __init__(self, base: torch.Tensor, *, imported: bool = False) -> None:
+        """`base`: the slab as a flat uint8 CUDA tensor; `imported`: mapped from an IPC handle."""
+        self.device, self.nbytes = str(base.device), base.numel()
+        self._base: torch.Tensor | None = base
+        self._imported = imported
 
     @classmethod
-    def from_ipc(cls, ipc: list[Any], nbytes: int) -> CudaSlab:
-        storage = ipc_cache.storage(ipc)
+    def from_ipc(cls, ipc: list[Any], nbytes: int, *, writable: bool = False) -> CudaSlab:
+        storage = mappings.open(ipc, keep=not writable)
         device = torch.device("cuda", int(ipc[0]))
-        return cls(torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,)))
+        base = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,))
+        return cls(base, imported=True)
 
     def view(self, spec: TensorSpec) -> torch.Tensor:
+        if self._base is None:
+            raise InvalidArgument("this slab is closed")
         return view_bytes(self._base[spec.offset : spec.offset + spec.nbytes], spec.dtype, spec.shape)
 
     def finish(self) -> None:
         for device in range(torch.cuda.device_count()):  # the copies may have run on any GPU
             torch.cuda.synchronize(device)
+
+    def close(self) -> None:
+        """Unmap an imported slab in the background (a mount's views keep it mapped)."""
+        if self._imported and self._base is not None:
+            mappings.close_later(self._base)
+            self._base = None
 
 
 class RemoteSlab(Slab):
@@ -297,5 +308,5 @@ def open_slab(
             raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
         return HostSlab(fds[0], nbytes, writable=writable)
     if kind == "cuda":
-        return CudaSlab.from_ipc(replica["ipc"], nbytes)
+        return CudaSlab.from_ipc(replica["ipc"], nbytes, writable=writable)
     raise ProtocolError(f"unknown replica kind {kind!r}")

@@ -77,5 +77,7 @@ def enable_peer_access() -> int:
             if a != b and torch.cuda.can_device_access_peer(a, b):
                 with torch.cuda.device(a):
                     rc = lib.cudaDeviceEnablePeerAccess(b, 0)
-                enabled += rc in (0, 704)  # 704: already enabled
+                    if rc != 0:
+                        lib.cudaGetLastError()  # or torch's next CUDA call raises it
+                enabled += rc in (0, 704)  # 704: already enabled (torch enables it for its own peer copies)
     return enabled
