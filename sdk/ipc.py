@@ -1,21 +1,21 @@
-"""CUDA IPC mappings of daemon slabs: opened for each read, closed in the background.
+"""CUDA IPC mappings of daemon slabs, kept open a few seconds for the next read.
 
 Opening a handle maps the daemon's whole allocation into this process and closing it unmaps it
-again, each about a millisecond for a large allocation. A read waits for the open but not for
-the close: once its copies are done, the last reference to the mapping is dropped on a
-background thread, right away, so no memory the daemon frees stays mapped here.
-
-`TENSORD_IPC_KEEP_SECONDS` (default 0) also keeps a read's mapping for that long after its last
-use, so that reading the same slab again skips the open. While kept, a slab the daemon has
-freed cannot be reused by it (torch parks it until every importer closes), so a put right
-after a delete can fail for memory: keep it 0 unless the GPU has room for that.
+again: about a millisecond each, which a read of a large set on the same GPU notices. The
+daemon reuses its GPU allocations for later slabs instead of freeing them (`tensord.memory.
+CudaBlocks`), so a process keeps each mapping for `TENSORD_IPC_KEEP_SECONDS` (default 10, 0 =
+close after every read) after its last use and reads again without opening it. What a read
+sees is decided by its pin, as always: a mapping only makes the daemon's memory addressable.
+An idle mapping is closed by a timer. While a process keeps a mapping, the daemon cannot give
+that allocation back to the driver (torch parks it until every importer closes), which it does
+only when GPU memory runs out for a new slab; that slab then fails with OutOfCapacity until the
+mapping closes.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import queue
 import threading
 import time
 from typing import Any
@@ -24,9 +24,13 @@ import torch
 
 from sdk.errors import InvalidArgument
 
+DEFAULT_KEEP_SECONDS = 10.0
+
 
 def keep_seconds() -> float:
-    text = os.environ.get("TENSORD_IPC_KEEP_SECONDS", "0")
+    text = os.environ.get("TENSORD_IPC_KEEP_SECONDS")
+    if text is None:
+        return DEFAULT_KEEP_SECONDS
     try:
         value = float(text)
     except ValueError:
@@ -37,17 +41,18 @@ def keep_seconds() -> float:
 
 
 class Mappings:
-    """This process's open mappings of daemon slabs, and the thread that closes them."""
+    """This process's kept mappings of daemon allocations."""
 
     def __init__(self) -> None:
         self._kept: dict[tuple[Any, ...], tuple[torch.UntypedStorage, float]] = {}
         self._lock = threading.Lock()
-        self._closing: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._closer: threading.Thread | None = None
         self._timer: threading.Timer | None = None
 
     def open(self, ipc: list[Any], *, keep: bool = True) -> torch.UntypedStorage:
-        """The daemon's storage that `ipc` (from ``_share_cuda_``) describes, mapped here."""
+        """The daemon's storage that `ipc` (from ``_share_cuda_``) describes, mapped here.
+
+        Writers pass `keep=False`: a reservation's block is often not written again soon, and
+        while mapped here the daemon could not give it back to the driver under pressure."""
         seconds = keep_seconds() if keep else 0.0
         key = tuple(ipc[:4])  # device, allocation handle, storage size and offset
         with self._lock:
@@ -63,19 +68,6 @@ class Mappings:
                 self._arm(seconds)
         return storage
 
-    def close_later(self, mapping: object) -> None:
-        """Drop `mapping` (a tensor or storage: its last reference) on the closing thread."""
-        with self._lock:
-            if self._closer is None:
-                self._closer = threading.Thread(target=self._close_forever, name="tensord-ipc-close", daemon=True)
-                self._closer.start()
-        self._closing.put(mapping)
-
-    def _close_forever(self) -> None:
-        while True:
-            item = self._closing.get()
-            del item
-
     def _arm(self, delay: float) -> None:
         if self._timer is None:
             self._timer = threading.Timer(delay, self._expire)
@@ -87,14 +79,14 @@ class Mappings:
         with self._lock:
             self._timer = None
             now = time.monotonic()
-            for key in [k for k, (_, used) in self._kept.items() if now - used >= seconds]:
-                self._closing.put(self._kept.pop(key)[0])
+            idle = [self._kept.pop(k)[0] for k, (_, used) in list(self._kept.items()) if now - used >= seconds]
             if self._kept:
                 oldest = min(used for _, used in self._kept.values())
                 self._arm(max(0.1, seconds - (now - oldest)))
+        del idle  # unmapped here, outside the lock, unless a mount's views still use them
 
     def clear(self) -> None:
-        """Close every mapping now (also at exit, while CUDA is still up)."""
+        """Close every kept mapping now (also at exit, while CUDA is still up)."""
         with self._lock:
             kept = list(self._kept.values())
             self._kept.clear()
@@ -102,12 +94,6 @@ class Mappings:
                 self._timer.cancel()
                 self._timer = None
         del kept
-        while True:
-            try:
-                item = self._closing.get_nowait()
-            except queue.Empty:
-                return
-            del item
 
     def kept(self) -> int:
         return len(self._kept)

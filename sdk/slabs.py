@@ -3,8 +3,8 @@
 Host slabs are memfds (sealed once committed) passed over the Unix socket. Reads copy with
 ``preadv`` straight into the destination tensor (one copy, no mapping to fault in); mounts map
 the file copy-on-write, so a client writing through a mount never changes what others read.
-CUDA slabs are opened from IPC handles and closed in the background (`sdk.ipc`); a mount's views
-alias the daemon's memory.
+CUDA slabs are opened from IPC handles, kept open a few seconds for the next read (`sdk.ipc`); a
+mount's views alias the daemon's memory.
 """
 
 from __future__ import annotations
@@ -201,9 +201,9 @@ class CudaSlab(Slab):
             torch.cuda.synchronize(device)
 
     def close(self) -> None:
-        """Unmap an imported slab in the background (a mount's views keep it mapped)."""
-        if self._imported and self._base is not None:
-            mappings.close_later(self._base)
+        """Let go of an imported slab: unmapped now unless kept (`sdk.ipc`) or a mount's views
+        still use it."""
+        if self._imported:
             self._base = None
 
 

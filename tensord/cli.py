@@ -285,10 +285,10 @@ def _status(args: argparse.Namespace) -> int:
         f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations; "
         f"host slabs in huge pages: {_human(st.get('huge_pages', 0))}"
     )
-    _table(
-        ("DEVICE", "BUDGET", "USED", "FREE"),
+    _table(  # IDLE: freed GPU allocations the daemon keeps for its next slabs
+        ("DEVICE", "BUDGET", "USED", "FREE", "IDLE"),
         [
-            (d, _human(v["budget"]), _human(v["used"]), _human(v["budget"] - v["used"]))
+            (d, _human(v["budget"]), _human(v["used"]), _human(v["budget"] - v["used"]), _human(v.get("idle", 0)))
             for d, v in st["devices"].items()
         ],
     )

@@ -130,16 +130,70 @@ def _huge_memfd(name: str, nbytes: int) -> int | None:
         return None
 
 
-class CudaSlab(Slab):
-    def __init__(self, nbytes: int, device: str) -> None:
+class CudaBlocks:
+    """GPU memory for slabs: one allocation per block, exported once by CUDA IPC, kept and
+    reused for later slabs instead of given back to torch.
+
+    Reuse keeps a block's IPC handle stable, so clients keep blocks mapped between reads
+    (`sdk.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
+    client still maps it is parked by torch until that client closes it, so blocks go back
+    only when an allocation does not fit otherwise (`trim`).
+    """
+
+    #: a free block is reused for a slab this much smaller at most (the rest is idle)
+    SLACK = 1 / 4
+
+    def __init__(self) -> None:
+        self._free: dict[str, list[tuple[Any, list[Any]]]] = {}
+
+    def take(self, device: str, nbytes: int) -> tuple[Any, list[Any]]:
+        """A block of at least `nbytes` on `device` and its IPC export."""
         import torch
 
+        free = self._free.setdefault(device, [])
+        fits = [b for b in free if nbytes <= b[0].numel() <= nbytes + nbytes * self.SLACK]
+        if fits:
+            block = min(fits, key=lambda b: b[0].numel())
+            free.remove(block)
+            return block
+        try:
+            tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        except torch.OutOfMemoryError:
+            if not free:
+                raise
+            self.trim(device)
+            tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return tensor, list(tensor.untyped_storage()._share_cuda_())
+
+    def give(self, device: str, block: tuple[Any, list[Any]]) -> None:
+        self._free.setdefault(device, []).append(block)
+
+    def idle_bytes(self, device: str) -> int:
+        return sum(b[0].numel() for b in self._free.get(device, []))
+
+    def trim(self, device: str) -> None:
+        """Give every free block on `device` back to torch and the driver."""
+        import torch
+
+        dropped = len(self._free.pop(device, []))
+        torch.cuda.ipc_collect()  # blocks no client maps any more leave torch's parking
+        with torch.cuda.device(torch.device(device)):
+            torch.cuda.empty_cache()
+        log.info("gave %d idle GPU blocks on %s back to the driver", dropped, device)
+
+
+cuda_blocks = CudaBlocks()
+
+
+class CudaSlab(Slab):
+    def __init__(self, nbytes: int, device: str) -> None:
         self.device, self.nbytes, self.generation = device, nbytes, secrets.randbits(62)
-        self.tensor: Any = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self._ipc = list(self.tensor.untyped_storage()._share_cuda_())
+        self._block: tuple[Any, list[Any]] | None = cuda_blocks.take(device, nbytes)
+        self.tensor: Any = self._block[0][:nbytes]
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
-        return {"kind": "cuda", "nbytes": self.nbytes, "ipc": self._ipc}, []
+        assert self._block is not None
+        return {"kind": "cuda", "nbytes": self.nbytes, "ipc": self._block[1]}, []
 
     def address(self, *, writable: bool) -> int:
         return int(self.tensor.data_ptr())
@@ -151,6 +205,9 @@ class CudaSlab(Slab):
 
     def free(self) -> None:
         self.tensor = None
+        if self._block is not None:
+            cuda_blocks.give(self.device, self._block)
+            self._block = None
 
 
 def allocate(device: str, nbytes: int, label: str, *, huge_pages: bool = False) -> Slab:

@@ -18,7 +18,7 @@ from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
 from tensord.ingest import Progress, default_threads, ingest_into
-from tensord.memory import own_view
+from tensord.memory import cuda_blocks, own_view
 from tensord.peers import RemotePin
 from tensord.rpc import Session
 from tensord.store import Held, Store
@@ -364,7 +364,8 @@ class Service:
             "listen": self.listen,
             "transport": store.transport.describe() if store.transport is not None else None,
             "devices": {
-                d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d]} for d in store.budgets.limit
+                d: {"budget": store.budgets.limit[d], "used": store.budgets.used[d], "idle": cuda_blocks.idle_bytes(d)}
+                for d in store.budgets.limit
             },
             "huge_pages": store.huge_page_bytes(),
             "sets": len({h.manifest.name for h in live}),

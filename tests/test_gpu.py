@@ -133,30 +133,67 @@ def test_slab_on_the_second_gpu(client: sdk.Client) -> None:
         assert all(torch.equal(m.tensors[k], t) for k, t in src.items())
 
 
-def test_ipc_mappings_closed_or_kept_as_configured(client: sdk.Client, monkeypatch) -> None:
-    """Reads close their mapping (in the background) unless TENSORD_IPC_KEEP_SECONDS keeps it;
-    a kept mapping of a slab the daemon freed and reused reads as the new version."""
+def test_ipc_mappings_kept_then_closed(client: sdk.Client, monkeypatch) -> None:
+    """A read keeps its mapping for the next one; the daemon reuses a freed allocation for the
+    next version of the same size, which reads right through the kept mapping; idle mappings
+    close; TENSORD_IPC_KEEP_SECONDS=0 keeps none."""
     from sdk.ipc import mappings
 
+    def version(seed: int) -> dict[str, torch.Tensor]:  # a size no other test uses
+        g = torch.Generator(device="cuda:0").manual_seed(seed)
+        return {"w": torch.randn(3_000_017, generator=g, device="cuda:0"), "b": torch.arange(seed, device="cuda:0")}
+
+    def idle() -> int:
+        return int(client.status()["devices"]["cuda:0"]["idle"])
+
     mappings.clear()
-    first = _llm_like("cuda:0", seed=7)
-    client.put("gpu/ipc", first)
-    got = client.get("gpu/ipc")
-    assert mappings.kept() == 0 and all(torch.equal(got[k], t) for k, t in first.items())
     monkeypatch.setenv("TENSORD_IPC_KEEP_SECONDS", "0.5")
+    first = version(7)
+    client.put("gpu/ipc", first)
     client.get("gpu/ipc")
     got = client.get("gpu/ipc")
     assert mappings.kept() == 1 and all(torch.equal(got[k], t) for k, t in first.items())
-    for seed in (8, 9):  # same sizes: the daemon's allocator may hand out the same block again
+    for seed in (8, 9):
+        before = idle()
         client.delete("gpu/ipc")
-        nxt = _llm_like("cuda:0", seed=seed)
+        assert idle() > before  # kept for reuse, not freed
+        nxt = version(seed)
         client.put("gpu/ipc", nxt)
+        assert idle() == before  # the same block again
         got = client.get("gpu/ipc", verify=True)
-        assert all(torch.equal(got[k], t) for k, t in nxt.items()), seed
+        assert mappings.kept() == 1 and all(torch.equal(got[k], t) for k, t in nxt.items()), seed
     deadline = time.monotonic() + 5
     while mappings.kept() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert mappings.kept() == 0  # closed by the timer after 0.5 s idle
+    monkeypatch.setenv("TENSORD_IPC_KEEP_SECONDS", "0")
+    client.get("gpu/ipc")
+    assert mappings.kept() == 0
     monkeypatch.setenv("TENSORD_IPC_KEEP_SECONDS", "soon")
     with pytest.raises(sdk.InvalidArgument, match="TENSORD_IPC_KEEP_SECONDS"):
         client.get("gpu/ipc")
+
+
+def test_idle_blocks_go_back_to_the_driver_when_memory_runs_out(client: sdk.Client) -> None:
+    """A freed slab's block is kept for reuse; a bigger slab that fits only without it gets it
+    back from the driver (the daemon trims its idle blocks) instead of failing."""
+
+    def gib(fraction: float) -> int:
+        return int(free0 * fraction) // 4096 * 4096
+
+    torch.cuda.empty_cache()
+    free0 = torch.cuda.mem_get_info(0)[0]
+    src = torch.randint(0, 255, (gib(0.25),), dtype=torch.uint8, device="cuda:0")
+    client.put("gpu/idle-a", {"x": src})
+    del src
+    client.delete("gpu/idle-a")
+    assert client.status()["devices"]["cuda:0"]["idle"] >= gib(0.25)
+    big = torch.randint(0, 255, (gib(0.3),), dtype=torch.uint8, device="cuda:0")
+    torch.cuda.empty_cache()
+    filler = torch.empty(torch.cuda.mem_get_info(0)[0] - gib(0.2), dtype=torch.uint8, device="cuda:0")
+    client.put("gpu/idle-b", {"x": big})  # fits only once the idle block went back
+    del filler
+    torch.cuda.empty_cache()
+    assert client.status()["devices"]["cuda:0"]["idle"] == 0
+    assert torch.equal(client.get("gpu/idle-b", verify=True)["x"], big)
+    client.delete("gpu/idle-b")
