@@ -359,6 +359,10 @@ def _run(
             stop.set()
 
     pool = [threading.Thread(target=worker, args=(s,), name=f"ingest-{i}", daemon=True) for i, s in enumerate(streams)]
+    # The readers are the parallelism: torch's own CPU threads under each of them (for the
+    # fingerprint sums) would put cores x readers threads on the cores.
+    cpu_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for t in pool:
         t.start()
     try:
@@ -370,6 +374,7 @@ def _run(
             t.join()
         raise
     finally:
+        torch.set_num_threads(cpu_threads)
         for s in streams:
             if s is not None:
                 s.synchronize()  # every copy has landed before the caller commits

@@ -151,11 +151,9 @@ class CudaBlocks:
         import torch
 
         free = self._free.setdefault(device, [])
-        fits = [b for b in free if nbytes <= b[0].numel() <= nbytes + nbytes * self.SLACK]
+        fits = [i for i, b in enumerate(free) if nbytes <= b[0].numel() <= nbytes + nbytes * self.SLACK]
         if fits:
-            block = min(fits, key=lambda b: b[0].numel())
-            free.remove(block)
-            return block
+            return free.pop(min(fits, key=lambda i: free[i][0].numel()))
         try:
             tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
         except torch.OutOfMemoryError:
@@ -175,7 +173,9 @@ class CudaBlocks:
         """Give every free block on `device` back to torch and the driver."""
         import torch
 
-        dropped = len(self._free.pop(device, []))
+        free = self._free.get(device, [])
+        dropped = len(free)
+        free.clear()
         torch.cuda.ipc_collect()  # blocks no client maps any more leave torch's parking
         with torch.cuda.device(torch.device(device)):
             torch.cuda.empty_cache()
