@@ -156,12 +156,14 @@ def test_ipc_mappings_kept_then_closed(client: sdk.Client, monkeypatch) -> None:
     for seed in (8, 9):
         before = idle()
         client.delete("gpu/ipc")
-        assert idle() > before  # kept for reuse, not freed
+        freed = idle() - before
+        assert freed >= 12_000_000  # kept for reuse, not given back
         nxt = version(seed)
         client.put("gpu/ipc", nxt)
-        assert idle() == before  # the same block again
+        assert idle() <= before + freed - 12_000_000  # taken again
         got = client.get("gpu/ipc", verify=True)
-        assert mappings.kept() == 1 and all(torch.equal(got[k], t) for k, t in nxt.items()), seed
+        assert all(torch.equal(got[k], t) for k, t in nxt.items()), seed
+        assert mappings.kept() == 1  # the same block: read through the kept mapping
     deadline = time.monotonic() + 5
     while mappings.kept() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -195,5 +197,8 @@ def test_idle_blocks_go_back_to_the_driver_when_memory_runs_out(client: sdk.Clie
     del filler
     torch.cuda.empty_cache()
     assert client.status()["devices"]["cuda:0"]["idle"] == 0
-    assert torch.equal(client.get("gpu/idle-b", verify=True)["x"], big)
+    expected = fingerprint(big)
+    del big
+    torch.cuda.empty_cache()
+    assert fingerprint(client.get("gpu/idle-b", verify=True)["x"]) == expected
     client.delete("gpu/idle-b")
