@@ -21,3 +21,13 @@ python=${PYTHON:-python3}
 # install the CUDA torch you use before running this and it is kept.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q -e ".[cpu,dev]"
+
+# Huge pages for host slabs (configs/tensord.toml, memory.huge_pages): let the kernel hand out up
+# to 4 GiB of 2 MiB pages on demand, until reboot, if nothing is configured yet. Production hosts
+# set this for good in /etc/sysctl.d (systemd/tensord-hugepages.conf). Without it tensord works,
+# with slower loads into host memory, and the huge-page tests skip.
+overcommit=/proc/sys/vm/nr_overcommit_hugepages
+if [ -w "$overcommit" ] && [ "$(cat "$overcommit")" = 0 ] && [ "$(cat /proc/sys/vm/nr_hugepages)" = 0 ]; then
+  { echo 2048 > "$overcommit"; } 2>/dev/null \
+    && echo "setup: vm.nr_overcommit_hugepages=2048 (huge pages for host slabs, until reboot)" || true
+fi
