@@ -136,8 +136,9 @@ class CudaBlocks:
 
     Reuse keeps a block's IPC handle stable, so clients keep blocks mapped between reads
     (`sdk.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
-    client still maps it is parked by torch until that client closes it, so blocks go back
-    only when an allocation does not fit otherwise (`trim`).
+    client still maps it is parked by torch until that client closes it, so idle blocks go back
+    only when they no longer fit in the device's unused budget (`shrink`) or an allocation
+    does not fit otherwise (`trim`).
     """
 
     #: a free block is reused for a slab this much smaller at most (the rest is idle)
@@ -169,13 +170,28 @@ class CudaBlocks:
     def idle_bytes(self, device: str) -> int:
         return sum(b[0].numel() for b in self._free.get(device, []))
 
-    def trim(self, device: str) -> None:
-        """Give every free block on `device` back to torch and the driver."""
-        import torch
+    def shrink(self, device: str, room: int) -> None:
+        """Give idle blocks back, largest first, until the rest fit in `room` bytes (the part
+        of the device's budget no slab uses): the daemon never holds more than its budget."""
+        free = self._free.get(device, [])
+        free.sort(key=lambda b: b[0].numel())
+        dropped = 0
+        while free and self.idle_bytes(device) > max(room, 0):
+            free.pop()
+            dropped += 1
+        if dropped:
+            self._release(device, dropped)
 
+    def trim(self, device: str) -> None:
+        """Give every idle block on `device` back to torch and the driver."""
         free = self._free.get(device, [])
         dropped = len(free)
         free.clear()
+        self._release(device, dropped)
+
+    def _release(self, device: str, dropped: int) -> None:
+        import torch
+
         torch.cuda.ipc_collect()  # blocks no client maps any more leave torch's parking
         with torch.cuda.device(torch.device(device)):
             torch.cuda.empty_cache()

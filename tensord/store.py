@@ -16,7 +16,7 @@ from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
 from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
 from sdk.transport.base import Transport
 from sdk.transport.cuda import current
-from tensord.memory import Budgets, HostSlab, Slab, allocate
+from tensord.memory import Budgets, HostSlab, Slab, allocate, cuda_blocks
 from tensord.registry.base import Registry, Replica
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,12 @@ class Store:
         nbytes = max(nbytes, ALIGN)
         self.budgets.take(device, nbytes)
         try:
-            return allocate(device, nbytes, label, huge_pages=self.huge_pages)
+            slab = allocate(device, nbytes, label, huge_pages=self.huge_pages)
         except BaseException:
             self.budgets.give(device, nbytes)
             raise
+        self._fit_idle(device)
+        return slab
 
     def huge_page_bytes(self) -> int:
         """Bytes of host slabs (held or reserved) that lie in huge pages."""
@@ -271,6 +273,12 @@ class Store:
         self.hide(slab)
         slab.free()
         self.budgets.give(slab.device, slab.nbytes)
+        self._fit_idle(slab.device)
+
+    def _fit_idle(self, device: str) -> None:
+        """Keep the GPU blocks held idle for reuse within the device's unused budget."""
+        if device.startswith("cuda"):
+            cuda_blocks.shrink(device, self.budgets.limit[device] - self.budgets.used[device])
 
     async def reconcile(self) -> None:
         """Retire held versions whose manifest left the registry (deleted by another node)."""
