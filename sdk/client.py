@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -197,8 +198,15 @@ class Client:
         if exclude:
             args["exclude"] = exclude
         result, fds = self._conn().call("open", **args)
-        manifest = Manifest.from_wire(result["manifest"])
-        return result["pin"], manifest, open_slab(result["replica"], fds, transport=self._transport)
+        try:
+            manifest = Manifest.from_wire(result["manifest"])
+            return result["pin"], manifest, open_slab(result["replica"], fds, transport=self._transport)
+        except BaseException:  # a reply or slab this process cannot use: give everything back
+            for fd in fds:
+                os.close(fd)
+            with contextlib.suppress(TensordError, OSError):
+                self._release(result["pin"])
+            raise
 
     def _release(self, pin: int, *, wait: bool = True) -> bool:
         """Give a pin back; True if it held throughout (a remote node did not lose it).

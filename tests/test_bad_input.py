@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Any
@@ -236,3 +237,22 @@ def test_closed_client_refuses_reuse(daemon) -> None:
 def test_no_daemon_is_unavailable(tmp_path) -> None:
     with pytest.raises(sdk.Unavailable):
         sdk.Client(str(tmp_path / "none.sock")).ls()
+
+
+def test_a_slab_the_client_cannot_open_gives_its_pin_back(client: sdk.Client, monkeypatch) -> None:
+    """When the client fails after the daemon pinned a version (here: the slab file is shorter
+    than the daemon says), the pin and the descriptor are given back."""
+    client.put("bad/slab", {"x": torch.arange(10)})
+
+    def short(fd: int, nbytes: int) -> int:
+        raise sdk.ProtocolError(f"slab file holds 0 bytes, the slab needs {nbytes}")
+
+    monkeypatch.setattr("sdk.slabs.map_size", short)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(sdk.ProtocolError, match="slab file holds"):
+        client.get("bad/slab")
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    monkeypatch.undo()
+    assert client.info("bad/slab")["pins"] == 0
+    assert torch.equal(client.get("bad/slab")["x"], torch.arange(10))
+    client.delete("bad/slab")
