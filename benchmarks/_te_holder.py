@@ -17,6 +17,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -70,7 +71,21 @@ class Holder:
         return self._readline(timeout).strip()
 
     def signal(self, sig: int) -> None:
+        """Send `sig`; for SIGSTOP, return once every thread of the holder has stopped (on a
+        loaded machine that can take a while, and a thread still running would serve reads)."""
         os.kill(self.proc.pid, sig)
+        if sig == signal.SIGSTOP:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not self._stopped():
+                time.sleep(0.005)
+
+    def _stopped(self) -> bool:
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+        except OSError:
+            return False
+        return all(s in ("T", "t") for s in states)
 
     def close(self) -> None:
         if self.proc.poll() is None:
