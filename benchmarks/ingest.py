@@ -141,11 +141,7 @@ def raw_read(path: Path, threads: int, device: str, sink: bool = False) -> Calla
                     target[off : off + done].copy_(bufs[i][:done])
 
         try:
-            pool = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            on_threads(reader, threads)
         finally:
             os.close(fd)
             if mapping is not None and slab is not None:
@@ -169,16 +165,21 @@ def slab_fill(nbytes: int, threads: int) -> Callable[[], None]:
                 dest[off : off + n].copy_(src[:n])
 
         try:
-            pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            on_threads(writer, threads)
         finally:
             mapping.close()
             slab.free()
 
     return run
+
+
+def on_threads(work: Callable[[int], None], threads: int) -> None:
+    """Run work(0) ... work(threads - 1) on threads of their own; wait for all."""
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
 
 
 def safetensors_load(path: Path, device: str, clone: bool) -> Callable[[], object]:
