@@ -128,23 +128,15 @@ class HostSlab(Slab):
 
     def read_many(self, pairs: Iterable[tuple[TensorSpec, torch.Tensor]]) -> None:
         pairs = list(pairs)
-        jobs = self._jobs(self._read_at, [(s, d) for s, d in pairs if d.device.type == "cpu"])
+        jobs = self._read_jobs([(s, d) for s, d in pairs if d.device.type == "cpu"])
         super().read_many([(s, d) for s, d in pairs if d.device.type != "cpu"])
         run_all(jobs)
 
-    def write_many(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> None:
-        # One copy per tensor: torch spreads each over its own threads (more threads of ours
-        # on top would oversubscribe the cores).
-        for spec, t in pairs:
-            self.write_from(spec, t)
+    # Writes (Slab.write_many): one torch copy per tensor into the mapping, which torch spreads
+    # over its own threads (threads of ours on top would oversubscribe the cores).
 
-    def _read_at(self, buf: torch.Tensor, offset: int) -> None:
-        read_exact(self.fd, buf, offset)
-
-    def _jobs(
-        self, io: Callable[[torch.Tensor, int], None], pairs: Sequence[tuple[TensorSpec, torch.Tensor]]
-    ) -> list[Callable[[], None]]:
-        """One job per chunk of at most _CHUNK bytes; small tensors are grouped into one job."""
+    def _read_jobs(self, pairs: Sequence[tuple[TensorSpec, torch.Tensor]]) -> list[Callable[[], None]]:
+        """One read per chunk of at most _CHUNK bytes; small tensors are grouped into one job."""
         jobs: list[Callable[[], None]] = []
         small: list[tuple[torch.Tensor, int]] = []
         for spec, t in pairs:
@@ -153,11 +145,11 @@ class HostSlab(Slab):
                 small.append((buf, spec.offset))
                 continue
             for a in range(0, spec.nbytes, _CHUNK):
-                jobs.append(functools.partial(io, buf[a : a + _CHUNK], spec.offset + a))
+                jobs.append(functools.partial(read_exact, self.fd, buf[a : a + _CHUNK], spec.offset + a))
 
         def run_small() -> None:
             for b, o in small:
-                io(b, o)
+                read_exact(self.fd, b, o)
 
         if small:
             jobs.append(run_small)
