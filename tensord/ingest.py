@@ -359,28 +359,48 @@ def _run(
             stop.set()
 
     pool = [threading.Thread(target=worker, args=(s,), name=f"ingest-{i}", daemon=True) for i, s in enumerate(streams)]
-    # The readers are the parallelism: torch's own CPU threads under each of them (for the
-    # fingerprint sums) would put cores x readers threads on the cores.
-    cpu_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for t in pool:
-        t.start()
     try:
-        for t in pool:
-            t.join()
-    except BaseException:
-        stop.set()
-        for t in pool:
-            t.join()
-        raise
+        with _torch_single_threaded():
+            for t in pool:
+                t.start()
+            try:
+                for t in pool:
+                    t.join()
+            except BaseException:
+                stop.set()
+                for t in pool:
+                    t.join()
+                raise
     finally:
-        torch.set_num_threads(cpu_threads)
         for s in streams:
             if s is not None:
                 s.synchronize()  # every copy has landed before the caller commits
     if failed:
         raise failed[0]
     return shares
+
+
+_single = {"depth": 0, "threads": 1}
+_single_lock = threading.Lock()
+
+
+@contextmanager
+def _torch_single_threaded() -> Iterator[None]:
+    """Torch's CPU ops on one thread each while ingests run: the readers are the parallelism,
+    and torch's own pool under each of them (for the fingerprint sums) would put cores x
+    readers threads on the cores. Nested and concurrent ingests restore it once, at the end."""
+    with _single_lock:
+        if _single["depth"] == 0:
+            _single["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single["depth"] += 1
+    try:
+        yield
+    finally:
+        with _single_lock:
+            _single["depth"] -= 1
+            if _single["depth"] == 0:
+                torch.set_num_threads(_single["threads"])
 
 
 def _read_chunk(c: _Chunk, dst: memoryview, junk: memoryview, source: Source) -> None:

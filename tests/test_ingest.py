@@ -416,3 +416,17 @@ def test_progress_logs_the_same_figures(caplog) -> None:
     assert len(lines) == 2
     assert lines[-1].startswith("m/tp0: 0.00/0.00 GB, ")
     assert "GB/s, ETA 0.0 s" in lines[-1]
+
+
+def test_concurrent_ingests_give_torch_its_threads_back_once_all_end() -> None:
+    from tensord.ingest import _torch_single_threaded
+
+    before = torch.get_num_threads()
+    a, b = _torch_single_threaded(), _torch_single_threaded()
+    a.__enter__()
+    b.__enter__()
+    assert torch.get_num_threads() == 1
+    a.__exit__(None, None, None)  # the first to start ends first: the other still runs
+    assert torch.get_num_threads() == 1
+    b.__exit__(None, None, None)
+    assert torch.get_num_threads() == before
