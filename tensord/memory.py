@@ -2,8 +2,8 @@
 
 Host slabs are memfds (of huge pages where the kernel gives them): they vanish with the daemon
 and the last mapping, and are sealed at commit so that nobody, the writer included, can change
-a committed version. CUDA slabs are one
-allocation each, exported by CUDA IPC handle.
+a committed version. CUDA slabs each lie in one allocation, exported by CUDA IPC handle and kept
+for later slabs when freed (`CudaBlocks`).
 """
 
 from __future__ import annotations
