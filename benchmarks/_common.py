@@ -145,7 +145,11 @@ def _deepseek_layout(
         out[f"{p}mlp.gate.weight"] = ("bfloat16", (experts, hidden))
         out[f"{p}mlp.gate.e_score_correction_bias"] = ("float32", (experts,))
         for e in [*(f"experts.{j}" for j in range(experts)), "shared_experts"]:
-            for proj, (r, c) in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+            for proj, (r, c) in (
+                ("gate_proj", (inter, hidden)),
+                ("up_proj", (inter, hidden)),
+                ("down_proj", (hidden, inter)),
+            ):
                 out[f"{p}mlp.{e}.{proj}.weight"] = ("float8_e4m3fn", (r, c))
                 out[f"{p}mlp.{e}.{proj}.weight_scale_inv"] = scale(r, c)
     out["model.norm.weight"] = ("bfloat16", (hidden,))

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from _common import REPO, llm_shapes, median_seconds, random_set, row, sync
-
 from sdk.slabs import memory_range
-from sdk.transport.base import Entry
 from sdk.transport.cuda import current
+
+from sdk.transport.base import Entry
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 

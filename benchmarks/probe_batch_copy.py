@@ -55,7 +55,13 @@ def batch_memcpy() -> Callable[[np.ndarray, np.ndarray, np.ndarray, int], None] 
     print(f"  driver CUDA version {version.value}")
     fn, status = ctypes.c_void_p(), ctypes.c_int()
     get = lib.cuGetProcAddress_v2
-    get.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(ctypes.c_int)]
+    get.argtypes = [
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.c_int,
+        ctypes.c_uint64,
+        ctypes.POINTER(ctypes.c_int),
+    ]
     want = 13000 if version.value >= 13000 else 12080
     rc = get(b"cuMemcpyBatchAsync", ctypes.byref(fn), want, 0, ctypes.byref(status))
     print(f"  cuGetProcAddress(cuMemcpyBatchAsync, {want}) rc={rc} status={status.value} fn={fn.value}")
@@ -72,7 +78,15 @@ def batch_memcpy() -> Callable[[np.ndarray, np.ndarray, np.ndarray, int], None] 
 
     def run(dst: np.ndarray, src: np.ndarray, size: np.ndarray, stream: int) -> None:
         dst, src, size = (np.ascontiguousarray(a, dtype=np.uint64) for a in (dst, src, size))
-        args = [dst.ctypes.data, src.ctypes.data, size.ctypes.data, len(dst), ctypes.addressof(attrs), ctypes.addressof(idx), 1]
+        args = [
+            dst.ctypes.data,
+            src.ctypes.data,
+            size.ctypes.data,
+            len(dst),
+            ctypes.addressof(attrs),
+            ctypes.addressof(idx),
+            1,
+        ]
         if want < 13000:
             fail = ctypes.c_size_t()
             args.append(ctypes.addressof(fail))
@@ -91,7 +105,7 @@ def triton_copy() -> Callable[[np.ndarray, np.ndarray, np.ndarray, str], None] |
         return None
 
     @triton.jit
-    def kernel(dsts, srcs, sizes, BLOCK: tl.constexpr):  # noqa: N803
+    def kernel(dsts, srcs, sizes, BLOCK: tl.constexpr):
         i = tl.program_id(0)
         d = tl.load(dsts + i).to(tl.pointer_type(tl.uint8))
         s = tl.load(srcs + i).to(tl.pointer_type(tl.uint8))
@@ -131,7 +145,8 @@ def main() -> None:
     offsets = np.zeros(len(src), dtype=np.int64)
     offsets[1:] = np.cumsum((nbytes + 255) // 256 * 256)[:-1]
     total = int(offsets[-1] + nbytes[-1])
-    print(f"{len(src)} tensors, {nbytes.sum() / 1e9:.2f} GB (made in {time.perf_counter() - t0:.1f} s), {torch.cuda.get_device_name(0)}")
+    made = time.perf_counter() - t0
+    print(f"{len(src)} tensors, {nbytes.sum() / 1e9:.2f} GB (made in {made:.1f} s), {torch.cuda.get_device_name(0)}")
     flat = torch.empty(total, dtype=torch.uint8, device=dev)
     timed("flat clone of the slab", lambda: flat.clone())
     timed("flat copy_ into a buffer", lambda: flat.copy_(flat.flip(0)) if False else torch.empty_like(flat).copy_(flat))
@@ -139,23 +154,45 @@ def main() -> None:
     print("python costs over every tensor:")
     timed("[t.data_ptr() for t in ts]", lambda: [t.data_ptr() for t in src])
     timed("[t.shape for t in ts] + [t.dtype ...]", lambda: ([t.shape for t in src], [t.dtype for t in src]))
-    timed("one pass: ptr, shape, dtype, device, contiguous", lambda: [(t.data_ptr(), t.shape, t.dtype, t.device, t.is_contiguous()) for t in src])
+    timed(
+        "one pass: ptr, shape, dtype, device, contiguous",
+        lambda: [(t.data_ptr(), t.shape, t.dtype, t.device, t.is_contiguous()) for t in src],
+    )
     shp = [tuple(t.shape) for t in src]
     dts = [t.dtype for t in src]
-    timed("views by set_ on the flat storage", lambda: [torch.empty(0, dtype=d, device=dev).set_(flat.untyped_storage(), int(o) // torch.empty(0, dtype=d).element_size(), s) for d, s, o in zip(dts, shp, offsets.tolist())], runs=3)
-    timed("views by slicing + view(dtype).view(shape)", lambda: [flat[o : o + n].view(d).view(s) for o, n, d, s in zip(offsets.tolist(), nbytes.tolist(), dts, shp)], runs=3)
+    timed(
+        "views by set_ on the flat storage",
+        lambda: [
+            torch.empty(0, dtype=d, device=dev).set_(
+                flat.untyped_storage(), int(o) // torch.empty(0, dtype=d).element_size(), s
+            )
+            for d, s, o in zip(dts, shp, offsets.tolist(), strict=True)
+        ],
+        runs=3,
+    )
+    timed(
+        "views by slicing + view(dtype).view(shape)",
+        lambda: [
+            flat[o : o + n].view(d).view(s)
+            for o, n, d, s in zip(offsets.tolist(), nbytes.tolist(), dts, shp, strict=True)
+        ],
+        runs=3,
+    )
     sizes = (np.diff(np.append(offsets, total))).tolist()
     timed("split_with_sizes of the flat buffer (bytes)", lambda: flat.split(sizes), runs=3)
-    views = [flat[o : o + n].view(d).view(s) for o, n, d, s in zip(offsets.tolist(), nbytes.tolist(), dts, shp)]
+    views = [
+        flat[o : o + n].view(d).view(s) for o, n, d, s in zip(offsets.tolist(), nbytes.tolist(), dts, shp, strict=True)
+    ]
 
     print("gather (put): separate tensors -> flat buffer")
-    timed("python loop of copy_", lambda: [v.copy_(t) for v, t in zip(views, src)], runs=3)
+    timed("python loop of copy_", lambda: [v.copy_(t) for v, t in zip(views, src, strict=True)], runs=3)
     timed("torch._foreach_copy_ (views prebuilt)", lambda: torch._foreach_copy_(views, src))
     ptrs = np.array([t.data_ptr() for t in src], dtype=np.uint64)
     base = flat.data_ptr()
     stream = torch.cuda.Stream(dev)
     run = batch_memcpy()
     if run is not None:
+
         def gather() -> None:
             with torch.cuda.stream(stream):
                 run(base + offsets.astype(np.uint64), ptrs, nbytes.astype(np.uint64), stream.cuda_stream)
@@ -187,7 +224,13 @@ def main() -> None:
             timed("cuMemcpyBatchAsync gather onto cuda:1 (peer)", peer_scatter)
         sizes_np = nbytes.astype(np.uint64)
         for n in (1000, 10000):
-            timed(f"cuMemcpyBatchAsync, first {n} entries", lambda n=n: (run(base + offsets[:n].astype(np.uint64), ptrs[:n], sizes_np[:n], stream.cuda_stream), stream.synchronize()))
+            timed(
+                f"cuMemcpyBatchAsync, first {n} entries",
+                lambda n=n: (
+                    run(base + offsets[:n].astype(np.uint64), ptrs[:n], sizes_np[:n], stream.cuda_stream),
+                    stream.synchronize(),
+                ),
+            )
     tri = triton_copy()
     if tri is not None:
         dst_np = (base + offsets).astype(np.int64)

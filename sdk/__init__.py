@@ -9,17 +9,17 @@
 
 The module-level functions use one default `Client`, connected on first use to the daemon
 socket in $TENSORD_SOCKET (default /run/tensord/tensord.sock).
+
+Importing `sdk` is cheap: the client (and torch) load on first use of anything that needs
+them, so `sdk.errors`, `sdk.manifest` or `sdk.wire` can be imported alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from sdk.client import Client, Mount, Reservation
 from sdk.errors import (
     IntegrityError,
     InvalidArgument,
@@ -32,7 +32,15 @@ from sdk.errors import (
     Unavailable,
     VersionConflict,
 )
-from sdk.tensors import fingerprint
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    import torch
+
+    from sdk.client import Client, Mount, Reservation
+    from sdk.dataplane.fingerprint import fingerprint
+    from sdk.dataplane.views import TensorMap
 
 __all__ = [
     "Client",
@@ -43,6 +51,7 @@ __all__ = [
     "OutOfCapacity",
     "ProtocolError",
     "Reservation",
+    "TensorMap",
     "TensordError",
     "TransferError",
     "Unauthorized",
@@ -62,6 +71,25 @@ __all__ = [
     "watch",
 ]
 
+#: names this package loads on first use: name -> module
+_LAZY = {
+    "Client": "sdk.client",
+    "Mount": "sdk.client",
+    "Reservation": "sdk.client",
+    "TensorMap": "sdk.dataplane.views",
+    "fingerprint": "sdk.dataplane.fingerprint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 _default: Client | None = None
 _default_lock = threading.Lock()
 
@@ -69,13 +97,16 @@ _default_lock = threading.Lock()
 def default_client() -> Client:
     """The shared Client behind the module-level functions (created on first use)."""
     global _default
+    from sdk.client import Client
+
     with _default_lock:
-        if _default is None or _default._closed:
+        if _default is None or _default.closed:
             _default = Client()
         return _default
 
 
 def put(name: str, tensors: Mapping[str, torch.Tensor], *, device: str | None = None) -> int:
+    """Store `tensors` as the next version of `name`; all or nothing. See `Client.put`."""
     return default_client().put(name, tensors, device=device)
 
 
@@ -86,11 +117,13 @@ def get(
     device: str | torch.device | None = None,
     names: list[str] | None = None,
     verify: bool = False,
-) -> dict[str, torch.Tensor]:
+) -> TensorMap:
+    """A private copy of a version's tensors. See `Client.get`."""
     return default_client().get(name, version, device=device, names=names, verify=verify)
 
 
 def mount(name: str, version: int | str | None = None) -> Mount:
+    """Pin a version and map it zero-copy (same node). See `Client.mount`."""
     return default_client().mount(name, version)
 
 
@@ -102,37 +135,35 @@ def load_into(
     strict: bool = True,
     verify: bool = False,
 ) -> int:
+    """Copy a version into existing tensors. See `Client.load_into`."""
     return default_client().load_into(target, name, version, strict=strict, verify=verify)
 
 
 def ls(prefix: str = "") -> list[dict[str, Any]]:
+    """Sets whose name starts with `prefix`. See `Client.ls`."""
     return default_client().ls(prefix)
 
 
-def info(name: str, version: int | str | None = None) -> dict[str, Any]:
-    return default_client().info(name, version)
+def info(name: str, version: int | str | None = None, *, tensors: bool = False) -> dict[str, Any]:
+    """One version's description. See `Client.info`."""
+    return default_client().info(name, version, tensors=tensors)
 
 
 def delete(name: str, version: int | None = None) -> int:
+    """Delete one version or every version of `name` (idempotent). See `Client.delete`."""
     return default_client().delete(name, version)
 
 
 def load_checkpoint(path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
+    """Make the daemon load a checkpoint it reads itself. See `Client.load_checkpoint`."""
     return default_client().load_checkpoint(path, name, device=device, threads=threads)
 
 
-load_checkpoint.__doc__ = Client.load_checkpoint.__doc__
-
-
 def replicate(name: str, version: int | str | None = None, *, to: str | None = None) -> dict[str, Any]:
+    """Make a node pull a copy of a version. See `Client.replicate`."""
     return default_client().replicate(name, version, to=to)
 
 
 def watch(name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:
+    """Yield each version of `name` as it is committed. See `Client.watch`."""
     return default_client().watch(name, after=after, timeout=timeout)
-
-
-replicate.__doc__, watch.__doc__ = Client.replicate.__doc__, Client.watch.__doc__
-put.__doc__, get.__doc__, mount.__doc__ = Client.put.__doc__, Client.get.__doc__, Client.mount.__doc__
-load_into.__doc__, ls.__doc__ = Client.load_into.__doc__, Client.ls.__doc__
-info.__doc__, delete.__doc__ = Client.info.__doc__, Client.delete.__doc__

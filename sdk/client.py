@@ -1,7 +1,14 @@
-"""The tensord client: put, get, mount, load_into, ls, info, delete over one daemon connection."""
+"""The tensord client: put, get, mount, load_into, ls, info, delete over one daemon connection.
+
+Every operation works on whole sets in bulk: a manifest is a few arrays (`sdk.manifest`), a
+read or write is one table of copies (`sdk.dataplane`), and the tensors a read returns are
+views built on first use (`sdk.dataplane.views.TensorMap`). Manifests are cached by (name,
+version, replica generation): reopening a version this client has seen transfers none.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -9,35 +16,44 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
+from sdk.bulk import paused_gc
 from sdk.connection import Connection, endpoint
-from sdk.errors import IntegrityError, InvalidArgument, NotFound, TensordError, TransferError
-from sdk.manifest import Manifest, TensorSpec, specs_to_wire
+from sdk.dataplane.descriptors import replica_from_wire
+from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
+from sdk.dataplane.fingerprint import slab_fingerprints
+from sdk.dataplane.remote import RemoteSlab
+from sdk.dataplane.slab import Slab, open_slab
+from sdk.dataplane.views import TensorMap
+from sdk.errors import IntegrityError, InvalidArgument, NotFound, ProtocolError, TensordError, TransferError
+from sdk.manifest import ALIGN, DTYPE_CODES, Manifest, Table, table_of
 from sdk.names import check_name, check_prefix, check_version
-from sdk.slabs import RemoteSlab, Slab, open_slab, pool
-from sdk.tensors import dtype_name, fingerprint, fingerprints, to_dtype
+from sdk.tensors import describe
 from sdk.transport.base import Transport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _MAX_REPLICAS = 8  # distinct replicas one read tries before giving up
 _WATCH_POLL = 30.0  # seconds one long poll waits
+_CACHED_MANIFESTS = 32  # manifests a client keeps, by (name, version, replica generation)
 
 
 class Mount:
     """Zero-copy views of one pinned version on this node; the pin lasts until `close()`.
 
-    Host memory is mapped copy-on-write: writing to a view changes only this process's copy,
-    and the views stay readable after close. GPU memory is shared: views alias the daemon's
-    slab, so never write to them, and do not use them after close.
+    `tensors` is a `TensorMap` (a dict-like mapping; views are built on first use). Host memory
+    is mapped copy-on-write: writing to a view changes only this process's copy, and the views
+    stay readable after close. GPU memory is shared: views alias the daemon's slab, so never
+    write to them, and do not use them after close.
     """
 
     def __init__(self, client: Client, pin: int, manifest: Manifest, slab: Slab) -> None:
         self._client, self._pin, self._slab = client, pin, slab
         self.manifest = manifest
         self.name, self.version = manifest.name, manifest.version
-        self.tensors: dict[str, torch.Tensor] = {t.name: slab.view(t) for t in manifest.tensors}
+        self.tensors = TensorMap(manifest, slab.base()[: manifest.nbytes], manifest.offsets)
 
     def close(self) -> None:
         if self._pin:
@@ -56,49 +72,71 @@ class Reservation:
     """A slab reserved for a new version: write every tensor, then `commit()` (or `abort()`).
 
     Readers see nothing until commit; a reservation that is neither committed nor aborted is
-    released when its connection closes.
+    released when its connection closes. Fingerprints are computed at commit, in bulk, over the
+    slab (or, for a slab on another node, over the sources as they are written); `written`
+    records one the caller computed itself.
     """
 
     def __init__(self, client: Client, rid: int, manifest: Manifest, slab: Slab) -> None:
         self._client, self._rid, self.slab = client, rid, slab
         self.manifest = manifest
-        self._fingerprints: dict[str, int] = {}
+        n = len(manifest)
+        self._fps = np.zeros(n, dtype=np.uint64)
+        self._given = np.zeros(n, dtype=bool)  # fingerprint known (written() or a remote write)
+        self._copied = np.zeros(n, dtype=bool)  # bytes written here: fingerprint them at commit
 
     def write(self, tensor_name: str, src: torch.Tensor) -> None:
-        """Copy `src` into the slab at its place and record its fingerprint."""
+        """Copy `src` into the slab at its place."""
         self.write_all({tensor_name: src})
 
     def write_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write many tensors at once: copies spread over I/O threads, fingerprints alongside."""
-        specs = [self._spec(k) for k in tensors]
-        for spec, src in zip(specs, tensors.values(), strict=True):
-            if dtype_name(src.dtype) != spec.dtype or tuple(src.shape) != spec.shape:
-                raise InvalidArgument(f"tensor {spec.name!r}: dtype/shape differ from the reservation")
-        if all(t.device.type == "cpu" for t in tensors.values()):  # hash on other threads meanwhile
-            futures = {k: pool().submit(fingerprint, t) for k, t in tensors.items()}
-            self.slab.write_many(list(zip(specs, tensors.values(), strict=True)))
-            self._fingerprints.update((k, f.result()) for k, f in futures.items())
-            return
-        self.slab.write_many(list(zip(specs, tensors.values(), strict=True)))
-        self._fingerprints.update(zip(tensors, fingerprints(list(tensors.values())), strict=True))
+        """Write many tensors at once: one table of copies per source device."""
+        index = self.manifest.table.index
+        try:
+            rows = np.fromiter((index[k] for k in tensors), dtype=np.int64, count=len(tensors))
+        except KeyError as exc:
+            raise InvalidArgument(f"tensor {exc.args[0]!r} is not part of this reservation") from None
+        d = describe(tensors.values())
+        table = self.manifest.table
+        if not (np.array_equal(d.dtypes, table.dtypes[rows]) and np.array_equal(d.ndims, table.ndims[rows])):
+            raise InvalidArgument(_mismatch(self.manifest, rows, d.dtypes, list(tensors)))
+        if not np.array_equal(d.dims, _dims_of(table, rows)):
+            raise InvalidArgument(_mismatch(self.manifest, rows, d.dtypes, list(tensors), d.dims, d.ndims))
+        offsets = self.manifest.offsets[rows]
+        for device, sel in d.by_device().items():
+            self.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], device)
+        if isinstance(self.slab, RemoteSlab):  # no local view of the slab: hash the sources
+            self._fps[rows] = fingerprints_of(d.tensors)
+            self._given[rows] = True
+        else:
+            self._copied[rows] = True
 
     def written(self, tensor_name: str, fp: int) -> None:
         """Record the fingerprint of a tensor the caller wrote into `slab` itself."""
-        self._fingerprints[self._spec(tensor_name).name] = fp
-
-    def _spec(self, tensor_name: str) -> TensorSpec:
         if tensor_name not in self.manifest:
             raise InvalidArgument(f"tensor {tensor_name!r} is not part of this reservation")
-        return self.manifest[tensor_name]
+        self.written_all(np.array([self.manifest.table.index[tensor_name]]), np.array([fp], dtype=np.uint64))
+
+    def written_all(self, rows: np.ndarray, fps: np.ndarray) -> None:
+        """Record the fingerprints of rows the caller wrote itself (e.g. an ingest)."""
+        self._fps[rows] = fps
+        self._given[rows] = True
+        self._copied[rows] = False
 
     def commit(self) -> int:
-        missing = [t.name for t in self.manifest.tensors if t.name not in self._fingerprints]
-        if missing:
-            raise InvalidArgument(f"tensors not written before commit: {missing[:5]}")
+        done = self._given | self._copied
+        if not done.all():
+            missing = [self.manifest.names[i] for i in np.flatnonzero(~done)[:5].tolist()]
+            raise InvalidArgument(f"tensors not written before commit: {missing}")
+        if self._copied.any():
+            self.slab.finish()
+            rows = np.flatnonzero(self._copied)
+            fps = self.slab.fingerprints(self.manifest.offsets[rows], self.manifest.sizes[rows])
+            assert fps is not None  # a remote slab never marks rows copied
+            self._fps[rows] = fps
         self.slab.finish()
         self.slab.close()  # drop write access first: the daemon seals host slabs at commit
-        fps = [self._fingerprints[t.name] for t in self.manifest.tensors]
-        result, _ = self._client._conn().call("put_commit", reservation=self._rid, fingerprints=fps)
+        result, _ = self._client._conn().call("put_commit", reservation=self._rid, fingerprints=self._fps.tobytes())
         self._rid = 0
         return int(result["version"])
 
@@ -143,6 +181,7 @@ class Client:
         self._engine: Transport | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._manifests: collections.OrderedDict[tuple[str, int, int], Manifest] = collections.OrderedDict()
 
     # -- connection -------------------------------------------------------------------------
     def _conn(self) -> Connection:
@@ -173,6 +212,10 @@ class Client:
                 self._engine = MooncakeTransport(hostname, protocol)
             return self._engine
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Close the connection; the daemon releases every pin and reservation it held."""
         with self._lock:
@@ -194,19 +237,53 @@ class Client:
     def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[int, Manifest, Slab]:
         check_name(name)
         version = check_version(version)
-        args: dict[str, Any] = {"name": name, "version": version}
+        args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}
         if exclude:
             args["exclude"] = exclude
         result, fds = self._conn().call("open", **args)
         try:
-            manifest = Manifest.from_wire(result["manifest"])
-            return result["pin"], manifest, open_slab(result["replica"], fds, transport=self._transport)
+            if not isinstance(result, dict) or type(result.get("pin")) is not int:
+                raise ProtocolError(f"malformed open reply: {result!r:.200}")
+            replica = replica_from_wire(result.get("replica"))
+            manifest = self._manifest(name, result, replica.generation)
+            if manifest.nbytes > replica.nbytes:
+                raise ProtocolError(f"{name} v{manifest.version}: the manifest spans more than its slab")
+            return result["pin"], manifest, open_slab(replica, fds, transport=self._transport)
         except BaseException:  # a reply or slab this process cannot use: give everything back
             for fd in fds:
                 os.close(fd)
-            with contextlib.suppress(TensordError, OSError):
-                self._release(result["pin"])
+            if isinstance(result, dict) and type(result.get("pin")) is int:
+                with contextlib.suppress(TensordError, OSError):
+                    self._release(result["pin"])
             raise
+
+    def _have(self, name: str) -> list[list[int]]:
+        """The (version, generation) pairs of `name` whose manifests this client holds."""
+        with self._lock:
+            return [[v, g] for (n, v, g) in self._manifests if n == name]
+
+    def _manifest(self, name: str, result: dict[str, Any], generation: int) -> Manifest:
+        """The open reply's manifest: decoded and cached, or from the cache when it was left out."""
+        version, wire = result.get("version"), result.get("manifest")
+        if type(version) is not int:
+            raise ProtocolError(f"malformed open reply: version {version!r:.40}")
+        key = (name, version, generation)
+        with self._lock:
+            cached = self._manifests.get(key)
+            if cached is not None:
+                self._manifests.move_to_end(key)
+        if wire is None:
+            if cached is None:
+                raise ProtocolError(f"the daemon left out the manifest of {name} v{version}, which is not cached")
+            return cached
+        manifest = Manifest.from_wire(wire)
+        if manifest.name != name or manifest.version != version or manifest.fingerprints is None:
+            raise ProtocolError(f"the daemon answered {name} v{version} with another manifest")
+        with self._lock:
+            self._manifests[key] = manifest
+            while len(self._manifests) > _CACHED_MANIFESTS:
+                self._manifests.popitem(last=False)
+        return manifest
 
     def _release(self, pin: int, *, wait: bool = True) -> bool:
         """Give a pin back; True if it held throughout (a remote node did not lose it).
@@ -279,27 +356,36 @@ class Client:
         device: str | torch.device | None = None,
         names: list[str] | None = None,
         verify: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """A private copy of a version's tensors on `device`.
+    ) -> TensorMap:
+        """A private copy of a version's tensors on `device`, as a dict-like `TensorMap`.
 
+        The tensors are views of one buffer per call, filled with as few copies as the layout
+        allows (one for a whole set on a GPU); keeping any of them keeps that buffer alive.
         Default device: cpu for a host replica, the current CUDA device for a GPU replica.
         `names` selects a subset; `verify` checks every fingerprint (IntegrityError on mismatch).
         """
+        wanted = _check_names(names)
 
-        def copy(manifest: Manifest, slab: Slab) -> dict[str, torch.Tensor]:
+        def copy(manifest: Manifest, slab: Slab) -> TensorMap:
             target = _target_device(device, slab.device)
-            out: dict[str, torch.Tensor] = {}
-
-            def destinations() -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-                for s in _select(manifest, names):
-                    out[s.name] = torch.empty(s.shape, dtype=to_dtype(s.dtype), device=target)
-                    yield s, out[s.name]
-
-            slab.read_many(destinations())
+            rows = None if wanted is None else _rows(manifest, wanted)
+            src, sizes = (
+                (manifest.offsets, manifest.sizes) if rows is None else (manifest.offsets[rows], manifest.sizes[rows])
+            )
+            if rows is None:  # the whole slab, padding included: one run
+                at, nbytes = manifest.offsets, manifest.nbytes
+                runs = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([nbytes], np.int64))
+            else:
+                at, nbytes = _packed(sizes)
+                runs = _runs(src, at, sizes)
+            buf = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8, device=target)
+            if nbytes:
+                slab.read_runs(buf, *runs)
             if verify:
                 slab.finish()
-                _verify(manifest, out)
-            return out
+                expected = manifest.fingerprints if rows is None else manifest.fingerprints[rows]  # type: ignore[index]
+                _check(manifest, rows, slab_fingerprints(buf, at, sizes), expected)
+            return TensorMap(manifest, buf, at, rows)
 
         return self._read(name, version, copy)
 
@@ -321,18 +407,32 @@ class Client:
         tensors = target.state_dict() if isinstance(target, torch.nn.Module) else target
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
+        if not all(isinstance(k, str) for k in tensors):
+            raise InvalidArgument("load_into needs tensors keyed by name (str)")
 
         def copy(manifest: Manifest, slab: Slab) -> int:
-            pairs = _match(manifest, tensors, strict=strict)
-            slab.read_many([(s, d) for s, d in pairs if d.is_contiguous()])
-            for spec, dst in pairs:
-                if not dst.is_contiguous():
-                    tmp = torch.empty(spec.shape, dtype=dst.dtype, device=dst.device)
-                    slab.read_into(spec, tmp)
-                    dst.copy_(tmp)
+            keys, rows = _match(manifest, tensors, strict=strict)
+            dsts = [tensors[k] for k in keys]
+            _check_targets(manifest, rows, keys, dsts)
+            dense = [t.is_contiguous() for t in dsts]
+            plain = np.array(dense, dtype=bool)
+            if plain.any():
+                idx = np.flatnonzero(plain)
+                d = describe([dsts[i] for i in idx.tolist()])
+                offsets = manifest.offsets[rows[idx]]
+                for dev, sel in d.by_device().items():
+                    slab.read_into(d.ptrs[sel], offsets[sel], d.sizes[sel], dev)
+            if not plain.all():  # rare: through a private copy, then one copy_ each
+                idx = np.flatnonzero(~plain)
+                for i in idx.tolist():
+                    tmp = torch.empty(dsts[i].shape, dtype=dsts[i].dtype, device=dsts[i].device)
+                    slab.read_into(np.array([tmp.data_ptr()]), manifest.offsets[rows[i : i + 1]],
+                                   manifest.sizes[rows[i : i + 1]], tmp.device)  # fmt: skip
+                    slab.finish()
+                    dsts[i].copy_(tmp)
             if verify:
                 slab.finish()
-                _verify(manifest, {spec.name: dst for spec, dst in pairs})
+                _check(manifest, rows, np.array(fingerprints_of(dsts), dtype=np.uint64), manifest.fingerprints[rows])  # type: ignore[index]
             return manifest.version
 
         return self._read(name, version, copy)
@@ -341,24 +441,33 @@ class Client:
     def reserve(
         self,
         name: str,
-        specs: Mapping[str, tuple[str, tuple[int, ...]]],
+        specs: Mapping[str, tuple[str, tuple[int, ...]]] | Table,
         *,
         device: str = "cpu",
         origin: str | None = None,
     ) -> Reservation:
-        """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape).
+        """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape)
+        (a mapping of name -> (dtype name, shape), or a `sdk.manifest.Table`).
 
         `origin` records where the bytes come from (e.g. "file:/models/x.safetensors")."""
         check_name(name)
-        args: dict[str, Any] = {"name": name, "device": str(device), "tensors": specs_to_wire(specs)}
+        table = specs if isinstance(specs, Table) else table_of(specs)
+        args: dict[str, Any] = {"name": name, "device": str(device), "tensors": table.to_wire()}
         if origin is not None:
             args["origin"] = origin
         result, fds = self._conn().call("put_begin", **args)
-        manifest = Manifest.from_wire(result["manifest"])
         try:
-            slab = open_slab(result["replica"], fds, writable=True, transport=self._transport)
+            manifest = _reserved(name, table, result)
+            replica = replica_from_wire(result.get("replica"))
+            if manifest.nbytes > replica.nbytes:
+                raise ProtocolError("the reserved slab is smaller than its layout")
+            slab = open_slab(replica, fds, writable=True, transport=self._transport)
         except BaseException:
-            self._conn().call("put_abort", reservation=result["reservation"])
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if isinstance(result, dict) and "reservation" in result:
+                self._conn().call("put_abort", reservation=result["reservation"])
             raise
         return Reservation(self, result["reservation"], manifest, slab)
 
@@ -367,14 +476,20 @@ class Client:
 
         `device`: where the slab lives ("cpu", "cuda:N"); default: where the tensors are.
         """
-        if not isinstance(tensors, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-        ):
+        if not isinstance(tensors, Mapping):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
-        specs = {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-        slab_device = str(device) if device is not None else _home_device(tensors.values())
-        with self.reserve(name, specs, device=slab_device) as reservation:
-            reservation.write_all(tensors)
+        names = list(tensors)
+        d = describe(tensors.values())
+        table = Table.of_columns(names, d.dtypes, d.ndims, d.dims)
+        slab_device = str(device) if device is not None else _home_device(d.devices)
+        with self.reserve(name, table, device=slab_device) as reservation:
+            offsets = reservation.manifest.offsets
+            for dev, sel in d.by_device().items():
+                reservation.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], dev)
+            if isinstance(reservation.slab, RemoteSlab):
+                reservation.written_all(np.arange(len(names)), np.array(fingerprints_of(d.tensors), dtype=np.uint64))
+            else:
+                reservation._copied[:] = True
             return reservation.commit()
 
     def load_checkpoint(self, path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
@@ -388,13 +503,17 @@ class Client:
 
     # -- catalogue --------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        """Sets whose name starts with `prefix`: name, latest, versions, nbytes, device."""
+        """Sets whose name starts with `prefix`: name, latest, versions, nbytes, tensors, device."""
         result, _ = self._conn().call("ls", prefix=check_prefix(prefix))
         return list(result)
 
-    def info(self, name: str, version: int | str | None = None) -> dict[str, Any]:
-        """One version: tensors (dtype, shape, nbytes), bytes, device, pins, all versions."""
-        result, _ = self._conn().call("info", name=check_name(name), version=check_version(version))
+    def info(self, name: str, version: int | str | None = None, *, tensors: bool = False) -> dict[str, Any]:
+        """One version: tensor count and dtypes, bytes, device, pins, replicas, all versions;
+        with `tensors`, also every tensor's dtype, shape and bytes (name -> row)."""
+        args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
+        if tensors:
+            args["tensors"] = True
+        result, _ = self._conn().call("info", **args)
         return dict(result)
 
     def delete(self, name: str, version: int | None = None) -> int:
@@ -462,50 +581,158 @@ def _target_device(device: str | torch.device | None, slab_device: str) -> torch
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _home_device(tensors: Any) -> str:
-    devices = {str(t.device) for t in tensors}
-    if len(devices) > 1:
-        raise InvalidArgument(f"tensors lie on several devices {sorted(devices)}: pass device=")
-    device = devices.pop() if devices else "cpu"
-    return "cpu" if device == "cpu" else str(torch.device(device))
+def _home_device(devices: list[torch.device]) -> str:
+    distinct = set(devices)
+    if len(distinct) > 1:
+        raise InvalidArgument(f"tensors lie on several devices {sorted(map(str, distinct))}: pass device=")
+    device = distinct.pop() if distinct else torch.device("cpu")
+    return "cpu" if device.type == "cpu" else str(torch.device(device))
 
 
-def _select(manifest: Manifest, names: list[str] | None) -> list[TensorSpec]:
+def _reserved(name: str, table: Table, result: Any) -> Manifest:
+    """The manifest of a reservation from the daemon's layout; ProtocolError if it does not fit."""
+    if not isinstance(result, dict) or not isinstance(result.get("offsets"), bytes):
+        raise ProtocolError(f"malformed put_begin reply: {result!r:.200}")
+    n = len(table)
+    raw = result["offsets"]
+    if len(raw) != 8 * n:
+        raise ProtocolError("put_begin reply: one offset per tensor expected")
+    offsets = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+    return Manifest(name, 0, table, offsets, result.get("nbytes"), check=ProtocolError)  # type: ignore[arg-type]
+
+
+def _check_names(names: list[str] | None) -> list[str] | None:
     if names is None:
-        return list(manifest.tensors)
-    missing = [n for n in names if n not in manifest]
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument("names must be a list of tensor names")
+    return list(names)
+
+
+def _rows(manifest: Manifest, names: list[str]) -> np.ndarray:
+    index = manifest.table.index
+    missing = [n for n in names if n not in index]
     if missing:
         raise NotFound(f"{manifest.name} v{manifest.version} has no tensors {missing[:5]}")
-    return [manifest[n] for n in names]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("names must not repeat")
+    return np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
 
 
-def _match(
-    manifest: Manifest, tensors: Mapping[str, torch.Tensor], *, strict: bool
-) -> list[tuple[TensorSpec, torch.Tensor]]:
-    if strict:
-        missing = sorted(set(tensors) - {t.name for t in manifest.tensors})
-        unexpected = sorted({t.name for t in manifest.tensors} - set(tensors))
-        if missing or unexpected:
-            raise InvalidArgument(
-                f"names differ from {manifest.name} v{manifest.version}: "
-                f"missing in the set {missing[:5]}, not in the target {unexpected[:5]}"
-            )
-    pairs = [(manifest[k], t) for k, t in tensors.items() if k in manifest]
-    for spec, t in pairs:
-        if dtype_name(t.dtype) != spec.dtype or tuple(t.shape) != spec.shape:
-            raise InvalidArgument(
-                f"tensor {spec.name!r}: target is {t.dtype} {tuple(t.shape)}, the set holds {spec.dtype} {spec.shape}"
-            )
-    return pairs
+def _packed(sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Offsets packing tensors of these sizes at ALIGN boundaries, and the buffer size."""
+    aligned = (sizes + ALIGN - 1) // ALIGN * ALIGN
+    return np.cumsum(aligned) - aligned, int(aligned.sum())
 
 
-def _verify(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
-    for key, actual in zip(tensors, fingerprints(list(tensors.values())), strict=True):
-        expected = manifest[key].fingerprint
-        if expected is not None and actual != expected:
-            raise IntegrityError(
-                f"tensor {key!r} of {manifest.name} v{manifest.version} fails its fingerprint",
-                name=manifest.name,
-                version=manifest.version,
-                tensor=key,
-            )
+def _runs(src: np.ndarray, at: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies from slab offsets `src` to buffer offsets `at`, merged where both sides continue
+    alike across at most the padding between two tensors (the buffer is ours: its padding may
+    take the slab's)."""
+    order = np.argsort(src, kind="stable")
+    s, a, n = src[order], at[order], sizes[order]
+    if not len(s):
+        return s, a, n
+    join = np.zeros(len(s), dtype=bool)
+    gap = s[1:] - (s[:-1] + n[:-1])
+    join[1:] = (gap >= 0) & (gap < ALIGN) & (a[1:] - a[:-1] == s[1:] - s[:-1])
+    first = np.flatnonzero(~join)
+    last = np.append(first[1:], len(s)) - 1
+    return s[first], a[first], s[last] + n[last] - s[first]
+
+
+def _match(manifest: Manifest, tensors: Mapping[str, torch.Tensor], *, strict: bool) -> tuple[list[str], np.ndarray]:
+    """The target names the set holds, and their rows."""
+    index = manifest.table.index
+    with paused_gc():
+        keys = list(tensors)
+        rows = [index.get(k, -1) for k in keys]
+    if strict and (len(keys) != len(manifest) or -1 in rows):
+        missing = sorted(set(keys) - set(manifest.names))
+        unexpected = sorted(set(manifest.names) - set(keys))
+        raise InvalidArgument(
+            f"names differ from {manifest.name} v{manifest.version}: "
+            f"missing in the set {missing[:5]}, not in the target {unexpected[:5]}"
+        )
+    arr = np.array(rows, dtype=np.int64)
+    keep = arr >= 0
+    if not keep.all():
+        keys = [k for k, ok in zip(keys, keep.tolist(), strict=True) if ok]
+        arr = arr[keep]
+    return keys, arr
+
+
+def _dims_of(table: Table, rows: np.ndarray) -> np.ndarray:
+    """The dims of `rows`, concatenated in that order."""
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64)
+    starts, counts = table.dim_starts[rows], table.ndims[rows].astype(np.int64)
+    take = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    return table.dims[take]
+
+
+def _check_targets(manifest: Manifest, rows: np.ndarray, keys: list[str], dsts: list[torch.Tensor]) -> None:
+    """Every target's dtype and shape equal the set's, else InvalidArgument (nothing written)."""
+    d_codes = np.array([_code(t) for t in dsts], dtype=np.int64) if dsts else np.zeros(0, np.int64)
+    table = manifest.table
+    with paused_gc():
+        shapes = [t.shape for t in dsts]
+    ndims = np.fromiter(map(len, shapes), dtype=np.int64, count=len(shapes))
+    ok = np.array_equal(d_codes, table.dtypes[rows].astype(np.int64)) and np.array_equal(ndims, table.ndims[rows])
+    if ok:
+        flat = np.fromiter((x for s in shapes for x in s), dtype=np.int64, count=int(ndims.sum()))
+        ok = np.array_equal(flat, _dims_of(table, rows))
+    if not ok:
+        for key, row, t in zip(keys, rows.tolist(), dsts, strict=True):
+            spec = manifest.spec(row)
+            if _code(t) != table.dtypes[row] or tuple(t.shape) != spec.shape:
+                raise InvalidArgument(
+                    f"tensor {key!r}: target is {t.dtype} {tuple(t.shape)}, the set holds {spec.dtype} {spec.shape}"
+                )
+
+
+def _code(t: torch.Tensor) -> int:
+    from sdk.tensors import CODES
+
+    return CODES.get(t.dtype, -1)
+
+
+def _mismatch(
+    manifest: Manifest,
+    rows: np.ndarray,
+    codes: np.ndarray,
+    keys: list[str],
+    dims: np.ndarray | None = None,
+    ndims: np.ndarray | None = None,
+) -> str:
+    """Name the first tensor whose dtype or shape differs from the reservation."""
+    table = manifest.table
+    bad = np.flatnonzero(codes != table.dtypes[rows])
+    if len(bad):
+        i = int(bad[0])
+        want = table.dtype_name(int(rows[i]))
+        return f"tensor {keys[i]!r}: dtype {DTYPE_CODES[codes[i]]} differs from the reservation's {want}"
+    assert dims is not None
+    assert ndims is not None
+    starts = np.cumsum(ndims.astype(np.int64)) - ndims
+    for i, row in enumerate(rows.tolist()):
+        got = tuple(dims[starts[i] : starts[i] + ndims[i]].tolist())
+        if got != table.shape(row):
+            return f"tensor {keys[i]!r}: shape {got} differs from the reservation's {table.shape(row)}"
+    return "dtype/shape differ from the reservation"
+
+
+def _check(manifest: Manifest, rows: np.ndarray | None, actual: np.ndarray, expected: np.ndarray | None) -> None:
+    """IntegrityError naming the first tensor whose fingerprint differs."""
+    if expected is None:
+        return
+    bad = np.flatnonzero(np.asarray(actual, dtype=np.uint64) != expected)
+    if len(bad):
+        row = int(bad[0]) if rows is None else int(rows[bad[0]])
+        key = manifest.names[row]
+        raise IntegrityError(
+            f"tensor {key!r} of {manifest.name} v{manifest.version} fails its fingerprint",
+            name=manifest.name,
+            version=manifest.version,
+            tensor=key,
+        )

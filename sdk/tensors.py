@@ -1,21 +1,26 @@
-"""torch helpers shared by the SDK and the daemon: dtype names, byte views, fingerprints."""
+"""torch helpers shared by the SDK and the daemon: dtype names and codes, byte views, and the
+description of many tensors in one pass."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
 import torch
 
+from sdk.bulk import paused_gc
 from sdk.errors import InvalidArgument
-from sdk.manifest import DTYPE_SIZES
+from sdk.manifest import DTYPE_CODE, DTYPE_SIZES, Table
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in DTYPE_SIZES if isinstance(getattr(torch, name, None), torch.dtype)
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-
-_BLOCK_WORDS = 1 << 16  # int64 words per fingerprint block
-BLOCK_BYTES = _BLOCK_WORDS * 8
-_MASK = 2**64 - 1
-_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # odd, as a signed int64
+#: torch dtype -> its code on the wire (`sdk.manifest.DTYPE_CODES`)
+CODES: dict[torch.dtype, int] = {dtype: DTYPE_CODE[name] for name, dtype in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -51,6 +56,7 @@ def view_bytes(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.T
     return out.set_(buf.untyped_storage(), offset // itemsize, shape, contiguous_strides(shape))
 
 
+@functools.lru_cache(maxsize=4096)
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for d in reversed(shape):
@@ -59,82 +65,63 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def fingerprint(t: torch.Tensor) -> int:
-    """A 64-bit fingerprint of a tensor's bytes, the same on CPU and GPU, computed where it lies.
+@dataclass
+class Described:
+    """Many tensors described in one pass: their table columns and where their bytes are.
 
-    The bytes are read as int64 words in blocks of 512 KiB; each block's wrapping sum is
-    weighted by an odd number that depends on the block's position, and the byte length and
-    the tail bytes are mixed in. It detects any change that alters a block's word sum and
-    blocks moved or swapped; it is an integrity check against torn or misplaced data, not a
-    cryptographic hash. Integer sums wrap identically in any order, so devices agree.
+    ``tensors`` are the inputs, with non-dense ones (non-contiguous, conjugate or negative
+    views) replaced by dense copies, so ``ptrs[i]`` holds ``sizes[i]`` bytes of ``tensors[i]``.
     """
-    b = as_bytes(t.contiguous())
-    return fingerprint_finish(fingerprint_part(b, 0, b.numel()), b.numel())
+
+    tensors: list[torch.Tensor]
+    dtypes: np.ndarray  # uint8 wire codes
+    ndims: np.ndarray
+    dims: np.ndarray
+    ptrs: np.ndarray  # int64
+    sizes: np.ndarray  # int64 bytes
+    devices: list[torch.device]  # per tensor
+
+    def table(self, names: list[str]) -> Table:
+        return Table(names, self.dtypes, self.ndims, self.dims)
+
+    def by_device(self) -> dict[torch.device, np.ndarray]:
+        """device -> the rows on it."""
+        first = self.devices[0] if self.devices else None
+        if all(d == first for d in self.devices):
+            return {first: np.arange(len(self.devices))} if first is not None else {}
+        out: dict[torch.device, list[int]] = {}
+        for i, d in enumerate(self.devices):
+            out.setdefault(d, []).append(i)
+        return {d: np.array(rows, dtype=np.int64) for d, rows in out.items()}
 
 
-def fingerprints(tensors: list[torch.Tensor]) -> list[int]:
-    """`fingerprint` of many tensors, with one device-to-host transfer per device (not per tensor)."""
-    shares = [_share(as_bytes(t.contiguous()), 0, t.numel() * t.element_size()) for t in tensors]
-    values: list[int] = [0] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, share in enumerate(shares):
-        by_device.setdefault(share.device, []).append(i)
-    for indices in by_device.values():
-        for i, v in zip(indices, torch.stack([shares[i] for i in indices]).tolist(), strict=True):
-            values[i] = fingerprint_finish(v, tensors[i].numel() * tensors[i].element_size())
-    return values
-
-
-def fingerprint_part(b: torch.Tensor, start: int, total: int) -> int:
-    """The share of bytes ``[start, start + len(b))`` of a `total`-byte tensor in its fingerprint.
-
-    For computing a fingerprint chunk by chunk: `start` must be a multiple of BLOCK_BYTES, and
-    so must the chunk's length unless it is the last chunk. Add the shares, then finish.
-    """
-    return int(_share(b, start, total).item()) & _MASK
-
-
-def _share(b: torch.Tensor, start: int, total: int) -> torch.Tensor:
-    """fingerprint_part as a 0-d int64 tensor on b's device (no synchronisation, ~3 kernels)."""
-    n = b.numel()
-    last = start + n == total
-    if start % BLOCK_BYTES or (not last and n % BLOCK_BYTES):
-        raise InvalidArgument(f"fingerprint chunks must be aligned to {BLOCK_BYTES} bytes")
-    words_end = (total // 8 * 8 - start) if last else n
-    if words_end and b.storage_offset() % 8:
-        b = b.clone()
-    words = b[:words_end].view(torch.int64)
-    first, nfull = start // BLOCK_BYTES, words.numel() // _BLOCK_WORDS
-    share = torch.zeros((), dtype=torch.int64, device=b.device)
-    if nfull:  # each whole block's sum, weighted by its position
-        sums = words[: nfull * _BLOCK_WORDS].view(nfull, _BLOCK_WORDS).sum(1)
-        share = (sums * _weights(b.device, first + nfull)[first:]).sum()
-    if last:  # then the partial block and the tail bytes, as the next two positions
-        rest = words[nfull * _BLOCK_WORDS :]
-        if rest.numel():
-            share = share + rest.sum() * _weight(first + nfull)
-        tail = b[words_end:]
-        if tail.numel():
-            shifts = 8 * torch.arange(tail.numel(), device=b.device, dtype=torch.int64)
-            share = share + (tail.to(torch.int64) << shifts).sum() * _weight(first + nfull + 1)
-    return share
-
-
-_WEIGHTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _weight(index: int) -> int:
-    return index * 2 + _GOLDEN
-
-
-def _weights(device: torch.device, count: int) -> torch.Tensor:
-    """Block weights 0..count-1 on `device`, from a table that grows as needed."""
-    table = _WEIGHTS.get(device)
-    if table is None or table.numel() < count:
-        size = max(count, 2 * (table.numel() if table is not None else 4096))
-        table = _WEIGHTS[device] = torch.arange(size, device=device, dtype=torch.int64) * 2 + _GOLDEN
-    return table[:count]
-
-
-def fingerprint_finish(shares: int, total: int) -> int:
-    return ((shares & _MASK) ^ (total * 0xFF51AFD7ED558CCD)) & _MASK
+def describe(values: Iterable[object], what: str = "tensors") -> Described:
+    """Describe tensors in bulk (the collector paused): InvalidArgument for anything that is not
+    a strided tensor of a supported dtype on a CPU or CUDA device."""
+    with paused_gc():
+        given = list(values)
+        if not all(type(t) is torch.Tensor or isinstance(t, torch.Tensor) for t in given):
+            bad = next(t for t in given if not isinstance(t, torch.Tensor))
+            raise InvalidArgument(f"{what} must be torch.Tensor, not {type(bad).__name__}")
+        tensors: list[torch.Tensor] = given  # type: ignore[assignment]
+        try:
+            codes = [CODES[t.dtype] for t in tensors]
+        except KeyError:
+            bad_dtype = next(t.dtype for t in tensors if t.dtype not in CODES)
+            raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord") from None
+        if not all(t.layout is torch.strided for t in tensors):
+            raise InvalidArgument(f"{what} must be dense (strided) tensors, not sparse or nested ones")
+        dense = [t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in tensors]
+        if not all(dense):
+            tensors = [
+                t if ok else t.resolve_conj().resolve_neg().contiguous() for t, ok in zip(tensors, dense, strict=True)
+            ]
+        shapes = [t.shape for t in tensors]
+        devices = [t.device for t in tensors]
+        if any(d.type not in ("cpu", "cuda") for d in set(devices)):
+            raise InvalidArgument(f"{what} must lie on cpu or cuda devices, not {sorted(map(str, set(devices)))}")
+        ndims = np.fromiter(map(len, shapes), dtype=np.uint8, count=len(shapes))
+        dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=int(ndims.sum()))
+        ptrs = np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
+        sizes = np.fromiter((t.nbytes for t in tensors), dtype=np.int64, count=len(tensors))
+    return Described(tensors, np.array(codes, dtype=np.uint8), ndims, dims, ptrs, sizes, devices)

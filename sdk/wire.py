@@ -15,7 +15,7 @@ import msgpack
 
 from sdk.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 64 * 1024 * 1024
 HEADER = struct.Struct(">I")
 MAX_FDS = 16

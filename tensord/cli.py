@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe one version of a set")
     s.add_argument("name")
     s.add_argument("--version", type=int)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--tensors", action="store_true", help="list every tensor (dtype, shape, bytes)")
+    s.add_argument("--json", action="store_true", help="everything as JSON, tensors included")
     s.set_defaults(run=_info)
 
     s = sub.add_parser("rm", help="delete a set, or one version of it")
@@ -211,17 +212,20 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        info = client.info(args.name, args.version)
+        info = client.info(args.name, args.version, tensors=args.tensors or args.json)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['name']} v{info['version']} (latest v{info['latest']}; versions {info['versions']})")
     print(
-        f"  {len(info['tensors'])} tensors, {_human(info['nbytes'])} on {info['device'] or '-'}, "
+        f"  {info['count']} tensors, {_human(info['nbytes'])} on {info['device'] or '-'}, "
         f"{info['pins']} pins, created {time.ctime(info['created'])}, origin {info['origin']}"
     )
     replicas = ", ".join(f"{r['node']}:{r['device']}" for r in info["replicas"]) or "none"
     print(f"  replicas: {replicas}")
+    print("  dtypes: " + ", ".join(f"{d} x{n}" for d, n in info["dtypes"].items()))
+    if not args.tensors:
+        return 0
     _table(
         ("TENSOR", "DTYPE", "SHAPE", "BYTES"),
         [
@@ -304,6 +308,6 @@ def _human(n: int) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())

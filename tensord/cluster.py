@@ -12,10 +12,12 @@ import logging
 import socket
 from typing import Any
 
-from sdk.errors import NotFound, TensordError, TransferError, Unavailable
+import numpy as np
+
+from sdk.dataplane.descriptors import RemoteReplica, replica_from_wire
+from sdk.errors import NotFound, ProtocolError, TensordError, TransferError, Unavailable
 from sdk.manifest import Manifest
-from sdk.tensors import fingerprints
-from sdk.transport.base import Entry
+from sdk.transport.base import Batch
 from tensord.memory import Slab, own_view
 from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
@@ -43,13 +45,16 @@ class Cluster:
         found.sort(key=lambda rn: (rn[1].host != self.host, peers[rn[0].node].busy))
         return found
 
-    async def pin_remote(self, name: str, version: int, exclude: list[str]) -> tuple[dict[str, Any], RemotePin]:
-        """Pin `version` on the best other node; its open reply (manifest, descriptor) and the pin."""
+    async def pin_remote(
+        self, name: str, version: int, exclude: list[str], have: Any = None
+    ) -> tuple[dict[str, Any], RemotePin]:
+        """Pin `version` on the best other node; its open reply (manifest unless `have` names
+        it, descriptor) and the pin."""
         errors = []
         for replica, record in await self.candidates(name, version, exclude):
             peer = self.peers.get(replica.node, record.control)
             try:
-                result, pin = await peer.pin(name, version)
+                result, pin = await peer.pin(name, version, have)
             except (Unavailable, NotFound) as exc:  # dead, or retired there since: next one
                 errors.append(f"{replica.node}: {exc.message}")
                 continue
@@ -78,38 +83,50 @@ class Cluster:
                 result, pin = await self.pin_remote(name, version, exclude)
             except (NotFound, TransferError) as exc:
                 raise TransferError(f"cannot replicate {name} v{version}: {exc.message} {errors}") from exc
-            manifest = Manifest.from_wire(result["manifest"])
-            source = result["replica"]
-            here = source.get("device") if source.get("device") in self.store.budgets.limit else "cpu"
+            try:
+                manifest = await asyncio.to_thread(Manifest.from_wire, result.get("manifest"))
+                source = replica_from_wire(result.get("replica"))
+                if not isinstance(source, RemoteReplica) or manifest.nbytes > source.nbytes:
+                    raise ProtocolError(f"node {pin.node} described {name} v{version} wrongly")
+            except ProtocolError as exc:
+                await self.release(pin)
+                errors.append(f"{pin.node}: {exc.message}")
+                exclude.append(pin.node)
+                continue
+            here = source.device if source.device in self.store.budgets.limit else "cpu"
             slab = self.store.allocate(device or here, manifest.nbytes, f"{name}@{version}")
             try:
                 address = self.store.expose(slab, writable=True)
-                entry = Entry(address, int(source["address"]), manifest.nbytes)
-                await asyncio.to_thread(transport.read, source["session"], [entry])
+                batch = Batch.of([]) if not manifest.nbytes else Batch(
+                    np.array([address]), np.array([source.address]), np.array([manifest.nbytes])
+                )  # fmt: skip
+                await asyncio.to_thread(transport.read, source.session, batch)
                 intact = await self.release(pin)
                 pin = None  # type: ignore[assignment]
                 if not intact:
-                    raise TransferError(f"node {source['node']} lost its pin during the read")
+                    raise TransferError(f"node {source.node} lost its pin during the read")
                 await asyncio.to_thread(_verify, slab, manifest)
                 self.store.hide(slab)
                 return await self.store.adopt(manifest, slab)
             except TensordError as exc:
-                errors.append(f"{source.get('node')}: {exc.message}")
-                exclude.append(source.get("node"))
+                errors.append(f"{source.node}: {exc.message}")
+                exclude.append(source.node)
                 if pin is not None:
                     await self.release(pin)
                 self.store.discard(slab)
 
 
 def _verify(slab: Slab, manifest: Manifest) -> None:
-    """Check every fingerprint of a pulled copy, where it lies (GPU copies on the GPU)."""
+    """Check every fingerprint of a pulled copy in bulk, where it lies (GPU copies on the GPU)."""
     view = own_view(slab)
     try:
-        actual = fingerprints([view.view(spec) for spec in manifest.tensors])
-        for spec, fp in zip(manifest.tensors, actual, strict=True):
-            if spec.fingerprint is not None and fp != spec.fingerprint:
+        actual = view.fingerprints(manifest.offsets, manifest.sizes)
+        if manifest.fingerprints is not None:
+            bad = np.flatnonzero(actual != manifest.fingerprints)
+            if len(bad):
+                key = manifest.names[int(bad[0])]
                 raise TransferError(
-                    f"tensor {spec.name!r} of {manifest.name} v{manifest.version} arrived with a wrong fingerprint"
+                    f"tensor {key!r} of {manifest.name} v{manifest.version} arrived with a wrong fingerprint"
                 )
     finally:
         view.close()

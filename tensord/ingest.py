@@ -29,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint_finish, fingerprint_part
+from sdk.dataplane.gpu import GpuSlab
+from sdk.dataplane.host import HostSlab
+from sdk.dataplane.slab import Slab
 from sdk.errors import InvalidArgument
 from sdk.manifest import Manifest, TensorSpec
 from sdk.names import check_name
-from sdk.slabs import CudaSlab, HostSlab, Slab
-from sdk.tensors import BLOCK_BYTES, fingerprint_finish, fingerprint_part, fingerprints
 from tensord.checkpoint import TENSORD_TO_SAFETENSORS, FileTensor, read_checkpoint
 from tensord.export import write_safetensors
 from tensord.sharding import ShardPlan, ShardRules, plan_shards
@@ -142,10 +145,10 @@ def ingest_into(
     started = time.perf_counter()
     with _opened(sources) as fds:
         chunks = _plan_chunks(sources, fds, chunk)
-        on_gpu = isinstance(slab, CudaSlab)  # then hash where the bytes land, in one batch
+        on_gpu = isinstance(slab, GpuSlab)  # then hash where the bytes land, in one batch
         shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu)
     if on_gpu:
-        fps = fingerprints([slab.view(spec) for spec in specs])
+        fps = slab.fingerprints(manifest.offsets, manifest.sizes).tolist()  # type: ignore[union-attr]
     else:
         fps = [fingerprint_finish(share, spec.nbytes) for share, spec in zip(shares, specs, strict=True)]
     total = sum(spec.nbytes for spec in specs)
@@ -265,26 +268,32 @@ class _Target:
 
     def __init__(self, slab: Slab, specs: list[TensorSpec]) -> None:
         self.slab, self.specs = slab, specs
-        self.device = torch.device(slab.device) if isinstance(slab, CudaSlab) else None
+        self.device = torch.device(slab.device) if isinstance(slab, GpuSlab) else None
         if self.device is not None and self.device.type != "cuda":
             self.device = None  # a tensor-backed slab in host memory: plain copies
         self.staged = not isinstance(slab, HostSlab)
+        self.base = slab.base() if isinstance(slab, (HostSlab, GpuSlab)) else None
 
-    def _part(self, chunk: _Chunk) -> TensorSpec:
-        spec = self.specs[chunk.index]
-        return TensorSpec(spec.name, "uint8", (chunk.nbytes,), spec.offset + chunk.start, chunk.nbytes)
+    def _at(self, chunk: _Chunk) -> int:
+        return self.specs[chunk.index].offset + chunk.start
 
     def place(self, chunk: _Chunk) -> torch.Tensor:
         """The chunk's final bytes in a host slab (not staged)."""
-        return self.slab.view(self._part(chunk))
+        assert self.base is not None
+        at = self._at(chunk)
+        return self.base[at : at + chunk.nbytes]
 
     def write(self, chunk: _Chunk, buf: torch.Tensor, stream: Any) -> None:
-        part = self._part(chunk)
-        if stream is None:
-            self.slab.write_from(part, buf)
+        at = self._at(chunk)
+        if self.base is None:  # a slab on another node
+            ptr, n = np.array([buf.data_ptr()]), np.array([chunk.nbytes])
+            self.slab.write_from(ptr, np.array([at]), n, buf.device)
+            return
+        if stream is None:  # a tensor-backed slab in host memory
+            self.base[at : at + chunk.nbytes].copy_(buf)
             return
         with torch.cuda.stream(stream):
-            self.slab.view(part).copy_(buf, non_blocking=True)
+            self.base[at : at + chunk.nbytes].copy_(buf, non_blocking=True)
 
 
 def _run(
@@ -544,8 +553,7 @@ def _fill(reservation: Any, sources: Sequence[Source], threads: int, bar: Progre
     if None in ordered or len(by_name) != len(ordered):
         raise InvalidArgument(f"the daemon's layout of {manifest.name} does not list the tensors asked for")
     fps = ingest_into(reservation.slab, manifest, ordered, threads=threads, progress=bar.advance)  # type: ignore[arg-type]
-    for spec, fp in zip(manifest.tensors, fps, strict=True):
-        reservation.written(spec.name, fp)
+    reservation.written_all(np.arange(len(fps)), np.array(fps, dtype=np.uint64))
 
 
 def export_set(client: Client, name: str, path: str | Path, *, version: int | None = None) -> int:
@@ -554,7 +562,7 @@ def export_set(client: Client, name: str, path: str | Path, *, version: int | No
     The file appears atomically (see ``tensord.export``). Host replicas on this node are read
     through a mount, zero-copy; others one tensor at a time with ``get``.
     """
-    info = client.info(check_name(name), version)
+    info = client.info(check_name(name), version, tensors=True)
     v = int(info["version"])  # resolved once: every tensor comes from this version
     tensors: dict[str, Any] = info["tensors"]
     bad = [(k, t["dtype"]) for k, t in tensors.items() if t["dtype"] not in TENSORD_TO_SAFETENSORS]

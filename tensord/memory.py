@@ -14,9 +14,10 @@ import os
 import secrets
 from typing import Any
 
+from sdk.dataplane.descriptors import CudaReplica, HostReplica
+from sdk.dataplane.mapping import Mapping
 from sdk.errors import InvalidArgument, OutOfCapacity
 from sdk.manifest import ALIGN
-from sdk.mapping import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class HostSlab(Slab):
             raise
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
-        return {"kind": "host", "nbytes": self.nbytes}, [self.fd]
+        return HostReplica(self.nbytes, self.generation).to_wire(), [self.fd]
 
     def address(self, *, writable: bool) -> int:
         if self._mapping is not None and self._mapping.writable == writable:
@@ -135,7 +136,7 @@ class CudaBlocks:
     reused for later slabs instead of given back to torch.
 
     Reuse keeps a block's IPC handle stable, so clients keep blocks mapped between reads
-    (`sdk.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
+    (`sdk.dataplane.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
     client still maps it is parked by torch until that client closes it, so idle blocks go back
     only when they no longer fit in the device's unused budget (`shrink`) or an allocation
     does not fit otherwise (`trim`).
@@ -209,13 +210,14 @@ class CudaSlab(Slab):
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
         assert self._block is not None
-        return {"kind": "cuda", "nbytes": self.nbytes, "ipc": self._block[1]}, []
+        ipc = self._block[1]
+        return CudaReplica(self.nbytes, self.generation, int(ipc[0]), tuple(ipc)).to_wire(), []
 
     def address(self, *, writable: bool) -> int:
         return int(self.tensor.data_ptr())
 
     def registration(self, address: int) -> tuple[int, int]:
-        from sdk.transport.cuda import allocation_range
+        from sdk.dataplane.cuda import allocation_range
 
         return allocation_range(address, self.tensor.device.index or 0)
 
@@ -289,12 +291,13 @@ class Budgets:
 
 
 def own_view(slab: Slab) -> Any:
-    """The daemon's own accessor for a slab (an sdk.slabs.Slab), to fill or hash it in place."""
-    from sdk.slabs import CudaSlab as CudaAccess
-    from sdk.slabs import HostSlab as HostAccess
+    """The daemon's own accessor for a slab (an `sdk.dataplane.slab.Slab`), to fill or hash it
+    in place."""
+    from sdk.dataplane.gpu import GpuSlab
+    from sdk.dataplane.host import HostSlab as HostAccess
 
     if isinstance(slab, HostSlab):
-        return HostAccess(os.dup(slab.fd), slab.nbytes, writable=True)
+        return HostAccess(os.dup(slab.fd), slab.nbytes, slab.generation, writable=True)
     if isinstance(slab, CudaSlab):
-        return CudaAccess(slab.tensor)
+        return GpuSlab(slab.tensor, slab.generation)
     raise InvalidArgument(f"no accessor for a slab on {slab.device}")

@@ -85,9 +85,13 @@ class Peer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def pin(self, name: str, version: int) -> tuple[dict[str, Any], RemotePin]:
-        """Open a version on the peer: its reply, and the pin that keeps it alive."""
-        result, epoch = await self.call("open", name=name, version=version)
+    async def pin(self, name: str, version: int, have: Any = None) -> tuple[dict[str, Any], RemotePin]:
+        """Open a version on the peer: its reply, and the pin that keeps it alive. `have`: the
+        (version, generation) pairs whose manifests the reader holds (they are left out)."""
+        args: dict[str, Any] = {"name": name, "version": version}
+        if have:
+            args["have"] = have
+        result, epoch = await self.call("open", **args)
         return result, RemotePin(self, int(result["pin"]), epoch, self.node)
 
     async def release(self, pin: RemotePin) -> bool:

@@ -10,9 +10,12 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from sdk import wire
+from sdk.dataplane.descriptors import RemoteReplica
 from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unauthorized, Unavailable
-from sdk.manifest import Manifest, specs_from_wire
+from sdk.manifest import Manifest, Table
 from sdk.names import check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
@@ -26,6 +29,9 @@ from tensord.store import Held, Store
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 300.0
+#: put requests with more tensors than this are decoded on a worker thread, off the event loop
+_OFF_LOOP_TENSORS = 2_000
+_MAX_HAVE = 64
 
 
 def _args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()) -> list[Any]:
@@ -38,6 +44,20 @@ def _args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = (
     if missing:
         raise InvalidArgument(f"{request['op']}: missing arguments {missing}")
     return [request.get(k) for k in (*required, *optional)]
+
+
+def _have(value: object) -> set[tuple[int, int]]:
+    """The (version, generation) pairs whose manifests the client holds."""
+    if value is None:
+        return set()
+    if not isinstance(value, list) or len(value) > _MAX_HAVE:
+        raise InvalidArgument(f"have must be a list of at most {_MAX_HAVE} [version, generation] pairs")
+    out = set()
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(type(x) is int for x in pair):
+            raise InvalidArgument("have must hold [version, generation] pairs of ints")
+        out.add((pair[0], pair[1]))
+    return out
 
 
 def _nodes(value: object) -> list[str]:
@@ -96,9 +116,9 @@ class Service:
 
     # -- reading ------------------------------------------------------------------------------
     async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version, exclude = _args(request, "name", optional=("version", "exclude"))
+        name, version, exclude, have = _args(request, "name", optional=("version", "exclude", "have"))
         check_name(name)
-        exclude = _nodes(exclude)
+        exclude, cached = _nodes(exclude), _have(have)
         version = await self.store.resolve_version(name, check_version(version))
         held = self.store.held.get((name, version))
         if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
@@ -108,13 +128,20 @@ class Service:
             self.store.pin(held)
             pin = next(self._pins)
             session.pins[pin] = held
-            return {"pin": pin, "manifest": held.manifest.wire, "replica": replica}, fds
+            known = (version, held.slab.generation) in cached
+            reply = {
+                "pin": pin,
+                "version": version,
+                "manifest": None if known else held.manifest.wire,
+                "replica": replica,
+            }
+            return reply, fds
         if self.cluster is None:
             raise NotFound(f"{name} v{version} is not held on node {self.store.node}", name=name, version=version)
-        result, remote = await self.cluster.pin_remote(name, version, exclude)
+        result, remote = await self.cluster.pin_remote(name, version, exclude, have)
         pin = next(self._pins)
         session.pins[pin] = remote
-        return {"pin": pin, "manifest": result["manifest"], "replica": result["replica"]}, []
+        return {**result, "pin": pin}, []
 
     def _descriptor(self, session: Session, held: Held) -> tuple[dict[str, Any], list[int]]:
         if session.local:
@@ -124,15 +151,7 @@ class Service:
             raise Unavailable(
                 f"node {self.store.node} has no Transfer Engine: its sets are readable over its Unix socket only"
             )
-        return {
-            "kind": "remote",
-            "node": r.node,
-            "device": r.device,
-            "session": r.transport,
-            "address": r.address,
-            "nbytes": r.nbytes,
-            "generation": r.generation,
-        }, []
+        return RemoteReplica(r.node, r.device, r.transport, r.address, r.nbytes, r.generation).to_wire(), []
 
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (pin,) = _args(request, "pin")
@@ -207,7 +226,13 @@ class Service:
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
         if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
             raise InvalidArgument("origin must be a string of at most 4096 characters")
-        r = self.store.reserve(check_name(name), device, specs_from_wire(tensors), origin or f"put by {session.peer}")
+        check_name(name)
+        count = tensors.get("count") if isinstance(tensors, dict) else None
+        if isinstance(count, int) and count > _OFF_LOOP_TENSORS:  # a large table: keep the loop free
+            table = await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
+        else:
+            table = Table.from_wire(tensors, InvalidArgument)
+        r = self.store.reserve(name, device, table, origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:
             if session.local:
@@ -215,30 +240,24 @@ class Service:
             else:  # a writer on another node writes with its Transfer Engine
                 address = self.store.expose(r.slab, writable=True)
                 assert self.store.transport is not None
-                replica, fds = (
-                    {
-                        "kind": "remote",
-                        "node": self.store.node,
-                        "device": r.slab.device,
-                        "session": self.store.transport.session,
-                        "address": address,
-                        "nbytes": r.slab.nbytes,
-                        "generation": r.slab.generation,
-                    },
-                    [],
+                session_id = self.store.transport.session
+                remote = RemoteReplica(
+                    self.store.node, r.slab.device, session_id, address, r.slab.nbytes, r.slab.generation
                 )
+                replica, fds = remote.to_wire(), []
         except BaseException:
             session.reservations.discard(r.id)
             self.store.abort(r.id)
             raise
-        return {"reservation": r.id, "manifest": r.manifest.wire, "replica": replica}, fds
+        offsets = r.manifest.offsets.astype("<i8", copy=False).tobytes()
+        return {"reservation": r.id, "offsets": offsets, "nbytes": r.manifest.nbytes, "replica": replica}, fds
 
     async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         rid, fingerprints = _args(request, "reservation", "fingerprints")
         self._own(session, rid)
-        if not isinstance(fingerprints, list):
-            raise InvalidArgument("fingerprints must be a list")
-        held = await self.store.commit(rid, fingerprints)
+        if not isinstance(fingerprints, bytes) or len(fingerprints) % 8:
+            raise InvalidArgument("fingerprints must be bytes: one little-endian uint64 per tensor")
+        held = await self.store.commit(rid, np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64))
         session.reservations.discard(rid)
         return {"version": held.manifest.version}, []
 
@@ -267,7 +286,10 @@ class Service:
                 f"(ingest.allowed_roots: {list(self.allowed_roots) or 'none'})"
             )
         tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
-        r = self.store.reserve(name, device or "cpu", [t.spec() for t in tensors], f"file:{real}")
+        table = await asyncio.to_thread(
+            Table.build, [t.name for t in tensors], [t.dtype for t in tensors], [t.shape for t in tensors]
+        )
+        r = self.store.reserve(name, device or "cpu", table, f"file:{real}")
         session.reservations.add(r.id)
         try:
             slab = own_view(r.slab)
@@ -279,7 +301,7 @@ class Service:
                 )
             finally:
                 slab.close()
-            held = await self.store.commit(r.id, fps)
+            held = await self.store.commit(r.id, np.array(fps, dtype=np.uint64))
         except BaseException:
             self.store.abort(r.id)
             raise
@@ -318,7 +340,7 @@ class Service:
                     "latest": latest,
                     "versions": versions,
                     "nbytes": manifest.data_bytes,
-                    "tensors": len(manifest.tensors),
+                    "tensors": len(manifest),
                     "device": ",".join(sorted({f"{r.node}:{r.device}" if self.cluster else r.device for r in replicas}))
                     or None,
                 }
@@ -326,19 +348,20 @@ class Service:
         return out, []
 
     async def op_info(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version = _args(request, "name", optional=("version",))
+        name, version, rows = _args(request, "name", optional=("version", "tensors"))
+        if rows is not None and not isinstance(rows, bool):
+            raise InvalidArgument("tensors must be true or false")
         registry = self.store.registry
         version = await self.store.resolve_version(check_name(name), check_version(version))
         held = self.store.held.get((name, version))
         manifest = await self._manifest(name, version)
-        return {
+        out = {
             "name": name,
             "version": version,
             "latest": await registry.resolve(name),
             "versions": await registry.versions(name),
-            "tensors": {
-                t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes} for t in manifest.tensors
-            },
+            "count": len(manifest),
+            "dtypes": manifest.dtype_counts(),
             "nbytes": manifest.data_bytes,
             "slab_bytes": manifest.nbytes,
             "created": manifest.created,
@@ -346,7 +369,12 @@ class Service:
             "device": held.slab.device if held else None,
             "pins": held.pins if held else 0,
             "replicas": [r.to_wire() for r in await registry.replicas(name, version)],
-        }, []
+        }
+        if rows:
+            out["tensors"] = (
+                await asyncio.to_thread(manifest.rows) if len(manifest) > _OFF_LOOP_TENSORS else manifest.rows()
+            )
+        return out, []
 
     async def _manifest(self, name: str, version: int) -> Manifest:
         """A committed manifest: from memory when this node holds the version (it never changes)."""

@@ -12,10 +12,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from sdk.dataplane.cuda import current
 from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
-from sdk.manifest import ALIGN, Manifest, TensorSpec, layout
+from sdk.manifest import ALIGN, Manifest, Table
 from sdk.transport.base import Transport
-from sdk.transport.cuda import current
 from tensord.memory import Budgets, HostSlab, Slab, allocate, cuda_blocks
 from tensord.registry.base import Registry, Replica
 
@@ -113,11 +115,11 @@ class Store:
         return sum(s.size for s in slabs if isinstance(s, HostSlab) and s.huge)
 
     # -- writing ----------------------------------------------------------------------------
-    def reserve(self, name: str, device: str, specs: list[TensorSpec], origin: str) -> Reservation:
-        placed, nbytes = layout(specs)
+    def reserve(self, name: str, device: str, table: Table, origin: str) -> Reservation:
+        offsets, nbytes = table.layout()
         rid = next(self._ids)
         slab = self.allocate(device, nbytes, f"{name}#{rid}")
-        manifest = Manifest(name, 0, tuple(placed), slab.nbytes, time.time(), origin)
+        manifest = Manifest(name, 0, table, offsets, slab.nbytes, created=time.time(), origin=origin, check=None)
         self.reservations[rid] = r = Reservation(rid, name, manifest, slab, origin)
         log.debug("reserved %d bytes on %s for %s (#%d)", nbytes, device, name, rid)
         return r
@@ -127,25 +129,19 @@ class Store:
             raise NotFound(f"no open reservation {rid!r}")
         return self.reservations[rid]
 
-    async def commit(self, rid: int, fingerprints: list[int]) -> Held:
+    async def commit(self, rid: int, fingerprints: np.ndarray) -> Held:
         r = self.reservation(rid)
-        specs = r.manifest.tensors
-        if len(fingerprints) != len(specs) or not all(
-            isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 2**64 for f in fingerprints
-        ):
-            raise InvalidArgument(f"commit needs one 64-bit fingerprint per tensor ({len(specs)})")
+        count = len(r.manifest)
+        if fingerprints.dtype != np.uint64 or fingerprints.shape != (count,):
+            raise InvalidArgument(f"commit needs one 64-bit fingerprint per tensor ({count})")
         self.hide(r.slab)  # a writable mapping would make the seal fail
         r.slab.seal()
         del self.reservations[rid]
         version = 0
         try:
             version = await self.registry.allocate_version(r.name)
-            tensors = tuple(
-                TensorSpec(s.name, s.dtype, s.shape, s.offset, s.nbytes, fp)
-                for s, fp in zip(specs, fingerprints, strict=True)
-            )
             m = r.manifest
-            manifest = Manifest(m.name, version, tensors, m.nbytes, time.time(), m.origin)
+            manifest = m.committed(version, fingerprints, time.time())
             held = Held(manifest, r.slab)
             self.held[held.key] = held  # before the registry, so whoever resolves it finds it
             if self.transport is not None and self.transport.supports(r.slab.device):
@@ -156,7 +152,7 @@ class Store:
             self.held.pop((r.name, version), None)
             self._free(r.slab)
             raise
-        log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, len(specs), m.nbytes, r.slab.device)
+        log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, count, m.nbytes, r.slab.device)
         try:
             await self._retain(r.name)
         except TensordError as exc:  # the version stands; retention runs again at the next commit

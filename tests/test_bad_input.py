@@ -8,11 +8,13 @@ import struct
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 
 import sdk
 from sdk import wire
+from sdk.manifest import Table
 from sdk.names import check_name
 
 
@@ -106,29 +108,43 @@ def test_longest_valid_name_works(client: sdk.Client) -> None:
     client.delete(name)
 
 
+def _i64(*values: int) -> bytes:
+    return np.array(values, dtype="<i8").tobytes()
+
+
 @pytest.mark.parametrize(
-    "tensors",
+    "mutate",
     [
-        "nope",
-        [["x", "float32"]],
-        [["x", "float33", [1]]],
-        [["x", "float32", [-1]]],
-        [["x", "float32", "12"]],
-        [["x", "float32", [1.5]]],
-        [["x", "float32", [True]]],
-        [["", "float32", [1]]],
-        [["x", "float32", [1]], ["x", "float32", [1]]],
-        [["x", "float32", [2**50]]],
-        [["x", "float32", [1] * 17]],
+        lambda t: "nope",
+        lambda t: [["x", "float32", [1]]],
+        lambda t: {k: v for k, v in t.items() if k != "dims"},
+        lambda t: {**t, "count": -1},
+        lambda t: {**t, "count": 1.0},
+        lambda t: {**t, "count": 3},
+        lambda t: {**t, "count": 10**6},
+        lambda t: {**t, "names": "x\0y"},
+        lambda t: {**t, "names": b"x\0x"},
+        lambda t: {**t, "names": b"\0y"},
+        lambda t: {**t, "names": b"x\0y\0z"},
+        lambda t: {**t, "names": b"x\0\xff"},
+        lambda t: {**t, "dtypes": bytes([0, 200])},
+        lambda t: {**t, "dtypes": bytes([0])},
+        lambda t: {**t, "dims": _i64(-1, 2)},
+        lambda t: {**t, "dims": _i64(2**50, 2)},
+        lambda t: {**t, "dims": _i64(2)},
+        lambda t: {**t, "ndims": bytes([17, 1]), "dims": _i64(*[1] * 18)},
+        lambda t: {**t, "ndims": bytes([3, 3]), "dims": _i64(*[2**40] * 6)},
     ],
 )
-def test_bad_tensor_specs(raw: Raw, tensors: Any) -> None:
-    assert _code(raw.call("put_begin", name="bad-spec", device="cpu", tensors=tensors)) == "invalid_argument"
+def test_bad_tensor_tables(raw: Raw, mutate: Any) -> None:
+    table = _table(x=[2], y=[2])
+    assert _code(raw.call("put_begin", name="bad-spec", device="cpu", tensors=mutate(table))) == "invalid_argument"
+    assert raw.call("status")["result"]["reservations"] == 0
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:99", "", 3, "cpu:0"])
 def test_bad_devices(raw: Raw, device: Any) -> None:
-    reply = raw.call("put_begin", name="bad-device", device=device, tensors=[["x", "float32", [1]]])
+    reply = raw.call("put_begin", name="bad-device", device=device, tensors=_table(x=[1]))
     assert _code(reply) == "invalid_argument"
 
 
@@ -176,7 +192,7 @@ def test_truncated_frame_then_disconnect(daemon) -> None:
 
 def test_disconnect_in_the_middle_of_a_put_releases_the_reservation(daemon) -> None:
     r = Raw(daemon.socket)
-    reply = r.call("put_begin", name="abandoned", device="cpu", tensors=[["x", "float32", [1 << 20]]])
+    reply = r.call("put_begin", name="abandoned", device="cpu", tensors=_table(x=[1 << 20]))
     assert reply["ok"], reply
     with daemon.client() as c:
         assert c.status()["reservations"] == 1
@@ -192,13 +208,18 @@ def test_disconnect_in_the_middle_of_a_put_releases_the_reservation(daemon) -> N
             c.info("abandoned")
 
 
+def _table(**shapes: list[int]) -> dict:
+    """A put's tensor table on the wire: float32 tensors of these shapes."""
+    return Table.build(list(shapes), ["float32"] * len(shapes), list(shapes.values())).to_wire()
+
+
 def test_commit_checks_fingerprints_and_ownership(daemon, raw: Raw) -> None:
-    reply = raw.call("put_begin", name="owned", device="cpu", tensors=[["x", "float32", [4]]])
+    reply = raw.call("put_begin", name="owned", device="cpu", tensors=_table(x=[4]))
     rid = reply["result"]["reservation"]
-    for fps in ([], [1, 2], ["x"], [-1], [True], [1.5]):
+    for fps in (b"", bytes(16), bytes(7), [1], ["x"], -1, True, 1.5, None):
         assert _code(raw.call("put_commit", reservation=rid, fingerprints=fps)) == "invalid_argument"
     other = Raw(daemon.socket)
-    assert _code(other.call("put_commit", reservation=rid, fingerprints=[0])) == "invalid_argument"
+    assert _code(other.call("put_commit", reservation=rid, fingerprints=bytes(8))) == "invalid_argument"
     assert _code(other.call("put_abort", reservation=rid)) == "invalid_argument"
     other.close()
     assert raw.call("put_abort", reservation=rid)["ok"]
@@ -247,7 +268,7 @@ def test_a_slab_the_client_cannot_open_gives_its_pin_back(client: sdk.Client, mo
     def short(fd: int, nbytes: int) -> int:
         raise sdk.ProtocolError(f"slab file holds 0 bytes, the slab needs {nbytes}")
 
-    monkeypatch.setattr("sdk.slabs.map_size", short)
+    monkeypatch.setattr("sdk.dataplane.host.map_size", short)
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(sdk.ProtocolError, match="slab file holds"):
         client.get("bad/slab")

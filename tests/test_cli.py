@@ -29,7 +29,9 @@ def test_ls_info_status_rm(daemon, client) -> None:
     info = json.loads(tensord("info", "cli/model", "--json", socket=daemon.socket).stdout)
     assert info["tensors"]["w"] == {"dtype": "bfloat16", "shape": [4, 8], "nbytes": 64}
     text = tensord("info", "cli/model", socket=daemon.socket).stdout
-    assert "cli/model v1" in text and "bfloat16" in text and "4x8" in text
+    assert "cli/model v1" in text and "bfloat16 x1" in text and "4x8" not in text
+    text = tensord("info", "cli/model", "--tensors", socket=daemon.socket).stdout
+    assert "bfloat16" in text and "4x8" in text
     status = json.loads(tensord("status", "--json", socket=daemon.socket).stdout)
     assert status["devices"]["cpu"]["used"] >= 512 and status["sets"] >= 1
     assert "DEVICE" in tensord("status", socket=daemon.socket).stdout

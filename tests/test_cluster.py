@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sdk
+from sdk.tensors import as_bytes
 from sdk.transport.mooncake import available
 from tests.daemons import DaemonProcess, child_env
 from tests.etcd_server import EtcdServer, free_port, start_etcd
@@ -116,6 +117,33 @@ def test_put_on_a_get_through_c(abc) -> None:
             c.mount("x/get-through-c")
         assert a.status()["pins"] == 0 and c.status()["pins"] == 0  # every remote pin went back
         assert {s["name"] for s in c.ls("x/")} == {"x/get-through-c"}
+
+
+def test_many_tensors_from_another_node_into_several_allocations(abc) -> None:
+    """A 3,000-tensor set read from node a by a client of node c: into one flat buffer (get), and
+    into targets spread over four allocations plus separate tensors (load_into), where ranges
+    contiguous in memory must not be merged across two registrations."""
+    from tests.data import random_tensor
+
+    dtypes = [torch.bfloat16, torch.float32, torch.int8, torch.float8_e4m3fn]
+    src = {f"e.{i}": random_tensor(dtypes[i % 4], (i % 50 + 1, 3), seed=i) for i in range(3_000)}
+    names = list(src)
+    with abc.client("a") as a, abc.client("c") as c:
+        version = a.put("x/many", src)
+        got = c.get("x/many", verify=True)
+        assert all(torch.equal(as_bytes(got[k]), as_bytes(src[k])) for k in names)
+        pools = [torch.zeros(400_000, dtype=torch.uint8) for _ in range(4)]
+        target, at = {}, [0, 0, 0, 0]
+        for i, (k, t) in enumerate(src.items()):
+            p = i % 5
+            if p == 4:
+                target[k] = torch.zeros_like(t)
+                continue
+            target[k] = pools[p][at[p] : at[p] + t.nbytes].view(t.dtype).view(t.shape)
+            at[p] = -(-(at[p] + t.nbytes) // 8) * 8
+        assert c.load_into(target, "x/many", verify=True) == version
+        assert all(torch.equal(as_bytes(target[k]), as_bytes(src[k])) for k in names)
+        assert a.status()["pins"] == 0 and c.status()["pins"] == 0
 
 
 def test_tcp_clients_need_the_token_to_write(abc) -> None:

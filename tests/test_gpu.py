@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdk
-from sdk.tensors import fingerprint
+from sdk.dataplane.fingerprint import fingerprint
 from tests.daemons import child_env
 
 pytestmark = pytest.mark.gpu
@@ -66,7 +66,7 @@ def test_cpu_tensors_into_a_cuda_slab_and_back(client: sdk.Client) -> None:
 
 CHILD = """
 import sys, sdk, torch
-from sdk.tensors import fingerprint
+from sdk.dataplane.fingerprint import fingerprint
 with sdk.Client(sys.argv[1]).mount(sys.argv[2]) as m:
     print(" ".join(f"{k}={fingerprint(t)}" for k, t in sorted(m.tensors.items())), flush=True)
     if len(sys.argv) > 3:
@@ -137,7 +137,7 @@ def test_ipc_mappings_kept_then_closed(client: sdk.Client, monkeypatch) -> None:
     """A read keeps its mapping for the next one; the daemon reuses a freed allocation for the
     next version of the same size, which reads right through the kept mapping; idle mappings
     close; TENSORD_IPC_KEEP_SECONDS=0 keeps none."""
-    from sdk.ipc import mappings
+    from sdk.dataplane.ipc import mappings
 
     def version(seed: int) -> dict[str, torch.Tensor]:  # a size no other test uses
         g = torch.Generator(device="cuda:0").manual_seed(seed)

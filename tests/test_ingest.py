@@ -7,14 +7,17 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint
+from sdk.dataplane.gpu import GpuSlab as CudaSlab
+from sdk.dataplane.host import HostSlab
 from sdk.errors import InvalidArgument
-from sdk.manifest import Manifest, layout
-from sdk.slabs import CudaSlab, HostSlab
-from sdk.tensors import BLOCK_BYTES, dtype_name, fingerprint
+from sdk.manifest import Manifest, Table
+from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
@@ -381,8 +384,9 @@ def test_ingest_into_memory_the_daemon_owns(many, caplog, kind: str) -> None:
     """In the daemon: its own memfd or tensor wrapped as a slab, progress in its log."""
     path, expected = many
     tensors = read_checkpoint(path)
-    placed, nbytes = layout([t.spec() for t in tensors])
-    manifest = Manifest("inproc", 0, tuple(placed), nbytes)
+    table = Table.build([t.name for t in tensors], [t.dtype for t in tensors], [t.shape for t in tensors])
+    offsets, nbytes = table.layout()
+    manifest = Manifest("inproc", 0, table, offsets, nbytes)
     if kind == "memfd":
         fd = os.memfd_create("tensord-test")
         os.ftruncate(fd, nbytes)
@@ -397,7 +401,7 @@ def test_ingest_into_memory_the_daemon_owns(many, caplog, kind: str) -> None:
         assert fps == [fingerprint(expected[t.name]) for t in manifest.tensors]
         for spec in manifest.tensors:
             dst = torch.empty(spec.shape, dtype=expected[spec.name].dtype)
-            slab.read_into(spec, dst)
+            slab.read_into(np.array([dst.data_ptr()]), np.array([spec.offset]), np.array([spec.nbytes]), dst.device)
             assert _same(dst, expected[spec.name]), spec.name
     finally:
         slab.close()

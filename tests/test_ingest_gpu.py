@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdk.tensors import BLOCK_BYTES, dtype_name, fingerprint
+from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint
+from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import builtin_rules

@@ -36,7 +36,7 @@ def test_load_a_directory(loaded) -> None:
     out = tensord("load", str(MODEL_DIR), "--name", "minilm-dir", "--quiet", socket=loaded.socket)
     assert out.returncode == 0, out.stderr
     with loaded.client() as c:
-        assert c.info("minilm-dir")["tensors"] == c.info("minilm")["tensors"]
+        assert c.info("minilm-dir", tensors=True)["tensors"] == c.info("minilm", tensors=True)["tensors"]
 
 
 def test_load_into_a_model_built_from_its_config_gives_the_same_embeddings(loaded, monkeypatch) -> None:

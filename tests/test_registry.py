@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import aetcd
+import numpy as np
 import pytest
 
 from sdk.errors import NotFound, Unavailable, VersionConflict
-from sdk.manifest import Manifest, TensorSpec
+from sdk.manifest import Manifest, Table
 from tensord.registry.base import NodeRecord, Registry, Replica
 from tensord.registry.etcd import EtcdRegistry
 from tensord.registry.local import LocalRegistry
@@ -40,8 +41,11 @@ TTL = 2.0  # seconds, for the tests where a lease must run out
 
 
 def manifest(name: str, version: int) -> Manifest:
-    spec = TensorSpec("w", "float32", (4,), 0, 16, fingerprint=version)
-    return Manifest(name, version, (spec,), 256, created=1.5, origin=f"test:{name}")
+    table = Table.build(["w"], ["float32"], [[4]])
+    fps = np.array([version], dtype=np.uint64)
+    return Manifest(
+        name, version, table, np.zeros(1, np.int64), 256, fingerprints=fps, created=1.5, origin=f"test:{name}"
+    )
 
 
 def replica(name: str, version: int, node: str = "n1", device: str = "cpu") -> Replica:
@@ -294,7 +298,7 @@ async def test_commit_is_idempotent_and_detects_conflicts(
     await reg.remove_replica("s", v, "n1", "cpu")
     await reg.commit(manifest("s", v), replica("s", v))  # a retried commit: the replica stands again
     assert await reg.replicas("s", v) == [replica("s", v)]
-    other = Manifest("s", v, (), 0, origin="someone else")
+    other = Manifest("s", v, Table.build([], [], []), np.zeros(0, np.int64), 0, origin="someone else")
     with pytest.raises(VersionConflict):
         await reg.commit(other, replica("s", v))
     assert await reg.manifest("s", v) == manifest("s", v)
@@ -302,7 +306,8 @@ async def test_commit_is_idempotent_and_detects_conflicts(
 
 _DOOMED_NODE = """
 import asyncio, sys
-from sdk.manifest import Manifest
+import numpy as np
+from sdk.manifest import Manifest, Table
 from tensord.registry.base import NodeRecord, Replica
 from tensord.registry.etcd import EtcdRegistry
 
@@ -310,7 +315,8 @@ async def main():
     reg = EtcdRegistry([sys.argv[1]], prefix=sys.argv[2], lease_ttl=float(sys.argv[3]), timeout=2.0)
     await reg.start(NodeRecord("doomed"))
     v = await reg.allocate_version("doomed/set")
-    await reg.commit(Manifest("doomed/set", v, (), 0), Replica("doomed/set", v, "doomed", "cpu"))
+    empty = Manifest("doomed/set", v, Table.build([], [], []), np.zeros(0, np.int64), 0)
+    await reg.commit(empty, Replica("doomed/set", v, "doomed", "cpu"))
     await reg.add_replica(Replica("shared", 1, "doomed", "cuda:0"))
     print("ready", flush=True)
     await asyncio.Event().wait()

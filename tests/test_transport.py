@@ -57,8 +57,18 @@ def test_coalesce_merges_ranges_contiguous_on_both_sides():
         Entry(1250, 9999, 10),  # local contiguous, remote not
     ]
     random.Random(7).shuffle(entries)
-    assert coalesce(entries) == [Entry(1000, 5000, 200), Entry(1200, 5300, 50), Entry(1250, 9999, 10)]
-    assert coalesce([]) == []
+    assert coalesce(entries).entries() == [Entry(1000, 5000, 200), Entry(1200, 5300, 50), Entry(1250, 9999, 10)]
+    assert coalesce([]).entries() == []
+
+
+def test_coalesce_never_crosses_a_registration_boundary():
+    """Two allocations registered separately that happen to be adjacent stay two entries."""
+    regs = Registrations("s")
+    regs.add(1000, 100)
+    regs.add(1100, 100)
+    entries = [Entry(1000, 5000, 100), Entry(1100, 5100, 100), Entry(1120, 5200, 0)]
+    assert len(coalesce(entries)) == 1  # without the registrations: one range
+    assert coalesce(entries, regs).entries() == [Entry(1000, 5000, 100), Entry(1100, 5100, 100)]
 
 
 def test_descriptors_reject_bad_values():

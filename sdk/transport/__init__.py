@@ -4,8 +4,8 @@
 optional and imported only when a ``MooncakeTransport`` starts).
 """
 
-from .base import Entry, Segment, Transport, coalesce
+from .base import Batch, Entry, Segment, Transport, coalesce
 from .memory import MemoryTransport
 from .mooncake import MooncakeTransport
 
-__all__ = ["Entry", "MemoryTransport", "MooncakeTransport", "Segment", "Transport", "coalesce"]
+__all__ = ["Batch", "Entry", "MemoryTransport", "MooncakeTransport", "Segment", "Transport", "coalesce"]

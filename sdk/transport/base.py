@@ -2,7 +2,9 @@
 
 A transport is identified on the network by its ``session`` (for Mooncake, ``"host:port"``).
 Memory is registered once (at slab allocation) and then read or written by peers in batches of
-``Entry`` descriptors: one native call per batch.
+copies (a ``Batch`` of address arrays, or ``Entry`` objects): one native call per batch.
+Entries contiguous on both sides are merged, never across a local registration boundary; a
+batch's remote ranges are assumed to lie in one registration of the peer (a replica's slab).
 
 Batches are **not** all-or-nothing: when ``read``/``write`` raises ``TransferError`` the
 destination ranges hold undefined bytes. Callers retry another replica or discard the target.
@@ -19,9 +21,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
+import numpy as np
+
 from sdk.errors import InvalidArgument, TransferError
 
-__all__ = ["Entry", "Registrations", "Segment", "Transport", "coalesce", "total_bytes"]
+__all__ = ["Batch", "Entry", "Registrations", "Segment", "Transport", "coalesce", "total_bytes"]
 
 _T = TypeVar("_T", bound="Transport")
 
@@ -65,27 +69,68 @@ class Entry:
         _check_range("entry", self.remote_address, self.length)
 
 
-def coalesce(entries: Iterable[Entry]) -> list[Entry]:
-    """Merge entries that are contiguous on both sides; drop empty ones.
+@dataclass(frozen=True)
+class Batch:
+    """Many copies as three equal-length int64 arrays: local address, remote address, bytes."""
+
+    local: np.ndarray
+    remote: np.ndarray
+    length: np.ndarray
+
+    @classmethod
+    def of(cls, entries: Batch | Iterable[Entry]) -> Batch:
+        """A batch from a Batch or from Entry objects; empty copies dropped; checked."""
+        if isinstance(entries, Batch):
+            local, remote, length = (
+                np.asarray(a, dtype=np.int64).reshape(-1) for a in (entries.local, entries.remote, entries.length)
+            )
+        else:
+            rows = [(e.local_address, e.remote_address, e.length) for e in entries]
+            arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
+            local, remote, length = arr[:, 0], arr[:, 1], arr[:, 2]
+        if not len(local) == len(remote) == len(length):
+            raise InvalidArgument("a batch needs as many local and remote addresses as lengths")
+        if len(local) and (int(local.min()) < 0 or int(remote.min()) < 0 or int(length.min()) < 0):
+            raise InvalidArgument("entry: negative address or length")
+        keep = length > 0
+        return cls(local[keep], remote[keep], length[keep])
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.length.sum())
+
+    def entries(self) -> list[Entry]:
+        return [
+            Entry(a, b, n)
+            for a, b, n in zip(self.local.tolist(), self.remote.tolist(), self.length.tolist(), strict=True)
+        ]
+
+
+def coalesce(entries: Batch | Iterable[Entry], registrations: Registrations | None = None) -> Batch:
+    """Merge entries contiguous on both sides; drop empty ones. With `registrations` (the local
+    side's), a merge never crosses a registration boundary (a merged range must lie in one).
 
     Entries are sorted by local address first, so the result does not depend on input order.
     """
-    out: list[Entry] = []
-    for e in sorted((e for e in entries if e.length), key=lambda e: (e.local_address, e.remote_address)):
-        if out:
-            last = out[-1]
-            if (
-                last.local_address + last.length == e.local_address
-                and last.remote_address + last.length == e.remote_address
-            ):
-                out[-1] = Entry(last.local_address, last.remote_address, last.length + e.length)
-                continue
-        out.append(e)
-    return out
+    batch = Batch.of(entries)
+    if len(batch) < 2:
+        return batch
+    order = np.lexsort((batch.remote, batch.local))
+    local, remote, length = batch.local[order], batch.remote[order], batch.length[order]
+    join = (local[1:] == local[:-1] + length[:-1]) & (remote[1:] == remote[:-1] + length[:-1])
+    if registrations is not None and join.any():
+        join &= registrations.segment_of(local[1:]) == registrations.segment_of(local[:-1])
+    start = np.ones(len(local), dtype=bool)
+    start[1:] = ~join
+    first = np.flatnonzero(start)
+    return Batch(local[first], remote[first], np.add.reduceat(length, first))
 
 
-def total_bytes(entries: Iterable[Entry]) -> int:
-    return sum(e.length for e in entries)
+def total_bytes(entries: Batch | Iterable[Entry]) -> int:
+    return Batch.of(entries).nbytes
 
 
 class Registrations:
@@ -136,19 +181,27 @@ class Registrations:
             return self._segments[i]
         return None
 
-    def check(self, entries: Sequence[Entry], *, side: str, peer: str) -> None:
+    def segment_of(self, addresses: np.ndarray) -> np.ndarray:
+        """For each address, the index of the registration starting at or before it (-1: none)."""
+        return np.searchsorted(np.array(self._starts, dtype=np.int64), addresses, side="right") - 1
+
+    def check(self, batch: Batch, *, side: str, peer: str) -> None:
         """Raise TransferError unless every entry's ``side`` range lies in one registration."""
-        for e in entries:
-            address = e.local_address if side == "local" else e.remote_address
-            if self.find(address, e.length) is None:
-                raise TransferError(
-                    f"{side} range {address:#x}+{e.length} bytes is not inside memory registered on"
-                    f" {self.session} (transfer with {peer})",
-                    session=self.session,
-                    peer=peer,
-                    address=address,
-                    nbytes=e.length,
-                )
+        address = batch.local if side == "local" else batch.remote
+        seg = self.segment_of(address)
+        ends = np.array([s.end for s in self._segments] + [0], dtype=np.int64)
+        bad = (seg < 0) | (address + batch.length > ends[seg])
+        if bad.any():
+            i = int(np.argmax(bad))
+            at, n = int(address[i]), int(batch.length[i])
+            raise TransferError(
+                f"{side} range {at:#x}+{n} bytes is not inside memory registered on"
+                f" {self.session} (transfer with {peer})",
+                session=self.session,
+                peer=peer,
+                address=at,
+                nbytes=n,
+            )
 
 
 class Transport(abc.ABC):
@@ -190,11 +243,11 @@ class Transport(abc.ABC):
         """Withdraw the range registered at ``address``; unknown addresses are ignored."""
 
     @abc.abstractmethod
-    def read(self, session: str, entries: Sequence[Entry]) -> None:
+    def read(self, session: str, entries: Batch | Sequence[Entry]) -> None:
         """Copy remote → local for every entry, in one batch; blocks until done or failed."""
 
     @abc.abstractmethod
-    def write(self, session: str, entries: Sequence[Entry]) -> None:
+    def write(self, session: str, entries: Batch | Sequence[Entry]) -> None:
         """Copy local → remote for every entry, in one batch; blocks until done or failed."""
 
     @abc.abstractmethod

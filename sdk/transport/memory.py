@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from sdk.errors import TransferError
 
-from .base import Entry, Registrations, Transport, coalesce, total_bytes
+from .base import Batch, Entry, Registrations, Transport, coalesce
 
 __all__ = ["MemoryTransport", "available"]
 
@@ -62,15 +62,16 @@ class MemoryTransport(Transport):
         with self._lock:
             self._regs.remove(address)
 
-    def read(self, session: str, entries: Sequence[Entry]) -> None:
+    def read(self, session: str, entries: Batch | Sequence[Entry]) -> None:
         self._copy(session, entries, to_local=True)
 
-    def write(self, session: str, entries: Sequence[Entry]) -> None:
+    def write(self, session: str, entries: Batch | Sequence[Entry]) -> None:
         self._copy(session, entries, to_local=False)
 
-    def _copy(self, session: str, entries: Sequence[Entry], *, to_local: bool) -> None:
+    def _copy(self, session: str, entries: Batch | Sequence[Entry], *, to_local: bool) -> None:
         self._check_open()
-        batch = coalesce(entries)
+        with self._lock:
+            batch = coalesce(entries, self._regs)
         with _peers_lock:
             peer = _peers.get(session)
         if peer is None:
@@ -78,7 +79,7 @@ class MemoryTransport(Transport):
                 f"peer {session} is not reachable from {self._session}",
                 session=self._session,
                 peer=session,
-                nbytes=total_bytes(batch),
+                nbytes=batch.nbytes,
             )
         # Lock both sides in a fixed order so two peers copying to each other cannot deadlock.
         locks = sorted({id(self): self._lock, id(peer): peer._lock}.items())
@@ -87,11 +88,13 @@ class MemoryTransport(Transport):
         try:
             self._regs.check(batch, side="local", peer=session)
             peer._regs.check(batch, side="remote", peer=self._session)
-            for e in batch:
+            for local, remote, n in zip(
+                batch.local.tolist(), batch.remote.tolist(), batch.length.tolist(), strict=True
+            ):
                 if to_local:
-                    ctypes.memmove(e.local_address, e.remote_address, e.length)
+                    ctypes.memmove(local, remote, n)
                 else:
-                    ctypes.memmove(e.remote_address, e.local_address, e.length)
+                    ctypes.memmove(remote, local, n)
         finally:
             for _, lock in reversed(locks):
                 lock.release()

@@ -40,7 +40,7 @@ from typing import Any
 
 from sdk.errors import InvalidArgument, TransferError
 
-from .base import Entry, Registrations, Transport, coalesce, total_bytes
+from .base import Batch, Entry, Registrations, Transport, coalesce
 
 __all__ = ["PROTOCOLS", "MooncakeTransport", "available", "configure_env", "resolve_protocol"]
 
@@ -189,7 +189,7 @@ class MooncakeTransport(Transport):
         self._engine: Any = engine
         self._session = f"{hostname}:{engine.get_rpc_port()}"
         if self.protocol == "nvlink_intra":
-            from sdk.transport.cuda import enable_peer_access
+            from sdk.dataplane.cuda import enable_peer_access
 
             enable_peer_access()
         self._regs = Registrations(self._session)
@@ -250,23 +250,24 @@ class MooncakeTransport(Transport):
             raise self._fail(f"unregister {address:#x} on {self._session} failed, rc {rc}", rc=rc, address=address)
         logger.debug("unregistered %s bytes at %#x on %s", seg.length, address, self._session)
 
-    def read(self, session: str, entries: Sequence[Entry]) -> None:
+    def read(self, session: str, entries: Batch | Sequence[Entry]) -> None:
         self._transfer("read", session, entries)
 
-    def write(self, session: str, entries: Sequence[Entry]) -> None:
+    def write(self, session: str, entries: Batch | Sequence[Entry]) -> None:
         self._transfer("write", session, entries)
 
     def _check_open(self) -> None:
         if self._closed:
             raise self._fail(f"transport {self._session} is closed")
 
-    def _transfer(self, op: str, session: str, entries: Sequence[Entry]) -> None:
+    def _transfer(self, op: str, session: str, entries: Batch | Sequence[Entry]) -> None:
         if not isinstance(session, str) or not session:
             raise InvalidArgument("session must be a non-empty 'host:port' string", session=session)
-        batch = coalesce(entries)
-        if not batch:
+        with self._lock:
+            batch = coalesce(entries, self._regs)
+        if not len(batch):
             return
-        nbytes = total_bytes(batch)
+        nbytes = batch.nbytes
         route = f"from {session} to {self._session}" if op == "read" else f"from {self._session} to {session}"
         what = f"mooncake {op} of {nbytes} bytes in {len(batch)} entries {route}"
         with self._lock:
@@ -278,14 +279,9 @@ class MooncakeTransport(Transport):
         start = time.monotonic()
         rc = 0
         try:
+            local, remote, length = batch.local.tolist(), batch.remote.tolist(), batch.length.tolist()
             for i in range(0, len(batch), step):  # one native call unless the batch is very long
-                part = batch[i : i + step]
-                rc = call(
-                    session,
-                    [e.local_address for e in part],
-                    [e.remote_address for e in part],
-                    [e.length for e in part],
-                )
+                rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
                 if rc != 0:
                     break
         except Exception as exc:

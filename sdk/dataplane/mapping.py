@@ -12,14 +12,17 @@ import ctypes.util
 import mmap
 import os
 
+import numpy as np
 import torch
 
-from sdk.errors import ProtocolError
+from sdk.errors import ProtocolError, TransferError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.preadv.restype = ctypes.c_ssize_t
+_libc.preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 #: Linux: no swap or huge-page reservation for a private (copy-on-write) mapping.
 MAP_NORESERVE = 0x4000
@@ -54,3 +57,26 @@ def map_size(fd: int, nbytes: int) -> int:
     if size < nbytes:
         raise ProtocolError(f"slab file holds {size} bytes, the slab needs {nbytes}")
     return size
+
+
+def preadv(fd: int, iov: np.ndarray, offset: int) -> None:
+    """Fill the buffers of `iov` (an (n, 2) int64 array of address, length) from `fd` at
+    `offset` with preadv(2), looping over short reads; TransferError if the file ends first."""
+    iov = np.ascontiguousarray(iov, dtype=np.int64)
+    want = int(iov[:, 1].sum())
+    done = 0
+    while done < want:
+        n = _libc.preadv(fd, iov.ctypes.data, len(iov), offset + done)
+        if n <= 0:
+            err = ctypes.get_errno() if n < 0 else 0
+            raise TransferError(
+                f"slab read stopped after {done} of {want} bytes: {os.strerror(err) if err else 'end of file'}"
+            )
+        done += n
+        if done < want:  # drop what was read: whole buffers, then part of the next
+            ends = np.cumsum(iov[:, 1])
+            k = int(np.searchsorted(ends, n, side="right"))
+            iov = iov[k:].copy()
+            used = n - (int(ends[k - 1]) if k else 0)
+            iov[0, 0] += used
+            iov[0, 1] -= used

@@ -1,0 +1,167 @@
+"""CUDA driver and runtime calls torch does not expose: allocation bounds, peer access, and
+copies described by raw pointers.
+
+Mooncake's intra-node NVLink transport exports a registered range with cudaIpcGetMemHandle,
+which always describes the whole allocation, and the reading side relocates addresses from
+the registered start. A range that starts inside an allocation (as torch's caching allocator
+hands out) would therefore be read at the wrong offset: register whole allocations
+(`allocation_range`).
+
+Everything here loads libcuda/libcudart on first use; importing this module needs no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from sdk.errors import TransferError
+
+_P = ctypes.c_void_p
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuMemGetAddressRange_v2.argtypes = [
+        ctypes.POINTER(ctypes.c_uint64),
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_uint64,
+    ]
+    return lib
+
+
+@functools.cache
+def _libcudart() -> ctypes.CDLL | None:
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.cudaMemcpyAsync.argtypes = [_P, _P, ctypes.c_size_t, ctypes.c_int, _P]
+        return lib
+    return None
+
+
+def allocation_range(pointer: int, device: int) -> tuple[int, int]:
+    """(base, size) of the CUDA allocation that contains `pointer` on `device`."""
+    import torch
+
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    with torch.cuda.device(device):
+        rc = _libcuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer)
+    if rc != 0:
+        raise TransferError(f"cuMemGetAddressRange failed for {pointer:#x} (CUresult {rc})")
+    return int(base.value), int(size.value)
+
+
+@contextlib.contextmanager
+def current(device: str) -> Iterator[None]:
+    """Make `device` ("cuda:N") current while registering its memory (Mooncake queries the
+    pointer in the current context, which fails for another GPU's memory); no-op for "cpu"."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    import torch
+
+    with torch.cuda.device(torch.device(device)):
+        yield
+
+
+@functools.cache
+def enable_peer_access() -> int:
+    """Let every GPU of this process reach every other directly (NVLink/PCIe peer access).
+
+    Mooncake's intra-node NVLink transport copies with cudaMemcpy in the calling thread, and the
+    batched copy kernel (`sdk.dataplane.copy`) loads another GPU's memory directly; without peer
+    access the first stages through host memory (~37 GB/s on an H200 pair instead of ~350) and
+    the second faults. Returns how many device pairs are enabled. Idempotent.
+    """
+    import torch
+
+    lib = _libcudart()
+    if lib is None or not torch.cuda.is_available():
+        return 0
+    enabled, count = 0, torch.cuda.device_count()
+    for a in range(count):
+        for b in range(count):
+            if a != b and torch.cuda.can_device_access_peer(a, b):
+                with torch.cuda.device(a):
+                    rc = lib.cudaDeviceEnablePeerAccess(b, 0)
+                    if rc != 0:
+                        lib.cudaGetLastError()  # or torch's next CUDA call raises it
+                enabled += rc in (0, 704)  # 704: already enabled (torch enables it for its own peer copies)
+    return enabled
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _CopyAttributes(ctypes.Structure):
+    _fields_ = [
+        ("srcAccessOrder", ctypes.c_int),
+        ("srcLocHint", _Location),
+        ("dstLocHint", _Location),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+_ORDER_STREAM = 1  # CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+
+
+@functools.cache
+def _batch_memcpy() -> Callable[..., int] | None:
+    """The driver's cuMemcpyBatchAsync (CUDA 12.8+) with the ABI of this driver, or None."""
+    try:
+        lib = _libcuda()
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < 12080:
+        return None
+    get = lib.cuGetProcAddress_v2
+    get.argtypes = [ctypes.c_char_p, ctypes.POINTER(_P), ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(ctypes.c_int)]
+    fn, status = _P(), ctypes.c_int()
+    abi = 13000 if version.value >= 13000 else 12080  # 13.0 dropped the failIdx argument
+    if get(b"cuMemcpyBatchAsync", ctypes.byref(fn), abi, 0, ctypes.byref(status)) != 0 or not fn.value:
+        return None
+    args: list[Any] = [_P, _P, _P, ctypes.c_size_t, _P, _P, ctypes.c_size_t] + ([_P] if abi < 13000 else []) + [_P]
+    call = ctypes.CFUNCTYPE(ctypes.c_int, *args)(fn.value)
+    attrs = _CopyAttributes(_ORDER_STREAM, _Location(1, 0), _Location(1, 0), 0)  # hints: only for managed memory
+    first = (ctypes.c_size_t * 1)(0)
+
+    def run(dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, stream: int) -> int:
+        head = [dst.ctypes.data, src.ctypes.data, sizes.ctypes.data, len(dst), ctypes.addressof(attrs), first, 1]
+        fail = [ctypes.byref(ctypes.c_size_t())] if abi < 13000 else []
+        return int(call(*head, *fail, stream))
+
+    run.keep = (call, attrs, first)  # type: ignore[attr-defined]
+    return run
+
+
+def memcpy_table(dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, stream: int) -> None:
+    """Copy `sizes[i]` bytes from `src[i]` to `dst[i]` (device or host pointers, unified
+    addressing) asynchronously on `stream` (not the legacy default stream): one driver call
+    (cuMemcpyBatchAsync) where the driver has it, else one cudaMemcpyAsync per entry."""
+    dst, src, sizes = (np.ascontiguousarray(a, dtype=np.uint64) for a in (dst, src, sizes))
+    batch = _batch_memcpy()
+    if batch is not None and len(dst):
+        for a in range(0, len(dst), 1 << 20):
+            rc = batch(dst[a : a + (1 << 20)], src[a : a + (1 << 20)], sizes[a : a + (1 << 20)], stream)
+            if rc != 0:
+                raise TransferError(f"cuMemcpyBatchAsync failed (CUresult {rc})")
+        return
+    lib = _libcudart()
+    if lib is None:
+        raise TransferError("no CUDA runtime library found for pointer copies")
+    for d, s, n in zip(dst.tolist(), src.tolist(), sizes.tolist(), strict=True):
+        rc = lib.cudaMemcpyAsync(d, s, n, 4, stream)  # cudaMemcpyDefault: direction from the pointers
+        if rc != 0:
+            lib.cudaGetLastError()
+            raise TransferError(f"cudaMemcpyAsync of {n} bytes failed (cudaError {rc})")

@@ -1,0 +1,173 @@
+"""A host slab on this node, seen by a client (or by the daemon itself): a memfd.
+
+Reads copy with preadv(2) straight into their destination (one copy, no page table of the
+source to fill): into one flat buffer as a few large reads spread over threads, into many
+scattered tensors as one system call per ~1,000 tensors (a vector of their addresses, padding
+between tensors read into a scratch buffer). Mounts map the file copy-on-write, so a client
+writing through a mount never changes what others read. A writer fills its reservation through
+a shared mapping that `finish()` drops (the daemon can only seal a slab nobody maps writable;
+huge-page slabs take no write() at all). Copies to and from GPU memory go through the mapping
+in windows of 256 MiB.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import threading
+
+import numpy as np
+import torch
+
+from sdk.dataplane.copy import device_copy, host_copy, run_all, runs, windows
+from sdk.dataplane.fingerprint import slab_fingerprints
+from sdk.dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
+from sdk.dataplane.slab import Slab
+from sdk.manifest import ALIGN
+
+_CHUNK = 32 << 20  # flat reads are split into jobs of this size
+_JUNK = 64 << 10  # a gap up to this size between two tensors is read into scratch memory
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+
+
+class HostSlab(Slab):
+    def __init__(self, fd: int, nbytes: int, generation: int = 0, *, writable: bool = False) -> None:
+        self.fd, self.nbytes, self.generation, self.device = fd, nbytes, generation, "cpu"
+        self._writable = writable
+        self._size = map_size(fd, nbytes)
+        self._base: torch.Tensor | None = None
+        self._mapping: Mapping | None = None
+        self._lock = threading.Lock()
+
+    def base(self) -> torch.Tensor:
+        with self._lock:
+            if self._base is None:
+                if self._writable:
+                    self._mapping = Mapping(self.fd, self._size, writable=True)
+                    self._base = self._mapping.tensor()
+                else:  # copy-on-write, which the write seal allows; lives as long as its views
+                    flags = mmap.MAP_PRIVATE | MAP_NORESERVE
+                    mm = mmap.mmap(self.fd, self._size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    self._base = torch.frombuffer(mm, dtype=torch.uint8)
+            return self._base
+
+    # -- reads --------------------------------------------------------------------------------------
+    def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
+        if dst.device.type != "cpu":
+            base = self.base()
+            for s, d, n in zip(src.tolist(), at.tolist(), lengths.tolist(), strict=True):
+                dst[d : d + n].copy_(base[s : s + n])
+            return
+        ptr = dst.data_ptr()
+        jobs, small = [], []
+        for s, d, n in zip(src.tolist(), at.tolist(), lengths.tolist(), strict=True):
+            if n < _CHUNK:
+                small.append((ptr + d, n, s))
+                continue
+            for a in range(0, n, _CHUNK):
+                jobs.append(functools.partial(self._pread, [(ptr + d + a, min(_CHUNK, n - a), s + a)]))
+        if small:
+            jobs.append(functools.partial(self._pread, small))
+        run_all(jobs)
+
+    def _pread(self, parts: list[tuple[int, int, int]]) -> None:
+        for address, length, offset in parts:
+            preadv(self.fd, np.array([[address, length]], dtype=np.int64), offset)
+
+    def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
+        if device.type == "cuda":
+            self._staged_read(ptrs, offsets, sizes, device)
+            return
+        order = np.argsort(offsets, kind="stable")
+        calls = _scatter_calls(ptrs[order], offsets[order], sizes[order])
+        k = _jobs(sizes)
+        run_all([functools.partial(_read_calls, self.fd, calls[i::k]) for i in range(min(k, len(calls)))])
+
+    def _staged_read(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
+        """Through the mapping: a window of the slab to the GPU, then scattered there."""
+        base, order = self.base(), np.argsort(offsets, kind="stable")
+        ptrs, offsets, sizes = ptrs[order], offsets[order], sizes[order]
+        for idx, start, end in windows(offsets, sizes):
+            stage = torch.empty(end - start, dtype=torch.uint8, device=device)
+            stage.copy_(base[start:end])
+            device_copy(ptrs[idx], stage.data_ptr() + offsets[idx] - start, sizes[idx], device)
+            torch.cuda.current_stream(device).synchronize()  # before the stage is reused
+
+    # -- writes -------------------------------------------------------------------------------------
+    def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
+        base = self.base()
+        if device.type != "cuda":
+            host_copy(base.data_ptr() + offsets, ptrs, sizes)
+            return
+        order = np.argsort(offsets, kind="stable")
+        ptrs, offsets, sizes = ptrs[order], offsets[order], sizes[order]
+        for idx, start, end in windows(offsets, sizes):
+            stage = torch.empty(end - start, dtype=torch.uint8, device=device)
+            device_copy(stage.data_ptr() + offsets[idx] - start, ptrs[idx], sizes[idx], device)
+            firsts, ends = runs(offsets[idx], sizes[idx], ALIGN)  # never the bytes of other tensors
+            for a, b in zip(firsts.tolist(), ends.tolist(), strict=True):
+                base[a:b].copy_(stage[a - start : b - start])
+
+    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes)
+
+    def finish(self) -> None:
+        """Drop a writer's mapping (its views become invalid): the slab can then be sealed."""
+        with self._lock:
+            if self._mapping is not None:
+                self._base = None
+                self._mapping.close()
+                self._mapping = None
+
+    def close(self) -> None:
+        self.finish()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _jobs(sizes: np.ndarray) -> int:
+    from sdk.dataplane.copy import threads
+
+    return max(1, min(threads(), int(sizes.sum()) // _CHUNK))
+
+
+def _scatter_calls(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """preadv calls that fill tensors at `ptrs` from slab `offsets` (sorted): each call is an
+    iovec array (address, length) of neighbouring tensors and the file offset it starts at."""
+    keep = sizes > 0
+    ptrs, offsets, sizes = ptrs[keep], offsets[keep], sizes[keep]
+    if not len(ptrs):
+        return []
+    gaps = np.zeros(len(ptrs), dtype=np.int64)
+    gaps[1:] = offsets[1:] - offsets[:-1] - sizes[:-1]
+    fresh = np.ones(len(ptrs), dtype=bool)
+    fresh[1:] = gaps[1:] > _JUNK
+    gaps[fresh] = 0
+    junk = _junk().data_ptr()
+    iov = np.empty((2 * len(ptrs), 2), dtype=np.int64)
+    iov[0::2, 0], iov[0::2, 1] = junk, gaps
+    iov[1::2, 0], iov[1::2, 1] = ptrs, sizes
+    call_of = np.repeat(np.cumsum(fresh) - 1, 2)
+    keep_iov = iov[:, 1] > 0
+    iov, call_of = iov[keep_iov], call_of[keep_iov]
+    starts = offsets[fresh]
+    out: list[tuple[np.ndarray, int]] = []
+    for c, part in zip(np.unique(call_of).tolist(), np.split(iov, np.flatnonzero(np.diff(call_of)) + 1), strict=True):
+        at = int(starts[c])
+        for a in range(0, len(part), _IOV_MAX):
+            piece = part[a : a + _IOV_MAX]
+            out.append((piece, at))
+            at += int(piece[:, 1].sum())
+    return out
+
+
+def _read_calls(fd: int, calls: list[tuple[np.ndarray, int]]) -> None:
+    for iov, offset in calls:
+        preadv(fd, iov, offset)
+
+
+@functools.cache
+def _junk() -> torch.Tensor:
+    return torch.empty(_JUNK, dtype=torch.uint8)

@@ -1,0 +1,118 @@
+"""Tensors of one buffer, built when first used: what `get` returns and what `mount` exposes.
+
+A set of 90,000 tensors would cost ~0.1-1 s to turn into 90,000 Python tensors up front (1-10
+us each), while the bytes themselves move in milliseconds. A `TensorMap` holds one flat buffer
+and the manifest's columns, and builds a tensor view the first time a name is looked up
+(`as_strided` on a typed view of the buffer, with the collector paused for bulk iteration).
+It behaves as a ``dict[str, Tensor]``: ``len``, ``in``, iteration over names in set order,
+``items()``, ``values()``, ``m[name]``; assigning or deleting a name turns it into a plain
+dict of every view first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdk.bulk import paused_gc
+from sdk.manifest import DTYPE_CODES, Manifest
+from sdk.tensors import DTYPES, contiguous_strides
+
+
+class TensorMap(MutableMapping[str, torch.Tensor]):
+    """name -> tensor view of `base` (a flat uint8 tensor), for rows `rows` of `manifest` (all
+    rows when None) placed at byte `offsets` of `base`."""
+
+    def __init__(
+        self, manifest: Manifest, base: torch.Tensor, offsets: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
+        self.manifest, self.base = manifest, base
+        self._offsets = offsets
+        self._rows = rows
+        self._names = manifest.names if rows is None else [manifest.names[i] for i in rows.tolist()]
+        self._views: dict[str, torch.Tensor] = {}
+        self._typed: dict[int, torch.Tensor] = {}
+        self._plain: dict[str, torch.Tensor] | None = None  # after a mutation: an ordinary dict
+        self._where: dict[str, int] | None = None
+
+    # -- lookups ------------------------------------------------------------------------------------
+    def _position(self, name: str) -> int:
+        if self._rows is None:
+            return self.manifest.table.index[name]
+        if self._where is None:
+            with paused_gc():
+                self._where = dict(zip(self._names, range(len(self._names)), strict=True))
+        return self._where[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._plain is not None:
+            return self._plain[name]
+        view = self._views.get(name)
+        if view is None:
+            view = self._views[name] = self._view(self._position(name))
+        return view
+
+    def _view(self, i: int) -> torch.Tensor:
+        table = self.manifest.table
+        row = i if self._rows is None else int(self._rows[i])
+        code = int(table.dtypes[row])
+        typed = self._typed.get(code)
+        if typed is None:
+            typed = self._typed[code] = self.base.view(DTYPES[DTYPE_CODES[code]])
+        shape = table.shapes[row]
+        return typed.as_strided(shape, contiguous_strides(shape), int(self._offsets[i]) // typed.element_size())
+
+    def __contains__(self, name: object) -> bool:
+        if self._plain is not None:
+            return name in self._plain
+        if self._rows is None:
+            return name in self.manifest.table.index
+        try:
+            self._position(name)  # type: ignore[arg-type]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plain if self._plain is not None else self._names)
+
+    def __len__(self) -> int:
+        return len(self._plain if self._plain is not None else self._names)
+
+    def _all(self) -> dict[str, torch.Tensor]:
+        """Every view, built in one pass (the collector paused)."""
+        if self._plain is not None:
+            return self._plain
+        if len(self._views) < len(self._names):
+            with paused_gc():
+                views = self._views
+                for i, name in enumerate(self._names):
+                    if name not in views:
+                        views[name] = self._view(i)
+                self._views = {k: views[k] for k in self._names}  # set order
+        return self._views
+
+    def items(self) -> Any:
+        return self._all().items()
+
+    def values(self) -> Any:
+        return self._all().values()
+
+    # -- mutation: become a plain dict --------------------------------------------------------------
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._plain = dict(self._all())
+        self._plain[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        self._plain = dict(self._all())
+        del self._plain[name]
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"TensorMap({len(self)} tensors of {m.name} v{m.version} on {self.base.device})"
+
+    def __reduce__(self) -> Any:
+        return dict, (dict(self.items()),)
