@@ -2,6 +2,7 @@
 
     python benchmarks/cluster.py                                  # CPU: TCP on loopback
     python benchmarks/cluster.py --protocol nvlink_intra --device cuda:0 --to cuda:1 --gib 16
+    python benchmarks/cluster.py --protocol nvlink_intra --device cuda:0 --to cuda:1 --tensors 90000 --gib 16.5
 
 Node A holds the set (slab on --device); the client talks to node B's socket, so every byte
 comes from A one-sided through the client's own engine. Limits measured in the same run:
@@ -16,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from _common import REPO, llm_shapes, median_seconds, random_set, row, sync
-from sdk.slabs import memory_range
-from sdk.transport.cuda import current
+from _common import REPO, deepseek_shapes, llm_shapes, median_seconds, random_set, random_tensors, row, sync
 
-from sdk.transport.base import Entry
+from sdk.dataplane.cuda import current
+from sdk.dataplane.remote import _range as memory_range
+from sdk.transport.base import Batch
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 
@@ -33,6 +35,9 @@ def main() -> None:
     p.add_argument("--to", default="cpu", help="where the client's copy lands")
     p.add_argument("--gib", type=float, default=0.25)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--tensors", type=int, default=0, help="a DeepSeek-like set of this many tensors (default: LLM-shaped)"
+    )
     args = p.parse_args()
     etcd = start_etcd(Path(tempfile.mkdtemp(prefix="tensord-etcd-")))
     work = Path(tempfile.mkdtemp(prefix="tensord-cluster-"))
@@ -45,7 +50,10 @@ def main() -> None:
             )
             daemons.append(DaemonProcess(work, node, config, env={"TENSORD_LOG_LEVEL": "warning"}).start())
         a, b = daemons
-        src = random_set(llm_shapes(int(args.gib * 2**30)), "cpu" if args.device == "cpu" else args.device)
+        if args.tensors:
+            src = random_tensors(deepseek_shapes(args.tensors, int(args.gib * 2**30)), args.device)
+        else:
+            src = random_set(llm_shapes(int(args.gib * 2**30)), args.device)
         nbytes = sum(t.numel() * t.element_size() for t in src.values())
         with a.client() as ca:
             ca.put("bench/remote", src, device=args.device)
@@ -54,11 +62,12 @@ def main() -> None:
             engine = cb._transport()
             pin, manifest, slab = cb._open("bench/remote", None)
             dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
-            base, length = memory_range(dst)
+            base, length, _ = memory_range(dst)
+            one = Batch(np.array([dst.data_ptr()]), np.array([slab.address]), np.array([manifest.nbytes]))  # type: ignore[attr-defined]
             with current(args.to):
                 engine.register(base, length)
             raw = median_seconds(
-                lambda: engine.read(slab.session, [Entry(dst.data_ptr(), slab.address, manifest.nbytes)]),  # type: ignore[attr-defined]
+                lambda: engine.read(slab.session, one),  # type: ignore[attr-defined]
                 args.runs,
             )
             with current(args.to):
@@ -66,10 +75,11 @@ def main() -> None:
 
             def raw_fresh() -> None:  # what a get must also do: fresh memory, registered for the read
                 fresh = torch.empty(manifest.nbytes, dtype=torch.uint8, device=args.to)
-                start, size = memory_range(fresh)
+                start, size, _ = memory_range(fresh)
                 with current(args.to):
                     engine.register(start, size)
-                engine.read(slab.session, [Entry(fresh.data_ptr(), slab.address, manifest.nbytes)])  # type: ignore[attr-defined]
+                batch = Batch(np.array([fresh.data_ptr()]), np.array([slab.address]), np.array([manifest.nbytes]))  # type: ignore[attr-defined]
+                engine.read(slab.session, batch)  # type: ignore[attr-defined]
                 with current(args.to):
                     engine.unregister(start)
 
@@ -78,14 +88,17 @@ def main() -> None:
             get = median_seconds(lambda: cb.get("bench/remote", device=args.to), args.runs)
             targets = {k: torch.empty_like(t, device=args.to) for k, t in src.items()}
             load = median_seconds(lambda: cb.load_into(targets, "bench/remote"), args.runs)
+            kind = "DeepSeek-like" if args.tensors else "LLM-shaped bf16"
             print(
-                f"{len(src)} LLM-shaped bf16 tensors, {nbytes / 2**30:.2f} GiB on node A ({args.device}), "
+                f"{len(src)} {kind} tensors, {nbytes / 2**30:.2f} GiB on node A ({args.device}), "
                 f"read from node B's socket into {args.to} over {args.protocol}; ratio = limit / tensord"
             )
             print(row("raw engine read into registered memory, one entry", nbytes, raw))
             print(row("raw engine read into fresh memory (allocate+register)", nbytes, raw_new))
             if args.device.startswith("cuda") and args.to.startswith("cuda") and args.device != args.to:
-                peer = median_seconds(lambda: [t.to(args.to) for t in src.values()], args.runs)
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=args.device)
+                peer = median_seconds(lambda: flat.to(args.to), args.runs)
+                del flat
                 print(row(f"peer copy {args.device} -> {args.to}", nbytes, peer))
                 print(row("tensord get (vs peer copy)", nbytes, get, peer))
             print(row("tensord get (vs raw read into fresh memory)", nbytes, get, raw_new))

@@ -41,7 +41,25 @@ def test_get_from_the_other_gpu_over_nvlink(tmp_path: Path) -> None:
             assert c1.replicate("nv/set", device="cuda:1")["device"] == "cuda:1"
             with c1.mount("nv/set") as m:
                 assert all(torch.equal(m.tensors[k].cpu(), t.cpu()) for k, t in src.items())
+            _many_tensors_into_several_allocations(c0, c1)
     finally:
         for d in nodes:
             d.kill()
         etcd.stop(kill=True)
+
+
+def _many_tensors_into_several_allocations(c0, c1) -> None:
+    """The read that failed before coalescing respected registrations: ~1,000 tensors of 1 MiB
+    from GPU 0, read by the other node into GPU 1 targets that fill four separate allocations
+    back to back (neighbouring allocations often lie next to each other in address space)."""
+    g = torch.Generator(device="cuda:0").manual_seed(1)
+    src = {
+        f"e{i}": torch.randint(0, 255, (1 << 20,), generator=g, device="cuda:0", dtype=torch.uint8) for i in range(1000)
+    }
+    c0.put("nv/many", src, device="cuda:0")
+    got = c1.get("nv/many", device="cuda:1", verify=True)
+    assert all(torch.equal(got[k].cpu(), t.cpu()) for k, t in src.items())
+    pools = [torch.zeros(250 << 20, dtype=torch.uint8, device="cuda:1") for _ in range(4)]
+    targets = {k: pools[i // 250][(i % 250) << 20 : ((i % 250) + 1) << 20] for i, k in enumerate(src)}
+    c1.load_into(targets, "nv/many", verify=True)
+    assert all(torch.equal(targets[k].cpu(), t.cpu()) for k, t in src.items())
