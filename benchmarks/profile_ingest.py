@@ -16,7 +16,9 @@ import torch
 from _common import start_daemon, sync
 from ingest import generate
 
-from sdk.tensors import fingerprint_finish, fingerprints
+import numpy as np
+
+from sdk.dataplane.fingerprint import fingerprint_finish
 from tensord import ingest
 from tensord.checkpoint import read_checkpoint
 
@@ -47,12 +49,11 @@ def main() -> None:
                     shares = ingest._run(r.slab, specs, tensors, chunks, args.threads, size, None, hash_chunks=not gpu)
                 marks.append(("read + copy pipeline", time.perf_counter()))
                 if gpu:
-                    fps = fingerprints([r.slab.view(s) for s in specs])
+                    fps = r.slab.fingerprints(r.manifest.offsets, r.manifest.sizes)
                 else:
-                    fps = [fingerprint_finish(x, s.nbytes) for x, s in zip(shares, specs, strict=True)]
+                    fps = np.array([fingerprint_finish(x, s.nbytes) for x, s in zip(shares, specs, strict=True)])
                 marks.append(("fingerprints", time.perf_counter()))
-                for s, fp in zip(specs, fps, strict=True):
-                    r.written(s.name, fp)
+                r.written_all(np.arange(len(specs)), np.asarray(fps, dtype=np.uint64))
                 r.commit()
                 marks.append(("commit", time.perf_counter()))
                 c.delete("p")

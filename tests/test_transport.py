@@ -194,6 +194,9 @@ def test_configure_env_sets_exactly_one_selector():
     assert rdma["MC_TRANSFER_TIMEOUT"] == "5"  # Mooncake's minimum
     assert mooncake.configure_env("nvlink_intra", timeout_s=12.5)["MC_TRANSFER_TIMEOUT"] == "13"
     assert mooncake.configure_env("nvlink_intra")["MC_INTRA_NVLINK"] == "1"
+    # slabs are registered after a reader's first look at a peer: no stale descriptions
+    assert mooncake.configure_env("nvlink_intra")["MC_DISABLE_METACACHE"] == "1"
+    assert rdma["MC_DISABLE_METACACHE"] == "1"
     for args, kwargs in [
         (("udp",), {}),
         (("tcp", ["mlx5_0"]), {}),

@@ -2,7 +2,9 @@
 kept open a few seconds for the next read, `sdk.dataplane.ipc`), or the daemon's own tensor.
 
 Copies into one flat buffer are one device (or peer) copy per run; copies to or from many
-scattered tensors on GPUs are one batched kernel over a pointer table (`sdk.dataplane.copy`);
+scattered tensors on GPUs are one batched kernel over a pointer table (`sdk.dataplane.copy`),
+always run on the slab's GPU (it reaches another GPU's memory by peer access, while memory
+opened from an IPC handle is not always mapped for the other GPUs);
 copies to or from host memory go through page-locked windows of 256 MiB. A mount's views alias
 the daemon's memory.
 """
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from sdk.dataplane.copy import device_copy, host_copy, runs, windows
+from sdk.dataplane.cuda import enable_peer_access
 from sdk.dataplane.descriptors import CudaReplica
 from sdk.dataplane.fingerprint import slab_fingerprints
 from sdk.dataplane.ipc import mappings
@@ -32,6 +35,8 @@ class GpuSlab(Slab):
 
     @classmethod
     def from_replica(cls, replica: CudaReplica, *, writable: bool = False) -> GpuSlab:
+        if torch.cuda.device_count() > 1:
+            enable_peer_access()  # before the handle opens: then every GPU here may reach it
         storage = mappings.open(list(replica.ipc), keep=not writable)
         device = torch.device("cuda", replica.device)
         base = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (replica.nbytes,), (1,))
@@ -46,7 +51,8 @@ class GpuSlab(Slab):
     def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
         base = self.base()
         if dst.device.type == "cuda" and len(src) > _MANY_RUNS:
-            device_copy(dst.data_ptr() + at, base.data_ptr() + src, lengths, dst.device)
+            _after(dst.device, base.device)
+            device_copy(dst.data_ptr() + at, base.data_ptr() + src, lengths, base.device)
             return
         for s, d, n in zip(src.tolist(), at.tolist(), lengths.tolist(), strict=True):
             dst[d : d + n].copy_(base[s : s + n], non_blocking=True)
@@ -54,7 +60,8 @@ class GpuSlab(Slab):
     def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         base = self.base()
         if device.type == "cuda":
-            device_copy(ptrs, base.data_ptr() + offsets, sizes, device)
+            _after(device, base.device)
+            device_copy(ptrs, base.data_ptr() + offsets, sizes, base.device)
             return
         if base.device.type == "cpu":  # a tensor-backed slab in host memory (the daemon's tests)
             host_copy(ptrs, base.data_ptr() + offsets, sizes)
@@ -70,8 +77,7 @@ class GpuSlab(Slab):
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         base = self.base()
         if device.type == "cuda":
-            if device != base.device:  # the kernel runs here and reads the other GPU's memory
-                torch.cuda.current_stream(device).synchronize()
+            _after(device, base.device)
             device_copy(base.data_ptr() + offsets, ptrs, sizes, base.device)
             return
         if base.device.type == "cpu":
@@ -98,3 +104,10 @@ class GpuSlab(Slab):
         mount's views still use it."""
         if self._imported:
             self._base = None
+
+
+def _after(other: torch.device, here: torch.device) -> None:
+    """Copies run on the slab's GPU (it reaches the other GPU's ordinary memory by peer access):
+    first let work queued on the other GPU finish."""
+    if other != here and here.type == "cuda":
+        torch.cuda.current_stream(other).synchronize()

@@ -59,9 +59,7 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         table = self.manifest.table
         row = i if self._rows is None else int(self._rows[i])
         code = int(table.dtypes[row])
-        typed = self._typed.get(code)
-        if typed is None:
-            typed = self._typed[code] = self.base.view(DTYPES[DTYPE_CODES[code]])
+        typed = self._typed_base(code)
         shape = table.shapes[row]
         return typed.as_strided(shape, contiguous_strides(shape), int(self._offsets[i]) // typed.element_size())
 
@@ -87,13 +85,32 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         if self._plain is not None:
             return self._plain
         if len(self._views) < len(self._names):
+            table = self.manifest.table
+            rows = range(len(self._names)) if self._rows is None else self._rows.tolist()
+            codes, shapes, offsets = table.dtypes.tolist(), table.shapes, self._offsets.tolist()
+            typed: dict[int, tuple[torch.Tensor, int]] = {}
+            built, views, strides = self._views, {}, contiguous_strides
             with paused_gc():
-                views = self._views
                 for i, name in enumerate(self._names):
-                    if name not in views:
-                        views[name] = self._view(i)
-                self._views = {k: views[k] for k in self._names}  # set order
+                    if built and name in built:
+                        views[name] = built[name]
+                        continue
+                    row = rows[i]
+                    code = codes[row]
+                    base = typed.get(code)
+                    if base is None:
+                        t = self._typed_base(code)
+                        base = typed[code] = (t, t.element_size())
+                    shape = shapes[row]
+                    views[name] = base[0].as_strided(shape, strides(shape), offsets[i] // base[1])
+            self._views = views  # in set order
         return self._views
+
+    def _typed_base(self, code: int) -> torch.Tensor:
+        typed = self._typed.get(code)
+        if typed is None:
+            typed = self._typed[code] = self.base.view(DTYPES[DTYPE_CODES[code]])
+        return typed
 
     def items(self) -> Any:
         return self._all().items()

@@ -18,9 +18,13 @@ Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
   "TCP lane queue-full rejection") and every later transfer to that peer fails too (still after
   15 s in our test; other peers are unaffected). So
   ``configure_env`` raises both to their maximum (65535) and batches are split into native calls
-  of at most ``max_batch_entries`` entries (default 1024).
+  of at most ``max_batch_entries`` entries (default 1024 over TCP, 65536 otherwise).
 - A dead peer (closed socket) fails at once; a peer that stops answering fails after
   ``MC_TRANSFER_TIMEOUT`` seconds (default 30, at least 5) plus 1 ns per byte.
+- Readers cache a peer's description of its registered memory (``MC_DISABLE_METACACHE``
+  unset); over NVLink (and RDMA) a range the peer registered after the first read is then
+  refused ("Requested address ... not found"). Slabs come and go, so ``configure_env`` turns
+  the cache off for those protocols: each native call fetches the peer's description once.
 - Both listeners (handshake RPC and TCP data) bind to all interfaces whatever the hostname:
   registered memory is readable by anyone who can reach those ports.
 """
@@ -49,7 +53,7 @@ logger = logging.getLogger(__name__)
 PROTOCOLS = ("tcp", "rdma", "nvlink_intra", "auto")
 # MC_INTRA_NVLINK is read by the 0.3.13 CPU wheel, MC_INTRANODE_NVLINK by the 0.3.14 CUDA wheels.
 _NVLINK = ("MC_INTRA_NVLINK", "MC_INTRANODE_NVLINK")
-_SELECTORS = ("MC_FORCE_TCP", "MC_FORCE_HCA", "MC_FORCE_MNNVL", *_NVLINK, "MC_TE_FILTERS")
+_SELECTORS = ("MC_FORCE_TCP", "MC_FORCE_HCA", "MC_FORCE_MNNVL", *_NVLINK, "MC_TE_FILTERS", "MC_DISABLE_METACACHE")
 _NIC = re.compile(r"[A-Za-z0-9_.:-]+")
 _IB_SYSFS = "/sys/class/infiniband"
 _MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
@@ -117,6 +121,10 @@ def configure_env(
             env["MC_TE_FILTERS"] = ",".join(nics)
     else:
         env.update(dict.fromkeys(_NVLINK, "1"))
+    if proto != "tcp":
+        # A peer's registered memory changes with every slab it allocates; with the cache on,
+        # a reader keeps the peer's first description and refuses ranges registered later.
+        env["MC_DISABLE_METACACHE"] = "1"
     if timeout_s is not None:
         if not timeout_s > 0:
             raise InvalidArgument("timeout_s must be positive", timeout_s=timeout_s)
@@ -161,14 +169,17 @@ class MooncakeTransport(Transport):
         nics: Sequence[str] | None = None,
         *,
         timeout_s: float | None = None,
-        max_batch_entries: int = 1024,
+        max_batch_entries: int | None = None,
     ) -> None:
-        if not isinstance(max_batch_entries, int) or max_batch_entries < 1:
+        if max_batch_entries is not None and (not isinstance(max_batch_entries, int) or max_batch_entries < 1):
             raise InvalidArgument("max_batch_entries must be a positive int", max_batch_entries=max_batch_entries)
-        self.max_batch_entries = max_batch_entries
         if not isinstance(hostname, str) or not hostname or ":" in hostname:
             raise InvalidArgument("hostname must be a host name or IPv4 address", hostname=hostname)
         self.protocol = resolve_protocol(protocol)
+        # TCP lanes take at most ~2048 entries in flight (see above); the others take large
+        # batches, and each native call fetches the peer's description (metadata cache off)
+        default = 1024 if self.protocol == "tcp" else 1 << 16
+        self.max_batch_entries = max_batch_entries if max_batch_entries is not None else default
         ok, why = available(self.protocol)
         if not ok:
             raise TransferError(f"Mooncake transport {self.protocol} is unavailable: {why}", protocol=protocol)
