@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors.torch import load_file
-from sdk.dataplane.mapping import Mapping
 
+from sdk.dataplane.mapping import Mapping
 from tensord.checkpoint import read_checkpoint
 from tensord.export import write_safetensors
 from tensord.ingest import default_threads, load_checkpoint

@@ -12,11 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _common import start_daemon, sync
 from ingest import generate
-
-import numpy as np
 
 from sdk.dataplane.fingerprint import fingerprint_finish
 from tensord import ingest
