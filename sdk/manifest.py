@@ -148,9 +148,11 @@ class Table:
 
     @classmethod
     def of_columns(cls, names: list[str], dtypes: np.ndarray, ndims: np.ndarray, dims: np.ndarray) -> Table:
-        """A table from columns already built (e.g. from tensors), validated like any other."""
-        bad = next((n for n in names if type(n) is not str), None)
-        if bad is not None:
+        """A table from columns already built from tensors: names are the keys of a mapping
+        (so unique); only what the columns cannot guarantee is checked here. The daemon
+        validates every table it receives in full."""
+        if not all(type(n) is str for n in names):
+            bad = next(n for n in names if type(n) is not str)
             raise InvalidArgument(f"tensor name must be a string, not {bad!r:.80}")
         try:
             blob = "\0".join(names).encode()
@@ -161,9 +163,10 @@ class Table:
             raise InvalidArgument("one dtype and one shape per tensor")
         if len(ndims) and int(ndims.max()) > MAX_DIMS:
             raise InvalidArgument(f"a shape has more than {MAX_DIMS} dimensions")
+        if len(names) > MAX_TENSORS:
+            raise InvalidArgument(f"a set holds at most {MAX_TENSORS} tensors, not {len(names)}")
         table = cls(names, dtypes, ndims, dims)
         table.__dict__["names_blob"] = blob
-        table._check(InvalidArgument)
         return table
 
     @classmethod
@@ -174,13 +177,15 @@ class Table:
         count = data.get("count")
         if type(count) is not int or not 0 <= count <= MAX_TENSORS:
             raise error(f"tensor count must be an int in [0, {MAX_TENSORS}], not {count!r:.40}")
-        names = _names(data.get("names"), count, error)
+        raw_names = data.get("names")
+        names = _names(raw_names, count, error)
         dtypes = _column(data, "dtypes", np.uint8, count, error)
         ndims = _column(data, "ndims", np.uint8, count, error)
         if count and int(ndims.max()) > MAX_DIMS:
             raise error(f"a shape has more than {MAX_DIMS} dimensions")
         dims = _column(data, "dims", _LE_I64, int(ndims.sum()), error)
         table = cls(names, dtypes, ndims, dims.astype(np.int64, copy=False))
+        table.__dict__["names_blob"] = raw_names
         table._check(error)
         return table
 

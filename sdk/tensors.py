@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 import torch
@@ -97,20 +97,17 @@ class Described:
 
 def describe(values: Iterable[object], what: str = "tensors") -> Described:
     """Describe tensors in bulk (the collector paused): InvalidArgument for anything that is not
-    a strided tensor of a supported dtype on a CPU or CUDA device."""
+    a dense tensor of a supported dtype on a CPU or CUDA device."""
     with paused_gc():
         given = list(values)
-        if not all(type(t) is torch.Tensor or isinstance(t, torch.Tensor) for t in given):
+        if not all(map(isinstance, given, repeat(torch.Tensor))):
             bad = next(t for t in given if not isinstance(t, torch.Tensor))
             raise InvalidArgument(f"{what} must be torch.Tensor, not {type(bad).__name__}")
         tensors: list[torch.Tensor] = given  # type: ignore[assignment]
-        try:
-            codes = [CODES[t.dtype] for t in tensors]
-        except KeyError:
-            bad_dtype = next(t.dtype for t in tensors if t.dtype not in CODES)
-            raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord") from None
-        if not all(t.layout is torch.strided for t in tensors):
-            raise InvalidArgument(f"{what} must be dense (strided) tensors, not sparse or nested ones")
+        codes = list(map(CODES.get, [t.dtype for t in tensors]))
+        if None in codes:
+            bad_dtype = next(t.dtype for t, c in zip(tensors, codes, strict=True) if c is None)
+            raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord")
         dense = [t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in tensors]
         if not all(dense):
             tensors = [
@@ -120,8 +117,12 @@ def describe(values: Iterable[object], what: str = "tensors") -> Described:
         devices = [t.device for t in tensors]
         if any(d.type not in ("cpu", "cuda") for d in set(devices)):
             raise InvalidArgument(f"{what} must lie on cpu or cuda devices, not {sorted(map(str, set(devices)))}")
+        try:
+            ptrs = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
+        except RuntimeError as exc:  # sparse, nested, ...: no plain memory to copy
+            raise InvalidArgument(f"{what} must be dense (strided) tensors: {exc}") from None
         ndims = np.fromiter(map(len, shapes), dtype=np.uint8, count=len(shapes))
         dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=int(ndims.sum()))
-        ptrs = np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
-        sizes = np.fromiter((t.nbytes for t in tensors), dtype=np.int64, count=len(tensors))
-    return Described(tensors, np.array(codes, dtype=np.uint8), ndims, dims, ptrs, sizes, devices)
+    dtypes = np.array(codes, dtype=np.uint8)
+    sizes = Table(names=[], dtypes=dtypes, ndims=ndims, dims=dims).sizes  # numel x itemsize, vectorised
+    return Described(tensors, dtypes, ndims, dims, ptrs, sizes, devices)

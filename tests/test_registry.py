@@ -304,6 +304,39 @@ async def test_commit_is_idempotent_and_detects_conflicts(
     assert await reg.manifest("s", v) == manifest("s", v)
 
 
+def _large(name: str, version: int, n: int = 100_000, seed: int = 0) -> Manifest:
+    """A manifest of `n` tensors: several MB, compressed still over one etcd request."""
+    names = [f"model.layers.{i // 600}.mlp.experts.{i % 600}.{seed}.weight" for i in range(n)]
+    table = Table.build(names, ["float8_e4m3fn"] * n, [[i % 97 + 1, 128] for i in range(n)])
+    offsets, nbytes = table.layout()
+    fps = np.random.default_rng(seed).integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    return Manifest(name, version, table, offsets, nbytes, fingerprints=fps, created=2.0, origin="big")
+
+
+async def test_large_manifests_fit_etcd_default_limits(
+    etcd: EtcdServer, make_etcd: Callable[..., EtcdRegistry]
+) -> None:
+    """A 100,000-tensor manifest commits in parts under etcd's default 1.5 MiB request limit,
+    reads back whole, a conflicting commit leaves the winner's parts alone, delete removes all."""
+    reg = make_etcd(etcd)
+    await reg.start(NODE)
+    v = await reg.allocate_version("big/set")
+    big = _large("big/set", v)
+    await reg.commit(big, replica("big/set", v))
+    assert await reg.manifest("big/set", v) == big
+    await reg.commit(big, replica("big/set", v))  # retried: fine
+    with pytest.raises(VersionConflict):
+        await reg.commit(_large("big/set", v, seed=1), replica("big/set", v))
+    assert await reg.manifest("big/set", v) == big
+    assert await reg.names("big") == ["big/set"]
+    parts = f"{reg._prefix}sets/big/set/@p/".encode()
+    with reg._etcd("test") as c:
+        assert len(list(await c.get_prefix(parts, keys_only=True))) >= 2  # it did not fit one key
+    assert await reg.delete_version("big/set", v)
+    with reg._etcd("test") as c:
+        assert list(await c.get_prefix(parts, keys_only=True)) == []
+
+
 _DOOMED_NODE = """
 import asyncio, sys
 import numpy as np

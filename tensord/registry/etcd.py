@@ -4,7 +4,8 @@ Keys, under a configurable prefix (default ``/tensord/``); values are msgpack of
 or a decimal integer::
 
     nodes/<node>                                   node record      node lease
-    sets/<name>/@v/<version>                       manifest         durable
+    sets/<name>/@v/<version>                       manifest (head)  durable
+    sets/<name>/@p/<version>/<digest>/<part>       manifest part    durable, with its version
     sets/<name>/@r/<version>/<node>/<device>       replica          node lease
     sets/<name>/@latest                            decimal version  durable, moved forward by txn
     sets/<name>/@next                              decimal version  durable, compare-and-swap
@@ -21,16 +22,24 @@ could not reach etcd, or was revoked) a new one is granted and every remembered 
 Every failure of etcd is mapped here, once, to ``sdk.errors.Unavailable``; a call that fails
 on one endpoint moves the next call to the next endpoint. Names are validated (``InvalidArgument``).
 A commit of a version that exists with the same manifest only restores the replica (a retried
-commit); with another manifest it raises ``VersionConflict``. A manifest must fit etcd's
-``--max-request-bytes`` (1.5 MiB by default).
+commit); with another manifest it raises ``VersionConflict``.
+
+A manifest is stored zlib-compressed. One that stays under `_PART` bytes compressed lives in its
+version key; a larger one (a ~100,000-tensor set compresses to ~2 MB) is cut into parts of
+`_PART` bytes, written first under a key named by the body's digest, then the version key is
+created with a head naming them, in the one transaction that makes the version exist: every
+request stays under etcd's default ``--max-request-bytes`` (1.5 MiB), readers never see a
+version without its parts, and two racing commits of one version never mix their parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +63,7 @@ T = TypeVar("T")
 
 _WATCH_RETRY = (0.1, 1.0)  # first and longest pause between attempts to re-watch
 _MAX_MESSAGE = 64 << 20  # a large manifest; etcd itself caps requests at --max-request-bytes
+_PART = 1 << 20  # bytes of compressed manifest per key: under etcd's default request limit
 
 
 class _LeaseLost(Unavailable):
@@ -248,6 +258,9 @@ class EtcdRegistry(Registry):
     def _vkey(self, name: str, version: int) -> bytes:
         return self._vprefix(name) + _pad(version)
 
+    def _pprefix(self, name: str, version: int) -> bytes:
+        return f"{self._set(name)}p/".encode() + _pad(version) + b"/"
+
     def _rprefix(self, name: str, version: int) -> bytes:
         return f"{self._set(name)}r/".encode() + _pad(version) + b"/"
 
@@ -412,7 +425,12 @@ class EtcdRegistry(Registry):
             raise InvalidArgument(f"version must be positive, not {version}", name=name, version=version)
         vkey = self._vkey(name, version)
         rkey = self._rkey(name, version, replica.node, replica.device)
-        body, entry = _pack(manifest.to_wire()), _Leased(_pack(replica.to_wire()), guard=vkey)
+        head, parts = await asyncio.to_thread(_encode, manifest.to_wire())
+        pkeys = [self._pprefix(name, version) + head.get("digest", b"") + b"/" + _pad(i) for i in range(len(parts))]
+        body, entry = _pack(head), _Leased(_pack(replica.to_wire()), guard=vkey)
+        for key, part in zip(pkeys, parts, strict=True):  # invisible until the version key names them
+            with self._etcd("commit manifest part") as c:
+                await c.put(key, part)
 
         async def publish(lease: int) -> None:
             with self._etcd("commit") as c:
@@ -425,6 +443,9 @@ class EtcdRegistry(Registry):
             if not ok:
                 found = resp[0] if resp else []
                 if found and found[0][0] != body:
+                    if pkeys and _unpack(found[0][0]).get("digest") != head.get("digest"):
+                        with self._etcd("drop manifest parts") as c:  # ours, not the winner's
+                            await c.delete_prefix(pkeys[0].rpartition(b"/")[0] + b"/")
                     raise VersionConflict(
                         f"{name!r} version {version} is committed already", name=name, version=version
                     )
@@ -464,7 +485,13 @@ class EtcdRegistry(Registry):
                 found = await c.get(self._vkey(name, version))
         if found is None:
             raise NotFound(f"{name!r} has no version {version}", name=name, version=version)
-        return Manifest.from_wire(_unpack(found.value))
+        head = _unpack(found.value)
+        parts: list[bytes] = []
+        if isinstance(head, dict) and head.get("parts"):
+            prefix = self._pprefix(name, version) + bytes(head.get("digest", b"")) + b"/"
+            with self._etcd("get manifest parts") as c:
+                parts = [kv.value for kv in sorted(await c.get_prefix(prefix), key=lambda kv: kv.key)]
+        return await asyncio.to_thread(_decode, head, parts)
 
     async def versions(self, name: str) -> list[int]:
         prefix = self._vprefix(name)
@@ -486,12 +513,16 @@ class EtcdRegistry(Registry):
     async def delete_version(self, name: str, version: int) -> bool:
         if version < 1:
             return False
-        vkey, rprefix = self._vkey(name, version), self._rprefix(name, version)
+        vkey, rprefix, pprefix = self._vkey(name, version), self._rprefix(name, version), self._pprefix(name, version)
         with self._etcd("delete version") as c:
             t = c.transactions
             ok, _ = await c.transaction(
                 compare=[t.version(vkey) > 0],
-                success=[t.delete(vkey), t.delete(rprefix, range_end=prefix_range_end(rprefix))],
+                success=[
+                    t.delete(vkey),
+                    t.delete(rprefix, range_end=prefix_range_end(rprefix)),
+                    t.delete(pprefix, range_end=prefix_range_end(pprefix)),
+                ],
                 failure=[],
             )
         for key in [k for k in self._leased if k.startswith(rprefix)]:
@@ -585,6 +616,33 @@ class EtcdRegistry(Registry):
 
 def _pad(version: int) -> bytes:
     return f"{version:020d}".encode()
+
+
+def _encode(wire: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """A manifest as the version key's head and the parts it names (none when it fits)."""
+    body = zlib.compress(_pack(wire), 1)
+    if len(body) <= _PART:
+        return {"zlib": body}, []
+    digest = hashlib.sha256(body).hexdigest()[:32].encode()
+    parts = [body[i : i + _PART] for i in range(0, len(body), _PART)]
+    return {"parts": len(parts), "bytes": len(body), "digest": digest}, parts
+
+
+def _decode(head: Any, parts: list[bytes]) -> Manifest:
+    from sdk.errors import ProtocolError
+
+    try:
+        if isinstance(head, dict) and "zlib" in head:
+            body = head["zlib"]
+        elif isinstance(head, dict) and head.get("parts") == len(parts):
+            body = b"".join(parts)
+            if len(body) != head.get("bytes") or hashlib.sha256(body).hexdigest()[:32].encode() != head.get("digest"):
+                raise ProtocolError("a manifest's parts in etcd do not add up")
+        else:
+            raise ProtocolError(f"a manifest in etcd has {len(parts)} parts, its head says {head!r:.100}")
+        return Manifest.from_wire(_unpack(zlib.decompress(body)))
+    except (zlib.error, ValueError, TypeError) as exc:
+        raise ProtocolError(f"a manifest in etcd cannot be read: {exc}") from exc
 
 
 def _read(path: str | None) -> bytes | None:
