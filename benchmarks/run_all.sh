@@ -2,6 +2,7 @@
 # Every benchmark of benchmarks/README.md in one run, on this machine, into one log:
 #   bash benchmarks/run_all.sh cpu  [LOG]     # the CPU rows (host slabs, TCP Transfer Engine)
 #   bash benchmarks/run_all.sh gpu  [LOG]     # GPU rows (one or two GPUs; NVLink rows need two)
+#   (gpu-shapes / gpu-cluster: the two halves of gpu, for machines lent in 10-minute calls)
 # Uses .venv/bin/python when it exists, else python3. The figures in README.md and
 # benchmarks/README.md are copied from such a log; its first lines name the machine.
 set -uo pipefail
@@ -16,11 +17,13 @@ export PYTHONUNBUFFERED=1
   echo "== $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$py" -c 'import torch, sys; print("== python", sys.version.split()[0], "torch", torch.__version__)'
-  if [ "$kind" = gpu ]; then
+  if [ "$kind" = gpu ] || [ "$kind" = gpu-shapes ]; then
     for n in 300 3000 12000 90000; do
       echo "== shapes.py --tensors $n --gb 17.7 --device cuda:0"
       timeout 600 "$py" shapes.py --tensors "$n" --gb 17.7 --device cuda:0 --runs 5
     done
+  fi
+  if [ "$kind" = gpu ] || [ "$kind" = gpu-cluster ]; then
     if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
       for n in 300 90000; do
         echo "== cluster.py nvlink_intra --tensors $n (two daemons, one per GPU)"
@@ -29,7 +32,10 @@ export PYTHONUNBUFFERED=1
     fi
     echo "== ingest.py --device cuda:0 --gib 4"
     timeout 600 "$py" ingest.py --device cuda:0 --gib 4 --runs 3
-  else
+    echo "== profile_ingest.py --device cuda:0 --gib 4 --threads 16 (warm: phases of one load)"
+    timeout 300 "$py" profile_ingest.py --device cuda:0 --gib 4 --threads 16
+  fi
+  if [ "$kind" = cpu ]; then
     for n in 300 3000 12000 50000; do
       echo "== shapes.py --tensors $n --gb 0.5 (host slabs)"
       timeout 600 "$py" shapes.py --tensors "$n" --gb 0.5 --runs 5

@@ -413,23 +413,17 @@ class Client:
         def copy(manifest: Manifest, slab: Slab) -> int:
             keys, rows = _match(manifest, tensors, strict=strict)
             dsts = [tensors[k] for k in keys]
-            _check_targets(manifest, rows, keys, dsts)
-            dense = [t.is_contiguous() for t in dsts]
-            plain = np.array(dense, dtype=bool)
-            if plain.any():
-                idx = np.flatnonzero(plain)
-                d = describe([dsts[i] for i in idx.tolist()])
-                offsets = manifest.offsets[rows[idx]]
-                for dev, sel in d.by_device().items():
-                    slab.read_into(d.ptrs[sel], offsets[sel], d.sizes[sel], dev)
-            if not plain.all():  # rare: through a private copy, then one copy_ each
-                idx = np.flatnonzero(~plain)
-                for i in idx.tolist():
-                    tmp = torch.empty(dsts[i].shape, dtype=dsts[i].dtype, device=dsts[i].device)
-                    slab.read_into(np.array([tmp.data_ptr()]), manifest.offsets[rows[i : i + 1]],
-                                   manifest.sizes[rows[i : i + 1]], tmp.device)  # fmt: skip
-                    slab.finish()
-                    dsts[i].copy_(tmp)
+            d = describe(dsts, "targets", copy_sparse=False)
+            _check_targets(manifest, rows, keys, d)
+            offsets, sizes = manifest.offsets[rows], manifest.sizes[rows]
+            plain = np.flatnonzero(d.dense)
+            for dev, sel in d.by_device(plain).items():
+                slab.read_into(d.ptrs[sel], offsets[sel], sizes[sel], dev)
+            for i in np.flatnonzero(~d.dense).tolist():  # rare: through a private copy, then copy_
+                tmp = torch.empty(dsts[i].shape, dtype=dsts[i].dtype, device=dsts[i].device)
+                slab.read_into(np.array([tmp.data_ptr()]), offsets[i : i + 1], sizes[i : i + 1], tmp.device)
+                slab.finish()
+                dsts[i].copy_(tmp)
             if verify:
                 slab.finish()
                 _check(manifest, rows, np.array(fingerprints_of(dsts), dtype=np.uint64), manifest.fingerprints[rows])  # type: ignore[index]
@@ -671,30 +665,21 @@ def _dims_of(table: Table, rows: np.ndarray) -> np.ndarray:
     return table.dims[take]
 
 
-def _check_targets(manifest: Manifest, rows: np.ndarray, keys: list[str], dsts: list[torch.Tensor]) -> None:
+def _check_targets(manifest: Manifest, rows: np.ndarray, keys: list[str], d: Any) -> None:
     """Every target's dtype and shape equal the set's, else InvalidArgument (nothing written)."""
-    d_codes = np.array([_code(t) for t in dsts], dtype=np.int64) if dsts else np.zeros(0, np.int64)
     table = manifest.table
-    with paused_gc():
-        shapes = [t.shape for t in dsts]
-    ndims = np.fromiter(map(len, shapes), dtype=np.int64, count=len(shapes))
-    ok = np.array_equal(d_codes, table.dtypes[rows].astype(np.int64)) and np.array_equal(ndims, table.ndims[rows])
-    if ok:
-        flat = np.fromiter((x for s in shapes for x in s), dtype=np.int64, count=int(ndims.sum()))
-        ok = np.array_equal(flat, _dims_of(table, rows))
-    if not ok:
-        for key, row, t in zip(keys, rows.tolist(), dsts, strict=True):
-            spec = manifest.spec(row)
-            if _code(t) != table.dtypes[row] or tuple(t.shape) != spec.shape:
-                raise InvalidArgument(
-                    f"tensor {key!r}: target is {t.dtype} {tuple(t.shape)}, the set holds {spec.dtype} {spec.shape}"
-                )
-
-
-def _code(t: torch.Tensor) -> int:
-    from sdk.tensors import CODES
-
-    return CODES.get(t.dtype, -1)
+    same = np.array_equal(d.dtypes, table.dtypes[rows]) and np.array_equal(d.ndims, table.ndims[rows])
+    if same and np.array_equal(d.dims, _dims_of(table, rows)):
+        return
+    starts = np.cumsum(d.ndims.astype(np.int64)) - d.ndims
+    for i, row in enumerate(rows.tolist()):
+        spec = manifest.spec(row)
+        shape = tuple(d.dims[starts[i] : starts[i] + d.ndims[i]].tolist())
+        if d.dtypes[i] != table.dtypes[row] or shape != spec.shape:
+            got = DTYPE_CODES[d.dtypes[i]]
+            raise InvalidArgument(
+                f"tensor {keys[i]!r}: target is {got} {shape}, the set holds {spec.dtype} {spec.shape}"
+            )
 
 
 def _mismatch(

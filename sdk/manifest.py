@@ -151,7 +151,7 @@ class Table:
         """A table from columns already built from tensors: names are the keys of a mapping
         (so unique); only what the columns cannot guarantee is checked here. The daemon
         validates every table it receives in full."""
-        if not all(type(n) is str for n in names):
+        if not set(map(type, names)) <= {str}:
             bad = next(n for n in names if type(n) is not str)
             raise InvalidArgument(f"tensor name must be a string, not {bad!r:.80}")
         try:

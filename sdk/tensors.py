@@ -69,8 +69,9 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 class Described:
     """Many tensors described in one pass: their table columns and where their bytes are.
 
-    ``tensors`` are the inputs, with non-dense ones (non-contiguous, conjugate or negative
-    views) replaced by dense copies, so ``ptrs[i]`` holds ``sizes[i]`` bytes of ``tensors[i]``.
+    ``ptrs[i]`` holds ``sizes[i]`` bytes of ``tensors[i]`` when ``dense[i]``. With
+    ``copy_sparse`` a tensor that is not dense (non-contiguous, or a conjugate or negative
+    view) is replaced in ``tensors`` by a dense copy, so that every row is dense.
     """
 
     tensors: list[torch.Tensor]
@@ -80,24 +81,23 @@ class Described:
     ptrs: np.ndarray  # int64
     sizes: np.ndarray  # int64 bytes
     devices: list[torch.device]  # per tensor
+    dense: np.ndarray  # bool
 
-    def table(self, names: list[str]) -> Table:
-        return Table(names, self.dtypes, self.ndims, self.dims)
-
-    def by_device(self) -> dict[torch.device, np.ndarray]:
-        """device -> the rows on it."""
+    def by_device(self, rows: np.ndarray | None = None) -> dict[torch.device, np.ndarray]:
+        """device -> the rows on it (of `rows`, default all)."""
+        every = np.arange(len(self.devices)) if rows is None else rows
         first = self.devices[0] if self.devices else None
         if all(d == first for d in self.devices):
-            return {first: np.arange(len(self.devices))} if first is not None else {}
+            return {first: every} if first is not None and len(every) else {}
         out: dict[torch.device, list[int]] = {}
-        for i, d in enumerate(self.devices):
-            out.setdefault(d, []).append(i)
-        return {d: np.array(rows, dtype=np.int64) for d, rows in out.items()}
+        for i in every.tolist():
+            out.setdefault(self.devices[i], []).append(i)
+        return {d: np.array(r, dtype=np.int64) for d, r in out.items()}
 
 
-def describe(values: Iterable[object], what: str = "tensors") -> Described:
+def describe(values: Iterable[object], what: str = "tensors", *, copy_sparse: bool = True) -> Described:
     """Describe tensors in bulk (the collector paused): InvalidArgument for anything that is not
-    a dense tensor of a supported dtype on a CPU or CUDA device."""
+    a strided tensor of a supported dtype on a CPU or CUDA device."""
     with paused_gc():
         given = list(values)
         if not all(map(isinstance, given, repeat(torch.Tensor))):
@@ -108,8 +108,12 @@ def describe(values: Iterable[object], what: str = "tensors") -> Described:
         if None in codes:
             bad_dtype = next(t.dtype for t, c in zip(tensors, codes, strict=True) if c is None)
             raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord")
-        dense = [t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in tensors]
-        if not all(dense):
+        dense = list(map(torch.Tensor.is_contiguous, tensors))
+        views = list(map(torch.Tensor._is_view, tensors))
+        if any(views):  # only views carry the conjugate and negative bits (their bytes are not the values)
+            for i in [i for i, v in enumerate(views) if v]:
+                dense[i] = dense[i] and not tensors[i].is_conj() and not tensors[i].is_neg()
+        if copy_sparse and not all(dense):
             tensors = [
                 t if ok else t.resolve_conj().resolve_neg().contiguous() for t, ok in zip(tensors, dense, strict=True)
             ]
@@ -125,4 +129,5 @@ def describe(values: Iterable[object], what: str = "tensors") -> Described:
         dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=int(ndims.sum()))
     dtypes = np.array(codes, dtype=np.uint8)
     sizes = Table(names=[], dtypes=dtypes, ndims=ndims, dims=dims).sizes  # numel x itemsize, vectorised
-    return Described(tensors, dtypes, ndims, dims, ptrs, sizes, devices)
+    flags = np.ones(len(tensors), dtype=bool) if copy_sparse else np.array(dense, dtype=bool)
+    return Described(tensors, dtypes, ndims, dims, ptrs, sizes, devices, flags)

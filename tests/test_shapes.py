@@ -181,3 +181,23 @@ def test_a_version_seen_before_opens_without_its_manifest(client: sdk.Client, mo
     assert torch.equal(client.get("shapes/cached")["a"], torch.full((3,), 2.0))
     assert decoded == ["shapes/cached"] * 2  # a new version: its manifest came along
     client.delete("shapes/cached")
+
+
+def test_views_whose_bytes_are_not_their_values(client: sdk.Client) -> None:
+    """Conjugate and negative views, transposes, expanded tensors: put stores their values."""
+    c = torch.randn(4, 3, dtype=torch.complex64)
+    src = {
+        "conj": c.conj(),  # conjugate bit: memory holds the unconjugated values
+        "neg": c.conj().imag,  # negative bit
+        "t": torch.arange(12.0).view(3, 4).t(),
+        "expanded": torch.ones(3, 1).expand(3, 5),
+        "plain": torch.arange(5),
+    }
+    assert src["conj"].is_conj() and src["neg"].is_neg()
+    client.put("shapes/views", src)
+    got = client.get("shapes/views", verify=True)
+    for k, t in src.items():
+        assert torch.equal(got[k], t.resolve_conj().resolve_neg()), k
+    target = {k: torch.zeros_like(t.resolve_conj().resolve_neg()) for k, t in src.items()}
+    client.load_into(target, "shapes/views", verify=True)
+    assert all(torch.equal(target[k], t.resolve_conj().resolve_neg()) for k, t in src.items())
