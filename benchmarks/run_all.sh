@@ -13,7 +13,7 @@ py=../.venv/bin/python
 [ -x "$py" ] || py=python3
 export PYTHONUNBUFFERED=1
 {
-  echo "== tensord benchmarks ($kind), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "== tensord benchmarks ($kind), $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "== $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$py" -c 'import torch, sys; print("== python", sys.version.split()[0], "torch", torch.__version__)'
@@ -47,4 +47,4 @@ export PYTHONUNBUFFERED=1
     echo "== ingest.py --gib 1.5 (host slabs)"
     timeout 600 "$py" ingest.py --gib 1.5 --runs 3
   fi
-} 2>&1 | grep -v -E '^[IWE][0-9]{4} |^WARNING: Logging before' | tee "$log"
+} 2>&1 | grep -v -E '^[IW][0-9]{4} |^WARNING: Logging before' | tee "$log"

@@ -86,9 +86,9 @@ class Described:
     def by_device(self, rows: np.ndarray | None = None) -> dict[torch.device, np.ndarray]:
         """device -> the rows on it (of `rows`, default all)."""
         every = np.arange(len(self.devices)) if rows is None else rows
-        first = self.devices[0] if self.devices else None
-        if all(d == first for d in self.devices):
-            return {first: every} if first is not None and len(every) else {}
+        distinct = set(self.devices)
+        if len(distinct) <= 1:
+            return {distinct.pop(): every} if distinct and len(every) else {}
         out: dict[torch.device, list[int]] = {}
         for i in every.tolist():
             out.setdefault(self.devices[i], []).append(i)

@@ -144,6 +144,18 @@ def test_many_tensors_from_another_node_into_several_allocations(abc) -> None:
         assert c.load_into(target, "x/many", verify=True) == version
         assert all(torch.equal(as_bytes(target[k]), as_bytes(src[k])) for k in names)
         assert a.status()["pins"] == 0 and c.status()["pins"] == 0
+    # and written from a process without a daemon, over the engine, through a staging buffer
+    with sdk.Client(address=abc.address("b"), token=TOKEN) as remote, abc.client("b") as b:
+        version = remote.put("x/many-remote", src)
+        got = b.get("x/many-remote", verify=True)
+        assert all(torch.equal(as_bytes(got[k]), as_bytes(src[k])) for k in names)
+        part = {k: src[k] for k in names[::3]}
+        with remote.reserve("x/many-remote", {k: (str(t.dtype)[6:], tuple(t.shape)) for k, t in src.items()}) as r:
+            r.write_all({k: src[k] for k in names if k not in part})
+            r.write_all(part)  # a staged write of every third tensor must leave the others alone
+            assert r.commit() == version + 1
+        got = b.get("x/many-remote", verify=True)
+        assert all(torch.equal(as_bytes(got[k]), as_bytes(src[k])) for k in names)
 
 
 def test_tcp_clients_need_the_token_to_write(abc) -> None:

@@ -4,23 +4,33 @@ Each batch registers the local memory it touches for its duration, one registrat
 allocation (a `get` into one flat buffer needs one), moves one entry per contiguous run in one
 engine batch (the engine merges entries contiguous on both sides, never across a registration
 boundary), then unregisters. A batch's remote ranges all lie in the one registered slab.
+
+Many scattered tensors (a `load_into` or `put` of thousands) go through a staging buffer
+instead: each window of ~256 MiB of the slab moves as one engine entry, and the batched local
+copy (`sdk.dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
+registration far more, so this beats one entry per tensor and one registration per target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+from sdk.dataplane.copy import device_copy, host_copy, runs, windows
 from sdk.dataplane.cuda import allocation_range, current
 from sdk.dataplane.descriptors import RemoteReplica
 from sdk.dataplane.slab import Slab
 from sdk.errors import InvalidArgument, TransferError
+from sdk.manifest import ALIGN
 from sdk.transport.base import Batch, Transport
 
 log = logging.getLogger(__name__)
+
+_DIRECT = 64  # up to this many tensors move as one engine entry each, straight to their place
 
 
 class RemoteSlab(Slab):
@@ -40,10 +50,47 @@ class RemoteSlab(Slab):
         self._move(self._transport.read, ranges, dst.data_ptr() + at, src, lengths)
 
     def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-        self._move(self._transport.read, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
+        if len(ptrs) <= _DIRECT:
+            self._move(self._transport.read, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
+            return
+        with self._stage(offsets, sizes, device) as (stage, parts):
+            for idx, start, end in parts:
+                self._move(
+                    self._transport.read, [], np.array([stage.data_ptr()]), np.array([start]), np.array([end - start])
+                )
+                _scatter(device, ptrs[idx], stage.data_ptr() + offsets[idx] - start, sizes[idx])
 
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-        self._move(self._transport.write, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
+        if len(ptrs) <= _DIRECT:
+            self._move(self._transport.write, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
+            return
+        with self._stage(offsets, sizes, device) as (stage, parts):
+            for idx, start, _ in parts:
+                _scatter(device, stage.data_ptr() + offsets[idx] - start, ptrs[idx], sizes[idx])
+                firsts, ends = runs(offsets[idx], sizes[idx], ALIGN)  # never the bytes of other tensors
+                local = stage.data_ptr() + firsts - start
+                self._move(self._transport.write, [], local, firsts, ends - firsts)
+
+    @contextlib.contextmanager
+    def _stage(
+        self, offsets: np.ndarray, sizes: np.ndarray, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[np.ndarray, int, int]]]]:
+        """A staging buffer on `device` registered for the whole call, and the windows of the
+        slab (entry indices into `offsets`, first byte, end byte) that pass through it."""
+        order = np.argsort(offsets, kind="stable")
+        parts = [(order[idx], start, end) for idx, start, end in windows(offsets[order], sizes[order])]
+        stage = torch.empty(max(end - start for _, start, end in parts), dtype=torch.uint8, device=device)
+        base, length, where = _range(stage)
+        with current(where):
+            self._transport.register(base, length)
+        try:
+            yield stage, parts
+        finally:
+            try:
+                with current(where):
+                    self._transport.unregister(base)
+            except TransferError as exc:
+                log.warning("%s", exc.message)
 
     def _move(
         self,
@@ -53,6 +100,7 @@ class RemoteSlab(Slab):
         offsets: np.ndarray,
         sizes: np.ndarray,
     ) -> None:
+        """One engine batch; `ranges` are registered for its duration (none: already are)."""
         if len(offsets) and int((offsets + sizes).max()) > self.nbytes:
             raise InvalidArgument(f"a copy reaches past the {self.nbytes}-byte slab on node {self.node}")
         registered: list[tuple[int, str]] = []
@@ -69,6 +117,15 @@ class RemoteSlab(Slab):
                         self._transport.unregister(address)
                 except TransferError as exc:  # the bytes have moved; a leftover registration is harmless
                     log.warning("%s", exc.message)
+
+
+def _scatter(device: torch.device, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray) -> None:
+    """One batched local copy, finished before the staging buffer is used again."""
+    if device.type == "cuda":
+        device_copy(dst, src, sizes, device)
+        torch.cuda.current_stream(device).synchronize()
+    else:
+        host_copy(dst, src, sizes)
 
 
 def _range(t: torch.Tensor) -> tuple[int, int, str]:

@@ -18,7 +18,7 @@ Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
   "TCP lane queue-full rejection") and every later transfer to that peer fails too (still after
   15 s in our test; other peers are unaffected). So
   ``configure_env`` raises both to their maximum (65535) and batches are split into native calls
-  of at most ``max_batch_entries`` entries (default 1024 over TCP, 65536 otherwise).
+  of at most ``max_batch_entries`` entries (default 1024 over TCP, 4096 otherwise).
 - A dead peer (closed socket) fails at once; a peer that stops answering fails after
   ``MC_TRANSFER_TIMEOUT`` seconds (default 30, at least 5) plus 1 ns per byte.
 - Readers cache a peer's description of its registered memory (``MC_DISABLE_METACACHE``
@@ -178,7 +178,7 @@ class MooncakeTransport(Transport):
         self.protocol = resolve_protocol(protocol)
         # TCP lanes take at most ~2048 entries in flight (see above); the others take large
         # batches, and each native call fetches the peer's description (metadata cache off)
-        default = 1024 if self.protocol == "tcp" else 1 << 16
+        default = 1024 if self.protocol == "tcp" else 4096
         self.max_batch_entries = max_batch_entries if max_batch_entries is not None else default
         ok, why = available(self.protocol)
         if not ok:
