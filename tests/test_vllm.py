@@ -115,7 +115,9 @@ def test_missing_set_falls_back_to_files_with_one_line_and_publishes(seed_engine
 
 def test_trainer_push_reaches_the_running_engine_and_back(seed_engine, reference, daemon) -> None:
     # The engine follows the set with sdk.watch; a trainer process puts its new weights.
-    seed_engine.proc.stdin.write((json.dumps({"op": "follow", "name": SEED, "after": 1, "timeout": 120}) + "\n").encode())
+    seed_engine.proc.stdin.write(
+        (json.dumps({"op": "follow", "name": SEED, "after": 1, "timeout": 120}) + "\n").encode()
+    )
     seed_engine.proc.stdin.flush()
     version = int(run_trainer(daemon.socket, "put", SEED, "--seed", str(STEP)))
     assert version == 2

@@ -156,7 +156,7 @@ class VllmServer(_Proc):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:  # noqa: S310 - loopback
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return time.monotonic() - start
             except OSError:
@@ -166,11 +166,9 @@ class VllmServer(_Proc):
 
     def request(self, path: str, body: dict[str, Any] | None = None, timeout: float = 120) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(  # noqa: S310 - loopback
-            self.url + path, data=data, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"{path}: HTTP {exc.code}: {exc.read()[:2000]!r}\n{self.tail(3000)}") from exc

@@ -176,7 +176,7 @@ def load_set(
         if found.kind == "rank":
             c.load_into(model, found.name, found.version, strict=True, verify=options.verify)
         else:
-            loader = load_weights if load_weights is not None else model.load_weights  # type: ignore[operator]
+            loader = load_weights if load_weights is not None else _load_weights_of(model)
             with read_set(c, found.name, found.version, device=device, verify=options.verify) as (_, tensors):
                 loader(tensors.items())
         seconds = time.perf_counter() - start
@@ -193,6 +193,13 @@ def load_set(
     finally:
         if own:
             c.close()
+
+
+def _load_weights_of(model: torch.nn.Module) -> LoadWeights:
+    fn = getattr(model, "load_weights", None)
+    if not callable(fn):
+        raise InvalidArgument(f"{type(model).__name__} has no load_weights(weights): pass load_weights=")
+    return fn
 
 
 class Capture:
@@ -305,7 +312,7 @@ class WeightUpdater:
             raise InvalidArgument('tensord: no set named: give "name" in the update or at init')
         start = time.perf_counter()
         loaded, tensors = self._open.enter_context(read_set(self.client, name, version, device=self.device))
-        loader = self._load_weights if self._load_weights is not None else self.model.load_weights  # type: ignore[operator]
+        loader = self._load_weights if self._load_weights is not None else _load_weights_of(self.model)
         loader(tensors.items())
         log.info("tensord: update from %s v%d read in %.3f s", name, loaded, time.perf_counter() - start)
         self._pending = (name, loaded)

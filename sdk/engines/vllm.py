@@ -16,6 +16,7 @@ This module imports vLLM; ``import sdk`` never imports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
@@ -66,7 +67,7 @@ class TensordModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
-        self.options = EngineOptions.from_config(load_config.model_loader_extra_config)  # type: ignore[arg-type]
+        self.options = EngineOptions.from_config(load_config.model_loader_extra_config)
         # The loader of the model's own files, for the fallback and for vLLM's completeness check.
         self._files_config = dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         #: Where the weights came from: ("tensord", set name, version) or ("files", model dir, 0).
@@ -115,7 +116,7 @@ class TensordModelLoader(BaseModelLoader):
         capture = Capture() if mode == "checkpoint" and tp_rank == 0 and pp_rank == 0 else None
         if capture is not None:  # every tensor read from the files passes through the capture
             read_files = files.get_all_weights
-            files.get_all_weights = lambda mc, m: capture.wrap(read_files(mc, m))  # type: ignore[method-assign]
+            files.get_all_weights = lambda mc, m: capture.wrap(read_files(mc, m))
         files.load_weights(model, model_config)
         self.source = ("files", str(model_config.model), 0)
         # vLLM calls process_weights_after_loading after this returns: the parameters are
@@ -149,9 +150,7 @@ class TensordWeightTransferUpdateInfo(WeightTransferUpdateInfo):
     version: int | str | None = None
 
 
-class TensordWeightTransferEngine(
-    WeightTransferEngine[TensordWeightTransferInitInfo, TensordWeightTransferUpdateInfo]
-):
+class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInitInfo, TensordWeightTransferUpdateInfo]):
     """``weight_transfer_config={"backend": "tensord"}``: the trainer ``sdk.put``s its weights;
     each worker pulls the version named in ``update_weights`` into its parameters through the
     model's ``load_weights`` under vLLM's layer-wise reload (so kernels' repacked layouts are
@@ -198,7 +197,7 @@ class TensordWeightTransferEngine(
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
         with disable_mtp_completeness_check():
-            self.model.load_weights(weights)  # type: ignore[operator]
+            self.model.load_weights(weights)
 
     def receive_weights(self, update_info: TensordWeightTransferUpdateInfo) -> None:
         if self._updater is None:
@@ -274,7 +273,5 @@ def register() -> None:
 
     _route_logs()
     register_model_loader(LOAD_FORMAT)(TensordModelLoader)
-    try:
+    with contextlib.suppress(ValueError):  # registered already in this process
         WeightTransferEngineFactory.register_engine(BACKEND, TensordWeightTransferEngine)
-    except ValueError:  # registered already in this process
-        pass
