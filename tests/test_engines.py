@@ -203,6 +203,27 @@ def test_read_set_views_or_a_checked_copy(client) -> None:
         assert all(torch.equal(tensors[k], v) for k, v in ckpt.items())
 
 
+def test_sglang_custom_weight_loader_pulls_the_version_requested(client) -> None:
+    """What SGLang's update_weights_from_tensor(load_format=...) calls on every rank (SGLang
+    itself cannot run here): the trainer sends `request(...)`, not the weights."""
+    from sdk.engines.sglang import request, update_from_tensord
+
+    v1, v2 = checkpoint(seed=12), checkpoint(seed=13)
+    client.put("eng/sglang", v1)
+    client.put("eng/sglang", v2)
+    directive = request("eng/sglang", 1)
+    assert [(k, v.item()) for k, v in directive] == [("tensord:eng/sglang", 1)]
+    model = EngineModel(tp=2, rank=1)
+    update_from_tensord(model, directive, client=client)
+    assert model.equals(v1)
+    update_from_tensord(model, request("eng/sglang"), client=client)  # latest
+    assert model.equals(v2)
+    with pytest.raises(sdk.InvalidArgument, match="not a tensord request"):
+        update_from_tensord(model, [("q.weight", v1["q.weight"])], client=client)
+    with pytest.raises(sdk.InvalidArgument):
+        request("eng/sglang", 0)
+
+
 @needs_minilm
 def test_transformers_model_built_from_its_config_and_a_set(client, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -109,11 +109,14 @@ class Found:
     nbytes: int
 
 
-def locate(client: sdk.Client, name: str, version: int | str | None, *, rank: int) -> Found | None:
-    """The rank set ``NAME/tp{rank}`` if it exists, else the whole set ``NAME``, else None.
-
-    An unreachable daemon raises `sdk.Unavailable`."""
-    for kind, candidate in (("rank", rank_set(name, rank)), ("whole", name)):
+def locate(
+    client: sdk.Client, name: str, version: int | str | None, *, rank: int, kinds: tuple[str, ...] = ("rank", "whole")
+) -> Found | None:
+    """The rank set ``NAME/tp{rank}`` if it exists, else the whole set ``NAME``, else None
+    (`kinds` limits the search). An unreachable daemon raises `sdk.Unavailable`."""
+    candidates = {"rank": rank_set(name, rank), "whole": name}
+    for kind in kinds:
+        candidate = candidates[kind]
         try:
             info = client.info(candidate, version)
         except NotFound:
@@ -155,6 +158,7 @@ def load_set(
     device: torch.device | str,
     load_weights: LoadWeights | None = None,
     client: sdk.Client | None = None,
+    kinds: tuple[str, ...] = ("rank", "whole"),
 ) -> Found:
     """Fill `model` from its set: a rank set straight into its parameters (`load_into`), a whole
     set through `load_weights` (default: ``model.load_weights``). Returns what was loaded.
@@ -165,10 +169,11 @@ def load_set(
     own = client is None
     c = options.client() if client is None else client
     try:
-        found = locate(c, options.name, options.version, rank=rank)
+        found = locate(c, options.name, options.version, rank=rank, kinds=kinds)
         if found is None:
+            wanted = " nor ".join(rank_set(options.name, rank) if k == "rank" else options.name for k in kinds)
             raise NotFound(
-                f"tensord: neither {rank_set(options.name, rank)} nor {options.name} "
+                f"tensord: {'neither ' if len(kinds) > 1 else ''}{wanted} "
                 f"(version {options.version or 'latest'}) is in the store",
                 name=options.name,
             )
