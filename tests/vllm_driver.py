@@ -2,13 +2,14 @@
 Python, .venv-vllm, from scripts/setup-vllm.sh).
 
     python tests/vllm_driver.py reference DIR [DIR ...]   # load each from its files, embed, print
-    python tests/vllm_driver.py serve DIR OPTIONS_JSON    # load_format tensord, then commands
+    python tests/vllm_driver.py serve DIR OPTIONS_JSON    # load_format tensord (null: files), then commands
 
 vLLM logs to stdout too, so every line of ours starts with `MARK`. `serve` prints ``MARK READY
 {...}`` once the engine answers, then reads one JSON command a line on stdin and answers one
-line ``MARK {...}``: ``{"op": "embed"}``, ``{"op": "update",
-"name", "version"}``, ``{"op": "follow", "name", "after", "count", "timeout"}``, ``{"op":
-"quit"}``. Errors answer ``{"error": "..."}``. vLLM's own logs go to stderr.
+line ``MARK {...}`` (``{"error": "..."}`` on failure). Commands: ``{"op": "embed"}``,
+``{"op": "update", "name", "version"}``, ``{"op": "follow", "name", "after", "count",
+"timeout"}``, ``{"op": "reload_files", "path"}`` (vLLM's own in-place reload from a directory),
+``{"op": "quit"}``.
 """
 
 from __future__ import annotations
@@ -57,16 +58,12 @@ def reference(dirs: list[str]) -> None:
     print(MARK + "RESULT " + json.dumps(results), flush=True)
 
 
-def serve(model_dir: str, options: dict[str, Any]) -> None:
+def serve(model_dir: str, options: dict[str, Any] | None) -> None:
     from sdk.engines import vllm as tv
 
     start = time.perf_counter()
-    llm = engine(
-        model_dir,
-        load_format="tensord",
-        model_loader_extra_config=options,
-        weight_transfer_config={"backend": "tensord"},
-    )
+    loading = {} if options is None else {"load_format": "tensord", "model_loader_extra_config": options}
+    llm = engine(model_dir, weight_transfer_config={"backend": "tensord"}, **loading)
     first = embed(llm)
     print(MARK + "READY " + json.dumps({"seconds": time.perf_counter() - start, "embeddings": first}), flush=True)
     for line in sys.stdin:
@@ -81,6 +78,10 @@ def serve(model_dir: str, options: dict[str, Any]) -> None:
                 t = time.perf_counter()
                 tv.update(llm, cmd["name"], cmd.get("version"))
                 reply = {"weight_version": llm.get_weight_version(), "seconds": time.perf_counter() - t}
+            elif op == "reload_files":  # vLLM's own in-place reload from a checkpoint directory
+                t = time.perf_counter()
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": cmd["path"]})
+                reply = {"seconds": time.perf_counter() - t}
             elif op == "follow":
                 versions = []
                 for v in tv.follow(llm, cmd["name"], after=cmd.get("after"), timeout=cmd.get("timeout", 60)):

@@ -100,7 +100,9 @@ class _Proc:
 class VllmDriver(_Proc):
     """``vllm_driver.py serve``: an offline `vllm.LLM` with ``load_format="tensord"``."""
 
-    def __init__(self, python: str, model_dir: Path, options: dict[str, Any], socket_path: str, log: Path) -> None:
+    def __init__(
+        self, python: str, model_dir: Path, options: dict[str, Any] | None, socket_path: str, log: Path
+    ) -> None:
         cmd = [python, str(REPO / "tests" / "vllm_driver.py"), "serve", str(model_dir), json.dumps(options)]
         super().__init__(cmd, engine_env(socket_path), log, stdin=True)
         self._seen = 0  # marked lines already consumed
