@@ -65,7 +65,7 @@ def start(
 
 
 def startup(python: str, model_dir: Path, name: str, socket: str, work: Path, runs: int) -> dict[str, float]:
-    bare = bare_model_dir(work / f"{model_dir.name}-bare")
+    bare = bare_model_dir(work / f"{model_dir.name}-bare", source=model_dir)
     out: dict[str, list[float]] = {"files": [], "files_load": [], "tensord": [], "tensord_load": []}
     for i in range(runs):
         for kind, d, options in (("files", model_dir, None), ("tensord", bare, {"name": name, "strict": True})):
@@ -84,7 +84,7 @@ def rl_swap(python: str, model_dir: Path, name: str, socket: str, work: Path, ru
     base = load_file(model_dir / "model.safetensors")
     with sdk.Client(socket) as client:
         client.put(name, base)
-    ckpt_dir = bare_model_dir(work / "rl-ckpt")
+    ckpt_dir = bare_model_dir(work / "rl-ckpt", source=model_dir)
     # Started from its files: vLLM's reload_weights (the file path) reloads with the engine's loader.
     engine = VllmDriver(python, model_dir, None, socket, work / "rl.log")
     engine.ready(600)
@@ -141,7 +141,7 @@ def main() -> None:
             r = startup(python, d, name, daemon.socket, work, args.runs)
             ready = f"{r['files']:.1f} / {r['tensord']:.1f} | {r['tensord'] / r['files']:.2f}x"
             load = f"{r['files_load']:.2f} / {r['tensord_load']:.2f} | {r['tensord_load'] / r['files_load']:.2f}x"
-            print(f"| {name} | {gb:.2f} | {ready} | {load} |")
+            print(f"| {name} | {gb:.2f} | {ready} | {load} |", flush=True)
         print()
         print(
             "| model | trainer put | engine pull | swap | vs save_file + vLLM reload_weights | vs clone of the bytes |"
@@ -152,9 +152,13 @@ def main() -> None:
             print(f"| {name} | {s['put']:.3f} s | {s['pull']:.3f} s | {s['swap']:.3f} s "
                   f"| {s['save']:.3f} + {s['reload']:.3f} = {s['file_swap']:.3f} s: {s['swap'] / s['file_swap']:.2f}x "
                   f"| {s['clone']:.3f} s: {s['swap'] / s['clone']:.1f}x |")  # fmt: skip
+    except BaseException:
+        print(f"failed: the engines' logs are in {work}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     finally:
         daemon.kill()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

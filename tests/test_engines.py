@@ -147,9 +147,8 @@ def test_updates_keep_their_views_until_finish(client) -> None:
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory):
-    from sdk.transport.mooncake import available
     from tests.etcd_server import start_etcd
-    from tests.test_cluster import Cluster
+    from tests.test_cluster import Cluster, available  # the cluster tests' own setup
 
     if not available("tcp")[0]:
         pytest.skip(f"Mooncake TE unavailable: {available('tcp')[1]}")

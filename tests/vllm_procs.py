@@ -33,12 +33,13 @@ def engine_env(socket_path: str, **extra: str) -> dict[str, str]:
     return child_env(TENSORD_SOCKET=socket_path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
 
 
-def bare_model_dir(tmp: Path, weights: Path | None = None) -> Path:
-    """A copy of MiniLM's model directory (config, tokenizer) with no weight file, or with
-    `weights` as its model.safetensors."""
-    assert MINILM_DIR is not None
+def bare_model_dir(tmp: Path, weights: Path | None = None, *, source: Path | None = None) -> Path:
+    """A copy of a model directory (default: MiniLM's; config, tokenizer) with no weight file,
+    or with `weights` as its model.safetensors."""
+    source = source if source is not None else MINILM_DIR
+    assert source is not None
     tmp.mkdir(parents=True, exist_ok=True)
-    for item in MINILM_DIR.iterdir():
+    for item in source.iterdir():
         if item.name != "model.safetensors":
             (shutil.copytree if item.is_dir() else shutil.copy)(item, tmp / item.name)
     if weights is not None:

@@ -43,11 +43,12 @@ log = logging.getLogger("sdk.engines")
 LOAD_FORMAT = BACKEND = "tensord"
 
 
-def _ranks() -> tuple[int, int]:
-    """(tensor-parallel rank, pipeline-parallel rank) of this worker."""
+def _ranks() -> tuple[int, int, int]:
+    """(tensor-parallel rank, pipeline-parallel rank, pipeline-parallel size) of this worker."""
     from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
-    return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+    pp = get_pp_group()
+    return get_tensor_model_parallel_rank(), pp.rank_in_group, pp.world_size
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -72,12 +73,17 @@ class TensordModelLoader(BaseModelLoader):
         self._files_config = dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         #: Where the weights came from: ("tensord", set name, version) or ("files", model dir, 0).
         self.source: tuple[str, str, int] | None = None
+        self._rank_sets = True
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing to download: the weights come from tensord (the fallback downloads itself)."""
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
-        tp_rank, pp_rank = _ranks()
+        tp_rank, pp_rank, pp_size = _ranks()
+        # Rank sets are named by the tensor-parallel rank alone: with pipeline stages two workers
+        # would share a name, so only whole sets are used (and "params" is not published) then.
+        self._rank_sets = pp_size == 1
+        kinds = ("rank", "whole") if self._rank_sets else ("whole",)
         files = DefaultModelLoader(self._files_config)
         with self.options.client() as client:
             returned: list[Any] = []
@@ -87,7 +93,7 @@ class TensordModelLoader(BaseModelLoader):
 
             try:
                 found = load_set(model, self.options, rank=tp_rank, device=_device(model),
-                                 load_weights=through_model, client=client)  # fmt: skip
+                                 load_weights=through_model, client=client, kinds=kinds)  # fmt: skip
             except (NotFound, Unavailable) as exc:
                 if self.options.strict:
                     raise
@@ -97,8 +103,7 @@ class TensordModelLoader(BaseModelLoader):
                 if found.kind == "whole":
                     if model_config.quantization is None and returned[0] is not None:
                         files.track_weights_loading(model, returned[0])
-                    if self.options.publish_mode == "params":  # the next engine skips the conversion
-                        publish_params(model, self.options.name, rank=tp_rank, client=client)
+                    self._publish_params(model, client, tp_rank)  # the next engine skips the conversion
                 return
             self._load_files(files, model, model_config, client, tp_rank=tp_rank, pp_rank=pp_rank)
 
@@ -123,8 +128,16 @@ class TensordModelLoader(BaseModelLoader):
         # still in the checkpoint's layout here.
         if capture is not None:
             capture.publish(client, self.options.name)
-        elif mode == "params":
-            publish_params(model, self.options.name, rank=tp_rank, client=client)
+        else:
+            self._publish_params(model, client, tp_rank)
+
+    def _publish_params(self, model: torch.nn.Module, client: sdk.Client, tp_rank: int) -> None:
+        if self.options.publish_mode != "params":
+            return
+        if not self._rank_sets:
+            log.warning("tensord: not publishing parameters: rank sets do not support pipeline parallelism")
+            return
+        publish_params(model, self.options.name, rank=tp_rank, client=client)
 
 
 # -- RL: the weight-transfer backend ---------------------------------------------------------
