@@ -35,6 +35,8 @@ STEP = 7  # the trainer's seed for its "new weights"
 
 @pytest.fixture(scope="module")
 def python() -> str:
+    if os.environ.get("TENSORD_SKIP_VLLM") == "1":
+        pytest.skip("TENSORD_SKIP_VLLM=1")
     path = vllm_python()
     if path is None:
         if os.environ.get("CI"):
