@@ -7,13 +7,14 @@ serving the new version) vs vLLM's own reload from a checkpoint the trainer writ
 Models: all-MiniLM-L6-v2 (the real weights, 91 MB) and a BERT of the same family with random
 weights (default: BERT-large shape, 1.34 GB float32), both served as embedding models on CPU.
 Start-to-ready: process spawn to the first embedding answered, median of --runs; files warm in
-the page cache, the set in a host slab. Prints the ratios (tensord / files; < 1 is faster).
+the page cache or evicted from it (cold), the set in a host slab. Prints the ratios (tensord / files; < 1 is faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -26,6 +27,7 @@ import torch
 from _common import start_daemon  # puts the repository on sys.path
 from safetensors.torch import load_file, save_file
 
+import sdk
 from tests.daemons import MINILM_DIR, WEIGHTS
 from tests.vllm_procs import VllmDriver, bare_model_dir, vllm_python
 
@@ -64,11 +66,34 @@ def start(
     return ready, float(found[-1]) if found else float("nan"), engine
 
 
+def evict(path: Path) -> None:
+    """Drop one file's pages from the page cache (only that file: the machine is shared)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def startup(python: str, model_dir: Path, name: str, socket: str, work: Path, runs: int) -> dict[str, float]:
+    """Medians over `runs` of four starts: from the files (warm, and cold: evicted from the page
+    cache first), from the whole set (through vLLM's
+    load_weights), from the rank set (vLLM's layout, `load_into` straight into the parameters;
+    published once beforehand by an engine with "publish": "params")."""
     bare = bare_model_dir(work / f"{model_dir.name}-bare", source=model_dir)
-    out: dict[str, list[float]] = {"files": [], "files_load": [], "tensord": [], "tensord_load": []}
+    ranked = f"{name}-ranked"
+    with sdk.Client(socket) as c:
+        c.put(ranked, load_file(model_dir / "model.safetensors"))
+    *_, seeder = start(python, bare, {"name": ranked, "publish": "params"}, socket, work / f"{name}-seed.log")
+    seeder.close()
+    kinds = (("files", model_dir, None), ("cold", model_dir, None), ("whole", bare, {"name": name, "strict": True}),
+             ("rank", bare, {"name": ranked, "strict": True}))  # fmt: skip
+    out: dict[str, list[float]] = {f"{k}{suffix}": [] for k, _, _ in kinds for suffix in ("", "_load")}
     for i in range(runs):
-        for kind, d, options in (("files", model_dir, None), ("tensord", bare, {"name": name, "strict": True})):
+        for kind, d, options in kinds:
+            if kind == "cold":
+                evict(d / "model.safetensors")
             ready, load, engine = start(python, d, options, socket, work / f"{model_dir.name}-{kind}-{i}.log")
             engine.close()
             out[kind].append(ready)
@@ -79,12 +104,10 @@ def startup(python: str, model_dir: Path, name: str, socket: str, work: Path, ru
 def rl_swap(python: str, model_dir: Path, name: str, socket: str, work: Path, runs: int) -> dict[str, float]:
     """Trainer (this process) puts a new version; the engine pulls it (`update`). Against: the
     trainer saves a checkpoint, the engine reloads it with vLLM's own reload_weights."""
-    import sdk
-
     base = load_file(model_dir / "model.safetensors")
     with sdk.Client(socket) as client:
         client.put(name, base)
-    ckpt_dir = bare_model_dir(work / "rl-ckpt", source=model_dir)
+    ckpt_dir = bare_model_dir(work / f"{name}-ckpt", source=model_dir)
     # Started from its files: vLLM's reload_weights (the file path) reloads with the engine's loader.
     engine = VllmDriver(python, model_dir, None, socket, work / "rl.log")
     engine.ready(600)
@@ -130,17 +153,20 @@ def main() -> None:
         models = [("minilm", bare_model_dir(work / "minilm", WEIGHTS))]
         if args.large_hidden:
             models.append(("bert-large-random", large_model(work, args.large_hidden, args.large_layers)))
-        print(
-            "| model | GB | start-to-ready, files / tensord (s) | ratio | weight loading, files / tensord (s) | ratio |"
-        )
+        kinds = "files warm / cold / whole set / rank set"
+        print(f"| model | GB | start-to-ready (s): {kinds} | whole, rank / warm files "
+              f"| weight loading (s): {kinds} | whole, rank / warm files |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- |")
         for name, d in models:
             with daemon.client() as c:
                 c.put(name, load_file(d / "model.safetensors"))
                 gb = c.info(name)["nbytes"] / 1e9
             r = startup(python, d, name, daemon.socket, work, args.runs)
-            ready = f"{r['files']:.1f} / {r['tensord']:.1f} | {r['tensord'] / r['files']:.2f}x"
-            load = f"{r['files_load']:.2f} / {r['tensord_load']:.2f} | {r['tensord_load'] / r['files_load']:.2f}x"
+            ready = (f"{r['files']:.1f} / {r['cold']:.1f} / {r['whole']:.1f} / {r['rank']:.1f} "
+                     f"| {r['whole'] / r['files']:.2f}x / {r['rank'] / r['files']:.2f}x")  # fmt: skip
+            fl = r["files_load"]
+            load = (f"{fl:.2f} / {r['cold_load']:.2f} / {r['whole_load']:.2f} / {r['rank_load']:.2f} "
+                    f"| {r['whole_load'] / fl:.2f}x / {r['rank_load'] / fl:.2f}x")  # fmt: skip
             print(f"| {name} | {gb:.2f} | {ready} | {load} |", flush=True)
         print()
         print(

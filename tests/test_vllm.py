@@ -160,6 +160,10 @@ def test_server_without_weight_files_answers_identically_from_the_published_set(
 def test_rl_push_over_http_changes_the_served_embeddings_exactly_and_back(server, reference, daemon) -> None:
     version = int(run_trainer(daemon.socket, "put", SEED, "--seed", str(STEP)))
     server.request("/init_weight_transfer_engine", {"init_info": {"name": SEED}})
+    # A version that does not exist fails the update, and the next update still works.
+    server.request("/start_weight_update", {})
+    with pytest.raises(RuntimeError, match="HTTP 500"):
+        server.request("/update_weights", {"update_info": {"version": 99}})
     for target, expected in ((version, "stepped"), (1, "original")):
         server.request("/start_weight_update", {})
         server.request("/update_weights", {"update_info": {"version": target}})

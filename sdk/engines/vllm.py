@@ -194,6 +194,8 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+        if self._updater is not None:  # an update that never finished
+            self._updater.abort()
         model, model_config = self.model, self.model_config
         self._updater = WeightUpdater(
             model,
@@ -215,7 +217,12 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
     def receive_weights(self, update_info: TensordWeightTransferUpdateInfo) -> None:
         if self._updater is None:
             raise RuntimeError("tensord: start_weight_update() before update_weights()")
-        self._updater.update(update_info.name, update_info.version)
+        try:
+            self._updater.update(update_info.name, update_info.version)
+        except BaseException:  # vLLM ends the update session on an error: let go of the reads
+            self._updater.abort()
+            self._updater = None
+            raise
 
     def finish_weight_update(self) -> None:
         updater, self._updater = self._updater, None
@@ -236,16 +243,17 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
             self._client = None
 
 
-def update(llm: Any, name: str, version: int | str | None = None) -> None:
+def update(llm: Any, name: str, version: int | str | None = None, *, client: sdk.Client | None = None) -> int:
     """One RL update of a running `vllm.LLM` from tensord: start, pull `version` (default: the
-    latest) of `name`, finish, and record the version as the engine's weight version."""
+    latest, resolved once through `client`, default `sdk.default_client()`) of `name`, finish,
+    and record it as the engine's weight version. Returns the version. On an error vLLM ends
+    the update session and the parameters are undefined: update again before serving."""
     if not isinstance(version, int):
-        version = int(sdk.default_client().info(name, version)["version"])
+        version = int((client if client is not None else sdk.default_client()).info(name, version)["version"])
     llm.start_weight_update()
-    try:
-        llm.update_weights({"update_info": {"name": name, "version": version}})
-    finally:
-        llm.finish_weight_update(weight_version=str(version))
+    llm.update_weights({"update_info": {"name": name, "version": version}})
+    llm.finish_weight_update(weight_version=str(version))
+    return version
 
 
 def follow(
@@ -255,7 +263,7 @@ def follow(
     serves it. Stops after `timeout` seconds without a new version (None: never)."""
     watcher = client if client is not None else sdk.default_client()
     for version in watcher.watch(name, after=after, timeout=timeout):
-        update(llm, name, version)
+        update(llm, name, version, client=watcher)
         yield version
 
 
