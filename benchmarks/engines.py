@@ -103,15 +103,16 @@ def startup(python: str, model_dir: Path, name: str, socket: str, work: Path, ru
 
 def rl_swap(python: str, model_dir: Path, name: str, socket: str, work: Path, runs: int) -> dict[str, float]:
     """Trainer (this process) puts a new version; the engine pulls it (`update`). Against: the
-    trainer saves a checkpoint, the engine reloads it with vLLM's own reload_weights."""
+    trainer saves a checkpoint, the engine reloads it with vLLM's own reload_weights. Each
+    route's parts are those of its median round."""
     base = load_file(model_dir / "model.safetensors")
     with sdk.Client(socket) as client:
         client.put(name, base)
     ckpt_dir = bare_model_dir(work / f"{name}-ckpt", source=model_dir)
     # Started from its files: vLLM's reload_weights (the file path) reloads with the engine's loader.
-    engine = VllmDriver(python, model_dir, None, socket, work / "rl.log")
+    engine = VllmDriver(python, model_dir, None, socket, work / f"{name}.log")
     engine.ready(600)
-    times: dict[str, list[float]] = {k: [] for k in ("put", "pull", "swap", "save", "reload", "file_swap", "clone")}
+    rounds: list[dict[str, float]] = []
     try:
         with sdk.Client(socket) as client:
             for i in range(runs + 1):  # the first round warms up
@@ -127,15 +128,21 @@ def rl_swap(python: str, model_dir: Path, name: str, socket: str, work: Path, ru
                 t4 = time.perf_counter()
                 copies = {k: v.clone() for k, v in weights.items()}
                 t5 = time.perf_counter()
-                if i:
-                    for key, value in (("put", t1 - t0), ("pull", t2 - t1), ("swap", t2 - t0), ("save", t3 - t2),
-                                       ("reload", t4 - t3), ("file_swap", t4 - t2), ("clone", t5 - t4)):  # fmt: skip
-                        times[key].append(value)
                 del copies
                 client.delete(name, version - 1)  # keep one version in memory
+                if i:
+                    rounds.append({"put": t1 - t0, "pull": t2 - t1, "swap": t2 - t0, "save": t3 - t2,
+                                   "reload": t4 - t3, "file_swap": t4 - t2, "clone": t5 - t4})  # fmt: skip
+            client.delete(name)
     finally:
         engine.close()
-    return {k: statistics.median(v) for k, v in times.items()}
+    by_swap = sorted(rounds, key=lambda r: r["swap"])[len(rounds) // 2]
+    by_file = sorted(rounds, key=lambda r: r["file_swap"])[len(rounds) // 2]
+    return {
+        **{k: by_swap[k] for k in ("put", "pull", "swap")},
+        **{k: by_file[k] for k in ("save", "reload", "file_swap")},
+        "clone": statistics.median(r["clone"] for r in rounds),
+    }
 
 
 def main() -> None:
@@ -143,6 +150,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--large-hidden", type=int, default=1024, help="0: MiniLM only")
     parser.add_argument("--large-layers", type=int, default=24)
+    parser.add_argument("--only", choices=["startup", "rl"], help="one of the two tables")
     args = parser.parse_args()
     python = vllm_python()
     if python is None:
@@ -155,9 +163,9 @@ def main() -> None:
             models.append(("bert-large-random", large_model(work, args.large_hidden, args.large_layers)))
         kinds = "files warm / cold / whole set / rank set"
         print(f"| model | GB | start-to-ready (s): {kinds} | whole, rank / warm files "
-              f"| weight loading (s): {kinds} | whole, rank / warm files |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- |")
-        for name, d in models:
+              f"| weight loading (s): {kinds} | whole, rank / warm files |", flush=True)  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- |", flush=True)
+        for name, d in models if args.only != "rl" else []:
             with daemon.client() as c:
                 c.put(name, load_file(d / "model.safetensors"))
                 gb = c.info(name)["nbytes"] / 1e9
@@ -168,16 +176,19 @@ def main() -> None:
             load = (f"{fl:.2f} / {r['cold_load']:.2f} / {r['whole_load']:.2f} / {r['rank_load']:.2f} "
                     f"| {r['whole_load'] / fl:.2f}x / {r['rank_load'] / fl:.2f}x")  # fmt: skip
             print(f"| {name} | {gb:.2f} | {ready} | {load} |", flush=True)
-        print()
+            with daemon.client() as c:  # free the memory (and huge pages) for what follows
+                for set_name in (name, f"{name}-ranked", f"{name}-ranked/tp0"):
+                    c.delete(set_name)
+        print(flush=True)
         print(
             "| model | trainer put | engine pull | swap | vs save_file + vLLM reload_weights | vs clone of the bytes |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
-        for name, d in models:
+        print("| --- | --- | --- | --- | --- | --- |", flush=True)
+        for name, d in models if args.only != "startup" else []:
             s = rl_swap(python, d, f"{name}-rl", daemon.socket, work, args.runs)
             print(f"| {name} | {s['put']:.3f} s | {s['pull']:.3f} s | {s['swap']:.3f} s "
                   f"| {s['save']:.3f} + {s['reload']:.3f} = {s['file_swap']:.3f} s: {s['swap'] / s['file_swap']:.2f}x "
-                  f"| {s['clone']:.3f} s: {s['swap'] / s['clone']:.1f}x |")  # fmt: skip
+                  f"| {s['clone']:.3f} s: {s['swap'] / s['clone']:.1f}x |", flush=True)  # fmt: skip
     except BaseException:
         print(f"failed: the engines' logs are in {work}", file=sys.stderr)
         raise

@@ -13,6 +13,7 @@ import importlib.util
 import pytest
 import torch
 
+import sdk
 from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set
 from tests.engine_models import BufferingModel, EngineModel, LoaderStyleModel, checkpoint
 
@@ -95,3 +96,33 @@ def test_vllm_transfer_backend_against_a_torch_module(daemon, client) -> None:
         engine.finish_weight_update()
         assert model.equals(expected), version
     engine.shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")
+def test_vllm_loader_class_against_a_torch_module(daemon, client, monkeypatch) -> None:
+    """The loader class itself (its rank is patched in: no vLLM distributed setup here): a GPU
+    whole set through load_weights, then the rank set it publishes with "params"."""
+    from types import SimpleNamespace
+
+    from vllm.config.load import LoadConfig
+
+    import sdk.engines.vllm as tv
+
+    monkeypatch.setattr(tv, "_ranks", lambda: (0, 0, 1))
+    ckpt = checkpoint(seed=8, device=DEV)
+    client.put("gpu-eng/loader", ckpt)
+    options = {"name": "gpu-eng/loader", "socket": daemon.socket, "strict": True, "publish": "params"}
+    loader = tv.TensordModelLoader(LoadConfig(load_format="tensord", model_loader_extra_config=options))
+    model_config = SimpleNamespace(quantization=None, model="/nonexistent")
+    model = EngineModel(device=DEV)
+    loader.load_weights(model, model_config)
+    assert loader.source == ("tensord", "gpu-eng/loader", 1) and model.equals(ckpt)
+    assert client.info("gpu-eng/loader/tp0")["device"] == DEV  # published from the GPU parameters
+    second = BufferingModel(device=DEV)
+    loader.load_weights(second, model_config)
+    assert loader.source == ("tensord", "gpu-eng/loader/tp0", 1) and second.buffered == [] and second.equals(ckpt)
+    missing = tv.TensordModelLoader(
+        LoadConfig(load_format="tensord", model_loader_extra_config={**options, "name": "gpu-eng/absent"})
+    )
+    with pytest.raises(sdk.NotFound, match="neither gpu-eng/absent/tp0 nor gpu-eng/absent"):
+        missing.load_weights(EngineModel(device=DEV), model_config)
