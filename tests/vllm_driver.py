@@ -9,7 +9,7 @@ vLLM logs to stdout too, so every line of ours starts with `MARK`. `serve` print
 line ``MARK {...}`` (``{"error": "..."}`` on failure). Commands: ``{"op": "embed"}``,
 ``{"op": "update", "name", "version"}``, ``{"op": "follow", "name", "after", "count",
 "timeout"}``, ``{"op": "reload_files", "path"}`` (vLLM's own in-place reload from a directory),
-``{"op": "quit"}``.
+``{"op": "reload"}`` (the same through the engine's loader), ``{"op": "quit"}``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ def serve(model_dir: str, options: dict[str, Any] | None) -> None:
                 t = time.perf_counter()
                 llm.collective_rpc("reload_weights", kwargs={"weights_path": cmd["path"]})
                 reply = {"seconds": time.perf_counter() - t}
+            elif op == "reload":  # vLLM's own in-place reload through the engine's loader
+                llm.collective_rpc("reload_weights")
+                reply = {"embeddings": embed(llm)}
             elif op == "follow":
                 versions = []
                 for v in tv.follow(llm, cmd["name"], after=cmd.get("after"), timeout=cmd.get("timeout", 60)):

@@ -107,6 +107,15 @@ class TensordModelLoader(BaseModelLoader):
                 return
             self._load_files(files, model, model_config, client, tp_rank=tp_rank, pp_rank=pp_rank)
 
+    def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """For vLLM's in-place ``reload_weights()``: the whole set ``NAME`` (``version`` or the
+        latest) as a private copy on the model's device, since vLLM's layer-wise reload keeps
+        the tensors after this generator ends."""
+        with self.options.client() as client:
+            tensors = client.get(self.options.name, self.options.version, device=_device(model))
+        log.info("tensord: reloading from %s (%d tensors)", self.options.name, len(tensors))
+        yield from tensors.items()
+
     def _load_files(
         self,
         files: DefaultModelLoader,
