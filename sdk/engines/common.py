@@ -1,0 +1,345 @@
+"""What every engine integration shares, with no engine imported: options, finding a model's
+set, reading it into a model, publishing what an engine loaded, and receiving RL updates.
+
+Two kinds of sets feed an engine:
+
+- a **whole set** ``NAME``: the checkpoint as a trainer or ``tensord load`` wrote it (Hugging
+  Face names, full shapes). Every rank reads it and the engine's own ``load_weights`` fuses,
+  shards and converts, exactly as it does for the checkpoint's files;
+- a **rank set** ``NAME/tp{rank}``: one rank's parameters in the engine's own layout (the names
+  and shapes of ``model.state_dict()`` for that rank and tensor-parallel size, before the engine
+  repacks them for its kernels). It is copied straight into the parameters, one copy, no
+  conversion. Engines write them with ``publish="params"``.
+
+A rank set wins when both exist. Everything here uses the public SDK only (``sdk.Client``:
+``info``, ``mount``, ``get``, ``load_into``, ``put``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+import sdk
+from sdk.errors import InvalidArgument, NotFound, TensordError
+
+log = logging.getLogger(__name__)
+
+#: How a model takes checkpoint tensors: an engine model's ``load_weights`` (vLLM, SGLang).
+LoadWeights = Callable[[Iterable[tuple[str, torch.Tensor]]], Any]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What an engine is told about its set (vLLM: ``--model-loader-extra-config``).
+
+    `name`: the set (whole) or the prefix of the rank sets ``NAME/tp{rank}``. `version`: a
+    version number or "latest" (default). `strict`: fail when the set is missing instead of
+    loading the model's files. `publish`: ``True``/"checkpoint" (default): after a load from
+    files, the first rank puts the checkpoint tensors it read as ``NAME``; "params": after a load
+    from files or from the whole set, every rank puts its parameters as ``NAME/tp{rank}`` (the
+    next engine of the same shape copies them straight in); ``False``: nothing. `socket`/`address`/`token`: the
+    daemon (default: ``TENSORD_SOCKET`` / ``TENSORD_ADDR`` / ``TENSORD_TOKEN``). `verify`:
+    check every tensor's fingerprint after the read.
+    """
+
+    name: str
+    version: int | str | None = None
+    strict: bool = False
+    publish: bool | str = True
+    socket: str | None = None
+    address: str | None = None
+    token: str | None = None
+    verify: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> EngineOptions:
+        """Validate a JSON-like mapping; unknown keys and wrong types are refused by name."""
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise InvalidArgument(f"tensord: unknown option(s) {unknown}; known: {sorted(known)}")
+        name = config.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument('tensord: the option "name" (the set to load) is required')
+        version = config.get("version")
+        if version is not None and not isinstance(version, int | str):
+            raise InvalidArgument(f'tensord: "version" must be an integer or "latest", not {version!r}')
+        for key in ("strict", "verify"):
+            if not isinstance(config.get(key, False), bool):
+                raise InvalidArgument(f'tensord: "{key}" must be true or false')
+        publish = config.get("publish", True)
+        if publish not in (True, False, "checkpoint", "params"):
+            raise InvalidArgument(f'tensord: "publish" must be true, false, "checkpoint" or "params", not {publish!r}')
+        for key in ("socket", "address", "token"):
+            if config.get(key) is not None and not isinstance(config[key], str):
+                raise InvalidArgument(f'tensord: "{key}" must be a string')
+        return cls(**config)
+
+    @property
+    def publish_mode(self) -> str | None:
+        """None, "checkpoint" or "params"."""
+        if self.publish is True:
+            return "checkpoint"
+        return self.publish or None
+
+    def client(self) -> sdk.Client:
+        """A new client for these options (the caller closes it)."""
+        return sdk.Client(self.socket, address=self.address, token=self.token)
+
+
+def rank_set(name: str, rank: int) -> str:
+    return f"{name}/tp{rank}"
+
+
+@dataclass(frozen=True)
+class Found:
+    """A set found for one rank: ``kind`` is "rank" or "whole"."""
+
+    kind: str
+    name: str
+    version: int
+    nbytes: int
+
+
+def locate(
+    client: sdk.Client, name: str, version: int | str | None, *, rank: int, kinds: tuple[str, ...] = ("rank", "whole")
+) -> Found | None:
+    """The rank set ``NAME/tp{rank}`` if it exists, else the whole set ``NAME``, else None
+    (`kinds` limits the search). An unreachable daemon raises `sdk.Unavailable`."""
+    candidates = {"rank": rank_set(name, rank), "whole": name}
+    for kind in kinds:
+        candidate = candidates[kind]
+        try:
+            info = client.info(candidate, version)
+        except NotFound:
+            continue
+        return Found(kind, candidate, int(info["version"]), int(info.get("nbytes") or 0))
+    return None
+
+
+@contextlib.contextmanager
+def read_set(
+    client: sdk.Client, name: str, version: int | str | None, *, device: torch.device | str, verify: bool = False
+) -> Iterator[tuple[int, Mapping[str, torch.Tensor]]]:
+    """The tensors of one version, valid until the block exits: zero-copy views of a replica on
+    this node (`mount`), else a private copy read from another node onto `device` (`get`).
+    `verify` reads a checked private copy (`get(..., verify=True)`) instead of views.
+
+    Whoever copies out of them (an engine's ``load_weights``) makes the only copy when the set
+    is on this node. GPU views alias the daemon's memory: read, never write them.
+    """
+    if not isinstance(version, int):  # resolve "latest" once, so every path reads the same one
+        version = int(client.info(name, version)["version"])
+    if verify:
+        yield version, client.get(name, version, device=device, verify=True)
+        return
+    try:
+        mount = client.mount(name, version)
+    except InvalidArgument:  # no replica on this node: read it from where it lies
+        yield version, client.get(name, version, device=device)
+        return
+    with mount:
+        yield mount.version, mount.tensors
+
+
+def load_set(
+    model: torch.nn.Module,
+    options: EngineOptions,
+    *,
+    rank: int,
+    device: torch.device | str,
+    load_weights: LoadWeights | None = None,
+    client: sdk.Client | None = None,
+    kinds: tuple[str, ...] = ("rank", "whole"),
+) -> Found:
+    """Fill `model` from its set: a rank set straight into its parameters (`load_into`), a whole
+    set through `load_weights` (default: ``model.load_weights``). Returns what was loaded.
+
+    Raises `sdk.NotFound` when neither set exists and `sdk.Unavailable` when the daemon cannot
+    be reached: the engine decides whether to fall back to its files (``options.strict``).
+    """
+    own = client is None
+    c = options.client() if client is None else client
+    try:
+        found = locate(c, options.name, options.version, rank=rank, kinds=kinds)
+        if found is None:
+            wanted = " nor ".join(rank_set(options.name, rank) if k == "rank" else options.name for k in kinds)
+            raise NotFound(
+                f"tensord: {'neither ' if len(kinds) > 1 else ''}{wanted} "
+                f"(version {options.version or 'latest'}) is in the store",
+                name=options.name,
+            )
+        start = time.perf_counter()
+        if found.kind == "rank":
+            c.load_into(model, found.name, found.version, strict=True, verify=options.verify)
+        else:
+            loader = load_weights if load_weights is not None else _load_weights_of(model)
+            with read_set(c, found.name, found.version, device=device, verify=options.verify) as (_, tensors):
+                loader(tensors.items())
+        seconds = time.perf_counter() - start
+        log.info(
+            "tensord: loaded %s v%d (%s set, %.3f GB) in %.2f s (%.2f GB/s)",
+            found.name,
+            found.version,
+            found.kind,
+            found.nbytes / 1e9,
+            seconds,
+            found.nbytes / 1e9 / max(seconds, 1e-9),
+        )
+        return found
+    finally:
+        if own:
+            c.close()
+
+
+def _load_weights_of(model: torch.nn.Module) -> LoadWeights:
+    fn = getattr(model, "load_weights", None)
+    if not callable(fn):
+        raise InvalidArgument(f"{type(model).__name__} has no load_weights(weights): pass load_weights=")
+    return fn
+
+
+class Capture:
+    """Passes checkpoint tensors through to a model's ``load_weights`` and keeps references to
+    them, so that what an engine read from its files can be published afterwards. Costs no copy;
+    the tensors stay alive until `publish` (or `clear`)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def wrap(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in weights:
+            self.tensors[key] = tensor
+            yield key, tensor
+
+    def publish(self, client: sdk.Client, name: str) -> int | None:
+        """Put the captured tensors as the next version of `name`; None (and a log line) on
+        failure: publishing is a favour to the next engine, never a reason to fail this one."""
+        tensors, self.tensors = self.tensors, {}
+        return publish(client, name, tensors, what="checkpoint")
+
+    def clear(self) -> None:
+        self.tensors = {}
+
+
+def publish(client: sdk.Client, name: str, tensors: Mapping[str, torch.Tensor], *, what: str) -> int | None:
+    """`sdk.put` with a log line, logging (not raising) a failure."""
+    if not tensors:
+        return None
+    start = time.perf_counter()
+    try:
+        version = client.put(name, {k: v.detach() for k, v in tensors.items()})
+    except TensordError as exc:
+        log.warning("tensord: could not publish %s as %s: %s", what, name, exc)
+        return None
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    log.info(
+        "tensord: published the %s as %s v%d (%.3f GB, %d tensors) in %.2f s",
+        what,
+        name,
+        version,
+        nbytes / 1e9,
+        len(tensors),
+        time.perf_counter() - start,
+    )
+    return version
+
+
+def publish_params(
+    model: torch.nn.Module, name: str, *, rank: int, client: sdk.Client, zero_copy: bool = False
+) -> int | None:
+    """Publish one rank's parameters (``model.state_dict()``, engine layout) as ``NAME/tp{rank}``.
+
+    Call it before the engine repacks parameters for its kernels (vLLM: before
+    ``process_weights_after_loading``). Today this copies into a slab (`sdk.put`).
+    `zero_copy=True` is the R-Fork seed (advertise the engine's own GPU memory as a replica, held
+    while this process lives and promises not to write it): it needs client-owned replicas in
+    the data plane, which do not exist yet, and is refused.
+    """
+    if zero_copy:
+        raise InvalidArgument(
+            "tensord: zero-copy publishing of an engine's own memory needs client-owned replicas "
+            "in the data plane, which this daemon does not offer yet; publish with a copy"
+        )
+    return publish(client, rank_set(name, rank), model.state_dict(), what=f"rank {rank}'s parameters")
+
+
+class WeightUpdater:
+    """Receives RL weight updates from tensord into a running engine's model, engine-agnostic.
+
+    `start()` → `update(name, version)` (one or more) → `finish()`. An update reads the version
+    (zero-copy when it lies on this node) and hands it to `load_weights` (the engine's own
+    converter, as at startup). The read views stay open until `finish()`: engines that buffer
+    tensors until a layer is complete (vLLM's layer-wise reload) still hold references to them.
+    `on_start`/`on_finish` wrap the engine's own preparation and post-processing.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        client: sdk.Client,
+        *,
+        device: torch.device | str,
+        name: str | None = None,
+        load_weights: LoadWeights | None = None,
+        on_start: Callable[[], None] | None = None,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.model, self.client, self.device, self.name = model, client, device, name
+        self._load_weights = load_weights
+        self._on_start, self._on_finish = on_start, on_finish
+        self._open: contextlib.ExitStack | None = None
+        #: (name, version) of the last update finished, None before the first.
+        self.loaded: tuple[str, int] | None = None
+        self._pending: tuple[str, int] | None = None
+
+    def start(self) -> None:
+        if self._open is not None:
+            raise InvalidArgument("tensord: a weight update is already in progress; finish it first")
+        self._open = contextlib.ExitStack()
+        if self._on_start is not None:
+            self._on_start()
+
+    def update(self, name: str | None = None, version: int | str | None = None) -> int:
+        """Load one version (default: the latest) of `name` (default: the name given at init)."""
+        if self._open is None:
+            raise InvalidArgument("tensord: start() the weight update before update()")
+        name = name if name is not None else self.name
+        if name is None:
+            raise InvalidArgument('tensord: no set named: give "name" in the update or at init')
+        start = time.perf_counter()
+        loaded, tensors = self._open.enter_context(read_set(self.client, name, version, device=self.device))
+        loader = self._load_weights if self._load_weights is not None else _load_weights_of(self.model)
+        loader(tensors.items())
+        log.info("tensord: update from %s v%d read in %.3f s", name, loaded, time.perf_counter() - start)
+        self._pending = (name, loaded)
+        return loaded
+
+    def finish(self) -> tuple[str, int] | None:
+        """Run the engine's post-processing, then let go of the read views."""
+        if self._open is None:
+            raise InvalidArgument("tensord: finish() without start()")
+        try:
+            if self._on_finish is not None:
+                self._on_finish()
+        finally:
+            held, self._open = self._open, None
+            held.close()
+        if self._pending is not None:
+            self.loaded, self._pending = self._pending, None
+        return self.loaded
+
+    def abort(self) -> None:
+        """Drop an update in progress without post-processing (the model is then undefined)."""
+        if self._open is not None:
+            held, self._open = self._open, None
+            held.close()
+        self._pending = None
