@@ -55,6 +55,13 @@ class Mount:
         self.name, self.version = manifest.name, manifest.version
         self.tensors = TensorMap(manifest, slab.base()[: manifest.nbytes], manifest.offsets)
 
+    def verify(self) -> None:
+        """Check every tensor's fingerprint where the slab lies (IntegrityError on mismatch)."""
+        if not self._pin:
+            raise InvalidArgument("this mount is closed")
+        m = self.manifest
+        _check(m, None, slab_fingerprints(self.tensors.base, m.offsets, m.sizes), m.fingerprints)
+
     def close(self) -> None:
         if self._pin:
             pin, self._pin = self._pin, 0

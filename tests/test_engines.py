@@ -64,7 +64,7 @@ def test_rank_set_wins_and_is_copied_straight_into_the_parameters(daemon, client
         first = EngineModel(tp=2, rank=rank)
         first.load_weights(ckpt.items())
         assert publish_params(first, name, rank=rank, client=client) == 1
-    assert set(client.info(rank_set(name, 1))["tensors"]) == {"qkv", "o", "norm"}
+    assert set(client.info(rank_set(name, 1), tensors=True)["tensors"]) == {"qkv", "o", "norm"}
     model = BufferingModel(tp=2, rank=1)  # load_weights must not be called: it would only buffer
     found = load_set(model, _options(daemon, name), rank=1, device="cpu")
     assert (found.kind, found.name) == ("rank", rank_set(name, 1))

@@ -54,12 +54,14 @@ def test_a_100k_tensor_set_through_every_operation(client: sdk.Client, big: dict
     assert info["nbytes"] == expected.numel()
 
     got = client.get("shapes/100k", verify=True)
+    assert (got.name, got.version) == ("shapes/100k", version)
     assert len(got) == 100_000 and list(got) == names and names[5] in got and "nope" not in got
     assert all(got[k].dtype == big[k].dtype and got[k].shape == big[k].shape for k in names[:2000])
     assert torch.equal(_flat(got, names), expected)
 
     with client.mount("shapes/100k") as m:
         assert m.version == version and len(m.tensors) == 100_000
+        m.verify()
         assert torch.equal(_flat(m.tensors, names), expected)
 
     target = {k: torch.zeros_like(t) for k, t in big.items()}
@@ -112,6 +114,8 @@ def test_a_corrupted_byte_anywhere_is_caught(client: sdk.Client) -> None:
         with pytest.raises(sdk.IntegrityError) as info:
             client.get(f"shapes/corrupt-{row}", verify=True)
         assert info.value.details["tensor"] == names[row] and info.value.details["version"] == version
+        with client.mount(f"shapes/corrupt-{row}") as m, pytest.raises(sdk.IntegrityError):
+            m.verify()
         target = {k: torch.empty_like(t) for k, t in src.items()}
         with pytest.raises(sdk.IntegrityError, match=names[row].replace(".", r"\.")):
             client.load_into(target, f"shapes/corrupt-{row}", verify=True)

@@ -177,7 +177,7 @@ def test_rl_push_over_http_changes_the_served_embeddings_exactly_and_back(server
 
 def test_server_published_its_parameters_in_vllm_layout(server, daemon) -> None:
     with daemon.client() as c:
-        names = set(c.info(f"{SEED}/tp0")["tensors"])
+        names = set(c.info(f"{SEED}/tp0", tensors=True)["tensors"])
     # vLLM's own names: q, k and v fused into one parameter per layer.
     assert len([n for n in names if n.endswith("qkv_proj.weight")]) == 6, sorted(names)  # one per layer
     assert not any(".query." in n or ".key." in n or ".value." in n for n in names)

@@ -127,6 +127,16 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         self._plain = dict(self._all())
         del self._plain[name]
 
+    @property
+    def name(self) -> str:
+        """The set these tensors were read from."""
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        """The version they were read from (what "latest" resolved to)."""
+        return self.manifest.version
+
     def __repr__(self) -> str:
         m = self.manifest
         return f"TensorMap({len(self)} tensors of {m.name} v{m.version} on {self.base.device})"

@@ -131,22 +131,20 @@ def read_set(
 ) -> Iterator[tuple[int, Mapping[str, torch.Tensor]]]:
     """The tensors of one version, valid until the block exits: zero-copy views of a replica on
     this node (`mount`), else a private copy read from another node onto `device` (`get`).
-    `verify` reads a checked private copy (`get(..., verify=True)`) instead of views.
+    `verify` checks every fingerprint first.
 
     Whoever copies out of them (an engine's ``load_weights``) makes the only copy when the set
     is on this node. GPU views alias the daemon's memory: read, never write them.
     """
-    if not isinstance(version, int):  # resolve "latest" once, so every path reads the same one
-        version = int(client.info(name, version)["version"])
-    if verify:
-        yield version, client.get(name, version, device=device, verify=True)
-        return
     try:
         mount = client.mount(name, version)
     except InvalidArgument:  # no replica on this node: read it from where it lies
-        yield version, client.get(name, version, device=device)
+        got = client.get(name, version, device=device, verify=verify)
+        yield got.version, got
         return
     with mount:
+        if verify:
+            mount.verify()
         yield mount.version, mount.tensors
 
 

@@ -55,7 +55,7 @@ def from_set(
     with _no_init(), torch.device(device):
         model = cls.from_config(config, **kwargs)
     c = client if client is not None else sdk.default_client()
-    info = c.info(name, version)
+    info = c.info(name, version, tensors=True)
     version, names = int(info["version"]), set(info["tensors"])
     missing = sorted(n for n, _ in model.named_parameters() if n not in names)
     if strict and missing:
