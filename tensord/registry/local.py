@@ -1,4 +1,9 @@
-"""The embedded registry: the same interface in memory, for one node without etcd."""
+"""The embedded registry: the same interface in memory, for one node without etcd.
+
+Everything but the version counters lives in memory only. The counters live in the daemon's
+state directory when it has one (`tensord.state`), so versions are never reused across
+restarts; without one they start again at 1 when the daemon restarts.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass, field
 from sdk.errors import NotFound
 from sdk.manifest import Manifest
 from tensord.registry.base import NodeRecord, Registry, Replica
+from tensord.state import VersionCounters
 
 
 @dataclass
@@ -20,7 +26,8 @@ class _Set:
 
 
 class LocalRegistry(Registry):
-    def __init__(self) -> None:
+    def __init__(self, counters: VersionCounters | None = None) -> None:
+        self._counters = counters
         self._sets: dict[str, _Set] = {}
         self._node: NodeRecord | None = None
         self._changed = asyncio.Condition()
@@ -32,6 +39,8 @@ class LocalRegistry(Registry):
         self._node = None
 
     async def allocate_version(self, name: str) -> int:
+        if self._counters is not None:
+            return await self._counters.advance(name)
         s = self._sets.setdefault(name, _Set())
         s.next += 1
         return s.next - 1
