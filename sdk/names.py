@@ -7,6 +7,8 @@ import re
 from sdk.errors import InvalidArgument
 
 MAX_NAME_BYTES = 255
+#: Versions are 64-bit signed integers everywhere (the wire, etcd keys, the state directory).
+MAX_VERSION = 2**63 - 1
 _SEGMENT = re.compile(r"[a-z0-9._-]+")
 
 
@@ -42,9 +44,11 @@ def check_prefix(prefix: object) -> str:
 
 
 def check_version(version: object, *, allow_latest: bool = True) -> int | None:
-    """A positive int, or None / "latest" for the newest committed version."""
+    """A positive int (at most MAX_VERSION), or None / "latest" for the newest committed version."""
     if version is None or (allow_latest and version == "latest"):
         return None
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InvalidArgument(f"version must be a positive integer or 'latest', not {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        small = isinstance(version, str | float) or (isinstance(version, int) and version.bit_length() < 128)
+        shown = repr(version)[:60] if small else type(version).__name__
+        raise InvalidArgument(f"version must be an integer from 1 to 2**63-1 or 'latest', not {shown}")
     return version

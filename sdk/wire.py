@@ -17,6 +17,9 @@ from sdk.errors import ProtocolError
 
 PROTOCOL_VERSION = 2
 MAX_FRAME = 64 * 1024 * 1024
+#: The largest frame a daemon reads from a connection it does not trust yet: before a
+#: successful hello, and on a TCP listener with a token before the token was shown.
+MAX_UNTRUSTED_FRAME = 64 * 1024
 HEADER = struct.Struct(">I")
 MAX_FDS = 16
 
@@ -49,14 +52,14 @@ def encode(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes | bytearray, limit: int = MAX_FRAME) -> int:
     (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    if length > limit:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
     return length
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME)
     except Exception as exc:  # msgpack raises several unrelated types

@@ -99,11 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from tensord import config as cfg
-    from tensord.daemon import Daemon
+    from tensord.daemon import Daemon, raise_fd_limit
 
     config = cfg.load(args.config).with_overrides(socket=args.socket, node=args.node and cfg.check_node_id(args.node))
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)
+    raise_fd_limit()
     try:
         import uvloop
 

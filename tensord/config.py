@@ -54,6 +54,9 @@ class Config:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
     log_level: str = "info"
+    state_dir: str = ""  # "" = none: the embedded registry's versions restart at 1
+    hello_timeout: float = 10.0  # a new connection must say hello within this
+    frame_timeout: float = 60.0  # a frame once started must arrive (a reply be read) within this
     budgets: dict[str, int | None] = field(default_factory=lambda: {"cpu": None})  # None: auto
     retention: int = 0
     huge_pages: bool = True  # host slabs of huge pages where the kernel has them
@@ -164,6 +167,13 @@ def _protocol(v: object, where: str) -> str:
     return text
 
 
+def _directory(v: object, where: str) -> str:
+    text = _str(v, where)
+    if text and not os.path.isabs(text):
+        raise InvalidArgument(f"{where}: {text!r} must be an absolute path")
+    return text
+
+
 def _names(v: object, where: str) -> tuple[str, ...]:
     items = v.split(",") if isinstance(v, str) else v
     if not isinstance(items, list | tuple) or not all(isinstance(e, str) and e for e in items):
@@ -197,6 +207,9 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("daemon", "listen"): ("listen", _address),
     ("daemon", "token"): ("token", _str),
     ("daemon", "token_reads"): ("token_reads", _bool),
+    ("daemon", "state_dir"): ("state_dir", _directory),
+    ("daemon", "hello_timeout"): ("hello_timeout", _seconds),
+    ("daemon", "frame_timeout"): ("frame_timeout", _seconds),
     ("memory", "budgets"): ("budgets", _budgets),
     ("memory", "retention"): ("retention", _count),
     ("memory", "huge_pages"): ("huge_pages", _bool),
@@ -218,6 +231,7 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_NODE": ("node", lambda v, w: check_node_id(v, w)),
     "TENSORD_SOCKET": ("socket", _str),
     "TENSORD_LOG_LEVEL": ("log_level", _level),
+    "TENSORD_STATE_DIR": ("state_dir", _directory),
     "TENSORD_RETENTION": ("retention", _count),
     "TENSORD_HUGE_PAGES": ("huge_pages", _bool),
     "TENSORD_ETCD": ("etcd_endpoints", _endpoints),
@@ -254,6 +268,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
     for var, (attr, parse) in ENV.items():
         if env.get(var):
             values[attr] = parse(env[var], var)
+    if "state_dir" not in values and env.get("STATE_DIRECTORY"):  # systemd's StateDirectory=
+        values["state_dir"] = _directory(env["STATE_DIRECTORY"].split(":")[0], "STATE_DIRECTORY")
     if "cpu_budget" in values:
         values["budgets"] = {**values.get("budgets", {"cpu": None}), "cpu": values.pop("cpu_budget")}
     return Config(**values)

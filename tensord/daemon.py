@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 
@@ -19,14 +20,15 @@ from tensord.registry.base import NodeRecord, Registry
 from tensord.registry.local import LocalRegistry
 from tensord.rpc import Server
 from tensord.service import Service
+from tensord.state import StateDir
 from tensord.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def make_registry(config: Config) -> Registry:
+def make_registry(config: Config, state: StateDir | None = None) -> Registry:
     if not config.etcd_endpoints:
-        return LocalRegistry()
+        return LocalRegistry(state.versions if state is not None else None)
     from tensord.registry.etcd import EtcdRegistry
 
     return EtcdRegistry(
@@ -57,10 +59,41 @@ def make_transport(config: Config) -> Transport | None:
     return MooncakeTransport(advertised_host(config), config.transport_protocol, list(config.nics) or None)
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the new soft limit.
+
+    Each held host-memory version keeps one descriptor (its memfd) and each connection one:
+    the limit caps both. systemd/tensord.service sets the hard limit (LimitNOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel refuses more than fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning(
+            "open-file limit is %d: each held host-memory version and each connection uses one "
+            "descriptor; raise the hard limit (LimitNOFILE, ulimit -Hn) for more",
+            soft,
+        )
+    else:
+        log.info("open-file limit: %d", soft)
+    return int(soft)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.registry = make_registry(config)
+        self.state = StateDir(config.state_dir) if config.state_dir else None
+        self.registry = make_registry(config, self.state)
         self.budgets = Budgets(config.budgets, detect_devices())
         self.transport: Transport | None = None
         self.store = Store(
@@ -80,14 +113,21 @@ class Daemon:
             config.socket_mode,
             self.service.handle,
             self.service.session_closed,
+            undo=self.service.unsent,
             tcp=config.listen,
             token=config.token,
             token_reads=config.token_reads,
+            hello_timeout=config.hello_timeout,
+            frame_timeout=config.frame_timeout,
         )
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        if self.state is not None:
+            await asyncio.to_thread(self.state.open)
+        elif not self.config.etcd_endpoints:
+            log.warning("no state directory (daemon.state_dir): versions start again at 1 after a restart")
         self.transport = await asyncio.to_thread(make_transport, self.config)
         self.store.transport = self.transport
         await self.server.start()
@@ -146,4 +186,6 @@ class Daemon:
         self.store.close()
         if self.transport is not None:
             self.transport.close()
+        if self.state is not None:
+            self.state.close()
         log.info("stopped")

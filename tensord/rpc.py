@@ -4,6 +4,12 @@ A session owns the pins and reservations its client made; they are released when
 connection closes, however it closes (process exit, SIGKILL, network loss). A bad frame gets an
 error reply (or a closed connection when the stream cannot be trusted any more) and never
 touches the store or another client.
+
+What a connection may cost before it is trusted is bounded: frames of at most
+`wire.MAX_UNTRUSTED_FRAME` bytes until a hello (and, on a TCP listener with a token, the token)
+succeeds, a hello within `hello_timeout` seconds, `MAX_FAILED_HELLOS` failed hellos. A frame
+once started must arrive, and a reply once started must be read, within `frame_timeout`.
+Between frames a trusted connection may stay idle for ever: pins belong to connections.
 """
 
 from __future__ import annotations
@@ -11,19 +17,43 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
+import math
 import os
+import reprlib
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdk import wire
-from sdk.errors import InvalidArgument, ProtocolError, TensordError, Unauthorized
+from sdk.errors import InvalidArgument, OutOfCapacity, ProtocolError, TensordError, Unauthorized
 
 log = logging.getLogger(__name__)
+
+#: Pending connections the kernel queues for each listener (it caps this at net.core.somaxconn).
+BACKLOG = 4096
+#: Failed hellos (wrong token, wrong protocol) after which a connection is closed.
+MAX_FAILED_HELLOS = 3
+#: Frames from this size on are decoded, and their replies encoded, off the event loop.
+OFFLOAD_BYTES = 1 << 20
+#: Errors of accept() that a listener survives by waiting: out of descriptors or memory
+#: (EMFILE, ENFILE, ENOBUFS, ENOMEM), or a peer that left before it was accepted.
+_ACCEPT_BACKOFF = (0.01, 1.0)
+_FD_ERRORS = (errno.EMFILE, errno.ENFILE)
+_CAPACITY_ERRORS = (*_FD_ERRORS, errno.ENOMEM, errno.ENOSPC)
+
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxstring, _brief.maxother, _brief.maxlist, _brief.maxdict = 2, 40, 40, 4, 4
+
+
+def brief(value: object) -> str:
+    """A short repr of a value from outside, safe for any size or depth."""
+    return _brief.repr(value)
 
 
 @dataclass(eq=False)
@@ -33,11 +63,15 @@ class Session:
     local: bool = True  # on the Unix socket (same node): may receive file descriptors
     authorized: bool = False  # presented the right token (TCP only)
     hello: bool = False
+    failed_hellos: int = 0
+    deadline: float = math.inf  # monotonic time by which the peer must have made progress
     pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
     reservations: set[int] = field(default_factory=set)
 
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[tuple[Any, list[int]]]]
+#: Called when a handler succeeded but its reply could not be sent: give back what it took.
+Undo = Callable[[Session, str, Any], Awaitable[None]]
 
 
 class Server:
@@ -55,16 +89,22 @@ class Server:
         handle: Handler,
         on_close: Callable[[Session], Awaitable[None]],
         *,
+        undo: Undo | None = None,
         tcp: str = "",
         token: str = "",
         token_reads: bool = False,
+        hello_timeout: float = 10.0,
+        frame_timeout: float = 60.0,
     ) -> None:
         self.path, self.mode, self.tcp = path, mode, tcp
         self._token, self._token_reads = token, token_reads
-        self._handle, self._on_close = handle, on_close
+        self._handle, self._on_close, self._undo = handle, on_close, undo
+        self.hello_timeout, self.frame_timeout = hello_timeout, frame_timeout
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
+        self._open: dict[int, tuple[Session, socket.socket]] = {}
+        self._bugs: dict[tuple[str, str], int] = {}  # where an internal error happened -> times
         self._next = 0
         self.tcp_port = 0
 
@@ -93,74 +133,209 @@ class Server:
                 self.tcp_port,
                 "required" if self._token else "NOT required: anyone who reaches it can write",
             )
+        self._accepting.append(asyncio.get_running_loop().create_task(self._sweep()))
 
     def _listen(self, sock: socket.socket, *, local: bool) -> None:
         sock.setblocking(False)
-        sock.listen(128)
+        sock.listen(BACKLOG)
         self._listeners.append(sock)
         self._accepting.append(asyncio.get_running_loop().create_task(self._accept(sock, local)))
 
     async def _accept(self, listener: socket.socket, local: bool) -> None:
+        """Accept for ever. An error (out of descriptors, a peer gone before it was accepted) is
+        logged and waited out with a growing pause: the connections wait in the backlog."""
         loop = asyncio.get_running_loop()
+        pause, failures, logged = 0.0, 0, 0.0
         while True:
-            conn, address = await loop.sock_accept(listener)
-            conn.setblocking(False)
-            if not local:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._next += 1
-            peer = _peer(conn) if local else f"{address[0]}:{address[1]}"
+            try:
+                conn, address = await loop.sock_accept(listener)
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    log.error("listener %s is gone: %s", listener, exc)
+                    return
+                failures += 1
+                pause = min(max(pause * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+                if time.monotonic() - logged > 10:
+                    logged = time.monotonic()
+                    hint = " (raise LimitNOFILE / ulimit -n)" if exc.errno in _FD_ERRORS else ""
+                    log.warning("accept failed %d times: %s%s; retrying", failures, exc.strerror or exc, hint)
+                await asyncio.sleep(pause)
+                continue
+            if failures:
+                log.info("accepting again after %d failed attempts", failures)
+                pause, failures, logged = 0.0, 0, 0.0
+            try:
+                conn.setblocking(False)
+                if not local:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._next += 1
+                peer = _peer(conn) if local else f"{address[0]}:{address[1]}"
+            except OSError as exc:  # the peer left already
+                log.debug("connection dropped while accepting it: %s", exc)
+                conn.close()
+                continue
             task = loop.create_task(self._serve(conn, Session(self._next, peer, local=local)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _sweep(self) -> None:
+        """Close connections past their deadline: no hello in time, a frame or reply stalled."""
+        while True:
+            await asyncio.sleep(max(0.05, min(self.hello_timeout, self.frame_timeout) / 4))
+            now = asyncio.get_running_loop().time()
+            for session, conn in list(self._open.values()):
+                if session.deadline < now:
+                    session.deadline = math.inf
+                    log.info(
+                        "session %d (%s) timed out: %s",
+                        session.id,
+                        session.peer,
+                        "a frame or reply stalled" if session.hello else "no hello in time",
+                    )
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+
+    def _trusted(self, session: Session) -> bool:
+        return session.hello and (session.local or not self._token or session.authorized)
+
+    def _watch(self, session: Session, seconds: float | None) -> None:
+        """Give the peer `seconds` to make progress (None: no limit). Before hello, the
+        hello deadline stands."""
+        if session.hello:
+            session.deadline = math.inf if seconds is None else asyncio.get_running_loop().time() + seconds
+
     async def _serve(self, conn: socket.socket, session: Session) -> None:
         loop = asyncio.get_running_loop()
         log.debug("session %d opened by %s", session.id, session.peer)
+        session.deadline = loop.time() + self.hello_timeout
+        self._open[session.id] = (session, conn)
         try:
             while True:
                 header = await _recv_exact(loop, conn, wire.HEADER.size)
                 if header is None:
                     return
+                limit = wire.MAX_FRAME if self._trusted(session) else wire.MAX_UNTRUSTED_FRAME
                 try:
-                    length = wire.frame_length(header)
+                    length = wire.frame_length(header, limit)
                 except ProtocolError as exc:
-                    await _send(loop, conn, {"id": None, "ok": False, "error": exc.to_wire()}, [])
+                    reply = {"id": None, "ok": False, "error": exc.to_wire()}
+                    self._watch(session, self.frame_timeout)
+                    await _send(loop, conn, wire.encode(reply), [])
                     return  # the stream cannot be resynchronised
+                self._watch(session, self.frame_timeout)
                 body = await _recv_exact(loop, conn, length)
                 if body is None:
                     return
-                reply, fds = await self._dispatch(session, body)
-                await _send(loop, conn, reply, fds)
+                self._watch(session, None)
+                data, fds, close = await self._dispatch(session, body)
+                self._watch(session, self.frame_timeout)
+                await _send(loop, conn, data, fds)
+                self._watch(session, None)
+                if close:
+                    log.info("session %d (%s): %d failed hellos, closing", session.id, session.peer, MAX_FAILED_HELLOS)
+                    return
         except (ConnectionError, OSError) as exc:
             log.debug("session %d: %s", session.id, exc)
         finally:
+            self._open.pop(session.id, None)
             conn.close()
             await self._on_close(session)
             log.debug("session %d closed", session.id)
 
-    async def _dispatch(self, session: Session, body: bytes) -> tuple[dict[str, Any], list[int]]:
-        request_id = None
+    async def _dispatch(self, session: Session, body: bytearray) -> tuple[bytes, list[int], bool]:
+        """Decode, check, handle and encode one request: the reply's bytes, the descriptors to
+        pass with them, and whether to close the connection afterwards."""
+        request_id: object = None
+        op: Any = ""
+        big = len(body) >= OFFLOAD_BYTES
         try:
-            request = wire.decode(body)
+            request = await asyncio.to_thread(wire.decode, body) if big else wire.decode(body)
             request_id = request.get("id")
             op, args = request.get("op"), request.get("args", {})
-            if not isinstance(request_id, int) or isinstance(request_id, bool):
+            if type(request_id) is not int:
+                request_id = None
                 raise ProtocolError("request id must be an integer")
+            if not isinstance(op, str):
+                raise ProtocolError(f"op must be a string, not {type(op).__name__}")
             if op not in wire.OPS:
-                raise InvalidArgument(f"unknown op {op!r:.40}")
+                raise InvalidArgument(f"unknown op {brief(op)}")
             if not isinstance(args, dict):
                 raise InvalidArgument("args must be a map")
+            if not all(type(k) is str for k in args):
+                raise InvalidArgument("argument names must be strings")
+            if "op" in args:
+                raise InvalidArgument("'op' is not an argument")
             if not session.hello and op != "hello":
                 raise ProtocolError("the first request must be hello")
             self._authorize(session, op, args)
             result, fds = await self._handle(session, {"op": op, **args})
-            return {"id": request_id, "ok": True, "result": result, "fds": len(fds)}, fds
+            reply: dict[str, Any] = {"id": request_id, "ok": True, "result": result, "fds": len(fds)}
         except TensordError as exc:
-            return {"id": request_id, "ok": False, "error": exc.to_wire()}, []
+            return self._error(session, request_id, op, exc), [], self._hello_failed(session, op)
+        except RecursionError:
+            deep = InvalidArgument("the request nests too deeply")
+            return self._error(session, request_id, op, deep), [], self._hello_failed(session, op)
+        except OSError as exc:
+            return self._error(session, request_id, op, self._os_error(session, op, exc)), [], False
         except Exception as exc:  # a bug: report it, keep serving
-            log.exception("internal error in session %d", session.id)
-            error = TensordError(f"internal error: {type(exc).__name__}: {exc}")
-            return {"id": request_id, "ok": False, "error": error.to_wire()}, []
+            return self._error(session, request_id, op, self._bug(session, op, exc)), [], False
+        try:
+            data = await asyncio.to_thread(wire.encode, reply) if big else wire.encode(reply)
+        except Exception as exc:  # too large for a frame, or something msgpack cannot hold
+            if self._undo is not None:
+                await self._undo(session, op, result)
+            if isinstance(exc, ProtocolError):  # the frame limit
+                error: TensordError = InvalidArgument(f"{op}: the reply would exceed the frame limit: {exc.message}")
+            else:
+                error = self._bug(session, op, exc)
+            return self._error(session, request_id, op, error), [], False
+        return data, fds, False
+
+    def _hello_failed(self, session: Session, op: str) -> bool:
+        """Count a failed hello; True when the connection has had too many."""
+        if op != "hello":
+            return False
+        session.failed_hellos += 1
+        return session.failed_hellos >= MAX_FAILED_HELLOS
+
+    def _error(self, session: Session, request_id: object, op: str, exc: TensordError) -> bytes:
+        """An error reply that can always be sent: details msgpack cannot hold (an integer of
+        2**64 or more, say) are dropped, then the message is shortened."""
+        error = exc.to_wire()
+        for reply in (
+            {"id": request_id, "ok": False, "error": error},
+            {"id": request_id, "ok": False, "error": {**error, "details": {}}},
+            {"id": request_id, "ok": False, "error": {"code": exc.code, "message": exc.message[:200], "details": {}}},
+        ):
+            try:
+                return wire.encode(reply)
+            except Exception:  # noqa: S112 - try the next, plainer form
+                continue
+        return wire.encode({"id": None, "ok": False, "error": {"code": exc.code, "message": "", "details": {}}})
+
+    def _os_error(self, session: Session, op: str, exc: OSError) -> TensordError:
+        if exc.errno in _FD_ERRORS:
+            return OutOfCapacity(
+                f"{op}: the daemon is out of file descriptors ({exc.strerror}); each held host-memory "
+                "version keeps one open: raise its limit (LimitNOFILE) or hold fewer versions"
+            )
+        if exc.errno in _CAPACITY_ERRORS:
+            return OutOfCapacity(f"{op}: {exc.strerror}")
+        return self._bug(session, op, exc)
+
+    def _bug(self, session: Session, op: str, exc: BaseException) -> TensordError:
+        """Log an internal error (the traceback once per place, then one line) and wrap it."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+        key = (type(exc).__name__, where)
+        self._bugs[key] = seen = self._bugs.get(key, 0) + 1
+        if seen == 1:
+            log.error("internal error in %s (session %d)", op or "a request", session.id, exc_info=exc)
+        else:
+            log.error("internal error in %s (session %d): %s at %s (%d times)", op, session.id, key[0], where, seen)
+        return TensordError(f"internal error: {type(exc).__name__}: {brief(str(exc))}")
 
     def _authorize(self, session: Session, op: str, args: dict[str, Any]) -> None:
         if op == "hello":
@@ -193,8 +368,9 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes | None:
-    """n bytes, or None at a clean end of stream before the first byte."""
+async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytearray | None:
+    """n bytes, or None at a clean end of stream before the first byte. The buffer grows with
+    what arrives, so a peer that announces a large frame and stalls costs little."""
     buf = bytearray()
     while len(buf) < n:
         chunk = await loop.sock_recv(conn, min(n - len(buf), 1 << 20))
@@ -203,15 +379,10 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: i
                 raise ConnectionResetError("connection closed inside a frame")
             return None
         buf += chunk
-    return bytes(buf)
+    return buf
 
 
-async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
-    try:
-        data = wire.encode(reply)
-    except ProtocolError as exc:
-        data = wire.encode({"id": reply.get("id"), "ok": False, "error": exc.to_wire()})
-        fds = []
+async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, fds: list[int]) -> None:
     if fds:
         # Descriptors ride on the first bytes; replies are small and the client is waiting.
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]

@@ -16,14 +16,14 @@ from sdk import wire
 from sdk.dataplane.descriptors import RemoteReplica
 from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unauthorized, Unavailable
 from sdk.manifest import Manifest, Table
-from sdk.names import check_name, check_prefix, check_version
+from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
 from tensord.ingest import Progress, default_threads, ingest_into
 from tensord.memory import cuda_blocks, own_view
 from tensord.peers import RemotePin
-from tensord.rpc import Session
+from tensord.rpc import Session, brief
 from tensord.store import Held, Store
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = (
     known = {"op", *required, *optional}
     unknown = set(request) - known
     if unknown:
-        raise InvalidArgument(f"{request['op']}: unknown arguments {sorted(unknown)}")
+        raise InvalidArgument(f"{request['op']}: unknown arguments {brief(sorted(unknown))}")
     missing = [k for k in required if k not in request]
     if missing:
         raise InvalidArgument(f"{request['op']}: missing arguments {missing}")
@@ -87,6 +87,18 @@ class Service:
     async def handle(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         method = getattr(self, "op_" + request["op"])
         return await method(session, request)
+
+    async def unsent(self, session: Session, op: str, result: Any) -> None:
+        """A request succeeded but its reply could not be sent (too large for a frame): give
+        back what it took, so nothing stays held for a client that never learnt of it."""
+        if op == "put_begin":
+            rid = result["reservation"]
+            session.reservations.discard(rid)
+            self.store.abort(rid)
+        elif op == "open":
+            held = session.pins.pop(result["pin"], None)
+            if held is not None:
+                await self._unpin(held)
 
     async def session_closed(self, session: Session) -> None:
         for pin in session.pins.values():
@@ -191,8 +203,8 @@ class Service:
         """Long poll: the next version of `name` committed after `after`, or None at timeout."""
         name, after, timeout = _args(request, "name", "after", optional=("timeout",))
         check_name(name)
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-            raise InvalidArgument("after must be a non-negative integer")
+        if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_VERSION:
+            raise InvalidArgument("after must be an integer from 0 to 2**63-1")
         timeout = 30.0 if timeout is None else timeout
         if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidArgument(f"timeout must lie between 0 and {MAX_WAIT} seconds")
@@ -272,13 +284,18 @@ class Service:
         """Load a checkpoint the daemon reads itself, from a directory the config allows."""
         path, name, device, threads = _args(request, "path", "name", optional=("device", "threads"))
         check_name(name)
-        if not isinstance(path, str) or not path:
-            raise InvalidArgument("path must be a non-empty string")
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise InvalidArgument("path must be a non-empty string without NUL characters")
+        if device is not None and not isinstance(device, str):
+            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
         if threads is None:
             threads = default_threads(device or "cpu")
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
             raise InvalidArgument("threads must be an integer from 1 to 64")
-        real = await asyncio.to_thread(os.path.realpath, path)
+        try:
+            real = await asyncio.to_thread(os.path.realpath, path)
+        except OSError as exc:  # a path too long, say
+            raise InvalidArgument(f"path {brief(path)}: {exc.strerror or exc}") from None
         root = next((r for r in self.allowed_roots if real == r or real.startswith(r + os.sep)), None)
         if root is None:
             raise Unauthorized(
@@ -310,8 +327,8 @@ class Service:
         return {"version": held.manifest.version, "nbytes": total}, []
 
     def _own(self, session: Session, rid: object) -> None:
-        if rid not in session.reservations:
-            raise InvalidArgument(f"reservation {rid!r} does not belong to this connection")
+        if type(rid) is not int or rid not in session.reservations:
+            raise InvalidArgument(f"reservation {brief(rid)} does not belong to this connection")
 
     async def op_delete(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         name, version = _args(request, "name", optional=("version",))

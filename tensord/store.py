@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdk.dataplane.cuda import current
-from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
-from sdk.manifest import ALIGN, Manifest, Table
+from sdk.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
+from sdk.manifest import ALIGN, MAX_BYTES, Manifest, Table
 from sdk.transport.base import Transport
 from tensord.memory import Budgets, HostSlab, Slab, allocate, cuda_blocks
 from tensord.registry.base import Registry, Replica
@@ -116,6 +116,9 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------
     def reserve(self, name: str, device: str, table: Table, origin: str) -> Reservation:
+        total = float(table.sizes.astype(np.float64).sum()) + ALIGN * len(table)  # no int64 wrap
+        if total >= MAX_BYTES:
+            raise OutOfCapacity(f"{name}: {total:.3g} bytes requested, more than a slab holds", requested=int(total))
         offsets, nbytes = table.layout()
         rid = next(self._ids)
         slab = self.allocate(device, nbytes, f"{name}#{rid}")

@@ -46,9 +46,15 @@ def tensord(*args: str, socket: str | None) -> subprocess.CompletedProcess[str]:
 
 class DaemonProcess:
     def __init__(
-        self, workdir: Path, node: str = "n1", config: str | None = None, env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        node: str = "n1",
+        config: str | None = None,
+        env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
-        self.workdir, self.node = workdir, node
+        """`nofile`: (soft, hard) limit on open files the daemon starts with (prlimit)."""
+        self.workdir, self.node, self.nofile = workdir, node, nofile
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / f"{node}.sock")
         self.log = workdir / f"{node}.log"
@@ -61,6 +67,8 @@ class DaemonProcess:
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         cmd = [sys.executable, "-m", "tensord", "serve", "--node", self.node]
+        if self.nofile is not None:
+            cmd = ["prlimit", f"--nofile={self.nofile[0]}:{self.nofile[1]}", "--", *cmd]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         with open(self.log, "ab") as log:
@@ -76,6 +84,14 @@ class DaemonProcess:
 
     def client(self, **kw: Any) -> sdk.Client:
         return sdk.Client(self.socket, **kw)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

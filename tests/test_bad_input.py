@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -16,56 +14,7 @@ import sdk
 from sdk import wire
 from sdk.manifest import Table
 from sdk.names import check_name
-
-
-class Raw:
-    """A hand-driven connection, to send what the SDK never would."""
-
-    def __init__(self, path: str, hello: bool = True) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-        if hello:
-            assert self.call("hello", protocol=wire.PROTOCOL_VERSION)["ok"]
-
-    def send_bytes(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send(self, message: Any) -> None:
-        body = msgpack.packb(message)
-        self.send_bytes(struct.pack(">I", len(body)) + body)
-
-    def recv(self) -> dict[str, Any] | None:
-        header = self._exact(4)
-        if header is None:
-            return None
-        (n,) = struct.unpack(">I", header)
-        body = self._exact(n)
-        assert body is not None
-        return msgpack.unpackb(body)
-
-    def _exact(self, n: int) -> bytes | None:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return buf
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        self.send({"id": 1, "op": op, "args": args})
-        reply = self.recv()
-        assert reply is not None
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _code(reply: dict[str, Any]) -> str:
-    assert reply["ok"] is False, reply
-    return reply["error"]["code"]
+from tests.frames import Raw, code
 
 
 @pytest.fixture
@@ -95,7 +44,7 @@ def test_bad_names_are_refused_by_sdk_and_daemon(raw: Raw, client: sdk.Client, n
     with pytest.raises(sdk.InvalidArgument):
         check_name(name)
     for op, args in (("open", {}), ("info", {}), ("delete", {}), ("put_begin", {"device": "cpu", "tensors": []})):
-        assert _code(raw.call(op, name=name, **args)) == "invalid_argument"
+        assert code(raw.call(op, name=name, **args)) == "invalid_argument"
     if isinstance(name, str):
         with pytest.raises(sdk.InvalidArgument):
             client.put(name, {"x": torch.ones(1)})
@@ -138,49 +87,49 @@ def _i64(*values: int) -> bytes:
 )
 def test_bad_tensor_tables(raw: Raw, mutate: Any) -> None:
     table = _table(x=[2], y=[2])
-    assert _code(raw.call("put_begin", name="bad-spec", device="cpu", tensors=mutate(table))) == "invalid_argument"
+    assert code(raw.call("put_begin", name="bad-spec", device="cpu", tensors=mutate(table))) == "invalid_argument"
     assert raw.call("status")["result"]["reservations"] == 0
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:99", "", 3, "cpu:0"])
 def test_bad_devices(raw: Raw, device: Any) -> None:
     reply = raw.call("put_begin", name="bad-device", device=device, tensors=_table(x=[1]))
-    assert _code(reply) == "invalid_argument"
+    assert code(reply) == "invalid_argument"
 
 
 @pytest.mark.parametrize("version", [0, -1, "2", 1.0, True, "latest!"])
 def test_bad_versions(raw: Raw, client: sdk.Client, version: Any) -> None:
     client.put("bad-version", {"x": torch.ones(1)})
-    assert _code(raw.call("open", name="bad-version", version=version)) == "invalid_argument"
+    assert code(raw.call("open", name="bad-version", version=version)) == "invalid_argument"
     client.delete("bad-version")
 
 
 def test_unknown_op_wrong_args_and_no_hello(daemon, raw: Raw) -> None:
-    assert _code(raw.call("format_disk")) == "invalid_argument"
-    assert _code(raw.call("ls", prefix=5)) == "invalid_argument"
-    assert _code(raw.call("ls", bogus=1)) == "invalid_argument"
-    assert _code(raw.call("info")) == "invalid_argument"
+    assert code(raw.call("format_disk")) == "invalid_argument"
+    assert code(raw.call("ls", prefix=5)) == "invalid_argument"
+    assert code(raw.call("ls", bogus=1)) == "invalid_argument"
+    assert code(raw.call("info")) == "invalid_argument"
     raw.send({"id": "x", "op": "ls", "args": {}})
-    assert _code(raw.recv()) == "protocol_error"
+    assert code(raw.recv()) == "protocol_error"
     raw.send({"id": 2, "op": "ls", "args": [1]})
-    assert _code(raw.recv()) == "invalid_argument"
+    assert code(raw.recv()) == "invalid_argument"
     raw.send([1, 2, 3])
-    assert _code(raw.recv()) == "protocol_error"
+    assert code(raw.recv()) == "protocol_error"
     fresh = Raw(daemon.socket, hello=False)
-    assert _code(fresh.call("ls")) == "protocol_error"
-    assert _code(fresh.call("hello", protocol=99)) == "protocol_error"
+    assert code(fresh.call("ls")) == "protocol_error"
+    assert code(fresh.call("hello", protocol=99)) == "protocol_error"
     fresh.close()
 
 
 def test_garbage_frames_get_an_error_and_the_connection_survives(raw: Raw) -> None:
     raw.send_bytes(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
-    assert _code(raw.recv()) == "protocol_error"
+    assert code(raw.recv()) == "protocol_error"
     assert raw.call("ls")["ok"]
 
 
 def test_oversized_frame_closes_the_connection(raw: Raw) -> None:
     raw.send_bytes(struct.pack(">I", wire.MAX_FRAME + 1))
-    assert _code(raw.recv()) == "protocol_error"
+    assert code(raw.recv()) == "protocol_error"
     assert raw.recv() is None  # closed
 
 
@@ -217,10 +166,10 @@ def test_commit_checks_fingerprints_and_ownership(daemon, raw: Raw) -> None:
     reply = raw.call("put_begin", name="owned", device="cpu", tensors=_table(x=[4]))
     rid = reply["result"]["reservation"]
     for fps in (b"", bytes(16), bytes(7), [1], ["x"], -1, True, 1.5, None):
-        assert _code(raw.call("put_commit", reservation=rid, fingerprints=fps)) == "invalid_argument"
+        assert code(raw.call("put_commit", reservation=rid, fingerprints=fps)) == "invalid_argument"
     other = Raw(daemon.socket)
-    assert _code(other.call("put_commit", reservation=rid, fingerprints=bytes(8))) == "invalid_argument"
-    assert _code(other.call("put_abort", reservation=rid)) == "invalid_argument"
+    assert code(other.call("put_commit", reservation=rid, fingerprints=bytes(8))) == "invalid_argument"
+    assert code(other.call("put_abort", reservation=rid)) == "invalid_argument"
     other.close()
     assert raw.call("put_abort", reservation=rid)["ok"]
 

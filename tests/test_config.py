@@ -43,6 +43,9 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         '[transport]\nprotocol = "carrier-pigeon"\n',
         '[ingest]\nallowed_roots = ["relative/dir"]\n',
         '[cache]\npull_through = "maybe"\n',
+        '[daemon]\nstate_dir = "relative/state"\n',
+        "[daemon]\nhello_timeout = 0\n",
+        '[daemon]\nframe_timeout = "soon"\n',
         '[daemon]\nnode = "Not A Node!"\n',
         "not toml at all [",
         "daemon = 3\n",
@@ -61,3 +64,15 @@ def test_sizes() -> None:
     for bad in ("-1", "1 XB", -5, True, None):
         with pytest.raises(sdk.InvalidArgument):
             parse_size(bad, "x")
+
+
+def test_state_dir_file_environment_and_systemd(tmp_path: Path) -> None:
+    assert load(None, env={}).state_dir == ""  # none unless asked for
+    assert load(None, env={"STATE_DIRECTORY": "/var/lib/tensord"}).state_dir == "/var/lib/tensord"
+    f = tmp_path / "t.toml"
+    f.write_text('[daemon]\nstate_dir = "/srv/tensord"\nhello_timeout = 5\nframe_timeout = 120\n')
+    c = load(f, env={"STATE_DIRECTORY": "/var/lib/tensord"})  # the file wins over systemd's default
+    assert (c.state_dir, c.hello_timeout, c.frame_timeout) == ("/srv/tensord", 5.0, 120.0)
+    assert load(f, env={"TENSORD_STATE_DIR": "/tmp/s"}).state_dir == "/tmp/s"
+    with pytest.raises(sdk.InvalidArgument, match="TENSORD_STATE_DIR"):
+        load(None, env={"TENSORD_STATE_DIR": "state"})
