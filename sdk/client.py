@@ -13,7 +13,9 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,9 +29,17 @@ from sdk.dataplane.fingerprint import slab_fingerprints
 from sdk.dataplane.remote import RemoteSlab
 from sdk.dataplane.slab import Slab, open_slab
 from sdk.dataplane.views import TensorMap
-from sdk.errors import IntegrityError, InvalidArgument, NotFound, ProtocolError, TensordError, TransferError
+from sdk.errors import (
+    IntegrityError,
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    TensordError,
+    TransferError,
+    Unavailable,
+)
 from sdk.manifest import ALIGN, DTYPE_CODES, Manifest, Table, table_of
-from sdk.names import check_name, check_prefix, check_version
+from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
 from sdk.tensors import describe
 from sdk.transport.base import Transport
 
@@ -38,6 +48,17 @@ T = TypeVar("T")
 _MAX_REPLICAS = 8  # distinct replicas one read tries before giving up
 _WATCH_POLL = 30.0  # seconds one long poll waits
 _CACHED_MANIFESTS = 32  # manifests a client keeps, by (name, version, replica generation)
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """A pin and the connection that holds it: it can only be given back on that connection
+    (pin ids restart with the daemon, so another connection's pin may bear the same id)."""
+
+    conn: Connection
+    id: int
+    name: str
+    version: int
 
 
 class Mount:
@@ -49,8 +70,9 @@ class Mount:
     write to them, and do not use them after close.
     """
 
-    def __init__(self, client: Client, pin: int, manifest: Manifest, slab: Slab) -> None:
-        self._client, self._pin, self._slab = client, pin, slab
+    def __init__(self, client: Client, pin: _Pin, manifest: Manifest, slab: Slab) -> None:
+        self._client, self._slab = client, slab
+        self._pin: _Pin | None = pin
         self.manifest = manifest
         self.name, self.version = manifest.name, manifest.version
         self.tensors = TensorMap(manifest, slab.base()[: manifest.nbytes], manifest.offsets)
@@ -64,7 +86,7 @@ class Mount:
 
     def close(self) -> None:
         if self._pin:
-            pin, self._pin = self._pin, 0
+            pin, self._pin = self._pin, None
             self._slab.close()
             self._client._release(pin)
 
@@ -84,8 +106,8 @@ class Reservation:
     records one the caller computed itself.
     """
 
-    def __init__(self, client: Client, rid: int, manifest: Manifest, slab: Slab) -> None:
-        self._client, self._rid, self.slab = client, rid, slab
+    def __init__(self, client: Client, rid: int, manifest: Manifest, slab: Slab, conn: Connection) -> None:
+        self._client, self._rid, self.slab, self._conn = client, rid, slab, conn
         self.manifest = manifest
         n = len(manifest)
         self._fps = np.zeros(n, dtype=np.uint64)
@@ -143,7 +165,9 @@ class Reservation:
             self._fps[rows] = fps
         self.slab.finish()
         self.slab.close()  # drop write access first: the daemon seals host slabs at commit
-        result, _ = self._client._conn().call("put_commit", reservation=self._rid, fingerprints=self._fps.tobytes())
+        result, _ = self._client._call_on(
+            self._conn, self._lost(), "put_commit", reservation=self._rid, fingerprints=self._fps.tobytes()
+        )
         self._rid = 0
         return int(result["version"])
 
@@ -154,7 +178,13 @@ class Reservation:
                 self.slab.finish()
             finally:
                 self.slab.close()
-                self._client._conn().call("put_abort", reservation=rid)
+                self._client._call_on(self._conn, self._lost(), "put_abort", reservation=rid)
+
+    def _lost(self) -> str:
+        return (
+            f"reservation for {self.manifest.name}: the connection that made it was lost (the daemon at "
+            f"{self._conn.where} restarted or went away), and the reservation with it; put again"
+        )
 
     def __enter__(self) -> Reservation:
         return self
@@ -192,15 +222,54 @@ class Client:
 
     # -- connection -------------------------------------------------------------------------
     def _conn(self) -> Connection:
+        """The connection to the daemon; a new one when the last was lost (the daemon
+        restarted): pins, mounts and reservations of the lost one are gone."""
         with self._lock:
             if self._closed:
                 raise TensordError("this client is closed")
-            if self._connection is None:
-                self._connection = self._connect()
-            return self._connection
+            conn = self._connection
+            if conn is not None and not conn.alive():
+                log.warning(
+                    "lost the connection to the tensord daemon at %s (did it restart?); reconnecting: "
+                    "pins, mounts and reservations made on the old connection are gone",
+                    conn.where,
+                )
+                conn.close()
+                conn = self._connection = None
+            if conn is None:
+                conn = self._connection = self._connect()
+            return conn
 
     def _connect(self) -> Connection:
         return Connection(self.endpoint, timeout=self.timeout, identity=f"pid:{os.getpid()}", token=self.token)
+
+    def _reconnect(self) -> Connection:
+        """A new connection, waiting (up to `timeout`) for a daemon that is restarting."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        pause = 0.05
+        while True:
+            if self._closed:
+                raise TensordError("this client is closed")
+            try:
+                return self._connect()
+            except Unavailable:
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    def _call_on(self, conn: Connection, lost: str, op: str, **args: Any) -> tuple[Any, list[int]]:
+        """A request that only makes sense on `conn` (it concerns a pin or reservation made
+        there): Unavailable with the message `lost` if that connection is gone."""
+        if not conn.alive():
+            conn.close()
+            raise Unavailable(lost)
+        try:
+            return conn.call(op, **args)
+        except Unavailable as exc:
+            if conn.closed:
+                raise Unavailable(lost) from exc
+            raise
 
     def _transport(self) -> Transport:
         """This process's Transfer Engine, started on first use (reads from other nodes)."""
@@ -241,27 +310,31 @@ class Client:
         self.close()
 
     # -- reading ----------------------------------------------------------------------------
-    def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[int, Manifest, Slab]:
+    def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[_Pin, Manifest, Slab]:
         check_name(name)
         version = check_version(version)
         args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}
         if exclude:
             args["exclude"] = exclude
-        result, fds = self._conn().call("open", **args)
+        conn = self._conn()
+        result, fds = conn.call("open", **args)
+        pin: _Pin | None = None
         try:
             if not isinstance(result, dict) or type(result.get("pin")) is not int:
                 raise ProtocolError(f"malformed open reply: {result!r:.200}")
+            pin = _Pin(conn, result["pin"], name, version or 0)
             replica = replica_from_wire(result.get("replica"))
             manifest = self._manifest(name, result, replica.generation)
+            pin = _Pin(conn, result["pin"], name, manifest.version)
             if manifest.nbytes > replica.nbytes:
                 raise ProtocolError(f"{name} v{manifest.version}: the manifest spans more than its slab")
-            return result["pin"], manifest, open_slab(replica, fds, transport=self._transport)
+            return pin, manifest, open_slab(replica, fds, transport=self._transport)
         except BaseException:  # a reply or slab this process cannot use: give everything back
             for fd in fds:
                 os.close(fd)
-            if isinstance(result, dict) and type(result.get("pin")) is int:
+            if pin is not None:
                 with contextlib.suppress(TensordError, OSError):
-                    self._release(result["pin"])
+                    self._release(pin)
             raise
 
     def _have(self, name: str) -> list[list[int]]:
@@ -292,17 +365,25 @@ class Client:
                 self._manifests.popitem(last=False)
         return manifest
 
-    def _release(self, pin: int, *, wait: bool = True) -> bool:
+    def _release(self, pin: _Pin, *, wait: bool = True) -> bool:
         """Give a pin back; True if it held throughout (a remote node did not lose it).
 
-        A pin on this node cannot be lost, so it can be given back without `wait`ing."""
-        conn = self._connection
-        if conn is None or self._closed:
+        A pin on this node cannot be lost, so it can be given back without `wait`ing. A pin
+        whose connection was lost (the daemon restarted) is gone: Unavailable says so."""
+        if self._closed:
             return False
+        lost = (
+            f"{pin.name} v{pin.version}: the connection that pinned it was lost (the daemon at "
+            f"{pin.conn.where} restarted or went away), and the pin with it; views of host memory "
+            "stay readable in this process, views of GPU memory must not be used"
+        )
         if not wait:
-            conn.post("release", pin=pin)
+            if not pin.conn.alive():
+                pin.conn.close()
+                raise Unavailable(lost)
+            pin.conn.post("release", pin=pin.id)
             return True
-        result, _ = conn.call("release", pin=pin)
+        result, _ = self._call_on(pin.conn, lost, "release", pin=pin.id)
         return bool(result.get("intact", True))
 
     def _read(self, name: str, version: int | str | None, copy: Callable[[Manifest, Slab], T]) -> T:
@@ -456,7 +537,8 @@ class Client:
         args: dict[str, Any] = {"name": name, "device": str(device), "tensors": table.to_wire()}
         if origin is not None:
             args["origin"] = origin
-        result, fds = self._conn().call("put_begin", **args)
+        conn = self._conn()
+        result, fds = conn.call("put_begin", **args)
         try:
             manifest = _reserved(name, table, result)
             replica = replica_from_wire(result.get("replica"))
@@ -468,9 +550,9 @@ class Client:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             if isinstance(result, dict) and "reservation" in result:
-                self._conn().call("put_abort", reservation=result["reservation"])
+                conn.call("put_abort", reservation=result["reservation"])
             raise
-        return Reservation(self, result["reservation"], manifest, slab)
+        return Reservation(self, result["reservation"], manifest, slab, conn)
 
     def put(self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> int:
         """Store `tensors` as the next version of `name`; all or nothing. Returns the version.
@@ -551,9 +633,15 @@ class Client:
         """Yield each version of `name` committed after `after` (default: the current latest),
         in order, as it is committed. Stops after `timeout` seconds without one (None: never).
 
-        Uses a connection of its own, so the client stays usable while a watch waits.
+        Uses a connection of its own, so the client stays usable while a watch waits. When
+        the daemon restarts, the watch reconnects (waiting up to the client's `timeout` for it)
+        and goes on after the last version it yielded.
         """
         check_name(name)
+        if after is not None and (
+            isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_VERSION
+        ):
+            raise InvalidArgument(f"after must be an integer from 0 to 2**63-1, not {type(after).__name__}")
         if after is None:
             try:
                 after = int(self.info(name)["latest"])
@@ -563,7 +651,14 @@ class Client:
         try:
             while True:
                 wait = _WATCH_POLL if timeout is None else min(_WATCH_POLL, timeout)
-                result, _ = conn.call("wait", name=name, after=after, timeout=wait)
+                try:
+                    result, _ = conn.call("wait", name=name, after=after, timeout=wait)
+                except Unavailable:
+                    if not conn.closed:  # the daemon answered (its registry is unreachable)
+                        raise
+                    log.warning("watch of %s lost the daemon at %s; reconnecting", name, conn.where)
+                    conn = self._reconnect()
+                    continue
                 if result["version"] is None:
                     if timeout is not None:
                         return

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import array
+import errno
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
+import time
 from typing import Any
 
 from sdk import wire
@@ -35,25 +38,47 @@ def endpoint(socket: str | None = None, address: str | None = None) -> str:
     return f"unix:{os.environ.get('TENSORD_SOCKET') or DEFAULT_SOCKET}"
 
 
+def _connect_unix(path: str, timeout: float | None) -> socket.socket:
+    """Connect to a Unix socket, waiting up to `timeout` while the daemon's backlog is full.
+
+    With a timeout the socket is non-blocking inside Python, and a non-blocking connect to a
+    full backlog fails at once with EAGAIN (a blocking one would wait): many ranks starting
+    together hit that, so it is retried with short pauses until the timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise TimeoutError(errno.ETIMEDOUT, f"the daemon's backlog stayed full for {timeout} s") from exc
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 class Connection:
-    """Request/reply over one socket; thread-safe (one call at a time)."""
+    """Request/reply over one socket; thread-safe (one call at a time).
+
+    A connection that failed (the daemon went away, a reply timed out) is closed for good:
+    `closed` says so, and the Client replaces it on its next call."""
 
     def __init__(self, where: str, *, timeout: float | None, identity: str, token: str | None) -> None:
         self.where = where
         self.is_local = where.startswith("unix:")
+        self.closed = False
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._posted: set[int] = set()
         kind, _, target = where.partition(":")
         try:
             if kind == "unix":
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._sock.settimeout(timeout)
-                try:
-                    self._sock.connect(target)
-                except OSError:
-                    self._sock.close()
-                    raise
+                self._sock = _connect_unix(target, timeout)
             else:
                 host, _, port = target.rpartition(":")
                 self._sock = socket.create_connection((host, int(port)), timeout=timeout)
@@ -69,12 +94,21 @@ class Connection:
             self.close()
             raise
 
+    def _frame(self, request_id: int, op: str, args: dict[str, Any]) -> bytes:
+        if self.closed:
+            raise Unavailable(f"the connection to the tensord daemon at {self.where} is closed")
+        try:
+            return wire.encode({"id": request_id, "op": op, "args": args})
+        except (OverflowError, TypeError, ValueError) as exc:  # what msgpack cannot hold
+            raise InvalidArgument(f"{op}: an argument cannot be sent: {exc}") from exc
+
     def call(self, op: str, **args: Any) -> tuple[Any, list[int]]:
         """Send one request; return the result and any file descriptors that came with it."""
         with self._lock:
             request_id = next(self._ids)
+            frame = self._frame(request_id, op, args)
             try:
-                self._sock.sendall(wire.encode({"id": request_id, "op": op, "args": args}))
+                self._sock.sendall(frame)
                 while True:
                     fds: list[int] = []
                     length = wire.frame_length(self._recv(wire.HEADER.size, fds))
@@ -100,8 +134,9 @@ class Connection:
         """Send a request without waiting: its reply is read (and dropped) by the next call."""
         with self._lock:
             request_id = next(self._ids)
+            frame = self._frame(request_id, op, args)
             try:
-                self._sock.sendall(wire.encode({"id": request_id, "op": op, "args": args}))
+                self._sock.sendall(frame)
             except OSError as exc:
                 self.close()
                 raise Unavailable(f"lost the tensord daemon at {self.where}: {exc}") from exc
@@ -124,7 +159,30 @@ class Connection:
             buf += data
         return bytes(buf)
 
+    def alive(self) -> bool:
+        """False once the daemon closed its end (it exited or restarted): a cheap check,
+        without waiting, made before each use so a restarted daemon is noticed in time."""
+        if self.closed:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            events = poller.poll(0)
+        except (OSError, ValueError):  # closed meanwhile by a failing call on another thread
+            return False
+        if not events:
+            return True
+        if events[0][1] & (select.POLLERR | select.POLLNVAL):
+            return False
+        try:  # readable: end of stream, or replies to posted requests waiting to be read
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
     def close(self) -> None:
+        self.closed = True
         self._sock.close()
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import sdk
 from sdk import wire
 from sdk.manifest import MAX_TENSORS, Table
 from tests.etcd_server import free_port
@@ -108,6 +109,22 @@ def test_a_reply_too_large_to_send_gives_back_what_it_took(daemon, raw: Raw) -> 
     status = raw.call("status")["result"]  # same connection: it is still open
     assert status["pins"] == 0 and status["reservations"] == 0
     assert raw.call("delete", name="huge-manifest")["result"]["deleted"] == 1
+
+
+def test_versions_msgpack_cannot_hold_are_invalid_in_the_sdk(client: sdk.Client) -> None:
+    client.put("big-version", {"x": torch.ones(1)})
+    for version in (2**63, 2**64, 2**70, -(2**64)):
+        for call in (
+            lambda v=version: client.get("big-version", v),
+            lambda v=version: client.info("big-version", v),
+            lambda v=version: client.mount("big-version", v),
+            lambda v=version: client.delete("big-version", v),
+            lambda v=version: list(client.watch("big-version", after=v, timeout=0.1)),
+        ):
+            with pytest.raises(sdk.InvalidArgument):
+                call()
+    assert client.info("big-version")["versions"] == [1]  # the client goes on
+    client.delete("big-version")
 
 
 # -- what an unauthenticated peer may cost ------------------------------------------------------

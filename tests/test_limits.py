@@ -1,8 +1,12 @@
-"""Running out of descriptors: the daemon reports it and waits it out."""
+"""Running out of descriptors, and a full listen backlog: the daemon and the SDK wait it out."""
 
 from __future__ import annotations
 
+import errno
+import resource
+import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -63,3 +67,83 @@ def test_running_out_of_descriptors_is_out_of_capacity_and_accepting_survives(st
         assert fresh.put("after", {"x": torch.ones(3)}) == 1
     assert time.monotonic() - t0 < 10
     assert d.proc is not None and d.proc.poll() is None
+
+
+def _fill_backlog(path: str, limit: int) -> list[socket.socket]:
+    """Connect without being accepted until the listener's backlog refuses (EAGAIN)."""
+    sockets = []
+    for _ in range(limit):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return sockets
+        except OSError as exc:
+            s.close()
+            if exc.errno == errno.EAGAIN:
+                return sockets
+            raise
+        sockets.append(s)
+    raise AssertionError(f"backlog took more than {limit} connections")
+
+
+def _room_for(n: int) -> None:
+    """Let this process open `n` more descriptors, or skip the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 1000
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"needs {want} descriptors in the test process (hard limit {hard})")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def test_connect_waits_while_the_backlog_is_full(start_daemon) -> None:
+    _room_for(9000)
+    d = start_daemon("backlog")
+    with d.client() as c:
+        c.put("b", {"x": torch.arange(5)})
+    d.proc.send_signal(signal.SIGSTOP)  # accepts nothing while stopped
+    filler: list[socket.socket] = []
+    try:
+        filler = _fill_backlog(d.socket, 9000)
+        with open("/proc/sys/net/core/somaxconn") as f:
+            assert len(filler) >= min(int(f.read()), 4096)  # the daemon asks for 4096
+        outcome: list[object] = []
+
+        def read() -> None:
+            try:
+                with d.client(timeout=30) as late:
+                    outcome.append(late.get("b")["x"])
+            except sdk.TensordError as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=read)
+        t.start()
+        time.sleep(1.0)
+        assert not outcome  # still waiting for room in the backlog, not failed
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        for s in filler:
+            s.close()
+    t.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], torch.Tensor), outcome
+    assert torch.equal(outcome[0], torch.arange(5))
+
+
+def test_connect_gives_up_at_its_timeout(start_daemon) -> None:
+    _room_for(9000)
+    d = start_daemon("backlog2")
+    d.proc.send_signal(signal.SIGSTOP)
+    filler: list[socket.socket] = []
+    try:
+        filler = _fill_backlog(d.socket, 9000)
+        t0 = time.monotonic()
+        with pytest.raises(sdk.Unavailable, match="backlog"):
+            sdk.Client(d.socket, timeout=1.0).ls()
+        assert 0.9 < time.monotonic() - t0 < 5
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        for s in filler:
+            s.close()
