@@ -64,7 +64,8 @@ class Session:
     authorized: bool = False  # presented the right token (TCP only)
     hello: bool = False
     failed_hellos: int = 0
-    deadline: float = math.inf  # monotonic time by which the peer must have made progress
+    deadline: float = math.inf  # loop time by which the peer must have made progress
+    hello_by: float = math.inf  # loop time by which its hello must have succeeded
     pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
     reservations: set[int] = field(default_factory=set)
 
@@ -198,16 +199,16 @@ class Server:
     def _trusted(self, session: Session) -> bool:
         return session.hello and (session.local or not self._token or session.authorized)
 
-    def _watch(self, session: Session, seconds: float | None) -> None:
-        """Give the peer `seconds` to make progress (None: no limit). Before hello, the
-        hello deadline stands."""
-        if session.hello:
-            session.deadline = math.inf if seconds is None else asyncio.get_running_loop().time() + seconds
+    def _expect(self, session: Session, seconds: float | None) -> None:
+        """The peer must make progress within `seconds` (None: nothing is expected of it), and
+        say hello by its hello deadline."""
+        deadline = math.inf if seconds is None else asyncio.get_running_loop().time() + seconds
+        session.deadline = deadline if session.hello else min(deadline, session.hello_by)
 
     async def _serve(self, conn: socket.socket, session: Session) -> None:
         loop = asyncio.get_running_loop()
         log.debug("session %d opened by %s", session.id, session.peer)
-        session.deadline = loop.time() + self.hello_timeout
+        session.hello_by = session.deadline = loop.time() + self.hello_timeout
         self._open[session.id] = (session, conn)
         try:
             while True:
@@ -219,18 +220,18 @@ class Server:
                     length = wire.frame_length(header, limit)
                 except ProtocolError as exc:
                     reply = {"id": None, "ok": False, "error": exc.to_wire()}
-                    self._watch(session, self.frame_timeout)
+                    self._expect(session, self.frame_timeout)
                     await _send(loop, conn, wire.encode(reply), [])
                     return  # the stream cannot be resynchronised
-                self._watch(session, self.frame_timeout)
+                self._expect(session, self.frame_timeout)
                 body = await _recv_exact(loop, conn, length)
                 if body is None:
                     return
-                self._watch(session, None)
+                session.deadline = math.inf  # the daemon's turn, however long the op takes
                 data, fds, close = await self._dispatch(session, body)
-                self._watch(session, self.frame_timeout)
+                self._expect(session, self.frame_timeout)
                 await _send(loop, conn, data, fds)
-                self._watch(session, None)
+                self._expect(session, None)
                 if close:
                     log.info("session %d (%s): %d failed hellos, closing", session.id, session.peer, MAX_FAILED_HELLOS)
                     return
@@ -271,14 +272,14 @@ class Server:
             result, fds = await self._handle(session, {"op": op, **args})
             reply: dict[str, Any] = {"id": request_id, "ok": True, "result": result, "fds": len(fds)}
         except TensordError as exc:
-            return self._error(session, request_id, op, exc), [], self._hello_failed(session, op)
+            return self._error(request_id, exc), [], self._hello_failed(session, op)
         except RecursionError:
             deep = InvalidArgument("the request nests too deeply")
-            return self._error(session, request_id, op, deep), [], self._hello_failed(session, op)
+            return self._error(request_id, deep), [], self._hello_failed(session, op)
         except OSError as exc:
-            return self._error(session, request_id, op, self._os_error(session, op, exc)), [], False
+            return self._error(request_id, self._os_error(session, op, exc)), [], False
         except Exception as exc:  # a bug: report it, keep serving
-            return self._error(session, request_id, op, self._bug(session, op, exc)), [], False
+            return self._error(request_id, self._bug(session, op, exc)), [], False
         try:
             data = await asyncio.to_thread(wire.encode, reply) if big else wire.encode(reply)
         except Exception as exc:  # too large for a frame, or something msgpack cannot hold
@@ -288,7 +289,7 @@ class Server:
                 error: TensordError = InvalidArgument(f"{op}: the reply would exceed the frame limit: {exc.message}")
             else:
                 error = self._bug(session, op, exc)
-            return self._error(session, request_id, op, error), [], False
+            return self._error(request_id, error), [], False
         return data, fds, False
 
     def _hello_failed(self, session: Session, op: str) -> bool:
@@ -298,7 +299,7 @@ class Server:
         session.failed_hellos += 1
         return session.failed_hellos >= MAX_FAILED_HELLOS
 
-    def _error(self, session: Session, request_id: object, op: str, exc: TensordError) -> bytes:
+    def _error(self, request_id: object, exc: TensordError) -> bytes:
         """An error reply that can always be sent: details msgpack cannot hold (an integer of
         2**64 or more, say) are dropped, then the message is shortened."""
         error = exc.to_wire()

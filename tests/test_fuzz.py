@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -306,14 +307,19 @@ def test_fuzzed_frames_get_no_internal_reply_and_the_daemon_still_serves(target)
             frames.append(b"")
         elif ending < 0.10:  # a frame cut short by the end of the connection
             batch += struct.pack(">I", rng.randrange(1, 1 << 16)) + rng.randbytes(rng.randrange(100))
-        try:
-            for start in range(0, len(batch), 64 << 10):  # a pipe's worth at a time, then read
-                conn.sock.sendall(batch[start : start + (64 << 10)])
-            if ending >= 0.05 and ending < 0.10:
-                conn.sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):  # closed early: three failed hellos
-            pass
+
+        def send(sock: socket.socket = conn.sock, batch: bytes = batch, cut: bool = 0.05 <= ending < 0.10) -> None:
+            try:
+                sock.sendall(batch)
+                if cut:
+                    sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):  # closed early: three failed hellos
+                pass
+
+        sender = threading.Thread(target=send)  # replies are read meanwhile: no buffer fills up
+        sender.start()
         replies = conn.replies(len(frames))
+        sender.join()
         for reply in replies:
             _check(reply, seen)
         sent += len(frames)
