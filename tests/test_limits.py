@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import resource
+import shutil
 import signal
 import socket
 import threading
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import sdk
+
+needs_prlimit = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 
 
 def _limits(pid: int) -> tuple[int, int]:
@@ -24,11 +27,13 @@ def _limits(pid: int) -> tuple[int, int]:
     raise AssertionError("no open-file limit in /proc")
 
 
+@needs_prlimit
 def test_serve_raises_its_soft_fd_limit_to_the_hard_limit(start_daemon) -> None:
     d = start_daemon("nofile", nofile=(256, 4096))
     assert _limits(d.pid) == (4096, 4096)
 
 
+@needs_prlimit
 def test_running_out_of_descriptors_is_out_of_capacity_and_accepting_survives(start_daemon) -> None:
     """A daemon held to 160 descriptors: each held version keeps one (its memfd). Versions
     beyond the limit fail with OutOfCapacity; connections beyond it wait in the backlog and are
