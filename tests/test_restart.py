@@ -163,6 +163,10 @@ def test_a_watch_follows_across_a_restart(start_daemon, tmp_path: Path) -> None:
         t = threading.Thread(target=lambda: seen.extend(next(watch) for _ in range(2)))
         t.start()
         assert c.put("w", {"x": torch.ones(1)}) == 2
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:  # delivered by the first daemon
+            time.sleep(0.02)
+        assert seen == [2]
         _restart(d)
         assert c.put("w", {"x": torch.ones(1)}) == 3
         t.join(30)
