@@ -38,11 +38,13 @@ if TYPE_CHECKING:
 
     import torch
 
+    from sdk.catalogue import CatalogueClient
     from sdk.client import Client, Mount, Reservation
     from sdk.dataplane.fingerprint import fingerprint
     from sdk.dataplane.views import TensorMap
 
 __all__ = [
+    "CatalogueClient",
     "Client",
     "IntegrityError",
     "InvalidArgument",
@@ -73,6 +75,7 @@ __all__ = [
 
 #: names this package loads on first use: name -> module
 _LAZY = {
+    "CatalogueClient": "sdk.catalogue",
     "Client": "sdk.client",
     "Mount": "sdk.client",
     "Reservation": "sdk.client",

@@ -20,12 +20,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
+        return code
     except TensordError as exc:
         print(f"tensord: error: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`tensord info NAME --tensors | head`): stop quietly, with the
+        # status a command killed by SIGPIPE has; nothing more goes to the closed pipe, not
+        # even the interpreter's last flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,9 +127,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from sdk import Client
+    """A full client (data plane, imports torch): for load and export."""
+    from sdk.client import Client
 
     return Client(args.socket, address=args.addr, token=args.token)
+
+
+def _catalogue(args: argparse.Namespace) -> Any:
+    """A client for the commands that move no tensor bytes: it imports no torch, so they start
+    fast (benchmarks/cli_start.py)."""
+    from sdk.catalogue import CatalogueClient
+
+    return CatalogueClient(args.socket, address=args.addr, token=args.token)
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -191,7 +210,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _catalogue(args) as client:
         sets = client.ls(args.prefix)
     if args.json:
         print(json.dumps(sets, indent=2))
@@ -212,7 +231,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _catalogue(args) as client:
         info = client.info(args.name, args.version, tensors=args.tensors or args.json)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -238,14 +257,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _catalogue(args) as client:
         n = client.delete(args.name, args.version)
     print(f"deleted {n} version{'s' * (n != 1)}")
     return 0
 
 
 def _replicate(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _catalogue(args) as client:
         t0 = time.perf_counter()
         r = client.replicate(args.name, args.version, to=args.to, device=args.device)
     print(f"{r['name']} v{r['version']} held on node {r['node']} ({r['device']}) in {time.perf_counter() - t0:.2f} s")
@@ -253,7 +272,7 @@ def _replicate(args: argparse.Namespace) -> int:
 
 
 def _nodes(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _catalogue(args) as client:
         nodes = client.nodes()
     if args.json:
         print(json.dumps(nodes, indent=2))
@@ -280,7 +299,7 @@ def _nodes(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _catalogue(args) as client:
         st = client.status()
     if args.json:
         print(json.dumps(st, indent=2))

@@ -76,3 +76,60 @@ def test_serve_rejects_a_bad_config(tmp_path) -> None:
     _fail(out, "memory.retention")
     bad.write_text("[memroy]\nretention = 1\n")
     _fail(tensord("serve", "--config", str(bad), socket=str(tmp_path / "s.sock")), "unknown key memroy.retention")
+
+
+NO_TORCH = """
+import sys
+from tensord.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "numpy", "safetensors", "prometheus_client") if m in sys.modules)
+print("HEAVY", heavy, file=sys.stderr)
+raise SystemExit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["ls"], ["info", "cli/light"], ["info", "cli/light", "--tensors"], ["status"], ["nodes"], ["rm", "cli/gone"]],
+)
+def test_catalogue_commands_do_not_import_torch(daemon, client, argv) -> None:
+    import subprocess
+    import sys
+
+    from tests.daemons import child_env
+
+    client.put("cli/light", {"w": torch.ones(3)})
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv],
+        env=child_env(TENSORD_SOCKET=daemon.socket),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stderr, out.stderr
+
+
+def test_a_closed_pipe_ends_quietly(daemon, client) -> None:
+    import subprocess
+    import sys
+
+    from tests.daemons import child_env
+
+    many = {f"layer.{i:05d}.a_rather_long_parameter_name.weight": torch.zeros(2) for i in range(4000)}
+    client.put("cli/many", many)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensord", "info", "cli/many", "--tensors"],
+        env=child_env(TENSORD_SOCKET=daemon.socket),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("cli/many v1")  # like `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) == 141, err  # what a command killed by SIGPIPE returns
+    assert err == ""

@@ -1,0 +1,212 @@
+"""The control-plane half of the client: one daemon connection and every op that moves no
+tensor bytes (ls, info, delete, status, nodes, replicate, watch, load_checkpoint).
+
+It imports neither torch nor numpy, so tools that only look at the catalogue (the `tensord ls`,
+`info`, `status`, `nodes`, `rm` commands) start in a few tens of milliseconds. `sdk.Client`
+extends it with the data plane (get, mount, put, load_into, reserve).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from sdk.connection import Connection, endpoint
+from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
+from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
+
+log = logging.getLogger("sdk.client")
+_WATCH_POLL = 30.0  # seconds one long poll waits
+C = TypeVar("C", bound="CatalogueClient")
+
+
+class CatalogueClient:
+    """A connection to one tensord daemon for catalogue and cluster operations; no data plane.
+
+    Thread-safe; a context manager; unusable after close. Arguments as for `sdk.Client`:
+    `socket` (a Unix socket path), `address` ("host:port" of a TCP listener), `token`,
+    `timeout` (seconds to wait for any one reply). Reconnects by itself when the daemon
+    restarted (what was tied to the old connection is gone).
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float | None = 300.0,
+    ) -> None:
+        self.endpoint = endpoint(socket, address)
+        self.token = token if token is not None else os.environ.get("TENSORD_TOKEN")
+        self.timeout = timeout
+        self._connection: Connection | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+    def _conn(self) -> Connection:
+        """The connection to the daemon; a new one when the last was lost (the daemon
+        restarted): pins, mounts and reservations of the lost one are gone."""
+        with self._lock:
+            if self._closed:
+                raise TensordError("this client is closed")
+            conn = self._connection
+            if conn is not None and not conn.alive():
+                log.warning(
+                    "lost the connection to the tensord daemon at %s (did it restart?); reconnecting: "
+                    "pins, mounts and reservations made on the old connection are gone",
+                    conn.where,
+                )
+                conn.close()
+                conn = self._connection = None
+            if conn is None:
+                conn = self._connection = self._connect()
+            return conn
+
+    def _connect(self) -> Connection:
+        return Connection(self.endpoint, timeout=self.timeout, identity=f"pid:{os.getpid()}", token=self.token)
+
+    def _reconnect(self) -> Connection:
+        """A new connection, waiting (up to `timeout`) for a daemon that is restarting."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        pause = 0.05
+        while True:
+            if self._closed:
+                raise TensordError("this client is closed")
+            try:
+                return self._connect()
+            except Unavailable:
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    def _call_on(self, conn: Connection, lost: str, op: str, **args: Any) -> tuple[Any, list[int]]:
+        """A request that only makes sense on `conn` (it concerns a pin or reservation made
+        there): Unavailable with the message `lost` if that connection is gone."""
+        if not conn.alive():
+            conn.close()
+            raise Unavailable(lost)
+        try:
+            return conn.call(op, **args)
+        except Unavailable as exc:
+            if conn.closed:
+                raise Unavailable(lost) from exc
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connection; the daemon releases every pin and reservation it held."""
+        with self._lock:
+            self._closed = True
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- daemon-side loads --------------------------------------------------------------------
+    def load_checkpoint(self, path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
+        """Make the daemon load a .safetensors file or Hugging Face directory that it reads itself
+        (it must lie under the daemon's ingest.allowed_roots). Returns the new version."""
+        args: dict[str, Any] = {"path": os.path.abspath(path), "name": check_name(name), "device": device}
+        if threads is not None:
+            args["threads"] = threads
+        result, _ = self._conn().call("load", **args)
+        return int(result["version"])
+
+    # -- catalogue --------------------------------------------------------------------------
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Sets whose name starts with `prefix`: name, latest, versions, nbytes, tensors, device."""
+        result, _ = self._conn().call("ls", prefix=check_prefix(prefix))
+        return list(result)
+
+    def info(self, name: str, version: int | str | None = None, *, tensors: bool = False) -> dict[str, Any]:
+        """One version: tensor count and dtypes, bytes, device, pins, replicas, all versions;
+        with `tensors`, also every tensor's dtype, shape and bytes (name -> row)."""
+        args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
+        if tensors:
+            args["tensors"] = True
+        result, _ = self._conn().call("info", **args)
+        return dict(result)
+
+    def delete(self, name: str, version: int | None = None) -> int:
+        """Delete one version, or every version of `name`. Idempotent: returns how many went."""
+        version = check_version(version, allow_latest=False)
+        result, _ = self._conn().call("delete", name=check_name(name), version=version)
+        return int(result["deleted"])
+
+    def status(self) -> dict[str, Any]:
+        """The daemon: node, devices with budget and use, sets, pins, restore progress."""
+        result, _ = self._conn().call("status")
+        return dict(result)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Live nodes of the cluster: node record (devices and budgets) and current status."""
+        result, _ = self._conn().call("nodes")
+        return list(result)
+
+    # -- cluster ----------------------------------------------------------------------------
+    def replicate(
+        self, name: str, version: int | str | None = None, *, to: str | None = None, device: str | None = None
+    ) -> dict[str, Any]:
+        """Make node `to` (default: this client's daemon) pull a copy of a version from a peer
+        and advertise it as a replica. Returns the node, version and device of the copy."""
+        args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
+        if to is not None:
+            args["to"] = to
+        if device is not None:
+            args["device"] = device
+        result, _ = self._conn().call("replicate", **args)
+        return dict(result)
+
+    def watch(self, name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:
+        """Yield each version of `name` committed after `after` (default: the current latest),
+        in order, as it is committed. Stops after `timeout` seconds without one (None: never).
+
+        Uses a connection of its own, so the client stays usable while a watch waits. When
+        the daemon restarts, the watch reconnects (waiting up to the client's `timeout` for it)
+        and goes on after the last version it yielded.
+        """
+        check_name(name)
+        if after is not None and (
+            isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_VERSION
+        ):
+            raise InvalidArgument(f"after must be an integer from 0 to 2**63-1, not {type(after).__name__}")
+        if after is None:
+            try:
+                after = int(self.info(name)["latest"])
+            except NotFound:
+                after = 0
+        conn = self._connect()
+        try:
+            while True:
+                wait = _WATCH_POLL if timeout is None else min(_WATCH_POLL, timeout)
+                try:
+                    result, _ = conn.call("wait", name=name, after=after, timeout=wait)
+                except Unavailable:
+                    if not conn.closed:  # the daemon answered (its registry is unreachable)
+                        raise
+                    log.warning("watch of %s lost the daemon at %s; reconnecting", name, conn.where)
+                    conn = self._reconnect()
+                    continue
+                if result["version"] is None:
+                    if timeout is not None:
+                        return
+                    continue
+                after = int(result["version"])
+                yield after
+        finally:
+            conn.close()
