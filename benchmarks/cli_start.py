@@ -22,7 +22,6 @@ from _common import start_daemon
 
 from tests.daemons import child_env
 
-
 #: the `ls` command as it ran before: the full client (and torch) imported first
 BEFORE = "import sys, sdk.client; from tensord.cli import main; raise SystemExit(main(sys.argv[1:]))"
 

@@ -14,12 +14,14 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdk.errors import InvalidArgument, NotFound
+from sdk.errors import InvalidArgument, NotFound, Unauthorized
 from sdk.manifest import TensorSpec, check_spec
 
 log = logging.getLogger(__name__)
@@ -327,3 +329,24 @@ def _read_all(directory: str, root: str) -> list[FileTensor]:
             seen[t.name] = file
             out.append(t)
     return out
+
+
+_SHARDED_ORIGIN = re.compile(r"#rank=\d+&tp=\d+$")
+
+
+def recorded_checkpoint(origin: str, allowed_roots: Sequence[str]) -> tuple[str, str]:
+    """The checkpoint a version's manifest says it was loaded from, if the daemon may read it
+    again: (real path, the allowed root it lies under). Else an error saying why not: NotFound
+    (no file origin: a put), InvalidArgument (one rank of a sharded load), Unauthorized (not
+    under `ingest.allowed_roots`). Whether the bytes are still those of the version is for the
+    caller to check (fingerprints)."""
+    if not origin.startswith("file:"):
+        raise NotFound(f"it came from {origin or 'a put'!r:.80}, not from a checkpoint file")
+    path = origin[len("file:") :]
+    if _SHARDED_ORIGIN.search(path):
+        raise InvalidArgument("it is one rank of a sharded load (tensord load --tp), which is not read again")
+    real = os.path.realpath(path)
+    root = next((r for r in allowed_roots if real == r or real.startswith(r + os.sep)), None)
+    if root is None:
+        raise Unauthorized(f"{path} is not under ingest.allowed_roots ({list(allowed_roots) or 'none'})")
+    return real, root

@@ -243,6 +243,10 @@ def _info(args: argparse.Namespace) -> int:
     )
     replicas = ", ".join(f"{r['node']}:{r['device']}" for r in info["replicas"]) or "none"
     print(f"  replicas: {replicas}")
+    if info.get("lost"):
+        print(f"  LOST in a restart: {info['lost']}")
+    if info.get("evicted"):
+        print("  evicted from this node: read again from its checkpoint on its next read")
     print("  dtypes: " + ", ".join(f"{d} x{n}" for d, n in info["dtypes"].items()))
     if not args.tensors:
         return 0
@@ -309,6 +313,17 @@ def _status(args: argparse.Namespace) -> int:
         f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations; "
         f"host slabs in huge pages: {_human(st.get('huge_pages', 0))}"
     )
+    restore = st.get("restore")
+    if restore and restore["state"] != "none":
+        pending = restore["pending"] + restore["running"]
+        print(
+            f"restore: {restore['state']}: {restore['restored']} of {restore['total']} held versions restored "
+            f"({_human(restore['bytes'])} in {restore['seconds']:.1f} s), {restore['lost']} lost, {pending} pending"
+        )
+        for x in restore["lost_versions"]:
+            print(f"  lost {x['name']} v{x['version']}: {x['reason']}")
+    if st.get("evicted"):
+        print(f"evicted ({st.get('eviction')}): {st['evicted']} versions, read again from their checkpoints when read")
     _table(  # IDLE: freed GPU allocations the daemon keeps for its next slabs
         ("DEVICE", "BUDGET", "USED", "FREE", "IDLE"),
         [

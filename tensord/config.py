@@ -59,6 +59,7 @@ class Config:
     frame_timeout: float = 60.0  # a frame once started must arrive (a reply be read) within this
     budgets: dict[str, int | None] = field(default_factory=lambda: {"cpu": None})  # None: auto
     retention: int = 0
+    eviction: str = "none"  # "lru": evict recoverable, unpinned versions under budget pressure
     huge_pages: bool = True  # host slabs of huge pages where the kernel has them
     listen: str = ""  # "host:port" of the TCP control listener; "" = none
     token: str = ""
@@ -76,6 +77,7 @@ class Config:
     nics: tuple[str, ...] = ()
     pull_through: bool = False
     allowed_roots: tuple[str, ...] = ()  # directories a daemon-side load may read
+    metrics_listen: str = ""  # "host:port" of the Prometheus endpoint; "" = none
 
     @property
     def transport_protocol(self) -> str:
@@ -174,6 +176,13 @@ def _directory(v: object, where: str) -> str:
     return text
 
 
+def _eviction(v: object, where: str) -> str:
+    text = _str(v, where).lower()
+    if text not in ("lru", "none"):
+        raise InvalidArgument(f'{where}: eviction must be "lru" or "none"')
+    return text
+
+
 def _names(v: object, where: str) -> tuple[str, ...]:
     items = v.split(",") if isinstance(v, str) else v
     if not isinstance(items, list | tuple) or not all(isinstance(e, str) and e for e in items):
@@ -213,6 +222,7 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("memory", "budgets"): ("budgets", _budgets),
     ("memory", "retention"): ("retention", _count),
     ("memory", "huge_pages"): ("huge_pages", _bool),
+    ("memory", "eviction"): ("eviction", _eviction),
     ("registry", "etcd_endpoints"): ("etcd_endpoints", _endpoints),
     ("registry", "prefix"): ("etcd_prefix", _str),
     ("registry", "lease_ttl"): ("lease_ttl", _seconds),
@@ -226,6 +236,7 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("transport", "nics"): ("nics", _names),
     ("cache", "pull_through"): ("pull_through", _bool),
     ("ingest", "allowed_roots"): ("allowed_roots", lambda v, w: _roots(v, w)),
+    ("metrics", "listen"): ("metrics_listen", _address),
 }
 ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_NODE": ("node", lambda v, w: check_node_id(v, w)),
@@ -234,6 +245,8 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_STATE_DIR": ("state_dir", _directory),
     "TENSORD_RETENTION": ("retention", _count),
     "TENSORD_HUGE_PAGES": ("huge_pages", _bool),
+    "TENSORD_EVICTION": ("eviction", _eviction),
+    "TENSORD_METRICS_LISTEN": ("metrics_listen", _address),
     "TENSORD_ETCD": ("etcd_endpoints", _endpoints),
     "TENSORD_ETCD_PASSWORD": ("etcd_password", _str),
     "TENSORD_LISTEN": ("listen", _address),

@@ -14,10 +14,13 @@ from sdk.errors import TensordError
 from sdk.transport.base import Transport
 from tensord.cluster import Cluster
 from tensord.config import Config
-from tensord.memory import Budgets, detect_devices
+from tensord.memory import Budgets, cuda_blocks, detect_devices
+from tensord.metrics import Endpoint, Levels, Metrics
+from tensord.notify import Notifier
 from tensord.peers import Peers
 from tensord.registry.base import NodeRecord, Registry
 from tensord.registry.local import LocalRegistry
+from tensord.restore import Restorer
 from tensord.rpc import Server
 from tensord.service import Service
 from tensord.state import StateDir
@@ -96,11 +99,28 @@ class Daemon:
         self.registry = make_registry(config, self.state)
         self.budgets = Budgets(config.budgets, detect_devices())
         self.transport: Transport | None = None
+        self.metrics = Metrics()
+        self.notifier = Notifier()
         self.store = Store(
-            config.node, self.registry, self.budgets, retention=config.retention, huge_pages=config.huge_pages
+            config.node,
+            self.registry,
+            self.budgets,
+            retention=config.retention,
+            huge_pages=config.huge_pages,
+            catalogue=self.state.catalogue if self.state is not None else None,
+            keep_manifests=isinstance(self.registry, LocalRegistry),
+            eviction=config.eviction,
+            allowed_roots=config.allowed_roots,
+            metrics=self.metrics,
         )
         self.peers = Peers(config.token)
         cluster = Cluster(self.store, self.peers) if config.etcd_endpoints else None
+        self.restorer = Restorer(
+            self.store,
+            cluster,
+            manifests_here=isinstance(self.registry, LocalRegistry),
+            on_progress=self.notifier.status,
+        )
         self.service = Service(
             self.store,
             cluster,
@@ -119,15 +139,28 @@ class Daemon:
             token_reads=config.token_reads,
             hello_timeout=config.hello_timeout,
             frame_timeout=config.frame_timeout,
+            observe=self.metrics.observe,
         )
+        self.service.restorer = self.restorer
+        self.endpoint = Endpoint(self.metrics, config.metrics_listen) if config.metrics_listen else None
+        self.metrics.levels(self._levels)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         if self.state is not None:
             await asyncio.to_thread(self.state.open)
+            records = list(self.state.catalogue.records.values())
+            manifests = self.restorer.plan(records, str(self.state.path))
+            if isinstance(self.registry, LocalRegistry):  # every version it had, before serving
+                for m in manifests:
+                    await self.state.versions.at_least(m.name, m.version)
+                self.registry.restore(manifests)
         elif not self.config.etcd_endpoints:
-            log.warning("no state directory (daemon.state_dir): versions start again at 1 after a restart")
+            log.warning(
+                "no state directory (daemon.state_dir): versions start again at 1 after a restart, "
+                "and what the daemon held is not restored"
+            )
         self.transport = await asyncio.to_thread(make_transport, self.config)
         self.store.transport = self.transport
         await self.server.start()
@@ -142,8 +175,11 @@ class Daemon:
             devices=dict(self.budgets.limit),
         )
         await self.registry.start(node)
+        if self.endpoint is not None:
+            await self.endpoint.start()
         if self.config.etcd_endpoints:
             self._tasks.append(asyncio.get_running_loop().create_task(self._reconcile()))
+        self.restorer.start()
         budgets = ", ".join(f"{d}={b / 2**30:.1f}GiB" for d, b in self.budgets.limit.items())
         log.info(
             "tensord node %s ready (pid %d; registry %s; control %s; transport %s; budgets %s)",
@@ -163,6 +199,48 @@ class Daemon:
             except TensordError as exc:
                 log.warning("reconcile skipped: %s", exc.message)
 
+    def _levels(self) -> Levels:
+        """What the metrics endpoint reads at each scrape (on the event loop)."""
+        store = self.store
+        live = [h for h in store.held.values() if h.live]
+        counts = self.restorer.counts()
+        devices = list(store.budgets.limit)
+
+        def per_device(values: dict[str, int]) -> list[tuple[dict[str, str], float]]:
+            return [({"device": d}, float(values.get(d, 0))) for d in devices]
+
+        levels: Levels = {
+            "tensord_sets": ("Names with a version held on this node", [({}, len({h.manifest.name for h in live}))]),
+            "tensord_versions": ("Versions held on this node", [({}, len(live))]),
+            "tensord_versions_evicted": (
+                "Versions evicted here that come back from their checkpoint when read",
+                [({}, len(store.evicted))],
+            ),
+            "tensord_pins": (
+                "Pins readers hold on this node's versions",
+                [({}, sum(h.pins for h in store.held.values()))],
+            ),
+            "tensord_reservations": ("Open reservations (puts being written)", [({}, len(store.reservations))]),
+            "tensord_device_budget_bytes": ("Bytes each device may hold", per_device(store.budgets.limit)),
+            "tensord_device_used_bytes": ("Bytes held or reserved per device", per_device(store.budgets.used)),
+            "tensord_device_idle_bytes": (
+                "Freed GPU memory kept for reuse per device",
+                per_device({d: cuda_blocks.idle_bytes(d) for d in devices}),
+            ),
+            "tensord_restore_pending": (
+                "Versions held before the last restart still to be restored",
+                [({}, counts["pending"] + counts["running"])],
+            ),
+            "tensord_restore_lost": ("Versions held before the last restart that are lost", [({}, counts["lost"])]),
+        }
+        lease = getattr(self.registry, "lease_held", None)
+        if lease is not None:
+            levels["tensord_etcd_lease_up"] = (
+                "1 while this node's etcd lease is held and kept alive, else 0",
+                [({}, 1.0 if lease else 0.0)],
+            )
+        return levels
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -171,21 +249,30 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.start()
+        restoring = len(self.restorer.jobs)
+        self.notifier.ready(f"serving; restoring {restoring} held versions" if restoring else "serving")
+        self._tasks.append(loop.create_task(self.notifier.watchdog(), name="watchdog"))
         await self._stop.wait()
+        self.notifier.stopping()
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Withdraw from the registry, stop accepting and drop sessions, then free memory."""
+        """Withdraw from the registry, stop accepting and drop sessions, then free memory. What
+        the state directory records stays: the next start restores it."""
         log.info("shutting down")
         for task in self._tasks:
             task.cancel()
+        await self.restorer.close()
         with contextlib.suppress(Exception):
             await self.registry.close()
         await self.server.close()
+        if self.endpoint is not None:
+            await self.endpoint.close()
         await self.peers.close()
         self.store.close()
         if self.transport is not None:
             self.transport.close()
         if self.state is not None:
             self.state.close()
+        self.notifier.close()
         log.info("stopped")

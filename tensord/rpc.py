@@ -68,6 +68,7 @@ class Session:
     hello_by: float = math.inf  # loop time by which its hello must have succeeded
     pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
     reservations: set[int] = field(default_factory=set)
+    outcome: tuple[str, str] = ("", "")  # (op, "ok" or error code) of the last request: metrics
 
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[tuple[Any, list[int]]]]
@@ -96,8 +97,12 @@ class Server:
         token_reads: bool = False,
         hello_timeout: float = 10.0,
         frame_timeout: float = 60.0,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """`observe(op, code, seconds)`: called once per answered request ("ok" or the error
+        code; op "" when the frame named no valid op), for metrics."""
         self.path, self.mode, self.tcp = path, mode, tcp
+        self._observe = observe
         self._token, self._token_reads = token, token_reads
         self._handle, self._on_close, self._undo = handle, on_close, undo
         self.hello_timeout, self.frame_timeout = hello_timeout, frame_timeout
@@ -228,7 +233,10 @@ class Server:
                 if body is None:
                     return
                 session.deadline = math.inf  # the daemon's turn, however long the op takes
+                started = time.perf_counter()
                 data, fds, close = await self._dispatch(session, body)
+                if self._observe is not None:
+                    self._observe(*session.outcome, time.perf_counter() - started)
                 self._expect(session, self.frame_timeout)
                 await _send(loop, conn, data, fds)
                 self._expect(session, None)
@@ -249,6 +257,7 @@ class Server:
         request_id: object = None
         op: Any = ""
         big = len(body) >= OFFLOAD_BYTES
+        session.outcome = ("", "protocol_error")
         try:
             request = await asyncio.to_thread(wire.decode, body) if big else wire.decode(body)
             request_id = request.get("id")
@@ -272,14 +281,14 @@ class Server:
             result, fds = await self._handle(session, {"op": op, **args})
             reply: dict[str, Any] = {"id": request_id, "ok": True, "result": result, "fds": len(fds)}
         except TensordError as exc:
-            return self._error(request_id, exc), [], self._hello_failed(session, op)
+            return self._error(session, op, request_id, exc), [], self._hello_failed(session, op)
         except RecursionError:
             deep = InvalidArgument("the request nests too deeply")
-            return self._error(request_id, deep), [], self._hello_failed(session, op)
+            return self._error(session, op, request_id, deep), [], self._hello_failed(session, op)
         except OSError as exc:
-            return self._error(request_id, self._os_error(session, op, exc)), [], False
+            return self._error(session, op, request_id, self._os_error(session, op, exc)), [], False
         except Exception as exc:  # a bug: report it, keep serving
-            return self._error(request_id, self._bug(session, op, exc)), [], False
+            return self._error(session, op, request_id, self._bug(session, op, exc)), [], False
         try:
             data = await asyncio.to_thread(wire.encode, reply) if big else wire.encode(reply)
         except Exception as exc:  # too large for a frame, or something msgpack cannot hold
@@ -289,7 +298,8 @@ class Server:
                 error: TensordError = InvalidArgument(f"{op}: the reply would exceed the frame limit: {exc.message}")
             else:
                 error = self._bug(session, op, exc)
-            return self._error(request_id, error), [], False
+            return self._error(session, op, request_id, error), [], False
+        session.outcome = (op, "ok")
         return data, fds, False
 
     def _hello_failed(self, session: Session, op: str) -> bool:
@@ -299,9 +309,10 @@ class Server:
         session.failed_hellos += 1
         return session.failed_hellos >= MAX_FAILED_HELLOS
 
-    def _error(self, request_id: object, exc: TensordError) -> bytes:
+    def _error(self, session: Session, op: object, request_id: object, exc: TensordError) -> bytes:
         """An error reply that can always be sent: details msgpack cannot hold (an integer of
         2**64 or more, say) are dropped, then the message is shortened."""
+        session.outcome = (op if isinstance(op, str) and op in wire.OPS else "", exc.code)
         error = exc.to_wire()
         for reply in (
             {"id": request_id, "ok": False, "error": error},

@@ -23,6 +23,7 @@ from tensord.cluster import Cluster
 from tensord.ingest import Progress, default_threads, ingest_into
 from tensord.memory import cuda_blocks, own_view
 from tensord.peers import RemotePin
+from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Held, Store
 
@@ -80,6 +81,7 @@ class Service:
     ) -> None:
         self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
         self.allowed_roots = allowed_roots
+        self.restorer: Restorer | None = None  # set by the daemon: what it held before a restart
         self.started = time.time()
         self._pins = itertools.count(1)
         self._watches: dict[int, dict[str, tuple[asyncio.Task[None], asyncio.Queue[int], int]]] = {}
@@ -133,11 +135,14 @@ class Service:
         exclude, cached = _nodes(exclude), _have(have)
         version = await self.store.resolve_version(name, check_version(version))
         held = self.store.held.get((name, version))
+        if (held is None or not held.live) and self.restorer is not None:  # not restored yet, or evicted
+            held = await self.restorer.recover(name, version) or held
         if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
             held = await self.cluster.replicate(name, version, None)
         if held is not None and held.live and self.store.node not in exclude:
             replica, fds = self._descriptor(session, held)
             self.store.pin(held)
+            self._moved(session, held, "read")
             pin = next(self._pins)
             session.pins[pin] = held
             known = (version, held.slab.generation) in cached
@@ -149,11 +154,21 @@ class Service:
             }
             return reply, fds
         if self.cluster is None:
-            raise NotFound(f"{name} v{version} is not held on node {self.store.node}", name=name, version=version)
+            lost = self.restorer.lost(name, version) if self.restorer is not None else None
+            message = f"{name} v{version} is not held on node {self.store.node}"
+            if lost is not None:
+                assert self.restorer is not None
+                message = self.restorer.lost_message(name, version, lost)
+            raise NotFound(message, name=name, version=version)
         result, remote = await self.cluster.pin_remote(name, version, exclude, have)
         pin = next(self._pins)
         session.pins[pin] = remote
         return {**result, "pin": pin}, []
+
+    def _moved(self, session: Session, held: Held, direction: str) -> None:
+        """Count a version's bytes handed to a reader or taken from a writer, by path."""
+        path = {"cpu": "host"}.get(held.slab.device, "cuda_ipc") if session.local else "transfer_engine"
+        self.store.metrics.moved(path, direction, held.manifest.data_bytes)
 
     def _descriptor(self, session: Session, held: Held) -> tuple[dict[str, Any], list[int]]:
         if session.local:
@@ -244,7 +259,7 @@ class Service:
             table = await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
         else:
             table = Table.from_wire(tensors, InvalidArgument)
-        r = self.store.reserve(name, device, table, origin or f"put by {session.peer}")
+        r = await self.store.reserve(name, device, table, origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:
             if session.local:
@@ -271,6 +286,7 @@ class Service:
             raise InvalidArgument("fingerprints must be bytes: one little-endian uint64 per tensor")
         held = await self.store.commit(rid, np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64))
         session.reservations.discard(rid)
+        self._moved(session, held, "write")
         return {"version": held.manifest.version}, []
 
     async def op_put_abort(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -306,7 +322,7 @@ class Service:
         table = await asyncio.to_thread(
             Table.build, [t.name for t in tensors], [t.dtype for t in tensors], [t.shape for t in tensors]
         )
-        r = self.store.reserve(name, device or "cpu", table, f"file:{real}")
+        r = await self.store.reserve(name, device or "cpu", table, f"file:{real}")
         session.reservations.add(r.id)
         try:
             slab = own_view(r.slab)
@@ -319,6 +335,7 @@ class Service:
             finally:
                 slab.close()
             held = await self.store.commit(r.id, np.array(fps, dtype=np.uint64))
+            self.store.metrics.moved("ingest", "write", held.manifest.data_bytes)
         except BaseException:
             self.store.abort(r.id)
             raise
@@ -385,6 +402,8 @@ class Service:
             "origin": manifest.origin,
             "device": held.slab.device if held else None,
             "pins": held.pins if held else 0,
+            "lost": self.restorer.lost(name, version) if self.restorer is not None else None,
+            "evicted": (name, version) in self.store.evicted,
             "replicas": [r.to_wire() for r in await registry.replicas(name, version)],
         }
         if rows:
@@ -417,6 +436,9 @@ class Service:
             "versions": len(live),
             "pins": sum(h.pins for h in store.held.values()),
             "reservations": len(store.reservations),
+            "eviction": store.eviction,
+            "evicted": len(store.evicted),
+            "restore": self.restorer.status() if self.restorer is not None else None,
         }, []
 
     async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

@@ -1,17 +1,22 @@
 """The daemon's state directory: what must outlive the daemon process.
 
-Today it holds the embedded registry's version counters, so that a restarted single-node daemon
-never hands out a version it handed out before. A later change keeps the node's catalogue here
-too, to restore what it held after a restart. Layout:
+It holds the embedded registry's version counters, so that a restarted single-node daemon never
+hands out a version it handed out before, and the node's catalogue: every version it holds,
+where it lies and where it came from, so that a restarted daemon restores what it held
+(`tensord.restore`). Layout:
 
     <state_dir>/lock                  flock(2)-ed by the daemon that uses the directory
     <state_dir>/versions/<xx>.json    {"format": 1, "versions": {name: last version handed out}}
+    <state_dir>/held/<h>-<v>.rec      one held version (msgpack): name, version, device, source,
+                                      evicted, and, with the embedded registry, its manifest
 
 A name lives in the bucket file `xx` (two hex digits of a hash of the name), so handing out a
-version rewrites one small file, not every counter. Every write is durable before the version
-is handed out: a temporary file is written and fsync-ed, renamed over the old one, and the
-directory fsync-ed. Counters are never removed (a deleted name keeps its count). A file that
-cannot be read stops the daemon from starting: silently starting over would reuse versions.
+version rewrites one small file, not every counter; a held version is one file (`h`: a hash of
+the name). Every write is durable before what it records is visible: a temporary file is
+written and fsync-ed, renamed over the old one, and the directory fsync-ed; a removal fsyncs
+the directory. Counters are never removed (a deleted name keeps its count); a held version's
+file goes when the version is deleted or leaves the node for good. A file that cannot be read
+stops the daemon from starting: silently starting over would reuse versions, or forget them.
 """
 
 from __future__ import annotations
@@ -22,9 +27,14 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import msgpack
 
 from sdk.errors import InvalidArgument, Unavailable
+from sdk.names import MAX_VERSION, check_name
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,7 @@ class StateDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.versions = VersionCounters(self.path / "versions")
+        self.catalogue = Catalogue(self.path / "held")
         self._lock_fd = -1
 
     def open(self) -> None:
@@ -54,10 +65,16 @@ class StateDir:
         self._lock_fd = fd
         try:
             self.versions.load()
+            self.catalogue.load()
         except BaseException:
             self.close()
             raise
-        log.info("state directory %s: version counters of %d names", self.path, len(self.versions))
+        log.info(
+            "state directory %s: version counters of %d names, %d held versions",
+            self.path,
+            len(self.versions),
+            len(self.catalogue),
+        )
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -96,14 +113,21 @@ class VersionCounters:
         """The last version of `name` handed out (0: none yet)."""
         return self._buckets.get(self.bucket(name), {}).get(name, 0)
 
-    async def advance(self, name: str) -> int:
-        """Hand out the next version of `name`, once it is on disk."""
+    async def at_least(self, name: str, version: int) -> None:
+        """Make sure `version` counts as handed out (a held version the counters missed)."""
+        if self.last(name) < version:
+            log.warning("version counter of %s was behind a held version (v%d): moved up", name, version)
+            await self.advance(name, to=version)
+
+    async def advance(self, name: str, *, to: int | None = None) -> int:
+        """Hand out the next version of `name` (or set the counter `to` a higher one), once it
+        is on disk."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # one write at a time: a later version never lands first
             key = self.bucket(name)
             counters = {**self._buckets.get(key, {})}
-            counters[name] = version = counters.get(name, 0) + 1
+            counters[name] = version = counters.get(name, 0) + 1 if to is None else max(to, counters.get(name, 0))
             try:
                 await asyncio.to_thread(_write_bucket, self.directory, key, counters)
             except OSError as exc:
@@ -113,6 +137,131 @@ class VersionCounters:
                 ) from exc
             self._buckets[key] = counters
             return version
+
+
+@dataclass(frozen=True)
+class Record:
+    """One version this node holds (or held and may bring back).
+
+    `source`: how it came here: "peer" (pulled from another node), else the manifest's origin
+    ("file:PATH" for a checkpoint, "put by ..." for a client's put). `evicted`: its slab was
+    evicted under memory pressure and it is recoverable from its checkpoint (it comes back on
+    its next read here). `manifest`: its manifest on the wire (`Manifest.to_wire()`), kept
+    with the embedded registry only, whose state it is (with etcd, etcd keeps manifests).
+    """
+
+    name: str
+    version: int
+    device: str
+    source: str
+    evicted: bool = False
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.name, self.version
+
+    def with_(self, **changes: Any) -> Record:
+        return replace(self, **changes)
+
+
+class Catalogue:
+    """The versions this node holds, one durable file each under one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.records: dict[tuple[str, int], Record] = {}
+        self._lock: asyncio.Lock | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, name: str, version: int) -> Record | None:
+        return self.records.get((name, version))
+
+    @staticmethod
+    def filename(name: str, version: int) -> str:
+        return f"{hashlib.blake2b(name.encode(), digest_size=16).hexdigest()}-{version}.rec"
+
+    def load(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            files = sorted(p for p in self.directory.iterdir() if p.suffix == ".rec")
+        except OSError as exc:
+            raise InvalidArgument(f"state directory {self.directory}: {exc.strerror or exc}") from None
+        self.records.clear()
+        for path in files:
+            record = _read_record(path)
+            self.records[record.key] = record
+
+    async def put(self, record: Record) -> None:
+        """Record (or replace) a held version, durably, before it is visible."""
+        data = msgpack.packb(
+            {
+                "format": FORMAT,
+                "name": record.name,
+                "version": record.version,
+                "device": record.device,
+                "source": record.source,
+                "evicted": record.evicted,
+                "manifest": record.manifest,
+            },
+            use_bin_type=True,
+        )
+        async with self._locked():
+            try:
+                await asyncio.to_thread(_write_file, self.directory, self.filename(*record.key), data)
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot record {record.name} v{record.version} in {self.directory}: {exc.strerror or exc}",
+                    name=record.name,
+                ) from exc
+            self.records[record.key] = record
+
+    async def forget(self, name: str, version: int) -> None:
+        """Drop a version that left this node for good (deleted, retired, or held elsewhere)."""
+        if (name, version) not in self.records:
+            return
+        async with self._locked():
+            self.records.pop((name, version), None)
+            try:
+                await asyncio.to_thread(_remove_file, self.directory, self.filename(name, version))
+            except OSError as exc:  # it stays on disk: the next start finds it and reports it
+                log.warning("cannot remove the record of %s v%d: %s", name, version, exc.strerror or exc)
+
+    def _locked(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+
+def _read_record(path: Path) -> Record:
+    def bad(why: str) -> InvalidArgument:
+        return InvalidArgument(f"state file {path} {why}: repair or remove it (removing it forgets that held version)")
+
+    try:
+        data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
+    except OSError as exc:
+        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+    except Exception:  # msgpack raises several unrelated types
+        raise bad("is not valid msgpack") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise bad(f"is not a held-version record of format {FORMAT}")
+    name, version, device, source = data.get("name"), data.get("version"), data.get("device"), data.get("source")
+    manifest, evicted = data.get("manifest"), data.get("evicted", False)
+    try:
+        name = check_name(name)
+    except InvalidArgument:
+        raise bad("holds a bad name") from None
+    if type(version) is not int or not 1 <= version <= MAX_VERSION:
+        raise bad("holds a bad version")
+    if not isinstance(device, str) or not isinstance(source, str) or not isinstance(evicted, bool):
+        raise bad("holds a bad device, source or evicted flag")
+    if manifest is not None and not isinstance(manifest, dict):
+        raise bad("holds a bad manifest")
+    if path.name != Catalogue.filename(name, version):
+        raise bad(f"does not belong to {name!r:.80} v{version}")
+    return Record(name, version, device, source, evicted, manifest)
 
 
 def _read_bucket(path: Path) -> dict[str, int]:
@@ -137,10 +286,23 @@ def _read_bucket(path: Path) -> dict[str, int]:
 
 
 def _write_bucket(directory: Path, key: str, counters: dict[str, int]) -> None:
-    """Replace one bucket file durably: temporary file, fsync, rename, fsync the directory."""
-    final = directory / f"{key}.json"
-    temporary = directory / f".{key}.json.tmp"
+    """Replace one bucket file durably."""
     data = json.dumps({"format": FORMAT, "versions": counters}, separators=(",", ":")).encode()
+    _write_file(directory, f"{key}.json", data)
+
+
+def _remove_file(directory: Path, filename: str) -> None:
+    try:
+        os.unlink(directory / filename)
+    except FileNotFoundError:
+        return
+    _fsync_directory(directory)
+
+
+def _write_file(directory: Path, filename: str, data: bytes) -> None:
+    """Replace one file durably: temporary file, fsync, rename, fsync the directory."""
+    final = directory / filename
+    temporary = directory / f".{filename}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
@@ -150,6 +312,10 @@ def _write_bucket(directory: Path, key: str, counters: dict[str, int]) -> None:
     finally:
         os.close(fd)
     os.replace(temporary, final)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)

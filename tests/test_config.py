@@ -47,6 +47,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         "[daemon]\nhello_timeout = 0\n",
         '[daemon]\nframe_timeout = "soon"\n',
         '[daemon]\nnode = "Not A Node!"\n',
+        '[memory]\neviction = "fifo"\n',
+        '[metrics]\nlisten = "9477"\n',
         "not toml at all [",
         "daemon = 3\n",
     ],

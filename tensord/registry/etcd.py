@@ -187,6 +187,12 @@ class EtcdRegistry(Registry):
         self._keepalive: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # channels closing after a grace period
         self._closed = False
+        self.keepalive_failing = False  # the last keepalive failed (metrics: lease state)
+
+    @property
+    def lease_held(self) -> bool:
+        """This node holds a lease and its last keepalive succeeded."""
+        return self._lease is not None and not self.keepalive_failing and not self._closed
 
     # -- connection and error mapping ---------------------------------------------------------
 
@@ -381,11 +387,11 @@ class EtcdRegistry(Registry):
                     await self._regrant(lease)
                 if failing:
                     log.info("etcd reachable again; lease %x holds", self._lease)
-                failing = False
+                failing = self.keepalive_failing = False
             except Unavailable as exc:
                 if not failing:
                     log.warning("etcd lease keepalive failing (will retry): %s", exc)
-                failing = True
+                failing = self.keepalive_failing = True
             except Exception:  # a bug here must not end the lease silently
                 log.exception("etcd lease keepalive")
 

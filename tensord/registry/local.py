@@ -1,8 +1,11 @@
 """The embedded registry: the same interface in memory, for one node without etcd.
 
-Everything but the version counters lives in memory only. The counters live in the daemon's
-state directory when it has one (`tensord.state`), so versions are never reused across
-restarts; without one they start again at 1 when the daemon restarts.
+The version counters live in the daemon's state directory when it has one (`tensord.state`),
+so versions are never reused across restarts; without one they start again at 1 when the
+daemon restarts. Manifests are kept there too, with the node's catalogue of held versions:
+a restarted daemon hands them back with `restore` before it serves, so every version it had
+exists again under its number (without a replica until its bytes are restored) and `latest`
+does not go back. Replicas live in memory only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ class LocalRegistry(Registry):
 
     async def close(self) -> None:
         self._node = None
+
+    def restore(self, manifests: list[Manifest]) -> None:
+        """Versions committed before a restart (from the state directory), without replicas."""
+        for manifest in manifests:
+            s = self._sets.setdefault(manifest.name, _Set())
+            s.manifests[manifest.version] = manifest
+            s.replicas.setdefault(manifest.version, {})
+            s.latest = max(s.latest, manifest.version)
+            s.next = max(s.next, manifest.version + 1)
 
     async def allocate_version(self, name: str) -> int:
         if self._counters is not None:

@@ -1,0 +1,380 @@
+"""Bringing back what this node held: after a restart (every version in the state directory's
+catalogue) and after an eviction (one version, on its next read here).
+
+For each version, in the background while the daemon serves, newest version of each name first:
+  1. a copy from another live node that holds it (a cluster: `Cluster.replicate`);
+  2. else its checkpoint read again (`file:` origin, under `ingest.allowed_roots`), kept only if
+     every tensor's fingerprint equals the manifest's: a file changed since is not this version;
+  3. else it is lost: logged, counted, listed by `tensord status` with the reason, and a read of
+     it fails saying so. It stays in the registry (a version that existed keeps its number, and
+     `latest` does not go back to an older one) until it is deleted.
+A version from a client's `put` has no file: it comes back only from a peer. A read of a version
+not restored yet waits for it (its restore starts at once if it had not). Versions keep their
+numbers: with etcd the manifests never left; with the embedded registry they are handed back
+from the catalogue before the daemon serves (`LocalRegistry.restore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sdk.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
+from sdk.manifest import Manifest
+from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
+from tensord.cluster import Cluster
+from tensord.ingest import default_threads, ingest_into
+from tensord.memory import Slab, own_view
+from tensord.state import Record
+from tensord.store import Held, Store
+
+log = logging.getLogger(__name__)
+
+#: How many lost versions `status` lists (all are counted and logged).
+MAX_LISTED = 100
+_REGISTRY_RETRY = (0.5, 30.0)  # seconds between tries while the registry is unreachable
+
+
+@dataclass(eq=False)
+class Job:
+    name: str
+    version: int
+    device: str
+    source: str
+    manifest: Manifest | None = None
+    state: str = "pending"  # pending, running, restored, lost, deleted
+    how: str = ""  # peer, checkpoint
+    reason: str = ""  # why it is lost
+    seconds: float = 0.0
+    task: asyncio.Task[Held | None] | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.name, self.version
+
+
+class _Cancelled(Exception):
+    """Raised from an ingest's progress callback to stop it (the daemon is stopping)."""
+
+
+class Restorer:
+    def __init__(
+        self,
+        store: Store,
+        cluster: Cluster | None,
+        *,
+        manifests_here: bool,
+        on_progress: Callable[[str], Any] | None = None,
+    ) -> None:
+        """`manifests_here`: records carry the manifests (embedded registry); else they are
+        read from the registry. `on_progress`: called with a one-line status now and then."""
+        self.store, self.cluster, self.manifests_here = store, cluster, manifests_here
+        self.on_progress = on_progress
+        self.jobs: dict[tuple[str, int], Job] = {}
+        self.started = self.finished = 0.0
+        self.bytes = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._evicted: list[tuple[Record, Manifest | None]] = []
+        self._recovering: dict[tuple[str, int], asyncio.Task[Held]] = {}
+        self._stop = threading.Event()
+
+    # -- restart ------------------------------------------------------------------------------
+    def plan(self, records: list[Record], where: str = "") -> list[Manifest]:
+        """Plan to restore every recorded version but the evicted ones (those come back when
+        read here). Returns the manifests the records carry (the embedded registry's state);
+        InvalidArgument naming the state directory `where` for a record whose manifest is bad."""
+        newest: dict[str, int] = {}
+        for r in records:
+            newest[r.name] = max(newest.get(r.name, 0), r.version)
+        manifests = []
+        for r in sorted(records, key=lambda r: (r.version != newest[r.name], r.name, -r.version)):
+            manifest = None
+            if r.manifest is not None:
+                try:
+                    manifest = Manifest.from_wire(r.manifest, InvalidArgument)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(
+                        f"state directory {where}: the record of {r.name} v{r.version} holds a bad manifest "
+                        f"({exc.message}): repair or remove it"
+                    ) from None
+                if (manifest.name, manifest.version) != r.key:
+                    raise InvalidArgument(
+                        f"state directory {where}: the record of {r.name} v{r.version} is not its own"
+                    )
+                manifests.append(manifest)
+            if r.evicted:
+                self._evicted.append((r, manifest))
+            else:
+                self.jobs[r.key] = Job(r.name, r.version, r.device, r.source, manifest)
+        return manifests
+
+    def start(self) -> None:
+        """Restore in the background (the daemon serves meanwhile)."""
+        loop = asyncio.get_running_loop()
+        if self._evicted:
+            self._background = loop.create_task(self._note_evicted(), name="evicted")
+        if not self.jobs:
+            return
+        self.started = time.monotonic()
+        log.info("restoring %d held versions in the background", len(self.jobs))
+        self._runner = loop.create_task(self._run_all(), name="restore")
+
+    async def _note_evicted(self) -> None:
+        """Versions evicted before the restart come back on their next read, as before."""
+        for record, manifest in self._evicted:
+            job = Job(record.name, record.version, record.device, record.source, manifest)
+            manifest = manifest if manifest is not None else await self._manifest(job)
+            if manifest is not None:
+                self.store.evicted[record.key] = (manifest, record.device)
+
+    async def _run_all(self) -> None:
+        for job in list(self.jobs.values()):
+            with contextlib.suppress(TensordError):  # a lost one is reported by _restore
+                await self._ensure(job)
+            self._progress()
+        self.finished = time.monotonic()
+        counts = self.counts()
+        log.info(
+            "restore finished in %.2f s: %d restored (%d bytes), %d lost, %d deleted meanwhile",
+            self.finished - self.started,
+            counts["restored"],
+            self.bytes,
+            counts["lost"],
+            counts["deleted"],
+        )
+        self._progress()
+
+    def _ensure(self, job: Job) -> asyncio.Future[Held | None]:
+        if job.task is None:
+            job.task = asyncio.get_running_loop().create_task(self._restore(job), name=f"restore {job.name}")
+        return asyncio.shield(job.task)
+
+    async def _restore(self, job: Job) -> Held | None:
+        job.state, t0 = "running", time.monotonic()
+        try:
+            manifest = job.manifest if job.manifest is not None else await self._manifest(job)
+            if manifest is None:
+                job.state = "deleted"
+                return None
+            job.manifest = manifest
+            held = self.store.held.get(job.key)
+            if held is None or not held.live:
+                held, job.how = await self._bring_back(manifest, job.device)
+            job.state, job.seconds = "restored", time.monotonic() - t0
+            self.bytes += manifest.data_bytes
+            log.info(
+                "restored %s v%d from %s: %d bytes in %.2f s",
+                job.name,
+                job.version,
+                job.how,
+                manifest.nbytes,
+                job.seconds,
+            )
+            return held
+        except _Cancelled:
+            job.state = "pending"
+            raise asyncio.CancelledError from None
+        except TensordError as exc:
+            job.state, job.reason, job.seconds = "lost", exc.message, time.monotonic() - t0
+            self.store.metrics.restores.labels("lost").inc()
+            log.warning("lost %s v%d (%s): %s", job.name, job.version, job.source, exc.message)
+            raise
+        except Exception as exc:  # a bug: report the version lost, keep restoring the others
+            log.exception("restoring %s v%d", job.name, job.version)
+            job.state, job.reason = "lost", f"internal error: {type(exc).__name__}: {exc}"
+            self.store.metrics.restores.labels("lost").inc()
+            raise TensordError(job.reason) from exc
+
+    async def _manifest(self, job: Job) -> Manifest | None:
+        """The version's manifest from the registry (etcd); None if it was deleted meanwhile.
+        Waits while the registry is unreachable."""
+        pause = _REGISTRY_RETRY[0]
+        while True:
+            try:
+                return await self.store.registry.manifest(job.name, job.version)
+            except NotFound:
+                log.info("%s v%d was deleted while this node was down: not restored", job.name, job.version)
+                await self.store._forget(job.name, job.version)
+                return None
+            except Unavailable as exc:
+                log.warning("restore of %s v%d waits for the registry: %s", job.name, job.version, exc.message)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _REGISTRY_RETRY[1])
+
+    async def _bring_back(self, manifest: Manifest, device: str) -> tuple[Held, str]:
+        """From a peer, else from its checkpoint; TensordError saying why neither worked."""
+        why: list[str] = []
+        if self.cluster is not None:
+            try:
+                held = await self.cluster.replicate(manifest.name, manifest.version, self._device(device))
+                self.store.metrics.restores.labels("peer").inc()
+                return held, "peer"
+            except TensordError as exc:
+                self.store.metrics.transfer_failures.labels("restore").inc()
+                why.append(f"no peer gave it ({exc.message})")
+        else:
+            why.append("no cluster to copy it from")
+        try:
+            held = await self.from_checkpoint(manifest, device)
+        except TensordError as exc:
+            why.append(f"not from its checkpoint: {exc.message}")
+            raise type(exc)("; ".join(why), name=manifest.name, version=manifest.version) from None
+        self.store.metrics.restores.labels("checkpoint").inc()
+        return held, "checkpoint"
+
+    def _device(self, device: str) -> str:
+        if device not in self.store.budgets.limit:
+            raise InvalidArgument(f"it was held on {device}, which this node does not serve now")
+        return device
+
+    async def from_checkpoint(self, manifest: Manifest, device: str) -> Held:
+        """Read a version's checkpoint again into a new slab; held only if bit-exact."""
+        store = self.store
+        device = self._device(device)
+        real, root = recorded_checkpoint(manifest.origin, store.allowed_roots)
+        tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
+        by_name = {t.name: t for t in tensors}
+        ordered = [by_name.get(n) for n in manifest.names]
+        if len(by_name) != len(manifest) or None in ordered:
+            raise NotFound(f"{real} no longer holds the tensors of {manifest.name} v{manifest.version}")
+        await store.make_room(device, manifest.nbytes)
+        slab = store.allocate(device, manifest.nbytes, f"{manifest.name}@{manifest.version}")
+        try:
+            fps = await asyncio.to_thread(self._ingest, slab, manifest, ordered)  # type: ignore[arg-type]
+            expected = manifest.fingerprints
+            if expected is not None:
+                bad = np.flatnonzero(np.asarray(fps, dtype=np.uint64) != expected)
+                if len(bad):
+                    raise NotFound(
+                        f"{real} changed since it was loaded (tensor {manifest.names[int(bad[0])]!r} differs)"
+                    )
+        except BaseException:
+            store.discard(slab)
+            raise
+        store.metrics.moved("ingest", "write", manifest.data_bytes)
+        return await store.adopt(manifest, slab, source=manifest.origin)
+
+    def _ingest(self, slab: Slab, manifest: Manifest, sources: list[FileTensor]) -> list[int]:
+        """On a worker thread, which owns the daemon's mapping of the slab from start to end:
+        a stopping daemon interrupts it between chunks and never unmaps it under the readers."""
+
+        def progress(_: int) -> None:
+            if self._stop.is_set():
+                raise _Cancelled
+
+        view = own_view(slab)
+        try:
+            return ingest_into(view, manifest, sources, threads=default_threads(slab.device), progress=progress)
+        finally:
+            view.close()
+
+    # -- reads of versions not back yet -------------------------------------------------------
+    async def recover(self, name: str, version: int) -> Held | None:
+        """Bring back a version this node had (not restored yet, or evicted) for a reader now;
+        None if there is nothing to bring back. TensordError if it cannot come back."""
+        job = self.jobs.get((name, version))
+        if job is not None and job.state in ("pending", "running"):
+            try:
+                return await self._ensure(job)
+            except (OutOfCapacity, Unavailable):
+                raise
+            except TensordError as exc:
+                raise NotFound(self.lost_message(name, version, exc.message), name=name, version=version) from None
+        evicted = self.store.evicted.get((name, version))
+        if evicted is None:
+            return None
+        task = self._recovering.get((name, version))
+        if task is None:
+            manifest, device = evicted
+            task = asyncio.get_running_loop().create_task(self._recover(manifest, device))
+            self._recovering[(name, version)] = task
+            task.add_done_callback(lambda _: self._recovering.pop((name, version), None))
+        return await asyncio.shield(task)
+
+    async def _recover(self, manifest: Manifest, device: str) -> Held:
+        t0 = time.monotonic()
+        try:
+            held = await self.from_checkpoint(manifest, device)
+        except TensordError as exc:
+            self.store.metrics.restores.labels("lost").inc()
+            log.warning("cannot bring back evicted %s v%d: %s", manifest.name, manifest.version, exc.message)
+            message = (
+                f"{manifest.name} v{manifest.version} was evicted from node {self.store.node} and cannot "
+                f"come back: {exc.message}"
+            )
+            kind = type(exc) if isinstance(exc, OutOfCapacity | Unavailable) else NotFound
+            raise kind(message, name=manifest.name, version=manifest.version) from None
+        self.store.metrics.restores.labels("checkpoint").inc()
+        log.info(
+            "brought back evicted %s v%d from its checkpoint in %.2f s",
+            manifest.name,
+            manifest.version,
+            time.monotonic() - t0,
+        )
+        return held
+
+    def lost(self, name: str, version: int) -> str | None:
+        """Why a version this node held before its restart is lost, or None."""
+        job = self.jobs.get((name, version))
+        return job.reason if job is not None and job.state == "lost" else None
+
+    def lost_message(self, name: str, version: int, reason: str) -> str:
+        return f"{name} v{version} was lost when node {self.store.node} restarted: {reason}"
+
+    # -- reporting ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(("pending", "running", "restored", "lost", "deleted"), 0)
+        for job in self.jobs.values():
+            out[job.state] += 1
+        return out
+
+    def status(self) -> dict[str, Any]:
+        counts = self.counts()
+        if not self.jobs:
+            state = "none"
+        elif self.finished:
+            state = "done"
+        else:
+            state = "running"
+        end = self.finished or time.monotonic()
+        return {
+            "state": state,
+            "total": len(self.jobs),
+            **counts,
+            "bytes": self.bytes,
+            "seconds": end - self.started if self.started else 0.0,
+            "lost_versions": [
+                {"name": j.name, "version": j.version, "source": j.source, "reason": j.reason}
+                for j in self.jobs.values()
+                if j.state == "lost"
+            ][:MAX_LISTED],
+        }
+
+    def _progress(self) -> None:
+        if self.on_progress is None:
+            return
+        c = self.counts()
+        done = c["restored"] + c["lost"] + c["deleted"]
+        if self.finished:
+            text = f"serving; restored {c['restored']} of {len(self.jobs)} held versions, {c['lost']} lost"
+        else:
+            text = f"serving; restoring held versions: {done} of {len(self.jobs)} done, {c['lost']} lost"
+        self.on_progress(text)
+
+    async def close(self) -> None:
+        """Stop restoring (the daemon is stopping): ingests end at their next chunk."""
+        self._stop.set()
+        tasks: list[asyncio.Task[Any]] = [t for t in (self._runner, self._background) if t is not None]
+        tasks += [*self._recovering.values(), *(j.task for j in self.jobs.values() if j.task is not None)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

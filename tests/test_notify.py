@@ -1,0 +1,112 @@
+"""systemd's notify protocol against a datagram socket standing in for systemd's: READY once the
+control socket accepts, watchdog pings from the event loop (none while it is stopped), STOPPING
+on SIGTERM; paths and the abstract namespace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tensord.notify import Notifier
+
+
+def _listener(address: str | bytes) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(10)
+    return sock
+
+
+def _messages(sock: socket.socket, seconds: float) -> list[dict[str, str]]:
+    """Every message that arrives within `seconds`."""
+    out = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            break
+        out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+    return out
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_messages_reach_the_socket(tmp_path: Path, abstract: bool) -> None:
+    name = f"tensord-test-{uuid.uuid4().hex}"
+    address: str | bytes = b"\0" + name.encode() if abstract else str(tmp_path / "notify")
+    env_value = f"@{name}" if abstract else str(address)
+    with _listener(address) as sock:
+        n = Notifier({"NOTIFY_SOCKET": env_value})
+        assert n.enabled and n.ready("serving")
+        assert _messages(sock, 1)[0] == {"READY": "1", "STATUS": "serving", "MAINPID": str(os.getpid())}
+        assert n.stopping()
+        assert _messages(sock, 1) == [{"STOPPING": "1", "STATUS": "stopping"}]
+        n.close()
+
+
+def test_no_socket_no_messages_and_a_gone_socket_is_not_an_error(tmp_path: Path) -> None:
+    assert not Notifier({}).ready("serving")
+    gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody")})
+    assert gone.enabled and not gone.ready("serving")  # logged once, never raised
+    gone.close()
+    assert Notifier({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_seconds is None  # not ours
+    assert Notifier({"WATCHDOG_USEC": "1000000"}).watchdog_seconds == 1.0
+
+
+def test_the_daemon_speaks_the_protocol(start_daemon, tmp_path: Path) -> None:
+    name = f"tensord-test-{uuid.uuid4().hex}"
+    with _listener(b"\0" + name.encode()) as sock:
+        env = {"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "400000"}
+        d = start_daemon("notified", env=env)
+        first = _messages(sock, 3)
+        assert first[0]["READY"] == "1" and first[0]["MAINPID"] == str(d.pid), first
+        assert first[0]["STATUS"] == "serving"
+        pings = sum(m.get("WATCHDOG") == "1" for m in first)
+        assert pings >= 8, first  # every 0.2 s for 3 s
+        d.proc.send_signal(signal.SIGSTOP)  # a stalled daemon: no more pings
+        try:
+            _messages(sock, 0.3)  # what was already on its way
+            assert _messages(sock, 1.0) == []
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        assert any(m.get("WATCHDOG") == "1" for m in _messages(sock, 1.0))
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0
+        last = [m for m in _messages(sock, 0.5) if "WATCHDOG" not in m]
+        assert last == [{"STOPPING": "1", "STATUS": "stopping"}]
+
+
+def test_ready_comes_after_the_socket_accepts(tmp_path: Path) -> None:
+    """READY means clients can connect: the socket accepts the moment READY arrives."""
+    import subprocess
+    import sys
+
+    from tests.daemons import child_env
+
+    notify = tmp_path / "notify"
+    control = tmp_path / "d.sock"
+    with _listener(str(notify)) as sock:
+        env = child_env(NOTIFY_SOCKET=str(notify), TENSORD_SOCKET=str(control))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensord", "serve", "--node", "early"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            sock.settimeout(30)
+            message = sock.recv(4096).decode()
+            assert "READY=1" in message
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.connect(str(control))  # no retry: it must accept already
+            probe.close()
+        finally:
+            proc.kill()
+            proc.wait()
