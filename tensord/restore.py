@@ -325,7 +325,13 @@ class Restorer:
     def lost(self, name: str, version: int) -> str | None:
         """Why a version this node held before its restart is lost, or None."""
         job = self.jobs.get((name, version))
-        return job.reason if job is not None and job.state == "lost" else None
+        return job.reason if job is not None and self._state(job) == "lost" else None
+
+    def _state(self, job: Job) -> str:
+        """A lost version held again since (`tensord replicate` by hand) counts as restored."""
+        if job.state == "lost" and (held := self.store.held.get(job.key)) is not None and held.live:
+            return "restored"
+        return job.state
 
     def lost_message(self, name: str, version: int, reason: str) -> str:
         return f"{name} v{version} was lost when node {self.store.node} restarted: {reason}"
@@ -334,7 +340,7 @@ class Restorer:
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(("pending", "running", "restored", "lost", "deleted"), 0)
         for job in self.jobs.values():
-            out[job.state] += 1
+            out[self._state(job)] += 1
         return out
 
     def status(self) -> dict[str, Any]:
@@ -355,7 +361,7 @@ class Restorer:
             "lost_versions": [
                 {"name": j.name, "version": j.version, "source": j.source, "reason": j.reason}
                 for j in self.jobs.values()
-                if j.state == "lost"
+                if self._state(j) == "lost"
             ][:MAX_LISTED],
         }
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +160,6 @@ class Record:
     @property
     def key(self) -> tuple[str, int]:
         return self.name, self.version
-
-    def with_(self, **changes: Any) -> Record:
-        return replace(self, **changes)
 
 
 class Catalogue:

@@ -253,6 +253,9 @@ class Store:
         """Note in the state directory that this node holds (or evicted) a version."""
         if self.catalogue is None:
             return
+        known = self.catalogue.get(manifest.name, manifest.version)
+        if known is not None and (known.device, known.source, known.evicted) == (device, source, evicted):
+            return  # restored as it was recorded: nothing to write
         wire = manifest.to_wire() if self.keep_manifests else None
         await self.catalogue.put(Record(manifest.name, manifest.version, device, source, evicted, wire))
 

@@ -4,6 +4,7 @@ versions stay as etcd has them. SIGKILL on one node, SIGTERM on the other."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def etcd(tmp_path: Path):
 def _node(tmp_path: Path, etcd, node: str, models: Path, metrics: int) -> DaemonProcess:
     config = (
         f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "{TOKEN}"\nstate_dir = "{tmp_path / node}"\n'
-        f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 2\n'
+        f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 10\n'
         f'[transport]\nprotocol = "tcp"\n[ingest]\nallowed_roots = ["{models}"]\n'
         f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
     )
@@ -64,7 +65,15 @@ def test_a_restarted_node_restores_from_its_peer_and_its_files(etcd, tmp_path: P
             assert ca.put("c/lonely", {"x": torch.ones(5)}) == 1  # a put only ra holds
 
         b.kill()  # SIGKILL: rb copies v2 back from ra
-        b.start()
+        a.proc.send_signal(signal.SIGSTOP)  # ra answers nothing for a while (its lease holds)
+        try:
+            b.start()
+            with b.client() as cb:  # and rb serves meanwhile, saying so
+                restore = cb.status()["restore"]
+                assert restore["state"] == "running" and restore["pending"] + restore["running"] == 1, restore
+                assert [s["name"] for s in cb.ls()] == ["c/file", "c/lonely", "c/shared"]
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
         with b.client() as cb:
             restore = wait_restored(cb)
             assert restore["restored"] == 1 and restore["lost"] == 0, restore
