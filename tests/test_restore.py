@@ -153,3 +153,23 @@ def test_a_damaged_record_stops_the_daemon_naming_it(start_daemon, tmp_path: Pat
     record.write_bytes(b"\x93not a record")
     with pytest.raises(RuntimeError, match=f"state file {record}"):
         d.start(timeout=20)
+
+
+def test_a_record_that_cannot_be_written_fails_the_commit_cleanly(start_daemon, tmp_path: Path) -> None:
+    from tensord.state import Catalogue
+
+    d = start_daemon("unrecorded", config=f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    with d.client() as c:
+        assert c.put("r", {"x": torch.ones(1)}) == 1
+        blocker = tmp_path / "state" / "held" / Catalogue.filename("r", 2)
+        blocker.mkdir()  # the rename onto it fails
+        used = c.status()["devices"]["cpu"]["used"]
+        with pytest.raises(sdk.Unavailable, match="cannot record r v2"):
+            c.put("r", {"x": torch.ones(1)})
+        assert c.info("r")["versions"] == [1] and c.status()["devices"]["cpu"]["used"] == used
+        blocker.rmdir()
+        assert c.put("r", {"x": torch.ones(1)}) == 3  # v2 was handed out, never visible: not reused
+    d.kill()
+    d.start()
+    with d.client() as c:
+        assert c.info("r")["versions"] == [1, 3]
