@@ -5,6 +5,7 @@ versions stay as etcd has them. SIGKILL on one node, SIGTERM on the other."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,9 @@ def test_a_restarted_node_restores_from_its_peer_and_its_files(etcd, tmp_path: P
                 restore = cb.status()["restore"]
                 assert restore["state"] == "running" and restore["pending"] + restore["running"] == 1, restore
                 assert [s["name"] for s in cb.ls()] == ["c/file", "c/lonely", "c/shared"]
+            t0 = time.monotonic()
+            assert b.stop() == 0 and time.monotonic() - t0 < 10  # SIGTERM mid-restore: it stops now
+            b.start()  # and the next start restores it all the same
         finally:
             a.proc.send_signal(signal.SIGCONT)
         with b.client() as cb:
