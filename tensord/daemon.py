@@ -175,6 +175,7 @@ class Daemon:
             devices=dict(self.budgets.limit),
         )
         await self.registry.start(node)
+        self.service.ready.set()
         if self.endpoint is not None:
             await self.endpoint.start()
         if self.config.etcd_endpoints:

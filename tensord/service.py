@@ -82,11 +82,16 @@ class Service:
         self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
         self.allowed_roots = allowed_roots
         self.restorer: Restorer | None = None  # set by the daemon: what it held before a restart
+        #: set once the registry is up: the socket accepts before that (the node record needs
+        #: its address), and requests other than hello wait here instead of failing
+        self.ready = asyncio.Event()
         self.started = time.time()
         self._pins = itertools.count(1)
         self._watches: dict[int, dict[str, tuple[asyncio.Task[None], asyncio.Queue[int], int]]] = {}
 
     async def handle(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        if not self.ready.is_set() and request["op"] != "hello":
+            await self.ready.wait()
         method = getattr(self, "op_" + request["op"])
         return await method(session, request)
 

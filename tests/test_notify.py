@@ -110,3 +110,39 @@ def test_ready_comes_after_the_socket_accepts(tmp_path: Path) -> None:
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_requests_before_the_registry_is_up_wait_for_it(start_daemon, tmp_path: Path) -> None:
+    """The socket accepts before the registry has started (the node record names the socket):
+    a request arriving then waits for it, and READY follows it, never an internal error."""
+    import threading
+
+    import torch
+
+    from tests.etcd_server import etcd_server
+
+    (tmp_path / "etcd").mkdir()
+    with etcd_server(tmp_path / "etcd") as etcd:
+        assert etcd._proc is not None
+        etcd._proc.send_signal(signal.SIGSTOP)  # the daemon's lease grant hangs
+        try:
+            config = f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "off"\n'
+            d = start_daemon("early-put", config=config)  # returns once the socket accepts
+            outcome: list[object] = []
+
+            def put() -> None:
+                with d.client() as c:
+                    try:
+                        outcome.append(c.put("early", {"x": torch.ones(2)}))
+                    except Exception as exc:
+                        outcome.append(exc)
+
+            t = threading.Thread(target=put)
+            t.start()
+            time.sleep(0.5)
+            assert outcome == []  # waiting for the registry
+        finally:
+            etcd._proc.send_signal(signal.SIGCONT)
+        t.join(30)
+        assert outcome == [1]
+        assert "internal error" not in d.log.read_text()
