@@ -37,6 +37,9 @@ OPS = frozenset(
         "delete",
         "replicate",
         "load",
+        "stream_open",
+        "stream_chunks",
+        "stream_pair",
     }
 )
 MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load"})

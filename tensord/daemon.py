@@ -13,6 +13,7 @@ from sdk.errors import TensordError
 from sdk.transport.base import Transport
 from tensord.cluster import Cluster
 from tensord.config import Config
+from tensord.fleet.settings import Settings
 from tensord.memory import Budgets, detect_devices
 from tensord.peers import Peers
 from tensord.registry.base import NodeRecord, Registry
@@ -50,7 +51,7 @@ def advertised_host(config: Config) -> str:
 
 
 def make_transport(config: Config) -> Transport | None:
-    if config.transport_protocol == "off":
+    if config.transport_protocol in ("off", "nccl"):  # nccl: daemons move bytes in pair groups
         return None
     from sdk.transport.mooncake import MooncakeTransport
 
@@ -67,7 +68,12 @@ class Daemon:
             config.node, self.registry, self.budgets, retention=config.retention, huge_pages=config.huge_pages
         )
         self.peers = Peers(config.token)
-        cluster = Cluster(self.store, self.peers) if config.etcd_endpoints else None
+        cluster = None
+        if config.etcd_endpoints:
+            cluster = Cluster(
+                self.store, self.peers, settings=Settings.from_config(config), host=advertised_host(config)
+            )
+        self.cluster = cluster
         self.service = Service(
             self.store,
             cluster,
@@ -142,6 +148,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.registry.close()
         await self.server.close()
+        if self.cluster is not None:
+            self.cluster.close()
         await self.peers.close()
         self.store.close()
         if self.transport is not None:
