@@ -89,24 +89,35 @@ class Cluster:
         index: int | None = None,
         of: int = 1,
         peers: list[str] | None = None,
+        rate: int | None = None,
     ) -> Held:
         """Pull a copy of a committed version into a slab here and advertise it; streamed
         (`tensord.fleet.pull`): other nodes may read its chunks while it fills. `index` of `of`:
         this node's place among the targets of a fan-out (`peers`), which sets where in the
-        set it starts. A pull of the same version already under way here is joined."""
+        set it starts. `rate`: bytes/s this pull may read (None: fleet.rate_limit). A pull of
+        the same version already under way here is joined."""
         held = self.store.held.get((name, version))
         if held is not None and held.live:
             return held
         key = (name, version)
         task = self.pulls.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._pull(name, version, device, index, of, peers or []))
+            task = asyncio.get_running_loop().create_task(
+                self._pull(name, version, device, index, of, peers or [], rate)
+            )
             self.pulls[key] = task
             task.add_done_callback(lambda _: self.pulls.pop(key, None))
         return await asyncio.shield(task)
 
     async def _pull(
-        self, name: str, version: int, device: str | None, index: int | None, of: int, peers: list[str]
+        self,
+        name: str,
+        version: int,
+        device: str | None,
+        index: int | None,
+        of: int,
+        peers: list[str],
+        rate: int | None,
     ) -> Held:
         manifest = await self.store.registry.manifest(name, version)
         here = device
@@ -116,7 +127,7 @@ class Cluster:
         grid = self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
         start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)
-        pull = Pull(self, manifest, here, start=start, peers=peers)
+        pull = Pull(self, manifest, here, start=start, peers=peers, rate=rate)
         self.running[(name, version)] = pull
         t0 = time.monotonic()
         try:

@@ -187,17 +187,19 @@ class Service:
         """Make one node (`to`: a node id, default this one) or several (`to`: a list of node
         ids, or "all" for every live node) pull a copy. Several pull at once as one fan-out: the
         reply comes when every one of them holds a complete, checked replica."""
-        name, version, device, to, index, of, peers = _args(
-            request, "name", optional=("version", "device", "to", "index", "of", "peers")
+        name, version, device, to, index, of, peers, rate = _args(
+            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate")
         )
         check_name(name)
         if device is not None and not isinstance(device, str):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
+        if rate is not None and (type(rate) is not int or rate < 0):
+            raise InvalidArgument("rate must be bytes per second (0: no limit)")
         if self.cluster is None:
             raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
         version = await self.store.resolve_version(name, check_version(version))
         if isinstance(to, list) or to == "all":
-            return await self._fan_out(name, version, device, to), []
+            return await self._fan_out(name, version, device, to, rate), []
         if to is not None and to != self.store.node:
             if not isinstance(to, str):
                 raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
@@ -205,7 +207,7 @@ class Service:
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             result, _ = await self.cluster.peers.get(to, record.control).call(
-                "replicate", name=name, version=version, device=device, reply_timeout=_REPLICATE_TIMEOUT
+                "replicate", name=name, version=version, device=device, rate=rate, reply_timeout=_REPLICATE_TIMEOUT
             )
             return result, []
         place: dict[str, Any] = {}
@@ -213,14 +215,16 @@ class Service:
             if type(index) is not int or type(of) is not int or not 0 <= index < of <= 4096:
                 raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
             place = {"index": index, "of": of, "peers": _nodes(peers)}
-        held = await self.cluster.replicate(name, version, device, **place)
+        held = await self.cluster.replicate(name, version, device, rate=rate, **place)
         out = {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}
         done = self.cluster.finished.get((name, version))
         if done is not None and place:
             out.update(seconds=done["seconds"], sources=done["sources"])
         return out, []
 
-    async def _fan_out(self, name: str, version: int, device: str | None, to: object) -> dict[str, Any]:
+    async def _fan_out(
+        self, name: str, version: int, device: str | None, to: object, rate: int | None
+    ) -> dict[str, Any]:
         assert self.cluster is not None
         records = {n.node: n for n in await self.store.registry.nodes()}
         if to == "all":
@@ -238,7 +242,7 @@ class Service:
         cluster = self.cluster
 
         async def one(i: int, node: str) -> dict[str, Any]:
-            args: dict[str, Any] = {"name": name, "version": version, "device": device}
+            args: dict[str, Any] = {"name": name, "version": version, "device": device, "rate": rate}
             args.update(index=i, of=len(pulling), peers=pulling)
             try:
                 if node == self.store.node:

@@ -259,11 +259,12 @@ class Plan:
                     self._asked[c] = node
                 done, declined = self._acks(node)
                 out.append(Request(node, chunks, force, done=done, declined=declined))
+            want = self.need & ~self.flight  # less what was just asked by name
             partial = sorted(
                 (s for s in free if not s.complete and not s.asking), key=lambda s: (not s.same_host, s.busy, s.spread)
             )
             for s in partial:
-                if room <= 0:
+                if room <= 0 or not want.any():
                     break
                 limit = min(self.batch, room)
                 s.asking, s.pending = True, limit

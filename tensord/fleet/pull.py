@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -70,11 +71,11 @@ class Pull:
         device: str,
         *,
         start: int,
-        hosts: dict[str, str] | None = None,
         peers: Iterable[str] = (),
+        rate: int | None = None,
     ) -> None:
         self.cluster, self.manifest, self.device = cluster, manifest, device
-        self.settings = cluster.settings
+        self.settings = cluster.settings if rate is None else dataclasses.replace(cluster.settings, rate=rate)
         self.me = cluster.store.node
         self.grid = Grid(manifest.nbytes, self.settings.chunk_for(manifest.nbytes))
         s = self.settings
@@ -312,15 +313,30 @@ class Pull:
         try:
             await asyncio.to_thread(transport.read, lane.session, batch)
         except TransferError as exc:
-            if self.settings.pairs and pairmod.available(self.partial.slab.device)[0]:
-                # its control plane answers but its engine cannot be read from here: let it
-                # send over a pair group from now on (the chunks are asked again)
+            if await self._engine_unreachable(lane):
+                # its control plane answers but its engine cannot be read from here: it sends
+                # over a pair group from now on, and these chunks are asked again
                 log.warning("engine read from %s failed (%s); switching to a pair group", lane.node, exc.message)
                 lane.push = True
                 self.plan.retry(lane.node, chunks)
                 return
             raise
         await self._arrived(lane, chunks, time.monotonic() - t0)
+
+    async def _engine_unreachable(self, lane: Lane) -> bool:
+        """After a failed engine read: whether `lane`'s holder still answers (then its engine
+        is what cannot be reached, and a pair group may do), rather than being gone."""
+        assert self.partial is not None
+        if not self.settings.pairs or self.cluster.pairs is None or self.lanes.get(lane.node) is not lane:
+            return False
+        if not pairmod.available(self.partial.slab.device)[0]:
+            return False
+        try:
+            async with lane.lock:
+                await lane.peer.call("stream_chunks", pin=lane.pin, reply_timeout=5.0)
+        except TensordError:
+            return False
+        return True
 
     async def _arrived(self, lane: Lane, chunks: list[int], seconds: float) -> None:
         assert self.partial is not None
