@@ -27,6 +27,13 @@ Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
   the cache off for those protocols: each native call fetches the peer's description once.
 - Both listeners (handshake RPC and TCP data) bind to all interfaces whatever the hostname:
   registered memory is readable by anyone who can reach those ports.
+- ``batch_transfer_sync_*`` waits for completion by polling the engine without pause: every
+  transfer in flight keeps a core busy. Over TCP, where the engine's own threads move the bytes
+  on the same cores, that starves them (measured on a 2-core VM: 16 concurrent 2 MiB reads at
+  0.40 GB/s in all, against 1.99 GB/s when waited for with sleeps). So over TCP a batch of up to
+  ``_POLLED`` entries is submitted as one asynchronous transfer per entry
+  (``batch_transfer_async_*``) and waited for with sleeps of 50 us to 1 ms
+  (``transfer_check_status`` reports on one entry per transfer, hence one entry each).
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ _NIC = re.compile(r"[A-Za-z0-9_.:-]+")
 _IB_SYSFS = "/sys/class/infiniband"
 _MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
 _TCP_QUEUE_MAX = "65535"  # the largest value Mooncake accepts for its per-peer TCP queues
+_POLLED = 64  # over TCP, batches of at most this many entries are waited for with sleeps
+_POLL_FIRST, _POLL_MAX = 50e-6, 1e-3
 
 
 def _rdma_devices() -> list[str]:
@@ -204,6 +213,9 @@ class MooncakeTransport(Transport):
 
             enable_peer_access()
         self._regs = Registrations(self._session)
+        # over TCP, wait for transfers with sleeps (see the module's notes), where this build can
+        self._polled = self.protocol == "tcp" and hasattr(engine, "transfer_check_status")
+        self._timeout_s = float(max(_MIN_TIMEOUT_S, math.ceil(timeout_s))) if timeout_s is not None else 30.0
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
@@ -291,10 +303,13 @@ class MooncakeTransport(Transport):
         rc = 0
         try:
             local, remote, length = batch.local.tolist(), batch.remote.tolist(), batch.length.tolist()
-            for i in range(0, len(batch), step):  # one native call unless the batch is very long
-                rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
-                if rc != 0:
-                    break
+            if self._polled and len(batch) <= _POLLED:
+                rc = self._polled_transfer(op, session, local, remote, length, start)
+            else:
+                for i in range(0, len(batch), step):  # one native call unless the batch is very long
+                    rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
+                    if rc != 0:
+                        break
         except Exception as exc:
             raise self._fail(f"{what} failed: {exc}", peer=session, nbytes=nbytes) from exc
         finally:
@@ -319,6 +334,42 @@ class MooncakeTransport(Transport):
             seconds,
             nbytes / seconds / 1e9 if seconds > 0 else math.inf,
         )
+
+    def _polled_transfer(
+        self, op: str, session: str, local: list[int], remote: list[int], length: list[int], start: float
+    ) -> int:
+        """One asynchronous transfer per entry, waited for with sleeps; 0 or a failure's rc.
+        Every transfer submitted is waited for before this returns (their bytes are landing)."""
+        submit = self._engine.batch_transfer_async_read if op == "read" else self._engine.batch_transfer_async_write
+        pending = []
+        rc = 0
+        for a, b, n in zip(local, remote, length, strict=True):
+            batch_id = submit(session, [a], [b], [n])
+            if not batch_id:
+                rc = -1
+                break
+            pending.append(batch_id)
+        deadline = start + self._timeout_s + sum(length) * 1e-9
+        pause = _POLL_FIRST
+        while pending:
+            still = []
+            for batch_id in pending:
+                state = self._engine.transfer_check_status(batch_id)
+                if state == 0:
+                    still.append(batch_id)
+                elif state != 1:  # -1 failed (freed), -2 timed out
+                    rc = rc or state
+            pending = still
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "%d transfers with %s still pending after %.1f s", len(pending), session, self._timeout_s
+                )
+                return rc or -2
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX)
+        return rc
 
     def close(self) -> None:
         """Refuse new transfers, wait for those in flight, unregister everything, stop the engine."""
