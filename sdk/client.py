@@ -536,10 +536,12 @@ class Client:
         device: str | None = None,
         progress: Callable[[dict[str, float]], None] | None = None,
         rate: int | None = None,
+        chunk: int | None = None,
     ) -> dict[str, Any]:
         """Make node `to` (default: this client's daemon) pull a copy of a version and
         advertise it as a replica; returns the node, version and device of the copy. `rate`:
-        bytes/s each pull may read (default: the daemons' fleet.rate_limit; 0: no limit).
+        bytes/s each pull may read (default: the daemons' fleet.rate_limit; 0: no limit);
+        `chunk`: bytes per chunk (default: their fleet.chunk_bytes).
 
         `to` a list of node ids, or "all" (every live node): they pull at the same time as one
         streamed fan-out (each serves the chunks it has to the others while it receives), and
@@ -559,6 +561,8 @@ class Client:
             args["device"] = device
         if rate is not None:
             args["rate"] = rate
+        if chunk is not None:
+            args["chunk"] = chunk
         if not isinstance(args.get("to"), list) and args.get("to") != "all":
             result, _ = self._conn().call("replicate", **args)
             return dict(result)

@@ -90,12 +90,14 @@ class Cluster:
         of: int = 1,
         peers: list[str] | None = None,
         rate: int | None = None,
+        chunk: int | None = None,
     ) -> Held:
         """Pull a copy of a committed version into a slab here and advertise it; streamed
         (`tensord.fleet.pull`): other nodes may read its chunks while it fills. `index` of `of`:
         this node's place among the targets of a fan-out (`peers`), which sets where in the
-        set it starts. `rate`: bytes/s this pull may read (None: fleet.rate_limit). A pull of
-        the same version already under way here is joined."""
+        set it starts. `rate`: bytes/s this pull may read (None: fleet.rate_limit); `chunk`:
+        its chunk size (None: fleet.chunk_bytes; every target of a fan-out gets the same). A
+        pull of the same version already under way here is joined."""
         held = self.store.held.get((name, version))
         if held is not None and held.live:
             return held
@@ -103,7 +105,7 @@ class Cluster:
         task = self.pulls.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                self._pull(name, version, device, index, of, peers or [], rate)
+                self._pull(name, version, device, index, of, peers or [], rate, chunk)
             )
             self.pulls[key] = task
             task.add_done_callback(lambda _: self.pulls.pop(key, None))
@@ -118,16 +120,17 @@ class Cluster:
         of: int,
         peers: list[str],
         rate: int | None,
+        chunk: int | None,
     ) -> Held:
         manifest = await self.store.registry.manifest(name, version)
         here = device
         if here is None:  # like the replicas, where this node has that device; else host memory
             found = [r.device for r in await self.store.registry.replicas(name, version)]
             here = next((d for d in found if d in self.store.budgets.limit), "cpu")
-        grid = self.settings.chunk_for(manifest.nbytes)
+        grid = chunk or self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
         start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)
-        pull = Pull(self, manifest, here, start=start, peers=peers, rate=rate)
+        pull = Pull(self, manifest, here, start=start, peers=peers, rate=rate, chunk=chunk)
         self.running[(name, version)] = pull
         t0 = time.monotonic()
         try:

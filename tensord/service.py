@@ -29,6 +29,7 @@ from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
 from tensord.fleet import chunks as chunkmap
+from tensord.fleet.chunks import MIN_CHUNK
 from tensord.fleet.policy import Request
 from tensord.fleet.serve import StreamPin
 from tensord.ingest import Progress, default_threads, ingest_into
@@ -187,19 +188,21 @@ class Service:
         """Make one node (`to`: a node id, default this one) or several (`to`: a list of node
         ids, or "all" for every live node) pull a copy. Several pull at once as one fan-out: the
         reply comes when every one of them holds a complete, checked replica."""
-        name, version, device, to, index, of, peers, rate = _args(
-            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate")
+        name, version, device, to, index, of, peers, rate, chunk = _args(
+            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate", "chunk")
         )
         check_name(name)
         if device is not None and not isinstance(device, str):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
         if rate is not None and (type(rate) is not int or rate < 0):
             raise InvalidArgument("rate must be bytes per second (0: no limit)")
+        if chunk is not None and (type(chunk) is not int or chunk < MIN_CHUNK or chunk % 256):
+            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
         if self.cluster is None:
             raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
         version = await self.store.resolve_version(name, check_version(version))
         if isinstance(to, list) or to == "all":
-            return await self._fan_out(name, version, device, to, rate), []
+            return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
         if to is not None and to != self.store.node:
             if not isinstance(to, str):
                 raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
@@ -207,7 +210,13 @@ class Service:
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             result, _ = await self.cluster.peers.get(to, record.control).call(
-                "replicate", name=name, version=version, device=device, rate=rate, reply_timeout=_REPLICATE_TIMEOUT
+                "replicate",
+                name=name,
+                version=version,
+                device=device,
+                rate=rate,
+                chunk=chunk,
+                reply_timeout=_REPLICATE_TIMEOUT,
             )
             return result, []
         place: dict[str, Any] = {}
@@ -215,15 +224,15 @@ class Service:
             if type(index) is not int or type(of) is not int or not 0 <= index < of <= 4096:
                 raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
             place = {"index": index, "of": of, "peers": _nodes(peers)}
-        held = await self.cluster.replicate(name, version, device, rate=rate, **place)
+        held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
         out = {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}
         done = self.cluster.finished.get((name, version))
         if done is not None and place:
-            out.update(seconds=done["seconds"], sources=done["sources"])
+            out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
         return out, []
 
     async def _fan_out(
-        self, name: str, version: int, device: str | None, to: object, rate: int | None
+        self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
     ) -> dict[str, Any]:
         assert self.cluster is not None
         records = {n.node: n for n in await self.store.registry.nodes()}
@@ -242,7 +251,7 @@ class Service:
         cluster = self.cluster
 
         async def one(i: int, node: str) -> dict[str, Any]:
-            args: dict[str, Any] = {"name": name, "version": version, "device": device, "rate": rate}
+            args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
             args.update(index=i, of=len(pulling), peers=pulling)
             try:
                 if node == self.store.node:

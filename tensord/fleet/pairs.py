@@ -26,6 +26,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -58,14 +59,61 @@ def available(device: str) -> tuple[bool, str]:
 
 @dataclass(eq=False)
 class Group:
+    """One two-rank group and the one thread that runs its transfers, in sequence order: the
+    holder numbers its pushes (`seq`) as it grants them, the puller runs the receive of push n
+    only after that of n - 1, whatever order the replies came in (two pulls may share a group)."""
+
     peer: str
     backend: str
     rank: int  # 0: this side sends, 1: it receives
     pg: Any
     store: Any  # kept alive: the TCPStore the group rendezvoused through
-    lock: threading.Lock = field(default_factory=threading.Lock)
     ready: float = 0.0  # seconds the setup took
     broken: bool = False
+    seq: int = 0  # the next push to run
+    issued: int = 0  # the sender's next push number
+    _jobs: dict[int, tuple[Callable[[], None], Future[None]]] = field(default_factory=dict)
+    _cv: threading.Condition = field(default_factory=threading.Condition)
+    _thread: threading.Thread | None = None
+
+    def submit(self, seq: int, job: Callable[[], None]) -> Future[None]:
+        """Run `job` as push `seq` of this group, after every earlier one."""
+        fut: Future[None] = Future()
+        with self._cv:
+            if self.broken:
+                fut.set_exception(TransferError(f"the pair group with {self.peer} broke earlier"))
+                return fut
+            self._jobs[seq] = (job, fut)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"pair-{self.peer}-{self.rank}", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self.seq not in self._jobs and not self.broken:
+                    self._cv.wait()
+                if self.broken:
+                    for _, fut in self._jobs.values():
+                        fut.set_exception(TransferError(f"the pair group with {self.peer} broke"))
+                    self._jobs.clear()
+                    return
+                job, fut = self._jobs.pop(self.seq)
+                self.seq += 1
+            try:
+                job()
+                fut.set_result(None)
+            except Exception as exc:
+                self.abandon()
+                fut.set_exception(TransferError(f"{self.backend} transfer with {self.peer} failed: {exc}"))
+
+    def abandon(self) -> None:
+        """Give the group up (a transfer failed or never came): the next pull makes a new one."""
+        with self._cv:
+            self.broken = True
+            self._cv.notify_all()
 
 
 def _make_group(store: Any, key: str, rank: int, backend: str, timeout: float) -> Any:
@@ -99,6 +147,18 @@ def slab_tensor(slab: Slab, *, writable: bool) -> Iterator[Any]:
         yield access.base()[: slab.nbytes]
     finally:
         access.close()
+
+
+@contextlib.contextmanager
+def _on(device: Any) -> Iterator[None]:
+    """Run on `device` (this worker thread's current GPU), or nowhere in particular for host memory."""
+    if getattr(device, "type", "cpu") != "cuda":
+        yield
+        return
+    import torch
+
+    with torch.cuda.device(device):
+        yield
 
 
 def _ranges(grid: Grid, chunks: list[int]) -> list[tuple[int, int, int]]:
@@ -154,24 +214,23 @@ class Pairs:
             log.info("pair group %s -> %s (%s) ready in %.2f s", peer, self.node, backend, group.ready)
             return group
 
-    def recv(self, group: Group, slab: Slab, grid: Grid, granted: list[int], keep: set[int]) -> None:
-        """Receive every granted chunk, in the holder's order: those in `keep` into `slab`, the
-        others (declined: they came from elsewhere first) into scratch memory. Blocking."""
-        import torch
+    def receive(
+        self, group: Group, seq: int, slab: Slab, grid: Grid, granted: list[int], keep: set[int]
+    ) -> Future[None]:
+        """Receive push `seq`: every granted chunk in the holder's order, those in `keep` into
+        `slab`, the others (declined: they came from elsewhere first) into scratch memory."""
 
-        with group.lock, slab_tensor(slab, writable=True) as base:
-            if group.broken:
-                raise TransferError(f"the pair group with {group.peer} broke earlier")
-            try:
+        def job() -> None:
+            import torch
+
+            with slab_tensor(slab, writable=True) as base, _on(base.device):
                 for c, a, n in _ranges(grid, granted):
-                    # declined chunks (they came from elsewhere first) land in scratch memory
                     dst = base[a : a + n] if c in keep else torch.empty(n, dtype=torch.uint8, device=base.device)
                     group.pg.recv([dst], 0, 0).wait()
                 if base.device.type == "cuda":
                     torch.cuda.synchronize(base.device)
-            except Exception as exc:
-                group.broken = True
-                raise TransferError(f"receiving from {group.peer} over {group.backend} failed: {exc}") from exc
+
+        return group.submit(seq, job)
 
     # -- the holder's side --------------------------------------------------------------------
     def join(self, peer: str, host: str, port: int, key: str, backend: str) -> float:
@@ -186,34 +245,32 @@ class Pairs:
         self._groups[(peer, 0, backend)] = group
         self.created += 1
         if old is not None:
-            old.broken = True
+            old.abandon()
         log.info("pair group %s -> %s (%s) joined in %.2f s", self.node, peer, backend, group.ready)
         return group.ready
 
-    def send(self, peer: str, target: Any, grid: Grid, granted: list[int]) -> None:
-        """Send granted chunks of `target` (a Held or Partial replica) to `peer`, in order, on
-        a thread: the reply carrying the grant goes out meanwhile."""
+    def send(self, peer: str, target: Any, grid: Grid, granted: list[int]) -> int:
+        """Queue the sends of granted chunks of `target` (a Held or Partial replica) to `peer`
+        as its next push; the push's number, which the reply carries. Returns -1 when there is
+        no group (the puller then fails that source and asks elsewhere)."""
         group = self._groups.get((peer, 0, backend_for(target.slab.device)))
         if group is None or group.broken:
             log.warning("no pair group to send %d chunks to %s", len(granted), peer)
-            return
+            return -1
         sealed = not hasattr(target, "arrivals")  # a complete (sealed) replica maps read-only
+        seq, group.issued = group.issued, group.issued + 1  # numbered here, in grant order
 
-        def run() -> None:
+        def job() -> None:
             import torch
 
-            with group.lock:
-                try:
-                    with slab_tensor(target.slab, writable=not sealed) as base:
-                        for _, a, n in _ranges(grid, granted):
-                            group.pg.send([base[a : a + n]], 1, 0).wait()
-                        if base.device.type == "cuda":
-                            torch.cuda.synchronize(base.device)
-                except Exception as exc:  # the receiver died or gave up: this group is done
-                    group.broken = True
-                    log.warning("sending to %s over %s failed: %s", peer, group.backend, exc)
+            with slab_tensor(target.slab, writable=not sealed) as base, _on(base.device):
+                for _, a, n in _ranges(grid, granted):
+                    group.pg.send([base[a : a + n]], 1, 0).wait()
+                if base.device.type == "cuda":
+                    torch.cuda.synchronize(base.device)
 
-        threading.Thread(target=run, name=f"pair-send-{peer}", daemon=True).start()
+        group.submit(seq, job)
+        return seq
 
     def status(self) -> dict[str, Any]:
         return {
@@ -224,7 +281,7 @@ class Pairs:
 
     def close(self) -> None:
         for g in self._groups.values():
-            g.broken = True
+            g.abandon()
             abort = getattr(g.pg, "abort", None)
             if abort is not None:
                 try:

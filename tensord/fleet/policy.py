@@ -10,9 +10,11 @@ source it knows, and reads what a source grants while already asking it for more
    fan-out starts at i * chunks / n, a lone pull at a hash of its node id. Pullers that start
    together ask the seed for different chunks first, and so have something to give each other
    at once.
-2. Partial holders ("partial holders ahead of the requester") are asked *open* requests: "up to
-   `batch` of the chunks I still want (a bitmap), whichever you hold, earliest in my order;
-   wait until you hold one". A request is also how the puller hears of the holder's progress.
+2. Partial holders are asked *open* requests: "up to `batch` of the chunks I still want (a
+   bitmap), whichever you hold; wait until you hold one". First those known to hold some of
+   them (**partial holders ahead of the requester**), within the window, **same host first**,
+   then the **fewest reads in flight**; then a few others as subscriptions (they answer when
+   they have something): a request is also how the puller hears of a holder's progress.
 3. A complete holder is asked only for chunks that no live partial holder is known to hold and
    that no redirect points elsewhere for, unless the chunk is *forced* (a redirect for it
    failed or stalled): so the seed is asked for what nobody else has. Among complete holders:
@@ -21,7 +23,8 @@ source it knows, and reads what a source grants while already asking it for more
 4. A chunk a holder redirected to another node (that node is receiving it) is asked of that
    node, by name. If it has not come after `stall` seconds, or that node failed, it is forced.
 5. At most `max_sources` partial holders are known at once (same-host ones and redirect targets
-   come on top); a source takes a new request while at most one batch from it is being read.
+   come on top); a source takes a new request while what is being read from it leaves room in
+   the window for another batch (so one source alone keeps several batches in flight).
 
 **Holder** (`Book`, one per version it serves):
 
@@ -69,7 +72,8 @@ class Source:
     same_host: bool = False
     busy: int = 0  # reads in flight on it, as it last said
     asking: bool = False  # a request of this plan is outstanding there
-    pending: int = 0  # the limit of this plan's open request outstanding there
+    pending: int = 0  # the limit of this plan's open request outstanding there (window room it holds)
+    subscribed: bool = False  # that request went to a holder not known to have anything wanted
     reading: int = 0  # chunks granted by it that this plan is reading
     backoff: bool = False  # it said it was full: ask again once a read from it is done
     used: float = 0.0  # when it last granted this plan something
@@ -248,7 +252,9 @@ class Plan:
         self._expire(now)
         want = self.need & ~self.flight
         room = self.window - self._used
-        free = [s for s in self.sources.values() if not s.asking and not s.backoff and s.reading <= self.batch]
+        free = [
+            s for s in self.sources.values() if not s.asking and not s.backoff and s.reading + self.batch <= self.window
+        ]
         out: list[Request] = []
         if room > 0 and want.any() and free:
             for node, (chunks, force) in self._named(free, want).items():
@@ -260,22 +266,41 @@ class Plan:
                 done, declined = self._acks(node)
                 out.append(Request(node, chunks, force, done=done, declined=declined))
             want = self.need & ~self.flight  # less what was just asked by name
-            partial = sorted(
-                (s for s in free if not s.complete and not s.asking), key=lambda s: (not s.same_host, s.busy, s.spread)
-            )
-            for s in partial:
-                if room <= 0 or not want.any():
-                    break
-                limit = min(self.batch, room)
-                s.asking, s.pending = True, limit
-                self._used += limit
-                done, declined = self._acks(s.node)
-                out.append(Request(s.node, want=want.copy(), limit=limit, done=done, declined=declined))
-                room -= limit
+            if want.any():
+                out += self._open(free, want, room)
         for node in list(dict.fromkeys([*self.acks, *self.declines])):
             if node in self.sources and not self.sources[node].asking:
                 done, declined = self._acks(node)
                 out.append(Request(node, done=done, declined=declined))
+        return out
+
+    def _open(self, free: list[Source], want: np.ndarray, room: int) -> list[Request]:
+        """Open requests: first to partial holders known to hold some of what is wanted (ahead of
+        this puller), within the window; then, to hear of their progress, to at most
+        window / batch others (subscriptions: they answer once they hold something wanted)."""
+        out = []
+        ahead: list[Source] = []
+        behind: list[Source] = []
+        for s in free:
+            if not s.complete and not s.asking:
+                (ahead if (want & s.have).any() else behind).append(s)
+        subscribed = sum(1 for s in self.sources.values() if s.asking and s.subscribed)
+        for s in sorted(ahead, key=lambda s: (not s.same_host, s.busy, s.spread)):
+            if room <= 0:
+                break
+            limit = min(self.batch, room)
+            s.asking, s.pending, s.subscribed = True, limit, False
+            self._used += limit
+            room -= limit
+            done, declined = self._acks(s.node)
+            out.append(Request(s.node, want=want.copy(), limit=limit, done=done, declined=declined))
+        for s in sorted(behind, key=lambda s: (not s.same_host, s.busy, s.spread)):
+            if subscribed >= max(1, self.window // self.batch):
+                break
+            s.asking, s.pending, s.subscribed = True, 0, True
+            subscribed += 1
+            done, declined = self._acks(s.node)
+            out.append(Request(s.node, want=want.copy(), limit=self.batch, done=done, declined=declined))
         return out
 
     def _acks(self, node: str) -> tuple[list[int], list[int]]:

@@ -73,9 +73,15 @@ class Pull:
         start: int,
         peers: Iterable[str] = (),
         rate: int | None = None,
+        chunk: int | None = None,
     ) -> None:
         self.cluster, self.manifest, self.device = cluster, manifest, device
-        self.settings = cluster.settings if rate is None else dataclasses.replace(cluster.settings, rate=rate)
+        settings = cluster.settings
+        if rate is not None:
+            settings = dataclasses.replace(settings, rate=rate)
+        if chunk is not None:
+            settings = dataclasses.replace(settings, chunk=chunk)
+        self.settings = settings
         self.me = cluster.store.node
         self.grid = Grid(manifest.nbytes, self.settings.chunk_for(manifest.nbytes))
         s = self.settings
@@ -93,6 +99,8 @@ class Pull:
         self.records: dict[str, NodeRecord] = {}
         self.co_pullers = [p for p in peers if p != self.me]
         self.started = time.monotonic()
+        self.phases: dict[str, float] = {}  # seconds spent setting up, fetching, checking, promoting
+        self._mark = self.started
         self.bytes = 0
         self.sourced: dict[str, int] = {}  # bytes per source
         self._wake = asyncio.Event()
@@ -121,10 +129,13 @@ class Pull:
         try:
             await self._advertise(force=True)
             await self._discover()
+            self._phase("setup")
             for round_ in range(_VERIFY_ROUNDS):
                 await self._fetch()
+                self._phase("fetch")
                 await self._let_go()
                 bad = await asyncio.to_thread(self._check)
+                self._phase("check")
                 if not len(bad):
                     break
                 log.warning(
@@ -141,6 +152,7 @@ class Pull:
                     f"{name} v{version} kept arriving with wrong fingerprints", name=name, version=version
                 )
             held = await self._promote()
+            self._phase("promote")
             return held
         finally:
             await self._finish(held)
@@ -233,26 +245,31 @@ class Pull:
             self._wake.set()
 
     async def _exchange_pushed(self, lane: Lane, req: Request) -> None:
+        """The same over a pair group: the holder sends what it grants, numbered; the receive
+        is queued (in that order) before the lane takes its next request, so a next batch may
+        be asked for while this one arrives."""
         pairs = self.cluster.pairs
         assert pairs is not None
         assert self.partial is not None
         group = await pairs.receiver(lane.node, self.partial.slab.device, self._joiner(lane))
         async with lane.lock:
             result, _ = await lane.peer.call("stream_chunks", push=True, **self._args(lane, req))
-            granted = [int(c) for c in result.get("granted") or []]
+            granted = [int(c) for c in result.get("granted") or []] if isinstance(result, dict) else []
             read = self._answer(lane, req, result)
-            if granted:
-                await self._throttle(read)
-                t0 = time.monotonic()
-                try:
-                    await asyncio.wait_for(
-                        asyncio.to_thread(pairs.recv, group, self.partial.slab, self.grid, granted, set(read)),
-                        pairs.timeout,
-                    )
-                except TimeoutError as exc:
-                    group.broken = True
-                    raise TransferError(f"{lane.node} sent nothing for {pairs.timeout:.0f} s") from exc
-                await self._arrived(lane, read, time.monotonic() - t0)
+            if not granted:
+                return
+            seq = result.get("seq")
+            if type(seq) is not int or seq < 0:
+                raise Unavailable(f"node {lane.node} has no pair group to send to this node")
+            done = pairs.receive(group, seq, self.partial.slab, self.grid, granted, set(read))
+        await self._throttle(read)
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(done), pairs.timeout)
+        except TimeoutError as exc:
+            group.abandon()
+            raise TransferError(f"{lane.node} sent nothing for {pairs.timeout:.0f} s") from exc
+        await self._arrived(lane, read, time.monotonic() - t0)
 
     def _args(self, lane: Lane, req: Request) -> dict[str, Any]:
         args: dict[str, Any] = {"pin": lane.pin, "wait": self.settings.wait}
@@ -508,13 +525,20 @@ class Pull:
             return np.zeros(0, dtype=np.int64)
         return self.grid.covering(m.offsets[bad], m.sizes[bad])
 
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._mark
+        self._mark = now
+
     def status(self) -> dict[str, Any]:
         return {
             "name": self.manifest.name,
             "version": self.manifest.version,
             "chunks": self.grid.count,
+            "chunk": self.grid.size,
             "held": self.plan.held,
             "bytes": self.bytes,
             "seconds": time.monotonic() - self.started,
             "sources": dict(self.sourced),
+            "phases": {k: round(v, 4) for k, v in self.phases.items()},
         }

@@ -212,9 +212,10 @@ class Serving:
         granted = decision.granted if decision is not None else []
         if granted:
             self.egress_chunks += grid.bytes_of(granted)
+        seq = None
         if push and granted:
             assert self.pusher is not None
-            self.pusher.send(pin.requester, target, grid, granted)
+            seq = self.pusher.send(pin.requester, target, grid, granted)
         if partial is not None:
             address = partial.address
         else:
@@ -229,6 +230,7 @@ class Serving:
             "gone": bool(decision is not None and decision.gone),
             "full": bool(decision is not None and decision.full),
             "address": address,
+            "seq": seq,
         }
 
     def _target(self, pin: StreamPin) -> tuple[Held | Partial | None, Held | None, Partial | None]:
