@@ -1,7 +1,7 @@
 """Streaming fan-out on real daemons: one seed, N pullers at once, seed egress and wall time.
 
     python benchmarks/fleet.py                                   # loopback, TCP engine, N = 1, 2, 4, 8
-    python benchmarks/fleet.py --nodes 1,2,4,8 --mib 64 --chunk 1MiB --json fleet.json
+    python benchmarks/fleet.py --nodes 1,2,4,8 --mib 128 --chunk 4MiB --json fleet.json
     python benchmarks/fleet_sim.py --validate fleet.json         # the model of the same runs
     python benchmarks/fleet.py --protocol nccl --device cuda:0 --to cuda:1 --gib 8   # 2 GPUs, NCCL
 
@@ -11,10 +11,11 @@ holds a complete, checked replica (the fan-out's reply), the bytes the seed serv
 `status()["egress"]`) over the set size, and the same for the busiest relay. Medians of --runs.
 The "before" row is what pulling whole copies from the seed costs: N copies by construction.
 
-Calibration for the simulator (written to --json): one puller alone with two chunk sizes gives
-the per-node bandwidth and the cost of a chunk read; the RPC round trip and the pull's phases
-(setup, fingerprint check, promotion) are measured directly. All daemons share this machine's
-cores, so the model gets a fabric cap equal to the bandwidth one pull reaches alone.
+Calibration for the simulator (written to --json), from runs in which the policy has nothing to
+choose: 1, 2 and 4 one-to-one pulls of distinct sets at once (2, 4, 8 daemons moving bytes)
+give what the machine moves in all with that many daemons busy (they share its two cores: the
+model's fabric, a function of the busy daemons); the RPC round trip and the pull's phases
+(setup, fingerprint check, promotion) are measured directly.
 
 With `--protocol nccl` (two GPUs): node A holds the set on --device, node B replicates it onto
 --to over an NCCL pair group (no Transfer Engine); the group is made by a small warm-up pull, so
@@ -47,11 +48,12 @@ from tests.etcd_server import free_port, start_etcd
 TOKEN = "bench"
 
 
-def _config(etcd: Any, protocol: str, chunk: str, advertise: float) -> str:
+def _config(etcd: Any, protocol: str, chunk: str, advertise: float, huge: bool = True) -> str:
     return (
         f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "{TOKEN}"\nlog_level = "warning"\n'
         f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 2\n'
         f'[transport]\nprotocol = "{protocol}"\n'
+        f"[memory]\nhuge_pages = {str(huge).lower()}\n"
         f'[fleet]\nchunk_bytes = "{chunk}"\nadvertise_seconds = {advertise}\n'
     )
 
@@ -94,13 +96,59 @@ def fan_out(
     }
 
 
+def raw_rate(a: DaemonProcess, b: DaemonProcess, mib: int = 64) -> float:
+    """Bytes/s of one engine read of `mib` MiB between two daemons' hosts, without the daemon:
+    this process's own engine reads from a fresh holder process (benchmarks/_te_holder.py)."""
+    import numpy as np
+    from _te_holder import Holder
+
+    from sdk.transport.base import Batch
+    from sdk.transport.mooncake import MooncakeTransport
+
+    size = mib << 20
+    with Holder(size) as h, MooncakeTransport("127.0.0.1", "tcp") as t:
+        buf = torch.empty(size, dtype=torch.uint8)
+        t.register(buf.data_ptr(), size)
+        one = Batch(np.array([buf.data_ptr()]), np.array([h.address]), np.array([size]))
+        t.read(h.session, one)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            t.read(h.session, one)
+            times.append(time.perf_counter() - t0)
+    return size / statistics.median(times)
+
+
+def pairs_at_once(daemons: list[DaemonProcess], src: dict[str, torch.Tensor], chunk: int, run: int) -> float:
+    """Seconds for len/2 one-to-one pulls of distinct sets at once (daemon 2i -> 2i+1): what
+    this machine moves through the daemons when the policy has nothing to choose."""
+    pairs = [(daemons[i], daemons[i + 1]) for i in range(0, len(daemons) - 1, 2)]
+    for i, (a, _) in enumerate(pairs):
+        with a.client() as c:
+            c.put(f"bench/pair{i}-{run}", src)
+
+    def one(i: int) -> None:
+        a, b = pairs[i]
+        with a.client() as c:
+            c.replicate(f"bench/pair{i}-{run}", to=[b.node], chunk=chunk)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(pairs)) as pool:
+        list(pool.map(one, range(len(pairs))))
+    seconds = time.perf_counter() - t0
+    for i, (a, _) in enumerate(pairs):
+        with a.client() as c:
+            c.delete(f"bench/pair{i}-{run}")
+    return seconds
+
+
 def gpu_pair(args: argparse.Namespace) -> None:
     import nccl_baseline
 
     work = Path(tempfile.mkdtemp(prefix="tensord-fleet-gpu-"))
     (work / "etcd").mkdir()
     etcd = start_etcd(work / "etcd")
-    chunk = args.chunk if args.chunk != "1MiB" else "auto"
+    chunk = args.chunk if args.chunk != "4MiB" else "auto"
     daemons = []
     try:
         for n in ("a", "b"):
@@ -165,10 +213,16 @@ def rtt(d: DaemonProcess, rounds: int = 50) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nodes", default="1,2,4,8", help="pullers per fan-out")
-    ap.add_argument("--mib", type=int, default=64, help="set size")
-    ap.add_argument("--chunk", default="1MiB")
+    ap.add_argument("--mib", type=int, default=128, help="set size")
+    ap.add_argument("--chunk", default="4MiB")
     ap.add_argument("--protocol", default="tcp")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="host slabs in huge pages (off by default here: on a shared VM the kernel's compaction "
+        "for fresh huge pages stalls runs at random)",
+    )
     ap.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "fleet.json")
     ap.add_argument("--device", default="cpu", help="nccl mode: where node A holds the set")
     ap.add_argument("--to", default="cpu", help="nccl mode: where node B's copy lives")
@@ -186,7 +240,7 @@ def main() -> None:
     try:
         names = ["seed", *(f"p{i}" for i in range(max(counts)))]
         for n in names:
-            cfg = _config(etcd, args.protocol, args.chunk, 0.1)
+            cfg = _config(etcd, args.protocol, args.chunk, 0.1, args.huge_pages)
             d = DaemonProcess(work, n, cfg, env={"TENSORD_LOG_LEVEL": "warning"})
             d.config_port = int(cfg.split('listen = "127.0.0.1:')[1].split('"')[0])  # type: ignore[attr-defined]
             daemons.append(d)
@@ -200,51 +254,52 @@ def main() -> None:
             f"{os.cpu_count()} cores; medians of {args.runs} runs"
         )
         fan_out(seed, pullers[:1], "bench/warm", src, chunk_bytes)  # engines connected, pages touched
-        # -- calibration: one puller, two chunk sizes; RPC round trip --------------------------
-        cal_runs = {}
-        for c in (chunk_bytes, 4 * chunk_bytes):
-            res = [fan_out(seed, pullers[:1], f"bench/cal{c}-{i}", src, c) for i in range(args.runs)]
-            phases = [r["nodes"][pullers[0].node]["phases"] for r in res]
-            cal_runs[c] = {
-                "chunk": c,
-                "fetch": statistics.median(p["fetch"] for p in phases),
-                "setup": statistics.median(p["setup"] for p in phases),
-                "finish": statistics.median(p["check"] + p["promote"] for p in phases),
-                "wall": statistics.median(r["seconds"] for r in res),
-                "pull": statistics.median(r["nodes"][pullers[0].node]["seconds"] for r in res),
-            }
+        # Calibration runs (one-to-one pulls: the policy has nothing to choose) and fan-outs are
+        # interleaved, round after round, so that other work on the machine weighs on both alike.
         half_rtt = rtt(seed) / 2
-        nbytes = fan_out(seed, pullers[:1], "bench/size", src, chunk_bytes)["nbytes"]
-        base, big = cal_runs[chunk_bytes], cal_runs[4 * chunk_bytes]
-        count = -(-nbytes // chunk_bytes)
-        count4 = -(-nbytes // (4 * chunk_bytes))
-        # fetch = nbytes / B + reads * cost, with reads = chunks / batch (2 chunks per read)
-        per_read = max((base["fetch"] - big["fetch"]) / max(count / 2 - count4 / 2, 1), 0.0)
-        bandwidth = nbytes / max(base["fetch"] - per_read * count / 2, 1e-6)
+        pair_counts = [k for k in (1, 2, 4) if 2 * k <= len(pullers)]
+        pair_times: dict[int, list[float]] = {k: [] for k in pair_counts}
+        fans: dict[int, list[dict]] = {n: [] for n in counts}
+        for i in range(args.runs):
+            for k in pair_counts:
+                pair_times[k].append(pairs_at_once(pullers[: 2 * k], src, chunk_bytes, i))
+            for n in counts:
+                fans[n].append(fan_out(seed, pullers[:n], f"bench/n{n}-{i}", src, chunk_bytes))
+        solo = fans[1] if 1 in fans else [fan_out(seed, pullers[:1], "bench/solo", src, chunk_bytes)]
+        nbytes = solo[0]["nbytes"]
+        phases = [r["nodes"][pullers[0].node]["phases"] for r in solo]
+        setup = statistics.median(p["setup"] for p in phases) + statistics.median(
+            r["seconds"] - r["nodes"][pullers[0].node]["seconds"] for r in solo
+        )
+        finish = statistics.median(p["check"] + p["promote"] for p in phases)
+        curve = []  # (daemons moving bytes, bytes/s they move in all)
+        for k in pair_counts:
+            busy = statistics.median(pair_times[k]) - setup - finish
+            curve.append((2 * k, k * nbytes / max(busy, 1e-6)))
         calibration = {
-            "bandwidth": bandwidth,
-            "fabric": bandwidth,
-            "read_latency": per_read,
+            "bandwidth": raw_rate(seed, pullers[0]),
+            "fabric": curve[-1][1],
+            "fabric_curve": curve,
+            "pair_seconds": {k: statistics.median(v) for k, v in pair_times.items()},
             "latency": half_rtt,
-            "setup": base["setup"] + (base["wall"] - base["pull"]),
-            "finish": base["finish"],
-            "runs": {str(k): v for k, v in cal_runs.items()},
+            "setup": setup,
+            "finish": finish,
         }
         print(
-            f"calibration (one puller): {bandwidth / 1e9:.2f} GB/s, {per_read * 1e3:.2f} ms per read, "
-            f"RPC {2 * half_rtt * 1e3:.2f} ms round trip, setup {calibration['setup']:.3f} s, "
-            f"check + promote {base['finish']:.3f} s"
+            f"calibration: a raw engine read {calibration['bandwidth'] / 1e9:.2f} GB/s; one-to-one pulls at once: "
+            + ", ".join(f"{n} daemons busy {g / 1e9:.2f} GB/s in all" for n, g in curve)
+            + f"; RPC {2 * half_rtt * 1e3:.2f} ms round trip; setup {setup:.3f} s, check + promote {finish:.3f} s"
         )
-        # -- the fan-outs ---------------------------------------------------------------------
         runs = []
         print(f"{'N':>3} {'all ready s':>12} {'seed egress':>12} {'max relay':>10} {'before (whole copies)':>22}")
         for n in counts:
-            res = [fan_out(seed, pullers[:n], f"bench/n{n}-{i}", src, chunk_bytes) for i in range(args.runs)]
+            res = fans[n]
             row = {
                 "nodes": n,
                 "size": nbytes,
                 "chunk": chunk_bytes,
                 "batch": 2,
+                "window": 8,
                 "slots": 8,
                 "refresh": 0.4,
                 "seconds": statistics.median(r["seconds"] for r in res),

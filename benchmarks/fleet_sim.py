@@ -12,8 +12,9 @@ The pullers and holders run the daemon's own policy (`tensord.fleet.policy`: `Pl
 - every node sends and receives at `bandwidth` bytes/s (full duplex): a sender splits its
   bandwidth evenly over its transfers, a receiver shares its own among its transfers by
   water-filling up to those caps (one side of max-min fairness: a little pessimistic), and
-  with a finite `fabric` no transfer gets more than an even share of it; rates are re-timed
-  whenever a transfer starts or ends;
+  with a finite `fabric` no transfer gets more than an even share of it (on one machine the
+  fabric is its cores, and what they move depends on how many daemons are busy:
+  `fabric_curve`, measured); rates are re-timed whenever a transfer starts or ends;
 - a request or a reply takes `latency` s one way; a read starts `read_latency` s after its grant;
 - a pull spends `setup` s before its first request and `finish` + size / `verify_rate` s after
   its last chunk (fingerprints, sealing, the registry);
@@ -61,6 +62,7 @@ class Params:
     latency: float = 50e-6  # one way, a request or a reply
     read_latency: float = 10e-6
     fabric: float = math.inf  # all transfers together (one machine's CPU, on loopback)
+    fabric_curve: list[tuple[int, float]] = field(default_factory=list)  # (busy nodes, fabric) points
     setup: float = 0.0
     finish: float = 0.0
     verify_rate: float = math.inf
@@ -442,12 +444,12 @@ class Sim:
         transfers up to those caps, evenly for the rest (water-filling); with a finite
         `fabric`, no transfer gets more than an even share of it."""
         src, dst = nodes
-        if math.isfinite(self.p.fabric):
+        if math.isfinite(self.p.fabric) or self.p.fabric_curve:
             receivers = list(dict.fromkeys(f.dst for f in self.flows))
         else:
             receivers = list(dict.fromkeys([dst, *(f.dst for f in src.out)]))
         b = self.p.bandwidth
-        share = self.p.fabric / max(len(self.flows), 1)
+        share = self._fabric() / max(len(self.flows), 1)
         for r in receivers:
             flows = sorted(r.into, key=lambda f: len(f.src.out), reverse=True)  # smallest cap first
             left, count = b, len(flows)
@@ -461,6 +463,17 @@ class Sim:
                 f.rate = rate
                 f.stamp += 1
                 self.at(self.now + max(f.remaining, 0.0) / f.rate, self._end, f, f.stamp)
+
+    def _fabric(self) -> float:
+        """What all transfers together may move: `fabric`, or the curve's value for the nodes
+        now moving bytes (linear between its points, flat beyond them)."""
+        curve = self.p.fabric_curve
+        if not curve:
+            return self.p.fabric
+        busy = len({n for f in self.flows for n in (f.src, f.dst)})
+        xs = [float(x) for x, _ in curve]
+        ys = [y for _, y in curve]
+        return float(np.interp(busy, xs, ys))
 
 
 def simulate(p: Params) -> Result:
@@ -476,40 +489,63 @@ def _size(text: str) -> float:
     return float(t)
 
 
+def _loopback(cal: dict[str, Any], run: dict[str, Any], nodes: int, read_latency: float) -> Params:
+    return Params(
+        nodes=nodes,
+        size=run["size"],
+        chunk=run["chunk"],
+        bandwidth=cal["bandwidth"],
+        fabric=cal["fabric"],
+        fabric_curve=[(int(x), float(y)) for x, y in cal.get("fabric_curve", [])],
+        latency=cal["latency"],
+        read_latency=read_latency,
+        setup=cal["setup"],
+        finish=cal["finish"],
+        batch=run["batch"],
+        window=run.get("window", 8),
+        slots=run["slots"],
+        refresh=run.get("refresh", 1.0),
+    )
+
+
+def fit_read_latency(cal: dict[str, Any], run: dict[str, Any]) -> float:
+    """The per-read cost (Python, threads, polling) that makes the model's one-to-one pull take
+    as long as the measured one (`pair_seconds` of one pair): bisection."""
+    target = float(cal["pair_seconds"]["1"])
+    lo, hi = 0.0, 0.5
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if max(simulate(_loopback(cal, run, 1, mid)).ready) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def validate(path: Path, args: argparse.Namespace) -> None:
-    """Model the loopback runs that benchmarks/fleet.py measured, with its calibration, and
-    compare the time for all nodes to be ready."""
+    """Model the loopback fan-outs that benchmarks/fleet.py measured. The machine's parameters
+    come from its runs where the policy has nothing to choose: a raw engine read (per-node
+    bandwidth), one-to-one pulls at once (the fabric by busy daemons; one alone fixes the cost
+    of a read), the RPC round trip and the pull's fixed phases. Then the fan-outs are predicted."""
     data = json.loads(path.read_text())
     cal = data["calibration"]
+    runs = data["runs"]
+    read_latency = fit_read_latency(cal, runs[0])
+    curve = ", ".join(f"{n} busy {g / 1e9:.2f}" for n, g in cal.get("fabric_curve", []))
     print(
-        f"loopback calibration ({data['machine']}): per-node {cal['bandwidth'] / 1e9:.2f} GB/s, "
-        f"fabric {cal['fabric'] / 1e9:.2f} GB/s, per-chunk latency {cal['read_latency'] * 1e3:.2f} ms, "
-        f"RPC {cal['latency'] * 1e3:.2f} ms, setup {cal['setup']:.2f} s, finish {cal['finish']:.2f} s"
+        f"loopback calibration ({data['machine']}): node bandwidth {cal['bandwidth'] / 1e9:.2f} GB/s, "
+        f"fabric ({curve}) GB/s, one-way RPC {cal['latency'] * 1e3:.3f} ms, setup {cal['setup']:.3f} s, "
+        f"finish {cal['finish']:.3f} s; fitted cost of a read {read_latency * 1e3:.2f} ms"
     )
     print(f"{'N':>3} {'measured s':>11} {'model s':>9} {'error':>7} {'seed egress meas/model':>24}")
     errors = []
-    for run in data["runs"]:
-        p = Params(
-            nodes=run["nodes"],
-            size=run["size"],
-            chunk=run["chunk"],
-            bandwidth=cal["bandwidth"],
-            fabric=cal["fabric"],
-            latency=cal["latency"],
-            read_latency=cal["read_latency"],
-            setup=cal["setup"],
-            finish=cal["finish"],
-            batch=run["batch"],
-            slots=run["slots"],
-            refresh=run.get("refresh", 1.0),
-            start_spread=cal.get("start_spread", 0.0),
-        )
-        r = simulate(p)
+    for run in runs:
+        r = simulate(_loopback(cal, run, run["nodes"], read_latency))
         model = max(r.ready)
         err = model / run["seconds"] - 1
         errors.append(abs(err))
         print(
-            f"{run['nodes']:>3} {run['seconds']:>11.2f} {model:>9.2f} {err:>+7.0%} "
+            f"{run['nodes']:>3} {run['seconds']:>11.3f} {model:>9.3f} {err:>+7.0%} "
             f"{run['seed_egress']:>11.2f} / {r.seed_egress:<10.2f}"
         )
     print(f"largest error {max(errors):.0%} (target: within 20%)")
