@@ -42,7 +42,7 @@ OPS = frozenset(
         "stream_pair",
     }
 )
-MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load"})
+MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load", "stream_pair"})
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -343,6 +343,10 @@ class Service:
             raise InvalidArgument("node, host and key must be strings")
         if type(port) is not int or not 0 < port < 65536 or backend not in ("nccl", "gloo"):
             raise InvalidArgument("port must be a TCP port and backend nccl or gloo")
+        record = {n.node: n for n in await self.store.registry.nodes()}.get(node)
+        if record is None or record.control.rpartition(":")[0] != f"tcp:{host}":
+            # only join a rendezvous at the address the named node advertises
+            raise InvalidArgument(f"{host} is not where live node {node!r} listens")
         seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend)
         return {"seconds": seconds}, []
 
