@@ -97,17 +97,20 @@ class Group:
                     self._cv.wait()
                 if self.broken:
                     for _, fut in self._jobs.values():
-                        fut.set_exception(TransferError(f"the pair group with {self.peer} broke"))
+                        if not fut.done():
+                            fut.set_exception(TransferError(f"the pair group with {self.peer} broke"))
                     self._jobs.clear()
                     return
                 job, fut = self._jobs.pop(self.seq)
                 self.seq += 1
             try:
-                job()
-                fut.set_result(None)
+                job()  # run even if nobody waits any more: the other side sends (or receives) anyway
+                if not fut.done():
+                    fut.set_result(None)
             except Exception as exc:
                 self.abandon()
-                fut.set_exception(TransferError(f"{self.backend} transfer with {self.peer} failed: {exc}"))
+                if not fut.done():
+                    fut.set_exception(TransferError(f"{self.backend} transfer with {self.peer} failed: {exc}"))
 
     def abandon(self) -> None:
         """Give the group up (a transfer failed or never came): the next pull makes a new one."""
@@ -223,6 +226,12 @@ class Pairs:
         def job() -> None:
             import torch
 
+            if not keep.intersection(granted):  # nothing to keep: the slab is not even mapped
+                device = torch.device(slab.device)
+                with _on(device):
+                    for _, _, n in _ranges(grid, granted):
+                        group.pg.recv([torch.empty(n, dtype=torch.uint8, device=device)], 0, 0).wait()
+                return
             with slab_tensor(slab, writable=True) as base, _on(base.device):
                 for c, a, n in _ranges(grid, granted):
                     dst = base[a : a + n] if c in keep else torch.empty(n, dtype=torch.uint8, device=base.device)
@@ -257,13 +266,13 @@ class Pairs:
         if group is None or group.broken:
             log.warning("no pair group to send %d chunks to %s", len(granted), peer)
             return -1
-        sealed = not hasattr(target, "arrivals")  # a complete (sealed) replica maps read-only
         seq, group.issued = group.issued, group.issued + 1  # numbered here, in grant order
 
         def job() -> None:
             import torch
 
-            with slab_tensor(target.slab, writable=not sealed) as base, _on(base.device):
+            # copy-on-write, never shared writable: a partial replica must stay sealable meanwhile
+            with slab_tensor(target.slab, writable=False) as base, _on(base.device):
                 for _, a, n in _ranges(grid, granted):
                     group.pg.send([base[a : a + n]], 1, 0).wait()
                 if base.device.type == "cuda":

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +106,7 @@ class Pull:
         self.sourced: dict[str, int] = {}  # bytes per source
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pushes: set[Future[None]] = set()  # receives queued on pair groups, not done yet
         self._advertised = -1
         self._rate_start = 0.0
         self._rate_bytes = 0
@@ -175,6 +177,12 @@ class Pull:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pushes:  # receives write into the slab (or hold it mapped): let them end first
+            _, late = await asyncio.wait(
+                [asyncio.wrap_future(f) for f in self._pushes], timeout=self.cluster.pairs_timeout
+            )
+            if late:
+                log.warning("%d pair-group receives into %s still running", len(late), self.manifest.name)
         lanes, self.lanes = list(self.lanes.values()), {}
         await asyncio.gather(*(self._release(lane) for lane in lanes), return_exceptions=True)
 
@@ -262,10 +270,12 @@ class Pull:
             if type(seq) is not int or seq < 0:
                 raise Unavailable(f"node {lane.node} has no pair group to send to this node")
             done = pairs.receive(group, seq, self.partial.slab, self.grid, granted, set(read))
+            self._pushes.add(done)
+            done.add_done_callback(self._pushes.discard)
         await self._throttle(read)
         t0 = time.monotonic()
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(done), pairs.timeout)
+        try:  # shielded: a receive under way runs to its end (the holder sends anyway)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), pairs.timeout)
         except TimeoutError as exc:
             group.abandon()
             raise TransferError(f"{lane.node} sent nothing for {pairs.timeout:.0f} s") from exc
