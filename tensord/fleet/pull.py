@@ -166,6 +166,7 @@ class Pull:
         await serving.changed(partial)  # requests waiting on it decide again: it has everything
         if not await serving.drained(partial, 2 * self.settings.wait + 1.0):
             log.warning("%s v%d: chunks granted from the partial replica still unread; promoting anyway", *partial.key)
+        partial.owned = False  # the store's now: adopt frees it if it cannot advertise it
         held = await store.adopt(self.manifest, partial.slab)
         await serving.stopped(partial, held)
         return held

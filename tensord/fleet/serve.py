@@ -53,6 +53,7 @@ class Partial:
     pins: int = 0
     dropped: bool = False  # the pull gave up: the slab goes with the last pin
     promoted: Held | None = None  # the complete replica it became
+    owned: bool = True  # False once handed to Store.adopt (which frees it if adopting fails)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -109,7 +110,7 @@ class Serving:
             partial.pins = 0
         else:
             partial.dropped = True
-            if not partial.pins:
+            if not partial.pins and partial.owned:
                 self.store.discard(partial.slab)
         await self._notify(partial.key)
 
@@ -263,7 +264,7 @@ class Serving:
                 t = t.promoted
             else:
                 t.pins -= 1
-                if t.dropped and not t.pins:
+                if t.dropped and not t.pins and t.owned:
                     self.store.discard(t.slab)
                 await self._notify(pin.key)
                 return True
