@@ -12,8 +12,9 @@ holds a complete, checked replica (the fan-out's reply), the bytes the seed serv
 The "before" row is what pulling whole copies from the seed costs: N copies by construction.
 
 Calibration for the simulator (written to --json), from runs in which the policy has nothing to
-choose: 1, 2 and 4 one-to-one pulls of distinct sets at once (2, 4, 8 daemons moving bytes)
-give what the machine moves in all with that many daemons busy (they share its two cores: the
+choose: 1, 2 and 4 one-to-one pulls of distinct sets at once (2, 4, 8 daemons moving bytes;
+one of them is the fan-out to one node) give what the machine moves in all with that many
+daemons busy (they share its two cores: the
 model's fabric, a function of the busy daemons); the RPC round trip and the pull's phases
 (setup, fingerprint check, promotion) are measured directly.
 
@@ -216,7 +217,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=128, help="set size")
     ap.add_argument("--chunk", default="4MiB")
     ap.add_argument("--protocol", default="tcp")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument(
         "--huge-pages",
         action="store_true",
@@ -257,7 +258,7 @@ def main() -> None:
         # Calibration runs (one-to-one pulls: the policy has nothing to choose) and fan-outs are
         # interleaved, round after round, so that other work on the machine weighs on both alike.
         half_rtt = rtt(seed) / 2
-        pair_counts = [k for k in (1, 2, 4) if 2 * k <= len(pullers)]
+        pair_counts = [k for k in (2, 4) if 2 * k <= len(pullers)]  # one pair: the fan-out to one
         pair_times: dict[int, list[float]] = {k: [] for k in pair_counts}
         fans: dict[int, list[dict]] = {n: [] for n in counts}
         for i in range(args.runs):
@@ -272,7 +273,7 @@ def main() -> None:
             r["seconds"] - r["nodes"][pullers[0].node]["seconds"] for r in solo
         )
         finish = statistics.median(p["check"] + p["promote"] for p in phases)
-        curve = []  # (daemons moving bytes, bytes/s they move in all)
+        curve = [(2, nbytes / max(statistics.median(r["seconds"] for r in solo) - setup - finish, 1e-6))]
         for k in pair_counts:
             busy = statistics.median(pair_times[k]) - setup - finish
             curve.append((2 * k, k * nbytes / max(busy, 1e-6)))
@@ -280,7 +281,8 @@ def main() -> None:
             "bandwidth": raw_rate(seed, pullers[0]),
             "fabric": curve[-1][1],
             "fabric_curve": curve,
-            "pair_seconds": {k: statistics.median(v) for k, v in pair_times.items()},
+            "pair_seconds": {1: statistics.median(r["seconds"] for r in solo)}
+            | {k: statistics.median(v) for k, v in pair_times.items()},
             "latency": half_rtt,
             "setup": setup,
             "finish": finish,
@@ -306,6 +308,7 @@ def main() -> None:
                 "seed_egress": statistics.median(r["seed_egress"] for r in res),
                 "max_relay_egress": statistics.median(r["max_relay_egress"] for r in res),
                 "all": [r["seconds"] for r in res],
+                "spread": [min(r["seconds"] for r in res), max(r["seconds"] for r in res)],
             }
             runs.append(row)
             print(
