@@ -34,7 +34,7 @@ from sdk.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     import torch
 
@@ -162,9 +162,16 @@ def load_checkpoint(path: str, name: str, *, device: str = "cpu", threads: int |
     return default_client().load_checkpoint(path, name, device=device, threads=threads)
 
 
-def replicate(name: str, version: int | str | None = None, *, to: str | None = None) -> dict[str, Any]:
-    """Make a node pull a copy of a version. See `Client.replicate`."""
-    return default_client().replicate(name, version, to=to)
+def replicate(
+    name: str,
+    version: int | str | None = None,
+    *,
+    to: str | list[str] | None = None,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Make a node, a list of nodes or "all" live nodes pull a copy of a version (several at
+    once as one streamed fan-out; returns when all hold it). See `Client.replicate`."""
+    return default_client().replicate(name, version, to=to, progress=progress)
 
 
 def watch(name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:

@@ -8,11 +8,12 @@ extends it with the data plane (get, mount, put, load_into, reserve).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from sdk.connection import Connection, endpoint
@@ -160,17 +161,71 @@ class CatalogueClient:
 
     # -- cluster ----------------------------------------------------------------------------
     def replicate(
-        self, name: str, version: int | str | None = None, *, to: str | None = None, device: str | None = None
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        to: str | list[str] | None = None,
+        device: str | None = None,
+        progress: Callable[[dict[str, float]], None] | None = None,
+        rate: int | None = None,
+        chunk: int | None = None,
     ) -> dict[str, Any]:
-        """Make node `to` (default: this client's daemon) pull a copy of a version from a peer
-        and advertise it as a replica. Returns the node, version and device of the copy."""
+        """Make node `to` (default: this client's daemon) pull a copy of a version and
+        advertise it as a replica; returns the node, version and device of the copy. `rate`:
+        bytes/s each pull may read (default: the daemons' fleet.rate_limit; 0: no limit);
+        `chunk`: bytes per chunk (default: their fleet.chunk_bytes).
+
+        `to` a list of node ids, or "all" (every live node): they pull at the same time as one
+        streamed fan-out (each serves the chunks it has to the others while it receives), and
+        the call returns when every one holds a complete, checked replica: a dict with `nodes`
+        (node -> device, seconds, bytes from each source) and `seconds`. Not all or nothing:
+        when some fail it raises TransferError naming them (`details["failed"]`); the others
+        keep their copies. `progress`: called about twice a second, from another thread, with
+        {node: fraction of chunks held} for the nodes still pulling."""
         args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
-        if to is not None:
+        if isinstance(to, list | tuple):
+            if not to or not all(isinstance(n, str) for n in to):
+                raise InvalidArgument("to must be a node id, a non-empty list of node ids, or 'all'")
+            args["to"] = list(to)
+        elif to is not None:
             args["to"] = to
         if device is not None:
             args["device"] = device
-        result, _ = self._conn().call("replicate", **args)
+        if rate is not None:
+            args["rate"] = rate
+        if chunk is not None:
+            args["chunk"] = chunk
+        if not isinstance(args.get("to"), list) and args.get("to") != "all":
+            result, _ = self._conn().call("replicate", **args)
+            return dict(result)
+        args["version"] = int(self.info(name, version)["version"])  # progress follows this one
+        stop = threading.Event()
+        watcher = None
+        if progress is not None:
+            watcher = threading.Thread(target=self._progress, args=(name, args["version"], progress, stop), daemon=True)
+            watcher.start()
+        conn = Connection(self.endpoint, timeout=None, identity=f"pid:{os.getpid()}", token=self.token)
+        try:
+            result, _ = conn.call("replicate", **args)  # as long as the slowest node takes
+        finally:
+            conn.close()
+            stop.set()
+            if watcher is not None:
+                watcher.join()
         return dict(result)
+
+    def _progress(
+        self, name: str, version: int, report: Callable[[dict[str, float]], None], stop: threading.Event
+    ) -> None:
+        conn = self._connect()
+        try:
+            while not stop.wait(0.5):
+                with contextlib.suppress(TensordError, OSError):
+                    result, _ = conn.call("info", name=name, version=version)
+                    report({p["node"]: p["held"] / max(p["chunks"], 1) for p in result.get("partials", [])})
+        finally:
+            conn.close()
 
     def watch(self, name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:
         """Yield each version of `name` committed after `after` (default: the current latest),

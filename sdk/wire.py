@@ -40,9 +40,12 @@ OPS = frozenset(
         "delete",
         "replicate",
         "load",
+        "stream_open",
+        "stream_chunks",
+        "stream_pair",
     }
 )
-MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load"})
+MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load", "stream_pair"})
 
 
 def encode(message: dict[str, Any]) -> bytes:

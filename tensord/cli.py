@@ -88,11 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int)
     s.set_defaults(run=_rm)
 
-    s = sub.add_parser("replicate", help="make a node pull a copy of a set from a peer")
+    s = sub.add_parser("replicate", help="make nodes pull a copy of a set (several at once: a streamed fan-out)")
     s.add_argument("name")
     s.add_argument("--version", type=int)
-    s.add_argument("--to", help="node that pulls (default: the daemon this command talks to)")
+    s.add_argument(
+        "--to",
+        help="node that pulls, or nodes a,b,c, or 'all' live nodes (default: the daemon this command talks to)",
+    )
     s.add_argument("--device", help="where the copy lives there (default: like the source, else cpu)")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(run=_replicate)
 
     s = sub.add_parser("nodes", help="live nodes with capacity and use")
@@ -268,10 +272,30 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _replicate(args: argparse.Namespace) -> int:
+    many = args.to is not None and ("," in args.to or args.to == "all")
+    to: str | list[str] | None = (
+        [n.strip() for n in args.to.split(",") if n.strip()] if many and args.to != "all" else args.to
+    )
+
+    def progress(held: dict[str, float]) -> None:
+        if held and not args.quiet:
+            line = "  ".join(f"{n} {f:4.0%}" for n, f in sorted(held.items()))
+            print(f"  {time.perf_counter() - t0:6.1f} s  {line}", file=sys.stderr, flush=True)
+
     with _catalogue(args) as client:
         t0 = time.perf_counter()
-        r = client.replicate(args.name, args.version, to=args.to, device=args.device)
-    print(f"{r['name']} v{r['version']} held on node {r['node']} ({r['device']}) in {time.perf_counter() - t0:.2f} s")
+        r = client.replicate(args.name, args.version, to=to, device=args.device, progress=progress if many else None)
+    dt = time.perf_counter() - t0
+    if not many:
+        print(f"{r['name']} v{r['version']} held on node {r['node']} ({r['device']}) in {dt:.2f} s")
+        return 0
+    for node, n in sorted(r["nodes"].items()):
+        if n.get("held") and "device" not in n:
+            print(f"{node}: held already")
+            continue
+        sources = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(n.get("sources", {}).items()))
+        print(f"{node}: {n['device']} in {n.get('seconds', 0):.2f} s (from {sources or '-'})")
+    print(f"{r['name']} v{r['version']} held on {len(r['nodes'])} nodes in {dt:.2f} s")
     return 0
 
 

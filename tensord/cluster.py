@@ -1,8 +1,10 @@
 """What a node does for sets it does not hold: choose a replica, pin it on its node, pull it.
 
-Replica choice: replicas on this host first, then the node with the fewest reads in flight
-through this gateway. Every remote pin is taken through a `Peer`; if the peer's connection
-breaks, the pin is reported lost on release and the client retries another replica.
+Replica choice for a read through this gateway: replicas on this host first, then the node with
+the fewest reads in flight through this gateway. Every remote pin is taken through a `Peer`; if
+the peer's connection breaks, the pin is reported lost on release and the client retries
+another replica. Pulls (`replicate`, pull-through) stream chunks from any holder, partial ones
+included: `tensord.fleet`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any
 
-import numpy as np
-
-from sdk.dataplane.descriptors import RemoteReplica, replica_from_wire
-from sdk.errors import NotFound, ProtocolError, TensordError, TransferError, Unavailable
-from sdk.manifest import Manifest
-from sdk.transport.base import Batch
-from tensord.memory import Slab, own_view
+from sdk.errors import NotFound, TensordError, TransferError, Unavailable
+from tensord.fleet.pairs import Pairs
+from tensord.fleet.policy import start_for, start_of
+from tensord.fleet.pull import Pull
+from tensord.fleet.serve import Serving
+from tensord.fleet.settings import Settings
 from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Held, Store
@@ -27,9 +29,19 @@ log = logging.getLogger(__name__)
 
 
 class Cluster:
-    def __init__(self, store: Store, peers: Peers) -> None:
+    def __init__(
+        self, store: Store, peers: Peers, *, settings: Settings | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.store, self.peers = store, peers
+        self.settings = settings if settings is not None else Settings()
         self.host = socket.gethostname()
+        self.serving = Serving(store, slots=self.settings.slots, wait=self.settings.wait)
+        self.pairs_timeout = 60.0
+        self.pairs = Pairs(store.node, host, timeout=self.pairs_timeout) if self.settings.pairs else None
+        self.serving.pusher = self.pairs
+        self.pulls: dict[tuple[str, int], asyncio.Task[Held]] = {}
+        self.running: dict[tuple[str, int], Pull] = {}
+        self.finished: dict[tuple[str, int], dict[str, Any]] = {}
 
     async def candidates(self, name: str, version: int, exclude: list[str]) -> list[tuple[Replica, NodeRecord]]:
         nodes = {n.node: n for n in await self.store.registry.nodes()}
@@ -68,65 +80,84 @@ class Cluster:
         pin.peer.busy = max(0, pin.peer.busy - 1)
         return await pin.peer.release(pin)
 
-    async def replicate(self, name: str, version: int, device: str | None) -> Held:
-        """Pull a copy of a committed version into a slab here and advertise it."""
+    async def replicate(
+        self,
+        name: str,
+        version: int,
+        device: str | None,
+        *,
+        index: int | None = None,
+        of: int = 1,
+        peers: list[str] | None = None,
+        rate: int | None = None,
+        chunk: int | None = None,
+    ) -> Held:
+        """Pull a copy of a committed version into a slab here and advertise it; streamed
+        (`tensord.fleet.pull`): other nodes may read its chunks while it fills. `index` of `of`:
+        this node's place among the targets of a fan-out (`peers`), which sets where in the
+        set it starts. `rate`: bytes/s this pull may read (None: fleet.rate_limit); `chunk`:
+        its chunk size (None: fleet.chunk_bytes; every target of a fan-out gets the same). A
+        pull of the same version already under way here is joined."""
         held = self.store.held.get((name, version))
         if held is not None and held.live:
             return held
-        transport = self.store.transport
-        if transport is None:
-            raise Unavailable(f"node {self.store.node} has no Transfer Engine to pull with")
-        errors: list[str] = []
-        exclude: list[str] = []
-        while True:
-            try:
-                result, pin = await self.pin_remote(name, version, exclude)
-            except (NotFound, TransferError) as exc:
-                raise TransferError(f"cannot replicate {name} v{version}: {exc.message} {errors}") from exc
-            try:
-                manifest = await asyncio.to_thread(Manifest.from_wire, result.get("manifest"))
-                source = replica_from_wire(result.get("replica"))
-                if not isinstance(source, RemoteReplica) or manifest.nbytes > source.nbytes:
-                    raise ProtocolError(f"node {pin.node} described {name} v{version} wrongly")
-            except ProtocolError as exc:
-                await self.release(pin)
-                errors.append(f"{pin.node}: {exc.message}")
-                exclude.append(pin.node)
-                continue
-            here = source.device if source.device in self.store.budgets.limit else "cpu"
-            slab = self.store.allocate(device or here, manifest.nbytes, f"{name}@{version}")
-            try:
-                address = self.store.expose(slab, writable=True)
-                batch = Batch.of([]) if not manifest.nbytes else Batch(
-                    np.array([address]), np.array([source.address]), np.array([manifest.nbytes])
-                )  # fmt: skip
-                await asyncio.to_thread(transport.read, source.session, batch)
-                intact = await self.release(pin)
-                pin = None  # type: ignore[assignment]
-                if not intact:
-                    raise TransferError(f"node {source.node} lost its pin during the read")
-                await asyncio.to_thread(_verify, slab, manifest)
-                self.store.hide(slab)
-                return await self.store.adopt(manifest, slab)
-            except TensordError as exc:
-                errors.append(f"{source.node}: {exc.message}")
-                exclude.append(source.node)
-                if pin is not None:
-                    await self.release(pin)
-                self.store.discard(slab)
+        key = (name, version)
+        task = self.pulls.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._pull(name, version, device, index, of, peers or [], rate, chunk)
+            )
+            self.pulls[key] = task
+            task.add_done_callback(lambda _: self.pulls.pop(key, None))
+        return await asyncio.shield(task)
 
+    async def _pull(
+        self,
+        name: str,
+        version: int,
+        device: str | None,
+        index: int | None,
+        of: int,
+        peers: list[str],
+        rate: int | None,
+        chunk: int | None,
+    ) -> Held:
+        manifest = await self.store.registry.manifest(name, version)
+        here = device
+        if here is None:  # like the replicas, where this node has that device; else host memory
+            found = [r.device for r in await self.store.registry.replicas(name, version)]
+            here = next((d for d in found if d in self.store.budgets.limit), "cpu")
+        grid = chunk or self.settings.chunk_for(manifest.nbytes)
+        count = max(1, -(-manifest.nbytes // grid))
+        start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)
+        pull = Pull(self, manifest, here, start=start, peers=peers, rate=rate, chunk=chunk)
+        self.running[(name, version)] = pull
+        t0 = time.monotonic()
+        try:
+            held = await pull.run()
+        except TensordError as exc:
+            raise TransferError(
+                f"cannot replicate {name} v{version}: {exc.message}", name=name, version=version
+            ) from exc
+        finally:
+            self.running.pop((name, version), None)
+        seconds = time.monotonic() - t0
+        self.finished[(name, version)] = {**pull.status(), "seconds": seconds}
+        while len(self.finished) > 64:
+            self.finished.pop(next(iter(self.finished)))
+        log.info(
+            "replicated %s v%d: %d bytes in %.2f s (%.2f GB/s) from %s",
+            name,
+            version,
+            manifest.nbytes,
+            seconds,
+            manifest.nbytes / seconds / 1e9 if seconds > 0 else 0.0,
+            ", ".join(f"{n}: {b}" for n, b in sorted(pull.sourced.items())) or "nobody",
+        )
+        return held
 
-def _verify(slab: Slab, manifest: Manifest) -> None:
-    """Check every fingerprint of a pulled copy in bulk, where it lies (GPU copies on the GPU)."""
-    view = own_view(slab)
-    try:
-        actual = view.fingerprints(manifest.offsets, manifest.sizes)
-        if manifest.fingerprints is not None:
-            bad = np.flatnonzero(actual != manifest.fingerprints)
-            if len(bad):
-                key = manifest.names[int(bad[0])]
-                raise TransferError(
-                    f"tensor {key!r} of {manifest.name} v{manifest.version} arrived with a wrong fingerprint"
-                )
-    finally:
-        view.close()
+    def close(self) -> None:
+        for task in self.pulls.values():
+            task.cancel()
+        if self.pairs is not None:
+            self.pairs.close()

@@ -78,6 +78,17 @@ class Config:
     pull_through: bool = False
     allowed_roots: tuple[str, ...] = ()  # directories a daemon-side load may read
     metrics_listen: str = ""  # "host:port" of the Prometheus endpoint; "" = none
+    # [fleet]: streaming pulls (tensord.fleet); configs/tensord.toml says what each does
+    fleet_chunk: int = 0  # bytes per chunk; 0 = auto (by set size)
+    fleet_batch: int = 2
+    fleet_window: int = 8
+    fleet_slots: int = 8
+    fleet_sources: int = 32
+    fleet_wait: float = 1.0
+    fleet_stall: float = 5.0
+    fleet_advertise: float = 0.5
+    fleet_rate: int = 0  # bytes/s per pull; 0 = no limit
+    fleet_pairs: bool = True  # NCCL/gloo pair groups where the Transfer Engine cannot reach a peer
 
     @property
     def transport_protocol(self) -> str:
@@ -164,8 +175,8 @@ def _address(v: object, where: str) -> str:
 
 def _protocol(v: object, where: str) -> str:
     text = _str(v, where).lower()
-    if text not in ("", "off", "auto", "tcp", "rdma", "nvlink_intra"):
-        raise InvalidArgument(f"{where}: protocol must be off, auto, tcp, rdma or nvlink_intra")
+    if text not in ("", "off", "auto", "tcp", "rdma", "nvlink_intra", "nccl"):
+        raise InvalidArgument(f"{where}: protocol must be off, auto, tcp, rdma, nvlink_intra or nccl")
     return text
 
 
@@ -181,6 +192,32 @@ def _eviction(v: object, where: str) -> str:
     if text not in ("lru", "none"):
         raise InvalidArgument(f'{where}: eviction must be "lru" or "none"')
     return text
+
+
+def _interval(v: object, where: str) -> float:
+    try:
+        x = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{where}: expected seconds, not {v!r}") from None
+    if not 0.01 <= x <= 3600:
+        raise InvalidArgument(f"{where}: must lie between 0.01 and 3600 seconds")
+    return x
+
+
+def _positive(v: object, where: str) -> int:
+    n = _count(v, where)
+    if not 1 <= n <= 4096:
+        raise InvalidArgument(f"{where}: must lie between 1 and 4096")
+    return n
+
+
+def _chunk(v: object, where: str) -> int:
+    if v == "auto":
+        return 0
+    n = parse_size(v, where)
+    if n < (64 << 10) or n % 256:
+        raise InvalidArgument(f'{where}: a chunk is "auto" or at least 64 KiB, a multiple of 256 bytes')
+    return n
 
 
 def _names(v: object, where: str) -> tuple[str, ...]:
@@ -237,6 +274,16 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("cache", "pull_through"): ("pull_through", _bool),
     ("ingest", "allowed_roots"): ("allowed_roots", lambda v, w: _roots(v, w)),
     ("metrics", "listen"): ("metrics_listen", _address),
+    ("fleet", "chunk_bytes"): ("fleet_chunk", _chunk),
+    ("fleet", "batch"): ("fleet_batch", _positive),
+    ("fleet", "window"): ("fleet_window", _positive),
+    ("fleet", "upload_slots"): ("fleet_slots", _positive),
+    ("fleet", "max_sources"): ("fleet_sources", _positive),
+    ("fleet", "wait_seconds"): ("fleet_wait", _interval),
+    ("fleet", "stall_seconds"): ("fleet_stall", _interval),
+    ("fleet", "advertise_seconds"): ("fleet_advertise", _interval),
+    ("fleet", "rate_limit"): ("fleet_rate", lambda v, w: parse_size(v, w)),
+    ("fleet", "pair_groups"): ("fleet_pairs", _bool),
 }
 ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_NODE": ("node", lambda v, w: check_node_id(v, w)),
@@ -256,6 +303,8 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_PULL_THROUGH": ("pull_through", _bool),
     "TENSORD_ALLOWED_ROOTS": ("allowed_roots", lambda v, w: _roots(v.split(":"), w)),
     "TENSORD_CPU_BUDGET": ("cpu_budget", lambda v, w: None if v == "auto" else parse_size(v, w)),
+    "TENSORD_FLEET_CHUNK": ("fleet_chunk", _chunk),
+    "TENSORD_FLEET_RATE": ("fleet_rate", lambda v, w: parse_size(v, w)),
 }
 
 

@@ -14,6 +14,7 @@ from sdk.errors import TensordError
 from sdk.transport.base import Transport
 from tensord.cluster import Cluster
 from tensord.config import Config
+from tensord.fleet.settings import Settings
 from tensord.memory import Budgets, cuda_blocks, detect_devices
 from tensord.metrics import Endpoint, Levels, Metrics
 from tensord.notify import Notifier
@@ -55,7 +56,7 @@ def advertised_host(config: Config) -> str:
 
 
 def make_transport(config: Config) -> Transport | None:
-    if config.transport_protocol == "off":
+    if config.transport_protocol in ("off", "nccl"):  # nccl: daemons move bytes in pair groups
         return None
     from sdk.transport.mooncake import MooncakeTransport
 
@@ -114,7 +115,12 @@ class Daemon:
             metrics=self.metrics,
         )
         self.peers = Peers(config.token)
-        cluster = Cluster(self.store, self.peers) if config.etcd_endpoints else None
+        cluster = None
+        if config.etcd_endpoints:
+            cluster = Cluster(
+                self.store, self.peers, settings=Settings.from_config(config), host=advertised_host(config)
+            )
+        self.cluster = cluster
         self.restorer = Restorer(
             self.store,
             cluster,
@@ -269,6 +275,8 @@ class Daemon:
         await self.server.close()
         if self.endpoint is not None:
             await self.endpoint.close()
+        if self.cluster is not None:
+            self.cluster.close()
         await self.peers.close()
         self.store.close()
         if self.transport is not None:

@@ -37,8 +37,9 @@ class Peer:
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
 
-    async def call(self, op: str, **args: Any) -> tuple[Any, int]:
-        """One request; returns (result, epoch of the connection that carried it)."""
+    async def call(self, op: str, /, *, reply_timeout: float | None = None, **args: Any) -> tuple[Any, int]:
+        """One request; returns (result, epoch of the connection that carried it). The reply
+        may take `reply_timeout` seconds (default: the peer's `timeout`)."""
         async with self._lock:
             try:
                 if self._streams is None:
@@ -48,17 +49,25 @@ class Peer:
                 request_id = next(self._ids)
                 writer.write(wire.encode({"id": request_id, "op": op, "args": args}))
                 await writer.drain()
-                header = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), self.timeout)
+                wait = self.timeout if reply_timeout is None else reply_timeout
+                header = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), wait)
                 reply = wire.decode(await reader.readexactly(wire.frame_length(header)))
             except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 await self._drop()
                 raise Unavailable(f"node {self.node} at {self.address} is unreachable: {exc}", node=self.node) from exc
+            except asyncio.CancelledError:
+                await self._drop()  # a reply may still come: this stream cannot be trusted
+                raise
             if reply.get("id") != request_id:
                 await self._drop()
                 raise Unavailable(f"node {self.node} answered out of turn", node=self.node)
             if not reply.get("ok"):
                 raise from_wire(reply.get("error"))
             return reply.get("result"), self.epoch
+
+    @property
+    def connected(self) -> bool:
+        return self._streams is not None
 
     async def _connect(self) -> None:
         host, _, port = self.address.rpartition(":")
@@ -113,7 +122,7 @@ class Peers:
     """One Peer per node, created on first use."""
 
     def __init__(self, token: str) -> None:
-        self._token = token
+        self.token = token
         self._peers: dict[str, Peer] = {}
 
     def get(self, node: str, control: str) -> Peer:
@@ -122,7 +131,7 @@ class Peers:
         address = control[len("tcp:") :]
         peer = self._peers.get(node)
         if peer is None or peer.address != address:
-            peer = self._peers[node] = Peer(node, address, self._token)
+            peer = self._peers[node] = Peer(node, address, self.token)
         return peer
 
     async def close(self) -> None:

@@ -14,12 +14,24 @@ import numpy as np
 
 from sdk import wire
 from sdk.dataplane.descriptors import RemoteReplica
-from sdk.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unauthorized, Unavailable
+from sdk.errors import (
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    TensordError,
+    TransferError,
+    Unauthorized,
+    Unavailable,
+)
 from sdk.manifest import Manifest, Table
 from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
+from tensord.fleet import chunks as chunkmap
+from tensord.fleet.chunks import MIN_CHUNK
+from tensord.fleet.policy import Request
+from tensord.fleet.serve import StreamPin
 from tensord.ingest import Progress, default_threads, ingest_into
 from tensord.memory import cuda_blocks, own_view
 from tensord.peers import RemotePin
@@ -30,6 +42,7 @@ from tensord.store import Held, Store
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 300.0
+_REPLICATE_TIMEOUT = 24 * 3600.0  # a replicate call returns when the copy is complete
 #: put requests with more tensors than this are decoded on a worker thread, off the event loop
 _OFF_LOOP_TENSORS = 2_000
 _MAX_HAVE = 64
@@ -109,7 +122,7 @@ class Service:
 
     async def session_closed(self, session: Session) -> None:
         for pin in session.pins.values():
-            await self._unpin(pin)
+            await self._unpin(pin, clean=False)
         session.pins.clear()
         for rid in session.reservations:
             self.store.abort(rid)
@@ -146,6 +159,8 @@ class Service:
             held = await self.cluster.replicate(name, version, None)
         if held is not None and held.live and self.store.node not in exclude:
             replica, fds = self._descriptor(session, held)
+            if not session.local and self.cluster is not None:  # a reader on another node
+                self.cluster.serving.egress_reads += held.manifest.nbytes
             self.store.pin(held)
             self._moved(session, held, "read")
             pin = next(self._pins)
@@ -191,33 +206,181 @@ class Service:
         intact = await self._unpin(held) if held is not None else False
         return {"released": held is not None, "intact": intact}, []
 
-    async def _unpin(self, pin: Held | RemotePin) -> bool:
+    async def _unpin(self, pin: Held | RemotePin | StreamPin, *, clean: bool = True) -> bool:
         if isinstance(pin, RemotePin):
             assert self.cluster is not None
             return await self.cluster.release(pin)
+        if isinstance(pin, StreamPin):
+            assert self.cluster is not None
+            return await self.cluster.serving.unpin(pin, clean=clean)
         self.store.unpin(pin)
         return True
 
     async def op_replicate(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version, device, to = _args(request, "name", optional=("version", "device", "to"))
+        """Make one node (`to`: a node id, default this one) or several (`to`: a list of node
+        ids, or "all" for every live node) pull a copy. Several pull at once as one fan-out: the
+        reply comes when every one of them holds a complete, checked replica."""
+        name, version, device, to, index, of, peers, rate, chunk = _args(
+            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate", "chunk")
+        )
         check_name(name)
         if device is not None and not isinstance(device, str):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
+        if rate is not None and (type(rate) is not int or rate < 0):
+            raise InvalidArgument("rate must be bytes per second (0: no limit)")
+        if chunk is not None and (type(chunk) is not int or chunk < MIN_CHUNK or chunk % 256):
+            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
         if self.cluster is None:
             raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
         version = await self.store.resolve_version(name, check_version(version))
+        if isinstance(to, list) or to == "all":
+            return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
         if to is not None and to != self.store.node:
             if not isinstance(to, str):
-                raise InvalidArgument("to must be a node id")
+                raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
             record = {n.node: n for n in await self.store.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             result, _ = await self.cluster.peers.get(to, record.control).call(
-                "replicate", name=name, version=version, device=device
+                "replicate",
+                name=name,
+                version=version,
+                device=device,
+                rate=rate,
+                chunk=chunk,
+                reply_timeout=_REPLICATE_TIMEOUT,
             )
             return result, []
-        held = await self.cluster.replicate(name, version, device)
-        return {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}, []
+        place: dict[str, Any] = {}
+        if index is not None or of is not None or peers is not None:
+            if type(index) is not int or type(of) is not int or not 0 <= index < of <= 4096:
+                raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
+            place = {"index": index, "of": of, "peers": _nodes(peers)}
+        held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
+        out = {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}
+        done = self.cluster.finished.get((name, version))
+        if done is not None and place:
+            out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
+        return out, []
+
+    async def _fan_out(
+        self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
+    ) -> dict[str, Any]:
+        assert self.cluster is not None
+        records = {n.node: n for n in await self.store.registry.nodes()}
+        if to == "all":
+            targets = sorted(records)
+        else:
+            assert isinstance(to, list)
+            targets = list(dict.fromkeys(_nodes(to)))
+            missing = [t for t in targets if t not in records]
+            if missing:
+                raise NotFound(f"no live node {missing[0]!r}")
+        holding = {r.node for r in await self.store.registry.replicas(name, version)}
+        pulling = [t for t in targets if t not in holding]
+        t0 = time.monotonic()
+
+        cluster = self.cluster
+
+        async def one(i: int, node: str) -> dict[str, Any]:
+            args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
+            args.update(index=i, of=len(pulling), peers=pulling)
+            try:
+                if node == self.store.node:
+                    result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
+                else:
+                    peer = cluster.peers.get(node, records[node].control)
+                    result, _ = await peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                return dict(result)
+            except TensordError as exc:
+                return {"node": node, "error": exc.message, "code": exc.code}
+
+        session_of_self = Session(0, "fan-out")
+        results = await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling)))
+        nodes = {t: {"node": t, "held": True} for t in targets if t in holding}
+        nodes.update({r["node"]: r for r in results})
+        failed = {n: r["error"] for n, r in nodes.items() if "error" in r}
+        out = {"name": name, "version": version, "nodes": nodes, "seconds": time.monotonic() - t0}
+        if failed:
+            raise TransferError(
+                f"{len(failed)} of {len(targets)} nodes could not replicate {name} v{version}: "
+                + "; ".join(f"{n}: {e}" for n, e in sorted(failed.items())),
+                name=name,
+                version=version,
+                failed=sorted(failed),
+            )
+        log.info("fan-out of %s v%d to %d nodes in %.2f s", name, version, len(targets), out["seconds"])
+        return out
+
+    # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
+    async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, version, node, chunk = _args(request, "name", "version", "node", "chunk")
+        check_name(name)
+        if type(version) is not int or version < 1:
+            raise InvalidArgument("version must be a positive integer")
+        if not isinstance(node, str) or not node or len(node) > 64:
+            raise InvalidArgument("node must be the puller's node id")
+        if type(chunk) is not int or chunk < 256 or chunk % 256:
+            raise InvalidArgument("chunk must be a positive multiple of 256 bytes")
+        if self.cluster is None:
+            raise Unavailable("streaming needs a cluster")
+        reply, pin = self.cluster.serving.open(name, version, node, chunk)
+        pid = next(self._pins)
+        session.pins[pid] = pin
+        return {**reply, "pin": pid}, []
+
+    async def op_stream_chunks(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        pid, chunks, force, want, limit, start, done, declined, wait, push = _args(
+            request,
+            "pin",
+            optional=("chunks", "force", "want", "limit", "start", "done", "declined", "wait", "push"),
+        )
+        pin = session.pins.get(pid) if type(pid) is int else None
+        if not isinstance(pin, StreamPin):
+            raise InvalidArgument(f"pin {pid!r} is no stream pin of this connection")
+        assert self.cluster is not None
+        served = self.cluster.serving
+        count = served.count(pin)
+        wanted = None
+        if want is not None:
+            wanted = chunkmap.unpack(want, count) if isinstance(want, bytes) else None
+            if wanted is None:
+                raise InvalidArgument("want must be a chunk bitmap")
+            if type(limit) is not int or not 1 <= limit <= count:
+                raise InvalidArgument("limit must be a positive integer")
+        if start is not None and (type(start) is not int or not 0 <= start < count):
+            raise InvalidArgument("start must be a chunk index")
+        if wait is not None and (not isinstance(wait, int | float) or not 0 <= wait <= MAX_WAIT):
+            raise InvalidArgument(f"wait must lie between 0 and {MAX_WAIT} seconds")
+        if push and self.cluster.pairs is None:
+            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+        req = Request(
+            pin.requester,
+            chunkmap.chunk_list(chunks, count),
+            chunkmap.chunk_list(force, count, "force"),
+            wanted,
+            limit or 0,
+            chunkmap.chunk_list(done, count, "done"),
+            chunkmap.chunk_list(declined, count, "declined"),
+        )
+        result = await served.chunks(pin, req, start=start or 0, wait=0.0 if wait is None else wait, push=bool(push))
+        return result, []
+
+    async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
+        node, host, port, key, backend = _args(request, "node", "host", "port", "key", "backend")
+        if self.cluster is None or self.cluster.pairs is None:
+            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+        if not isinstance(node, str) or not isinstance(host, str) or not isinstance(key, str) or len(key) > 200:
+            raise InvalidArgument("node, host and key must be strings")
+        if type(port) is not int or not 0 < port < 65536 or backend not in ("nccl", "gloo"):
+            raise InvalidArgument("port must be a TCP port and backend nccl or gloo")
+        record = {n.node: n for n in await self.store.registry.nodes()}.get(node)
+        if record is None or record.control.rpartition(":")[0] != f"tcp:{host}":
+            # only join a rendezvous at the address the named node advertises
+            raise InvalidArgument(f"{host} is not where live node {node!r} listens")
+        seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend)
+        return {"seconds": seconds}, []
 
     async def op_wait(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Long poll: the next version of `name` committed after `after`, or None at timeout."""
@@ -410,6 +573,10 @@ class Service:
             "lost": self.restorer.lost(name, version) if self.restorer is not None else None,
             "evicted": (name, version) in self.store.evicted,
             "replicas": [r.to_wire() for r in await registry.replicas(name, version)],
+            "partials": [
+                {"node": p.node, "device": p.device, "held": p.held, "chunks": p.count, "chunk": p.chunk}
+                for p in await registry.partials(name, version)
+            ],
         }
         if rows:
             out["tensors"] = (
@@ -444,6 +611,9 @@ class Service:
             "eviction": store.eviction,
             "evicted": len(store.evicted),
             "restore": self.restorer.status() if self.restorer is not None else None,
+            "egress": self.cluster.serving.status() if self.cluster is not None else {"bytes": 0},
+            "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
+            "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
         }, []
 
     async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

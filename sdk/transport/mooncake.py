@@ -27,6 +27,15 @@ Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
   the cache off for those protocols: each native call fetches the peer's description once.
 - Both listeners (handshake RPC and TCP data) bind to all interfaces whatever the hostname:
   registered memory is readable by anyone who can reach those ports.
+- ``batch_transfer_sync_*`` waits for completion by polling the engine without pause: every
+  transfer in flight keeps a core busy. Over TCP, where the engine's own threads move the bytes
+  on the same cores, that starves them (measured on a 2-core VM: 16 concurrent 2 MiB reads at
+  0.40 GB/s in all, 1.66 GB/s waited for as below; one read alone 2.2 against 1.4). So over
+  TCP a batch of up to
+  ``_POLLED`` entries is submitted as one asynchronous transfer per entry
+  (``batch_transfer_async_*``; ``transfer_check_status`` reports on one entry per transfer,
+  hence one entry each), and one thread per engine waits for all of them with sleeps of 20 to
+  200 us.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ _NIC = re.compile(r"[A-Za-z0-9_.:-]+")
 _IB_SYSFS = "/sys/class/infiniband"
 _MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
 _TCP_QUEUE_MAX = "65535"  # the largest value Mooncake accepts for its per-peer TCP queues
+_POLLED = 64  # over TCP, batches of at most this many entries are waited for with sleeps
+_POLL_FIRST, _POLL_MAX = 20e-6, 200e-6
 
 
 def _rdma_devices() -> list[str]:
@@ -149,6 +160,70 @@ def _topology_nics(engine: Any) -> list[str]:
         return []
 
 
+class _Wait:
+    """A caller waiting for some asynchronous transfers."""
+
+    def __init__(self, count: int, deadline: float) -> None:
+        self.left, self.deadline, self.rc = count, deadline, 0
+        self.timed_out = False
+        self.done = threading.Event()
+
+
+class _Poller:
+    """One thread that waits for every asynchronous transfer of an engine, sleeping 20 to 200 us
+    between looks (less when transfers complete), rather than a polling thread per call."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._pending: dict[int, _Wait] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ids: list[int], waiter: _Wait) -> None:
+        with self._cv:
+            for batch_id in ids:
+                self._pending[batch_id] = waiter
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mooncake-poller", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        pause = _POLL_FIRST
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                    pause = _POLL_FIRST
+                ids = list(self._pending)
+            finished: list[tuple[int, int]] = []
+            for batch_id in ids:
+                state = self._engine.transfer_check_status(batch_id)
+                if state != 0:  # 1 completed (freed), -1 failed (freed), -2 timed out
+                    finished.append((batch_id, state))
+            now = time.monotonic()
+            with self._cv:
+                for batch_id, state in finished:
+                    waiter = self._pending.pop(batch_id)
+                    if state != 1:
+                        waiter.rc = waiter.rc or state
+                    waiter.left -= 1
+                    if not waiter.left:
+                        waiter.done.set()
+                for batch_id, waiter in list(self._pending.items()):
+                    if now > waiter.deadline:  # given up on (the engine keeps the batch: logged)
+                        del self._pending[batch_id]
+                        waiter.timed_out = True
+                        waiter.rc = waiter.rc or -2
+                        waiter.left -= 1
+                        if not waiter.left:
+                            waiter.done.set()
+                busy = bool(self._pending)
+            if busy:
+                pause = _POLL_FIRST if finished else min(pause * 2, _POLL_MAX)
+                time.sleep(pause)
+
+
 class MooncakeTransport(Transport):
     """One Mooncake Transfer Engine with P2P handshake; ``session`` is ``"hostname:port"``.
 
@@ -204,6 +279,10 @@ class MooncakeTransport(Transport):
 
             enable_peer_access()
         self._regs = Registrations(self._session)
+        # over TCP, wait for transfers with sleeps (see the module's notes), where this build can
+        self._polled = self.protocol == "tcp" and hasattr(engine, "transfer_check_status")
+        self._poller = _Poller(engine)
+        self._timeout_s = float(max(_MIN_TIMEOUT_S, math.ceil(timeout_s))) if timeout_s is not None else 30.0
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
@@ -291,10 +370,13 @@ class MooncakeTransport(Transport):
         rc = 0
         try:
             local, remote, length = batch.local.tolist(), batch.remote.tolist(), batch.length.tolist()
-            for i in range(0, len(batch), step):  # one native call unless the batch is very long
-                rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
-                if rc != 0:
-                    break
+            if self._polled and len(batch) <= _POLLED:
+                rc = self._polled_transfer(op, session, local, remote, length, start)
+            else:
+                for i in range(0, len(batch), step):  # one native call unless the batch is very long
+                    rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
+                    if rc != 0:
+                        break
         except Exception as exc:
             raise self._fail(f"{what} failed: {exc}", peer=session, nbytes=nbytes) from exc
         finally:
@@ -319,6 +401,31 @@ class MooncakeTransport(Transport):
             seconds,
             nbytes / seconds / 1e9 if seconds > 0 else math.inf,
         )
+
+    def _polled_transfer(
+        self, op: str, session: str, local: list[int], remote: list[int], length: list[int], start: float
+    ) -> int:
+        """One asynchronous transfer per entry, waited for by this engine's poller; 0 or a
+        failure's rc. Every transfer submitted is waited for before this returns (their bytes
+        are landing)."""
+        submit = self._engine.batch_transfer_async_read if op == "read" else self._engine.batch_transfer_async_write
+        ids = []
+        rc = 0
+        for a, b, n in zip(local, remote, length, strict=True):
+            batch_id = submit(session, [a], [b], [n])
+            if not batch_id:
+                rc = -1
+                break
+            ids.append(batch_id)
+        if not ids:
+            return rc
+        deadline = start + self._timeout_s + sum(length) * 1e-9
+        waiter = _Wait(len(ids), deadline)
+        self._poller.add(ids, waiter)
+        waiter.done.wait()
+        if waiter.timed_out:
+            logger.warning("%d transfers with %s still pending after %.1f s", waiter.left, session, self._timeout_s)
+        return rc or waiter.rc
 
     def close(self) -> None:
         """Refuse new transfers, wait for those in flight, unregister everything, stop the engine."""

@@ -57,6 +57,32 @@ class Replica:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class PartialReplica:
+    """A replica still being filled by a streaming pull (`tensord.fleet`): which chunks of
+    `chunk` bytes it holds (`have`, a bitmap of `count` bits, `tensord.fleet.chunks.pack`).
+    Kept apart from replicas: nothing that reads sets ever takes it for one."""
+
+    name: str
+    version: int
+    node: str
+    device: str
+    chunk: int
+    count: int
+    have: bytes = b""
+
+    @property
+    def held(self) -> int:
+        return int.from_bytes(self.have, "big").bit_count() if self.have else 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> PartialReplica:
+        return cls(**{k: data[k] for k in ("name", "version", "node", "device", "chunk", "count", "have")})
+
+
 class Registry(abc.ABC):
     """The cluster-wide catalogue. Implementations must be safe for concurrent use by tasks."""
 
@@ -111,6 +137,19 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     async def nodes(self) -> list[NodeRecord]:
         """Live nodes."""
+
+    # Partial replicas: only a cluster has them (a node with no peers never streams a pull).
+    async def put_partial(self, partial: PartialReplica) -> None:
+        """Advertise (or update) this node's partial replica of a version, under its lease."""
+        del partial  # a registry without peers has no use for it
+
+    async def remove_partial(self, name: str, version: int, node: str, device: str) -> None:
+        """Withdraw a partial replica; idempotent."""
+        del name, version, node, device
+
+    async def partials(self, name: str, version: int) -> list[PartialReplica]:
+        """Partial replicas of one version (those of dead nodes are gone)."""
+        return []
 
     @abc.abstractmethod
     def watch(self, name: str, *, after: int = 0) -> AsyncIterator[int]:

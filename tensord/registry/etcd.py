@@ -7,6 +7,7 @@ or a decimal integer::
     sets/<name>/@v/<version>                       manifest (head)  durable
     sets/<name>/@p/<version>/<digest>/<part>       manifest part    durable, with its version
     sets/<name>/@r/<version>/<node>/<device>       replica          node lease
+    sets/<name>/@s/<version>/<node>/<device>       partial replica  node lease (a streaming pull)
     sets/<name>/@latest                            decimal version  durable, moved forward by txn
     sets/<name>/@next                              decimal version  durable, compare-and-swap
 
@@ -55,7 +56,7 @@ from aetcd.utils import prefix_range_end
 from sdk.errors import InvalidArgument, NotFound, Unavailable, VersionConflict
 from sdk.manifest import Manifest
 from sdk.names import check_name, check_prefix
-from tensord.registry.base import NodeRecord, Registry, Replica
+from tensord.registry.base import NodeRecord, PartialReplica, Registry, Replica
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,12 @@ class EtcdRegistry(Registry):
 
     def _rkey(self, name: str, version: int, node: str, device: str) -> bytes:
         return self._rprefix(name, version) + f"{quote(node, safe='')}/{quote(device, safe='')}".encode()
+
+    def _sprefix(self, name: str, version: int) -> bytes:
+        return f"{self._set(name)}s/".encode() + _pad(version) + b"/"
+
+    def _skey(self, name: str, version: int, node: str, device: str) -> bytes:
+        return self._sprefix(name, version) + f"{quote(node, safe='')}/{quote(device, safe='')}".encode()
 
     def _node_key(self, node: str) -> bytes:
         return f"{self._prefix}nodes/{quote(node, safe='')}".encode()
@@ -520,6 +527,7 @@ class EtcdRegistry(Registry):
         if version < 1:
             return False
         vkey, rprefix, pprefix = self._vkey(name, version), self._rprefix(name, version), self._pprefix(name, version)
+        sprefix = self._sprefix(name, version)
         with self._etcd("delete version") as c:
             t = c.transactions
             ok, _ = await c.transaction(
@@ -528,10 +536,11 @@ class EtcdRegistry(Registry):
                     t.delete(vkey),
                     t.delete(rprefix, range_end=prefix_range_end(rprefix)),
                     t.delete(pprefix, range_end=prefix_range_end(pprefix)),
+                    t.delete(sprefix, range_end=prefix_range_end(sprefix)),
                 ],
                 failure=[],
             )
-        for key in [k for k in self._leased if k.startswith(rprefix)]:
+        for key in [k for k in self._leased if k.startswith((rprefix, sprefix))]:
             self._leased.pop(key, None)
         return bool(ok)
 
@@ -566,6 +575,36 @@ class EtcdRegistry(Registry):
         with self._etcd("list replicas") as c:
             found = await c.get_prefix(self._rprefix(name, version))
         return [Replica.from_wire(_unpack(kv.value)) for kv in found]
+
+    async def put_partial(self, partial: PartialReplica) -> None:
+        name, version = partial.name, partial.version
+        if version < 1:
+            raise NotFound(f"{name!r} has no version {version}", name=name, version=version)
+        key = self._skey(name, version, partial.node, partial.device)
+        entry = _Leased(_pack(partial.to_wire()), guard=self._vkey(name, version))
+
+        async def put(lease: int) -> None:
+            if not await self._put_leased(key, entry, lease):
+                raise NotFound(f"{name!r} has no version {version}", name=name, version=version)
+            self._leased[key] = entry
+
+        await self._with_lease(put)
+
+    async def remove_partial(self, name: str, version: int, node: str, device: str) -> None:
+        if version < 1:
+            return
+        key = self._skey(name, version, node, device)
+        async with self._lease_lock:
+            self._leased.pop(key, None)
+            with self._etcd("remove partial replica") as c:
+                await c.delete(key)
+
+    async def partials(self, name: str, version: int) -> list[PartialReplica]:
+        if version < 1:
+            return []
+        with self._etcd("list partial replicas") as c:
+            found = await c.get_prefix(self._sprefix(name, version))
+        return [PartialReplica.from_wire(_unpack(kv.value)) for kv in found]
 
     async def nodes(self) -> list[NodeRecord]:
         with self._etcd("list nodes") as c:

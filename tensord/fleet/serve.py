@@ -1,0 +1,301 @@
+"""The holder's side of streaming pulls: partial replicas being filled on this node, chunks of
+partial and complete replicas granted to pullers on other nodes, and what that costs (egress).
+
+A puller opens a *stream pin* on a holder (`stream_open`): it keeps the replica (complete or
+partial) from being freed while the pin lasts, like a read pin. Then it asks for chunks
+(`stream_chunks`); the holder answers by `tensord.fleet.policy.Book`: chunks granted (read them
+now, one-sided, from the slab at the address the answer gives), redirects, or nothing yet (the
+request waited up to `wait` seconds for a chunk or a free slot). The next request acknowledges
+the chunks read. Granted bytes are this node's egress, counted here.
+
+A partial replica is never in `Store.held`: nothing that serves readers (open, mount, get, info's
+replicas) can see it. When its pull completes and every fingerprint checked, the pull promotes
+it (`Store.adopt`) once the chunks granted from it are read, and streams pinned on it then go on
+against the complete replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sdk.errors import InvalidArgument, NotFound
+from sdk.manifest import Manifest
+from tensord.fleet import chunks as chunkmap
+from tensord.fleet.chunks import Grid
+from tensord.fleet.policy import Book, Request, rotation
+from tensord.memory import Slab
+from tensord.store import Held, Store
+
+log = logging.getLogger(__name__)
+
+_ORDERS = 64  # rotations cached per served version
+_SERVED = 256  # versions whose grants a holder remembers
+
+
+@dataclass(eq=False)
+class Partial:
+    """A replica being filled by a streaming pull on this node."""
+
+    manifest: Manifest
+    slab: Slab
+    grid: Grid
+    address: int = 0  # the slab in this node's Transfer Engine (0: none)
+    held: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    arrivals: list[int] = field(default_factory=list)  # chunks held, in the order they came
+    pulling: bool = True  # its pull still runs: chunks it lacks are on their way
+    pins: int = 0
+    dropped: bool = False  # the pull gave up: the slab goes with the last pin
+    promoted: Held | None = None  # the complete replica it became
+    owned: bool = True  # False once handed to Store.adopt (which frees it if adopting fails)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.manifest.name, self.manifest.version
+
+
+@dataclass(eq=False)
+class StreamPin:
+    """A puller's hold on a replica it streams from (lives in the puller's session here)."""
+
+    key: tuple[str, int]
+    chunk: int
+    requester: str
+    target: Held | Partial
+
+
+@dataclass(eq=False)
+class _Served:
+    book: Book
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    orders: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class Serving:
+    def __init__(self, store: Store, *, slots: int, wait: float) -> None:
+        self.store, self.slots, self.wait = store, slots, wait
+        self.partials: dict[tuple[str, int], Partial] = {}
+        self._served: dict[tuple[str, int, int], _Served] = {}
+        self.egress_chunks = 0  # bytes of chunks granted to streaming pullers
+        self.egress_reads = 0  # bytes of whole slabs pinned for remote readers (open)
+        self.pusher: Any = None  # tensord.fleet.pairs.Pairs, when pair groups are on
+
+    # -- partial replicas of this node --------------------------------------------------------
+    def add(self, partial: Partial) -> None:
+        self.partials[partial.key] = partial
+
+    async def arrived(self, partial: Partial, chunks: list[int]) -> None:
+        partial.held[chunks] = True
+        partial.arrivals.extend(chunks)
+        await self._notify(partial.key)
+
+    async def changed(self, partial: Partial) -> None:
+        """Requests waiting on `partial` decide again (its pull stopped asking, say)."""
+        await self._notify(partial.key)
+
+    async def stopped(self, partial: Partial, promoted: Held | None) -> None:
+        """Its pull ended: promoted to `promoted`, or given up (`promoted` None)."""
+        partial.pulling = False
+        if self.partials.get(partial.key) is partial:
+            del self.partials[partial.key]
+        if promoted is not None:
+            partial.promoted = promoted
+            promoted.pins += partial.pins
+            partial.pins = 0
+        else:
+            partial.dropped = True
+            if not partial.pins and partial.owned:
+                self.store.discard(partial.slab)
+        await self._notify(partial.key)
+
+    async def drained(self, partial: Partial, timeout: float) -> bool:
+        """Wait until every chunk granted from `partial` was read (or `timeout`); True if so."""
+        deadline = time.monotonic() + timeout
+        entries = [s for (n, v, _), s in self._served.items() if (n, v) == partial.key]
+        for served in entries:
+            async with served.changed:
+                while served.book.busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(served.changed.wait(), left)
+        return True
+
+    # -- the ops ------------------------------------------------------------------------------
+    def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[dict[str, Any], StreamPin]:
+        held = self.store.held.get((name, version))
+        if held is not None and held.live:
+            grid = Grid(held.manifest.nbytes, chunk)
+            self.store.pin(held)
+            target: Held | Partial = held
+            have = None
+            replica = self.store.replica(held)
+            address, session = replica.address, replica.transport
+            slab = held.slab
+        else:
+            partial = self.partials.get((name, version))
+            if partial is None or partial.dropped:
+                raise NotFound(f"{name} v{version} is not held or being pulled on node {self.store.node}")
+            if partial.grid.size != chunk:
+                raise InvalidArgument(
+                    f"node {self.store.node} pulls {name} v{version} in chunks of {partial.grid.size} bytes, "
+                    f"not {chunk} (keep fleet.chunk_bytes the same on every node)"
+                )
+            grid = partial.grid
+            partial.pins += 1
+            target = partial
+            have = chunkmap.pack(partial.held)
+            address = partial.address
+            session = self.store.transport.session if self.store.transport is not None and address else ""
+            slab = partial.slab
+        served = self._entry(name, version, chunk)
+        pin = StreamPin((name, version), chunk, requester, target)
+        return {
+            "complete": have is None,
+            "chunk": chunk,
+            "count": grid.count,
+            "have": have,
+            "busy": served.book.busy,
+            "session": session,
+            "address": address,
+            "nbytes": slab.nbytes,
+            "generation": slab.generation,
+            "device": slab.device,
+        }, pin
+
+    async def chunks(self, pin: StreamPin, request: Request, *, start: int, wait: float, push: bool) -> dict[str, Any]:
+        name, version = pin.key
+        served = self._entry(name, version, pin.chunk)
+        book = served.book
+        if request.done or request.declined:
+            book.ack(pin.requester, request.done)
+            if request.declined:  # granted, counted, then not read after all
+                book.decline(pin.requester, request.declined)
+                self.egress_chunks -= Grid(pin.target.manifest.nbytes, pin.chunk).bytes_of(request.declined)
+            await self._notify(pin.key)
+        deadline = time.monotonic() + min(max(wait, 0.0), self.wait)
+        async with served.changed:
+            while True:
+                target, held, partial = self._target(pin)
+                if target is None:
+                    return {"granted": [], "redirect": [], "gone": True, "complete": False}
+                grid = Grid(target.manifest.nbytes, pin.chunk)
+                if not request.asks:
+                    decision = None
+                    break
+                order = None
+                if request.want is not None:
+                    order = served.orders.get(start)
+                    if order is None:
+                        if len(served.orders) >= _ORDERS:
+                            served.orders.clear()
+                        order = served.orders[start] = rotation(start, grid.count)
+                decision = book.decide(
+                    pin.requester,
+                    request,
+                    held=None if partial is None else partial.held,
+                    coming=partial is not None and partial.pulling,
+                    order=order,
+                    arrivals=None if partial is None else partial.arrivals,
+                )
+                left = deadline - time.monotonic()
+                if decision.final or left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(served.changed.wait(), left)
+        granted = decision.granted if decision is not None else []
+        if granted:
+            self.egress_chunks += grid.bytes_of(granted)
+        seq = None
+        if push and granted:
+            assert self.pusher is not None
+            seq = self.pusher.send(pin.requester, target, grid, granted)
+        if partial is not None:
+            address = partial.address
+        else:
+            assert held is not None
+            address = self.store.replica(held).address
+        return {
+            "granted": granted,
+            "redirect": [[c, n] for c, n in decision.redirect.items()] if decision is not None else [],
+            "have": None if partial is None else chunkmap.pack(partial.held),
+            "complete": partial is None,
+            "busy": book.busy,
+            "gone": bool(decision is not None and decision.gone),
+            "full": bool(decision is not None and decision.full),
+            "address": address,
+            "seq": seq,
+        }
+
+    def _target(self, pin: StreamPin) -> tuple[Held | Partial | None, Held | None, Partial | None]:
+        t = pin.target
+        if isinstance(t, Partial):
+            if t.promoted is not None:
+                t = t.promoted
+            elif t.dropped:
+                return None, None, None
+            else:
+                return t, None, t
+        return (t, t, None) if t.live else (None, None, None)
+
+    def count(self, pin: StreamPin) -> int:
+        """Chunks in the grid this pin streams in."""
+        return Grid(pin.target.manifest.nbytes, pin.chunk).count
+
+    async def unpin(self, pin: StreamPin, *, clean: bool) -> bool:
+        """The puller released the pin (`clean`) or its session closed: its grants end; after a
+        closed session nobody is redirected to it any more (it may be dead)."""
+        served = self._served.get((*pin.key, pin.chunk))
+        if served is not None:
+            if clean:
+                served.book.release(pin.requester)
+            else:
+                served.book.forget(pin.requester)
+        t = pin.target
+        if isinstance(t, Partial):
+            if t.promoted is not None:
+                t = t.promoted
+            else:
+                t.pins -= 1
+                if t.dropped and not t.pins and t.owned:
+                    self.store.discard(t.slab)
+                await self._notify(pin.key)
+                return True
+        self.store.unpin(t)
+        await self._notify(pin.key)
+        return True
+
+    def forget_version(self, name: str, version: int) -> None:
+        for key in [k for k in self._served if k[:2] == (name, version)]:
+            del self._served[key]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _entry(self, name: str, version: int, chunk: int) -> _Served:
+        key = (name, version, chunk)
+        served = self._served.get(key)
+        if served is None:
+            idle = [k for k, v in self._served.items() if not v.book.busy]
+            for k in idle[: max(0, len(self._served) - _SERVED)]:  # the oldest idle ones go
+                del self._served[k]
+            served = self._served[key] = _Served(Book(self.slots))
+        return served
+
+    async def _notify(self, key: tuple[str, int]) -> None:
+        for (n, v, _), served in list(self._served.items()):
+            if (n, v) == key:
+                async with served.changed:
+                    served.changed.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "bytes": self.egress_chunks + self.egress_reads,
+            "chunks": self.egress_chunks,
+            "reads": self.egress_reads,
+        }
