@@ -49,13 +49,13 @@ from tests.etcd_server import free_port, start_etcd
 TOKEN = "bench"
 
 
-def _config(etcd: Any, protocol: str, chunk: str, advertise: float, huge: bool = True) -> str:
+def _config(etcd: Any, protocol: str, chunk: str, advertise: float, huge: bool = True, extra: str = "") -> str:
     return (
         f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "{TOKEN}"\nlog_level = "warning"\n'
         f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 2\n'
         f'[transport]\nprotocol = "{protocol}"\n'
         f"[memory]\nhuge_pages = {str(huge).lower()}\n"
-        f'[fleet]\nchunk_bytes = "{chunk}"\nadvertise_seconds = {advertise}\n'
+        f'[fleet]\nchunk_bytes = "{chunk}"\nadvertise_seconds = {advertise}\n{extra}'
     )
 
 
@@ -153,7 +153,7 @@ def gpu_pair(args: argparse.Namespace) -> None:
     daemons = []
     try:
         for n in ("a", "b"):
-            cfg = _config(etcd, "nccl", chunk, 0.5)
+            cfg = _config(etcd, "nccl", chunk, 0.5, extra="".join(f"{kv}\n" for kv in args.fleet))
             daemons.append(DaemonProcess(work, n, cfg, env={"TENSORD_LOG_LEVEL": "warning"}).start(120))
         a, b = daemons
         src = random_set(_shapes(int(args.gib * 2**30)), args.device)
@@ -164,15 +164,16 @@ def gpu_pair(args: argparse.Namespace) -> None:
             cb.replicate("bench/warm", device=args.to)
             warm = time.perf_counter() - t0
             setup = cb.status()["pairs"]["setup_s"]
-            walls, fetches = [], []
+            walls, fetches, phases = [], [], []
             for i in range(args.runs + 1):
                 version = ca.put("bench/gpu", src, device=args.device)
                 t0 = time.perf_counter()
-                r = cb.replicate("bench/gpu", version, to=["b"])
+                r = cb.replicate("bench/gpu", version, to=["b"], device=args.to)
                 wall = time.perf_counter() - t0
                 if i:  # the first is a warm-up (slab blocks, kernels)
                     walls.append(wall)
                     fetches.append(r["nodes"]["b"]["phases"]["fetch"])
+                    phases.append(r["nodes"]["b"]["phases"])
                 ca.delete("bench/gpu", version)
             nbytes = sum(t.numel() * t.element_size() for t in src.values())
             used_chunk = int(r["nodes"]["b"].get("chunk") or 0)
@@ -188,6 +189,11 @@ def gpu_pair(args: argparse.Namespace) -> None:
     print(f"  group setup (warm-up pull of 64 MiB: {warm:.2f} s): {setup} s")
     print(f"  tensord replicate (kept group): {wall * 1e3:.1f} ms = {nbytes / wall / 1e9:.1f} GB/s")
     print(f"  of which the fetch phase (chunks over the group): {fetch * 1e3:.1f} ms")
+    names = sorted({k for p in phases for k in p})
+    print(
+        "  pull phases (medians): "
+        + ", ".join(f"{k} {statistics.median(p.get(k, 0) for p in phases) * 1e3:.1f} ms" for k in names)
+    )
     if not torch.cuda.is_available():
         print("  no GPU here: no bare NCCL baseline")
         return
@@ -228,6 +234,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="nccl mode: where node A holds the set")
     ap.add_argument("--to", default="cpu", help="nccl mode: where node B's copy lives")
     ap.add_argument("--gib", type=float, default=8.0, help="nccl mode: set size")
+    ap.add_argument("--fleet", action="append", default=[], help="nccl mode: a [fleet] setting, e.g. batch=8")
     args = ap.parse_args()
     if args.protocol == "nccl":
         gpu_pair(args)

@@ -35,7 +35,12 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+_DEVICE = re.compile(r"^(cpu|cuda:\d{1,4})$")
+
+
+def is_device_name(value: object) -> bool:
+    """Whether `value` names a device: "cpu" or "cuda:N"."""
+    return isinstance(value, str) and _DEVICE.fullmatch(value) is not None
 
 
 def parse_size(value: object, where: str) -> int:
@@ -80,9 +85,9 @@ class Config:
     metrics_listen: str = ""  # "host:port" of the Prometheus endpoint; "" = none
     # [fleet]: streaming pulls (tensord.fleet); configs/tensord.toml says what each does
     fleet_chunk: int = 0  # bytes per chunk; 0 = auto (by set size)
-    fleet_batch: int = 2
-    fleet_window: int = 8
-    fleet_slots: int = 8
+    fleet_batch: int = 0  # 0 = auto: 2, or 8 with transport.protocol = "nccl" (pushes over pair groups)
+    fleet_window: int = 0  # 0 = auto: 8, or 32 with nccl
+    fleet_slots: int = 0  # 0 = auto: 8, or 32 with nccl
     fleet_sources: int = 32
     fleet_wait: float = 1.0
     fleet_stall: float = 5.0
@@ -211,6 +216,10 @@ def _positive(v: object, where: str) -> int:
     return n
 
 
+def _positive_or_auto(v: object, where: str) -> int:
+    return 0 if v == "auto" else _positive(v, where)
+
+
 def _chunk(v: object, where: str) -> int:
     if v == "auto":
         return 0
@@ -275,9 +284,9 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("ingest", "allowed_roots"): ("allowed_roots", lambda v, w: _roots(v, w)),
     ("metrics", "listen"): ("metrics_listen", _address),
     ("fleet", "chunk_bytes"): ("fleet_chunk", _chunk),
-    ("fleet", "batch"): ("fleet_batch", _positive),
-    ("fleet", "window"): ("fleet_window", _positive),
-    ("fleet", "upload_slots"): ("fleet_slots", _positive),
+    ("fleet", "batch"): ("fleet_batch", _positive_or_auto),
+    ("fleet", "window"): ("fleet_window", _positive_or_auto),
+    ("fleet", "upload_slots"): ("fleet_slots", _positive_or_auto),
     ("fleet", "max_sources"): ("fleet_sources", _positive),
     ("fleet", "wait_seconds"): ("fleet_wait", _interval),
     ("fleet", "stall_seconds"): ("fleet_stall", _interval),

@@ -28,6 +28,7 @@ from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
+from tensord.config import is_device_name
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import MIN_CHUNK
 from tensord.fleet.policy import Request
@@ -330,10 +331,10 @@ class Service:
         return {**reply, "pin": pid}, []
 
     async def op_stream_chunks(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        pid, chunks, force, want, limit, start, done, declined, wait, push = _args(
+        pid, chunks, force, want, limit, start, done, declined, wait, push, device = _args(
             request,
             "pin",
-            optional=("chunks", "force", "want", "limit", "start", "done", "declined", "wait", "push"),
+            optional=("chunks", "force", "want", "limit", "start", "done", "declined", "wait", "push", "device"),
         )
         pin = session.pins.get(pid) if type(pid) is int else None
         if not isinstance(pin, StreamPin):
@@ -354,6 +355,8 @@ class Service:
             raise InvalidArgument(f"wait must lie between 0 and {MAX_WAIT} seconds")
         if push and self.cluster.pairs is None:
             raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+        if push and not is_device_name(device):
+            raise InvalidArgument("a push needs device: where the puller's slab lies (cpu or cuda:N)")
         req = Request(
             pin.requester,
             chunkmap.chunk_list(chunks, count),
@@ -363,23 +366,29 @@ class Service:
             chunkmap.chunk_list(done, count, "done"),
             chunkmap.chunk_list(declined, count, "declined"),
         )
-        result = await served.chunks(pin, req, start=start or 0, wait=0.0 if wait is None else wait, push=bool(push))
+        result = await served.chunks(
+            pin, req, start=start or 0, wait=0.0 if wait is None else wait, push=device if push else None
+        )
         return result, []
 
     async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
-        node, host, port, key, backend = _args(request, "node", "host", "port", "key", "backend")
+        node, host, port, key, backend, device, to = _args(
+            request, "node", "host", "port", "key", "backend", "device", "to"
+        )
         if self.cluster is None or self.cluster.pairs is None:
             raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
         if not isinstance(node, str) or not isinstance(host, str) or not isinstance(key, str) or len(key) > 200:
             raise InvalidArgument("node, host and key must be strings")
         if type(port) is not int or not 0 < port < 65536 or backend not in ("nccl", "gloo"):
             raise InvalidArgument("port must be a TCP port and backend nccl or gloo")
+        if not is_device_name(device) or not is_device_name(to):
+            raise InvalidArgument("device and to must name devices (cpu or cuda:N)")
         record = {n.node: n for n in await self.store.registry.nodes()}.get(node)
         if record is None or record.control.rpartition(":")[0] != f"tcp:{host}":
             # only join a rendezvous at the address the named node advertises
             raise InvalidArgument(f"{host} is not where live node {node!r} listens")
-        seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend)
+        seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend, device, to)
         return {"seconds": seconds}, []
 
     async def op_wait(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

@@ -69,3 +69,10 @@ def test_nccl_pair_group_moves_a_gpu_set_and_is_kept(pair) -> None:
         assert cb.status()["pairs"]["created"] == 1  # the group made for the first set was kept
         assert again < first  # no second rendezvous (NCCL's setup is about a second)
         assert ca.status()["egress"]["chunks"] >= 2 * 2**30
+        # the other way round (a's cuda:1 to b's cuda:0): NCCL binds a communicator to one GPU
+        # on each side, so this pair of devices gets a group of its own (the first would fail)
+        src3 = {k: v.to("cuda:1") for k, v in _gpu_set(3, 0.25).items()}
+        ca.put("gpu/fleet3", src3, device="cuda:1")
+        assert cb.replicate("gpu/fleet3", to=["b"], device="cuda:0")["nodes"]["b"]["device"] == "cuda:0"
+        assert cb.status()["pairs"]["created"] == 2
+        assert _same(dict(cb.get("gpu/fleet3", device="cuda:0")), src3)

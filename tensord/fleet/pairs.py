@@ -3,10 +3,11 @@
 them, with NCCL point-to-point between GPU slabs and gloo between host slabs (torch.distributed
 either way; gloo is what the CPU-only test machines run).
 
-One group per (holder, puller, backend), made once and kept: NCCL needs about a second to set
-one up. Rendezvous: the puller starts a TCPStore on a free port of its advertised address,
-asks the holder (`stream_pair`) to join, and both build the group, rank 0 the holder (sender)
-and rank 1 the puller (receiver). A group carries one direction only, so two daemons pulling
+One group per (holder, puller, backend, holder's device, puller's device), made once and kept:
+NCCL needs about a second to set one up, and its communicator is bound to the GPU of each side.
+Rendezvous: the puller starts a TCPStore on a free port of its advertised address, asks the
+holder (`stream_pair`) to join, and both build the group, rank 0 the holder (sender) and rank 1
+the puller (receiver). A group carries one direction only, so two daemons pulling
 from each other never wait on each other's sends. Transfers on one group are one at a time
 (the puller holds its lock from request to last byte): the holder's sends and the puller's
 receives match in order.
@@ -42,8 +43,17 @@ def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def available(device: str) -> tuple[bool, str]:
-    """Whether a pair group can move a slab on `device` here, and why not."""
+def link(backend: str, mine: str, theirs: str) -> tuple[str, str, str]:
+    """What tells a group apart besides its peer and direction: NCCL communicators are bound to
+    one GPU on each side; gloo groups move host memory, wherever it lies."""
+    return (backend, mine, theirs) if backend == "nccl" else (backend, "", "")
+
+
+def available(device: str, peer_device: str | None = None) -> tuple[bool, str]:
+    """Whether a pair group can move a slab on `device` here (to or from one on `peer_device`
+    there), and why not."""
+    if peer_device is not None and backend_for(device) != backend_for(peer_device):
+        return False, f"pair groups move GPU to GPU or host to host, not {peer_device} to {device}"
     try:
         import torch.distributed as dist
     except ImportError as exc:  # pragma: no cover - torch always has it on Linux
@@ -176,16 +186,16 @@ class Pairs:
 
     def __init__(self, node: str, host: str, *, timeout: float = 60.0) -> None:
         self.node, self.host, self.timeout = node, host, timeout
-        self._groups: dict[tuple[str, int, str], Group] = {}
-        self._setup: dict[tuple[str, int, str], asyncio.Lock] = {}
+        self._groups: dict[tuple[str, int, str, str, str], Group] = {}
+        self._setup: dict[tuple[str, int, str, str, str], asyncio.Lock] = {}
         self.created = 0  # groups made (each costs a rendezvous; NCCL's about a second)
 
     # -- the puller's side --------------------------------------------------------------------
-    async def receiver(self, peer: str, device: str, join: Callable[..., Any]) -> Group:
-        """The group in which `peer` sends to this node, made on first use: `join(**args)`
-        asks the peer to join (an RPC of `stream_pair`)."""
+    async def receiver(self, peer: str, device: str, source: str, join: Callable[..., Any]) -> Group:
+        """The group in which `peer` sends from its slab on `source` to this node's on `device`,
+        made on first use: `join(**args)` asks the peer to join (an RPC of `stream_pair`)."""
         backend = backend_for(device)
-        key = (peer, 1, backend)
+        key = (peer, 1, *link(backend, device, source))
         group = self._groups.get(key)
         if group is not None and not group.broken:
             return group
@@ -194,7 +204,7 @@ class Pairs:
             group = self._groups.get(key)
             if group is not None and not group.broken:
                 return group
-            ok, why = available(device)
+            ok, why = available(device, source)
             if not ok:
                 raise Unavailable(f"no pair group to {peer}: {why}")
             import torch.distributed as dist
@@ -206,7 +216,7 @@ class Pairs:
             name = f"tensord/{peer}>{self.node}/{secrets.token_hex(8)}"
             build = asyncio.create_task(asyncio.to_thread(_make_group, store, name, 1, backend, self.timeout))
             try:
-                await join(host=self.host, port=int(store.port), key=name, backend=backend)
+                await join(host=self.host, port=int(store.port), key=name, backend=backend, device=source, to=device)
                 pg = await asyncio.wait_for(build, self.timeout)
             except BaseException:
                 build.cancel()
@@ -242,27 +252,33 @@ class Pairs:
         return group.submit(seq, job)
 
     # -- the holder's side --------------------------------------------------------------------
-    def join(self, peer: str, host: str, port: int, key: str, backend: str) -> float:
-        """Join the group `peer` set up to receive from this node (blocking). Seconds taken."""
+    def join(self, peer: str, host: str, port: int, key: str, backend: str, device: str, to: str) -> float:
+        """Join the group `peer` set up to receive from this node's slabs on `device` into its
+        own on `to` (blocking). Seconds taken."""
         import torch.distributed as dist
 
+        ok, why = available(device, to)
+        if not ok or backend != backend_for(device):
+            raise Unavailable(f"no {backend} pair group from {device} to {peer}'s {to}: {why or 'wrong backend'}")
+        link_key = (peer, 0, *link(backend, device, to))
         t0 = time.monotonic()
         store = dist.TCPStore(host, port, 2, False, timeout=timedelta(seconds=self.timeout))
         pg = _make_group(store, key, 0, backend, self.timeout)
         group = Group(peer, backend, 0, pg, store, ready=time.monotonic() - t0)
-        old = self._groups.get((peer, 0, backend))
-        self._groups[(peer, 0, backend)] = group
+        old = self._groups.get(link_key)
+        self._groups[link_key] = group
         self.created += 1
         if old is not None:
             old.abandon()
         log.info("pair group %s -> %s (%s) joined in %.2f s", self.node, peer, backend, group.ready)
         return group.ready
 
-    def send(self, peer: str, target: Any, grid: Grid, granted: list[int]) -> int:
-        """Queue the sends of granted chunks of `target` (a Held or Partial replica) to `peer`
-        as its next push; the push's number, which the reply carries. Returns -1 when there is
-        no group (the puller then fails that source and asks elsewhere)."""
-        group = self._groups.get((peer, 0, backend_for(target.slab.device)))
+    def send(self, peer: str, to: str, target: Any, grid: Grid, granted: list[int]) -> int:
+        """Queue the sends of granted chunks of `target` (a Held or Partial replica) to `peer`'s
+        slab on `to` as its next push; the push's number, which the reply carries. Returns -1
+        when there is no group (the puller then fails that source and asks elsewhere)."""
+        here = target.slab.device
+        group = self._groups.get((peer, 0, *link(backend_for(here), here, to)))
         if group is None or group.broken:
             log.warning("no pair group to send %d chunks to %s", len(granted), peer)
             return -1

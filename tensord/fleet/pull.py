@@ -60,6 +60,7 @@ class Lane:
         self.address = 0
         self.complete = False
         self.push = False  # the holder sends over a pair group: no Transfer Engine read
+        self.device = ""  # where the holder's slab lies
         self.task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()  # one exchange at a time (the peer connection is one stream)
 
@@ -260,9 +261,10 @@ class Pull:
         pairs = self.cluster.pairs
         assert pairs is not None
         assert self.partial is not None
-        group = await pairs.receiver(lane.node, self.partial.slab.device, self._joiner(lane))
+        mine = self.partial.slab.device
+        group = await pairs.receiver(lane.node, mine, lane.device, self._joiner(lane))
         async with lane.lock:
-            result, _ = await lane.peer.call("stream_chunks", push=True, **self._args(lane, req))
+            result, _ = await lane.peer.call("stream_chunks", push=True, device=mine, **self._args(lane, req))
             granted = [int(c) for c in result.get("granted") or []] if isinstance(result, dict) else []
             read = self._answer(lane, req, result)
             if not granted:
@@ -435,11 +437,12 @@ class Pull:
             lane.session = str(result.get("session") or "")
             lane.address = int(result.get("address") or 0)
             lane.complete = bool(result.get("complete"))
+            lane.device = str(result.get("device") or "")
             transport = self.cluster.store.transport
             lane.push = not (transport is not None and lane.session and lane.address)
             if lane.push:
                 assert self.partial is not None
-                ok, why = pairmod.available(self.partial.slab.device)
+                ok, why = pairmod.available(self.partial.slab.device, lane.device)
                 if not (self.settings.pairs and ok and self.cluster.pairs is not None):
                     raise Unavailable(f"no Transfer Engine path from {node}, and no pair group ({why or 'off'})")
             have = result.get("have")

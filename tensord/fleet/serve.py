@@ -170,7 +170,11 @@ class Serving:
             "device": slab.device,
         }, pin
 
-    async def chunks(self, pin: StreamPin, request: Request, *, start: int, wait: float, push: bool) -> dict[str, Any]:
+    async def chunks(
+        self, pin: StreamPin, request: Request, *, start: int, wait: float, push: str | None
+    ) -> dict[str, Any]:
+        """Grant chunks of the pinned version (waiting up to `wait` s for some); `push`: the
+        device of the puller's slab, to send them over a pair group rather than be read."""
         name, version = pin.key
         served = self._entry(name, version, pin.chunk)
         book = served.book
@@ -216,7 +220,7 @@ class Serving:
         seq = None
         if push and granted:
             assert self.pusher is not None
-            seq = self.pusher.send(pin.requester, target, grid, granted)
+            seq = self.pusher.send(pin.requester, push, target, grid, granted)
         if partial is not None:
             address = partial.address
         else:
