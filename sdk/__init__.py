@@ -11,7 +11,7 @@ The module-level functions use one default `Client`, connected on first use to t
 socket in $TENSORD_SOCKET (default /run/tensord/tensord.sock).
 
 Importing `sdk` is cheap: the client (and torch) load on first use of anything that needs
-them, so `sdk.errors`, `sdk.manifest` or `sdk.wire` can be imported alone.
+them. The errors, names and wire format live in `tensord_contract`, shared with the daemon.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import importlib
 import threading
 from typing import TYPE_CHECKING, Any
 
-from sdk.errors import (
+from tensord_contract.errors import (
     IntegrityError,
     InvalidArgument,
     NotFound,

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from sdk.connection import Connection, endpoint
-from sdk.errors import InvalidArgument, NotFound, TensordError, Unavailable
-from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
+from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
+from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 
 log = logging.getLogger("sdk.client")
 _WATCH_POLL = 30.0  # seconds one long poll waits

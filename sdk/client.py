@@ -1,7 +1,7 @@
 """The tensord client: put, get, mount, load_into over one daemon connection (ls, info, delete
 and the other catalogue ops come from `sdk.catalogue`, which needs no torch).
 
-Every operation works on whole sets in bulk: a manifest is a few arrays (`sdk.manifest`), a
+Every operation works on whole sets in bulk: a manifest is a few arrays (`tensord_contract.manifest`), a
 read or write is one table of copies (`sdk.dataplane`), and the tensors a read returns are
 views built on first use (`sdk.dataplane.views.TensorMap`). Manifests are cached by (name,
 version, replica generation): reopening a version this client has seen transfers none.
@@ -20,16 +20,18 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from sdk.bulk import paused_gc
 from sdk.catalogue import CatalogueClient
 from sdk.connection import Connection
-from sdk.dataplane.descriptors import replica_from_wire
 from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
 from sdk.dataplane.fingerprint import slab_fingerprints
 from sdk.dataplane.remote import RemoteSlab
 from sdk.dataplane.slab import Slab, open_slab
 from sdk.dataplane.views import TensorMap
-from sdk.errors import (
+from sdk.tensors import describe
+from sdk.transport.base import Transport
+from tensord_contract.bulk import paused_gc
+from tensord_contract.descriptors import replica_from_wire
+from tensord_contract.errors import (
     IntegrityError,
     InvalidArgument,
     NotFound,
@@ -38,10 +40,8 @@ from sdk.errors import (
     TransferError,
     Unavailable,
 )
-from sdk.manifest import ALIGN, DTYPE_CODES, Manifest, Table, table_of
-from sdk.names import check_name, check_version
-from sdk.tensors import describe
-from sdk.transport.base import Transport
+from tensord_contract.manifest import ALIGN, DTYPE_CODES, Manifest, Table, table_of
+from tensord_contract.names import check_name, check_version
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -463,7 +463,7 @@ class Client(CatalogueClient):
         origin: str | None = None,
     ) -> Reservation:
         """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape)
-        (a mapping of name -> (dtype name, shape), or a `sdk.manifest.Table`).
+        (a mapping of name -> (dtype name, shape), or a `tensord_contract.manifest.Table`).
 
         `origin` records where the bytes come from (e.g. "file:/models/x.safetensors")."""
         check_name(name)

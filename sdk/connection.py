@@ -13,12 +13,11 @@ import threading
 import time
 from typing import Any
 
-from sdk import wire
-from sdk.errors import InvalidArgument, ProtocolError, Unavailable, from_wire
+from tensord_contract import wire
+from tensord_contract.defaults import DEFAULT_SOCKET
+from tensord_contract.errors import InvalidArgument, ProtocolError, Unavailable, from_wire
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SOCKET = "/run/tensord/tensord.sock"
 
 
 def endpoint(socket: str | None = None, address: str | None = None) -> str:

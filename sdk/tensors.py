@@ -11,15 +11,15 @@ from itertools import chain, repeat
 import numpy as np
 import torch
 
-from sdk.bulk import paused_gc
-from sdk.errors import InvalidArgument
-from sdk.manifest import DTYPE_CODE, DTYPE_SIZES, Table
+from tensord_contract.bulk import paused_gc
+from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import DTYPE_CODE, DTYPE_SIZES, Table
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in DTYPE_SIZES if isinstance(getattr(torch, name, None), torch.dtype)
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-#: torch dtype -> its code on the wire (`sdk.manifest.DTYPE_CODES`)
+#: torch dtype -> its code on the wire (`tensord_contract.manifest.DTYPE_CODES`)
 CODES: dict[torch.dtype, int] = {dtype: DTYPE_CODE[name] for name, dtype in DTYPES.items()}
 
 

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdk.errors import InvalidArgument, NotFound, Unauthorized
-from sdk.manifest import TensorSpec, check_spec
+from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
+from tensord_contract.manifest import TensorSpec, check_spec
 
 log = logging.getLogger(__name__)
 
-#: safetensors dtype code -> tensord dtype name (a key of ``sdk.manifest.DTYPE_SIZES``).
+#: safetensors dtype code -> tensord dtype name (a key of ``tensord_contract.manifest.DTYPE_SIZES``).
 #: The sub-byte codes F4, F6_E2M3 and F6_E3M2 have no tensord dtype and are refused, as are
 #: complex32 and complex128 on export (safetensors has no code for them).
 SAFETENSORS_DTYPES: dict[str, str] = {

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sdk.errors import TensordError
+from tensord_contract.errors import TensordError
 
 log = logging.getLogger("tensord")
 
@@ -146,8 +146,8 @@ def _catalogue(args: argparse.Namespace) -> Any:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from sdk.errors import InvalidArgument
     from tensord.ingest import load_checkpoint, load_sharded
+    from tensord_contract.errors import InvalidArgument
 
     if args.rules is not None and args.tp is None:
         raise InvalidArgument("--rules needs --tp")

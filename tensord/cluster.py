@@ -15,7 +15,6 @@ import socket
 import time
 from typing import Any
 
-from sdk.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord.fleet.pairs import Pairs
 from tensord.fleet.policy import start_for, start_of
 from tensord.fleet.pull import Pull
@@ -24,6 +23,7 @@ from tensord.fleet.settings import Settings
 from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Held, Store
+from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 
 log = logging.getLogger(__name__)
 

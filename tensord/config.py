@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdk.connection import DEFAULT_SOCKET
-from sdk.errors import InvalidArgument
+from tensord_contract.defaults import DEFAULT_SOCKET
+from tensord_contract.errors import InvalidArgument
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,7 +10,6 @@ import resource
 import signal
 import socket
 
-from sdk.errors import TensordError
 from sdk.transport.base import Transport
 from tensord.cluster import Cluster
 from tensord.config import Config
@@ -26,6 +25,7 @@ from tensord.rpc import Server
 from tensord.service import Service
 from tensord.state import StateDir
 from tensord.store import Store
+from tensord_contract.errors import TensordError
 
 log = logging.getLogger(__name__)
 

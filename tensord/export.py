@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import TensorSpec, check_spec
 from tensord.checkpoint import MAX_HEADER_BYTES, TENSORD_TO_SAFETENSORS, FileTensor
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import TensorSpec, check_spec
 
 log = logging.getLogger(__name__)
 

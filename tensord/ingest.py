@@ -36,12 +36,12 @@ from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint_finish, fingerpri
 from sdk.dataplane.gpu import GpuSlab
 from sdk.dataplane.host import HostSlab
 from sdk.dataplane.slab import Slab
-from sdk.errors import InvalidArgument
-from sdk.manifest import Manifest, TensorSpec
-from sdk.names import check_name
 from tensord.checkpoint import TENSORD_TO_SAFETENSORS, FileTensor, read_checkpoint
 from tensord.export import write_safetensors
 from tensord.sharding import ShardPlan, ShardRules, plan_shards
+from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import Manifest, TensorSpec
+from tensord_contract.names import check_name
 
 if TYPE_CHECKING:
     from sdk import Client

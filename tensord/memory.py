@@ -14,10 +14,10 @@ import os
 import secrets
 from typing import Any
 
-from sdk.dataplane.descriptors import CudaReplica, HostReplica
 from sdk.dataplane.mapping import Mapping
-from sdk.errors import InvalidArgument, OutOfCapacity
-from sdk.manifest import ALIGN
+from tensord_contract.descriptors import CudaReplica, HostReplica
+from tensord_contract.errors import InvalidArgument, OutOfCapacity
+from tensord_contract.manifest import ALIGN
 
 log = logging.getLogger(__name__)
 

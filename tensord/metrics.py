@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sdk.errors import InvalidArgument
+from tensord_contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sdk import wire
-from sdk.errors import TensordError, Unavailable, from_wire
+from tensord_contract import wire
+from tensord_contract.errors import TensordError, Unavailable, from_wire
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from sdk.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
-from sdk.manifest import Manifest
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
 from tensord.cluster import Cluster
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
 from tensord.state import Record
 from tensord.store import Held, Store
+from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
+from tensord_contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdk import wire
-from sdk.errors import InvalidArgument, OutOfCapacity, ProtocolError, TensordError, Unauthorized
+from tensord_contract import wire
+from tensord_contract.errors import InvalidArgument, OutOfCapacity, ProtocolError, TensordError, Unauthorized
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from sdk import wire
-from sdk.dataplane.descriptors import RemoteReplica
-from sdk.errors import (
-    InvalidArgument,
-    NotFound,
-    ProtocolError,
-    TensordError,
-    TransferError,
-    Unauthorized,
-    Unavailable,
-)
-from sdk.manifest import Manifest, Table
-from sdk.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord import __version__
 from tensord.checkpoint import read_checkpoint
 from tensord.cluster import Cluster
@@ -39,6 +26,19 @@ from tensord.peers import RemotePin
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Held, Store
+from tensord_contract import wire
+from tensord_contract.descriptors import RemoteReplica
+from tensord_contract.errors import (
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    TensordError,
+    TransferError,
+    Unauthorized,
+    Unavailable,
+)
+from tensord_contract.manifest import Manifest, Table
+from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import DTYPE_SIZES, MAX_DIMS
 from tensord.checkpoint import FileTensor
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import DTYPE_SIZES, MAX_DIMS
 
 if sys.version_info >= (3, 11):
     import tomllib

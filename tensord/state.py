@@ -33,8 +33,8 @@ from typing import Any
 
 import msgpack
 
-from sdk.errors import InvalidArgument, Unavailable
-from sdk.names import MAX_VERSION, check_name
+from tensord_contract.errors import InvalidArgument, Unavailable
+from tensord_contract.names import MAX_VERSION, check_name
 
 log = logging.getLogger(__name__)
 

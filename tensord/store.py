@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdk.dataplane.cuda import current
-from sdk.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
-from sdk.manifest import ALIGN, MAX_BYTES, Manifest, Table
 from sdk.transport.base import Transport
 from tensord.checkpoint import recorded_checkpoint
 from tensord.memory import Budgets, HostSlab, Slab, allocate, cuda_blocks
 from tensord.metrics import Metrics
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
+from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
+from tensord_contract.manifest import ALIGN, MAX_BYTES, Manifest, Table
 
 log = logging.getLogger(__name__)
 

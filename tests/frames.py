@@ -8,7 +8,7 @@ from typing import Any
 
 import msgpack
 
-from sdk import wire
+from tensord_contract import wire
 
 
 class Raw:

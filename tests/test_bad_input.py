@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sdk
-from sdk import wire
-from sdk.manifest import Table
-from sdk.names import check_name
+from tensord_contract import wire
+from tensord_contract.manifest import Table
+from tensord_contract.names import check_name
 from tests.frames import Raw, code
 
 

@@ -12,8 +12,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import DTYPE_SIZES
 from tensord.checkpoint import (
     INDEX_NAME,
     SAFETENSORS_DTYPES,
@@ -23,6 +21,8 @@ from tensord.checkpoint import (
     read_header,
     read_header_and_metadata,
 )
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import DTYPE_SIZES
 from tests.daemons import WEIGHTS, needs_minilm
 from tests.data import random_tensor
 

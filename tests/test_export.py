@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import TensorSpec
 from tensord.checkpoint import read_checkpoint, read_header, read_header_and_metadata
 from tensord.export import write_safetensors
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import TensorSpec
 from tests.daemons import WEIGHTS, needs_minilm
 from tests.data import random_tensor
 

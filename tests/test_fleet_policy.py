@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdk.errors import InvalidArgument, ProtocolError
 from tensord.fleet import chunks
 from tensord.fleet.policy import Book, Plan, Request, rotation, start_for, start_of
 from tensord.fleet.settings import auto_chunk
+from tensord_contract.errors import InvalidArgument, ProtocolError
 
 
 def bits(count: int, held: list[int]) -> np.ndarray:

@@ -23,8 +23,9 @@ import pytest
 import torch
 
 import sdk
-from sdk import wire
-from sdk.manifest import Table
+import tensord_contract.errors
+from tensord_contract import wire
+from tensord_contract.manifest import Table
 from tests.etcd_server import free_port
 
 FRAMES = int(os.environ.get("TENSORD_FUZZ_FRAMES", "100000"))
@@ -252,7 +253,7 @@ def _check(reply: Any, seen: dict[str, int]) -> None:
         seen["ok"] = seen.get("ok", 0) + 1
         return
     error = reply["error"]
-    assert error["code"] in sdk.errors.CODES and error["code"] != "internal", reply
+    assert error["code"] in tensord_contract.errors.CODES and error["code"] != "internal", reply
     seen[error["code"]] = seen.get(error["code"], 0) + 1
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import sdk
-from sdk import wire
-from sdk.manifest import MAX_TENSORS, Table
+from tensord_contract import wire
+from tensord_contract.manifest import MAX_TENSORS, Table
 from tests.etcd_server import free_port
 from tests.frames import Raw, code
 

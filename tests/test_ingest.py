@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint
 from sdk.dataplane.gpu import GpuSlab as CudaSlab
 from sdk.dataplane.host import HostSlab
-from sdk.errors import InvalidArgument
-from sdk.manifest import Manifest, Table
 from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
+from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import Manifest, Table
 from tests.daemons import WEIGHTS, needs_minilm, tensord
 from tests.data import random_tensor as _random
 from tests.data import same_bits as _same

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import sdk
-from sdk import wire
-from sdk.manifest import Manifest, Table
+from tensord_contract import wire
+from tensord_contract.manifest import Manifest, Table
 
 
 def _manifest() -> Manifest:

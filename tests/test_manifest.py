@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sdk
-from sdk.manifest import ALIGN, DTYPE_CODES, MAX_TENSORS, Manifest, Table, check_spec
+from tensord_contract.manifest import ALIGN, DTYPE_CODES, MAX_TENSORS, Manifest, Table, check_spec
 
 
 def _table() -> Table:

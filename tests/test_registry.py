@@ -20,11 +20,11 @@ import aetcd
 import numpy as np
 import pytest
 
-from sdk.errors import NotFound, Unavailable, VersionConflict
-from sdk.manifest import Manifest, Table
 from tensord.registry.base import NodeRecord, Registry, Replica
 from tensord.registry.etcd import EtcdRegistry
 from tensord.registry.local import LocalRegistry
+from tensord_contract.errors import NotFound, Unavailable, VersionConflict
+from tensord_contract.manifest import Manifest, Table
 from tests.etcd_server import EtcdServer, etcd_server
 
 T = TypeVar("T")
@@ -340,7 +340,7 @@ async def test_large_manifests_fit_etcd_default_limits(
 _DOOMED_NODE = """
 import asyncio, sys
 import numpy as np
-from sdk.manifest import Manifest, Table
+from tensord_contract.manifest import Manifest, Table
 from tensord.registry.base import NodeRecord, Replica
 from tensord.registry.etcd import EtcdRegistry
 

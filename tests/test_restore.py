@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdk
-from sdk.errors import NotFound
 from tensord.ingest import load_checkpoint
+from tensord_contract.errors import NotFound
 from tests.daemons import MINILM_DIR, WEIGHTS, needs_minilm, tensord
 from tests.data import random_tensor, same_bits
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdk.errors import InvalidArgument, NotFound
 from tensord.checkpoint import FileTensor, read_checkpoint, read_header
 from tensord.sharding import (
     ShardPlan,
@@ -19,6 +18,7 @@ from tensord.sharding import (
     plan_shard,
     plan_shards,
 )
+from tensord_contract.errors import InvalidArgument, NotFound
 from tests.daemons import WEIGHTS, needs_minilm
 from tests.data import random_tensor
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sdk.errors import InvalidArgument, TransferError
 from sdk.transport import mooncake
 from sdk.transport.base import Entry, Registrations, Segment, coalesce
 from sdk.transport.memory import MemoryTransport
+from tensord_contract.errors import InvalidArgument, TransferError
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import sdk
-from sdk import wire
-from sdk.errors import CODES, from_wire
+from tensord_contract import wire
+from tensord_contract.errors import CODES, from_wire
 
 
 def test_error_codes_map_to_one_tree() -> None:

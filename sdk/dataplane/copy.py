@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from sdk.errors import InvalidArgument
+from tensord_contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sdk.errors import TransferError
+from tensord_contract.errors import TransferError
 
 _P = ctypes.c_void_p
 

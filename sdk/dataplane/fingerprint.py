@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.bulk import paused_gc
-from sdk.errors import InvalidArgument
 from sdk.tensors import as_bytes
+from tensord_contract.bulk import paused_gc
+from tensord_contract.errors import InvalidArgument
 
 BLOCK_BYTES = 256
 _WORDS = BLOCK_BYTES // 8

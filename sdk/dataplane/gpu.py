@@ -16,12 +16,12 @@ import torch
 
 from sdk.dataplane.copy import device_copy, host_copy, runs, windows
 from sdk.dataplane.cuda import enable_peer_access
-from sdk.dataplane.descriptors import CudaReplica
 from sdk.dataplane.fingerprint import slab_fingerprints
 from sdk.dataplane.ipc import mappings
 from sdk.dataplane.slab import Slab
-from sdk.errors import InvalidArgument
-from sdk.manifest import ALIGN
+from tensord_contract.descriptors import CudaReplica
+from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import ALIGN
 
 _MANY_RUNS = 16  # more runs than this into a GPU buffer: one batched kernel instead of copies
 

@@ -24,7 +24,7 @@ from sdk.dataplane.copy import device_copy, host_copy, run_all, runs, windows
 from sdk.dataplane.fingerprint import slab_fingerprints
 from sdk.dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
 from sdk.dataplane.slab import Slab
-from sdk.manifest import ALIGN
+from tensord_contract.manifest import ALIGN
 
 _CHUNK = 32 << 20  # flat reads are split into jobs of this size
 _JUNK = 64 << 10  # a gap up to this size between two tensors is read into scratch memory

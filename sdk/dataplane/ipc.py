@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sdk.errors import InvalidArgument
+from tensord_contract.errors import InvalidArgument
 
 DEFAULT_KEEP_SECONDS = 10.0
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from sdk.errors import ProtocolError, TransferError
+from tensord_contract.errors import ProtocolError, TransferError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

@@ -22,11 +22,11 @@ import torch
 
 from sdk.dataplane.copy import device_copy, host_copy, runs, windows
 from sdk.dataplane.cuda import allocation_range, current
-from sdk.dataplane.descriptors import RemoteReplica
 from sdk.dataplane.slab import Slab
-from sdk.errors import InvalidArgument, TransferError
-from sdk.manifest import ALIGN
 from sdk.transport.base import Batch, Transport
+from tensord_contract.descriptors import RemoteReplica
+from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_contract.manifest import ALIGN
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.errors import ProtocolError
+from tensord_contract.errors import ProtocolError
 
 
 class Slab:
@@ -54,8 +54,8 @@ class Slab:
 def open_slab(
     replica: Any, fds: list[int], *, writable: bool = False, transport: Callable[[], Any] | None = None
 ) -> Slab:
-    """The accessor for a decoded replica descriptor (`sdk.dataplane.descriptors`)."""
-    from sdk.dataplane.descriptors import CudaReplica, HostReplica, RemoteReplica
+    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`)."""
+    from tensord_contract.descriptors import CudaReplica, HostReplica, RemoteReplica
 
     if isinstance(replica, RemoteReplica):
         if transport is None:

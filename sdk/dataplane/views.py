@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.bulk import paused_gc
-from sdk.manifest import DTYPE_CODES, Manifest
 from sdk.tensors import DTYPES, contiguous_strides
+from tensord_contract.bulk import paused_gc
+from tensord_contract.manifest import DTYPE_CODES, Manifest
 
 
 class TensorMap(MutableMapping[str, torch.Tensor]):

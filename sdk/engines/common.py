@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import sdk
-from sdk.errors import InvalidArgument, NotFound, TensordError
+from tensord_contract.errors import InvalidArgument, NotFound, TensordError
 
 log = logging.getLogger(__name__)
 

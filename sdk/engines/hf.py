@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import sdk
-from sdk.errors import InvalidArgument
+from tensord_contract.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

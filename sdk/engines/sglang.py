@@ -29,7 +29,7 @@ import torch
 
 import sdk
 from sdk.engines.common import Capture, EngineOptions, load_set, read_set
-from sdk.errors import InvalidArgument, NotFound, Unavailable
+from tensord_contract.errors import InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 import sdk
 from sdk.engines.common import Capture, EngineOptions, WeightUpdater, load_set, publish_params
-from sdk.errors import NotFound, Unavailable
+from tensord_contract.errors import NotFound, Unavailable
 
 log = logging.getLogger("sdk.engines")
 

@@ -8,7 +8,7 @@ batch's remote ranges are assumed to lie in one registration of the peer (a repl
 
 Batches are **not** all-or-nothing: when ``read``/``write`` raises ``TransferError`` the
 destination ranges hold undefined bytes. Callers retry another replica or discard the target.
-``unregister`` is idempotent. Every failure to move bytes is an ``sdk.errors.TransferError``;
+``unregister`` is idempotent. Every failure to move bytes is an ``tensord_contract.errors.TransferError``;
 a malformed descriptor is an ``InvalidArgument``.
 """
 
@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from sdk.errors import InvalidArgument, TransferError
+from tensord_contract.errors import InvalidArgument, TransferError
 
 __all__ = ["Batch", "Entry", "Registrations", "Segment", "Transport", "coalesce", "total_bytes"]
 

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from sdk.errors import TransferError
+from tensord_contract.errors import TransferError
 
 from .base import Batch, Entry, Registrations, Transport, coalesce
 

@@ -51,7 +51,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sdk.errors import InvalidArgument, TransferError
+from tensord_contract.errors import InvalidArgument, TransferError
 
 from .base import Batch, Entry, Registrations, Transport, coalesce
 

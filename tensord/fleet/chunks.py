@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdk.errors import InvalidArgument, ProtocolError
-from sdk.manifest import ALIGN
+from tensord_contract.errors import InvalidArgument, ProtocolError
+from tensord_contract.manifest import ALIGN
 
 #: the smallest chunk: below this, per-chunk costs (an RPC, an engine entry) dominate everything
 MIN_CHUNK = 64 << 10

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sdk.errors import TransferError, Unavailable
 from tensord.fleet.chunks import Grid
 from tensord.memory import CudaSlab, HostSlab, Slab
+from tensord_contract.errors import TransferError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdk.errors import NotFound, ProtocolError, TensordError, TransferError, Unavailable
-from sdk.manifest import Manifest
 from sdk.transport.base import Batch
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
@@ -41,6 +39,8 @@ from tensord.memory import own_view
 from tensord.peers import Peer
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord.store import Held
+from tensord_contract.errors import NotFound, ProtocolError, TensordError, TransferError, Unavailable
+from tensord_contract.manifest import Manifest
 
 if TYPE_CHECKING:
     from tensord.cluster import Cluster

@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from sdk.errors import InvalidArgument, NotFound
-from sdk.manifest import Manifest
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
 from tensord.memory import Slab
 from tensord.store import Held, Store
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

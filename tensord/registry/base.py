@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sdk.manifest import Manifest
+from tensord_contract.manifest import Manifest
 
 
 @dataclass(frozen=True)

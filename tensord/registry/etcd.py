@@ -11,7 +11,7 @@ or a decimal integer::
     sets/<name>/@latest                            decimal version  durable, moved forward by txn
     sets/<name>/@next                              decimal version  durable, compare-and-swap
 
-A set name is ``[a-z0-9._-]`` segments joined by ``/`` (``sdk.names``): it never holds ``@``,
+A set name is ``[a-z0-9._-]`` segments joined by ``/`` (``tensord_contract.names``): it never holds ``@``,
 so the first ``/@`` of a key ends the name. A scan of set ``a``'s ``sets/a/@v/`` can never
 reach set ``a/b`` (``sets/a/b/@v/...``) nor set ``a/v/1``. Versions in keys are zero-padded to
 20 digits: key order is numeric order, and one version's key is never a prefix of another's.
@@ -20,7 +20,7 @@ Node and device are percent-quoted: they may hold ``:`` or ``/``.
 One lease per node, granted in ``start`` and kept alive at TTL/3 by one task. Every key this
 instance puts under the lease is remembered; when the lease is lost (it expired while this node
 could not reach etcd, or was revoked) a new one is granted and every remembered key put again.
-Every failure of etcd is mapped here, once, to ``sdk.errors.Unavailable``; a call that fails
+Every failure of etcd is mapped here, once, to ``tensord_contract.errors.Unavailable``; a call that fails
 on one endpoint moves the next call to the next endpoint. Names are validated (``InvalidArgument``).
 A commit of a version that exists with the same manifest only restores the replica (a retried
 commit); with another manifest it raises ``VersionConflict``.
@@ -53,10 +53,10 @@ import msgpack
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from sdk.errors import InvalidArgument, NotFound, Unavailable, VersionConflict
-from sdk.manifest import Manifest
-from sdk.names import check_name, check_prefix
 from tensord.registry.base import NodeRecord, PartialReplica, Registry, Replica
+from tensord_contract.errors import InvalidArgument, NotFound, Unavailable, VersionConflict
+from tensord_contract.manifest import Manifest
+from tensord_contract.names import check_name, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -674,7 +674,7 @@ def _encode(wire: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
 
 
 def _decode(head: Any, parts: list[bytes]) -> Manifest:
-    from sdk.errors import ProtocolError
+    from tensord_contract.errors import ProtocolError
 
     try:
         if isinstance(head, dict) and "zlib" in head:

@@ -14,10 +14,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from sdk.errors import NotFound
-from sdk.manifest import Manifest
 from tensord.registry.base import NodeRecord, Registry, Replica
 from tensord.state import VersionCounters
+from tensord_contract.errors import NotFound
+from tensord_contract.manifest import Manifest
 
 
 @dataclass

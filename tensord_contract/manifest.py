@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sdk.bulk import paused_gc
-from sdk.errors import InvalidArgument, ProtocolError, TensordError
+from tensord_contract.bulk import paused_gc
+from tensord_contract.errors import InvalidArgument, ProtocolError, TensordError
 
 ALIGN = 256
 #: At most this many tensors in one set: 3.8x Kimi-K2's ~138,000 (fp8 weights + scales).

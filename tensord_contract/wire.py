@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from sdk.errors import ProtocolError
+from tensord_contract.errors import ProtocolError
 
 PROTOCOL_VERSION = 2
 MAX_FRAME = 64 * 1024 * 1024

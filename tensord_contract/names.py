@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sdk.errors import InvalidArgument
+from tensord_contract.errors import InvalidArgument
 
 MAX_NAME_BYTES = 255
 #: Versions are 64-bit signed integers everywhere (the wire, etcd keys, the state directory).

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sdk.errors import ProtocolError
+from tensord_contract.errors import ProtocolError
 
 
 def _u64(x: object) -> bool:
