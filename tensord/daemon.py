@@ -240,11 +240,11 @@ class Daemon:
             ),
             "tensord_restore_lost": ("Versions held before the last restart that are lost", [({}, counts["lost"])]),
         }
-        lease = getattr(self.registry, "lease_held", None)
+        lease = self.registry.status().get("lease")  # only a registry with leases has one
         if lease is not None:
             levels["tensord_etcd_lease_up"] = (
                 "1 while this node's etcd lease is held and kept alive, else 0",
-                [({}, 1.0 if lease else 0.0)],
+                [({}, 1.0 if lease == "held" else 0.0)],
             )
         return levels
 

@@ -623,6 +623,7 @@ class Service:
             "egress": self.cluster.serving.status() if self.cluster is not None else {"bytes": 0},
             "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
             "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
+            "registry": store.registry.status(),
         }, []
 
     async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

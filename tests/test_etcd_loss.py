@@ -21,6 +21,8 @@ def test_etcd_killed_under_live_clients(start_daemon, tmp_path: Path) -> None:
         value = torch.arange(10_000, dtype=torch.float32)
         with d.client() as c:
             assert c.put("held", {"x": value}) == 1
+            registry = c.status()["registry"]
+            assert registry["kind"] == "etcd" and registry["lease"] == "held" and registry["lost_count"] == 0
             watch = c.watch("held", after=1, timeout=60)
             seen: list[int] = []
             watcher = threading.Thread(target=lambda: seen.append(next(watch)))
@@ -51,6 +53,10 @@ def test_etcd_killed_under_live_clients(start_daemon, tmp_path: Path) -> None:
                     except sdk.TensordError as exc:
                         failures.add(type(exc))
                 assert failures == {sdk.Unavailable}
+                deadline = time.monotonic() + 5  # the next keepalive fails, and the daemon says so
+                while c.status()["registry"]["lease"] not in ("failing", "lost"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
                 with c.mount("held", 1) as m:
                     assert torch.equal(m.tensors["x"], value)
                 before = reads[0]
@@ -74,5 +80,8 @@ def test_etcd_killed_under_live_clients(start_daemon, tmp_path: Path) -> None:
             assert not errors, errors
             assert torch.equal(c.get("held")["x"], value + 1)
             assert c.status()["reservations"] == 0 and c.status()["pins"] == 0
+            while c.status()["registry"]["lease"] != "held":  # its next keepalive confirms it
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
         log = d.log.read_text()
         assert "Traceback" not in log and "internal error" not in log, log[-3000:]

@@ -138,6 +138,11 @@ class Registry(abc.ABC):
     async def nodes(self) -> list[NodeRecord]:
         """Live nodes."""
 
+    @abc.abstractmethod
+    def status(self) -> dict[str, Any]:
+        """Where this registry stands, for the daemon's `status`: at least ``kind``; a backend
+        with leases adds ``lease`` ("held", "failing", "lost" or "none") and its details."""
+
     # Partial replicas: only a cluster has them (a node with no peers never streams a pull).
     async def put_partial(self, partial: PartialReplica) -> None:
         """Advertise (or update) this node's partial replica of a version, under its lease."""

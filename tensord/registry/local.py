@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from tensord.registry.base import NodeRecord, Registry, Replica
 from tensord.state import VersionCounters
@@ -40,6 +41,9 @@ class LocalRegistry(Registry):
 
     async def close(self) -> None:
         self._node = None
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "embedded"}
 
     def restore(self, manifests: list[Manifest]) -> None:
         """Versions committed before a restart (from the state directory), without replicas."""
