@@ -7,7 +7,7 @@
     ├── InvalidArgument     a bad name, shape, dtype, frame or option
     ├── Unauthorized        missing or wrong token
     ├── Unavailable         the daemon or the registry cannot be reached
-    ├── Retryable           this replica failed to deliver; another one may not (never raised itself)
+    ├── Retryable           one replica failed to deliver; another may succeed (never raised itself)
     │   ├── TransferError   bytes could not be moved
     │   └── IntegrityError  bytes arrived but their fingerprint is wrong
     └── ProtocolError       the peer broke the wire protocol
