@@ -7,8 +7,10 @@
         ...m.tensors...
     sdk.load_into(model, "my-model/tp0")              # straight into existing parameters
 
-The module-level functions use one default `Client`, connected on first use to the daemon
-socket in $TENSORD_SOCKET (default /run/tensord/tensord.sock).
+The module-level functions are the `Client` methods of the same name, called on one default
+`Client` connected on first use to the daemon socket in $TENSORD_SOCKET (default
+/run/tensord/tensord.sock); each is made from its method when first looked up, so it carries
+the method's signature and docstring (`help(sdk.get)`).
 
 Importing `sdk` is cheap: the client (and torch) load on first use of anything that needs
 them. The errors, names and wire format live in `tensord_contract`, shared with the daemon.
@@ -16,9 +18,12 @@ them. The errors, names and wire format live in `tensord_contract`, shared with 
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from tensord_contract.errors import (
     IntegrityError,
@@ -26,6 +31,7 @@ from tensord_contract.errors import (
     NotFound,
     OutOfCapacity,
     ProtocolError,
+    Retryable,
     TensordError,
     TransferError,
     Unauthorized,
@@ -34,10 +40,6 @@ from tensord_contract.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
-
-    import torch
-
     from sdk.catalogue import CatalogueClient
     from sdk.client import Client, Mount, Reservation
     from sdk.dataplane.fingerprint import fingerprint
@@ -53,6 +55,7 @@ __all__ = [
     "OutOfCapacity",
     "ProtocolError",
     "Reservation",
+    "Retryable",
     "TensorMap",
     "TensordError",
     "TransferError",
@@ -85,10 +88,14 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name in _FORWARDED:
+        from sdk.client import Client
+
+        value = _on_default(getattr(Client, name))
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
         raise AttributeError(f"module 'sdk' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
@@ -108,72 +115,35 @@ def default_client() -> Client:
         return _default
 
 
-def put(name: str, tensors: Mapping[str, torch.Tensor], *, device: str | None = None) -> int:
-    """Store `tensors` as the next version of `name`; all or nothing. See `Client.put`."""
-    return default_client().put(name, tensors, device=device)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def get(
-    name: str,
-    version: int | str | None = None,
-    *,
-    device: str | torch.device | None = None,
-    names: list[str] | None = None,
-    verify: bool = False,
-) -> TensorMap:
-    """A private copy of a version's tensors. See `Client.get`."""
-    return default_client().get(name, version, device=device, names=names, verify=verify)
+def _on_default(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
+    """`method` as a function called on `default_client()`, with its name, docstring and
+    signature (less `self`)."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        return method(default_client(), *args, **kwargs)
+
+    signature = inspect.signature(method)
+    call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
+    call.__module__ = __name__
+    return call
 
 
-def mount(name: str, version: int | str | None = None) -> Mount:
-    """Pin a version and map it zero-copy (same node). See `Client.mount`."""
-    return default_client().mount(name, version)
+#: the module-level functions: the `Client` methods of the same name, made on first lookup
+_FORWARDED = ("delete", "get", "info", "load_checkpoint", "load_into", "ls", "mount", "put", "replicate", "watch")
 
-
-def load_into(
-    target: torch.nn.Module | Mapping[str, torch.Tensor],
-    name: str,
-    version: int | str | None = None,
-    *,
-    strict: bool = True,
-    verify: bool = False,
-) -> int:
-    """Copy a version into existing tensors. See `Client.load_into`."""
-    return default_client().load_into(target, name, version, strict=strict, verify=verify)
-
-
-def ls(prefix: str = "") -> list[dict[str, Any]]:
-    """Sets whose name starts with `prefix`. See `Client.ls`."""
-    return default_client().ls(prefix)
-
-
-def info(name: str, version: int | str | None = None, *, tensors: bool = False) -> dict[str, Any]:
-    """One version's description. See `Client.info`."""
-    return default_client().info(name, version, tensors=tensors)
-
-
-def delete(name: str, version: int | None = None) -> int:
-    """Delete one version or every version of `name` (idempotent). See `Client.delete`."""
-    return default_client().delete(name, version)
-
-
-def load_checkpoint(path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
-    """Make the daemon load a checkpoint it reads itself. See `Client.load_checkpoint`."""
-    return default_client().load_checkpoint(path, name, device=device, threads=threads)
-
-
-def replicate(
-    name: str,
-    version: int | str | None = None,
-    *,
-    to: str | list[str] | None = None,
-    progress: Callable[[dict[str, float]], None] | None = None,
-) -> dict[str, Any]:
-    """Make a node, a list of nodes or "all" live nodes pull a copy of a version (several at
-    once as one streamed fan-out; returns when all hold it). See `Client.replicate`."""
-    return default_client().replicate(name, version, to=to, progress=progress)
-
-
-def watch(name: str, *, after: int | None = None, timeout: float | None = None) -> Iterator[int]:
-    """Yield each version of `name` as it is committed. See `Client.watch`."""
-    return default_client().watch(name, after=after, timeout=timeout)
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ makes them on first use
+    delete = _on_default(Client.delete)
+    get = _on_default(Client.get)
+    info = _on_default(Client.info)
+    load_checkpoint = _on_default(Client.load_checkpoint)
+    load_into = _on_default(Client.load_into)
+    ls = _on_default(Client.ls)
+    mount = _on_default(Client.mount)
+    put = _on_default(Client.put)
+    replicate = _on_default(Client.replicate)
+    watch = _on_default(Client.watch)

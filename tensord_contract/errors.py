@@ -7,11 +7,16 @@
     ├── InvalidArgument     a bad name, shape, dtype, frame or option
     ├── Unauthorized        missing or wrong token
     ├── Unavailable         the daemon or the registry cannot be reached
-    ├── TransferError       bytes could not be moved
-    ├── IntegrityError      bytes arrived but their fingerprint is wrong
+    ├── Retryable           one replica failed to deliver; another may succeed (never raised itself)
+    │   ├── TransferError   bytes could not be moved
+    │   └── IntegrityError  bytes arrived but their fingerprint is wrong
     └── ProtocolError       the peer broke the wire protocol
 
-Errors cross the wire as ``{code, message, details}``; the code picks the class.
+Errors cross the wire as ``{code, message, details}``; the code picks the class. `Retryable`
+is a grouping, not a code: its members keep theirs, so it survives the wire with them.
+`Unavailable` stays outside it: on the client it means this client's daemon (or its registry)
+cannot be reached, which no other replica helps with; a peer the daemon cannot reach is the
+daemon's to route around, and reaches the client as a TransferError.
 """
 
 from __future__ import annotations
@@ -57,11 +62,17 @@ class Unavailable(TensordError):
     code = "unavailable"
 
 
-class TransferError(TensordError):
+class Retryable(TensordError):
+    """A read from one replica failed in a way another replica of the same version may not:
+    catch this to fail over (`sdk.failover`), as httpx's TransportError groups its transport
+    failures. A grouping only: raise one of its subclasses, which carry the wire codes."""
+
+
+class TransferError(Retryable):
     code = "transfer_error"
 
 
-class IntegrityError(TensordError):
+class IntegrityError(Retryable):
     code = "integrity_error"
 
 

@@ -165,17 +165,17 @@ def test_fingerprints_see_order_length_and_content() -> None:
 
 
 def test_a_version_seen_before_opens_without_its_manifest(client: sdk.Client, monkeypatch) -> None:
-    import sdk.client as client_module
+    from tensord_contract.manifest import Manifest
 
     client.put("shapes/cached", {"a": torch.ones(3), "b": torch.zeros(2, 2)})
     decoded: list[str] = []
-    real = client_module.Manifest.from_wire
+    real = Manifest.from_wire
 
     def counting(data, *args):  # type: ignore[no-untyped-def]
         decoded.append(data["name"])
         return real(data, *args)
 
-    monkeypatch.setattr(client_module.Manifest, "from_wire", counting)
+    monkeypatch.setattr(Manifest, "from_wire", counting)
     client.get("shapes/cached")
     with client.mount("shapes/cached") as m:
         assert torch.equal(m.tensors["a"], torch.ones(3))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdk.dataplane.fingerprint import slab_fingerprints
 from sdk.tensors import DTYPES, contiguous_strides
 from tensord_contract.bulk import paused_gc
 from tensord_contract.manifest import DTYPE_CODES, Manifest
@@ -126,6 +127,18 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
     def __delitem__(self, name: str) -> None:
         self._plain = dict(self._all())
         del self._plain[name]
+
+    # -- what was read --------------------------------------------------------------------------------
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The manifest rows these tensors are, in order (None: every row, in set order)."""
+        return self._rows
+
+    def fingerprints(self) -> np.ndarray:
+        """Each tensor's fingerprint (uint64, in order) as its bytes lie in `base`, computed in
+        bulk where the buffer lies."""
+        sizes = self.manifest.sizes if self._rows is None else self.manifest.sizes[self._rows]
+        return slab_fingerprints(self.base, self._offsets, sizes)
 
     @property
     def name(self) -> str:

@@ -35,7 +35,7 @@ Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
   ``_POLLED`` entries is submitted as one asynchronous transfer per entry
   (``batch_transfer_async_*``; ``transfer_check_status`` reports on one entry per transfer,
   hence one entry each), and one thread per engine waits for all of them with sleeps of 20 to
-  200 us.
+  200 us (``mooncake_poller``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from typing import Any
 from tensord_contract.errors import InvalidArgument, TransferError
 
 from .base import Batch, Entry, Registrations, Transport, coalesce
+from .mooncake_poller import Poller, Wait
 
 __all__ = ["PROTOCOLS", "MooncakeTransport", "available", "configure_env", "resolve_protocol"]
 
@@ -68,7 +69,6 @@ _IB_SYSFS = "/sys/class/infiniband"
 _MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
 _TCP_QUEUE_MAX = "65535"  # the largest value Mooncake accepts for its per-peer TCP queues
 _POLLED = 64  # over TCP, batches of at most this many entries are waited for with sleeps
-_POLL_FIRST, _POLL_MAX = 20e-6, 200e-6
 
 
 def _rdma_devices() -> list[str]:
@@ -160,70 +160,6 @@ def _topology_nics(engine: Any) -> list[str]:
         return []
 
 
-class _Wait:
-    """A caller waiting for some asynchronous transfers."""
-
-    def __init__(self, count: int, deadline: float) -> None:
-        self.left, self.deadline, self.rc = count, deadline, 0
-        self.timed_out = False
-        self.done = threading.Event()
-
-
-class _Poller:
-    """One thread that waits for every asynchronous transfer of an engine, sleeping 20 to 200 us
-    between looks (less when transfers complete), rather than a polling thread per call."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self._pending: dict[int, _Wait] = {}
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def add(self, ids: list[int], waiter: _Wait) -> None:
-        with self._cv:
-            for batch_id in ids:
-                self._pending[batch_id] = waiter
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mooncake-poller", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def _run(self) -> None:
-        pause = _POLL_FIRST
-        while True:
-            with self._cv:
-                while not self._pending:
-                    self._cv.wait()
-                    pause = _POLL_FIRST
-                ids = list(self._pending)
-            finished: list[tuple[int, int]] = []
-            for batch_id in ids:
-                state = self._engine.transfer_check_status(batch_id)
-                if state != 0:  # 1 completed (freed), -1 failed (freed), -2 timed out
-                    finished.append((batch_id, state))
-            now = time.monotonic()
-            with self._cv:
-                for batch_id, state in finished:
-                    waiter = self._pending.pop(batch_id)
-                    if state != 1:
-                        waiter.rc = waiter.rc or state
-                    waiter.left -= 1
-                    if not waiter.left:
-                        waiter.done.set()
-                for batch_id, waiter in list(self._pending.items()):
-                    if now > waiter.deadline:  # given up on (the engine keeps the batch: logged)
-                        del self._pending[batch_id]
-                        waiter.timed_out = True
-                        waiter.rc = waiter.rc or -2
-                        waiter.left -= 1
-                        if not waiter.left:
-                            waiter.done.set()
-                busy = bool(self._pending)
-            if busy:
-                pause = _POLL_FIRST if finished else min(pause * 2, _POLL_MAX)
-                time.sleep(pause)
-
-
 class MooncakeTransport(Transport):
     """One Mooncake Transfer Engine with P2P handshake; ``session`` is ``"hostname:port"``.
 
@@ -281,7 +217,7 @@ class MooncakeTransport(Transport):
         self._regs = Registrations(self._session)
         # over TCP, wait for transfers with sleeps (see the module's notes), where this build can
         self._polled = self.protocol == "tcp" and hasattr(engine, "transfer_check_status")
-        self._poller = _Poller(engine)
+        self._poller = Poller(engine)
         self._timeout_s = float(max(_MIN_TIMEOUT_S, math.ceil(timeout_s))) if timeout_s is not None else 30.0
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -420,7 +356,7 @@ class MooncakeTransport(Transport):
         if not ids:
             return rc
         deadline = start + self._timeout_s + sum(length) * 1e-9
-        waiter = _Wait(len(ids), deadline)
+        waiter = Wait(len(ids), deadline)
         self._poller.add(ids, waiter)
         waiter.done.wait()
         if waiter.timed_out:

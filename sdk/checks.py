@@ -1,0 +1,82 @@
+"""What a read or a write compares against a manifest before (shapes, dtypes) and after
+(fingerprints) it moves bytes, in bulk over whole tables; each names the first tensor at fault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tensord_contract.errors import IntegrityError, InvalidArgument
+from tensord_contract.manifest import DTYPE_CODES, Manifest, Table
+
+
+def dims_of(table: Table, rows: np.ndarray) -> np.ndarray:
+    """The dims of `rows`, concatenated in that order."""
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64)
+    starts, counts = table.dim_starts[rows], table.ndims[rows].astype(np.int64)
+    take = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    return table.dims[take]
+
+
+def check_targets(manifest: Manifest, rows: np.ndarray, keys: list[str], d: Any) -> None:
+    """Every target's dtype and shape equal the set's, else InvalidArgument (nothing written)."""
+    table = manifest.table
+    same = np.array_equal(d.dtypes, table.dtypes[rows]) and np.array_equal(d.ndims, table.ndims[rows])
+    if same and np.array_equal(d.dims, dims_of(table, rows)):
+        return
+    starts = np.cumsum(d.ndims.astype(np.int64)) - d.ndims
+    for i, row in enumerate(rows.tolist()):
+        spec = manifest.spec(row)
+        shape = tuple(d.dims[starts[i] : starts[i] + d.ndims[i]].tolist())
+        if d.dtypes[i] != table.dtypes[row] or shape != spec.shape:
+            got = DTYPE_CODES[d.dtypes[i]]
+            raise InvalidArgument(
+                f"tensor {keys[i]!r}: target is {got} {shape}, the set holds {spec.dtype} {spec.shape}"
+            )
+
+
+def mismatch(
+    manifest: Manifest,
+    rows: np.ndarray,
+    codes: np.ndarray,
+    keys: list[str],
+    dims: np.ndarray | None = None,
+    ndims: np.ndarray | None = None,
+) -> str:
+    """Name the first tensor whose dtype or shape differs from the reservation."""
+    table = manifest.table
+    bad = np.flatnonzero(codes != table.dtypes[rows])
+    if len(bad):
+        i = int(bad[0])
+        want = table.dtype_name(int(rows[i]))
+        return f"tensor {keys[i]!r}: dtype {DTYPE_CODES[codes[i]]} differs from the reservation's {want}"
+    assert dims is not None
+    assert ndims is not None
+    starts = np.cumsum(ndims.astype(np.int64)) - ndims
+    for i, row in enumerate(rows.tolist()):
+        got = tuple(dims[starts[i] : starts[i] + ndims[i]].tolist())
+        if got != table.shape(row):
+            return f"tensor {keys[i]!r}: shape {got} differs from the reservation's {table.shape(row)}"
+    return "dtype/shape differ from the reservation"
+
+
+def check_fingerprints(manifest: Manifest, rows: np.ndarray | None, actual: Any) -> None:
+    """IntegrityError naming the first tensor of `rows` (None: all) whose fingerprint differs
+    from the manifest's; a manifest without fingerprints checks nothing."""
+    expected = manifest.fingerprints
+    if expected is None:
+        return
+    if rows is not None:
+        expected = expected[rows]
+    bad = np.flatnonzero(np.asarray(actual, dtype=np.uint64) != expected)
+    if len(bad):
+        row = int(bad[0]) if rows is None else int(rows[bad[0]])
+        key = manifest.names[row]
+        raise IntegrityError(
+            f"tensor {key!r} of {manifest.name} v{manifest.version} fails its fingerprint",
+            name=manifest.name,
+            version=manifest.version,
+            tensor=key,
+        )

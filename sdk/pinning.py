@@ -1,0 +1,155 @@
+"""The data-plane base of `sdk.Client`: open a version (pin it, get its manifest, map its slab),
+give pins back, and start this process's Transfer Engine for slabs on other nodes.
+
+Manifests are cached by (name, version, replica generation): reopening a version this client
+has seen transfers none. Reads (`sdk.reads`) and writes (`sdk.writes`) build on this.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from sdk.catalogue import CatalogueClient
+from sdk.connection import Connection
+from sdk.dataplane.slab import Slab, open_slab
+from sdk.transport.base import Transport
+from tensord_contract.descriptors import replica_from_wire
+from tensord_contract.errors import ProtocolError, TensordError, Unavailable
+from tensord_contract.manifest import Manifest
+from tensord_contract.names import check_name, check_version
+
+_CACHED_MANIFESTS = 32  # manifests a client keeps, by (name, version, replica generation)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A pin and the connection that holds it: it can only be given back on that connection
+    (pin ids restart with the daemon, so another connection's pin may bear the same id)."""
+
+    conn: Connection
+    id: int
+    name: str
+    version: int
+
+
+class PinningClient(CatalogueClient):
+    """`CatalogueClient` plus pins, manifests and the Transfer Engine; see `sdk.Client`."""
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        address: str | None = None,
+        token: str | None = None,
+        timeout: float | None = 300.0,
+    ) -> None:
+        super().__init__(socket, address=address, token=token, timeout=timeout)
+        self._engine: Transport | None = None
+        self._manifests: collections.OrderedDict[tuple[str, int, int], Manifest] = collections.OrderedDict()
+
+    # -- the Transfer Engine ------------------------------------------------------------------
+    def _transport(self) -> Transport:
+        """This process's Transfer Engine, started on first use (reads from other nodes)."""
+        with self._lock:
+            if self._engine is None:
+                from sdk.transport.mooncake import MooncakeTransport
+
+                conn = self._connection
+                info = (conn.server.get("transport") if conn is not None else None) or {}
+                protocol = os.environ.get("TENSORD_TRANSPORT") or info.get("protocol") or "tcp"
+                hostname = (
+                    os.environ.get("TENSORD_TRANSPORT_HOST")
+                    or (info.get("hostname") if conn is not None and conn.is_local else None)
+                    or "127.0.0.1"
+                )
+                self._engine = MooncakeTransport(hostname, protocol)
+            return self._engine
+
+    def close(self) -> None:
+        """Close the connection; the daemon releases every pin and reservation it held."""
+        super().close()
+        with self._lock:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+    # -- pins -----------------------------------------------------------------------------------
+    def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[Pin, Manifest, Slab]:
+        check_name(name)
+        version = check_version(version)
+        args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}
+        if exclude:
+            args["exclude"] = exclude
+        conn = self._conn()
+        result, fds = conn.call("open", **args)
+        pin: Pin | None = None
+        try:
+            if not isinstance(result, dict) or type(result.get("pin")) is not int:
+                raise ProtocolError(f"malformed open reply: {result!r:.200}")
+            pin = Pin(conn, result["pin"], name, version or 0)
+            replica = replica_from_wire(result.get("replica"))
+            manifest = self._manifest(name, result, replica.generation)
+            pin = Pin(conn, result["pin"], name, manifest.version)
+            if manifest.nbytes > replica.nbytes:
+                raise ProtocolError(f"{name} v{manifest.version}: the manifest spans more than its slab")
+            return pin, manifest, open_slab(replica, fds, transport=self._transport)
+        except BaseException:  # a reply or slab this process cannot use: give everything back
+            for fd in fds:
+                os.close(fd)
+            if pin is not None:
+                with contextlib.suppress(TensordError, OSError):
+                    self._release(pin)
+            raise
+
+    def _have(self, name: str) -> list[list[int]]:
+        """The (version, generation) pairs of `name` whose manifests this client holds."""
+        with self._lock:
+            return [[v, g] for (n, v, g) in self._manifests if n == name]
+
+    def _manifest(self, name: str, result: dict[str, Any], generation: int) -> Manifest:
+        """The open reply's manifest: decoded and cached, or from the cache when it was left out."""
+        version, wire = result.get("version"), result.get("manifest")
+        if type(version) is not int:
+            raise ProtocolError(f"malformed open reply: version {version!r:.40}")
+        key = (name, version, generation)
+        with self._lock:
+            cached = self._manifests.get(key)
+            if cached is not None:
+                self._manifests.move_to_end(key)
+        if wire is None:
+            if cached is None:
+                raise ProtocolError(f"the daemon left out the manifest of {name} v{version}, which is not cached")
+            return cached
+        manifest = Manifest.from_wire(wire)
+        if manifest.name != name or manifest.version != version or manifest.fingerprints is None:
+            raise ProtocolError(f"the daemon answered {name} v{version} with another manifest")
+        with self._lock:
+            self._manifests[key] = manifest
+            while len(self._manifests) > _CACHED_MANIFESTS:
+                self._manifests.popitem(last=False)
+        return manifest
+
+    def _release(self, pin: Pin, *, wait: bool = True) -> bool:
+        """Give a pin back; True if it held throughout (a remote node did not lose it).
+
+        A pin on this node cannot be lost, so it can be given back without `wait`ing. A pin
+        whose connection was lost (the daemon restarted) is gone: Unavailable says so."""
+        if self._closed:
+            return False
+        lost = (
+            f"{pin.name} v{pin.version}: the connection that pinned it was lost (the daemon at "
+            f"{pin.conn.where} restarted or went away), and the pin with it; views of host memory "
+            "stay readable in this process, views of GPU memory must not be used"
+        )
+        if not wait:
+            if not pin.conn.alive():
+                pin.conn.close()
+                raise Unavailable(lost)
+            pin.conn.post("release", pin=pin.id)
+            return True
+        result, _ = self._call_on(pin.conn, lost, "release", pin=pin.id)
+        return bool(result.get("intact", True))

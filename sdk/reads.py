@@ -1,0 +1,292 @@
+"""Reads: `mount` (zero-copy, this node), `get` (a private copy) and `load_into` (into existing
+tensors). A read from another node that fails, or whose pin is lost, fails over to another
+replica of the same version (`sdk.failover`)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from sdk.checks import check_fingerprints, check_targets
+from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
+from sdk.dataplane.remote import RemoteSlab
+from sdk.dataplane.slab import Slab
+from sdk.dataplane.views import TensorMap
+from sdk.failover import read_with_failover
+from sdk.pinning import Pin, PinningClient
+from sdk.tensors import describe
+from tensord_contract.bulk import paused_gc
+from tensord_contract.errors import InvalidArgument, NotFound, TransferError
+from tensord_contract.manifest import ALIGN, Manifest
+from tensord_contract.names import check_version
+
+T = TypeVar("T")
+Opened = tuple[Pin, Manifest, Slab]
+_MAX_REPLICAS = 8  # distinct replicas one read tries before giving up
+
+
+class Mount:
+    """Zero-copy views of one pinned version on this node; the pin lasts until `close()`.
+
+    `tensors` is a `TensorMap` (a dict-like mapping; views are built on first use). Host memory
+    is mapped copy-on-write: writing to a view changes only this process's copy, and the views
+    stay readable after close. GPU memory is shared: views alias the daemon's slab, so never
+    write to them, and do not use them after close.
+    """
+
+    def __init__(self, client: PinningClient, pin: Pin, manifest: Manifest, slab: Slab) -> None:
+        self._client, self._slab = client, slab
+        self._pin: Pin | None = pin
+        self.manifest = manifest
+        self.name, self.version = manifest.name, manifest.version
+        self.tensors = TensorMap(manifest, slab.base()[: manifest.nbytes], manifest.offsets)
+
+    def verify(self) -> None:
+        """Check every tensor's fingerprint where the slab lies (IntegrityError on mismatch)."""
+        if not self._pin:
+            raise InvalidArgument("this mount is closed")
+        check_fingerprints(self.manifest, None, self.tensors.fingerprints())
+
+    def close(self) -> None:
+        if self._pin:
+            pin, self._pin = self._pin, None
+            self._slab.close()
+            self._client._release(pin)
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What a load_into wrote: the version, and the targets of `rows`, for the verify."""
+
+    version: int
+    rows: np.ndarray
+    targets: list[torch.Tensor]
+
+
+class Reads(PinningClient):
+    """The read half of `sdk.Client`."""
+
+    def _read(
+        self,
+        name: str,
+        version: int | str | None,
+        copy: Callable[[Manifest, Slab], T],
+        verify: Callable[[Manifest, T], None] | None = None,
+    ) -> T:
+        """Pin a version, `copy` it out, release, `verify` the copy. A read from another node
+        whose bytes failed or whose pin was lost is retried on another replica, for the same
+        version ("latest" resolves once, at the first open)."""
+        first = self._open(name, check_version(version))  # NotFound here: there is no such version
+        resolved = first[1].version
+
+        def others() -> Iterator[Opened]:
+            exclude: list[str] = []
+            opened = first
+            while isinstance(opened[2], RemoteSlab):
+                exclude.append(opened[2].node)
+                try:
+                    opened = self._open(name, resolved, exclude)
+                except NotFound:  # no replica left that has not failed
+                    return
+                yield opened
+
+        def read(opened: Opened) -> T:
+            pin, manifest, slab = opened
+            try:
+                value = copy(manifest, slab)
+            finally:
+                try:
+                    slab.finish()
+                finally:
+                    slab.close()
+                    intact = self._release(pin, wait=isinstance(slab, RemoteSlab))
+            if not intact:
+                raise TransferError(f"the pin on node {_node(opened)} was lost during the read")
+            return value
+
+        return read_with_failover(
+            itertools.chain([first], others()),
+            read,
+            None if verify is None else lambda opened, value: verify(opened[1], value),
+            where=_node,
+            may_fail_over=lambda opened: isinstance(opened[2], RemoteSlab),
+            what=f"{name} v{resolved}",
+            limit=_MAX_REPLICAS,
+            name=name,
+            version=resolved,
+        )
+
+    def mount(self, name: str, version: int | str | None = None) -> Mount:
+        """Pin a version and map it zero-copy (same node only). Use as a context manager."""
+        pin, manifest, slab = self._open(name, version)  # type: ignore[arg-type]
+        try:
+            return Mount(self, pin, manifest, slab)
+        except BaseException:
+            slab.close()
+            self._release(pin)
+            raise
+
+    def get(
+        self,
+        name: str,
+        version: int | str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        names: list[str] | None = None,
+        verify: bool = False,
+    ) -> TensorMap:
+        """A private copy of a version's tensors on `device`, as a dict-like `TensorMap`.
+
+        The tensors are views of one buffer per call, filled with as few copies as the layout
+        allows (one for a whole set on a GPU); keeping any of them keeps that buffer alive.
+        Default device: cpu for a host replica, the current CUDA device for a GPU replica.
+        `names` selects a subset; `verify` checks every fingerprint (IntegrityError on mismatch).
+        """
+        wanted = _check_names(names)
+
+        def copy(manifest: Manifest, slab: Slab) -> TensorMap:
+            target = _target_device(device, slab.device)
+            rows = None if wanted is None else _rows(manifest, wanted)
+            if rows is None:  # the whole slab, padding included: one run
+                at, nbytes = manifest.offsets, manifest.nbytes
+                runs = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([nbytes], np.int64))
+            else:
+                sizes = manifest.sizes[rows]
+                at, nbytes = _packed(sizes)
+                runs = _runs(manifest.offsets[rows], at, sizes)
+            buf = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8, device=target)
+            if nbytes:
+                slab.read_runs(buf, *runs)
+            return TensorMap(manifest, buf, at, rows)
+
+        def check(manifest: Manifest, tensors: TensorMap) -> None:
+            check_fingerprints(manifest, tensors.rows, tensors.fingerprints())
+
+        return self._read(name, version, copy, check if verify else None)
+
+    def load_into(
+        self,
+        target: torch.nn.Module | Mapping[str, torch.Tensor],
+        name: str,
+        version: int | str | None = None,
+        *,
+        strict: bool = True,
+        verify: bool = False,
+    ) -> int:
+        """Copy a version straight into existing tensors (a module's state_dict or a dict).
+
+        Names, shapes and dtypes are checked first; on any mismatch nothing is written.
+        `strict`: the names must match exactly; otherwise only common names are loaded.
+        Returns the version loaded.
+        """
+        tensors = target.state_dict() if isinstance(target, torch.nn.Module) else target
+        if not isinstance(tensors, Mapping):
+            raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
+        if not all(isinstance(k, str) for k in tensors):
+            raise InvalidArgument("load_into needs tensors keyed by name (str)")
+
+        def copy(manifest: Manifest, slab: Slab) -> _Loaded:
+            keys, rows = _match(manifest, tensors, strict=strict)
+            dsts = [tensors[k] for k in keys]
+            d = describe(dsts, "targets", copy_sparse=False)
+            check_targets(manifest, rows, keys, d)
+            offsets, sizes = manifest.offsets[rows], manifest.sizes[rows]
+            plain = np.flatnonzero(d.dense)
+            for dev, sel in d.by_device(plain).items():
+                slab.read_into(d.ptrs[sel], offsets[sel], sizes[sel], dev)
+            for i in np.flatnonzero(~d.dense).tolist():  # rare: through a private copy, then copy_
+                tmp = torch.empty(dsts[i].shape, dtype=dsts[i].dtype, device=dsts[i].device)
+                slab.read_into(np.array([tmp.data_ptr()]), offsets[i : i + 1], sizes[i : i + 1], tmp.device)
+                slab.finish()
+                dsts[i].copy_(tmp)
+            return _Loaded(manifest.version, rows, dsts)
+
+        def check(manifest: Manifest, loaded: _Loaded) -> None:
+            check_fingerprints(manifest, loaded.rows, fingerprints_of(loaded.targets))
+
+        return self._read(name, version, copy, check if verify else None).version
+
+
+def _node(opened: Opened) -> str:
+    slab = opened[2]
+    return slab.node if isinstance(slab, RemoteSlab) else "this node"
+
+
+def _target_device(device: str | torch.device | None, slab_device: str) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if slab_device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _check_names(names: list[str] | None) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument("names must be a list of tensor names")
+    return list(names)
+
+
+def _rows(manifest: Manifest, names: list[str]) -> np.ndarray:
+    index = manifest.table.index
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise NotFound(f"{manifest.name} v{manifest.version} has no tensors {missing[:5]}")
+    if len(set(names)) != len(names):
+        raise InvalidArgument("names must not repeat")
+    return np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
+
+
+def _packed(sizes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Offsets packing tensors of these sizes at ALIGN boundaries, and the buffer size."""
+    aligned = (sizes + ALIGN - 1) // ALIGN * ALIGN
+    return np.cumsum(aligned) - aligned, int(aligned.sum())
+
+
+def _runs(src: np.ndarray, at: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copies from slab offsets `src` to buffer offsets `at`, merged where both sides continue
+    alike across at most the padding between two tensors (the buffer is ours: its padding may
+    take the slab's)."""
+    order = np.argsort(src, kind="stable")
+    s, a, n = src[order], at[order], sizes[order]
+    if not len(s):
+        return s, a, n
+    join = np.zeros(len(s), dtype=bool)
+    gap = s[1:] - (s[:-1] + n[:-1])
+    join[1:] = (gap >= 0) & (gap < ALIGN) & (a[1:] - a[:-1] == s[1:] - s[:-1])
+    first = np.flatnonzero(~join)
+    last = np.append(first[1:], len(s)) - 1
+    return s[first], a[first], s[last] + n[last] - s[first]
+
+
+def _match(manifest: Manifest, tensors: Mapping[str, torch.Tensor], *, strict: bool) -> tuple[list[str], np.ndarray]:
+    """The target names the set holds, and their rows."""
+    index = manifest.table.index
+    with paused_gc():
+        keys = list(tensors)
+        rows = [index.get(k, -1) for k in keys]
+    if strict and (len(keys) != len(manifest) or -1 in rows):
+        missing = sorted(set(keys) - set(manifest.names))
+        unexpected = sorted(set(manifest.names) - set(keys))
+        raise InvalidArgument(
+            f"names differ from {manifest.name} v{manifest.version}: "
+            f"missing in the set {missing[:5]}, not in the target {unexpected[:5]}"
+        )
+    arr = np.array(rows, dtype=np.int64)
+    keep = arr >= 0
+    if not keep.all():
+        keys = [k for k, ok in zip(keys, keep.tolist(), strict=True) if ok]
+        arr = arr[keep]
+    return keys, arr

@@ -1,0 +1,200 @@
+"""Writes: `reserve` a slab for a new version, write it, `commit` (a `Reservation`), or `put` a
+mapping of tensors in one call. All or nothing: readers see a version only once committed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdk.checks import dims_of, mismatch
+from sdk.connection import Connection
+from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
+from sdk.dataplane.remote import RemoteSlab
+from sdk.dataplane.slab import Slab, open_slab
+from sdk.pinning import PinningClient
+from sdk.tensors import describe
+from tensord_contract.descriptors import replica_from_wire
+from tensord_contract.errors import InvalidArgument, ProtocolError
+from tensord_contract.manifest import Manifest, Table, table_of
+from tensord_contract.names import check_name
+
+
+class Reservation:
+    """A slab reserved for a new version: write every tensor, then `commit()` (or `abort()`).
+
+    Readers see nothing until commit; a reservation that is neither committed nor aborted is
+    released when its connection closes. Fingerprints are computed at commit, in bulk, over the
+    slab (or, for a slab on another node, over the sources as they are written); `written`
+    records one the caller computed itself.
+    """
+
+    def __init__(self, client: PinningClient, rid: int, manifest: Manifest, slab: Slab, conn: Connection) -> None:
+        self._client, self._rid, self.slab, self._conn = client, rid, slab, conn
+        self.manifest = manifest
+        n = len(manifest)
+        self._fps = np.zeros(n, dtype=np.uint64)
+        self._given = np.zeros(n, dtype=bool)  # fingerprint known (written() or a remote write)
+        self._copied = np.zeros(n, dtype=bool)  # bytes written here: fingerprint them at commit
+
+    def write(self, tensor_name: str, src: torch.Tensor) -> None:
+        """Copy `src` into the slab at its place."""
+        self.write_all({tensor_name: src})
+
+    def write_all(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write many tensors at once: one table of copies per source device."""
+        index = self.manifest.table.index
+        try:
+            rows = np.fromiter((index[k] for k in tensors), dtype=np.int64, count=len(tensors))
+        except KeyError as exc:
+            raise InvalidArgument(f"tensor {exc.args[0]!r} is not part of this reservation") from None
+        d = describe(tensors.values())
+        table = self.manifest.table
+        if not (np.array_equal(d.dtypes, table.dtypes[rows]) and np.array_equal(d.ndims, table.ndims[rows])):
+            raise InvalidArgument(mismatch(self.manifest, rows, d.dtypes, list(tensors)))
+        if not np.array_equal(d.dims, dims_of(table, rows)):
+            raise InvalidArgument(mismatch(self.manifest, rows, d.dtypes, list(tensors), d.dims, d.ndims))
+        offsets = self.manifest.offsets[rows]
+        for device, sel in d.by_device().items():
+            self.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], device)
+        if isinstance(self.slab, RemoteSlab):  # no local view of the slab: hash the sources
+            self._fps[rows] = fingerprints_of(d.tensors)
+            self._given[rows] = True
+        else:
+            self._copied[rows] = True
+
+    def written(self, tensor_name: str, fp: int) -> None:
+        """Record the fingerprint of a tensor the caller wrote into `slab` itself."""
+        if tensor_name not in self.manifest:
+            raise InvalidArgument(f"tensor {tensor_name!r} is not part of this reservation")
+        self.written_all(np.array([self.manifest.table.index[tensor_name]]), np.array([fp], dtype=np.uint64))
+
+    def written_all(self, rows: np.ndarray, fps: np.ndarray) -> None:
+        """Record the fingerprints of rows the caller wrote itself (e.g. an ingest)."""
+        self._fps[rows] = fps
+        self._given[rows] = True
+        self._copied[rows] = False
+
+    def commit(self) -> int:
+        done = self._given | self._copied
+        if not done.all():
+            missing = [self.manifest.names[i] for i in np.flatnonzero(~done)[:5].tolist()]
+            raise InvalidArgument(f"tensors not written before commit: {missing}")
+        if self._copied.any():
+            self.slab.finish()
+            rows = np.flatnonzero(self._copied)
+            fps = self.slab.fingerprints(self.manifest.offsets[rows], self.manifest.sizes[rows])
+            assert fps is not None  # a remote slab never marks rows copied
+            self._fps[rows] = fps
+        self.slab.finish()
+        self.slab.close()  # drop write access first: the daemon seals host slabs at commit
+        result, _ = self._client._call_on(
+            self._conn, self._lost(), "put_commit", reservation=self._rid, fingerprints=self._fps.tobytes()
+        )
+        self._rid = 0
+        return int(result["version"])
+
+    def abort(self) -> None:
+        if self._rid:
+            rid, self._rid = self._rid, 0
+            try:
+                self.slab.finish()
+            finally:
+                self.slab.close()
+                self._client._call_on(self._conn, self._lost(), "put_abort", reservation=rid)
+
+    def _lost(self) -> str:
+        return (
+            f"reservation for {self.manifest.name}: the connection that made it was lost (the daemon at "
+            f"{self._conn.where} restarted or went away), and the reservation with it; put again"
+        )
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._rid:
+            self.abort()
+
+
+class Writes(PinningClient):
+    """The write half of `sdk.Client`."""
+
+    def reserve(
+        self,
+        name: str,
+        specs: Mapping[str, tuple[str, tuple[int, ...]]] | Table,
+        *,
+        device: str = "cpu",
+        origin: str | None = None,
+    ) -> Reservation:
+        """Reserve a slab for a new version of `name` holding tensors of these (dtype, shape)
+        (a mapping of name -> (dtype name, shape), or a `tensord_contract.manifest.Table`).
+
+        `origin` records where the bytes come from (e.g. "file:/models/x.safetensors")."""
+        check_name(name)
+        table = specs if isinstance(specs, Table) else table_of(specs)
+        args: dict[str, Any] = {"name": name, "device": str(device), "tensors": table.to_wire()}
+        if origin is not None:
+            args["origin"] = origin
+        conn = self._conn()
+        result, fds = conn.call("put_begin", **args)
+        try:
+            manifest = _reserved(name, table, result)
+            replica = replica_from_wire(result.get("replica"))
+            if manifest.nbytes > replica.nbytes:
+                raise ProtocolError("the reserved slab is smaller than its layout")
+            slab = open_slab(replica, fds, writable=True, transport=self._transport)
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if isinstance(result, dict) and "reservation" in result:
+                conn.call("put_abort", reservation=result["reservation"])
+            raise
+        return Reservation(self, result["reservation"], manifest, slab, conn)
+
+    def put(self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> int:
+        """Store `tensors` as the next version of `name`; all or nothing. Returns the version.
+
+        `device`: where the slab lives ("cpu", "cuda:N"); default: where the tensors are.
+        """
+        if not isinstance(tensors, Mapping):
+            raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
+        names = list(tensors)
+        d = describe(tensors.values())
+        table = Table.of_columns(names, d.dtypes, d.ndims, d.dims)
+        slab_device = str(device) if device is not None else _home_device(d.devices)
+        with self.reserve(name, table, device=slab_device) as reservation:
+            offsets = reservation.manifest.offsets
+            for dev, sel in d.by_device().items():
+                reservation.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], dev)
+            if isinstance(reservation.slab, RemoteSlab):
+                reservation.written_all(np.arange(len(names)), np.array(fingerprints_of(d.tensors), dtype=np.uint64))
+            else:
+                reservation._copied[:] = True
+            return reservation.commit()
+
+
+def _home_device(devices: list[torch.device]) -> str:
+    distinct = set(devices)
+    if len(distinct) > 1:
+        raise InvalidArgument(f"tensors lie on several devices {sorted(map(str, distinct))}: pass device=")
+    device = distinct.pop() if distinct else torch.device("cpu")
+    return "cpu" if device.type == "cpu" else str(torch.device(device))
+
+
+def _reserved(name: str, table: Table, result: Any) -> Manifest:
+    """The manifest of a reservation from the daemon's layout; ProtocolError if it does not fit."""
+    if not isinstance(result, dict) or not isinstance(result.get("offsets"), bytes):
+        raise ProtocolError(f"malformed put_begin reply: {result!r:.200}")
+    n = len(table)
+    raw = result["offsets"]
+    if len(raw) != 8 * n:
+        raise ProtocolError("put_begin reply: one offset per tensor expected")
+    offsets = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+    return Manifest(name, 0, table, offsets, result.get("nbytes"), check=ProtocolError)  # type: ignore[arg-type]

@@ -1,0 +1,104 @@
+"""The columns of a manifest on the wire: limits, dtype codes, and how each column is decoded
+and checked (in bulk: one numpy pass per column, never one Python object per tensor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tensord_contract.bulk import paused_gc
+from tensord_contract.errors import TensordError
+
+ALIGN = 256
+#: At most this many tensors in one set: 3.8x Kimi-K2's ~138,000 (fp8 weights + scales).
+MAX_TENSORS = 1 << 19
+MAX_TENSOR_NAME_BYTES = 1024
+MAX_DIMS = 16
+MAX_DIM = 1 << 48
+#: No slab (so no tensor) may reach 2**62 bytes: sizes and offsets stay exact in int64.
+MAX_BYTES = 1 << 62
+#: The fingerprint definition this code computes (`sdk.dataplane.fingerprint`).
+FINGERPRINT_VERSION = 2
+
+#: dtype name on the wire -> bytes per element. Names are torch's, without "torch.".
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex32": 4,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}
+#: The dtype code on the wire is the index in this tuple (part of the protocol: append only).
+DTYPE_CODES: tuple[str, ...] = tuple(DTYPE_SIZES)
+DTYPE_CODE: dict[str, int] = {name: i for i, name in enumerate(DTYPE_CODES)}
+ITEMSIZE = np.array([DTYPE_SIZES[d] for d in DTYPE_CODES], dtype=np.int64)
+LE_I64, LE_U64 = np.dtype("<i8"), np.dtype("<u8")
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def column(data: dict[str, Any], key: str, dtype: Any, count: int, error: type[TensordError]) -> np.ndarray:
+    raw = data.get(key)
+    dtype = np.dtype(dtype)
+    if not isinstance(raw, bytes) or len(raw) != count * dtype.itemsize:
+        raise error(f"column {key!r} must be {count} x {dtype.itemsize} bytes")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def check_blob(raw: object, count: int, error: type[TensordError]) -> None:
+    """Names joined by NUL: `count` of them, none empty or longer than the limit."""
+    if not isinstance(raw, bytes):
+        raise error("tensor names must be bytes")
+    if count == 0:
+        if raw:
+            raise error("tensor names given for an empty table")
+        return
+    ends = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 0)
+    if len(ends) != count - 1:
+        raise error(f"{len(ends) + 1} tensor names for {count} tensors (names cannot contain NUL)")
+    lengths = np.diff(np.concatenate(([-1], ends, [len(raw)]))) - 1
+    if int(lengths.min()) < 1:
+        raise error("tensor names must be non-empty")
+    if int(lengths.max()) > MAX_TENSOR_NAME_BYTES:
+        raise error(f"a tensor name is longer than {MAX_TENSOR_NAME_BYTES} bytes")
+
+
+def decode_names(raw: object, count: int, error: type[TensordError]) -> list[str]:
+    check_blob(raw, count, error)
+    if count == 0:
+        return []
+    try:
+        with paused_gc():
+            return raw.decode("utf-8").split("\0")  # type: ignore[attr-defined]
+    except UnicodeDecodeError:
+        raise error("tensor names are not valid UTF-8 text") from None
+
+
+def row_products(ndims: np.ndarray, dims: np.ndarray, one: Any) -> np.ndarray:
+    """The product of each row's dims (rows of `ndims[i]` values, concatenated in `dims`)."""
+    out = np.full(len(ndims), one, dtype=dims.dtype)
+    rows = ndims > 0
+    if dims.size:
+        starts = (np.cumsum(ndims, dtype=np.int64) - ndims)[rows]
+        with np.errstate(over="ignore"):
+            out[rows] = np.multiply.reduceat(dims, starts)
+    return out
