@@ -101,8 +101,8 @@ class ClientProtocol:
     """The client side of one control-plane connection: request ids, request frames, replies.
 
     A driver sends `request(...)`'s bytes, reads frames until one is not `late` (the answer to
-    an earlier request sent without waiting), and gets the outcome from `check` (does the reply answer this request,
-    with the descriptors it announces?) and then `result` (the value, or the mapped error)."""
+    a request sent without waiting), and gets the outcome from `check` (does the reply answer
+    this request, with the descriptors it announces?) and `result` (the value, or the error)."""
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
@@ -124,7 +124,7 @@ class ClientProtocol:
         self._posted.add(request_id)
 
     def late(self, reply: dict[str, Any]) -> bool:
-        """True for the reply to an earlier post (now forgotten): the driver drops it."""
+        """True for the reply to a request sent without waiting (now forgotten): drop it."""
         request_id = reply.get("id")
         if request_id not in self._posted:
             return False
