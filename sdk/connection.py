@@ -1,10 +1,12 @@
-"""One blocking control-plane connection to a daemon (Unix socket, file descriptors included)."""
+"""One blocking control-plane connection to a daemon (Unix socket, file descriptors included).
+
+The I/O driver over `tensord_contract.control`: it connects, sends the core's frames, reads
+replies (with their descriptors) and maps socket failures to Unavailable."""
 
 from __future__ import annotations
 
 import array
 import errno
-import itertools
 import logging
 import os
 import select
@@ -13,9 +15,9 @@ import threading
 import time
 from typing import Any
 
-from tensord_contract import wire
+from tensord_contract import control, wire
 from tensord_contract.defaults import DEFAULT_SOCKET
-from tensord_contract.errors import InvalidArgument, ProtocolError, Unavailable, from_wire
+from tensord_contract.errors import InvalidArgument, ProtocolError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,7 @@ class Connection:
         self.is_local = where.startswith("unix:")
         self.closed = False
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._posted: set[int] = set()
+        self._core = control.ClientProtocol()
         kind, _, target = where.partition(":")
         try:
             if kind == "unix":
@@ -84,68 +85,59 @@ class Connection:
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise Unavailable(f"cannot reach the tensord daemon at {target}: {exc.strerror or exc}") from exc
-        hello: dict[str, Any] = {"protocol": wire.PROTOCOL_VERSION, "client": identity}
-        if token:
-            hello["token"] = token
         try:
-            self.server = self.call("hello", **hello)[0]
+            self.server = self.call("hello", **control.hello_args(identity, token))[0]
         except BaseException:
             self.close()
             raise
 
-    def _frame(self, request_id: int, op: str, args: dict[str, Any]) -> bytes:
+    def _request(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
         if self.closed:
             raise Unavailable(f"the connection to the tensord daemon at {self.where} is closed")
-        try:
-            return wire.encode({"id": request_id, "op": op, "args": args})
-        except (OverflowError, TypeError, ValueError) as exc:  # what msgpack cannot hold
-            raise InvalidArgument(f"{op}: an argument cannot be sent: {exc}") from exc
+        return self._core.request(op, args)
 
     def call(self, op: str, **args: Any) -> tuple[Any, list[int]]:
         """Send one request; return the result and any file descriptors that came with it."""
         with self._lock:
-            request_id = next(self._ids)
-            frame = self._frame(request_id, op, args)
+            request_id, frame = self._request(op, args)
             try:
                 self._sock.sendall(frame)
                 while True:
                     fds: list[int] = []
-                    length = wire.frame_length(self._recv(wire.HEADER.size, fds))
-                    reply = wire.decode(self._recv(length, fds))
-                    if reply.get("id") not in self._posted:
+                    reply = wire.decode(self._recv_frame(fds))
+                    if not self._core.late(reply):
                         break
-                    self._posted.discard(reply.get("id"))  # the answer to an earlier post()
-                    _close_all(fds)
+                    _close_all(fds)  # the answer to an earlier post()
                     if not reply.get("ok"):
                         log.warning("an earlier request failed: %s", reply.get("error"))
             except (OSError, TimeoutError) as exc:
                 self.close()
                 raise Unavailable(f"lost the tensord daemon at {self.where}: {exc}") from exc
-        if reply.get("id") != request_id or len(fds) != reply.get("fds", 0):
+        try:
+            self._core.check(reply, request_id, op, len(fds))
+            return self._core.result(reply), fds
+        except BaseException:
             _close_all(fds)
-            raise ProtocolError(f"reply does not match request {request_id} ({op})")
-        if not reply.get("ok"):
-            _close_all(fds)
-            raise from_wire(reply.get("error"))
-        return reply.get("result"), fds
+            raise
 
     def post(self, op: str, **args: Any) -> None:
         """Send a request without waiting: its reply is read (and dropped) by the next call."""
         with self._lock:
-            request_id = next(self._ids)
-            frame = self._frame(request_id, op, args)
+            request_id, frame = self._request(op, args)
             try:
                 self._sock.sendall(frame)
             except OSError as exc:
                 self.close()
                 raise Unavailable(f"lost the tensord daemon at {self.where}: {exc}") from exc
-            self._posted.add(request_id)
+            self._core.posted(request_id)
 
-    def _recv(self, n: int, fds: list[int]) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
+    def _recv_frame(self, fds: list[int]) -> bytearray:
+        """One frame's body, read no further than its end: descriptors ride on the first bytes of
+        a reply, so they land in `fds` with the frame they belong to."""
+        frames = control.FrameReader()
+        while (body := frames.next()) is None:
             data, ancillary, flags, _ = self._sock.recvmsg(
-                n - len(buf), socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
+                frames.wanted, socket.CMSG_SPACE(wire.MAX_FDS * array.array("i").itemsize)
             )
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -155,8 +147,8 @@ class Connection:
                 raise ProtocolError("file descriptors were truncated")
             if not data:
                 raise ConnectionResetError("the daemon closed the connection")
-            buf += data
-        return bytes(buf)
+            frames.feed(data)
+        return body
 
     def alive(self) -> bool:
         """False once the daemon closed its end (it exited or restarted): a cheap check,

@@ -3,19 +3,21 @@
 A remote pin lives in the session this connection holds on the peer. If the connection breaks
 (the peer died or restarted), every pin taken through it is gone: `epoch` counts connections,
 so a pin taken in an earlier epoch is known to be lost.
+
+The asyncio driver over `tensord_contract.control`: ids, frames, hello and reply mapping are
+the core's; this module connects, reads and writes streams, and turns failures into Unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from tensord_contract import wire
-from tensord_contract.errors import TensordError, Unavailable, from_wire
+from tensord_contract import control, wire
+from tensord_contract.errors import ProtocolError, TensordError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class Peer:
         self.busy = 0  # reads in flight through this gateway: a measure of load
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
-        self._ids = itertools.count(1)
+        self._core = control.ClientProtocol()
 
     async def call(self, op: str, /, *, reply_timeout: float | None = None, **args: Any) -> tuple[Any, int]:
         """One request; returns (result, epoch of the connection that carried it). The reply
@@ -44,46 +46,50 @@ class Peer:
             try:
                 if self._streams is None:
                     await self._connect()
-                assert self._streams is not None
-                reader, writer = self._streams
-                request_id = next(self._ids)
-                writer.write(wire.encode({"id": request_id, "op": op, "args": args}))
-                await writer.drain()
+                request_id, frame = self._core.request(op, args)
                 wait = self.timeout if reply_timeout is None else reply_timeout
-                header = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), wait)
-                reply = wire.decode(await reader.readexactly(wire.frame_length(header)))
+                reply = await self._exchange(frame, wait)
             except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 await self._drop()
                 raise Unavailable(f"node {self.node} at {self.address} is unreachable: {exc}", node=self.node) from exc
             except asyncio.CancelledError:
                 await self._drop()  # a reply may still come: this stream cannot be trusted
                 raise
-            if reply.get("id") != request_id:
+            try:
+                self._core.check(reply, request_id, op)
+            except ProtocolError:
                 await self._drop()
-                raise Unavailable(f"node {self.node} answered out of turn", node=self.node)
-            if not reply.get("ok"):
-                raise from_wire(reply.get("error"))
-            return reply.get("result"), self.epoch
+                raise Unavailable(f"node {self.node} answered out of turn", node=self.node) from None
+            return self._core.result(reply), self.epoch
 
     @property
     def connected(self) -> bool:
         return self._streams is not None
+
+    async def _exchange(self, frame: bytes, wait: float) -> dict[str, Any]:
+        """Send one frame; the next reply, whose first bytes must come within `wait` seconds."""
+        assert self._streams is not None
+        reader, writer = self._streams
+        writer.write(frame)
+        await writer.drain()
+        frames = control.FrameReader()
+        frames.feed(await asyncio.wait_for(reader.readexactly(frames.wanted), wait))
+        while (body := frames.next()) is None:
+            frames.feed(await reader.readexactly(frames.wanted))
+        return wire.decode(body)
 
     async def _connect(self) -> None:
         host, _, port = self.address.rpartition(":")
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), self.timeout)
         self._streams = (reader, writer)
         self.epoch += 1
-        hello: dict[str, Any] = {"protocol": wire.PROTOCOL_VERSION, "client": "tensord-peer"}
-        if self._token:
-            hello["token"] = self._token
-        writer.write(wire.encode({"id": 0, "op": "hello", "args": hello}))
-        await writer.drain()
-        header = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), self.timeout)
-        reply = wire.decode(await reader.readexactly(wire.frame_length(header)))
-        if not reply.get("ok"):
+        _, frame = self._core.hello("tensord-peer", self._token)
+        reply = await self._exchange(frame, self.timeout)
+        try:
+            self._core.result(reply)
+        except TensordError:  # a wrong token or protocol: the stream is of no use
             await self._drop()
-            raise from_wire(reply.get("error"))
+            raise
         log.info("connected to node %s at %s", self.node, self.address)
 
     async def _drop(self) -> None:

@@ -1,4 +1,5 @@
-"""The control-plane server: msgpack frames over a Unix socket, one session per connection.
+"""The control-plane server, an asyncio driver over `tensord_contract.control` (frames, request
+checks, error replies): Unix socket and TCP listeners, one session per connection.
 
 A session owns the pins and reservations its client made; they are released when the
 connection closes, however it closes (process exit, SIGKILL, network loss). A bad frame gets an
@@ -6,7 +7,7 @@ error reply (or a closed connection when the stream cannot be trusted any more) 
 touches the store or another client.
 
 What a connection may cost before it is trusted is bounded: frames of at most
-`wire.MAX_UNTRUSTED_FRAME` bytes until a hello (and, on a TCP listener with a token, the token)
+`control.frame_limit(False)` bytes until a hello (and, on a TCP listener with a token, the token)
 succeeds, a hello within `hello_timeout` seconds, `MAX_FAILED_HELLOS` failed hellos. A frame
 once started must arrive, and a reply once started must be read, within `frame_timeout`.
 Between frames a trusted connection may stay idle for ever: pins belong to connections.
@@ -22,7 +23,6 @@ import hmac
 import logging
 import math
 import os
-import reprlib
 import socket
 import stat
 import time
@@ -30,7 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensord_contract import wire
+from tensord_contract import control, wire
+from tensord_contract.control import brief
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, ProtocolError, TensordError, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ OFFLOAD_BYTES = 1 << 20
 _ACCEPT_BACKOFF = (0.01, 1.0)
 _FD_ERRORS = (errno.EMFILE, errno.ENFILE)
 _CAPACITY_ERRORS = (*_FD_ERRORS, errno.ENOMEM, errno.ENOSPC)
-
-_brief = reprlib.Repr()
-_brief.maxlevel, _brief.maxstring, _brief.maxother, _brief.maxlist, _brief.maxdict = 2, 40, 40, 4, 4
-
-
-def brief(value: object) -> str:
-    """A short repr of a value from outside, safe for any size or depth."""
-    return _brief.repr(value)
 
 
 @dataclass(eq=False)
@@ -215,21 +208,16 @@ class Server:
         log.debug("session %d opened by %s", session.id, session.peer)
         session.hello_by = session.deadline = loop.time() + self.hello_timeout
         self._open[session.id] = (session, conn)
+        frames = control.FrameReader()
         try:
             while True:
-                header = await _recv_exact(loop, conn, wire.HEADER.size)
-                if header is None:
-                    return
-                limit = wire.MAX_FRAME if self._trusted(session) else wire.MAX_UNTRUSTED_FRAME
+                frames.limit = control.frame_limit(self._trusted(session))
                 try:
-                    length = wire.frame_length(header, limit)
+                    body = await self._read(conn, session, frames)
                 except ProtocolError as exc:
-                    reply = {"id": None, "ok": False, "error": exc.to_wire()}
                     self._expect(session, self.frame_timeout)
-                    await _send(loop, conn, wire.encode(reply), [])
+                    await _send(loop, conn, control.error_frame(None, exc), [])
                     return  # the stream cannot be resynchronised
-                self._expect(session, self.frame_timeout)
-                body = await _recv_exact(loop, conn, length)
                 if body is None:
                     return
                 session.deadline = math.inf  # the daemon's turn, however long the op takes
@@ -251,6 +239,21 @@ class Server:
             await self._on_close(session)
             log.debug("session %d closed", session.id)
 
+    async def _read(self, conn: socket.socket, session: Session, frames: control.FrameReader) -> bytearray | None:
+        """The next frame's body (due within `frame_timeout` once its header is in), or None at
+        a clean end of stream."""
+        while (body := frames.next()) is None:
+            chunk = await asyncio.get_running_loop().sock_recv(conn, min(frames.wanted, 1 << 20))
+            if not chunk:
+                if frames.inside:
+                    raise ConnectionResetError("connection closed inside a frame")
+                return None
+            in_header = frames.in_header
+            frames.feed(chunk)
+            if in_header and not frames.in_header:
+                self._expect(session, self.frame_timeout)
+        return body
+
     async def _dispatch(self, session: Session, body: bytearray) -> tuple[bytes, list[int], bool]:
         """Decode, check, handle and encode one request: the reply's bytes, the descriptors to
         pass with them, and whether to close the connection afterwards."""
@@ -260,31 +263,14 @@ class Server:
         session.outcome = ("", "protocol_error")
         try:
             request = await asyncio.to_thread(wire.decode, body) if big else wire.decode(body)
-            request_id = request.get("id")
-            op, args = request.get("op"), request.get("args", {})
-            if type(request_id) is not int:
-                request_id = None
-                raise ProtocolError("request id must be an integer")
-            if not isinstance(op, str):
-                raise ProtocolError(f"op must be a string, not {type(op).__name__}")
-            if op not in wire.OPS:
-                raise InvalidArgument(f"unknown op {brief(op)}")
-            if not isinstance(args, dict):
-                raise InvalidArgument("args must be a map")
-            if not all(type(k) is str for k in args):
-                raise InvalidArgument("argument names must be strings")
-            if "op" in args:
-                raise InvalidArgument("'op' is not an argument")
-            if not session.hello and op != "hello":
-                raise ProtocolError("the first request must be hello")
+            request_id, op = control.request_id(request), request.get("op")
+            op, args = control.check_request(request, hello=session.hello)
             self._authorize(session, op, args)
             result, fds = await self._handle(session, {"op": op, **args})
             reply: dict[str, Any] = {"id": request_id, "ok": True, "result": result, "fds": len(fds)}
-        except TensordError as exc:
-            return self._error(session, op, request_id, exc), [], self._hello_failed(session, op)
-        except RecursionError:
-            deep = InvalidArgument("the request nests too deeply")
-            return self._error(session, op, request_id, deep), [], self._hello_failed(session, op)
+        except (TensordError, RecursionError) as exc:
+            bad = exc if isinstance(exc, TensordError) else InvalidArgument("the request nests too deeply")
+            return self._error(session, op, request_id, bad), [], self._hello_failed(session, op)
         except OSError as exc:
             return self._error(session, op, request_id, self._os_error(session, op, exc)), [], False
         except Exception as exc:  # a bug: report it, keep serving
@@ -310,20 +296,8 @@ class Server:
         return session.failed_hellos >= MAX_FAILED_HELLOS
 
     def _error(self, session: Session, op: object, request_id: object, exc: TensordError) -> bytes:
-        """An error reply that can always be sent: details msgpack cannot hold (an integer of
-        2**64 or more, say) are dropped, then the message is shortened."""
         session.outcome = (op if isinstance(op, str) and op in wire.OPS else "", exc.code)
-        error = exc.to_wire()
-        for reply in (
-            {"id": request_id, "ok": False, "error": error},
-            {"id": request_id, "ok": False, "error": {**error, "details": {}}},
-            {"id": request_id, "ok": False, "error": {"code": exc.code, "message": exc.message[:200], "details": {}}},
-        ):
-            try:
-                return wire.encode(reply)
-            except Exception:  # noqa: S112 - try the next, plainer form
-                continue
-        return wire.encode({"id": None, "ok": False, "error": {"code": exc.code, "message": "", "details": {}}})
+        return control.error_frame(request_id, exc)
 
     def _os_error(self, session: Session, op: str, exc: OSError) -> TensordError:
         if exc.errno in _FD_ERRORS:
@@ -378,20 +352,6 @@ class Server:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def _recv_exact(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytearray | None:
-    """n bytes, or None at a clean end of stream before the first byte. The buffer grows with
-    what arrives, so a peer that announces a large frame and stalls costs little."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await loop.sock_recv(conn, min(n - len(buf), 1 << 20))
-        if not chunk:
-            if buf:
-                raise ConnectionResetError("connection closed inside a frame")
-            return None
-        buf += chunk
-    return buf
 
 
 async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes, fds: list[int]) -> None:
