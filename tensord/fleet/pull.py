@@ -120,7 +120,7 @@ class Pull:
         slab = store.allocate(self.device, self.manifest.nbytes, f"{name}@{version}~")
         address = 0
         try:
-            if store.transport is not None and store.transport.supports(slab.device):
+            if store.reaches(slab.device):
                 address = store.expose(slab, writable=True)
             self.partial = Partial(self.manifest, slab, self.grid, address, held=np.zeros(self.grid.count, dtype=bool))
         except BaseException:

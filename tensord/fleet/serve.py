@@ -106,7 +106,8 @@ class Serving:
             del self.partials[partial.key]
         if promoted is not None:
             partial.promoted = promoted
-            promoted.pins += partial.pins
+            if partial.pins:  # the streams pinned on it now pin the replica
+                self.store.pin(promoted, partial.pins)
             partial.pins = 0
         else:
             partial.dropped = True
@@ -130,8 +131,8 @@ class Serving:
 
     # -- the ops ------------------------------------------------------------------------------
     def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[dict[str, Any], StreamPin]:
-        held = self.store.held.get((name, version))
-        if held is not None and held.live:
+        held = self.store.holds(name, version)
+        if held is not None:
             grid = Grid(held.manifest.nbytes, chunk)
             self.store.pin(held)
             target: Held | Partial = held
