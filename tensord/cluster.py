@@ -20,9 +20,10 @@ from tensord.fleet.policy import start_for, start_of
 from tensord.fleet.pull import Pull
 from tensord.fleet.serve import Serving
 from tensord.fleet.settings import Settings
+from tensord.held import Held
 from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
-from tensord.store import Held, Store
+from tensord.store import Store
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 
 log = logging.getLogger(__name__)

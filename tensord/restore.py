@@ -29,10 +29,11 @@ import numpy as np
 
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
 from tensord.cluster import Cluster
+from tensord.held import Held
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
 from tensord.state import Record
-from tensord.store import Held, Store
+from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 

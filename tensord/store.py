@@ -9,12 +9,8 @@ Every version held here is recorded in the state directory's catalogue (when the
 before it becomes visible, and forgotten when it leaves the node for good (deleted, retired,
 or evicted while another node holds it), so a restarted daemon knows what to restore.
 
-Eviction (`memory.eviction = "lru"`): a reservation, or a restore from a file, that does not fit
-its device's budget first evicts unpinned versions on that device, least recently read first,
-that can come back: another live node holds a replica, or the checkpoint it was loaded from may
-be read again (then the version stays in the registry and in the catalogue, marked evicted, and
-its next read on this node re-reads it). If evicting every such version would not make room,
-nothing is evicted and the request fails with OutOfCapacity.
+Eviction (`memory.eviction = "lru"`, `tensord.eviction`) makes room for a reservation that does not
+fit by freeing versions that can come back.
 """
 
 from __future__ import annotations
@@ -23,49 +19,22 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sdk.dataplane.cuda import current
 from sdk.transport.base import Transport
-from tensord.checkpoint import recorded_checkpoint
+from tensord.eviction import choose, recoverable
+from tensord.exposure import Exposure
+from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
-from tensord_contract.descriptors import RemoteReplica
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import ALIGN, MAX_BYTES, Manifest, Table
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Held:
-    """One version held on this node."""
-
-    manifest: Manifest
-    slab: Slab
-    pins: int = 0
-    live: bool = True  # False once retired or deleted: freed when pins reach 0
-    advertised: bool = False  # True once the registry knows it (reconcile trusts no other)
-    last_read: float = field(default_factory=time.monotonic)  # when last pinned (or created): LRU
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.manifest.name, self.manifest.version
-
-
-@dataclass(eq=False)
-class Reservation:
-    id: int
-    name: str
-    manifest: Manifest  # version 0 until commit
-    slab: Slab
-    origin: str
-    started: float = field(default_factory=time.time)
 
 
 class Store:
@@ -89,7 +58,7 @@ class Store:
         "none". `allowed_roots`: checkpoints that may be read again (ingest.allowed_roots)."""
         self.node, self._registry, self._budgets, self.retention = node, registry, budgets, retention
         self.huge_pages = huge_pages
-        self._transport = transport
+        self._engine = Exposure(node, transport)
         self._catalogue, self.keep_manifests = catalogue, keep_manifests
         self.eviction, self.allowed_roots = eviction, tuple(allowed_roots)
         self._metrics = metrics if metrics is not None else Metrics()
@@ -98,8 +67,6 @@ class Store:
         self._evicted: dict[tuple[str, int], tuple[Manifest, str]] = {}
         self._reservations: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
-        self._registered: dict[int, tuple[Slab, int]] = {}  # id(slab) -> (slab, address)
-        self._ranges: dict[int, list[int]] = {}  # registered base -> [length, users]
         self._blocks = CudaBlocks()  # GPU memory of freed slabs, kept for later ones
 
     # -- what the rest of the daemon sees -----------------------------------------------------
@@ -115,18 +82,16 @@ class Store:
     @property
     def transport(self) -> Transport | None:
         """This node's Transfer Engine; None when it has none (or before `attach_transport`)."""
-        return self._transport
+        return self._engine.transport
 
     def attach_transport(self, transport: Transport | None) -> None:
         """Use `transport` from now on. Once, before any slab is exposed: the daemon starts its
         engine (slow) after building the store."""
-        if self._transport is not None or self._registered:
-            raise RuntimeError("a store's transport is attached once, before any slab is exposed")
-        self._transport = transport
+        self._engine.attach(transport)
 
     def reaches(self, device: str) -> bool:
         """Whether the Transfer Engine can expose slabs on `device` to other nodes."""
-        return self._transport is not None and self._transport.supports(device)
+        return self._engine.reaches(device)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -171,54 +136,19 @@ class Store:
     def descriptor(self, held: Held, *, local: bool) -> tuple[dict[str, Any], list[int]]:
         """How a reader reaches a held version: its slab (fds to pass) on this node, else
         through the Transfer Engine."""
-        if local:
-            return held.slab.descriptor()
-        r = self.replica(held)
-        if not r.transport:
-            raise Unavailable(
-                f"node {self.node} has no Transfer Engine: its sets are readable over its Unix socket only"
-            )
-        return RemoteReplica(r.node, r.device, r.transport, r.address, r.nbytes, r.generation).to_wire(), []
+        return held.slab.descriptor() if local else (self._engine.remote(held.slab).to_wire(), [])
 
     def write_descriptor(self, r: Reservation, *, local: bool) -> tuple[dict[str, Any], list[int]]:
         """How a writer reaches a reservation's slab: directly on this node, else through the
         Transfer Engine (the slab exposed writable until commit)."""
         if local:
             return r.slab.descriptor()
-        address = self.expose(r.slab, writable=True)
-        assert self._transport is not None
-        slab = r.slab
-        return RemoteReplica(
-            self.node, slab.device, self._transport.session, address, slab.nbytes, slab.generation
-        ).to_wire(), []
+        self.expose(r.slab, writable=True)
+        return self._engine.remote(r.slab).to_wire(), []
 
-    # -- the Transfer Engine's view of slabs --------------------------------------------------
     def expose(self, slab: Slab, *, writable: bool) -> int:
-        """Register the slab with the Transfer Engine (read-only once committed); its address."""
-        if self._transport is None or not self._transport.supports(slab.device):
-            raise Unavailable(f"node {self.node} has no Transfer Engine for {slab.device} memory")
-        self.hide(slab)
-        address = slab.address(writable=writable)
-        base, length = slab.registration(address)
-        users = self._ranges.setdefault(base, [length, 0])
-        if users[1] == 0:
-            with current(slab.device):
-                self._transport.register(base, length)
-        users[1] += 1
-        self._registered[id(slab)] = (slab, address)
-        return address
-
-    def hide(self, slab: Slab) -> None:
-        entry = self._registered.pop(id(slab), None)
-        if entry is not None and self._transport is not None:
-            base, _ = slab.registration(entry[1])
-            users = self._ranges[base]
-            users[1] -= 1
-            if users[1] == 0:
-                del self._ranges[base]
-                with current(slab.device):
-                    self._transport.unregister(base)
-        slab.unmap()
+        """Expose the slab to other nodes through the Transfer Engine; its address there."""
+        return self._engine.expose(slab, writable=writable)
 
     def allocate(self, device: str, nbytes: int, label: str) -> Slab:
         device = self._budgets.check_device(device)
@@ -261,7 +191,7 @@ class Store:
         count = len(r.manifest)
         if fingerprints.dtype != np.uint64 or fingerprints.shape != (count,):
             raise InvalidArgument(f"commit needs one 64-bit fingerprint per tensor ({count})")
-        self.hide(r.slab)  # a writable mapping would make the seal fail
+        self._engine.hide(r.slab)  # a writable mapping would make the seal fail
         r.slab.seal()
         del self._reservations[rid]
         version = 0
@@ -297,15 +227,15 @@ class Store:
 
     def replica(self, held: Held) -> Replica:
         m, slab = held.manifest, held.slab
-        entry = self._registered.get(id(slab))
-        session = self._transport.session if self._transport is not None and entry else ""
+        address = self._engine.address(slab)
+        session = self.transport.session if self.transport is not None and address is not None else ""
         return Replica(
             m.name,
             m.version,
             self.node,
             slab.device,
             transport=session,
-            address=entry[1] if entry else 0,
+            address=address or 0,
             nbytes=slab.nbytes,
             generation=slab.generation,
         )
@@ -317,7 +247,7 @@ class Store:
     async def adopt(self, manifest: Manifest, slab: Slab, *, source: str = "peer") -> Held:
         """Hold a copy of a committed version that came from another node (or, `source` its
         origin, was read again from its checkpoint), and advertise it."""
-        self.hide(slab)
+        self._engine.hide(slab)
         slab.seal()
         held = self._held.get((manifest.name, manifest.version))
         if held is not None and held.live:
@@ -422,7 +352,7 @@ class Store:
         self._free(held.slab)
 
     def _free(self, slab: Slab) -> None:
-        self.hide(slab)
+        self._engine.hide(slab)
         slab.free()
         self._budgets.give(slab.device, slab.nbytes)
         self._fit_idle(slab.device)
@@ -451,16 +381,10 @@ class Store:
         need = self._budgets.used[device] + nbytes - self._budgets.limit[device]
         if need <= 0 or self.eviction != "lru":
             return
-        plan: list[tuple[Held, str]] = []
-        freed = 0
         candidates = [h for h in self._held.values() if h.live and h.pins == 0 and h.slab.device == device]
-        for held in sorted(candidates, key=lambda h: h.last_read):
-            reason = await self._recoverable(held)
-            if reason is not None:
-                plan.append((held, reason))
-                freed += held.slab.nbytes
-                if freed >= need:
-                    break
+        plan, freed = await choose(
+            candidates, need, lambda h: recoverable(h, self._registry, self.node, self.allowed_roots)
+        )
         if freed < need:
             log.info(
                 "%s: %d bytes do not fit and evicting every version that could go frees %d of the %d needed",
@@ -473,22 +397,6 @@ class Store:
         for held, reason in plan:
             if held.live and held.pins == 0 and self._held.get(held.key) is held:  # unchanged meanwhile
                 await self._evict(held, reason)
-
-    async def _recoverable(self, held: Held) -> str | None:
-        """Why `held` may be evicted: "replica" (another live node holds it), "checkpoint" (its
-        file may be read again); None if it may not."""
-        name, version = held.key
-        try:
-            others = {r.node for r in await self._registry.replicas(name, version) if r.node != self.node}
-            if others and others & {n.node for n in await self._registry.nodes()}:
-                return "replica"
-        except Unavailable:
-            pass  # no word on other replicas: only the checkpoint counts
-        try:
-            recorded_checkpoint(held.manifest.origin, self.allowed_roots)
-        except TensordError:
-            return None
-        return "checkpoint"
 
     async def _evict(self, held: Held, reason: str) -> None:
         name, version = held.key

@@ -35,10 +35,10 @@ from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Plan, Request
 from tensord.fleet.serve import Partial
+from tensord.held import Held
 from tensord.memory import own_view
 from tensord.peers import Peer
 from tensord.registry.base import NodeRecord, PartialReplica
-from tensord.store import Held
 from tensord_contract.errors import NotFound, ProtocolError, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
 

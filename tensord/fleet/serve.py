@@ -28,8 +28,9 @@ import numpy as np
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
+from tensord.held import Held
 from tensord.memory import Slab
-from tensord.store import Held, Store
+from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
 

@@ -9,11 +9,12 @@ import time
 
 from tensord.cluster import Cluster
 from tensord.fleet.serve import StreamPin
+from tensord.held import Held
 from tensord.ops.args import is_int
 from tensord.peers import RemotePin
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
-from tensord.store import Held, Store
+from tensord.store import Store
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest
 
