@@ -29,7 +29,7 @@ from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
 from tensord.held import Held
-from tensord.memory import Slab
+from tensord.memory import Slab, own_view
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
@@ -59,6 +59,21 @@ class Partial:
     @property
     def key(self) -> tuple[str, int]:
         return self.manifest.name, self.manifest.version
+
+    def wrong_chunks(self) -> np.ndarray:
+        """The chunks holding a tensor whose fingerprint is wrong (empty: all good)."""
+        m = self.manifest
+        view = own_view(self.slab)
+        try:
+            actual = view.fingerprints(m.offsets, m.sizes)
+        finally:
+            view.close()
+        if m.fingerprints is None:
+            return np.zeros(0, dtype=np.int64)
+        bad = np.flatnonzero(actual != m.fingerprints)
+        if not len(bad):
+            return np.zeros(0, dtype=np.int64)
+        return self.grid.covering(m.offsets[bad], m.sizes[bad])
 
 
 @dataclass(eq=False)
