@@ -139,7 +139,8 @@ class CudaBlocks:
     (`sdk.dataplane.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
     client still maps it is parked by torch until that client closes it, so idle blocks go back
     only when they no longer fit in the device's unused budget (`shrink`) or an allocation
-    does not fit otherwise (`trim`).
+    does not fit otherwise (`trim`). The store owns the pool (one per store) and hands it to the
+    slabs it allocates.
     """
 
     #: a free block is reused for a slab this much smaller at most (the rest is idle)
