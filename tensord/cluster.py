@@ -20,9 +20,10 @@ from tensord.fleet.policy import start_for, start_of
 from tensord.fleet.pull import Pull
 from tensord.fleet.serve import Serving
 from tensord.fleet.settings import Settings
+from tensord.held import Held
 from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
-from tensord.store import Held, Store
+from tensord.store import Store
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ class Cluster:
         set it starts. `rate`: bytes/s this pull may read (None: fleet.rate_limit); `chunk`:
         its chunk size (None: fleet.chunk_bytes; every target of a fan-out gets the same). A
         pull of the same version already under way here is joined."""
-        held = self.store.held.get((name, version))
-        if held is not None and held.live:
+        held = self.store.holds(name, version)
+        if held is not None:
             return held
         key = (name, version)
         task = self.pulls.get(key)
@@ -126,7 +127,7 @@ class Cluster:
         here = device
         if here is None:  # like the replicas, where this node has that device; else host memory
             found = [r.device for r in await self.store.registry.replicas(name, version)]
-            here = next((d for d in found if d in self.store.budgets.limit), "cpu")
+            here = next((d for d in found if d in self.store.devices), "cpu")
         grid = chunk or self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
         start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)

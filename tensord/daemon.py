@@ -14,15 +14,15 @@ from sdk.transport.base import Transport
 from tensord.cluster import Cluster
 from tensord.config import Config
 from tensord.fleet.settings import Settings
-from tensord.memory import Budgets, cuda_blocks, detect_devices
+from tensord.memory import Budgets, detect_devices
 from tensord.metrics import Endpoint, Levels, Metrics
 from tensord.notify import Notifier
+from tensord.ops.service import Service
 from tensord.peers import Peers
 from tensord.registry.base import NodeRecord, Registry
 from tensord.registry.local import LocalRegistry
 from tensord.restore import Restorer
 from tensord.rpc import Server
-from tensord.service import Service
 from tensord.state import StateDir
 from tensord.store import Store
 from tensord_contract.errors import TensordError
@@ -168,7 +168,7 @@ class Daemon:
                 "and what the daemon held is not restored"
             )
         self.transport = await asyncio.to_thread(make_transport, self.config)
-        self.store.transport = self.transport
+        self.store.attach_transport(self.transport)
         await self.server.start()
         control = f"unix:{self.config.socket}"
         if self.config.listen:
@@ -208,32 +208,29 @@ class Daemon:
 
     def _levels(self) -> Levels:
         """What the metrics endpoint reads at each scrape (on the event loop)."""
-        store = self.store
-        live = [h for h in store.held.values() if h.live]
+        held = self.store.status()
+        usage = held["devices"]
         counts = self.restorer.counts()
-        devices = list(store.budgets.limit)
+        devices = list(usage)
 
-        def per_device(values: dict[str, int]) -> list[tuple[dict[str, str], float]]:
-            return [({"device": d}, float(values.get(d, 0))) for d in devices]
+        def per_device(values: dict[str, dict[str, int]], key: str) -> list[tuple[dict[str, str], float]]:
+            return [({"device": d}, float(values[d][key])) for d in devices]
 
         levels: Levels = {
-            "tensord_sets": ("Names with a version held on this node", [({}, len({h.manifest.name for h in live}))]),
-            "tensord_versions": ("Versions held on this node", [({}, len(live))]),
+            "tensord_sets": ("Names with a version held on this node", [({}, held["sets"])]),
+            "tensord_versions": ("Versions held on this node", [({}, held["versions"])]),
             "tensord_versions_evicted": (
                 "Versions evicted here that come back from their checkpoint when read",
-                [({}, len(store.evicted))],
+                [({}, held["evicted"])],
             ),
             "tensord_pins": (
                 "Pins readers hold on this node's versions",
-                [({}, sum(h.pins for h in store.held.values()))],
+                [({}, held["pins"])],
             ),
-            "tensord_reservations": ("Open reservations (puts being written)", [({}, len(store.reservations))]),
-            "tensord_device_budget_bytes": ("Bytes each device may hold", per_device(store.budgets.limit)),
-            "tensord_device_used_bytes": ("Bytes held or reserved per device", per_device(store.budgets.used)),
-            "tensord_device_idle_bytes": (
-                "Freed GPU memory kept for reuse per device",
-                per_device({d: cuda_blocks.idle_bytes(d) for d in devices}),
-            ),
+            "tensord_reservations": ("Open reservations (puts being written)", [({}, held["reservations"])]),
+            "tensord_device_budget_bytes": ("Bytes each device may hold", per_device(usage, "budget")),
+            "tensord_device_used_bytes": ("Bytes held or reserved per device", per_device(usage, "used")),
+            "tensord_device_idle_bytes": ("Freed GPU memory kept for reuse per device", per_device(usage, "idle")),
             "tensord_restore_pending": (
                 "Versions held before the last restart still to be restored",
                 [({}, counts["pending"] + counts["running"])],

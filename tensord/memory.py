@@ -139,7 +139,8 @@ class CudaBlocks:
     (`sdk.dataplane.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
     client still maps it is parked by torch until that client closes it, so idle blocks go back
     only when they no longer fit in the device's unused budget (`shrink`) or an allocation
-    does not fit otherwise (`trim`).
+    does not fit otherwise (`trim`). The store owns the pool (one per store) and hands it to the
+    slabs it allocates.
     """
 
     #: a free block is reused for a slab this much smaller at most (the rest is idle)
@@ -199,13 +200,11 @@ class CudaBlocks:
         log.info("gave %d idle GPU blocks on %s back to the driver", dropped, device)
 
 
-cuda_blocks = CudaBlocks()
-
-
 class CudaSlab(Slab):
-    def __init__(self, nbytes: int, device: str) -> None:
+    def __init__(self, nbytes: int, device: str, blocks: CudaBlocks) -> None:
         self.device, self.nbytes, self.generation = device, nbytes, secrets.randbits(62)
-        self._block: tuple[Any, list[Any]] | None = cuda_blocks.take(device, nbytes)
+        self._blocks = blocks  # the pool its block returns to when freed
+        self._block: tuple[Any, list[Any]] | None = blocks.take(device, nbytes)
         self.tensor: Any = self._block[0][:nbytes]
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
@@ -224,17 +223,17 @@ class CudaSlab(Slab):
     def free(self) -> None:
         self.tensor = None
         if self._block is not None:
-            cuda_blocks.give(self.device, self._block)
+            self._blocks.give(self.device, self._block)
             self._block = None
 
 
-def allocate(device: str, nbytes: int, label: str, *, huge_pages: bool = False) -> Slab:
-    """One slab of at least ALIGN bytes on `device` ("cpu" or "cuda:N")."""
+def allocate(device: str, nbytes: int, label: str, blocks: CudaBlocks, *, huge_pages: bool = False) -> Slab:
+    """One slab of at least ALIGN bytes on `device` ("cpu" or "cuda:N"); GPU memory from `blocks`."""
     nbytes = max(nbytes, ALIGN)
     if device == "cpu":
         return HostSlab(nbytes, label, huge=huge_pages)
     try:
-        return CudaSlab(nbytes, device)
+        return CudaSlab(nbytes, device, blocks)
     except RuntimeError as exc:  # the CUDA allocator's out-of-memory and driver errors
         raise OutOfCapacity(f"cannot allocate {nbytes} bytes on {device}: {exc}", device=device) from exc
 

@@ -29,10 +29,11 @@ import numpy as np
 
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
 from tensord.cluster import Cluster
+from tensord.held import Held
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
 from tensord.state import Record
-from tensord.store import Held, Store
+from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 
@@ -134,7 +135,7 @@ class Restorer:
             job = Job(record.name, record.version, record.device, record.source, manifest)
             manifest = manifest if manifest is not None else await self._manifest(job)
             if manifest is not None:
-                self.store.evicted[record.key] = (manifest, record.device)
+                self.store.note_evicted(manifest, record.device)
 
     async def _run_all(self) -> None:
         for job in list(self.jobs.values()):
@@ -166,8 +167,8 @@ class Restorer:
                 job.state = "deleted"
                 return None
             job.manifest = manifest
-            held = self.store.held.get(job.key)
-            if held is None or not held.live:
+            held = self.store.holds(job.name, job.version)
+            if held is None:
                 held, job.how = await self._bring_back(manifest, job.device)
             job.state, job.seconds = "restored", time.monotonic() - t0
             self.bytes += manifest.data_bytes
@@ -203,7 +204,7 @@ class Restorer:
                 return await self.store.registry.manifest(job.name, job.version)
             except NotFound:
                 log.info("%s v%d was deleted while this node was down: not restored", job.name, job.version)
-                await self.store._forget(job.name, job.version)
+                await self.store.forget(job.name, job.version)
                 return None
             except Unavailable as exc:
                 log.warning("restore of %s v%d waits for the registry: %s", job.name, job.version, exc.message)
@@ -232,7 +233,7 @@ class Restorer:
         return held, "checkpoint"
 
     def _device(self, device: str) -> str:
-        if device not in self.store.budgets.limit:
+        if device not in self.store.devices:
             raise InvalidArgument(f"it was held on {device}, which this node does not serve now")
         return device
 
@@ -289,7 +290,7 @@ class Restorer:
                 raise
             except TensordError as exc:
                 raise NotFound(self.lost_message(name, version, exc.message), name=name, version=version) from None
-        evicted = self.store.evicted.get((name, version))
+        evicted = self.store.evicted(name, version)
         if evicted is None:
             return None
         task = self._recovering.get((name, version))
@@ -329,7 +330,7 @@ class Restorer:
 
     def _state(self, job: Job) -> str:
         """A lost version held again since (`tensord replicate` by hand) counts as restored."""
-        if job.state == "lost" and (held := self.store.held.get(job.key)) is not None and held.live:
+        if job.state == "lost" and self.store.holds(job.name, job.version) is not None:
             return "restored"
         return job.state
 

@@ -33,13 +33,12 @@ from sdk.transport.base import Batch
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
+from tensord.fleet.lanes import Lane, find_holders, read_answer, request_args
 from tensord.fleet.policy import Plan, Request
 from tensord.fleet.serve import Partial
-from tensord.memory import own_view
-from tensord.peers import Peer
+from tensord.held import Held
 from tensord.registry.base import NodeRecord, PartialReplica
-from tensord.store import Held
-from tensord_contract.errors import NotFound, ProtocolError, TensordError, TransferError, Unavailable
+from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -48,21 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _VERIFY_ROUNDS = 3
-
-
-class Lane:
-    """This pull's connection to one holder, and what the holder said about its slab."""
-
-    def __init__(self, node: str, peer: Peer) -> None:
-        self.node, self.peer = node, peer
-        self.pin: int | None = None
-        self.session = ""
-        self.address = 0
-        self.complete = False
-        self.push = False  # the holder sends over a pair group: no Transfer Engine read
-        self.device = ""  # where the holder's slab lies
-        self.task: asyncio.Task[None] | None = None
-        self.lock = asyncio.Lock()  # one exchange at a time (the peer connection is one stream)
 
 
 class Pull:
@@ -120,7 +104,7 @@ class Pull:
         slab = store.allocate(self.device, self.manifest.nbytes, f"{name}@{version}~")
         address = 0
         try:
-            if store.transport is not None and store.transport.supports(slab.device):
+            if store.reaches(slab.device):
                 address = store.expose(slab, writable=True)
             self.partial = Partial(self.manifest, slab, self.grid, address, held=np.zeros(self.grid.count, dtype=bool))
         except BaseException:
@@ -137,7 +121,7 @@ class Pull:
                 await self._fetch()
                 self._phase("fetch")
                 await self._let_go()
-                bad = await asyncio.to_thread(self._check)
+                bad = await asyncio.to_thread(self.partial.wrong_chunks)
                 self._phase("check")
                 if not len(bad):
                     break
@@ -186,7 +170,7 @@ class Pull:
             if late:
                 log.warning("%d pair-group receives into %s still running", len(late), self.manifest.name)
         lanes, self.lanes = list(self.lanes.values()), {}
-        await asyncio.gather(*(self._release(lane) for lane in lanes), return_exceptions=True)
+        await asyncio.gather(*(lane.release() for lane in lanes), return_exceptions=True)
 
     async def _finish(self, held: Held | None) -> None:
         """Let every lane go, withdraw the partial replica record; on failure give the slab up
@@ -243,8 +227,7 @@ class Pull:
             if lane.push:
                 await self._exchange_pushed(lane, req)
                 return
-            async with lane.lock:
-                result, _ = await lane.peer.call("stream_chunks", **self._args(lane, req))
+            result = await lane.ask(**request_args(lane.pin, self.settings.wait, req, self.plan.start))
             read = self._answer(lane, req, result)
             if read:
                 await self._throttle(read)
@@ -262,9 +245,14 @@ class Pull:
         assert pairs is not None
         assert self.partial is not None
         mine = self.partial.slab.device
-        group = await pairs.receiver(lane.node, mine, lane.device, self._joiner(lane))
+        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.me, self.cluster.pairs_timeout))
         async with lane.lock:
-            result, _ = await lane.peer.call("stream_chunks", push=True, device=mine, **self._args(lane, req))
+            result, _ = await lane.peer.call(
+                "stream_chunks",
+                push=True,
+                device=mine,
+                **request_args(lane.pin, self.settings.wait, req, self.plan.start),
+            )
             granted = [int(c) for c in result.get("granted") or []] if isinstance(result, dict) else []
             read = self._answer(lane, req, result)
             if not granted:
@@ -284,51 +272,25 @@ class Pull:
             raise TransferError(f"{lane.node} sent nothing for {pairs.timeout:.0f} s") from exc
         await self._arrived(lane, read, time.monotonic() - t0)
 
-    def _args(self, lane: Lane, req: Request) -> dict[str, Any]:
-        args: dict[str, Any] = {"pin": lane.pin, "wait": self.settings.wait}
-        if req.done:
-            args["done"] = req.done
-        if req.declined:
-            args["declined"] = req.declined
-        if req.chunks:
-            args["chunks"] = req.chunks
-            if req.force:
-                args["force"] = req.force
-        if req.want is not None:
-            args["want"] = chunkmap.pack(req.want)
-            args["limit"] = req.limit
-            args["start"] = self.plan.start
-        return args
-
     def _answer(self, lane: Lane, req: Request, result: Any) -> list[int]:
-        if not isinstance(result, dict):
-            raise ProtocolError(f"node {lane.node} answered a chunk request with {type(result).__name__}")
-        count = self.grid.count
-        granted = chunkmap.chunk_list(result.get("granted"), count, "granted")
-        redirect: dict[int, str] = {}
-        for pair in result.get("redirect") or []:
-            if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) is not int or not isinstance(pair[1], str):
-                raise ProtocolError(f"node {lane.node} sent a malformed redirect")
-            if 0 <= pair[0] < count:
-                redirect[pair[0]] = pair[1]
-        have = result.get("have")
+        a = read_answer(lane.node, result, self.grid.count)
         read, fresh = self.plan.on_reply(
             lane.node,
             req,
-            granted,
-            redirect,
+            a.granted,
+            a.redirect,
             asyncio.get_running_loop().time(),
-            have=None if have is None else chunkmap.unpack(have, count),
-            busy=int(result.get("busy") or 0),
-            complete=bool(result.get("complete")),
-            gone=bool(result.get("gone")),
-            full=bool(result.get("full")),
+            have=a.have,
+            busy=a.busy,
+            complete=a.complete,
+            gone=a.gone,
+            full=a.full,
         )
         for node in fresh:
             record = self.records.get(node)
             if record is not None:
                 self.plan.offer(node, complete=False, same_host=record.host == self.cluster.host)
-        if result.get("gone"):
+        if a.gone:
             self._drop_lane(lane.node)
         return read
 
@@ -361,12 +323,7 @@ class Pull:
             return False
         if not pairmod.available(self.partial.slab.device)[0]:
             return False
-        try:
-            async with lane.lock:
-                await lane.peer.call("stream_chunks", pin=lane.pin, reply_timeout=5.0)
-        except TensordError:
-            return False
-        return True
+        return await lane.alive()
 
     async def _arrived(self, lane: Lane, chunks: list[int], seconds: float) -> None:
         assert self.partial is not None
@@ -417,27 +374,12 @@ class Pull:
         if not record.control.startswith("tcp:"):
             raise Unavailable(f"node {node} has no TCP listener")
         if lane is None:
-            peer = Peer(node, record.control[len("tcp:") :], self.cluster.peers.token, timeout=self.settings.wait + 30)
-            lane = self.lanes[node] = Lane(node, peer)
+            timeout = self.settings.wait + 30
+            lane = self.lanes[node] = Lane.connect(record, self.cluster.peers.token, timeout)
         async with lane.lock:
             if lane.pin is not None:
                 return lane
-            result, _ = await lane.peer.call(
-                "stream_open",
-                name=self.manifest.name,
-                version=self.manifest.version,
-                node=self.me,
-                chunk=self.grid.size,
-            )
-            if not isinstance(result, dict) or result.get("count") != self.grid.count:
-                raise ProtocolError(f"node {node} described its stream of {self.manifest.name} wrongly")
-            if int(result.get("nbytes") or 0) < self.manifest.nbytes:
-                raise ProtocolError(f"node {node} holds a slab smaller than {self.manifest.name}")
-            lane.pin = int(result["pin"])
-            lane.session = str(result.get("session") or "")
-            lane.address = int(result.get("address") or 0)
-            lane.complete = bool(result.get("complete"))
-            lane.device = str(result.get("device") or "")
+            have, busy = await lane.open(self.manifest, self.grid, self.me)
             transport = self.cluster.store.transport
             lane.push = not (transport is not None and lane.session and lane.address)
             if lane.push:
@@ -445,31 +387,8 @@ class Pull:
                 ok, why = pairmod.available(self.partial.slab.device, lane.device)
                 if not (self.settings.pairs and ok and self.cluster.pairs is not None):
                     raise Unavailable(f"no Transfer Engine path from {node}, and no pair group ({why or 'off'})")
-            have = result.get("have")
-            self.plan.offer(
-                node,
-                complete=lane.complete,
-                have=None if have is None else chunkmap.unpack(have, self.grid.count),
-                busy=int(result.get("busy") or 0),
-            )
+            self.plan.offer(node, complete=lane.complete, have=have, busy=busy)
         return lane
-
-    def _joiner(self, lane: Lane) -> Any:
-        async def join(**args: Any) -> None:
-            async with lane.lock:
-                await lane.peer.call("stream_pair", node=self.me, reply_timeout=self.cluster.pairs_timeout, **args)
-
-        return join
-
-    async def _release(self, lane: Lane) -> None:
-        try:
-            if lane.pin is not None and lane.peer.connected:
-                async with lane.lock:
-                    await asyncio.wait_for(lane.peer.call("release", pin=lane.pin), 5.0)
-        except (TensordError, TimeoutError, OSError):
-            pass
-        finally:
-            await lane.peer.close()
 
     # -- the registry -------------------------------------------------------------------------
     async def _nodes(self) -> None:
@@ -477,35 +396,11 @@ class Pull:
             self.records = {r.node: r for r in await self.cluster.store.registry.nodes()}
 
     async def _discover(self) -> None:
-        """Holders from the registry (complete replicas, partial ones of the same chunk size)
-        and the other targets of a fan-out, offered to the plan."""
-        registry = self.cluster.store.registry
-        name, version = self.manifest.name, self.manifest.version
+        """Offer the plan every holder the registry knows of, and the other targets of a fan-out."""
         await self._nodes()
-        try:
-            replicas = await registry.replicas(name, version)
-            partials: list[PartialReplica] = await registry.partials(name, version)
-        except Unavailable as exc:
-            log.info("pull of %s v%d: registry unreachable (%s)", name, version, exc.message)
-            return
-        host = self.cluster.host
-        for r in replicas:
-            record = self.records.get(r.node)
-            if record is not None and r.node != self.me:
-                self.plan.offer(r.node, complete=True, same_host=record.host == host)
-        for p in partials:
-            record = self.records.get(p.node)
-            if record is None or p.node == self.me or p.chunk != self.grid.size or p.count != self.grid.count:
-                continue
-            try:
-                have = chunkmap.unpack(p.have, p.count)
-            except ProtocolError:
-                continue
-            self.plan.offer(p.node, complete=False, have=have, same_host=record.host == host)
-        for node in self.co_pullers:
-            record = self.records.get(node)
-            if record is not None:
-                self.plan.offer(node, complete=False, same_host=record.host == host)
+        registry, host = self.cluster.store.registry, self.cluster.host
+        for o in await find_holders(registry, self.records, self.manifest, self.grid, self.me, host, self.co_pullers):
+            self.plan.offer(o.node, complete=o.complete, have=o.have, same_host=o.same_host)
 
     async def _advertise(self, *, force: bool = False) -> None:
         partial = self.partial
@@ -521,23 +416,6 @@ class Pull:
             self._advertised = held
         except Unavailable as exc:
             log.info("cannot advertise the partial replica of %s v%d: %s", *partial.key, exc.message)
-
-    # -- checking -----------------------------------------------------------------------------
-    def _check(self) -> np.ndarray:
-        """The chunks holding a tensor whose fingerprint is wrong (empty: all good)."""
-        assert self.partial is not None
-        m = self.manifest
-        view = own_view(self.partial.slab)
-        try:
-            actual = view.fingerprints(m.offsets, m.sizes)
-        finally:
-            view.close()
-        if m.fingerprints is None:
-            return np.zeros(0, dtype=np.int64)
-        bad = np.flatnonzero(actual != m.fingerprints)
-        if not len(bad):
-            return np.zeros(0, dtype=np.int64)
-        return self.grid.covering(m.offsets[bad], m.sizes[bad])
 
     def _phase(self, name: str) -> None:
         now = time.monotonic()

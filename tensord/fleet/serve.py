@@ -28,8 +28,9 @@ import numpy as np
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
-from tensord.memory import Slab
-from tensord.store import Held, Store
+from tensord.held import Held
+from tensord.memory import Slab, own_view
+from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
 
@@ -58,6 +59,21 @@ class Partial:
     @property
     def key(self) -> tuple[str, int]:
         return self.manifest.name, self.manifest.version
+
+    def wrong_chunks(self) -> np.ndarray:
+        """The chunks holding a tensor whose fingerprint is wrong (empty: all good)."""
+        m = self.manifest
+        view = own_view(self.slab)
+        try:
+            actual = view.fingerprints(m.offsets, m.sizes)
+        finally:
+            view.close()
+        if m.fingerprints is None:
+            return np.zeros(0, dtype=np.int64)
+        bad = np.flatnonzero(actual != m.fingerprints)
+        if not len(bad):
+            return np.zeros(0, dtype=np.int64)
+        return self.grid.covering(m.offsets[bad], m.sizes[bad])
 
 
 @dataclass(eq=False)
@@ -106,7 +122,8 @@ class Serving:
             del self.partials[partial.key]
         if promoted is not None:
             partial.promoted = promoted
-            promoted.pins += partial.pins
+            if partial.pins:  # the streams pinned on it now pin the replica
+                self.store.pin(promoted, partial.pins)
             partial.pins = 0
         else:
             partial.dropped = True
@@ -130,8 +147,8 @@ class Serving:
 
     # -- the ops ------------------------------------------------------------------------------
     def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[dict[str, Any], StreamPin]:
-        held = self.store.held.get((name, version))
-        if held is not None and held.live:
+        held = self.store.holds(name, version)
+        if held is not None:
             grid = Grid(held.manifest.nbytes, chunk)
             self.store.pin(held)
             target: Held | Partial = held

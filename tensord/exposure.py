@@ -1,0 +1,77 @@
+"""Slabs this node's Transfer Engine exposes to other nodes.
+
+GPU slabs of one block share the block's registration (the engine registers whole CUDA
+allocations), so each registered range counts its users and goes when the last one is hidden.
+"""
+
+from __future__ import annotations
+
+from sdk.dataplane.cuda import current
+from sdk.transport.base import Transport
+from tensord.memory import Slab
+from tensord_contract.descriptors import RemoteReplica
+from tensord_contract.errors import Unavailable
+
+
+class Exposure:
+    def __init__(self, node: str, transport: Transport | None = None) -> None:
+        self.node = node
+        self._transport = transport
+        self._registered: dict[int, tuple[Slab, int]] = {}  # id(slab) -> (slab, address)
+        self._ranges: dict[int, list[int]] = {}  # registered base -> [length, users]
+
+    @property
+    def transport(self) -> Transport | None:
+        return self._transport
+
+    def attach(self, transport: Transport | None) -> None:
+        """Use `transport` from now on: once, before any slab is exposed."""
+        if self._transport is not None or self._registered:
+            raise RuntimeError("a store's transport is attached once, before any slab is exposed")
+        self._transport = transport
+
+    def reaches(self, device: str) -> bool:
+        """Whether the engine can expose slabs on `device`."""
+        return self._transport is not None and self._transport.supports(device)
+
+    def expose(self, slab: Slab, *, writable: bool) -> int:
+        """Register the slab with the Transfer Engine (read-only once committed); its address."""
+        if self._transport is None or not self._transport.supports(slab.device):
+            raise Unavailable(f"node {self.node} has no Transfer Engine for {slab.device} memory")
+        self.hide(slab)
+        address = slab.address(writable=writable)
+        base, length = slab.registration(address)
+        users = self._ranges.setdefault(base, [length, 0])
+        if users[1] == 0:
+            with current(slab.device):
+                self._transport.register(base, length)
+        users[1] += 1
+        self._registered[id(slab)] = (slab, address)
+        return address
+
+    def hide(self, slab: Slab) -> None:
+        """Unregister the slab (if exposed) and drop the daemon's own mapping of it."""
+        entry = self._registered.pop(id(slab), None)
+        if entry is not None and self._transport is not None:
+            base, _ = slab.registration(entry[1])
+            users = self._ranges[base]
+            users[1] -= 1
+            if users[1] == 0:
+                del self._ranges[base]
+                with current(slab.device):
+                    self._transport.unregister(base)
+        slab.unmap()
+
+    def remote(self, slab: Slab) -> RemoteReplica:
+        """How another node reaches `slab`; Unavailable if the engine does not expose it."""
+        address = self.address(slab)
+        if self._transport is None or address is None:
+            raise Unavailable(
+                f"node {self.node} has no Transfer Engine: its sets are readable over its Unix socket only"
+            )
+        return RemoteReplica(self.node, slab.device, self._transport.session, address, slab.nbytes, slab.generation)
+
+    def address(self, slab: Slab) -> int | None:
+        """Where the engine exposes `slab`; None if it does not."""
+        entry = self._registered.get(id(slab))
+        return entry[1] if entry is not None else None

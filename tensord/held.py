@@ -1,0 +1,36 @@
+"""What the store keeps per version: a version held on this node (`Held`), and a reservation
+being written (`Reservation`), each with its slab."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tensord.memory import Slab
+from tensord_contract.manifest import Manifest
+
+
+@dataclass(eq=False)
+class Held:
+    """One version held on this node."""
+
+    manifest: Manifest
+    slab: Slab
+    pins: int = 0
+    live: bool = True  # False once retired or deleted: freed when pins reach 0
+    advertised: bool = False  # True once the registry knows it (reconcile trusts no other)
+    last_read: float = field(default_factory=time.monotonic)  # when last pinned (or created): LRU
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.manifest.name, self.manifest.version
+
+
+@dataclass(eq=False)
+class Reservation:
+    id: int
+    name: str
+    manifest: Manifest  # version 0 until commit
+    slab: Slab
+    origin: str
+    started: float = field(default_factory=time.time)

@@ -1,0 +1,59 @@
+"""Argument checks shared by the ops: a request's args in order, and the small type checks
+requests from untrusted clients need (msgpack gives bools where ints are expected, say)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensord.rpc import brief
+from tensord_contract.errors import InvalidArgument
+
+#: the longest a request may wait for something to happen (long polls)
+MAX_WAIT = 300.0
+_MAX_HAVE = 64
+
+
+def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()) -> list[Any]:
+    """The request's args in order; unknown or missing keys are errors."""
+    known = {"op", *required, *optional}
+    unknown = set(request) - known
+    if unknown:
+        raise InvalidArgument(f"{request['op']}: unknown arguments {brief(sorted(unknown))}")
+    missing = [k for k in required if k not in request]
+    if missing:
+        raise InvalidArgument(f"{request['op']}: missing arguments {missing}")
+    return [request.get(k) for k in (*required, *optional)]
+
+
+def is_int(value: object, low: int | None = None, high: int | None = None) -> bool:
+    """Whether `value` is an int (not a bool) from `low` to `high` (inclusive; None: no bound)."""
+    if type(value) is not int:
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def is_number(value: object, low: float, high: float) -> bool:
+    """Whether `value` is an int or a float from `low` to `high` (inclusive)."""
+    return isinstance(value, int | float) and low <= value <= high
+
+
+def have_pairs(value: object) -> set[tuple[int, int]]:
+    """The (version, generation) pairs whose manifests the client holds."""
+    if value is None:
+        return set()
+    if not isinstance(value, list) or len(value) > _MAX_HAVE:
+        raise InvalidArgument(f"have must be a list of at most {_MAX_HAVE} [version, generation] pairs")
+    out = set()
+    for pair in value:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(is_int(x) for x in pair):
+            raise InvalidArgument("have must hold [version, generation] pairs of ints")
+        out.add((pair[0], pair[1]))
+    return out
+
+
+def node_list(value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise InvalidArgument("exclude must be a list of node ids")
+    return value

@@ -1,0 +1,67 @@
+"""What every op group shares: the store, the cluster, pins handed to sessions, and a few
+helpers. `Service` combines the groups into one class."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from tensord.cluster import Cluster
+from tensord.fleet.serve import StreamPin
+from tensord.held import Held
+from tensord.ops.args import is_int
+from tensord.peers import RemotePin
+from tensord.restore import Restorer
+from tensord.rpc import Session, brief
+from tensord.store import Store
+from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import Manifest
+
+#: tables of more tensors than this are decoded or listed on a worker thread, off the event loop
+OFF_LOOP_TENSORS = 2_000
+
+
+class Ops:
+    def __init__(
+        self,
+        store: Store,
+        cluster: Cluster | None = None,
+        *,
+        pull_through: bool = False,
+        listen: str = "",
+        allowed_roots: tuple[str, ...] = (),
+    ) -> None:
+        self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
+        self.allowed_roots = allowed_roots
+        self.restorer: Restorer | None = None  # set by the daemon: what it held before a restart
+        #: set once the registry is up: the socket accepts before that (the node record needs
+        #: its address), and requests other than hello wait here instead of failing
+        self.ready = asyncio.Event()
+        self.started = time.time()
+        self._pins = itertools.count(1)
+        self._watches: dict[int, dict[str, tuple[asyncio.Task[None], asyncio.Queue[int], int]]] = {}
+
+    def _moved(self, session: Session, held: Held, direction: str) -> None:
+        """Count a version's bytes handed to a reader or taken from a writer, by path."""
+        path = {"cpu": "host"}.get(held.slab.device, "cuda_ipc") if session.local else "transfer_engine"
+        self.store.metrics.moved(path, direction, held.manifest.data_bytes)
+
+    async def _unpin(self, pin: Held | RemotePin | StreamPin, *, clean: bool = True) -> bool:
+        if isinstance(pin, RemotePin):
+            assert self.cluster is not None
+            return await self.cluster.release(pin)
+        if isinstance(pin, StreamPin):
+            assert self.cluster is not None
+            return await self.cluster.serving.unpin(pin, clean=clean)
+        self.store.unpin(pin)
+        return True
+
+    def _own(self, session: Session, rid: object) -> None:
+        if not is_int(rid) or rid not in session.reservations:
+            raise InvalidArgument(f"reservation {brief(rid)} does not belong to this connection")
+
+    async def _manifest(self, name: str, version: int) -> Manifest:
+        """A committed manifest: from memory when this node holds the version (it never changes)."""
+        held = self.store.lookup(name, version)
+        return held.manifest if held is not None else await self.store.registry.manifest(name, version)

@@ -1,0 +1,102 @@
+"""Reading and writing versions: open (pin a version for a reader, here or on another node),
+release, and a put's three steps (reserve a slab, commit it as a version, or abort)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from tensord.ops.args import args, have_pairs, is_int, node_list
+from tensord.ops.base import OFF_LOOP_TENSORS, Ops
+from tensord.rpc import Session
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import Table
+from tensord_contract.names import check_name, check_version
+
+
+class DataOps(Ops):
+    async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, version, exclude, have = args(request, "name", optional=("version", "exclude", "have"))
+        check_name(name)
+        exclude, cached = node_list(exclude), have_pairs(have)
+        version = await self.store.resolve_version(name, check_version(version))
+        held = self.store.holds(name, version)
+        if held is None and self.restorer is not None:  # not restored yet, or evicted
+            held = await self.restorer.recover(name, version)
+        if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
+            held = await self.cluster.replicate(name, version, None)
+        if held is not None and held.live and self.store.node not in exclude:
+            replica, fds = self.store.descriptor(held, local=session.local)
+            if not session.local and self.cluster is not None:  # a reader on another node
+                self.cluster.serving.egress_reads += held.manifest.nbytes
+            self.store.pin(held)
+            self._moved(session, held, "read")
+            pin = next(self._pins)
+            session.pins[pin] = held
+            known = (version, held.slab.generation) in cached
+            reply = {
+                "pin": pin,
+                "version": version,
+                "manifest": None if known else held.manifest.wire,
+                "replica": replica,
+            }
+            return reply, fds
+        if self.cluster is None:
+            lost = self.restorer.lost(name, version) if self.restorer is not None else None
+            message = f"{name} v{version} is not held on node {self.store.node}"
+            if lost is not None:
+                assert self.restorer is not None
+                message = self.restorer.lost_message(name, version, lost)
+            raise NotFound(message, name=name, version=version)
+        result, remote = await self.cluster.pin_remote(name, version, exclude, have)
+        pin = next(self._pins)
+        session.pins[pin] = remote
+        return {**result, "pin": pin}, []
+
+    async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        (pin,) = args(request, "pin")
+        held = session.pins.pop(pin, None) if is_int(pin) else None
+        intact = await self._unpin(held) if held is not None else False
+        return {"released": held is not None, "intact": intact}, []
+
+    async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, device, tensors, origin = args(request, "name", "device", "tensors", optional=("origin",))
+        if not isinstance(device, str):
+            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
+        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
+            raise InvalidArgument("origin must be a string of at most 4096 characters")
+        check_name(name)
+        count = tensors.get("count") if isinstance(tensors, dict) else None
+        if is_int(count, OFF_LOOP_TENSORS + 1):  # a large table: keep the loop free
+            table = await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
+        else:
+            table = Table.from_wire(tensors, InvalidArgument)
+        r = await self.store.reserve(name, device, table, origin or f"put by {session.peer}")
+        session.reservations.add(r.id)
+        try:
+            replica, fds = self.store.write_descriptor(r, local=session.local)
+        except BaseException:
+            session.reservations.discard(r.id)
+            self.store.abort(r.id)
+            raise
+        offsets = r.manifest.offsets.astype("<i8", copy=False).tobytes()
+        return {"reservation": r.id, "offsets": offsets, "nbytes": r.manifest.nbytes, "replica": replica}, fds
+
+    async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        rid, fingerprints = args(request, "reservation", "fingerprints")
+        self._own(session, rid)
+        if not isinstance(fingerprints, bytes) or len(fingerprints) % 8:
+            raise InvalidArgument("fingerprints must be bytes: one little-endian uint64 per tensor")
+        held = await self.store.commit(rid, np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64))
+        session.reservations.discard(rid)
+        self._moved(session, held, "write")
+        return {"version": held.manifest.version}, []
+
+    async def op_put_abort(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        (rid,) = args(request, "reservation")
+        self._own(session, rid)
+        self.store.abort(rid)
+        session.reservations.discard(rid)
+        return {}, []

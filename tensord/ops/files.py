@@ -1,0 +1,71 @@
+"""Checkpoints the daemon reads itself (load), from directories the config allows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from tensord.checkpoint import read_checkpoint
+from tensord.ingest import Progress, default_threads, ingest_into
+from tensord.memory import own_view
+from tensord.ops.args import args as _args
+from tensord.ops.base import Ops
+from tensord.rpc import Session, brief
+from tensord_contract.errors import InvalidArgument, Unauthorized
+from tensord_contract.manifest import Table
+from tensord_contract.names import check_name
+
+log = logging.getLogger(__name__)
+
+
+class FileOps(Ops):
+    async def op_load(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Load a checkpoint the daemon reads itself, from a directory the config allows."""
+        path, name, device, threads = _args(request, "path", "name", optional=("device", "threads"))
+        check_name(name)
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise InvalidArgument("path must be a non-empty string without NUL characters")
+        if device is not None and not isinstance(device, str):
+            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
+        if threads is None:
+            threads = default_threads(device or "cpu")
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+            raise InvalidArgument("threads must be an integer from 1 to 64")
+        try:
+            real = await asyncio.to_thread(os.path.realpath, path)
+        except OSError as exc:  # a path too long, say
+            raise InvalidArgument(f"path {brief(path)}: {exc.strerror or exc}") from None
+        root = next((r for r in self.allowed_roots if real == r or real.startswith(r + os.sep)), None)
+        if root is None:
+            raise Unauthorized(
+                f"{path} is not under a directory this daemon may read "
+                f"(ingest.allowed_roots: {list(self.allowed_roots) or 'none'})"
+            )
+        tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
+        table = await asyncio.to_thread(
+            Table.build, [t.name for t in tensors], [t.dtype for t in tensors], [t.shape for t in tensors]
+        )
+        r = await self.store.reserve(name, device or "cpu", table, f"file:{real}")
+        session.reservations.add(r.id)
+        try:
+            slab = own_view(r.slab)
+            total = sum(t.nbytes for t in tensors)
+            bar = Progress(total, False, logger=log, label=f"load {name}")
+            try:
+                fps = await asyncio.to_thread(
+                    ingest_into, slab, r.manifest, tensors, threads=threads, progress=bar.advance
+                )
+            finally:
+                slab.close()
+            held = await self.store.commit(r.id, np.array(fps, dtype=np.uint64))
+            self.store.metrics.moved("ingest", "write", held.manifest.data_bytes)
+        except BaseException:
+            self.store.abort(r.id)
+            raise
+        finally:
+            session.reservations.discard(r.id)
+        return {"version": held.manifest.version, "nbytes": total}, []

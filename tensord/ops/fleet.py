@@ -1,0 +1,200 @@
+"""Copies between nodes: replicate (one node pulls, or several at once as a fan-out) and the
+holder's side of a streaming pull (`tensord.fleet`): stream_open, stream_chunks, stream_pair."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from tensord.config import is_device_name
+from tensord.fleet import chunks as chunkmap
+from tensord.fleet.chunks import MIN_CHUNK
+from tensord.fleet.policy import Request
+from tensord.fleet.serve import StreamPin
+from tensord.ops.args import MAX_WAIT, args, is_int, is_number, node_list
+from tensord.ops.base import Ops
+from tensord.rpc import Session
+from tensord_contract.errors import InvalidArgument, NotFound, TensordError, TransferError, Unavailable
+from tensord_contract.names import check_name, check_version
+
+log = logging.getLogger(__name__)
+
+_REPLICATE_TIMEOUT = 24 * 3600.0  # a replicate call returns when the copy is complete
+
+
+class FleetOps(Ops):
+    async def op_replicate(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Make one node (`to`: a node id, default this one) or several (`to`: a list of node
+        ids, or "all" for every live node) pull a copy. Several pull at once as one fan-out: the
+        reply comes when every one of them holds a complete, checked replica."""
+        name, version, device, to, index, of, peers, rate, chunk = args(
+            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate", "chunk")
+        )
+        check_name(name)
+        if device is not None and not isinstance(device, str):
+            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
+        if rate is not None and not is_int(rate, 0):
+            raise InvalidArgument("rate must be bytes per second (0: no limit)")
+        if chunk is not None and (not is_int(chunk, MIN_CHUNK) or chunk % 256):
+            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
+        if self.cluster is None:
+            raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
+        version = await self.store.resolve_version(name, check_version(version))
+        if isinstance(to, list) or to == "all":
+            return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
+        if to is not None and to != self.store.node:
+            if not isinstance(to, str):
+                raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
+            record = {n.node: n for n in await self.store.registry.nodes()}.get(to)
+            if record is None:
+                raise NotFound(f"no live node {to!r}")
+            result, _ = await self.cluster.peers.get(to, record.control).call(
+                "replicate",
+                name=name,
+                version=version,
+                device=device,
+                rate=rate,
+                chunk=chunk,
+                reply_timeout=_REPLICATE_TIMEOUT,
+            )
+            return result, []
+        place: dict[str, Any] = {}
+        if index is not None or of is not None or peers is not None:
+            if not (is_int(index) and is_int(of) and 0 <= index < of <= 4096):
+                raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
+            place = {"index": index, "of": of, "peers": node_list(peers)}
+        held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
+        out = {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}
+        done = self.cluster.finished.get((name, version))
+        if done is not None and place:
+            out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
+        return out, []
+
+    async def _fan_out(
+        self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
+    ) -> dict[str, Any]:
+        assert self.cluster is not None
+        records = {n.node: n for n in await self.store.registry.nodes()}
+        if to == "all":
+            targets = sorted(records)
+        else:
+            assert isinstance(to, list)
+            targets = list(dict.fromkeys(node_list(to)))
+            missing = [t for t in targets if t not in records]
+            if missing:
+                raise NotFound(f"no live node {missing[0]!r}")
+        holding = {r.node for r in await self.store.registry.replicas(name, version)}
+        pulling = [t for t in targets if t not in holding]
+        t0 = time.monotonic()
+
+        cluster = self.cluster
+
+        async def one(i: int, node: str) -> dict[str, Any]:
+            args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
+            args.update(index=i, of=len(pulling), peers=pulling)
+            try:
+                if node == self.store.node:
+                    result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
+                else:
+                    peer = cluster.peers.get(node, records[node].control)
+                    result, _ = await peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                return dict(result)
+            except TensordError as exc:
+                return {"node": node, "error": exc.message, "code": exc.code}
+
+        session_of_self = Session(0, "fan-out")
+        results = await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling)))
+        nodes = {t: {"node": t, "held": True} for t in targets if t in holding}
+        nodes.update({r["node"]: r for r in results})
+        failed = {n: r["error"] for n, r in nodes.items() if "error" in r}
+        out = {"name": name, "version": version, "nodes": nodes, "seconds": time.monotonic() - t0}
+        if failed:
+            raise TransferError(
+                f"{len(failed)} of {len(targets)} nodes could not replicate {name} v{version}: "
+                + "; ".join(f"{n}: {e}" for n, e in sorted(failed.items())),
+                name=name,
+                version=version,
+                failed=sorted(failed),
+            )
+        log.info("fan-out of %s v%d to %d nodes in %.2f s", name, version, len(targets), out["seconds"])
+        return out
+
+    # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
+    async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, version, node, chunk = args(request, "name", "version", "node", "chunk")
+        check_name(name)
+        if not is_int(version, 1):
+            raise InvalidArgument("version must be a positive integer")
+        if not isinstance(node, str) or not node or len(node) > 64:
+            raise InvalidArgument("node must be the puller's node id")
+        if not is_int(chunk, 256) or chunk % 256:
+            raise InvalidArgument("chunk must be a positive multiple of 256 bytes")
+        if self.cluster is None:
+            raise Unavailable("streaming needs a cluster")
+        reply, pin = self.cluster.serving.open(name, version, node, chunk)
+        pid = next(self._pins)
+        session.pins[pid] = pin
+        return {**reply, "pin": pid}, []
+
+    async def op_stream_chunks(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        pid, chunks, force, want, limit, start, done, declined, wait, push, device = args(
+            request,
+            "pin",
+            optional=("chunks", "force", "want", "limit", "start", "done", "declined", "wait", "push", "device"),
+        )
+        pin = session.pins.get(pid) if is_int(pid) else None
+        if not isinstance(pin, StreamPin):
+            raise InvalidArgument(f"pin {pid!r} is no stream pin of this connection")
+        assert self.cluster is not None
+        served = self.cluster.serving
+        count = served.count(pin)
+        wanted = None
+        if want is not None:
+            wanted = chunkmap.unpack(want, count) if isinstance(want, bytes) else None
+            if wanted is None:
+                raise InvalidArgument("want must be a chunk bitmap")
+            if not is_int(limit, 1, count):
+                raise InvalidArgument("limit must be a positive integer")
+        if start is not None and not is_int(start, 0, count - 1):
+            raise InvalidArgument("start must be a chunk index")
+        if wait is not None and not is_number(wait, 0, MAX_WAIT):
+            raise InvalidArgument(f"wait must lie between 0 and {MAX_WAIT} seconds")
+        if push and self.cluster.pairs is None:
+            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+        if push and not is_device_name(device):
+            raise InvalidArgument("a push needs device: where the puller's slab lies (cpu or cuda:N)")
+        req = Request(
+            pin.requester,
+            chunkmap.chunk_list(chunks, count),
+            chunkmap.chunk_list(force, count, "force"),
+            wanted,
+            limit or 0,
+            chunkmap.chunk_list(done, count, "done"),
+            chunkmap.chunk_list(declined, count, "declined"),
+        )
+        result = await served.chunks(
+            pin, req, start=start or 0, wait=0.0 if wait is None else wait, push=device if push else None
+        )
+        return result, []
+
+    async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
+        node, host, port, key, backend, device, to = args(
+            request, "node", "host", "port", "key", "backend", "device", "to"
+        )
+        if self.cluster is None or self.cluster.pairs is None:
+            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+        if not isinstance(node, str) or not isinstance(host, str) or not isinstance(key, str) or len(key) > 200:
+            raise InvalidArgument("node, host and key must be strings")
+        if not is_int(port, 1, 65535) or backend not in ("nccl", "gloo"):
+            raise InvalidArgument("port must be a TCP port and backend nccl or gloo")
+        if not is_device_name(device) or not is_device_name(to):
+            raise InvalidArgument("device and to must name devices (cpu or cuda:N)")
+        record = {n.node: n for n in await self.store.registry.nodes()}.get(node)
+        if record is None or record.control.rpartition(":")[0] != f"tcp:{host}":
+            # only join a rendezvous at the address the named node advertises
+            raise InvalidArgument(f"{host} is not where live node {node!r} listens")
+        seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend, device, to)
+        return {"seconds": seconds}, []

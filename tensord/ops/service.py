@@ -1,0 +1,61 @@
+"""The control plane's dispatcher: one `op_<name>` method per op, from the op groups; what a
+session took is given back when it ends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensord import __version__
+from tensord.ops.args import args
+from tensord.ops.catalogue import CatalogueOps
+from tensord.ops.data import DataOps
+from tensord.ops.files import FileOps
+from tensord.ops.fleet import FleetOps
+from tensord.rpc import Session
+from tensord_contract import wire
+from tensord_contract.errors import ProtocolError
+
+
+class Service(CatalogueOps, DataOps, FileOps, FleetOps):
+    async def handle(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        if not self.ready.is_set() and request["op"] != "hello":
+            await self.ready.wait()
+        method = getattr(self, "op_" + request["op"])
+        return await method(session, request)
+
+    async def unsent(self, session: Session, op: str, result: Any) -> None:
+        """A request succeeded but its reply could not be sent (too large for a frame): give
+        back what it took, so nothing stays held for a client that never learnt of it."""
+        if op == "put_begin":
+            rid = result["reservation"]
+            session.reservations.discard(rid)
+            self.store.abort(rid)
+        elif op == "open":
+            held = session.pins.pop(result["pin"], None)
+            if held is not None:
+                await self._unpin(held)
+
+    async def session_closed(self, session: Session) -> None:
+        for pin in session.pins.values():
+            await self._unpin(pin, clean=False)
+        session.pins.clear()
+        for rid in session.reservations:
+            self.store.abort(rid)
+        session.reservations.clear()
+        for task, _, _ in self._watches.pop(session.id, {}).values():
+            task.cancel()
+
+    async def op_hello(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        protocol, client, _ = args(request, "protocol", optional=("client", "token"))
+        if protocol != wire.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol {protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}")
+        session.hello = True
+        if isinstance(client, str):
+            session.peer = f"{client[:64]} ({session.peer})"
+        transport = self.store.transport
+        return {
+            "protocol": wire.PROTOCOL_VERSION,
+            "node": self.store.node,
+            "version": __version__,
+            "transport": transport.describe() if transport is not None else None,
+        }, []
