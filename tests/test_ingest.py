@@ -17,7 +17,8 @@ from sdk.dataplane.gpu import GpuSlab as CudaSlab
 from sdk.dataplane.host import HostSlab
 from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
-from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
+from tensord.cli.checkpoints import export_set, load_checkpoint, load_sharded
+from tensord.ingest import Progress, ingest_into
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
@@ -423,7 +424,7 @@ def test_progress_logs_the_same_figures(caplog) -> None:
 
 
 def test_concurrent_ingests_give_torch_its_threads_back_once_all_end() -> None:
-    from tensord.ingest import _torch_single_threaded
+    from tensord.ingest.engine import _torch_single_threaded
 
     before = torch.get_num_threads()
     a, b = _torch_single_threaded(), _torch_single_threaded()
