@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from sdk.dataplane.host import HostSlab
 from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
 from tensord.cli.checkpoints import export_set, load_checkpoint, load_sharded
-from tensord.ingest import Progress, ingest_into
+from tensord.ingest import Progress, ingest_into, load
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
@@ -288,6 +289,79 @@ def test_sharded_failure_after_a_rank_is_written_commits_none(client, llama, tmp
     status = client.status()
     assert status["reservations"] == 0
     assert status["devices"]["cpu"]["used"] == before
+
+
+class _MemorySink:
+    """A sink over plain memory: what the load pipeline asks of a sink, and in which order."""
+
+    def __init__(self, shards: dict[str, dict[str, torch.Tensor]], fail_commit: str | None = None) -> None:
+        self.shards, self.fail_commit = shards, fail_commit
+        self.events: list[tuple[str, str]] = []
+        self.slabs: list[HostSlab] = []
+
+    @contextmanager
+    def reserve(self, name: str, table: Table, *, device: str, origin: str):
+        offsets, nbytes = table.layout()
+        fd = os.memfd_create("tensord-test")
+        os.ftruncate(fd, nbytes)
+        manifest, slab = Manifest(name, 0, table, offsets, nbytes), HostSlab(fd, nbytes, writable=True)
+        self.events.append(("reserve", origin))
+        sink = self
+
+        class Reserved:
+            def __init__(self) -> None:
+                self.manifest, self.slab, self.version = manifest, slab, 0
+
+            def commit(self, fingerprints) -> int:
+                if name == sink.fail_commit:
+                    raise InvalidArgument("commit refused")
+                sink.events.append(("commit", name))
+                assert fingerprints == [fingerprint(sink.shards[name][t.name]) for t in manifest.tensors]
+                self.version = 7
+                return 7
+
+        r = Reserved()
+        try:
+            yield r
+        finally:
+            self.events.append(("release" if r.version else "abort", name))
+            self.slabs.append(slab)
+
+
+def test_the_load_pipeline_reserves_every_rank_then_commits_them_all(llama) -> None:
+    """The pipeline both sides run, over a sink of plain memory: every rank is written before
+    any is committed; a commit that fails aborts the ranks not yet committed."""
+    path, expected = llama
+    rules, tp = builtin_rules("llama"), 2
+    shards = {
+        f"m/tp{rank}": {k: _shard(t, rules.match(k), rank, tp) for k, t in expected.items()} for rank in range(tp)
+    }
+    sink = _MemorySink(shards)
+    loaded = load(sink, path, "m", tp=tp, rules=rules, threads=2)
+    assert loaded.sets == [("m/tp0", 7), ("m/tp1", 7)]
+    assert loaded.nbytes == sum(t.nbytes for shard in shards.values() for t in shard.values())
+    origin = f"file:{path}"
+    assert sink.events == [
+        ("reserve", f"{origin}#rank=0&tp=2"),
+        ("reserve", f"{origin}#rank=1&tp=2"),
+        ("commit", "m/tp0"),
+        ("commit", "m/tp1"),
+        ("release", "m/tp1"),
+        ("release", "m/tp0"),
+    ]
+    for slab in sink.slabs:
+        slab.close()
+
+    sink = _MemorySink(shards, fail_commit="m/tp1")
+    with pytest.raises(InvalidArgument, match="commit refused"):
+        load(sink, path, "m", tp=tp, rules=rules, threads=2)
+    assert sink.events[-2:] == [("abort", "m/tp1"), ("release", "m/tp0")]
+    for slab in sink.slabs:
+        slab.close()
+
+
+def _shard(t: torch.Tensor, dim: int | None, rank: int, tp: int) -> torch.Tensor:
+    return t if dim is None else t.chunk(tp, dim=dim)[rank].contiguous()
 
 
 # -- export ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class StoreSink:
         self.cancelled = False
 
     def on_loop(self, step: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run `step` on the event loop and wait for it; a cancelled load goes no further."""
         if self.cancelled:
             raise asyncio.CancelledError
         return asyncio.run_coroutine_threadsafe(step(), self.loop).result()
@@ -63,7 +64,12 @@ class StoreSink:
         async def begin() -> _Reserved:
             r = await self.store.reserve(name, device, table, origin)
             self.session.reservations.add(r.id)
-            return _Reserved(self, r)
+            try:
+                return _Reserved(self, r)
+            except BaseException:
+                self.store.abort(r.id)
+                self.session.reservations.discard(r.id)
+                raise
 
         reserved = self.on_loop(begin)
         try:
