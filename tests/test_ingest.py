@@ -7,6 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -362,6 +363,79 @@ def test_the_load_pipeline_reserves_every_rank_then_commits_them_all(llama) -> N
 
 def _shard(t: torch.Tensor, dim: int | None, rank: int, tp: int) -> torch.Tensor:
     return t if dim is None else t.chunk(tp, dim=dim)[rank].contiguous()
+
+
+LOG = logging.getLogger("tensord.test")
+
+
+class _FakeStore:
+    """What ``StoreSink`` uses of the daemon's Store, recorded."""
+
+    def __init__(self) -> None:
+        self.committed: list[int] = []
+        self.aborted: list[int] = []
+        self.metrics = SimpleNamespace(moved=lambda *args: None)
+
+    async def reserve(self, name: str, device: str, table: Table, origin: str) -> SimpleNamespace:
+        offsets, nbytes = table.layout()
+        return SimpleNamespace(id=5, manifest=Manifest(name, 0, table, offsets, nbytes), slab=None)
+
+    async def commit(self, rid: int, fingerprints: np.ndarray) -> SimpleNamespace:
+        self.committed.append(rid)
+        return SimpleNamespace(manifest=SimpleNamespace(version=3, data_bytes=0))
+
+    def abort(self, rid: int) -> None:
+        self.aborted.append(rid)
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_a_daemon_side_load_cancelled_mid_ingest_commits_nothing(many, monkeypatch, cancel: bool) -> None:
+    """The pipeline runs in a worker thread; a load cancelled (the daemon closing) while it
+    ingests aborts when the ingest ends, and commits nothing."""
+    import asyncio
+    import threading
+
+    from tensord.ingest import pipeline, store_sink
+    from tensord.rpc import Session
+
+    path, _ = many
+    store, session = _FakeStore(), Session(1)
+    ingesting, finish = threading.Event(), threading.Event()
+
+    def slow_ingest(slab, manifest, sources, **kwargs) -> list[int]:
+        ingesting.set()
+        assert finish.wait(30)
+        return [0] * len(manifest)
+
+    monkeypatch.setattr(pipeline, "ingest_into", slow_ingest)
+    monkeypatch.setattr(store_sink, "own_view", lambda slab: SimpleNamespace(close=lambda: None))
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            store_sink.load_on_daemon(
+                store, session, str(path), "d/x", device="cpu", root=str(path.parent), threads=2, logger=LOG
+            )
+        )
+        await asyncio.to_thread(ingesting.wait, 30)
+        assert session.reservations == {5}
+        if cancel:
+            task.cancel()
+        finish.set()
+        if cancel:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(300):  # the thread goes on until it aborts
+                if store.aborted:
+                    break
+                await asyncio.sleep(0.01)
+        else:
+            loaded = await task
+            assert loaded.sets == [("d/x", 3)]
+
+    asyncio.run(run())
+    assert store.committed == ([] if cancel else [5])
+    assert store.aborted == [5]  # after a commit, the Store ignores it
+    assert session.reservations == set()
 
 
 # -- export ---------------------------------------------------------------------------------------------

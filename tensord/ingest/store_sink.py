@@ -55,9 +55,15 @@ class StoreSink:
 
     def on_loop(self, step: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run `step` on the event loop and wait for it; a cancelled load goes no further."""
+
+        async def unless_cancelled() -> T:
+            if self.cancelled:  # checked on the loop too: the cancellation may be queued there
+                raise asyncio.CancelledError
+            return await step()
+
         if self.cancelled:
             raise asyncio.CancelledError
-        return asyncio.run_coroutine_threadsafe(step(), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(unless_cancelled(), self.loop).result()
 
     @contextmanager
     def reserve(self, name: str, table: Table, *, device: str, origin: str) -> Iterator[_Reserved]:
