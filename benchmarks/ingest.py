@@ -18,7 +18,7 @@ of --runs after --warmup is printed in GB/s of tensor data, with ratios:
                       file and returns before reading it, so "load_file + clone" (every tensor
                       copied into private memory, as loading a state_dict does) is also shown
   fastsafetensors     when it imports
-  tensord load        tensord.ingest.load_checkpoint through a real daemon started here
+  tensord load        tensord.cli.checkpoints.load_checkpoint through a real daemon started here
 
 Example: ``.venv/bin/python benchmarks/ingest.py --gib 1.5 --runs 3`` (add ``--device cuda:0``
 on a GPU host).
@@ -45,8 +45,9 @@ from safetensors.torch import load_file
 
 from sdk.dataplane.mapping import Mapping
 from tensord.checkpoint import read_checkpoint
+from tensord.cli.checkpoints import load_checkpoint
 from tensord.export import write_safetensors
-from tensord.ingest import default_threads, load_checkpoint
+from tensord.ingest import default_threads
 from tensord.memory import HostSlab
 from tests.daemons import DaemonProcess
 

@@ -18,8 +18,8 @@ from _common import start_daemon, sync
 from ingest import generate
 
 from sdk.dataplane.fingerprint import fingerprint_finish
-from tensord import ingest
 from tensord.checkpoint import read_checkpoint
+from tensord.ingest import engine, reads
 
 
 def main() -> None:
@@ -42,10 +42,10 @@ def main() -> None:
                 marks.append(("reserve + open slab", time.perf_counter()))
                 specs = list(r.manifest.tensors)
                 gpu = args.device.startswith("cuda")
-                size = ingest._chunk_size(r.slab, None)
-                with ingest._opened(tensors) as fds:
-                    chunks = ingest._plan_chunks(tensors, fds, size)
-                    shares = ingest._run(r.slab, specs, tensors, chunks, args.threads, size, None, hash_chunks=not gpu)
+                size = engine._chunk_size(r.slab, None)
+                with reads.opened(tensors) as fds:
+                    chunks = reads.plan_chunks(tensors, fds, size)
+                    shares = engine._run(r.slab, specs, tensors, chunks, args.threads, size, None, hash_chunks=not gpu)
                 marks.append(("read + copy pipeline", time.perf_counter()))
                 if gpu:
                     fps = r.slab.fingerprints(r.manifest.offsets, r.manifest.sizes)

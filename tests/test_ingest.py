@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from sdk.dataplane.gpu import GpuSlab as CudaSlab
 from sdk.dataplane.host import HostSlab
 from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
-from tensord.ingest import Progress, export_set, ingest_into, load_checkpoint, load_sharded
+from tensord.cli.checkpoints import export_set, load_checkpoint, load_sharded
+from tensord.ingest import Progress, ingest_into, load
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
@@ -289,6 +292,152 @@ def test_sharded_failure_after_a_rank_is_written_commits_none(client, llama, tmp
     assert status["devices"]["cpu"]["used"] == before
 
 
+class _MemorySink:
+    """A sink over plain memory: what the load pipeline asks of a sink, and in which order."""
+
+    def __init__(self, shards: dict[str, dict[str, torch.Tensor]], fail_commit: str | None = None) -> None:
+        self.shards, self.fail_commit = shards, fail_commit
+        self.events: list[tuple[str, str]] = []
+        self.slabs: list[HostSlab] = []
+
+    @contextmanager
+    def reserve(self, name: str, table: Table, *, device: str, origin: str):
+        offsets, nbytes = table.layout()
+        fd = os.memfd_create("tensord-test")
+        os.ftruncate(fd, nbytes)
+        manifest, slab = Manifest(name, 0, table, offsets, nbytes), HostSlab(fd, nbytes, writable=True)
+        self.events.append(("reserve", origin))
+        sink = self
+
+        class Reserved:
+            def __init__(self) -> None:
+                self.manifest, self.slab, self.version = manifest, slab, 0
+
+            def commit(self, fingerprints) -> int:
+                if name == sink.fail_commit:
+                    raise InvalidArgument("commit refused")
+                sink.events.append(("commit", name))
+                assert fingerprints == [fingerprint(sink.shards[name][t.name]) for t in manifest.tensors]
+                self.version = 7
+                return 7
+
+        r = Reserved()
+        try:
+            yield r
+        finally:
+            self.events.append(("release" if r.version else "abort", name))
+            self.slabs.append(slab)
+
+
+def test_the_load_pipeline_reserves_every_rank_then_commits_them_all(llama) -> None:
+    """The pipeline both sides run, over a sink of plain memory: every rank is written before
+    any is committed; a commit that fails aborts the ranks not yet committed."""
+    path, expected = llama
+    rules, tp = builtin_rules("llama"), 2
+    shards = {
+        f"m/tp{rank}": {k: _shard(t, rules.match(k), rank, tp) for k, t in expected.items()} for rank in range(tp)
+    }
+    sink = _MemorySink(shards)
+    loaded = load(sink, path, "m", tp=tp, rules=rules, threads=2)
+    assert loaded.sets == [("m/tp0", 7), ("m/tp1", 7)]
+    assert loaded.nbytes == sum(t.nbytes for shard in shards.values() for t in shard.values())
+    origin = f"file:{path}"
+    assert sink.events == [
+        ("reserve", f"{origin}#rank=0&tp=2"),
+        ("reserve", f"{origin}#rank=1&tp=2"),
+        ("commit", "m/tp0"),
+        ("commit", "m/tp1"),
+        ("release", "m/tp1"),
+        ("release", "m/tp0"),
+    ]
+    for slab in sink.slabs:
+        slab.close()
+
+    sink = _MemorySink(shards, fail_commit="m/tp1")
+    with pytest.raises(InvalidArgument, match="commit refused"):
+        load(sink, path, "m", tp=tp, rules=rules, threads=2)
+    assert sink.events[-2:] == [("abort", "m/tp1"), ("release", "m/tp0")]
+    for slab in sink.slabs:
+        slab.close()
+
+
+def _shard(t: torch.Tensor, dim: int | None, rank: int, tp: int) -> torch.Tensor:
+    return t if dim is None else t.chunk(tp, dim=dim)[rank].contiguous()
+
+
+LOG = logging.getLogger("tensord.test")
+
+
+class _FakeStore:
+    """What ``StoreSink`` uses of the daemon's Store, recorded."""
+
+    def __init__(self) -> None:
+        self.committed: list[int] = []
+        self.aborted: list[int] = []
+        self.metrics = SimpleNamespace(moved=lambda *args: None)
+
+    async def reserve(self, name: str, device: str, table: Table, origin: str) -> SimpleNamespace:
+        offsets, nbytes = table.layout()
+        return SimpleNamespace(id=5, manifest=Manifest(name, 0, table, offsets, nbytes), slab=None)
+
+    async def commit(self, rid: int, fingerprints: np.ndarray) -> SimpleNamespace:
+        self.committed.append(rid)
+        return SimpleNamespace(manifest=SimpleNamespace(version=3, data_bytes=0))
+
+    def abort(self, rid: int) -> None:
+        self.aborted.append(rid)
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_a_daemon_side_load_cancelled_mid_ingest_commits_nothing(many, monkeypatch, cancel: bool) -> None:
+    """The pipeline runs in a worker thread; a load cancelled (the daemon closing) while it
+    ingests aborts when the ingest ends, and commits nothing."""
+    import asyncio
+    import threading
+
+    from tensord.ingest import pipeline, store_sink
+    from tensord.rpc import Session
+
+    path, _ = many
+    store, session = _FakeStore(), Session(1)
+    ingesting, finish = threading.Event(), threading.Event()
+
+    def slow_ingest(slab, manifest, sources, **kwargs) -> list[int]:
+        ingesting.set()
+        assert finish.wait(30)
+        return [0] * len(manifest)
+
+    monkeypatch.setattr(pipeline, "ingest_into", slow_ingest)
+    monkeypatch.setattr(store_sink, "own_view", lambda slab: SimpleNamespace(close=lambda: None))
+
+    async def run() -> None:
+        task = asyncio.create_task(
+            store_sink.load_on_daemon(
+                store, session, str(path), "d/x", device="cpu", root=str(path.parent), threads=2, logger=LOG
+            )
+        )
+        await asyncio.to_thread(ingesting.wait, 30)
+        assert session.reservations == {5}
+        if cancel:
+            task.cancel()
+        finish.set()
+        if cancel:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(300):  # the thread goes on until it aborts
+                if store.aborted:
+                    break
+                await asyncio.sleep(0.01)
+        else:
+            loaded = await task
+            assert loaded.sets == [("d/x", 3)]
+
+    asyncio.run(run())
+    assert store.committed == ([] if cancel else [5])
+    assert store.aborted == [5]  # after a commit, the Store ignores it
+    assert session.reservations == set()
+
+
 # -- export ---------------------------------------------------------------------------------------------
 
 
@@ -423,7 +572,7 @@ def test_progress_logs_the_same_figures(caplog) -> None:
 
 
 def test_concurrent_ingests_give_torch_its_threads_back_once_all_end() -> None:
-    from tensord.ingest import _torch_single_threaded
+    from tensord.ingest.engine import _torch_single_threaded
 
     before = torch.get_num_threads()
     a, b = _torch_single_threaded(), _torch_single_threaded()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdk
-from tensord.ingest import load_checkpoint
+from tensord.cli.checkpoints import load_checkpoint
 from tensord_contract.errors import NotFound
 from tests.daemons import MINILM_DIR, WEIGHTS, needs_minilm, tensord
 from tests.data import random_tensor, same_bits

@@ -7,16 +7,12 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
-
-from tensord.checkpoint import read_checkpoint
-from tensord.ingest import Progress, default_threads, ingest_into
-from tensord.memory import own_view
+from tensord.ingest import default_threads
+from tensord.ingest.store_sink import load_on_daemon
 from tensord.ops.args import args as _args
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
 from tensord_contract.errors import InvalidArgument, Unauthorized
-from tensord_contract.manifest import Table
 from tensord_contract.names import check_name
 
 log = logging.getLogger(__name__)
@@ -45,27 +41,7 @@ class FileOps(Ops):
                 f"{path} is not under a directory this daemon may read "
                 f"(ingest.allowed_roots: {list(self.allowed_roots) or 'none'})"
             )
-        tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
-        table = await asyncio.to_thread(
-            Table.build, [t.name for t in tensors], [t.dtype for t in tensors], [t.shape for t in tensors]
+        loaded = await load_on_daemon(
+            self.store, session, real, name, device=device or "cpu", root=root, threads=threads, logger=log
         )
-        r = await self.store.reserve(name, device or "cpu", table, f"file:{real}")
-        session.reservations.add(r.id)
-        try:
-            slab = own_view(r.slab)
-            total = sum(t.nbytes for t in tensors)
-            bar = Progress(total, False, logger=log, label=f"load {name}")
-            try:
-                fps = await asyncio.to_thread(
-                    ingest_into, slab, r.manifest, tensors, threads=threads, progress=bar.advance
-                )
-            finally:
-                slab.close()
-            held = await self.store.commit(r.id, np.array(fps, dtype=np.uint64))
-            self.store.metrics.moved("ingest", "write", held.manifest.data_bytes)
-        except BaseException:
-            self.store.abort(r.id)
-            raise
-        finally:
-            session.reservations.discard(r.id)
-        return {"version": held.manifest.version, "nbytes": total}, []
+        return {"version": loaded.sets[0][1], "nbytes": loaded.nbytes}, []
