@@ -139,9 +139,6 @@ def test_the_contract_stands_alone() -> None:
     assert not bad, "tensord_contract/ imports neither sdk, tensord nor torch:\n" + "\n".join(bad)
 
 
-# TO ENABLE after issue 13's branches merge (other helpers are splitting the large modules):
-# remove this xfail mark, so that a module over the limit fails the suite.
-@pytest.mark.xfail(reason="modules over 450 lines remain until issue 13's splits merge", strict=False)
 @pytest.mark.parametrize("package", ["tensord", "sdk", "tensord_contract"])
 def test_no_module_is_over_the_size_limit(package: str) -> None:
     sizes = {path: len(path.read_text().splitlines()) for path in _modules(package)}
