@@ -14,6 +14,7 @@ from typing import Any
 import aetcd
 import pytest
 
+from tensord.cli.catalogue import registry_line
 from tensord.registry.base import NodeRecord, Replica
 from tensord.registry.etcd import EtcdRegistry, connection
 from tensord.registry.local import LocalRegistry
@@ -79,9 +80,11 @@ async def test_status_before_start_and_after_close(reg: EtcdRegistry, server: Et
     status = reg.status()
     assert status["lease"] == "held" and status["ttl"] == TTL and status["keys"] == 1
     assert status["lease_id"] == f"{reg.lease.id:x}" and 0 <= status["since_keepalive"] < TTL
+    assert registry_line(status) == f"registry: etcd {server.endpoint}, lease held (ttl 2 s, lost 0 times)"
     await reg.close()
     assert reg.status()["lease"] == "none"
     assert LocalRegistry().status() == {"kind": "embedded"}
+    assert registry_line(LocalRegistry().status()) == "registry: embedded"
 
 
 async def test_lost_while_etcd_is_killed_and_held_again_when_it_returns(reg: EtcdRegistry, server: EtcdServer) -> None:
