@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from sdk.connection import Connection, endpoint
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 
@@ -236,9 +237,7 @@ class CatalogueClient:
         and goes on after the last version it yielded.
         """
         check_name(name)
-        if after is not None and (
-            isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_VERSION
-        ):
+        if after is not None and not is_int(after, 0, MAX_VERSION):
             raise InvalidArgument(f"after must be an integer from 0 to 2**63-1, not {type(after).__name__}")
         if after is None:
             try:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from sdk.dataplane.fingerprint import mismatched_rows
 from tensord_contract.errors import IntegrityError, InvalidArgument
 from tensord_contract.manifest import DTYPE_CODES, Manifest, Table
 
@@ -66,11 +67,9 @@ def check_fingerprints(manifest: Manifest, rows: np.ndarray | None, actual: Any)
     """IntegrityError naming the first tensor of `rows` (None: all) whose fingerprint differs
     from the manifest's; a manifest without fingerprints checks nothing."""
     expected = manifest.fingerprints
-    if expected is None:
-        return
-    if rows is not None:
+    if expected is not None and rows is not None:
         expected = expected[rows]
-    bad = np.flatnonzero(np.asarray(actual, dtype=np.uint64) != expected)
+    bad = mismatched_rows(expected, actual)
     if len(bad):
         row = int(bad[0]) if rows is None else int(rows[bad[0]])
         key = manifest.names[row]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -39,17 +40,13 @@ class Pin:
 class PinningClient(CatalogueClient):
     """`CatalogueClient` plus pins, manifests and the Transfer Engine; see `sdk.Client`."""
 
-    def __init__(
-        self,
-        socket: str | None = None,
-        *,
-        address: str | None = None,
-        token: str | None = None,
-        timeout: float | None = 300.0,
-    ) -> None:
-        super().__init__(socket, address=address, token=token, timeout=timeout)
-        self._engine: Transport | None = None
-        self._manifests: collections.OrderedDict[tuple[str, int, int], Manifest] = collections.OrderedDict()
+    # Its state starts empty, so it keeps CatalogueClient's constructor (and its signature).
+    _engine: Transport | None = None
+
+    @functools.cached_property
+    def _manifests(self) -> collections.OrderedDict[tuple[str, int, int], Manifest]:
+        """The manifest cache, made on first use (always under self._lock)."""
+        return collections.OrderedDict()
 
     # -- the Transfer Engine ------------------------------------------------------------------
     def _transport(self) -> Transport:

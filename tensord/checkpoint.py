@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
 from tensord_contract.manifest import TensorSpec, check_spec
 
@@ -94,10 +95,6 @@ def _bad(path: str, message: str, tensor: str | None = None) -> InvalidArgument:
 
 def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _no_duplicates(path: str, what: str) -> Any:
@@ -203,7 +200,7 @@ def _parse_entry(path: str, name: str, info: Any, *, data_len: int, data_start: 
         raise _bad(path, f"invalid entry: {exc.message}", name) from None
     except UnicodeEncodeError:
         raise _bad(path, "name is not valid UTF-8 text", name) from None
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise _bad(path, f"data_offsets must be [begin, end] integers, not {offsets!r:.60}", name)
     begin, end = offsets
     if not 0 <= begin <= end:

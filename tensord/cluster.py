@@ -28,6 +28,11 @@ from tensord_contract.errors import NotFound, TensordError, TransferError, Unava
 
 log = logging.getLogger(__name__)
 
+#: Why a pin on one peer fails where the next replica's may not: the peer is unreachable
+#: (Unavailable) or retired the version since the registry listed it (NotFound). Not
+#: `Retryable`, which groups failures of moving bytes; a pin moves none.
+NEXT_REPLICA = (Unavailable, NotFound)
+
 
 class Cluster:
     def __init__(
@@ -68,7 +73,7 @@ class Cluster:
             peer = self.peers.get(replica.node, record.control)
             try:
                 result, pin = await peer.pin(name, version, have)
-            except (Unavailable, NotFound) as exc:  # dead, or retired there since: next one
+            except NEXT_REPLICA as exc:
                 errors.append(f"{replica.node}: {exc.message}")
                 continue
             peer.busy += 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tensord_contract.checks import is_int
 from tensord_contract.defaults import DEFAULT_SOCKET
 from tensord_contract.errors import InvalidArgument
 
@@ -45,7 +46,7 @@ def is_device_name(value: object) -> bool:
 
 def parse_size(value: object, where: str) -> int:
     """Bytes from an int or a string like "60GiB", "512 MB", "1.5GB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if is_int(value, 0):
         return value
     m = _SIZE.match(value) if isinstance(value, str) else None
     if m is None:
@@ -137,7 +138,7 @@ def _level(v: object, where: str) -> str:
 def _count(v: object, where: str) -> int:
     if isinstance(v, str) and v.isdigit():
         v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    if not is_int(v, 0):
         raise InvalidArgument(f"{where}: expected a non-negative integer, not {v!r}")
     return v
 

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from sdk.dataplane.fingerprint import mismatched_rows
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
 from tensord.cluster import Cluster
 from tensord.held import Held
@@ -251,13 +250,9 @@ class Restorer:
         slab = store.allocate(device, manifest.nbytes, f"{manifest.name}@{manifest.version}")
         try:
             fps = await asyncio.to_thread(self._ingest, slab, manifest, ordered)  # type: ignore[arg-type]
-            expected = manifest.fingerprints
-            if expected is not None:
-                bad = np.flatnonzero(np.asarray(fps, dtype=np.uint64) != expected)
-                if len(bad):
-                    raise NotFound(
-                        f"{real} changed since it was loaded (tensor {manifest.names[int(bad[0])]!r} differs)"
-                    )
+            bad = mismatched_rows(manifest.fingerprints, fps)
+            if len(bad):
+                raise NotFound(f"{real} changed since it was loaded (tensor {manifest.names[int(bad[0])]!r} differs)")
         except BaseException:
             store.discard(slab)
             raise

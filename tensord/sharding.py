@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tensord.checkpoint import FileTensor
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import DTYPE_SIZES, MAX_DIMS
 
@@ -85,7 +86,7 @@ def _compile(pattern: object, where: str) -> re.Pattern[str]:
 def _split(value: object, where: str) -> Split:
     if value == REPLICATE:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and -MAX_DIMS <= value < MAX_DIMS:
+    if is_int(value, -MAX_DIMS, MAX_DIMS - 1):
         return value
     raise InvalidArgument(f"sharding {where}: split must be a dim (int) or {REPLICATE!r}, not {value!r:.40}")
 
@@ -160,9 +161,9 @@ class ShardPlan:
 
 def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> ShardPlan:
     """Plan rank ``rank`` of ``tp``'s part of ``tensor`` under ``rules``."""
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+    if not is_int(tp, 1):
         raise InvalidArgument(f"tp must be a positive int, not {tp!r:.40}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < tp:
+    if not is_int(rank, 0, tp - 1):
         raise InvalidArgument(f"rank must be an int in [0, {tp}), not {rank!r:.40}")
     split = rules.match(tensor.name)
     shape = tensor.shape

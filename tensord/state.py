@@ -100,11 +100,7 @@ class VersionCounters:
         return hashlib.blake2b(name.encode(), digest_size=1).hexdigest()
 
     def load(self) -> None:
-        try:
-            self.directory.mkdir(mode=0o700, exist_ok=True)
-            files = sorted(p for p in self.directory.iterdir() if p.suffix == ".json")
-        except OSError as exc:
-            raise InvalidArgument(f"state directory {self.directory}: {exc.strerror or exc}") from None
+        files = _files(self.directory, ".json")
         self._buckets.clear()
         for path in files:
             self._buckets[path.stem] = _read_bucket(path)
@@ -181,11 +177,7 @@ class Catalogue:
         return f"{hashlib.blake2b(name.encode(), digest_size=16).hexdigest()}-{version}.rec"
 
     def load(self) -> None:
-        try:
-            self.directory.mkdir(mode=0o700, exist_ok=True)
-            files = sorted(p for p in self.directory.iterdir() if p.suffix == ".rec")
-        except OSError as exc:
-            raise InvalidArgument(f"state directory {self.directory}: {exc.strerror or exc}") from None
+        files = _files(self.directory, ".rec")
         self.records.clear()
         for path in files:
             record = _read_record(path)
@@ -230,6 +222,15 @@ class Catalogue:
         if self._lock is None:
             self._lock = asyncio.Lock()
         return self._lock
+
+
+def _files(directory: Path, suffix: str) -> list[Path]:
+    """The files named *`suffix` in `directory` (made if missing), sorted."""
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return sorted(p for p in directory.iterdir() if p.suffix == suffix)
+    except OSError as exc:
+        raise InvalidArgument(f"state directory {directory}: {exc.strerror or exc}") from None
 
 
 def _read_record(path: Path) -> Record:

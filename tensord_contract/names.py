@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 
 MAX_NAME_BYTES = 255
@@ -47,7 +48,7 @@ def check_version(version: object, *, allow_latest: bool = True) -> int | None:
     """A positive int (at most MAX_VERSION), or None / "latest" for the newest committed version."""
     if version is None or (allow_latest and version == "latest"):
         return None
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+    if not is_int(version, 1, MAX_VERSION):
         small = isinstance(version, str | float) or (isinstance(version, int) and version.bit_length() < 128)
         shown = repr(version)[:60] if small else type(version).__name__
         raise InvalidArgument(f"version must be an integer from 1 to 2**63-1 or 'latest', not {shown}")

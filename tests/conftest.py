@@ -7,6 +7,7 @@ import pytest
 
 import sdk
 from tests.daemons import DaemonProcess
+from tests.etcd_server import EtcdServer, etcd_server
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -46,3 +47,17 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 def client(daemon: DaemonProcess) -> Iterator[sdk.Client]:
     with daemon.client() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One etcd for a test module; its users keep apart by key prefix or node name."""
+    with etcd_server(tmp_path_factory.mktemp("etcd")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[EtcdServer]:
+    """An etcd of this test alone, to stop and restart."""
+    with etcd_server() as server:
+        yield server

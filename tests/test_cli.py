@@ -34,7 +34,8 @@ def test_ls_info_status_rm(daemon, client) -> None:
     assert "bfloat16" in text and "4x8" in text
     status = json.loads(tensord("status", "--json", socket=daemon.socket).stdout)
     assert status["devices"]["cpu"]["used"] >= 512 and status["sets"] >= 1
-    assert "DEVICE" in tensord("status", socket=daemon.socket).stdout
+    text = tensord("status", socket=daemon.socket).stdout
+    assert "DEVICE" in text and "\nregistry: embedded\n" in text
     out = tensord("rm", "cli/model", socket=daemon.socket)
     assert out.returncode == 0 and out.stdout.strip() == "deleted 1 version"
     assert tensord("rm", "cli/model", socket=daemon.socket).stdout.strip() == "deleted 0 versions"

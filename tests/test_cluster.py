@@ -17,7 +17,7 @@ import sdk
 from sdk.tensors import as_bytes
 from sdk.transport.mooncake import available
 from tests.daemons import DaemonProcess, child_env
-from tests.etcd_server import EtcdServer, free_port, start_etcd
+from tests.etcd_server import EtcdServer, free_port
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
 
@@ -54,14 +54,6 @@ class Cluster:
     def stop(self) -> None:
         for d in self.nodes.values():
             d.kill()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory):
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield server
-    server.stop(kill=True)
-    server.cleanup()
 
 
 @pytest.fixture(scope="module")

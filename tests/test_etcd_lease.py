@@ -8,33 +8,19 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aetcd
 import pytest
 
+from tensord.cli.catalogue import registry_line
 from tensord.registry.base import NodeRecord, Replica
 from tensord.registry.etcd import EtcdRegistry, connection
 from tensord.registry.local import LocalRegistry
-from tensord_contract.errors import Unavailable
-from tests.etcd_server import EtcdServer, etcd_server
-from tests.test_registry import NODE, publish, replica
+from tests.etcd_server import EtcdServer
+from tests.test_registry import NODE, eventually, publish, replica
 
 TTL = 2.0
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if result := await check():
-                return result
-        except Unavailable:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def lease_is(reg: EtcdRegistry, state: str) -> Callable[[], Awaitable[bool]]:
@@ -45,29 +31,23 @@ def lease_is(reg: EtcdRegistry, state: str) -> Callable[[], Awaitable[bool]]:
 
 
 @pytest.fixture
-def server() -> Iterator[EtcdServer]:
-    with etcd_server() as s:
-        yield s
-
-
-@pytest.fixture
-async def reg(server: EtcdServer) -> AsyncIterator[EtcdRegistry]:
-    r = EtcdRegistry([server.endpoint], prefix=f"/test-{uuid.uuid4().hex[:8]}/", lease_ttl=TTL, timeout=1.0)
+async def reg(own_etcd: EtcdServer) -> AsyncIterator[EtcdRegistry]:
+    r = EtcdRegistry([own_etcd.endpoint], prefix=f"/test-{uuid.uuid4().hex[:8]}/", lease_ttl=TTL, timeout=1.0)
     yield r
     await r.close()
 
 
 @pytest.fixture
-async def raw(server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    client = aetcd.Client("127.0.0.1", server.client_port, timeout=5)
+async def raw(own_etcd: EtcdServer) -> AsyncIterator[aetcd.Client]:
+    client = aetcd.Client("127.0.0.1", own_etcd.client_port, timeout=5)
     yield client
     await client.close()
 
 
-async def test_status_before_start_and_after_close(reg: EtcdRegistry, server: EtcdServer) -> None:
+async def test_status_before_start_and_after_close(reg: EtcdRegistry, own_etcd: EtcdServer) -> None:
     assert reg.status() == {
         "kind": "etcd",
-        "endpoint": server.endpoint,
+        "endpoint": own_etcd.endpoint,
         "lease": "none",
         "lease_id": None,
         "ttl": 0,
@@ -79,18 +59,22 @@ async def test_status_before_start_and_after_close(reg: EtcdRegistry, server: Et
     status = reg.status()
     assert status["lease"] == "held" and status["ttl"] == TTL and status["keys"] == 1
     assert status["lease_id"] == f"{reg.lease.id:x}" and 0 <= status["since_keepalive"] < TTL
+    assert registry_line(status) == f"registry: etcd {own_etcd.endpoint}, lease held (ttl 2 s, lost 0 times)"
     await reg.close()
     assert reg.status()["lease"] == "none"
     assert LocalRegistry().status() == {"kind": "embedded"}
+    assert registry_line(LocalRegistry().status()) == "registry: embedded"
 
 
-async def test_lost_while_etcd_is_killed_and_held_again_when_it_returns(reg: EtcdRegistry, server: EtcdServer) -> None:
+async def test_lost_while_etcd_is_killed_and_held_again_when_it_returns(
+    reg: EtcdRegistry, own_etcd: EtcdServer
+) -> None:
     await reg.start(NODE)
     await publish(reg, "s")
     lost: list[float] = []
     reg.lease.on_lost(lambda: lost.append(time.monotonic()))
     first = reg.lease.id
-    server.stop(kill=True)
+    own_etcd.stop(kill=True)
     killed = time.monotonic()
     await eventually(lease_is(reg, "failing"), TTL, "the keepalive to fail")
     assert not reg.lease.lost.is_set()
@@ -99,7 +83,7 @@ async def test_lost_while_etcd_is_killed_and_held_again_when_it_returns(reg: Etc
     assert status["lease"] == "lost" and status["lost_count"] == 1 and len(lost) == 1
     assert status["since_keepalive"] >= TTL  # not before a whole TTL went unanswered
     assert lost[0] - killed >= TTL * 2 / 3 - 0.1  # (the last answer came up to TTL/3 before the kill)
-    server.start()
+    own_etcd.start()
     await eventually(lease_is(reg, "held"), 10.0, "the lease to be held again")
     assert not reg.lease.lost.is_set() and reg.status()["lost_count"] == 1 and len(lost) == 1
     # etcd kept the lease across its restart (it extends every lease), so the same one holds
@@ -110,7 +94,7 @@ async def test_lost_while_etcd_is_killed_and_held_again_when_it_returns(reg: Etc
 
 
 async def test_regranted_and_registered_again_when_etcd_lost_it(
-    reg: EtcdRegistry, server: EtcdServer, raw: aetcd.Client
+    reg: EtcdRegistry, own_etcd: EtcdServer, raw: aetcd.Client
 ) -> None:
     await reg.start(NODE)
     await publish(reg, "s")
@@ -119,10 +103,10 @@ async def test_regranted_and_registered_again_when_etcd_lost_it(
     first = reg.lease.id
     assert first is not None
     await raw.revoke_lease(first)  # lost, and etcd dies before the keepalive notices
-    server.stop(kill=True)
+    own_etcd.stop(kill=True)
     await asyncio.wait_for(reg.lease.lost.wait(), 3 * TTL)
     assert reg.status()["lease"] == "lost" and lost == [first]
-    server.start()
+    own_etcd.start()
     await eventually(lease_is(reg, "held"), 10.0, "a new lease")
     assert reg.lease.id != first and reg.status()["lost_count"] == 1 and lost == [first]
     assert await reg.nodes() == [NODE] and await reg.replicas("s", 1) == [replica("s", 1)]
@@ -131,9 +115,9 @@ async def test_regranted_and_registered_again_when_etcd_lost_it(
 
 
 async def test_close_revokes_the_lease_and_its_keys_go_at_once(
-    reg: EtcdRegistry, server: EtcdServer, raw: aetcd.Client
+    reg: EtcdRegistry, own_etcd: EtcdServer, raw: aetcd.Client
 ) -> None:
-    other = EtcdRegistry([server.endpoint], prefix=reg._prefix, lease_ttl=30.0, timeout=1.0)
+    other = EtcdRegistry([own_etcd.endpoint], prefix=reg._prefix, lease_ttl=30.0, timeout=1.0)
     try:
         await other.start(NodeRecord("n2"))
         await reg.start(NODE)  # checked at once after close, well inside its TTL: only the revoke removes them

@@ -17,7 +17,7 @@ import sdk
 from sdk.tensors import as_bytes
 from sdk.transport.mooncake import available
 from tests.daemons import DaemonProcess, tensord
-from tests.etcd_server import EtcdServer, free_port, start_etcd
+from tests.etcd_server import EtcdServer, free_port
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
 
@@ -70,14 +70,6 @@ def _wait(predicate: Any, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached")
         time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory):
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield server
-    server.stop(kill=True)
-    server.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,7 +25,7 @@ from tensord.registry.etcd import EtcdRegistry
 from tensord.registry.local import LocalRegistry
 from tensord_contract.errors import NotFound, Unavailable, VersionConflict
 from tensord_contract.manifest import Manifest, Table
-from tests.etcd_server import EtcdServer, etcd_server
+from tests.etcd_server import EtcdServer
 
 T = TypeVar("T")
 
@@ -84,20 +84,6 @@ async def take(it: AsyncIterator[int], n: int, timeout: float = 10.0) -> list[in
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    """One etcd for the module; each registry gets its own key prefix."""
-    with etcd_server() as server:
-        yield server
-
-
-@pytest.fixture
-def own_etcd() -> Iterator[EtcdServer]:
-    """An etcd of this test alone, to stop and restart."""
-    with etcd_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -40,6 +40,14 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
+def mismatched_rows(expected: np.ndarray | None, actual: Any) -> np.ndarray:
+    """The positions where fingerprints `actual` differ from `expected`, in order (empty when
+    equal, or when `expected` is None: a manifest without fingerprints checks nothing)."""
+    if expected is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.asarray(actual, dtype=np.uint64) != expected)
+
+
 def fingerprint(t: torch.Tensor) -> int:
     """The fingerprint of one tensor's bytes, computed where it lies."""
     b = as_bytes(t.contiguous())

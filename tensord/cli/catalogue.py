@@ -190,12 +190,24 @@ def _status(args: argparse.Namespace) -> int:
     return _show(args, lambda c: c.status(), _print_status)
 
 
+def registry_line(registry: dict[str, Any]) -> str:
+    """``status()["registry"]`` in one line: its kind, endpoint and lease (if it has them)."""
+    line = f"registry: {registry['kind']}"
+    if registry.get("endpoint"):
+        line += f" {registry['endpoint']}"
+    if registry.get("lease") is not None:
+        line += f", lease {registry['lease']} (ttl {registry['ttl']:g} s, lost {registry['lost_count']} times)"
+    return line
+
+
 def _print_status(st: dict[str, Any]) -> None:
     print(
         f"node {st['node']} (tensord {st['version']}, up {st['uptime']:.0f} s): {st['sets']} sets, "
         f"{st['versions']} versions, {st['pins']} pins, {st['reservations']} open reservations; "
         f"host slabs in huge pages: {human(st.get('huge_pages', 0))}"
     )
+    if st.get("registry"):
+        print(registry_line(st["registry"]))
     restore = st.get("restore")
     if restore and restore["state"] != "none":
         pending = restore["pending"] + restore["running"]

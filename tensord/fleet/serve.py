@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sdk.dataplane.fingerprint import mismatched_rows
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
@@ -68,9 +69,7 @@ class Partial:
             actual = view.fingerprints(m.offsets, m.sizes)
         finally:
             view.close()
-        if m.fingerprints is None:
-            return np.zeros(0, dtype=np.int64)
-        bad = np.flatnonzero(actual != m.fingerprints)
+        bad = mismatched_rows(m.fingerprints, actual)
         if not len(bad):
             return np.zeros(0, dtype=np.int64)
         return self.grid.covering(m.offsets[bad], m.sizes[bad])

@@ -30,6 +30,7 @@ from sdk.dataplane.slab import Slab
 from tensord.checkpoint import FileTensor
 from tensord.ingest.reads import GAP_BYTES, Chunk, Source, opened, plan_chunks, read_chunk
 from tensord.sharding import ShardPlan
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, TensorSpec
 
@@ -87,7 +88,7 @@ def ingest_into(
 
 
 def check_threads(threads: object) -> int:
-    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
+    if not is_int(threads, 1, MAX_THREADS):
         raise InvalidArgument(f"threads must be an int in [1, {MAX_THREADS}], not {threads!r:.40}")
     return threads
 

@@ -27,6 +27,7 @@ from tensord.checkpoint import read_checkpoint
 from tensord.ingest.engine import check_threads, ingest_into
 from tensord.ingest.reads import Source, opened
 from tensord.sharding import ShardRules, plan_shards
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
 from tensord_contract.names import check_name
@@ -91,7 +92,7 @@ def load(
     check_name(name)
     threads = check_threads(default_threads(device) if threads is None else threads)
     if tp is not None:
-        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        if not is_int(tp, 1):
             raise InvalidArgument(f"tp must be a positive int, not {tp!r:.40}")
         if not isinstance(rules, ShardRules):
             raise InvalidArgument("rules must be ShardRules (see tensord.sharding.load_rules)")

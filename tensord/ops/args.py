@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tensord.rpc import brief
+from tensord_contract.checks import is_int as is_int  # the ops take it from here with the other checks
 from tensord_contract.errors import InvalidArgument
 
 #: the longest a request may wait for something to happen (long polls)
@@ -23,13 +24,6 @@ def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()
     if missing:
         raise InvalidArgument(f"{request['op']}: missing arguments {missing}")
     return [request.get(k) for k in (*required, *optional)]
-
-
-def is_int(value: object, low: int | None = None, high: int | None = None) -> bool:
-    """Whether `value` is an int (not a bool) from `low` to `high` (inclusive; None: no bound)."""
-    if type(value) is not int:
-        return False
-    return (low is None or value >= low) and (high is None or value <= high)
 
 
 def is_number(value: object, low: float, high: float) -> bool:

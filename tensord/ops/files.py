@@ -10,6 +10,7 @@ from typing import Any
 from tensord.ingest import default_threads
 from tensord.ingest.store_sink import load_on_daemon
 from tensord.ops.args import args as _args
+from tensord.ops.args import is_int
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
 from tensord_contract.errors import InvalidArgument, Unauthorized
@@ -29,7 +30,7 @@ class FileOps(Ops):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
         if threads is None:
             threads = default_threads(device or "cpu")
-        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+        if not is_int(threads, 1, 64):
             raise InvalidArgument("threads must be an integer from 1 to 64")
         try:
             real = await asyncio.to_thread(os.path.realpath, path)
