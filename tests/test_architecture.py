@@ -144,3 +144,16 @@ def test_no_module_is_over_the_size_limit(package: str) -> None:
     sizes = {path: len(path.read_text().splitlines()) for path in _modules(package)}
     big = [f"{path.relative_to(ROOT)}: {n} lines" for path, n in sizes.items() if n > MAX_LINES]
     assert not big, f"modules over {MAX_LINES} lines (split them):\n" + "\n".join(big)
+
+
+def test_every_op_in_the_table_has_a_handler_and_no_handler_is_unlisted() -> None:
+    """The op table (tensord_contract.wire.OPS) and the daemon's `op_<name>` methods agree: an op
+    without a handler would only fail at request time, a handler outside the table is unreachable."""
+    from tensord.ops.service import Service
+    from tensord_contract import wire
+
+    handlers = {name[3:] for name in dir(Service) if name.startswith("op_")}
+    assert handlers == set(wire.OPS), (
+        f"only in the table: {set(wire.OPS) - handlers}; only handled: {handlers - set(wire.OPS)}"
+    )
+    assert wire.MUTATING <= wire.OPS

@@ -1,6 +1,5 @@
 """The data plane: how bytes move between slabs and tensors, shared by the SDK and the daemon.
 
-    descriptors  what a daemon hands a client to reach a slab (host memfd, CUDA IPC, remote)
     slab         the accessor interface and open_slab(); host, gpu, remote: one per kind
     copy         many copies as one pointer table: a batched kernel on GPUs, memmove on hosts
     fingerprint  the per-tensor check, computed for a whole slab in a few kernels

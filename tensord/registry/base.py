@@ -1,8 +1,8 @@
 """The registry interface: who holds which version of which set.
 
 Two implementations: ``local`` (embedded, in memory, one node, the default) and ``etcd``
-(cluster). The daemon is the only writer. Every method may raise ``sdk.Unavailable`` when the
-backing store cannot be reached, and ``sdk.NotFound`` for a name or version that does not exist.
+(cluster). The daemon is the only writer. Every method may raise ``Unavailable`` when the
+backing store cannot be reached, and ``NotFound`` for a name or version that does not exist.
 
 Versions are allocated per name, strictly increasing and never reused. ``latest`` is the newest
 committed version that still exists; it only moves forward on commit.
