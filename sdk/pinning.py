@@ -53,7 +53,7 @@ class PinningClient(CatalogueClient):
         """This process's Transfer Engine, started on first use (reads from other nodes)."""
         with self._lock:
             if self._engine is None:
-                from sdk.transport.mooncake import MooncakeTransport
+                from sdk.transport import for_protocol
 
                 conn = self._connection
                 info = (conn.server.get("transport") if conn is not None else None) or {}
@@ -63,7 +63,7 @@ class PinningClient(CatalogueClient):
                     or (info.get("hostname") if conn is not None and conn.is_local else None)
                     or "127.0.0.1"
                 )
-                self._engine = MooncakeTransport(hostname, protocol)
+                self._engine = for_protocol(protocol, hostname)
             return self._engine
 
     def close(self) -> None:

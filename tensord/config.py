@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sdk.transport.mooncake import PROTOCOLS as TRANSPORTS
 from tensord_contract.checks import is_int
 from tensord_contract.defaults import DEFAULT_SOCKET
 from tensord_contract.errors import InvalidArgument
@@ -181,8 +182,9 @@ def _address(v: object, where: str) -> str:
 
 def _protocol(v: object, where: str) -> str:
     text = _str(v, where).lower()
-    if text not in ("", "off", "auto", "tcp", "rdma", "nvlink_intra", "nccl"):
-        raise InvalidArgument(f"{where}: protocol must be off, auto, tcp, rdma, nvlink_intra or nccl")
+    allowed = ("off", *TRANSPORTS, "nccl")  # nccl: daemons move bytes in pair groups only
+    if text not in ("", *allowed):
+        raise InvalidArgument(f"{where}: protocol must be one of {', '.join(allowed)}")
     return text
 
 

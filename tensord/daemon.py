@@ -58,9 +58,9 @@ def advertised_host(config: Config) -> str:
 def make_transport(config: Config) -> Transport | None:
     if config.transport_protocol in ("off", "nccl"):  # nccl: daemons move bytes in pair groups
         return None
-    from sdk.transport.mooncake import MooncakeTransport
+    from sdk.transport import for_protocol
 
-    return MooncakeTransport(advertised_host(config), config.transport_protocol, list(config.nics) or None)
+    return for_protocol(config.transport_protocol, advertised_host(config), config.nics)
 
 
 def raise_fd_limit() -> int:
