@@ -46,16 +46,6 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (nbytes,), (1,))
 
 
-def view_bytes(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Interpret a flat uint8 tensor (at an aligned offset) as a tensor of `dtype` and `shape`."""
-    out = torch.empty(0, dtype=to_dtype(dtype), device=buf.device)
-    itemsize = out.element_size()
-    offset = buf.storage_offset()
-    if offset % itemsize:
-        raise InvalidArgument(f"byte offset {offset} is not aligned for {dtype}")
-    return out.set_(buf.untyped_storage(), offset // itemsize, shape, contiguous_strides(shape))
-
-
 @functools.lru_cache(maxsize=4096)
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1

@@ -292,10 +292,6 @@ class Serving:
         await self._notify(pin.key)
         return True
 
-    def forget_version(self, name: str, version: int) -> None:
-        for key in [k for k in self._served if k[:2] == (name, version)]:
-            del self._served[key]
-
     # -- internals ----------------------------------------------------------------------------
     def _entry(self, name: str, version: int, chunk: int) -> _Served:
         key = (name, version, chunk)
