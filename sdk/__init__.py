@@ -6,6 +6,8 @@
     with sdk.mount("my-model/tp0") as m:              # zero-copy, pinned until exit
         ...m.tensors...
     sdk.load_into(model, "my-model/tp0")              # straight into existing parameters
+    with sdk.publish("my-model/tp0", params):         # no copy: readers here read this GPU memory
+        ...serve...
 
 The module-level functions are the `Client` methods of the same name, called on one default
 `Client` connected on first use to the daemon socket in $TENSORD_SOCKET (default
@@ -54,6 +56,7 @@ __all__ = [
     "NotFound",
     "OutOfCapacity",
     "ProtocolError",
+    "Publication",
     "Reservation",
     "Retryable",
     "TensorMap",
@@ -71,6 +74,7 @@ __all__ = [
     "load_into",
     "ls",
     "mount",
+    "publish",
     "put",
     "replicate",
     "watch",
@@ -81,6 +85,7 @@ _LAZY = {
     "CatalogueClient": "sdk.catalogue",
     "Client": "sdk.client",
     "Mount": "sdk.client",
+    "Publication": "sdk.client",
     "Reservation": "sdk.client",
     "TensorMap": "sdk.dataplane.views",
     "fingerprint": "sdk.dataplane.fingerprint",
@@ -134,7 +139,19 @@ def _on_default(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
 
 
 #: the module-level functions: the `Client` methods of the same name, made on first lookup
-_FORWARDED = ("delete", "get", "info", "load_checkpoint", "load_into", "ls", "mount", "put", "replicate", "watch")
+_FORWARDED = (
+    "delete",
+    "get",
+    "info",
+    "load_checkpoint",
+    "load_into",
+    "ls",
+    "mount",
+    "publish",
+    "put",
+    "replicate",
+    "watch",
+)
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ makes them on first use
     delete = _on_default(Client.delete)
@@ -144,6 +161,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ makes them 
     load_into = _on_default(Client.load_into)
     ls = _on_default(Client.ls)
     mount = _on_default(Client.mount)
+    publish = _on_default(Client.publish)
     put = _on_default(Client.put)
     replicate = _on_default(Client.replicate)
     watch = _on_default(Client.watch)

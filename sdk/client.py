@@ -2,7 +2,8 @@
 
 `Client` composes the halves, one module each: the catalogue and cluster ops (`sdk.catalogue`,
 no torch), pins and manifests (`sdk.pinning`), reads (`sdk.reads`: get, mount, load_into, with
-failover across replicas) and writes (`sdk.writes`: put, reserve, commit).
+failover across replicas), writes (`sdk.writes`: put, reserve, commit) and publishing without
+a copy (`sdk.publishing`: publish, for readers on this node).
 
 Every operation works on whole sets in bulk: a manifest is a few arrays (`tensord_contract.manifest`), a
 read or write is one table of copies (`sdk.dataplane`), and the tensors a read returns are
@@ -12,13 +13,14 @@ version, replica generation): reopening a version this client has seen transfers
 
 from __future__ import annotations
 
+from sdk.publishing import Publication, Publishing
 from sdk.reads import Mount, Reads
 from sdk.writes import Reservation, Writes
 
-__all__ = ["Client", "Mount", "Reservation"]
+__all__ = ["Client", "Mount", "Publication", "Reservation"]
 
 
-class Client(Reads, Writes):
+class Client(Reads, Writes, Publishing):
     """A connection to one tensord daemon. Thread-safe; a context manager; unusable after close.
 
     `socket`: path of the local daemon's Unix socket. `address`: "host:port" of a daemon's TCP

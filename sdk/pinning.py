@@ -93,7 +93,7 @@ class PinningClient(CatalogueClient):
             pin = Pin(conn, result["pin"], name, manifest.version)
             if manifest.nbytes > replica.nbytes:
                 raise ProtocolError(f"{name} v{manifest.version}: the manifest spans more than its slab")
-            return pin, manifest, open_slab(replica, fds, transport=self._transport)
+            return pin, manifest, open_slab(replica, fds, transport=self._transport, manifest=manifest)
         except BaseException:  # a reply or slab this process cannot use: give everything back
             for fd in fds:
                 os.close(fd)

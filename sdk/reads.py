@@ -44,7 +44,7 @@ class Mount:
         self._pin: Pin | None = pin
         self.manifest = manifest
         self.name, self.version = manifest.name, manifest.version
-        self.tensors = TensorMap(manifest, slab.base()[: manifest.nbytes], manifest.offsets)
+        self.tensors = slab.views(manifest)
 
     def verify(self) -> None:
         """Check every tensor's fingerprint where the slab lies (IntegrityError on mismatch)."""
@@ -110,7 +110,12 @@ class Reads(PinningClient):
                     slab.finish()
                 finally:
                     slab.close()
-                    intact = self._release(pin, wait=isinstance(slab, RemoteSlab))
+                    intact = self._release(pin, wait=isinstance(slab, RemoteSlab) or slab.revocable)
+            if not intact and slab.revocable:
+                raise TransferError(
+                    f"{manifest.name} v{manifest.version} was withdrawn by the process that published it "
+                    "during the read, so the bytes read may have changed: read it again"
+                )
             if not intact:
                 raise TransferError(f"the pin on node {_node(opened)} was lost during the read")
             return value

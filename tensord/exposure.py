@@ -64,6 +64,8 @@ class Exposure:
 
     def remote(self, slab: Slab) -> RemoteReplica:
         """How another node reaches `slab`; Unavailable if the engine does not expose it."""
+        if slab.owned:
+            slab.address(writable=False)  # raises: a publisher's memory is read on its node only
         address = self.address(slab)
         if self._transport is None or address is None:
             raise Unavailable(

@@ -3,6 +3,7 @@ being written (`Reservation`), each with its slab."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ class Held:
     pins: int = 0
     live: bool = True  # False once retired or deleted: freed when pins reach 0
     advertised: bool = False  # True once the registry knows it (reconcile trusts no other)
+    revoked: bool = False  # owned memory withdrawn while pinned: those readers' bytes may change
+    drained: asyncio.Event | None = None  # set when the last pin goes (an unpublish waits on it)
     last_read: float = field(default_factory=time.monotonic)  # when last pinned (or created): LRU
 
     @property

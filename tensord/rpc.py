@@ -61,6 +61,7 @@ class Session:
     hello_by: float = math.inf  # loop time by which its hello must have succeeded
     pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
     reservations: set[int] = field(default_factory=set)
+    published: dict[tuple[str, int], Any] = field(default_factory=dict)  # (name, version) -> held
     outcome: tuple[str, str] = ("", "")  # (op, "ok" or error code) of the last request: metrics
 
 

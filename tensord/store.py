@@ -29,6 +29,7 @@ from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
+from tensord.owned import published
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -131,6 +132,7 @@ class Store:
             "reservations": len(self._reservations),
             "eviction": self.eviction,
             "evicted": len(self._evicted),
+            "published": published(live),
         }
 
     def descriptor(self, held: Held, *, local: bool) -> tuple[dict[str, Any], list[int]]:
@@ -194,29 +196,35 @@ class Store:
         self._engine.hide(r.slab)  # a writable mapping would make the seal fail
         r.slab.seal()
         del self._reservations[rid]
+        return await self.hold_new(r.manifest, r.slab, fingerprints)
+
+    async def hold_new(self, m: Manifest, slab: Slab, fingerprints: np.ndarray) -> Held:
+        """Make the bytes in `slab` (laid out as `m`, uncommitted) the next version of its set:
+        recorded (unless owned by a client), advertised, retention applied. The slab is freed
+        if that fails."""
         version = 0
         try:
-            version = await self._registry.allocate_version(r.name)
-            m = r.manifest
+            version = await self._registry.allocate_version(m.name)
             manifest = m.committed(version, fingerprints, time.time())
-            await self._record(manifest, r.slab.device, manifest.origin)
-            held = Held(manifest, r.slab)
+            if not slab.owned:
+                await self._record(manifest, slab.device, manifest.origin)
+            held = Held(manifest, slab)
             self._held[held.key] = held  # before the registry, so whoever resolves it finds it
-            if self.reaches(r.slab.device):
-                self.expose(r.slab, writable=False)
+            if not slab.owned and self.reaches(slab.device):
+                self.expose(slab, writable=False)
             await self._registry.commit(manifest, self.replica(held))
             held.advertised = True
         except BaseException:
-            self._held.pop((r.name, version), None)
-            self._free(r.slab)
+            self._held.pop((m.name, version), None)
+            self._free(slab)
             if version and self._catalogue is not None:
-                await self._catalogue.forget(r.name, version)
+                await self._catalogue.forget(m.name, version)
             raise
-        log.info("committed %s v%d: %d tensors, %d bytes on %s", r.name, version, count, m.nbytes, r.slab.device)
+        log.info("committed %s v%d: %d tensors, %d bytes on %s", m.name, version, len(m), m.nbytes, slab.device)
         try:
-            await self._retain(r.name)
+            await self._retain(m.name)
         except TensordError as exc:  # the version stands; retention runs again at the next commit
-            log.warning("retention for %s skipped: %s", r.name, exc.message)
+            log.warning("retention for %s skipped: %s", m.name, exc.message)
         return held
 
     def abort(self, rid: int) -> None:
@@ -308,6 +316,8 @@ class Store:
 
     def unpin(self, held: Held) -> None:
         held.pins -= 1
+        if held.pins == 0 and held.drained is not None:
+            held.drained.set()
         if held.pins == 0 and not held.live:
             self._drop(held)
 
@@ -319,7 +329,7 @@ class Store:
             deleted += await self._registry.delete_version(name, v)
             held = self._held.get((name, v))
             if held is not None and held.live:
-                self._retire(held)
+                self.retire(held)
             await self.forget(name, v)
         return deleted
 
@@ -339,10 +349,10 @@ class Store:
             held = self._held.get((name, v))
             if held is not None and held.live:
                 log.info("retention: retiring %s v%d (%d pins)", name, v, held.pins)
-                self._retire(held)
+                self.retire(held)
             await self.forget(name, v)
 
-    def _retire(self, held: Held) -> None:
+    def retire(self, held: Held) -> None:
         held.live = False
         if held.pins == 0:
             self._drop(held)
@@ -354,8 +364,9 @@ class Store:
     def _free(self, slab: Slab) -> None:
         self._engine.hide(slab)
         slab.free()
-        self._budgets.give(slab.device, slab.nbytes)
-        self._fit_idle(slab.device)
+        if not slab.owned:
+            self._budgets.give(slab.device, slab.nbytes)
+            self._fit_idle(slab.device)
 
     def _fit_idle(self, device: str) -> None:
         """Keep the GPU blocks held idle for reuse within the device's unused budget."""
@@ -368,7 +379,7 @@ class Store:
             name, version = held.key
             if version not in await self._registry.versions(name):
                 log.info("%s v%d was deleted elsewhere: retiring the local replica", name, version)
-                self._retire(held)
+                self.retire(held)
                 await self.forget(name, version)
 
     # -- eviction ---------------------------------------------------------------------------
@@ -381,7 +392,8 @@ class Store:
         need = self._budgets.used[device] + nbytes - self._budgets.limit[device]
         if need <= 0 or self.eviction != "lru":
             return
-        candidates = [h for h in self._held.values() if h.live and h.pins == 0 and h.slab.device == device]
+        every = self._held.values()
+        candidates = [h for h in every if h.live and h.pins == 0 and h.slab.device == device and not h.slab.owned]
         plan, freed = await choose(
             candidates, need, lambda h: recoverable(h, self._registry, self.node, self.allowed_roots)
         )

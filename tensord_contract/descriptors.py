@@ -7,6 +7,8 @@ malformed) and opens an accessor (`sdk.dataplane.slab.open_slab`).
     host    a memfd on this node, passed alongside the reply (SCM_RIGHTS)
     cuda    a CUDA allocation on this node, exported by IPC handle
     remote  a slab on another node, read and written one-sided through its Transfer Engine
+    owned   a client process's own GPU memory, published without a copy: many CUDA
+            allocations (IPC handles) and, per tensor, the allocation and offset it lies at
 
 ``generation`` is random per allocation: with the set name and version it names the bytes a
 reader may have cached a manifest for.
@@ -17,7 +19,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tensord_contract.errors import ProtocolError
+import numpy as np
+
+from tensord_contract.errors import ProtocolError, TensordError
+
+IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+MAX_BLOCKS = 1 << 20  # allocations one owned replica may span
 
 
 def _u64(x: object) -> bool:
@@ -60,7 +67,68 @@ class RemoteReplica:
         return asdict(self)
 
 
-Replica = HostReplica | CudaReplica | RemoteReplica
+@dataclass(frozen=True)
+class OwnedReplica:
+    """Tensors in a publishing process's own CUDA allocations: `handles[b]` exports allocation
+    b (`sizes[b]` bytes) by legacy CUDA IPC; row i of the manifest lies at byte `offset[i]` of
+    allocation `block[i]` (little-endian uint32 and uint64 columns). Read-only, and only while
+    the publisher keeps it published."""
+
+    nbytes: int
+    generation: int
+    device: int
+    handles: tuple[bytes, ...]
+    sizes: tuple[int, ...]
+    block: bytes
+    offset: bytes
+    kind: str = "owned"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "handles": list(self.handles), "sizes": list(self.sizes)}
+
+    def layout(self, sizes: np.ndarray, error: type[TensordError] = ProtocolError) -> tuple[np.ndarray, np.ndarray]:
+        """(block, offset) per row for tensors of `sizes` bytes; `error` unless every tensor
+        with bytes lies inside its allocation."""
+        n = len(sizes)
+        if len(self.block) != 4 * n or len(self.offset) != 8 * n:
+            raise error(f"an owned replica needs one block and one offset per tensor ({n})")
+        block = np.frombuffer(self.block, dtype="<u4").astype(np.int64)
+        offset = np.frombuffer(self.offset, dtype="<u8")
+        if n and offset.max() >= 2**62:
+            raise error("an owned replica's offsets must be below 2**62")
+        offset = offset.astype(np.int64)
+        used = np.flatnonzero(sizes > 0)
+        if len(used):
+            b = block[used]
+            if b.max() >= len(self.sizes):
+                raise error(f"an owned replica names allocation {int(b.max())} of {len(self.sizes)}")
+            ends = offset[used] + sizes[used]
+            bad = np.flatnonzero(ends > np.asarray(self.sizes, dtype=np.int64)[b])
+            if len(bad):
+                raise error(f"tensor row {int(used[bad[0]])} runs past the end of its allocation")
+        return block, offset
+
+
+def owned_from_wire(data: dict[str, Any], nbytes: int, generation: int, error: type[TensordError]) -> OwnedReplica:
+    """The owned replica a map describes (from a publisher or a daemon); `error` if malformed."""
+    handles, sizes, device = data.get("handles"), data.get("sizes"), data.get("device")
+    block, offset = data.get("block"), data.get("offset")
+    if type(device) is not int or not 0 <= device < 1024:
+        raise error("an owned replica needs its CUDA device index")
+    if not isinstance(handles, list) or not isinstance(sizes, list) or len(handles) != len(sizes):
+        raise error("an owned replica needs lists of IPC handles and allocation sizes of one length")
+    if len(handles) > MAX_BLOCKS:
+        raise error(f"an owned replica spans at most {MAX_BLOCKS} allocations")
+    if not all(isinstance(h, bytes) and len(h) == IPC_HANDLE_BYTES for h in handles):
+        raise error(f"every IPC handle must be {IPC_HANDLE_BYTES} bytes")
+    if not all(type(s) is int and 0 < s < 2**48 for s in sizes):
+        raise error("every allocation size must be an integer from 1 to 2**48")
+    if not isinstance(block, bytes) or not isinstance(offset, bytes):
+        raise error("an owned replica needs its block and offset columns as bytes")
+    return OwnedReplica(nbytes, generation, device, tuple(handles), tuple(sizes), block, offset)
+
+
+Replica = HostReplica | CudaReplica | RemoteReplica | OwnedReplica
 
 
 def replica_from_wire(data: Any) -> Replica:
@@ -82,4 +150,6 @@ def replica_from_wire(data: Any) -> Replica:
         if not all(isinstance(v, str) and v for v in (node, device, session)) or not _u64(address):
             raise ProtocolError(f"bad remote replica descriptor: {data!r:.200}")
         return RemoteReplica(node, device, session, address, nbytes, generation)  # type: ignore[arg-type]
+    if kind == "owned":
+        return owned_from_wire(data, nbytes, generation, ProtocolError)
     raise ProtocolError(f"unknown replica kind {kind!r:.40}")

@@ -44,9 +44,13 @@ OPS = frozenset(
         "stream_open",
         "stream_chunks",
         "stream_pair",
+        "publish",
+        "unpublish",
     }
 )
-MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load", "stream_pair"})
+MUTATING = frozenset(
+    {"put_begin", "put_commit", "put_abort", "delete", "replicate", "load", "stream_pair", "publish", "unpublish"}
+)
 
 
 def encode(message: dict[str, Any]) -> bytes:

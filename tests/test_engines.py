@@ -109,8 +109,8 @@ def test_publishing_never_fails_the_engine(tmp_path) -> None:
         assert publish_params(EngineModel(), "eng/x", rank=0, client=gone) is None
 
 
-def test_zero_copy_publishing_is_refused_until_the_data_plane_offers_it(client) -> None:
-    with pytest.raises(sdk.InvalidArgument, match="client-owned replicas"):
+def test_zero_copy_publishing_needs_parameters_on_a_gpu(client) -> None:
+    with pytest.raises(sdk.InvalidArgument, match="one GPU"):
         publish_params(EngineModel(), "eng/zc", rank=0, client=client, zero_copy=True)
     assert client.ls("eng/zc") == []
 

@@ -60,6 +60,84 @@ def allocation_range(pointer: int, device: int) -> tuple[int, int]:
     return int(base.value), int(size.value)
 
 
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # cudaIpcMemHandle_t
+
+
+def _ipc_runtime() -> ctypes.CDLL:
+    lib = _libcudart()
+    if lib is None:
+        raise TransferError("no CUDA runtime library found for CUDA IPC")
+    return lib
+
+
+def allocation_ranges(pointers: np.ndarray, device: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CUDA allocations holding `pointers` (sorted ascending): (bases, sizes, and for each
+    pointer the index of its allocation). One driver call per allocation."""
+    import torch
+
+    lib = _libcuda()
+    bases: list[int] = []
+    sizes: list[int] = []
+    which = np.empty(len(pointers), dtype=np.int64)
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    i = 0
+    with torch.cuda.device(device):
+        while i < len(pointers):
+            rc = lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), int(pointers[i]))
+            if rc != 0:
+                raise TransferError(f"cuMemGetAddressRange failed for {int(pointers[i]):#x} (CUresult {rc})")
+            j = int(np.searchsorted(pointers, base.value + size.value, "left"))
+            which[i:j] = len(bases)
+            bases.append(base.value)
+            sizes.append(size.value)
+            i = max(j, i + 1)
+    return np.array(bases, dtype=np.int64), np.array(sizes, dtype=np.int64), which
+
+
+def ipc_handles(bases: np.ndarray, device: int) -> list[bytes]:
+    """Legacy CUDA IPC handles of allocations (by base address) on `device`; TransferError for
+    memory that cannot be exported that way (virtual-memory allocations such as torch's
+    expandable segments)."""
+    import torch
+
+    lib, handle, out = _ipc_runtime(), _IpcHandle(), []
+    lib.cudaIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), _P]
+    with torch.cuda.device(device):
+        for base in bases.tolist():
+            rc = lib.cudaIpcGetMemHandle(ctypes.byref(handle), base)
+            if rc != 0:
+                lib.cudaGetLastError()
+                raise TransferError(f"cudaIpcGetMemHandle failed for the allocation at {base:#x} (cudaError {rc})")
+            out.append(ctypes.string_at(ctypes.addressof(handle), 64))
+    return out
+
+
+def ipc_open(handle: bytes, device: int) -> int:
+    """Map another process's allocation into this one (the same handle twice maps it once)."""
+    import torch
+
+    lib, h, ptr = _ipc_runtime(), _IpcHandle(), _P()
+    lib.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(_P), _IpcHandle, ctypes.c_uint]
+    ctypes.memmove(ctypes.addressof(h), handle, 64)
+    with torch.cuda.device(device):
+        rc = lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, 1)  # cudaIpcMemLazyEnablePeerAccess
+    if rc != 0 or not ptr.value:
+        lib.cudaGetLastError()
+        raise TransferError(f"cudaIpcOpenMemHandle failed (cudaError {rc}): the publisher may have gone")
+    return int(ptr.value)
+
+
+def ipc_close(pointer: int, device: int) -> None:
+    import torch
+
+    lib = _ipc_runtime()
+    lib.cudaIpcCloseMemHandle.argtypes = [_P]
+    with torch.cuda.device(device):
+        if lib.cudaIpcCloseMemHandle(pointer) != 0:
+            lib.cudaGetLastError()
+
+
 @contextlib.contextmanager
 def current(device: str) -> Iterator[None]:
     """Make `device` ("cuda:N") current while registering its memory (Mooncake queries the

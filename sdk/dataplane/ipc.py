@@ -18,6 +18,7 @@ import atexit
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ class Mappings:
     """This process's kept mappings of daemon allocations."""
 
     def __init__(self) -> None:
-        self._kept: dict[tuple[Any, ...], tuple[torch.UntypedStorage, float]] = {}
+        self._kept: dict[tuple[Any, ...], tuple[Any, float]] = {}
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
@@ -53,20 +54,24 @@ class Mappings:
 
         Writers pass `keep=False`: a reservation's block is often not written again soon, and
         while mapped here the daemon could not give it back to the driver under pressure."""
-        seconds = keep_seconds() if keep else 0.0
         key = tuple(ipc[:4])  # device, allocation handle, storage size and offset
+        return self.open_with(key, lambda: torch.UntypedStorage._new_shared_cuda(*ipc), keep=keep)
+
+    def open_with(self, key: tuple[Any, ...], opener: Callable[[], Any], *, keep: bool = True) -> Any:
+        """What `opener` maps (a storage or tensor that unmaps when dropped), kept under `key`."""
+        seconds = keep_seconds() if keep else 0.0
         with self._lock:
             hit = self._kept.get(key)
             if hit is not None:
                 self._kept[key] = (hit[0], time.monotonic())
                 return hit[0]
         torch.cuda.init()  # opening a handle in a process that never touched CUDA crashes
-        storage = torch.UntypedStorage._new_shared_cuda(*ipc)
+        mapped = opener()
         if seconds > 0:
             with self._lock:
-                self._kept[key] = (storage, time.monotonic())
+                self._kept[key] = (mapped, time.monotonic())
                 self._arm(seconds)
-        return storage
+        return mapped
 
     def _arm(self, delay: float) -> None:
         if self._timer is None:

@@ -1,7 +1,8 @@
 """The slab accessor interface, and `open_slab`, which builds one from a replica descriptor.
 
-A slab is one replica's memory: on this node a memfd (`host.HostSlab`) or a CUDA allocation
-(`gpu.GpuSlab`), elsewhere a range of another node's registered memory (`remote.RemoteSlab`).
+A slab is one replica's memory: on this node a memfd (`host.HostSlab`), a CUDA allocation
+(`gpu.GpuSlab`) or a publishing process's allocations (`owned.OwnedSlab`), elsewhere a range
+of another node's registered memory (`remote.RemoteSlab`).
 Every operation takes whole tables (numpy arrays of offsets, sizes, pointers), never one
 tensor at a time.
 """
@@ -14,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdk.dataplane.views import TensorMap
 from tensord_contract.errors import ProtocolError
+from tensord_contract.manifest import Manifest
 
 
 class Slab:
@@ -23,10 +26,16 @@ class Slab:
     device: str
     nbytes: int
     generation: int
+    #: its owner may withdraw it during a read (a publisher's memory): a release says whether it did
+    revocable = False
 
     def base(self) -> torch.Tensor:
         """The whole slab as a flat uint8 tensor (same node only): mounts view it."""
         raise NotImplementedError
+
+    def views(self, manifest: Manifest) -> TensorMap:
+        """Zero-copy views of the manifest's tensors (same node only)."""
+        return TensorMap(manifest, self.base()[: manifest.nbytes], manifest.offsets)
 
     def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
         """Copy slab bytes ``[src[i], src[i] + lengths[i])`` to ``dst[at[i]:]`` (a flat uint8 tensor)."""
@@ -52,10 +61,16 @@ class Slab:
 
 
 def open_slab(
-    replica: Any, fds: list[int], *, writable: bool = False, transport: Callable[[], Any] | None = None
+    replica: Any,
+    fds: list[int],
+    *,
+    writable: bool = False,
+    transport: Callable[[], Any] | None = None,
+    manifest: Manifest | None = None,
 ) -> Slab:
-    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`)."""
-    from tensord_contract.descriptors import CudaReplica, HostReplica, RemoteReplica
+    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); an owned
+    replica needs its version's `manifest`."""
+    from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, RemoteReplica
 
     if isinstance(replica, RemoteReplica):
         if transport is None:
@@ -75,4 +90,10 @@ def open_slab(
         from sdk.dataplane.gpu import GpuSlab
 
         return GpuSlab.from_replica(replica, writable=writable)
+    if isinstance(replica, OwnedReplica):
+        if writable or manifest is None:
+            raise ProtocolError("a published replica is read-only and read with its manifest")
+        from sdk.dataplane.owned import OwnedSlab
+
+        return OwnedSlab(replica, manifest)
     raise ProtocolError(f"unknown replica {replica!r:.80}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.dataplane.fingerprint import slab_fingerprints
+from sdk.dataplane.fingerprint import fingerprints, slab_fingerprints
 from sdk.tensors import DTYPES, contiguous_strides
 from tensord_contract.bulk import paused_gc
 from tensord_contract.manifest import DTYPE_CODES, Manifest
@@ -25,17 +25,27 @@ from tensord_contract.manifest import DTYPE_CODES, Manifest
 
 class TensorMap(MutableMapping[str, torch.Tensor]):
     """name -> tensor view of `base` (a flat uint8 tensor), for rows `rows` of `manifest` (all
-    rows when None) placed at byte `offsets` of `base`."""
+    rows when None) placed at byte `offsets` of `base`. With `blocks`, tensor i lies in
+    ``blocks[block[i]]`` instead (a publisher's allocations)."""
 
     def __init__(
-        self, manifest: Manifest, base: torch.Tensor, offsets: np.ndarray, rows: np.ndarray | None = None
+        self,
+        manifest: Manifest,
+        base: torch.Tensor,
+        offsets: np.ndarray,
+        rows: np.ndarray | None = None,
+        *,
+        blocks: list[torch.Tensor] | None = None,
+        block: np.ndarray | None = None,
     ) -> None:
         self.manifest, self.base = manifest, base
         self._offsets = offsets
+        self._bases = [base] if blocks is None else blocks
+        self._block = block
         self._rows = rows
         self._names = manifest.names if rows is None else [manifest.names[i] for i in rows.tolist()]
         self._views: dict[str, torch.Tensor] = {}
-        self._typed: dict[int, torch.Tensor] = {}
+        self._typed: dict[tuple[int, int], torch.Tensor] = {}
         self._plain: dict[str, torch.Tensor] | None = None  # after a mutation: an ordinary dict
         self._where: dict[str, int] | None = None
 
@@ -60,7 +70,7 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         table = self.manifest.table
         row = i if self._rows is None else int(self._rows[i])
         code = int(table.dtypes[row])
-        typed = self._typed_base(code)
+        typed = self._typed_base(code, 0 if self._block is None else int(self._block[i]))
         shape = table.shapes[row]
         return typed.as_strided(shape, contiguous_strides(shape), int(self._offsets[i]) // typed.element_size())
 
@@ -89,7 +99,8 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
             table = self.manifest.table
             rows = range(len(self._names)) if self._rows is None else self._rows.tolist()
             codes, shapes, offsets = table.dtypes.tolist(), table.shapes, self._offsets.tolist()
-            typed: dict[int, tuple[torch.Tensor, int]] = {}
+            blocks = [0] * len(offsets) if self._block is None else self._block.tolist()
+            typed: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
             built, views, strides = self._views, {}, contiguous_strides
             with paused_gc():
                 for i, name in enumerate(self._names):
@@ -97,20 +108,20 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
                         views[name] = built[name]
                         continue
                     row = rows[i]
-                    code = codes[row]
-                    base = typed.get(code)
+                    key = (blocks[i], codes[row])
+                    base = typed.get(key)
                     if base is None:
-                        t = self._typed_base(code)
-                        base = typed[code] = (t, t.element_size())
+                        t = self._typed_base(*key[::-1])
+                        base = typed[key] = (t, t.element_size())
                     shape = shapes[row]
                     views[name] = base[0].as_strided(shape, strides(shape), offsets[i] // base[1])
             self._views = views  # in set order
         return self._views
 
-    def _typed_base(self, code: int) -> torch.Tensor:
-        typed = self._typed.get(code)
+    def _typed_base(self, code: int, block: int = 0) -> torch.Tensor:
+        typed = self._typed.get((block, code))
         if typed is None:
-            typed = self._typed[code] = self.base.view(DTYPES[DTYPE_CODES[code]])
+            typed = self._typed[block, code] = self._bases[block].view(DTYPES[DTYPE_CODES[code]])
         return typed
 
     def items(self) -> Any:
@@ -138,7 +149,9 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         """Each tensor's fingerprint (uint64, in order) as its bytes lie in `base`, computed in
         bulk where the buffer lies."""
         sizes = self.manifest.sizes if self._rows is None else self.manifest.sizes[self._rows]
-        return slab_fingerprints(self.base, self._offsets, sizes)
+        if self._block is None:
+            return slab_fingerprints(self.base, self._offsets, sizes)
+        return np.array(fingerprints(list(self.values())), dtype=np.uint64)  # at any offsets: gathered
 
     @property
     def name(self) -> str:

@@ -11,6 +11,14 @@ One module per engine, each importing its engine only inside itself, so ``import
 - `sdk.engines.common`: what they share (options, finding and reading sets, publishing, updates).
 """
 
-from sdk.engines.common import EngineOptions, Found, WeightUpdater, load_set, publish_params, rank_set
+from sdk.engines.common import (
+    EngineOptions,
+    Found,
+    WeightUpdater,
+    load_set,
+    publish_params,
+    rank_set,
+    unpublish_params,
+)
 
-__all__ = ["EngineOptions", "Found", "WeightUpdater", "load_set", "publish_params", "rank_set"]
+__all__ = ["EngineOptions", "Found", "WeightUpdater", "load_set", "publish_params", "rank_set", "unpublish_params"]

@@ -257,17 +257,43 @@ def publish_params(
     """Publish one rank's parameters (``model.state_dict()``, engine layout) as ``NAME/tp{rank}``.
 
     Call it before the engine repacks parameters for its kernels (vLLM: before
-    ``process_weights_after_loading``). Today this copies into a slab (`sdk.put`).
-    `zero_copy=True` is the R-Fork seed (advertise the engine's own GPU memory as a replica, held
-    while this process lives and promises not to write it): it needs client-owned replicas in
-    the data plane, which do not exist yet, and is refused.
+    ``process_weights_after_loading``). By default this copies them into a slab (`sdk.put`).
+    `zero_copy=True` (parameters on one GPU) advertises the parameters' own memory instead
+    (`sdk.Client.publish`): readers on this node read it, no second copy exists, and the
+    version lives while `client` stays open. The engine then promises not to write the
+    parameters until it unpublishes: `WeightUpdater.start()` unpublishes first (waiting for
+    readers), and so does `unpublish_params`. Not readable from other nodes (put a copy there).
     """
-    if zero_copy:
-        raise InvalidArgument(
-            "tensord: zero-copy publishing of an engine's own memory needs client-owned replicas "
-            "in the data plane, which this daemon does not offer yet; publish with a copy"
-        )
-    return publish(client, rank_set(name, rank), model.state_dict(), what=f"rank {rank}'s parameters")
+    if not zero_copy:
+        return publish(client, rank_set(name, rank), model.state_dict(), what=f"rank {rank}'s parameters")
+    unpublish_params(model)
+    start = time.perf_counter()
+    publication = client.publish(rank_set(name, rank), model.state_dict())
+    model.__dict__[_PUBLICATION] = publication  # not a module attribute: kept out of state_dict
+    log.info(
+        "tensord: published rank %d's parameters as %s v%d without a copy in %.3f s",
+        rank,
+        publication.name,
+        publication.version,
+        time.perf_counter() - start,
+    )
+    return publication.version
+
+
+_PUBLICATION = "_tensord_publication"
+
+
+def unpublish_params(model: torch.nn.Module, timeout: float | None = None) -> bool:
+    """Withdraw the parameters `publish_params(zero_copy=True)` published, once readers let go
+    (True; False after `timeout` s with readers left). Then the engine may write them."""
+    publication = model.__dict__.pop(_PUBLICATION, None)
+    if publication is None:
+        return True
+    drained = publication.unpublish(timeout)
+    log.info(
+        "tensord: withdrew %s v%d%s", publication.name, publication.version, "" if drained else " (readers cut off)"
+    )
+    return drained
 
 
 class WeightUpdater:
@@ -302,6 +328,7 @@ class WeightUpdater:
     def start(self) -> None:
         if self._open is not None:
             raise InvalidArgument("tensord: a weight update is already in progress; finish it first")
+        unpublish_params(self.model)  # an update writes the parameters: nobody may read them now
         self._open = contextlib.ExitStack()
         if self._on_start is not None:
             self._on_start()

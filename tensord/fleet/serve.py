@@ -32,7 +32,7 @@ from tensord.fleet.policy import Book, Request, rotation
 from tensord.held import Held
 from tensord.memory import Slab, own_view
 from tensord.store import Store
-from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.errors import InvalidArgument, NotFound, Unavailable
 from tensord_contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ class Serving:
     # -- the ops ------------------------------------------------------------------------------
     def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[dict[str, Any], StreamPin]:
         held = self.store.holds(name, version)
+        if held is not None and held.slab.owned:
+            raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.store.node}")
         if held is not None:
             grid = Grid(held.manifest.nbytes, chunk)
             self.store.pin(held)

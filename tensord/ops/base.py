@@ -55,7 +55,7 @@ class Ops:
             assert self.cluster is not None
             return await self.cluster.serving.unpin(pin, clean=clean)
         self.store.unpin(pin)
-        return True
+        return not pin.revoked  # a publisher's memory withdrawn while pinned
 
     def _own(self, session: Session, rid: object) -> None:
         if not is_int(rid) or rid not in session.reservations:

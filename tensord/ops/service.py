@@ -11,12 +11,13 @@ from tensord.ops.catalogue import CatalogueOps
 from tensord.ops.data import DataOps
 from tensord.ops.files import FileOps
 from tensord.ops.fleet import FleetOps
+from tensord.ops.publish import PublishOps
 from tensord.rpc import Session
 from tensord_contract import wire
 from tensord_contract.errors import ProtocolError
 
 
-class Service(CatalogueOps, DataOps, FileOps, FleetOps):
+class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
     async def handle(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         if not self.ready.is_set() and request["op"] != "hello":
             await self.ready.wait()
@@ -36,6 +37,7 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps):
                 await self._unpin(held)
 
     async def session_closed(self, session: Session) -> None:
+        await self.withdraw_published(session)
         for pin in session.pins.values():
             await self._unpin(pin, clean=False)
         session.pins.clear()

@@ -1,0 +1,80 @@
+"""Publishing without a copy: a process on this node advertises tensors in its own GPU memory
+as a version (`publish`) and withdraws it (`unpublish`, which waits for readers to let go).
+The replica lives as long as the publishing connection (`tensord.owned`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+
+from tensord.ops.args import MAX_WAIT, args, is_int, is_number
+from tensord.ops.base import OFF_LOOP_TENSORS, Ops
+from tensord.owned import OwnedSlab, withdraw
+from tensord.rpc import Session
+from tensord_contract.descriptors import owned_from_wire
+from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.manifest import Manifest, Table
+from tensord_contract.names import check_name, check_version
+
+DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
+
+
+class PublishOps(Ops):
+    async def op_publish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, tensors, replica, fingerprints, origin = args(
+            request, "name", "tensors", "replica", "fingerprints", optional=("origin",)
+        )
+        check_name(name)
+        if not session.local:
+            raise InvalidArgument("publish hands the daemon CUDA IPC handles: connect over this node's Unix socket")
+        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
+            raise InvalidArgument("origin must be a string of at most 4096 characters")
+        if not isinstance(replica, dict):
+            raise InvalidArgument("replica must be a map describing the published allocations")
+        count = tensors.get("count") if isinstance(tensors, dict) else None
+        if is_int(count, OFF_LOOP_TENSORS + 1):
+            table = await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
+        else:
+            table = Table.from_wire(tensors, InvalidArgument)
+        if not isinstance(fingerprints, bytes) or len(fingerprints) != 8 * len(table):
+            raise InvalidArgument(f"fingerprints must be bytes: one little-endian uint64 per tensor ({len(table)})")
+        offsets, nbytes = table.layout()
+        owned = owned_from_wire(replica, nbytes, 0, InvalidArgument)
+        owned.layout(table.sizes, InvalidArgument)
+        manifest = Manifest(
+            name, 0, table, offsets, nbytes, created=time.time(), origin=origin or f"published by {session.peer}"
+        )
+        held = await self.store.hold_new(
+            manifest, OwnedSlab(owned, session.peer), np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64)
+        )
+        session.published[held.key] = held
+        return {"version": held.manifest.version, "generation": held.slab.generation}, []
+
+    async def op_unpublish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
+        name, version, timeout = args(request, "name", "version", optional=("timeout",))
+        check_name(name)
+        version = check_version(version, allow_latest=False)
+        assert version is not None
+        if timeout is not None and not is_number(timeout, 0, MAX_WAIT):
+            raise InvalidArgument(f"timeout must be seconds from 0 to {MAX_WAIT:g}")
+        held = session.published.pop((name, version), None)
+        if held is None:
+            raise NotFound(f"{name} v{version} was not published by this connection", name=name, version=version)
+        await withdraw(self.store, held)
+        if held.pins > 0:
+            held.drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(held.drained.wait(), DRAIN_SECONDS if timeout is None else timeout)
+        held.revoked = held.pins > 0
+        return {"drained": not held.revoked, "pins": held.pins}, []
+
+    async def withdraw_published(self, session: Session) -> None:
+        """The publisher's connection closed: its memory may be gone or reused at any moment."""
+        for held in session.published.values():
+            await withdraw(self.store, held)
+            held.revoked = held.pins > 0
+        session.published.clear()

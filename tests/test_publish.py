@@ -1,0 +1,217 @@
+"""Publishing without a copy, the control plane: what the daemon accepts, how long a published
+version lives, and how unpublish waits for readers. Real daemon processes; the publisher
+speaks raw frames, because the daemon never touches the published bytes (readers map them
+from the IPC handles): reading them needs a GPU (tests/test_publish_gpu.py)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import sdk
+from tensord_contract.manifest import Table
+from tests.daemons import tensord
+from tests.etcd_server import free_port
+from tests.frames import Raw, code
+
+HANDLE = bytes(range(64))  # well-formed; the daemon only passes handles on to readers
+
+
+def _table(**shapes: list[int]) -> dict[str, Any]:
+    return Table.build(list(shapes), ["float32"] * len(shapes), list(shapes.values())).to_wire()
+
+
+def _args(name: str = "pub/bad", **over: Any) -> dict[str, Any]:
+    """A valid publish of two float32 tensors (16 and 8 bytes) in one 4096-byte allocation."""
+    args: dict[str, Any] = {
+        "name": name,
+        "tensors": _table(a=[4], b=[2]),
+        "replica": {
+            "device": 0,
+            "handles": [HANDLE],
+            "sizes": [4096],
+            "block": np.array([0, 0], "<u4").tobytes(),
+            "offset": np.array([0, 512], "<u8").tobytes(),
+        },
+        "fingerprints": np.array([1, 2], "<u8").tobytes(),
+    }
+    for key, value in over.items():
+        if key in args["replica"]:
+            args["replica"][key] = value
+        else:
+            args[key] = value
+    return args
+
+
+def _ok(reply: dict[str, Any]) -> Any:
+    assert reply.get("ok"), reply
+    return reply["result"]
+
+
+BAD = [
+    {"handles": [HANDLE[:63]]},
+    {"handles": [HANDLE, HANDLE]},  # two handles, one size
+    {"sizes": [0]},
+    {"sizes": [2**48]},
+    {"device": -1},
+    {"device": "0"},
+    {"block": np.array([0, 1], "<u4").tobytes()},  # no allocation 1
+    {"block": np.array([0], "<u4").tobytes()},  # one row short
+    {"offset": np.array([0, 4090], "<u8").tobytes()},  # b runs past the allocation's end
+    {"offset": np.array([0, 2**63], "<u8").tobytes()},
+    {"offset": "0"},
+    {"fingerprints": np.array([1], "<u8").tobytes()},
+    {"replica": [1, 2]},
+    {"tensors": {"count": 1}},
+    {"origin": 7},
+    {"name": "Bad Name"},
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=range(len(BAD)))
+def test_bad_publishes_are_refused_and_change_nothing(daemon, bad: dict[str, Any]) -> None:
+    raw = Raw(daemon.socket)
+    try:
+        before = _ok(raw.call("ls"))
+        assert code(raw.call("publish", **{**_args("pub/bad"), **_args(**bad)})) == "invalid_argument"
+        assert _ok(raw.call("ls")) == before
+        assert _ok(raw.call("status"))["published"] == []
+    finally:
+        raw.close()
+
+
+def test_a_published_version_lives_with_its_publisher(daemon) -> None:
+    with daemon.client() as c:
+        base = c.put("pub/life", {"a": torch.ones(4), "b": torch.ones(2)})
+        raw = Raw(daemon.socket)
+        v = _ok(raw.call("publish", **_args("pub/life")))["version"]
+        assert v == base + 1
+        info = c.info("pub/life")
+        assert info["version"] == v and info["count"] == 2 and info["device"] == "cuda:0"
+        [entry] = c.status()["published"]
+        assert (entry["name"], entry["version"], entry["device"], entry["pins"]) == ("pub/life", v, "cuda:0", 0)
+        assert c.status()["devices"]["cpu"]["used"] > 0  # the put's slab; the publication counts none
+        shown = tensord("status", socket=daemon.socket)
+        assert shown.returncode == 0 and f"published pub/life v{v} on cuda:0" in shown.stdout, shown
+        # a reader on this node gets the publisher's handles and each tensor's place
+        reader = Raw(daemon.socket)
+        opened = _ok(reader.call("open", name="pub/life"))
+        assert opened["version"] == v and opened["replica"]["kind"] == "owned"
+        assert opened["replica"]["handles"] == [HANDLE]
+        # the publisher leaves (its connection closes): the version goes at once, "latest" falls back
+        raw.close()
+        deadline = time.monotonic() + 5
+        while c.status()["published"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.status()["published"] == []
+        assert c.info("pub/life")["version"] == base
+        with pytest.raises(sdk.NotFound):
+            c.info("pub/life", v)
+        # the reader that still pinned it learns that its bytes may have changed
+        assert _ok(reader.call("release", pin=opened["pin"])) == {"released": True, "intact": False}
+        reader.close()
+        c.delete("pub/life")
+
+
+def test_unpublish_waits_for_readers_then_withdraws(daemon) -> None:
+    raw, reader = Raw(daemon.socket), Raw(daemon.socket)
+    try:
+        v = _ok(raw.call("publish", **_args("pub/drain")))["version"]
+        pin = _ok(reader.call("open", name="pub/drain"))["pin"]
+        t0 = time.monotonic()
+        result = _ok(raw.call("unpublish", name="pub/drain", version=v, timeout=0.3))
+        assert result == {"drained": False, "pins": 1}
+        assert time.monotonic() - t0 >= 0.3
+        assert code(reader.call("open", name="pub/drain")) == "not_found"  # withdrawn for new readers
+        assert _ok(reader.call("release", pin=pin))["intact"] is False  # revoked: the publisher may write now
+        # with no reader, unpublish answers at once; twice is NotFound
+        v2 = _ok(raw.call("publish", **_args("pub/drain")))["version"]
+        pin2 = _ok(reader.call("open", name="pub/drain", version=v2))["pin"]
+        assert _ok(reader.call("release", pin=pin2))["intact"] is True
+        assert _ok(raw.call("unpublish", name="pub/drain", version=v2)) == {"drained": True, "pins": 0}
+        assert code(raw.call("unpublish", name="pub/drain", version=v2)) == "not_found"
+        assert _ok(raw.call("status"))["published"] == []
+    finally:
+        raw.close()
+        reader.close()
+
+
+def test_a_reader_released_during_unpublish_lets_it_return(daemon) -> None:
+    raw, reader = Raw(daemon.socket), Raw(daemon.socket)
+    try:
+        v = _ok(raw.call("publish", **_args("pub/wait")))["version"]
+        pin = _ok(reader.call("open", name="pub/wait"))["pin"]
+        raw.send({"id": 99, "op": "unpublish", "args": {"name": "pub/wait", "version": v, "timeout": 30}})
+        time.sleep(0.2)
+        assert _ok(reader.call("release", pin=pin))["intact"] is True  # released before the deadline
+        reply = raw.recv()
+        assert reply is not None and reply["result"] == {"drained": True, "pins": 0}
+    finally:
+        raw.close()
+        reader.close()
+
+
+def test_only_the_publishing_connection_unpublishes(daemon) -> None:
+    raw, other = Raw(daemon.socket), Raw(daemon.socket)
+    try:
+        v = _ok(raw.call("publish", **_args("pub/owner")))["version"]
+        assert code(other.call("unpublish", name="pub/owner", version=v)) == "not_found"
+        assert code(raw.call("unpublish", name="pub/owner", version=v, timeout=-1)) == "invalid_argument"
+        assert code(raw.call("unpublish", name="pub/owner", version="latest")) == "invalid_argument"
+        assert _ok(raw.call("info", name="pub/owner"))["version"] == v  # still there
+    finally:
+        raw.close()
+        other.close()
+
+
+def test_a_sigkilled_publisher_withdraws_its_version(daemon) -> None:
+    script = (
+        "import sys, numpy as np\n"
+        "from tests.frames import Raw\n"
+        "from tests.test_publish import _args\n"
+        "r = Raw(sys.argv[1])\n"
+        "print(r.call('publish', **_args('pub/killed'))['result']['version'], flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, daemon.socket], stdout=subprocess.PIPE, text=True)
+    try:
+        version = int(proc.stdout.readline())  # type: ignore[union-attr]
+        with daemon.client() as c:
+            assert c.info("pub/killed")["version"] == version
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            deadline = time.monotonic() + 5
+            while c.ls() and "pub/killed" in [s["name"] for s in c.ls()] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(sdk.NotFound):
+                c.info("pub/killed")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_sdk_refuses_what_cannot_be_published_without_a_copy(client: sdk.Client) -> None:
+    with pytest.raises(sdk.InvalidArgument, match="one GPU"):
+        client.publish("pub/cpu", {"a": torch.ones(3)})
+    with pytest.raises(sdk.InvalidArgument):
+        client.publish("Bad Name", {"a": torch.ones(3)})
+    assert "pub/cpu" not in [s["name"] for s in client.ls()]
+
+
+def test_a_tcp_connection_cannot_publish(start_daemon) -> None:
+    port = free_port()
+    start_daemon("tcp-pub", config=f'[daemon]\nlisten = "127.0.0.1:{port}"\n')
+    raw = Raw(tcp=("127.0.0.1", port))
+    try:
+        reply = raw.call("publish", **_args("pub/tcp"))
+        assert code(reply) == "invalid_argument" and "Unix socket" in reply["error"]["message"]
+    finally:
+        raw.close()
