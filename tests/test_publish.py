@@ -215,3 +215,30 @@ def test_a_tcp_connection_cannot_publish(start_daemon) -> None:
         assert code(reply) == "invalid_argument" and "Unix socket" in reply["error"]["message"]
     finally:
         raw.close()
+
+
+def test_other_nodes_are_told_a_published_version_is_read_on_its_node(etcd, tmp_path) -> None:
+    """In a cluster the version is in etcd, but its bytes are in the publisher's memory: a read
+    or a replicate from another node fails with a clear message, and the publisher's node
+    withdraws it from etcd when the publisher leaves."""
+    from tests.test_cluster import Cluster
+
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        a, b = cluster.start("pub-a"), cluster.start("pub-b")
+        raw = Raw(a.socket)
+        v = _ok(raw.call("publish", **_args("pub/cluster")))["version"]
+        with b.client() as cb:
+            assert cb.info("pub/cluster")["version"] == v  # the registry knows it
+            with pytest.raises(sdk.TensordError, match="publish"):
+                cb.get("pub/cluster")
+            with pytest.raises(sdk.TensordError, match="publish"):
+                cb.replicate("pub/cluster", to=["pub-b"])
+            raw.close()
+            deadline = time.monotonic() + 10
+            while "pub/cluster" in [s["name"] for s in cb.ls()] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(sdk.NotFound):
+                cb.info("pub/cluster")
+    finally:
+        cluster.stop()
