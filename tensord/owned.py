@@ -4,12 +4,15 @@ A process (an inference engine) publishes tensors that stay where they are: the 
 a version whose only bytes on this node are the publisher's CUDA allocations, and hands readers
 on this node the publisher's IPC handles (`OwnedReplica`). The replica belongs to the
 publishing connection: it is withdrawn when the publisher unpublishes (after the readers'
-pins drain) or its connection closes. It uses no daemon budget, is never evicted, recorded in
-the state directory or exposed to other nodes.
+pins drain) or its connection closes. It uses no daemon budget, is never evicted, restored
+after a restart or exposed to other nodes; the state directory records it only so that a
+daemon restarted after a crash withdraws it from the registry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -25,6 +28,11 @@ if TYPE_CHECKING:
     from tensord.store import Store
 
 log = logging.getLogger(__name__)
+
+#: the source a publication is recorded with in the state directory: withdrawn, never restored
+PUBLISHED = "published"
+_RETRY = (0.5, 30.0)  # seconds between tries while the registry is unreachable
+_retries: set[asyncio.Task[None]] = set()
 
 
 class OwnedSlab(Slab):
@@ -50,18 +58,47 @@ class OwnedSlab(Slab):
 
 
 async def withdraw(store: Store, held: Held) -> None:
-    """A publisher's memory leaves: withdraw its replica (and the version, if no other node
-    holds it) and retire it, so nobody new pins it. The caller marks it `revoked` if pins
-    remain when the memory may change: those readers learn it on release."""
-    name, version = held.key
+    """A publisher's memory leaves: retire it here (nobody new pins it), then take it out of
+    the registry. The caller marks it `revoked` if pins remain when the memory may change:
+    those readers learn it on release."""
     if held.live:
-        try:
-            await store.registry.remove_replica(name, version, store.node, held.slab.device)
-            if not await store.registry.replicas(name, version):
-                await store.registry.delete_version(name, version)
-        except (Unavailable, NotFound) as exc:  # the node's lease (or a reconcile) takes it out later
-            log.warning("withdrawing %s v%d: %s", name, version, exc.message)
         store.retire(held)
+        await withdraw_version(store, *held.key, held.slab.device)
+
+
+async def withdraw_version(store: Store, name: str, version: int, device: str) -> None:
+    """Remove this node's replica of a publication from the registry, and the version when no
+    other node holds one (so "latest" falls back), then forget its record. While the registry
+    is unreachable this is retried in the background; a daemon restarted after a crash does it
+    for the publications its state directory recorded (`tensord.restore`)."""
+    try:
+        await _withdraw_once(store, name, version, device)
+    except Unavailable as exc:
+        log.warning("withdrawing %s v%d waits for the registry: %s", name, version, exc.message)
+        task = asyncio.get_running_loop().create_task(_retry(store, name, version, device))
+        _retries.add(task)
+        task.add_done_callback(_retries.discard)
+
+
+async def _withdraw_once(store: Store, name: str, version: int, device: str) -> None:
+    registry = store.registry
+    with contextlib.suppress(NotFound):  # deleted meanwhile: nothing left to withdraw
+        await registry.remove_replica(name, version, store.node, device)
+        if not await registry.replicas(name, version):
+            await registry.delete_version(name, version)
+    await store.forget(name, version)
+
+
+async def _retry(store: Store, name: str, version: int, device: str) -> None:
+    pause = _RETRY[0]
+    while True:
+        await asyncio.sleep(pause)
+        try:
+            await _withdraw_once(store, name, version, device)
+            log.info("withdrew %s v%d from the registry", name, version)
+            return
+        except Unavailable:
+            pause = min(pause * 2, _RETRY[1])
 
 
 def published(held: Iterable[Held]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from tensord.cluster import Cluster
 from tensord.held import Held
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
+from tensord.owned import PUBLISHED, withdraw_version
 from tensord.state import Record
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -84,14 +85,17 @@ class Restorer:
         self._runner: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._evicted: list[tuple[Record, Manifest | None]] = []
+        self._published: list[Record] = []
+        self._withdrawals: list[asyncio.Task[None]] = []
         self._recovering: dict[tuple[str, int], asyncio.Task[Held]] = {}
         self._stop = threading.Event()
 
     # -- restart ------------------------------------------------------------------------------
     def plan(self, records: list[Record], where: str = "") -> list[Manifest]:
         """Plan to restore every recorded version but the evicted ones (those come back when
-        read here). Returns the manifests the records carry (the embedded registry's state);
-        InvalidArgument naming the state directory `where` for a record whose manifest is bad."""
+        read here) and the publications (withdrawn at `start`). Returns the manifests the
+        records carry (the embedded registry's state); InvalidArgument naming the state
+        directory `where` for a record whose manifest is bad."""
         newest: dict[str, int] = {}
         for r in records:
             newest[r.name] = max(newest.get(r.name, 0), r.version)
@@ -110,8 +114,11 @@ class Restorer:
                     raise InvalidArgument(
                         f"state directory {where}: the record of {r.name} v{r.version} is not its own"
                     )
-                manifests.append(manifest)
-            if r.evicted:
+                if r.source != PUBLISHED:
+                    manifests.append(manifest)
+            if r.source == PUBLISHED:  # its publisher went with the old daemon
+                self._published.append(r)
+            elif r.evicted:
                 self._evicted.append((r, manifest))
             else:
                 self.jobs[r.key] = Job(r.name, r.version, r.device, r.source, manifest)
@@ -120,6 +127,9 @@ class Restorer:
     def start(self) -> None:
         """Restore in the background (the daemon serves meanwhile)."""
         loop = asyncio.get_running_loop()
+        self._withdrawals = [  # publications: their publishers went with the old daemon
+            loop.create_task(withdraw_version(self.store, r.name, r.version, r.device)) for r in self._published
+        ]
         if self._evicted:
             self._background = loop.create_task(self._note_evicted(), name="evicted")
         if not self.jobs:

@@ -29,7 +29,7 @@ from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
-from tensord.owned import published
+from tensord.owned import PUBLISHED, published
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -200,14 +200,12 @@ class Store:
 
     async def hold_new(self, m: Manifest, slab: Slab, fingerprints: np.ndarray) -> Held:
         """Make the bytes in `slab` (laid out as `m`, uncommitted) the next version of its set:
-        recorded (unless owned by a client), advertised, retention applied. The slab is freed
-        if that fails."""
+        recorded, advertised, retention applied. The slab is freed if that fails."""
         version = 0
         try:
             version = await self._registry.allocate_version(m.name)
             manifest = m.committed(version, fingerprints, time.time())
-            if not slab.owned:
-                await self._record(manifest, slab.device, manifest.origin)
+            await self._record(manifest, slab.device, PUBLISHED if slab.owned else manifest.origin)
             held = Held(manifest, slab)
             self._held[held.key] = held  # before the registry, so whoever resolves it finds it
             if not slab.owned and self.reaches(slab.device):

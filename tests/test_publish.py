@@ -5,6 +5,7 @@ from the IPC handles): reading them needs a GPU (tests/test_publish_gpu.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 
 import sdk
 from tensord_contract.manifest import Table
-from tests.daemons import tensord
+from tests.daemons import DaemonProcess, tensord
 from tests.etcd_server import free_port
 from tests.frames import Raw, code
 
@@ -242,3 +243,72 @@ def test_other_nodes_are_told_a_published_version_is_read_on_its_node(etcd, tmp_
                 cb.info("pub/cluster")
     finally:
         cluster.stop()
+
+
+def test_a_daemon_restarted_after_a_crash_forgets_its_publications(start_daemon, tmp_path) -> None:
+    d = start_daemon("pub-crash", config=f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    with d.client() as c:
+        assert c.put("pub/crash", {"a": torch.ones(4), "b": torch.ones(2)}) == 1
+        raw = Raw(d.socket)
+        assert _ok(raw.call("publish", **_args("pub/crash")))["version"] == 2
+        d.kill()  # SIGKILL: the publication's record is all that is left of it
+        raw.close()
+        d.start()
+        info = c.info("pub/crash")
+        assert info["versions"] == [1] and info["latest"] == 1  # v1 is lost (a put); v2 is gone
+        assert c.status()["published"] == []
+        assert c.put("pub/crash", {"a": torch.ones(4), "b": torch.ones(2)}) == 3  # never reused
+
+
+def test_a_node_restarted_after_a_crash_withdraws_its_publications_from_etcd(etcd, tmp_path) -> None:
+    """etcd keeps the manifest and "latest" of a version whose only replica died with its node;
+    the node's next start withdraws it, so "latest" falls back to the version another node holds."""
+    from tests.test_cluster import Cluster, _config
+
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        state = f'[daemon]\nstate_dir = "{tmp_path / "state-a"}"\n'
+        config = _config(etcd, free_port()).replace("[daemon]\n", state)
+        a = cluster.nodes["crash-a"] = DaemonProcess(tmp_path, "crash-a", config).start()
+        b = cluster.start("crash-b")
+        with b.client() as cb:
+            assert cb.put("pub/etcd-crash", {"a": torch.ones(4), "b": torch.ones(2)}) == 1
+            raw = Raw(a.socket)
+            assert _ok(raw.call("publish", **_args("pub/etcd-crash")))["version"] == 2
+            a.kill()
+            raw.close()
+            assert cb.info("pub/etcd-crash")["latest"] == 2  # stuck while node a is down
+            a.start()
+            deadline = time.monotonic() + 15
+            while cb.info("pub/etcd-crash")["latest"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            info = cb.info("pub/etcd-crash")
+            assert info["latest"] == 1 and info["versions"] == [1]
+            assert torch.equal(cb.get("pub/etcd-crash")["a"], torch.ones(4))
+    finally:
+        cluster.stop()
+
+
+def test_a_withdrawal_waits_out_an_etcd_outage(start_daemon, own_etcd) -> None:
+    config = f'[registry]\netcd_endpoints = ["{own_etcd.endpoint}"]\nlease_ttl = 2\n[transport]\nprotocol = "off"\n'
+    d = start_daemon("pub-outage", config=config)
+    with d.client() as c:
+        assert c.put("pub/outage", {"a": torch.ones(4), "b": torch.ones(2)}) == 1
+        raw = Raw(d.socket)
+        assert _ok(raw.call("publish", **_args("pub/outage")))["version"] == 2
+        own_etcd.stop(kill=True)
+        raw.close()  # the publisher leaves while the registry is unreachable
+        deadline = time.monotonic() + 10
+        while c.status()["published"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.status()["published"] == []  # withdrawn here at once
+        own_etcd.restart()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sdk.Unavailable):
+                if c.info("pub/outage")["latest"] == 1:
+                    break
+            time.sleep(0.2)
+        assert c.info("pub/outage")["versions"] == [1]  # and from the registry once it is back
+    log = d.log.read_text()
+    assert "withdrawing pub/outage v2 waits for the registry" in log and "withdrew pub/outage v2" in log

@@ -220,9 +220,8 @@ def _print_status(st: dict[str, Any]) -> None:
     if st.get("evicted"):
         print(f"evicted ({st.get('eviction')}): {st['evicted']} versions, read again from their checkpoints when read")
     for p in st.get("published", []):  # in a client's own GPU memory: outside the budgets below
-        print(
-            f"published {p['name']} v{p['version']} on {p['device']}: {human(p['bytes'])}, {p['pins']} pins, by {p['owner']}"
-        )
+        where = f"{p['name']} v{p['version']} on {p['device']}"
+        print(f"published {where}: {human(p['bytes'])}, {p['pins']} pins, by {p['owner']}")
     table(  # IDLE: freed GPU allocations the daemon keeps for its next slabs
         ("DEVICE", "BUDGET", "USED", "FREE", "IDLE"),
         [
