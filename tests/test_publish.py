@@ -204,6 +204,10 @@ def test_sdk_refuses_what_cannot_be_published_without_a_copy(client: sdk.Client)
         client.publish("pub/cpu", {"a": torch.ones(3)})
     with pytest.raises(sdk.InvalidArgument):
         client.publish("Bad Name", {"a": torch.ones(3)})
+    with pytest.raises(sdk.InvalidArgument, match="nothing to publish"):
+        client.publish("pub/cpu", {})
+    with pytest.raises(sdk.InvalidArgument, match="mapping"):
+        client.publish("pub/cpu", [torch.ones(3)])  # type: ignore[arg-type]
     assert "pub/cpu" not in [s["name"] for s in client.ls()]
 
 

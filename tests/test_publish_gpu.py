@@ -193,3 +193,23 @@ def test_engine_publishes_its_parameters_and_unpublishes_before_an_update(daemon
         updater.finish()
         assert first.equals(checkpoint(seed=8, device="cuda:0"))
         assert unpublish_params(first)  # nothing left to withdraw
+
+
+def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.Client) -> None:
+    """What a lying daemon could send: allocation sizes larger than the memory the handles map."""
+    import dataclasses
+
+    from sdk.dataplane.owned import OwnedSlab, export
+    from sdk.tensors import describe
+    from tensord_contract.manifest import Manifest, Table
+
+    params = {"w": torch.ones(1 << 20, device="cuda:0")}
+    d = describe(params.values(), copy_sparse=False)
+    replica = export(d, list(params))
+    table = Table.of_columns(list(params), d.dtypes, d.ndims, d.dims)
+    offsets, nbytes = table.layout()
+    manifest = Manifest("zc/lie", 1, table, offsets, nbytes)
+    OwnedSlab(dataclasses.replace(replica, nbytes=nbytes), manifest).close()  # the truth reads
+    lie = dataclasses.replace(replica, nbytes=nbytes, sizes=tuple(s * 4 for s in replica.sizes))
+    with pytest.raises(sdk.ProtocolError, match="allocation"):
+        OwnedSlab(lie, manifest)

@@ -24,22 +24,25 @@ from sdk.dataplane.slab import Slab
 from sdk.dataplane.views import TensorMap
 from sdk.tensors import Described
 from tensord_contract.descriptors import OwnedReplica
-from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_contract.errors import InvalidArgument, ProtocolError, TransferError
 from tensord_contract.manifest import Manifest
 
 
 def export(d: Described, names: list[str]) -> OwnedReplica:
     """Describe tensors (all dense, on one GPU) as an owned replica: their allocations' IPC
     handles and each tensor's place. InvalidArgument for tensors it cannot describe."""
-    devices = {dev for dev, used in zip(d.devices, (d.sizes > 0).tolist(), strict=True) if used}
-    if len(devices) > 1 or any(dev.type != "cuda" for dev in devices):
+    if not names:
+        raise InvalidArgument("nothing to publish: give at least one tensor")
+    devices = set(d.devices)
+    if len(devices) != 1 or any(dev.type != "cuda" for dev in devices):
         raise InvalidArgument(
             f"publishing without a copy needs tensors on one GPU, not {sorted(map(str, devices))}: use put"
         )
     if not d.dense.all():
         bad = names[int(np.flatnonzero(~d.dense)[0])]
         raise InvalidArgument(f"tensor {bad!r} is not contiguous: publish contiguous tensors, or put a copy")
-    device = devices.pop().index if devices else torch.cuda.current_device()
+    device = devices.pop().index
+    device = torch.cuda.current_device() if device is None else device
     used = np.flatnonzero(d.sizes > 0)
     order = used[np.argsort(d.ptrs[used], kind="stable")]
     block = np.zeros(len(names), dtype="<u4")
@@ -75,6 +78,12 @@ class _Imported:
         own = _exported.get(handle)
         self.device, self.ptr = device, own[0] if own is not None else ipc_open(handle, device)
         self._opened = own is None
+        base, real = allocation_ranges(np.array([self.ptr], dtype=np.int64), device)[:2]
+        if int(base[0]) != self.ptr or int(real[0]) < size:
+            if self._opened:
+                ipc_close(self.ptr, device)
+                self._opened = False
+            raise ProtocolError(f"the daemon described a {size}-byte allocation; the handle maps {int(real[0])} bytes")
         self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (self.ptr, False), "version": 3}
 
     def __del__(self) -> None:
@@ -102,7 +111,7 @@ class OwnedSlab(Slab):
             enable_peer_access()
         dev = replica.device
         self._blocks: list[torch.Tensor] = [
-            mappings.open_with(("owned", dev, h), lambda h=h, n=n: _import(h, dev, n))  # type: ignore[misc]
+            mappings.open_with(("owned", dev, h, n), lambda h=h, n=n: _import(h, dev, n))  # type: ignore[misc]
             for h, n in zip(replica.handles, replica.sizes, strict=True)
         ]
         self._block = np.where(sizes > 0, block, 0)  # an empty tensor may name no allocation
