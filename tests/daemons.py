@@ -119,3 +119,12 @@ def _connectable(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def wait_gone(client: sdk.CatalogueClient, name: str, seconds: float = 10.0) -> None:
+    """Wait until set `name` leaves the catalogue, then check it is gone for good."""
+    deadline = time.monotonic() + seconds
+    while name in [s["name"] for s in client.ls()] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(sdk.NotFound):
+        client.info(name)

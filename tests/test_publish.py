@@ -18,7 +18,7 @@ import torch
 
 import sdk
 from tensord_contract.manifest import Table
-from tests.daemons import DaemonProcess, tensord
+from tests.daemons import DaemonProcess, tensord, wait_gone
 from tests.etcd_server import free_port
 from tests.frames import Raw, code
 
@@ -188,11 +188,7 @@ def test_a_sigkilled_publisher_withdraws_its_version(daemon) -> None:
             assert c.info("pub/killed")["version"] == version
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            deadline = time.monotonic() + 5
-            while c.ls() and "pub/killed" in [s["name"] for s in c.ls()] and time.monotonic() < deadline:
-                time.sleep(0.01)
-            with pytest.raises(sdk.NotFound):
-                c.info("pub/killed")
+            wait_gone(c, "pub/killed")
     finally:
         proc.kill()
         proc.wait()
@@ -240,11 +236,7 @@ def test_other_nodes_are_told_a_published_version_is_read_on_its_node(etcd, tmp_
             with pytest.raises(sdk.TensordError, match="publish"):
                 cb.replicate("pub/cluster", to=["pub-b"])
             raw.close()
-            deadline = time.monotonic() + 10
-            while "pub/cluster" in [s["name"] for s in cb.ls()] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            with pytest.raises(sdk.NotFound):
-                cb.info("pub/cluster")
+            wait_gone(cb, "pub/cluster")
     finally:
         cluster.stop()
 

@@ -17,7 +17,7 @@ import torch
 import sdk
 from sdk.dataplane.fingerprint import fingerprint
 from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set, unpublish_params
-from tests.daemons import child_env
+from tests.daemons import child_env, wait_gone
 from tests.engine_models import EngineModel, checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -143,11 +143,7 @@ def test_a_killed_publisher_takes_its_version_with_it(daemon, client: sdk.Client
         assert _prints(dict(got.items())) == _prints(_params(seed=2))
         child.send_signal(signal.SIGKILL)
         child.wait()
-        deadline = time.monotonic() + 10
-        while "zc/killed" in [s["name"] for s in client.ls()] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with pytest.raises(sdk.NotFound):
-            client.info("zc/killed")
+        wait_gone(client, "zc/killed")
     finally:
         child.kill()
         child.wait()
@@ -213,3 +209,32 @@ def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.C
     lie = dataclasses.replace(replica, nbytes=nbytes, sizes=tuple(s * 4 for s in replica.sizes))
     with pytest.raises(sdk.ProtocolError, match="allocation"):
         OwnedSlab(lie, manifest)
+
+
+OTHER_GPU_READER = """
+import json, sys, torch, sdk
+from sdk.dataplane.fingerprint import fingerprint
+c = sdk.Client(sys.argv[1])
+got = c.get(sys.argv[2], device="cuda:0", verify=True)
+target = {k: torch.empty_like(t) for k, t in got.items()}
+c.load_into(target, sys.argv[2], verify=True)
+print(json.dumps({"devices": sorted({str(t.device) for t in got.values()}),
+                  "get": {k: fingerprint(t) for k, t in got.items()},
+                  "load_into": {k: fingerprint(t) for k, t in target.items()}}), flush=True)
+"""
+
+
+@pytest.mark.multigpu
+def test_a_publication_on_one_gpu_read_onto_the_other(daemon, client: sdk.Client) -> None:
+    """Published on cuda:1, read into cuda:0 memory by another process (peer access)."""
+    with torch.cuda.device(1):
+        g = torch.Generator(device="cuda:1").manual_seed(5)
+        params = {f"t{i}": torch.randn(1000 + i, 64, generator=g, device="cuda:1") for i in range(40)}
+    with client.publish("zc/other-gpu", params):
+        assert client.info("zc/other-gpu")["device"] == "cuda:1"
+        args = [sys.executable, "-c", OTHER_GPU_READER, daemon.socket, "zc/other-gpu"]
+        out = subprocess.run(args, capture_output=True, text=True, env=child_env(), timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen = json.loads(out.stdout)
+    assert seen["devices"] == ["cuda:0"]
+    assert seen["get"] == _prints(params) and seen["load_into"] == _prints(params)
