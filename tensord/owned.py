@@ -43,9 +43,10 @@ class OwnedSlab(Slab):
         self.generation = secrets.randbits(62)
         self.replica = dataclasses.replace(replica, generation=self.generation)
         self.owner = owner  # who published it (the session's peer)
+        self._wire = self.replica.to_wire()  # sent with every open: built once
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
-        return self.replica.to_wire(), []
+        return self._wire, []
 
     def address(self, *, writable: bool) -> int:
         raise Unavailable(

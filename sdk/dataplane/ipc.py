@@ -59,19 +59,36 @@ class Mappings:
 
     def open_with(self, key: tuple[Any, ...], opener: Callable[[], Any], *, keep: bool = True) -> Any:
         """What `opener` maps (a storage or tensor that unmaps when dropped), kept under `key`."""
+        return self.open_many([key], lambda _: opener(), keep=keep)[0]
+
+    def open_many(
+        self, keys: list[tuple[Any, ...]], opener: Callable[[tuple[Any, ...]], Any], *, keep: bool = True
+    ) -> list[Any]:
+        """`open_with` for many keys at once (a publisher's thousands of allocations): one lock."""
         seconds = keep_seconds() if keep else 0.0
+        now = time.monotonic()
+        out: list[Any] = [None] * len(keys)
+        missing = []
         with self._lock:
-            hit = self._kept.get(key)
-            if hit is not None:
-                self._kept[key] = (hit[0], time.monotonic())
-                return hit[0]
-        torch.cuda.init()  # opening a handle in a process that never touched CUDA crashes
-        mapped = opener()
-        if seconds > 0:
+            kept = self._kept
+            for i, key in enumerate(keys):
+                hit = kept.get(key)
+                if hit is None:
+                    missing.append(i)
+                else:
+                    kept[key] = (hit[0], now)
+                    out[i] = hit[0]
+        if missing:
+            torch.cuda.init()  # opening a handle in a process that never touched CUDA crashes
+        for i in missing:
+            out[i] = opener(keys[i])
+        if seconds > 0 and missing:
             with self._lock:
-                self._kept[key] = (mapped, time.monotonic())
+                now = time.monotonic()
+                for i in missing:
+                    self._kept[keys[i]] = (out[i], now)
                 self._arm(seconds)
-        return mapped
+        return out
 
     def _arm(self, delay: float) -> None:
         if self._timer is None:

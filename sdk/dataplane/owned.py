@@ -110,10 +110,8 @@ class OwnedSlab(Slab):
         if torch.cuda.device_count() > 1:
             enable_peer_access()
         dev = replica.device
-        self._blocks: list[torch.Tensor] = [
-            mappings.open_with(("owned", dev, h, n), lambda h=h, n=n: _import(h, dev, n))  # type: ignore[misc]
-            for h, n in zip(replica.handles, replica.sizes, strict=True)
-        ]
+        keys = [("owned", dev, h, n) for h, n in zip(replica.handles, replica.sizes, strict=True)]
+        self._blocks: list[torch.Tensor] = mappings.open_many(keys, lambda k: _import(k[2], dev, k[3]))
         self._block = np.where(sizes > 0, block, 0)  # an empty tensor may name no allocation
         self._offset = np.where(sizes > 0, offset, 0)
         bases = np.array([b.data_ptr() for b in self._blocks] or [0], dtype=np.int64)
