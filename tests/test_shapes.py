@@ -205,3 +205,31 @@ def test_views_whose_bytes_are_not_their_values(client: sdk.Client) -> None:
     target = {k: torch.zeros_like(t.resolve_conj().resolve_neg()) for k, t in src.items()}
     client.load_into(target, "shapes/views", verify=True)
     assert all(torch.equal(target[k], t.resolve_conj().resolve_neg()) for k, t in src.items())
+
+
+def test_scatter_reads_are_cut_into_balanced_calls() -> None:
+    """Neighbouring tensors make one preadv call; `_balanced` cuts such calls (large tensors
+    included) into calls of about `limit` bytes for the I/O threads, reading every byte into
+    the same place."""
+    from sdk.dataplane.host import _balanced
+
+    def placed(calls: list[tuple[np.ndarray, int]]) -> dict[int, int]:
+        where = {}
+        for iov, offset in calls:
+            for address, length in iov.tolist():
+                for i in range(length):
+                    where[offset + i] = address + i
+                offset += length
+        return where
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(1, 40))
+        lengths = rng.integers(1, 200, n) * rng.choice([1, 1, 37], n)
+        iov = np.stack([rng.integers(0, 1 << 40, n), lengths], 1).astype(np.int64)
+        at, limit = int(rng.integers(0, 10**6)), int(rng.integers(16, 600))
+        out = _balanced([(iov, at)], limit)
+        assert placed(out) == placed([(iov, at)])
+        assert all(int(v[:, 1].max()) <= limit for v, _ in out)
+        if int(lengths.sum()) > 2 * limit:
+            assert len(out) >= 2

@@ -82,6 +82,7 @@ class HostSlab(Slab):
         order = np.argsort(offsets, kind="stable")
         calls = _scatter_calls(ptrs[order], offsets[order], sizes[order])
         k = _jobs(sizes)
+        calls = _balanced(calls, max(_CHUNK, -(-int(sizes.sum()) // k)))
         run_all([functools.partial(_read_calls, self.fd, calls[i::k]) for i in range(min(k, len(calls)))])
 
     def _staged_read(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
@@ -160,6 +161,28 @@ def _scatter_calls(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> 
             piece = part[a : a + _IOV_MAX]
             out.append((piece, at))
             at += int(piece[:, 1].sum())
+    return out
+
+
+def _balanced(calls: list[tuple[np.ndarray, int]], limit: int) -> list[tuple[np.ndarray, int]]:
+    """The same reads cut into calls of about `limit` bytes, so that the I/O threads share them
+    (neighbouring tensors make one call: a set of a few hundred large tensors would otherwise be
+    read by one thread)."""
+    out: list[tuple[np.ndarray, int]] = []
+    for iov, at in calls:
+        lengths = iov[:, 1]
+        if int(lengths.sum()) <= limit:
+            out.append((iov, at))
+            continue
+        if int(lengths.max()) > limit:  # cut large tensors (never the scratch entries: <= _JUNK)
+            rows = [(address + a, min(limit, n - a)) for address, n in iov.tolist() for a in range(0, n, limit)]
+            iov = np.array(rows, dtype=np.int64)
+            lengths = iov[:, 1]
+        ends = np.cumsum(lengths)
+        group = (ends - lengths) // limit
+        cuts = np.flatnonzero(np.diff(group)) + 1
+        starts = at + np.concatenate([[0], ends[cuts - 1]])
+        out.extend(zip(np.split(iov, cuts), starts.tolist(), strict=True))
     return out
 
 
