@@ -12,11 +12,15 @@ Blocks are 256 bytes because tensors sit at 256-byte offsets in a slab: every te
 are blocks of the slab, so one pass of ~10 kernels over a whole slab fingerprints every tensor
 in it (`slab_fingerprints`): block sums, prefix sums of s and k*s per 1 GiB chunk, differences
 at each tensor's bounds, and each tensor's last, partial block read with a byte mask (the
-slab's padding after a tensor is not zero).
+slab's padding after a tensor is not zero). Tensors anywhere on a GPU (`fingerprints`) are
+read where they lie by one Triton kernel over a table of 1 MiB pieces (8-byte aligned ones;
+others, or without Triton, are gathered into a slab-like buffer first).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -164,6 +168,12 @@ def fingerprints(tensors: list[torch.Tensor], *, window: int = 1 << 30) -> list[
         ptrs = np.array([t.data_ptr() for t in dense], dtype=np.int64)
     for device in set(devices):
         rows = np.array([i for i, d in enumerate(devices) if d == device], dtype=np.int64)
+        if device.type == "cuda":  # in place, one pass (8-byte aligned tensors): no gather
+            done = _in_place(device, ptrs[rows], sizes[rows])
+            if done is not None:
+                for i, v in zip(rows[done[0]].tolist(), done[1].tolist(), strict=True):
+                    out[i] = v
+                rows = rows[~done[0]]
         for idx in _groups(sizes[rows], window):
             sel = rows[idx]
             values = _gathered(device, ptrs[sel], sizes[sel])
@@ -190,3 +200,45 @@ def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     else:
         host_copy(buf.data_ptr() + offsets, ptrs, sizes)
     return slab_fingerprints(buf, offsets, sizes)
+
+
+# -- in place on a GPU: one pass over the tensors where they lie -----------------------------------
+_CHUNK_WORDS_BLOCKS = 4096  # blocks (1 MiB) one program fingerprints
+_no_kernel: list[str] = []
+log = logging.getLogger(__name__)
+
+
+def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Fingerprints of the 8-byte aligned tensors among (`ptrs`, `sizes`) on `device`, read where
+    they lie by one Triton kernel: (which rows, their fingerprints); None without Triton."""
+    from sdk.dataplane.copy import triton_kernels
+
+    kernels = triton_kernels()
+    if kernels is None or _no_kernel or os.environ.get("TENSORD_COPY_ENGINE") == "driver":
+        return None
+    aligned = (ptrs & 7) == 0
+    which = np.flatnonzero(aligned)
+    used = which[sizes[which] > 0]
+    nwords, rem = sizes[used] // 8, sizes[used] % 8
+    blocks = (nwords + _WORDS - 1) // _WORDS
+    chunks = np.maximum(1, (blocks + _CHUNK_WORDS_BLOCKS - 1) // _CHUNK_WORDS_BLOCKS)
+    t = np.repeat(np.arange(len(used)), chunks)
+    first = np.repeat(np.cumsum(chunks) - chunks, chunks)
+    k0 = (np.arange(len(t)) - first) * _CHUNK_WORDS_BLOCKS
+    shares = torch.zeros(max(len(used), 1), dtype=torch.int64, device=device)
+    if len(t):
+        rows = np.stack([ptrs[used][t], nwords[t], k0, t, rem[t]], axis=1).astype(np.int64)
+        try:
+            with torch.cuda.device(device):
+                table = torch.from_numpy(rows).to(device)
+                kernels[2][(len(t),)](table, shares, _signed(_GOLDEN), CHUNK=_CHUNK_WORDS_BLOCKS, TILE=32)
+        except Exception as exc:  # no compiler, an unsupported GPU, ...: gather them instead
+            _no_kernel.append(f"{type(exc).__name__}: {exc}")
+            log.warning("fingerprints fall back to gathered copies: Triton failed (%s)", _no_kernel[0])
+            return None
+    values = np.zeros(len(which), dtype=np.uint64)
+    at = np.searchsorted(which, used)
+    values[at] = shares.cpu().numpy()[: len(used)].view(np.uint64)
+    with np.errstate(over="ignore"):
+        values ^= sizes[which].astype(np.uint64) * np.uint64(_MIX)
+    return aligned, values
