@@ -104,7 +104,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fingerprints(list(src.values()))
             sync()
-            line("  of which: fingerprints (gathered in 1 GiB windows)", time.perf_counter() - t0)
+            line("  of which: fingerprints (in place, one kernel)", time.perf_counter() - t0)
             pub = c.publish("bench/pub", src)
             print(
                 f"  daemon GPU memory held: put {used / 1e9:.2f} GB, published "
