@@ -35,8 +35,9 @@ class Mount:
 
     `tensors` is a `TensorMap` (a dict-like mapping; views are built on first use). Host memory
     is mapped copy-on-write: writing to a view changes only this process's copy, and the views
-    stay readable after close. GPU memory is shared: views alias the daemon's slab, so never
-    write to them, and do not use them after close.
+    stay readable after close. GPU memory is shared: views alias the daemon's slab (or, for a
+    set published without a copy, the publisher's memory), so never write to them, and do not
+    use them after close.
     """
 
     def __init__(self, client: PinningClient, pin: Pin, manifest: Manifest, slab: Slab) -> None:
