@@ -203,7 +203,7 @@ def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 # -- in place on a GPU: one pass over the tensors where they lie -----------------------------------
-_CHUNK_WORDS_BLOCKS = 4096  # blocks (1 MiB) one program fingerprints
+_PIECE_BLOCKS = 4096  # blocks (1 MiB) one program fingerprints
 _no_kernel: list[str] = []
 log = logging.getLogger(__name__)
 
@@ -221,17 +221,17 @@ def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> tuple[np.ndar
     used = which[sizes[which] > 0]
     nwords, rem = sizes[used] // 8, sizes[used] % 8
     blocks = (nwords + _WORDS - 1) // _WORDS
-    chunks = np.maximum(1, (blocks + _CHUNK_WORDS_BLOCKS - 1) // _CHUNK_WORDS_BLOCKS)
+    chunks = np.maximum(1, (blocks + _PIECE_BLOCKS - 1) // _PIECE_BLOCKS)
     t = np.repeat(np.arange(len(used)), chunks)
     first = np.repeat(np.cumsum(chunks) - chunks, chunks)
-    k0 = (np.arange(len(t)) - first) * _CHUNK_WORDS_BLOCKS
+    k0 = (np.arange(len(t)) - first) * _PIECE_BLOCKS
     shares = torch.zeros(max(len(used), 1), dtype=torch.int64, device=device)
     if len(t):
         rows = np.stack([ptrs[used][t], nwords[t], k0, t, rem[t]], axis=1).astype(np.int64)
         try:
             with torch.cuda.device(device):
                 table = torch.from_numpy(rows).to(device)
-                kernels[2][(len(t),)](table, shares, _signed(_GOLDEN), CHUNK=_CHUNK_WORDS_BLOCKS, TILE=32)
+                kernels[2][(len(t),)](table, shares, _signed(_GOLDEN), CHUNK=_PIECE_BLOCKS, TILE=32)
         except Exception as exc:  # no compiler, an unsupported GPU, ...: gather them instead
             _no_kernel.append(f"{type(exc).__name__}: {exc}")
             log.warning("fingerprints fall back to gathered copies: Triton failed (%s)", _no_kernel[0])

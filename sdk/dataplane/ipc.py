@@ -55,16 +55,13 @@ class Mappings:
         Writers pass `keep=False`: a reservation's block is often not written again soon, and
         while mapped here the daemon could not give it back to the driver under pressure."""
         key = tuple(ipc[:4])  # device, allocation handle, storage size and offset
-        return self.open_with(key, lambda: torch.UntypedStorage._new_shared_cuda(*ipc), keep=keep)
-
-    def open_with(self, key: tuple[Any, ...], opener: Callable[[], Any], *, keep: bool = True) -> Any:
-        """What `opener` maps (a storage or tensor that unmaps when dropped), kept under `key`."""
-        return self.open_many([key], lambda _: opener(), keep=keep)[0]
+        return self.open_many([key], lambda _: torch.UntypedStorage._new_shared_cuda(*ipc), keep=keep)[0]
 
     def open_many(
         self, keys: list[tuple[Any, ...]], opener: Callable[[tuple[Any, ...]], Any], *, keep: bool = True
     ) -> list[Any]:
-        """`open_with` for many keys at once (a publisher's thousands of allocations): one lock."""
+        """What `opener(key)` maps for each key (a storage or tensor that unmaps when dropped),
+        kept under that key; one lock for all (a publisher has thousands of allocations)."""
         seconds = keep_seconds() if keep else 0.0
         now = time.monotonic()
         out: list[Any] = [None] * len(keys)

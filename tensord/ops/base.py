@@ -16,7 +16,7 @@ from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument
-from tensord_contract.manifest import Manifest
+from tensord_contract.manifest import Manifest, Table
 
 #: tables of more tensors than this are decoded or listed on a worker thread, off the event loop
 OFF_LOOP_TENSORS = 2_000
@@ -56,6 +56,20 @@ class Ops:
             return await self.cluster.serving.unpin(pin, clean=clean)
         self.store.unpin(pin)
         return not pin.revoked  # a publisher's memory withdrawn while pinned
+
+    @staticmethod
+    async def _table(tensors: object) -> Table:
+        """A request's tensor table; a large one is decoded off the event loop."""
+        count = tensors.get("count") if isinstance(tensors, dict) else None
+        if is_int(count, OFF_LOOP_TENSORS + 1):
+            return await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
+        return Table.from_wire(tensors, InvalidArgument)
+
+    @staticmethod
+    def _origin(origin: object) -> str | None:
+        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
+            raise InvalidArgument("origin must be a string of at most 4096 characters")
+        return origin
 
     def _own(self, session: Session, rid: object) -> None:
         if not is_int(rid) or rid not in session.reservations:

@@ -3,16 +3,14 @@ release, and a put's three steps (reserve a slab, commit it as a version, or abo
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
 
 from tensord.ops.args import args, have_pairs, is_int, node_list
-from tensord.ops.base import OFF_LOOP_TENSORS, Ops
+from tensord.ops.base import Ops
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.manifest import Table
 from tensord_contract.names import check_name, check_version
 
 
@@ -65,14 +63,9 @@ class DataOps(Ops):
         name, device, tensors, origin = args(request, "name", "device", "tensors", optional=("origin",))
         if not isinstance(device, str):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
-        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
-            raise InvalidArgument("origin must be a string of at most 4096 characters")
+        origin = self._origin(origin)
         check_name(name)
-        count = tensors.get("count") if isinstance(tensors, dict) else None
-        if is_int(count, OFF_LOOP_TENSORS + 1):  # a large table: keep the loop free
-            table = await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
-        else:
-            table = Table.from_wire(tensors, InvalidArgument)
+        table = await self._table(tensors)
         r = await self.store.reserve(name, device, table, origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:

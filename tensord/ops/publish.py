@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from tensord.ops.args import MAX_WAIT, args, is_int, is_number
-from tensord.ops.base import OFF_LOOP_TENSORS, Ops
+from tensord.ops.args import MAX_WAIT, args, is_number
+from tensord.ops.base import Ops
 from tensord.owned import OwnedSlab, withdraw
 from tensord.rpc import Session
 from tensord_contract.descriptors import owned_from_wire
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.manifest import Manifest, Table
+from tensord_contract.manifest import Manifest
 from tensord_contract.names import check_name, check_version
 
 DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
@@ -31,15 +31,10 @@ class PublishOps(Ops):
         check_name(name)
         if not session.local:
             raise InvalidArgument("publish hands the daemon CUDA IPC handles: connect over this node's Unix socket")
-        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
-            raise InvalidArgument("origin must be a string of at most 4096 characters")
+        origin = self._origin(origin)
         if not isinstance(replica, dict):
             raise InvalidArgument("replica must be a map describing the published allocations")
-        count = tensors.get("count") if isinstance(tensors, dict) else None
-        if is_int(count, OFF_LOOP_TENSORS + 1):
-            table = await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
-        else:
-            table = Table.from_wire(tensors, InvalidArgument)
+        table = await self._table(tensors)
         if not isinstance(fingerprints, bytes) or len(fingerprints) != 8 * len(table):
             raise InvalidArgument(f"fingerprints must be bytes: one little-endian uint64 per tensor ({len(table)})")
         offsets, nbytes = table.layout()
@@ -52,7 +47,7 @@ class PublishOps(Ops):
             manifest, OwnedSlab(owned, session.peer), np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64)
         )
         session.published[held.key] = held
-        return {"version": held.manifest.version, "generation": held.slab.generation}, []
+        return {"version": held.manifest.version}, []
 
     async def op_unpublish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         name, version, timeout = args(request, "name", "version", optional=("timeout",))
