@@ -50,8 +50,14 @@ def _libcudart() -> ctypes.CDLL | None:
 
 def allocation_range(pointer: int, device: int) -> tuple[int, int]:
     """(base, size) of the CUDA allocation that contains `pointer` on `device`."""
-    bases, sizes, _ = allocation_ranges(np.array([pointer], dtype=np.int64), device)
-    return int(bases[0]), int(sizes[0])
+    import torch
+
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    with torch.cuda.device(device):
+        rc = _libcuda().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer)
+    if rc != 0:
+        raise TransferError(f"cuMemGetAddressRange failed for {pointer:#x} (CUresult {rc})")
+    return int(base.value), int(size.value)
 
 
 class _IpcHandle(ctypes.Structure):

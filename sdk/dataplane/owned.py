@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sdk.dataplane.copy import device_copy, host_copy, windows
-from sdk.dataplane.cuda import allocation_range, allocation_ranges, enable_peer_access, ipc_close, ipc_handles, ipc_open
+from sdk.dataplane.cuda import allocation_ranges, enable_peer_access, ipc_close, ipc_handles, ipc_open
 from sdk.dataplane.ipc import mappings
 from sdk.dataplane.slab import Slab
 from sdk.dataplane.views import TensorMap
@@ -78,12 +78,12 @@ class _Imported:
         own = _exported.get(handle)
         self.device, self.ptr = device, own[0] if own is not None else ipc_open(handle, device)
         self._opened = own is None
-        base, real = allocation_range(self.ptr, device)
-        if base != self.ptr or real < size:
+        base, real = allocation_ranges(np.array([self.ptr], dtype=np.int64), device)[:2]
+        if int(base[0]) != self.ptr or int(real[0]) < size:
             if self._opened:
                 ipc_close(self.ptr, device)
                 self._opened = False
-            raise ProtocolError(f"the daemon described a {size}-byte allocation; the handle maps {real} bytes")
+            raise ProtocolError(f"the daemon described a {size}-byte allocation; the handle maps {int(real[0])} bytes")
         self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (self.ptr, False), "version": 3}
 
     def __del__(self) -> None:
