@@ -108,7 +108,7 @@ class Holder:
 def _serve(size: int, protocol: str, timeout_s: float | None) -> None:
     import torch
 
-    from sdk.transport.mooncake import MooncakeTransport
+    from tensord_dataplane.transport.mooncake import MooncakeTransport
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     buf = torch.empty(size, dtype=torch.uint8)

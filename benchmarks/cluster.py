@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from _common import REPO, deepseek_shapes, llm_shapes, median_seconds, random_set, random_tensors, row, sync
 
-from sdk.dataplane.cuda import current
-from sdk.dataplane.remote import _range as memory_range
-from sdk.transport.base import Batch
+from tensord_dataplane.cuda import current
+from tensord_dataplane.remote import _range as memory_range
+from tensord_dataplane.transport.base import Batch
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 

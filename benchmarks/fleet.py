@@ -105,8 +105,8 @@ def raw_rate(a: DaemonProcess, b: DaemonProcess, mib: int = 64) -> float:
     import numpy as np
     from _te_holder import Holder
 
-    from sdk.transport.base import Batch
-    from sdk.transport.mooncake import MooncakeTransport
+    from tensord_dataplane.transport.base import Batch
+    from tensord_dataplane.transport.mooncake import MooncakeTransport
 
     size = mib << 20
     with Holder(size) as h, MooncakeTransport("127.0.0.1", "tcp") as t:

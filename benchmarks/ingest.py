@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from safetensors.torch import load_file
 
-from sdk.dataplane.mapping import Mapping
 from tensord.checkpoint import read_checkpoint
 from tensord.cli.checkpoints import load_checkpoint
 from tensord.export import write_safetensors
 from tensord.ingest import default_threads
 from tensord.memory import HostSlab
+from tensord_dataplane.mapping import Mapping
 from tests.daemons import DaemonProcess
 
 MiB = 1 << 20

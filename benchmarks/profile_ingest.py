@@ -17,9 +17,9 @@ import torch
 from _common import start_daemon, sync
 from ingest import generate
 
-from sdk.dataplane.fingerprint import fingerprint_finish
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest import engine, reads
+from tensord_dataplane.fingerprint import fingerprint_finish
 
 
 def main() -> None:

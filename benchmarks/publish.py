@@ -25,9 +25,9 @@ import torch
 from _common import deepseek_shapes, median_seconds, random_tensors, start_daemon, sync
 
 import sdk
-from sdk.dataplane.fingerprint import fingerprints
-from sdk.dataplane.owned import export
-from sdk.tensors import describe
+from tensord_dataplane.fingerprint import fingerprints
+from tensord_dataplane.owned import export
+from tensord_dataplane.tensors import describe
 
 READER = r"""
 import json, sys, time, torch, sdk

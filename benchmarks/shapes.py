@@ -22,8 +22,8 @@ import time
 import torch
 from _common import deepseek_shapes, median_seconds, random_tensors, start_daemon, sync
 
-from sdk.dataplane.copy import engine_name
-from sdk.tensors import as_bytes
+from tensord_dataplane.copy import engine_name
+from tensord_dataplane.tensors import as_bytes
 
 
 def line(label: str, seconds: float, nbytes: int, limit: float | None = None, target: str = "") -> None:

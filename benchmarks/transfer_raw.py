@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from _te_holder import Holder
 
-from sdk.transport.base import Entry
-from sdk.transport.mooncake import MooncakeTransport, available
+from tensord_dataplane.transport.base import Entry
+from tensord_dataplane.transport.mooncake import MooncakeTransport, available
 
 MiB = 1 << 20
 

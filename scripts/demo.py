@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 
 def digest(tensors: dict) -> str:
-    from sdk.tensors import as_bytes
+    from tensord_dataplane.tensors import as_bytes
 
     h = hashlib.sha256()
     for key in sorted(tensors):

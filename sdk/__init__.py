@@ -44,8 +44,8 @@ from tensord_contract.errors import (
 if TYPE_CHECKING:
     from sdk.catalogue import CatalogueClient
     from sdk.client import Client, Mount, Reservation
-    from sdk.dataplane.fingerprint import fingerprint
-    from sdk.dataplane.views import TensorMap
+    from tensord_dataplane.fingerprint import fingerprint
+    from tensord_dataplane.views import TensorMap
 
 __all__ = [
     "CatalogueClient",
@@ -87,8 +87,8 @@ _LAZY = {
     "Mount": "sdk.client",
     "Publication": "sdk.client",
     "Reservation": "sdk.client",
-    "TensorMap": "sdk.dataplane.views",
-    "fingerprint": "sdk.dataplane.fingerprint",
+    "TensorMap": "tensord_dataplane.views",
+    "fingerprint": "tensord_dataplane.fingerprint",
 }
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from sdk.dataplane.fingerprint import mismatched_rows
 from tensord_contract.errors import IntegrityError, InvalidArgument
 from tensord_contract.manifest import DTYPE_CODES, Manifest, Table
+from tensord_dataplane.fingerprint import mismatched_rows
 
 
 def dims_of(table: Table, rows: np.ndarray) -> np.ndarray:

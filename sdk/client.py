@@ -6,8 +6,8 @@ failover across replicas), writes (`sdk.writes`: put, reserve, commit) and publi
 a copy (`sdk.publishing`: publish, for readers on this node).
 
 Every operation works on whole sets in bulk: a manifest is a few arrays (`tensord_contract.manifest`), a
-read or write is one table of copies (`sdk.dataplane`), and the tensors a read returns are
-views built on first use (`sdk.dataplane.views.TensorMap`). Manifests are cached by (name,
+read or write is one table of copies (`tensord_dataplane`), and the tensors a read returns are
+views built on first use (`tensord_dataplane.views.TensorMap`). Manifests are cached by (name,
 version, replica generation): reopening a version this client has seen transfers none.
 """
 

@@ -16,12 +16,13 @@ from typing import Any
 
 from sdk.catalogue import CatalogueClient
 from sdk.connection import Connection
-from sdk.dataplane.slab import Slab, open_slab
-from sdk.transport.base import Transport
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import ProtocolError, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.names import check_name, check_version
+from tensord_dataplane.opening import open_slab
+from tensord_dataplane.slab import Slab
+from tensord_dataplane.transport.base import Transport
 
 _CACHED_MANIFESTS = 32  # manifests a client keeps, by (name, version, replica generation)
 
@@ -53,7 +54,7 @@ class PinningClient(CatalogueClient):
         """This process's Transfer Engine, started on first use (reads from other nodes)."""
         with self._lock:
             if self._engine is None:
-                from sdk.transport import for_protocol
+                from tensord_dataplane.transport import for_protocol
 
                 conn = self._connection
                 info = (conn.server.get("transport") if conn is not None else None) or {}

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from sdk.connection import Connection
-from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
 from sdk.pinning import PinningClient
-from sdk.tensors import describe
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError
 from tensord_contract.manifest import Table
 from tensord_contract.names import check_name
+from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
+from tensord_dataplane.tensors import describe
 
 
 class Publication:
@@ -86,7 +86,7 @@ class Publishing(PinningClient):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         if origin is not None and not isinstance(origin, str):
             raise InvalidArgument("origin must be a string")
-        from sdk.dataplane.owned import export
+        from tensord_dataplane.owned import export
 
         names = list(tensors)
         if not all(isinstance(k, str) for k in names):

@@ -13,17 +13,17 @@ import numpy as np
 import torch
 
 from sdk.checks import check_fingerprints, check_targets
-from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
-from sdk.dataplane.remote import RemoteSlab
-from sdk.dataplane.slab import Slab
-from sdk.dataplane.views import TensorMap
 from sdk.failover import read_with_failover
 from sdk.pinning import Pin, PinningClient
-from sdk.tensors import describe
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import InvalidArgument, NotFound, TransferError
 from tensord_contract.manifest import ALIGN, Manifest
 from tensord_contract.names import check_version
+from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
+from tensord_dataplane.remote import RemoteSlab
+from tensord_dataplane.slab import Slab
+from tensord_dataplane.tensors import describe
+from tensord_dataplane.views import TensorMap
 
 T = TypeVar("T")
 Opened = tuple[Pin, Manifest, Slab]

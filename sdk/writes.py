@@ -13,15 +13,16 @@ import torch
 
 from sdk.checks import dims_of, mismatch
 from sdk.connection import Connection
-from sdk.dataplane.fingerprint import fingerprints as fingerprints_of
-from sdk.dataplane.remote import RemoteSlab
-from sdk.dataplane.slab import Slab, open_slab
 from sdk.pinning import PinningClient
-from sdk.tensors import describe
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
 from tensord_contract.names import check_name
+from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
+from tensord_dataplane.opening import open_slab
+from tensord_dataplane.remote import RemoteSlab
+from tensord_dataplane.slab import Slab
+from tensord_dataplane.tensors import describe
 
 
 class Reservation:

@@ -10,9 +10,8 @@ import resource
 import signal
 import socket
 
-from sdk.transport.base import Transport
-from tensord.cluster import Cluster
 from tensord.config import Config
+from tensord.fleet.cluster import Cluster
 from tensord.fleet.settings import Settings
 from tensord.memory import Budgets, detect_devices
 from tensord.metrics import Endpoint, Levels, Metrics
@@ -26,6 +25,7 @@ from tensord.rpc import Server
 from tensord.state import StateDir
 from tensord.store import Store
 from tensord_contract.errors import TensordError
+from tensord_dataplane.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def advertised_host(config: Config) -> str:
 def make_transport(config: Config) -> Transport | None:
     if config.transport_protocol in ("off", "nccl"):  # nccl: daemons move bytes in pair groups
         return None
-    from sdk.transport import for_protocol
+    from tensord_dataplane.transport import for_protocol
 
     return for_protocol(config.transport_protocol, advertised_host(config), config.nics)
 

@@ -6,11 +6,11 @@ allocations), so each registered range counts its users and goes when the last o
 
 from __future__ import annotations
 
-from sdk.dataplane.cuda import current
-from sdk.transport.base import Transport
 from tensord.memory import Slab
 from tensord_contract.descriptors import RemoteReplica
 from tensord_contract.errors import Unavailable
+from tensord_dataplane.cuda import current
+from tensord_dataplane.transport.base import Transport
 
 
 class Exposure:

@@ -14,10 +14,10 @@ import os
 import secrets
 from typing import Any
 
-from sdk.dataplane.mapping import Mapping
 from tensord_contract.descriptors import CudaReplica, HostReplica
 from tensord_contract.errors import InvalidArgument, OutOfCapacity
 from tensord_contract.manifest import ALIGN
+from tensord_dataplane.mapping import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class CudaBlocks:
     reused for later slabs instead of given back to torch.
 
     Reuse keeps a block's IPC handle stable, so clients keep blocks mapped between reads
-    (`sdk.dataplane.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
+    (`tensord_dataplane.ipc`) and skip the ~1 ms open and close. A block given back to torch while some
     client still maps it is parked by torch until that client closes it, so idle blocks go back
     only when they no longer fit in the device's unused budget (`shrink`) or an allocation
     does not fit otherwise (`trim`). The store owns the pool (one per store) and hands it to the
@@ -219,7 +219,7 @@ class CudaSlab(Slab):
         return int(self.tensor.data_ptr())
 
     def registration(self, address: int) -> tuple[int, int]:
-        from sdk.dataplane.cuda import allocation_range
+        from tensord_dataplane.cuda import allocation_range
 
         return allocation_range(address, self.tensor.device.index or 0)
 
@@ -293,10 +293,10 @@ class Budgets:
 
 
 def own_view(slab: Slab) -> Any:
-    """The daemon's own accessor for a slab (an `sdk.dataplane.slab.Slab`), to fill or hash it
+    """The daemon's own accessor for a slab (an `tensord_dataplane.slab.Slab`), to fill or hash it
     in place."""
-    from sdk.dataplane.gpu import GpuSlab
-    from sdk.dataplane.host import HostSlab as HostAccess
+    from tensord_dataplane.gpu import GpuSlab
+    from tensord_dataplane.host import HostSlab as HostAccess
 
     if isinstance(slab, HostSlab):
         return HostAccess(os.dup(slab.fd), slab.nbytes, slab.generation, writable=True)

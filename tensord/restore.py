@@ -25,17 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdk.dataplane.fingerprint import mismatched_rows
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
-from tensord.cluster import Cluster
+from tensord.fleet.cluster import Cluster
 from tensord.held import Held
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
-from tensord.owned import PUBLISHED, withdraw_version
+from tensord.owned import PUBLISHED
+from tensord.publications import withdraw_version
 from tensord.state import Record
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
 

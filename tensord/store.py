@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from sdk.transport.base import Transport
 from tensord.eviction import choose, recoverable
 from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
@@ -34,6 +33,7 @@ from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import ALIGN, MAX_BYTES, Manifest, Table
+from tensord_dataplane.transport.base import Transport
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 One typed class per kind, both directions in one place: the daemon builds one and sends
 ``to_wire()``; the client decodes it with `replica_from_wire` (ProtocolError for anything
-malformed) and opens an accessor (`sdk.dataplane.slab.open_slab`).
+malformed) and opens an accessor (`tensord_dataplane.opening.open_slab`).
 
     host    a memfd on this node, passed alongside the reply (SCM_RIGHTS)
     cuda    a CUDA allocation on this node, exported by IPC handle

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdk.tensors import as_bytes
+from tensord_dataplane.tensors import as_bytes
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

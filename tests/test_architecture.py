@@ -1,9 +1,11 @@
 """The import graph's rules, read from the source with ``ast`` (no module is imported).
 
-The rooms: ``tensord_contract`` (the wire contract) stands alone; ``sdk`` (the client) and
-``tensord`` (the daemon) both stand on it. The daemon never imports the client's face, only the
-data plane both sides share; the one exception is the command line, ``tensord/cli/``, which is
-a client of the daemon. Imports inside functions and ``TYPE_CHECKING`` blocks count too.
+Four layers: ``tensord_contract`` (the wire contract) stands alone; ``tensord_dataplane`` (bytes
+between memories, transports) stands on the contract only; ``sdk`` (the client face) and
+``tensord`` (the daemon) stand on both. The client never imports the daemon; the daemon never
+imports the client face, except the command line, ``tensord/cli/``, which is a client of the
+daemon. No module imports one that imports it back (no circles, within or across packages).
+Imports inside functions and ``TYPE_CHECKING`` blocks count too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: What the daemon may import from ``sdk``: the data plane it shares with the client.
-SHARED_SDK = ("sdk.dataplane", "sdk.transport", "sdk.tensors")
+PACKAGES = ("tensord_contract", "tensord_dataplane", "sdk", "tensord")
 MAX_LINES = 450
 
 
@@ -58,8 +59,8 @@ def _where(path: Path, line: int, module: str) -> str:
 
 
 def _client_face_imports(path: Path) -> Iterator[tuple[int, str]]:
-    """(line, module) for every import of the client face: ``sdk`` beyond SHARED_SDK, including
-    ``import sdk`` and ``from sdk import X`` (X not a shared module)."""
+    """(line, module) for every import of the client face ``sdk``, in any form: ``import sdk``,
+    ``from sdk import X``, ``from sdk.x import y``."""
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -71,7 +72,7 @@ def _client_face_imports(path: Path) -> Iterator[tuple[int, str]]:
         else:
             continue
         for name in names:
-            if _within(name, "sdk") and not any(_within(name, shared) for shared in SHARED_SDK):
+            if _within(name, "sdk"):
                 yield node.lineno, name
 
 
@@ -83,8 +84,7 @@ def test_the_daemon_does_not_import_the_client_face() -> None:
         if cli not in path.parents
         for line, module in _client_face_imports(path)
     ]
-    shared = ", ".join(SHARED_SDK)
-    assert not bad, f"only tensord/cli/ may import the client (sdk beyond {shared}):\n" + "\n".join(bad)
+    assert not bad, "only tensord/cli/ may import the client face (sdk):\n" + "\n".join(bad)
 
 
 def test_the_rule_sees_every_form_of_import(tmp_path: Path) -> None:
@@ -101,9 +101,9 @@ def test_the_rule_sees_every_form_of_import(tmp_path: Path) -> None:
         "    from sdk import connection\n"
         "def f():\n"
         "    import sdk.engines\n"
-        "from sdk.dataplane.slab import Slab\n"
+        "from tensord_dataplane.slab import Slab\n"
         "from sdk import tensors, transport\n"
-        "import sdk.transport.base\n"
+        "import tensord_dataplane.transport.base\n"
         "from tensord_contract.errors import InvalidArgument\n"
     )
     assert sorted(_client_face_imports(probe)) == [
@@ -115,31 +115,90 @@ def test_the_rule_sees_every_form_of_import(tmp_path: Path) -> None:
         (6, "sdk.engines.vllm"),
         (9, "sdk.connection"),
         (11, "sdk.engines"),
+        (13, "sdk.tensors"),
+        (13, "sdk.transport"),
     ]
 
 
-@pytest.mark.parametrize("package", ["sdk", "tensord_contract"])
-def test_the_client_and_the_contract_do_not_import_the_daemon(package: str) -> None:
+#: What each package may not import (of ours, and torch for the contract).
+FORBIDDEN = {
+    "tensord_contract": ("tensord_dataplane", "sdk", "tensord", "torch"),
+    "tensord_dataplane": ("sdk", "tensord"),
+    "sdk": ("tensord",),
+}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_each_layer_imports_only_the_layers_below(package: str) -> None:
     bad = [
         _where(path, line, module)
         for path in _modules(package)
         for line, module in _imports(path)
-        if _within(module, "tensord")
+        if any(_within(module, other) for other in FORBIDDEN[package])
     ]
-    assert not bad, f"{package}/ must not import tensord (the daemon):\n" + "\n".join(bad)
+    assert not bad, f"{package}/ imports none of {FORBIDDEN[package]}:\n" + "\n".join(bad)
 
 
-def test_the_contract_stands_alone() -> None:
-    bad = [
-        _where(path, line, module)
-        for path in _modules("tensord_contract")
-        for line, module in _imports(path)
-        if any(_within(module, other) for other in ("sdk", "tensord", "torch"))
-    ]
-    assert not bad, "tensord_contract/ imports neither sdk, tensord nor torch:\n" + "\n".join(bad)
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-@pytest.mark.parametrize("package", ["tensord", "sdk", "tensord_contract"])
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (``from a import b`` counts ``a.b`` where that is
+    a module, else ``a``); a package's ``__init__`` re-exporting is not counted as a circle with
+    the modules it re-exports."""
+    paths = [path for package in PACKAGES for path in _modules(package)]
+    modules = {_module_name(path) for path in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        me = _module_name(path)
+        targets = set()
+        for _, module in _imports(path):
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module and module != me and not _within(me, module):
+                targets.add(module)
+        graph[me] = targets
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, or None (iterative depth-first search)."""
+    state: dict[str, int] = {}
+    for start in sorted(graph):
+        if start in state:
+            continue
+        stack = [(start, iter(sorted(graph[start])))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                return [*path[path.index(child) :], child]
+            elif child not in state:
+                state[child] = 1
+                path.append(child)
+                stack.append((child, iter(sorted(graph.get(child, ())))))
+    return None
+
+
+def test_no_import_circles() -> None:
+    circle = _cycle(_import_graph())
+    assert circle is None, "modules import each other in a circle: " + " -> ".join(circle or [])
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_module_is_over_the_size_limit(package: str) -> None:
     sizes = {path: len(path.read_text().splitlines()) for path in _modules(package)}
     big = [f"{path.relative_to(ROOT)}: {n} lines" for path, n in sizes.items() if n > MAX_LINES]

@@ -217,7 +217,7 @@ def test_a_slab_the_client_cannot_open_gives_its_pin_back(client: sdk.Client, mo
     def short(fd: int, nbytes: int) -> int:
         raise sdk.ProtocolError(f"slab file holds 0 bytes, the slab needs {nbytes}")
 
-    monkeypatch.setattr("sdk.dataplane.host.map_size", short)
+    monkeypatch.setattr("tensord_dataplane.host.map_size", short)
     fds_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(sdk.ProtocolError, match="slab file holds"):
         client.get("bad/slab")

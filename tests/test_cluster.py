@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import sdk
-from sdk.tensors import as_bytes
-from sdk.transport.mooncake import available
+from tensord_dataplane.tensors import as_bytes
+from tensord_dataplane.transport.mooncake import available
 from tests.daemons import DaemonProcess, child_env
 from tests.etcd_server import EtcdServer, free_port
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdk.transport.mooncake import available
+from tensord_dataplane.transport.mooncake import available
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 

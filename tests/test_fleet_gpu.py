@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdk.tensors import as_bytes
+from tensord_dataplane.tensors import as_bytes
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 

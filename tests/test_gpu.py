@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdk
-from sdk.dataplane.fingerprint import fingerprint
+from tensord_dataplane.fingerprint import fingerprint
 from tests.daemons import child_env
 
 pytestmark = pytest.mark.gpu
@@ -42,7 +42,7 @@ def test_fingerprint_is_the_same_on_cpu_and_gpu() -> None:
 def test_bulk_fingerprints_in_place_match_one_by_one() -> None:
     """The in-place kernel (1 MiB pieces, the last partial word) against the definition, on
     sizes around its edges; unaligned tensors take the gathered path."""
-    from sdk.dataplane.fingerprint import fingerprints
+    from tensord_dataplane.fingerprint import fingerprints
 
     raw = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8, device="cuda:0")
     tensors = [raw[: (1 << 20) * k + extra] for k in (0, 1, 2, 4) for extra in (0, 1, 7, 8, 255, 256, 257)]
@@ -78,7 +78,7 @@ def test_cpu_tensors_into_a_cuda_slab_and_back(client: sdk.Client) -> None:
 
 CHILD = """
 import sys, sdk, torch
-from sdk.dataplane.fingerprint import fingerprint
+from tensord_dataplane.fingerprint import fingerprint
 with sdk.Client(sys.argv[1]).mount(sys.argv[2]) as m:
     print(" ".join(f"{k}={fingerprint(t)}" for k, t in sorted(m.tensors.items())), flush=True)
     if len(sys.argv) > 3:
@@ -149,7 +149,7 @@ def test_ipc_mappings_kept_then_closed(client: sdk.Client, monkeypatch) -> None:
     """A read keeps its mapping for the next one; the daemon reuses a freed allocation for the
     next version of the same size, which reads right through the kept mapping; idle mappings
     close; TENSORD_IPC_KEEP_SECONDS=0 keeps none."""
-    from sdk.dataplane.ipc import mappings
+    from tensord_dataplane.ipc import mappings
 
     def version(seed: int) -> dict[str, torch.Tensor]:  # a size no other test uses
         g = torch.Generator(device="cuda:0").manual_seed(seed)

@@ -14,16 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint
-from sdk.dataplane.gpu import GpuSlab as CudaSlab
-from sdk.dataplane.host import HostSlab
-from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
 from tensord.cli.checkpoints import export_set, load_checkpoint, load_sharded
 from tensord.ingest import Progress, ingest_into, load
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
+from tensord_dataplane.fingerprint import BLOCK_BYTES, fingerprint
+from tensord_dataplane.gpu import GpuSlab as CudaSlab
+from tensord_dataplane.host import HostSlab
+from tensord_dataplane.tensors import dtype_name
 from tests.daemons import WEIGHTS, needs_minilm, tensord
 from tests.data import random_tensor as _random
 from tests.data import same_bits as _same

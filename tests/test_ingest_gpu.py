@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint
-from sdk.tensors import dtype_name
 from tensord.checkpoint import read_checkpoint
 from tensord.cli.checkpoints import export_set, load_checkpoint, load_sharded
 from tensord.ingest import ingest_into
 from tensord.sharding import builtin_rules
+from tensord_dataplane.fingerprint import BLOCK_BYTES, fingerprint
+from tensord_dataplane.tensors import dtype_name
 from tests.daemons import WEIGHTS, needs_minilm
 from tests.test_ingest import MANY, _check_shards, _llama, _random, _same
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import sdk
-from sdk.dataplane.fingerprint import fingerprint
 from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set, unpublish_params
+from tensord_dataplane.fingerprint import fingerprint
 from tests.daemons import child_env, wait_gone
 from tests.engine_models import EngineModel, checkpoint
 
@@ -47,7 +47,7 @@ def _prints(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
 
 READER = """
 import json, sys, torch, sdk
-from sdk.dataplane.fingerprint import fingerprint
+from tensord_dataplane.fingerprint import fingerprint
 c = sdk.Client(sys.argv[1]); name = sys.argv[2]
 out = {}
 got = c.get(name, verify=True)
@@ -195,9 +195,9 @@ def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.C
     """What a lying daemon could send: allocation sizes larger than the memory the handles map."""
     import dataclasses
 
-    from sdk.dataplane.owned import OwnedSlab, export
-    from sdk.tensors import describe
     from tensord_contract.manifest import Manifest, Table
+    from tensord_dataplane.owned import OwnedSlab, export
+    from tensord_dataplane.tensors import describe
 
     params = {"w": torch.ones(1 << 20, device="cuda:0")}
     d = describe(params.values(), copy_sparse=False)
@@ -213,7 +213,7 @@ def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.C
 
 OTHER_GPU_READER = """
 import json, sys, torch, sdk
-from sdk.dataplane.fingerprint import fingerprint
+from tensord_dataplane.fingerprint import fingerprint
 c = sdk.Client(sys.argv[1])
 got = c.get(sys.argv[2], device="cuda:0", verify=True)
 target = {k: torch.empty_like(t) for k, t in got.items()}

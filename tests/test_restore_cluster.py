@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdk
-from sdk.transport.mooncake import available
+from tensord_dataplane.transport.mooncake import available
 from tests.daemons import DaemonProcess
 from tests.data import random_tensor, same_bits
 from tests.etcd_server import free_port, start_etcd

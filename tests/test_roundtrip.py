@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import sdk
-from sdk.dataplane.fingerprint import fingerprint
-from sdk.tensors import DTYPES
+from tensord_dataplane.fingerprint import fingerprint
+from tensord_dataplane.tensors import DTYPES
 from tests.data import random_tensor as _random
 from tests.data import same_bits as _same_bits
 

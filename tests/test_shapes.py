@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sdk
-from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint, fingerprints, slab_fingerprints
-from sdk.tensors import as_bytes
+from tensord_dataplane.fingerprint import BLOCK_BYTES, fingerprint, fingerprints, slab_fingerprints
+from tensord_dataplane.tensors import as_bytes
 from tests.data import random_tensor
 
 _DTYPES = [torch.bfloat16, torch.float8_e4m3fn, torch.float32, torch.int64, torch.bool, torch.float16, torch.uint8]
@@ -211,7 +211,7 @@ def test_scatter_reads_are_cut_into_balanced_calls() -> None:
     """Neighbouring tensors make one preadv call; `_balanced` cuts such calls (large tensors
     included) into calls of about `limit` bytes for the I/O threads, reading every byte into
     the same place."""
-    from sdk.dataplane.host import _balanced
+    from tensord_dataplane.host import _balanced
 
     def placed(calls: list[tuple[np.ndarray, int]]) -> dict[int, int]:
         where = {}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sdk
-from sdk.dataplane.fingerprint import fingerprint, fingerprints, slab_fingerprints
-from sdk.tensors import as_bytes
+from tensord_dataplane.fingerprint import fingerprint, fingerprints, slab_fingerprints
+from tensord_dataplane.tensors import as_bytes
 from tests.data import random_tensor
 
 pytestmark = pytest.mark.gpu

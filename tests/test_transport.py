@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sdk.transport import mooncake
-from sdk.transport.base import Entry, Registrations, Segment, coalesce
-from sdk.transport.memory import MemoryTransport
 from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_dataplane.transport import mooncake
+from tensord_dataplane.transport.base import Entry, Registrations, Segment, coalesce
+from tensord_dataplane.transport.memory import MemoryTransport
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]

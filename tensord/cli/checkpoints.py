@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdk.client import Client, Reservation
-    from sdk.dataplane.slab import Slab
+    from tensord_dataplane.slab import Slab
 
 
 class ClientSink:

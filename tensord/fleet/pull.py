@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sdk.transport.base import Batch
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
@@ -40,9 +39,13 @@ from tensord.held import Held
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_dataplane.transport.base import Batch
 
 if TYPE_CHECKING:
-    from tensord.cluster import Cluster
+    from tensord.fleet.pairs import Pairs
+    from tensord.fleet.serve import Serving
+    from tensord.fleet.settings import Settings
+    from tensord.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +55,30 @@ _VERIFY_ROUNDS = 3
 class Pull:
     def __init__(
         self,
-        cluster: Cluster,
+        store: Store,
+        serving: Serving,
+        pairs: Pairs | None,
         manifest: Manifest,
         device: str,
         *,
+        settings: Settings,
+        host: str,
+        token: str,
+        pairs_timeout: float,
         start: int,
         peers: Iterable[str] = (),
         rate: int | None = None,
         chunk: int | None = None,
     ) -> None:
-        self.cluster, self.manifest, self.device = cluster, manifest, device
-        settings = cluster.settings
+        self.store, self.serving, self.pairs = store, serving, pairs
+        self.host, self.token, self.pairs_timeout = host, token, pairs_timeout
+        self.manifest, self.device = manifest, device
         if rate is not None:
             settings = dataclasses.replace(settings, rate=rate)
         if chunk is not None:
             settings = dataclasses.replace(settings, chunk=chunk)
         self.settings = settings
-        self.me = cluster.store.node
+        self.me = store.node
         self.grid = Grid(manifest.nbytes, self.settings.chunk_for(manifest.nbytes))
         s = self.settings
         self.plan = Plan(
@@ -100,7 +110,7 @@ class Pull:
     # -- the whole pull -----------------------------------------------------------------------
     async def run(self) -> Held:
         name, version = self.manifest.name, self.manifest.version
-        store = self.cluster.store
+        store = self.store
         slab = store.allocate(self.device, self.manifest.nbytes, f"{name}@{version}~")
         address = 0
         try:
@@ -110,7 +120,7 @@ class Pull:
         except BaseException:
             store.discard(slab)
             raise
-        serving = self.cluster.serving
+        serving = self.serving
         serving.add(self.partial)
         held: Held | None = None
         try:
@@ -146,7 +156,7 @@ class Pull:
 
     async def _promote(self) -> Held:
         assert self.partial is not None
-        partial, store, serving = self.partial, self.cluster.store, self.cluster.serving
+        partial, store, serving = self.partial, self.store, self.serving
         partial.pulling = False
         await serving.changed(partial)  # requests waiting on it decide again: it has everything
         if not await serving.drained(partial, 2 * self.settings.wait + 1.0):
@@ -164,9 +174,7 @@ class Pull:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._pushes:  # receives write into the slab (or hold it mapped): let them end first
-            _, late = await asyncio.wait(
-                [asyncio.wrap_future(f) for f in self._pushes], timeout=self.cluster.pairs_timeout
-            )
+            _, late = await asyncio.wait([asyncio.wrap_future(f) for f in self._pushes], timeout=self.pairs_timeout)
             if late:
                 log.warning("%d pair-group receives into %s still running", len(late), self.manifest.name)
         lanes, self.lanes = list(self.lanes.values()), {}
@@ -180,9 +188,9 @@ class Pull:
         if partial is None:
             return
         if held is None:
-            await self.cluster.serving.stopped(partial, None)
+            await self.serving.stopped(partial, None)
         with contextlib.suppress(TensordError):
-            await self.cluster.store.registry.remove_partial(*partial.key, self.me, partial.slab.device)
+            await self.store.registry.remove_partial(*partial.key, self.me, partial.slab.device)
 
     # -- fetching -----------------------------------------------------------------------------
     async def _fetch(self) -> None:
@@ -241,11 +249,11 @@ class Pull:
         """The same over a pair group: the holder sends what it grants, numbered; the receive
         is queued (in that order) before the lane takes its next request, so a next batch may
         be asked for while this one arrives."""
-        pairs = self.cluster.pairs
+        pairs = self.pairs
         assert pairs is not None
         assert self.partial is not None
         mine = self.partial.slab.device
-        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.me, self.cluster.pairs_timeout))
+        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.me, self.pairs_timeout))
         async with lane.lock:
             result, _ = await lane.peer.call(
                 "stream_chunks",
@@ -289,14 +297,14 @@ class Pull:
         for node in fresh:
             record = self.records.get(node)
             if record is not None:
-                self.plan.offer(node, complete=False, same_host=record.host == self.cluster.host)
+                self.plan.offer(node, complete=False, same_host=record.host == self.host)
         if a.gone:
             self._drop_lane(lane.node)
         return read
 
     async def _read(self, lane: Lane, chunks: list[int], address: int) -> None:
         assert self.partial is not None
-        transport = self.cluster.store.transport
+        transport = self.store.transport
         if transport is None or not lane.session or not address:
             raise Unavailable(f"no Transfer Engine path from {lane.node}")
         starts, lengths = self.grid.ranges(chunks)
@@ -319,7 +327,7 @@ class Pull:
         """After a failed engine read: whether `lane`'s holder still answers (then its engine
         is what cannot be reached, and a pair group may do), rather than being gone."""
         assert self.partial is not None
-        if not self.settings.pairs or self.cluster.pairs is None or self.lanes.get(lane.node) is not lane:
+        if not self.settings.pairs or self.pairs is None or self.lanes.get(lane.node) is not lane:
             return False
         if not pairmod.available(self.partial.slab.device)[0]:
             return False
@@ -333,7 +341,7 @@ class Pull:
         self.bytes += nbytes
         self.sourced[lane.node] = self.sourced.get(lane.node, 0) + nbytes
         self.plan.received(lane.node, chunks)
-        await self.cluster.serving.arrived(self.partial, chunks)
+        await self.serving.arrived(self.partial, chunks)
         log.debug("%d chunks (%d bytes) from %s in %.4f s", len(chunks), nbytes, lane.node, seconds)
 
     async def _throttle(self, chunks: list[int]) -> None:
@@ -375,17 +383,17 @@ class Pull:
             raise Unavailable(f"node {node} has no TCP listener")
         if lane is None:
             timeout = self.settings.wait + 30
-            lane = self.lanes[node] = Lane.connect(record, self.cluster.peers.token, timeout)
+            lane = self.lanes[node] = Lane.connect(record, self.token, timeout)
         async with lane.lock:
             if lane.pin is not None:
                 return lane
             have, busy = await lane.open(self.manifest, self.grid, self.me)
-            transport = self.cluster.store.transport
+            transport = self.store.transport
             lane.push = not (transport is not None and lane.session and lane.address)
             if lane.push:
                 assert self.partial is not None
                 ok, why = pairmod.available(self.partial.slab.device, lane.device)
-                if not (self.settings.pairs and ok and self.cluster.pairs is not None):
+                if not (self.settings.pairs and ok and self.pairs is not None):
                     raise Unavailable(f"no Transfer Engine path from {node}, and no pair group ({why or 'off'})")
             self.plan.offer(node, complete=lane.complete, have=have, busy=busy)
         return lane
@@ -393,12 +401,12 @@ class Pull:
     # -- the registry -------------------------------------------------------------------------
     async def _nodes(self) -> None:
         with contextlib.suppress(Unavailable):
-            self.records = {r.node: r for r in await self.cluster.store.registry.nodes()}
+            self.records = {r.node: r for r in await self.store.registry.nodes()}
 
     async def _discover(self) -> None:
         """Offer the plan every holder the registry knows of, and the other targets of a fan-out."""
         await self._nodes()
-        registry, host = self.cluster.store.registry, self.cluster.host
+        registry, host = self.store.registry, self.host
         for o in await find_holders(registry, self.records, self.manifest, self.grid, self.me, host, self.co_pullers):
             self.plan.offer(o.node, complete=o.complete, have=o.have, same_host=o.same_host)
 
@@ -412,7 +420,7 @@ class Pull:
             *partial.key, self.me, partial.slab.device, self.grid.size, self.grid.count, chunkmap.pack(partial.held)
         )
         try:
-            await self.cluster.store.registry.put_partial(record)
+            await self.store.registry.put_partial(record)
             self._advertised = held
         except Unavailable as exc:
             log.info("cannot advertise the partial replica of %s v%d: %s", *partial.key, exc.message)

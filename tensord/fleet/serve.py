@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from sdk.dataplane.fingerprint import mismatched_rows
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
@@ -34,6 +33,7 @@ from tensord.memory import Slab, own_view
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
 

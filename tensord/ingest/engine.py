@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.dataplane.fingerprint import BLOCK_BYTES, fingerprint_finish, fingerprint_part
-from sdk.dataplane.gpu import GpuSlab
-from sdk.dataplane.host import HostSlab
-from sdk.dataplane.slab import Slab
 from tensord.checkpoint import FileTensor
 from tensord.ingest.reads import GAP_BYTES, Chunk, Source, opened, plan_chunks, read_chunk
 from tensord.sharding import ShardPlan
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, TensorSpec
+from tensord_dataplane.fingerprint import BLOCK_BYTES, fingerprint_finish, fingerprint_part
+from tensord_dataplane.gpu import GpuSlab
+from tensord_dataplane.host import HostSlab
+from tensord_dataplane.slab import Slab
 
 log = logging.getLogger(__name__)
 

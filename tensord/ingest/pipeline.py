@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sdk.dataplane.slab import Slab
 from tensord.checkpoint import read_checkpoint
 from tensord.ingest.engine import check_threads, ingest_into
 from tensord.ingest.reads import Source, opened
@@ -31,6 +30,7 @@ from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
 from tensord_contract.names import check_name
+from tensord_dataplane.slab import Slab
 
 
 class Reserved(Protocol):

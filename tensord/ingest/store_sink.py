@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from sdk.dataplane.slab import Slab
 from tensord.ingest.pipeline import Loaded, load
 from tensord.memory import own_view
 from tensord.rpc import Session
 from tensord.store import Reservation, Store
 from tensord_contract.manifest import Table
+from tensord_dataplane.slab import Slab
 
 T = TypeVar("T")
 

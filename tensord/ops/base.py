@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import time
 
-from tensord.cluster import Cluster
+from tensord.fleet.cluster import Cluster
 from tensord.fleet.serve import StreamPin
 from tensord.held import Held
 from tensord.ops.args import is_int

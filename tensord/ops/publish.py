@@ -13,7 +13,8 @@ import numpy as np
 
 from tensord.ops.args import MAX_WAIT, args, is_number
 from tensord.ops.base import Ops
-from tensord.owned import OwnedSlab, withdraw
+from tensord.owned import OwnedSlab
+from tensord.publications import withdraw
 from tensord.rpc import Session
 from tensord_contract.descriptors import owned_from_wire
 from tensord_contract.errors import InvalidArgument, NotFound

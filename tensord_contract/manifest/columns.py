@@ -18,7 +18,7 @@ MAX_DIMS = 16
 MAX_DIM = 1 << 48
 #: No slab (so no tensor) may reach 2**62 bytes: sizes and offsets stay exact in int64.
 MAX_BYTES = 1 << 62
-#: The fingerprint definition this code computes (`sdk.dataplane.fingerprint`).
+#: The fingerprint definition this code computes (`tensord_dataplane.fingerprint`).
 FINGERPRINT_VERSION = 2
 
 #: dtype name on the wire -> bytes per element. Names are torch's, without "torch.".

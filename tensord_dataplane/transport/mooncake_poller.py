@@ -1,7 +1,7 @@
 """Waiting for Mooncake's asynchronous transfers: one thread per engine looks at every transfer
 in flight, sleeping 20 to 200 us between looks, instead of each caller spinning in
 ``batch_transfer_sync_*`` (which starves the engine's own threads over TCP; see
-``sdk.transport.mooncake``)."""
+``tensord_dataplane.transport.mooncake``)."""
 
 from __future__ import annotations
 

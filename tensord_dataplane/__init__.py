@@ -1,12 +1,12 @@
 """The data plane: how bytes move between slabs and tensors, shared by the SDK and the daemon.
 
-    slab         the accessor interface and open_slab(); host, gpu, remote: one per kind
+    slab         the accessor interface; opening: open_slab(); host, gpu, owned, remote: one per kind
     copy         many copies as one pointer table: a batched kernel on GPUs, memmove on hosts
     fingerprint  the per-tensor check, computed for a whole slab in a few kernels
     views        TensorMap: tensors of one buffer, built on first use
     mapping, ipc host mappings and preadv; CUDA IPC mappings kept for the next read
     cuda         driver and runtime calls: allocation bounds, peer access, batched memcpy
 
-The transports that move bytes between nodes live in `sdk.transport` (Mooncake, in-memory).
+The transports that move bytes between nodes live in `tensord_dataplane.transport` (Mooncake, in-memory).
 Nothing here does per-tensor work in Python on a hot path: every call takes whole tables.
 """

@@ -211,7 +211,7 @@ class MooncakeTransport(Transport):
         self._engine: Any = engine
         self._session = f"{hostname}:{engine.get_rpc_port()}"
         if self.protocol == "nvlink_intra":
-            from sdk.dataplane.cuda import enable_peer_access
+            from tensord_dataplane.cuda import enable_peer_access
 
             enable_peer_access()
         self._regs = Registrations(self._session)

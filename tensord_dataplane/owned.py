@@ -5,7 +5,7 @@ The publisher's tensors stay in its allocations (one per large tensor, in torch'
 allocator, small ones sharing 2 MiB segments); the replica lists each allocation once by its
 legacy CUDA IPC handle, and each tensor by (allocation, offset). A reader maps every
 allocation (about 0.2 ms each on an H200, kept a few seconds for the next read,
-`sdk.dataplane.ipc`) and copies with the same batched kernel as from a daemon slab. The
+`tensord_dataplane.ipc`) and copies with the same batched kernel as from a daemon slab. The
 manifest keeps the packed layout of a `put`, so reads address bytes as in any slab; a read is
 cut into pieces at tensor boundaries and the padding between tensors is never read.
 """
@@ -17,15 +17,15 @@ import contextlib
 import numpy as np
 import torch
 
-from sdk.dataplane.copy import device_copy, host_copy, windows
-from sdk.dataplane.cuda import allocation_ranges, enable_peer_access, ipc_close, ipc_handles, ipc_open
-from sdk.dataplane.ipc import mappings
-from sdk.dataplane.slab import Slab
-from sdk.dataplane.views import TensorMap
-from sdk.tensors import Described
 from tensord_contract.descriptors import OwnedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError, TransferError
 from tensord_contract.manifest import Manifest
+from tensord_dataplane.copy import device_copy, host_copy, windows
+from tensord_dataplane.cuda import allocation_ranges, enable_peer_access, ipc_close, ipc_handles, ipc_open
+from tensord_dataplane.ipc import mappings
+from tensord_dataplane.slab import Slab
+from tensord_dataplane.tensors import Described
+from tensord_dataplane.views import TensorMap
 
 
 def export(d: Described, names: list[str]) -> OwnedReplica:

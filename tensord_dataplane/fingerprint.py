@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.tensors import as_bytes
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import InvalidArgument
+from tensord_dataplane.tensors import as_bytes
 
 BLOCK_BYTES = 256
 _WORDS = BLOCK_BYTES // 8
@@ -190,7 +190,7 @@ def _groups(sizes: np.ndarray, window: int) -> list[np.ndarray]:
 
 
 def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    from sdk.dataplane.copy import device_copy, host_copy
+    from tensord_dataplane.copy import device_copy, host_copy
 
     aligned = (sizes + BLOCK_BYTES - 1) // BLOCK_BYTES * BLOCK_BYTES
     offsets = np.cumsum(aligned) - aligned
@@ -211,7 +211,7 @@ log = logging.getLogger(__name__)
 def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Fingerprints of the 8-byte aligned tensors among (`ptrs`, `sizes`) on `device`, read where
     they lie by one Triton kernel: (which rows, their fingerprints); None without Triton."""
-    from sdk.dataplane.copy import triton_kernels
+    from tensord_dataplane.copy import triton_kernels
 
     kernels = triton_kernels()
     if kernels is None or _no_kernel or os.environ.get("TENSORD_COPY_ENGINE") == "driver":

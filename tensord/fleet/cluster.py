@@ -136,7 +136,21 @@ class Cluster:
         grid = chunk or self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
         start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)
-        pull = Pull(self, manifest, here, start=start, peers=peers, rate=rate, chunk=chunk)
+        pull = Pull(
+            self.store,
+            self.serving,
+            self.pairs,
+            manifest,
+            here,
+            settings=self.settings,
+            host=self.host,
+            token=self.peers.token,
+            pairs_timeout=self.pairs_timeout,
+            start=start,
+            peers=peers,
+            rate=rate,
+            chunk=chunk,
+        )
         self.running[(name, version)] = pull
         t0 = time.monotonic()
         try:

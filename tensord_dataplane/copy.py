@@ -158,7 +158,7 @@ def device_copy(dst: Any, src: Any, sizes: Any, device: Any) -> None:
     if not len(d):
         return
     device = torch.device(device)
-    from sdk.dataplane.cuda import enable_peer_access
+    from tensord_dataplane.cuda import enable_peer_access
 
     if torch.cuda.device_count() > 1:
         enable_peer_access()
@@ -176,7 +176,7 @@ def _driver_copy(d: np.ndarray, s: np.ndarray, n: np.ndarray, device: Any) -> No
     current one: the batch API refuses the legacy default stream torch uses."""
     import torch
 
-    from sdk.dataplane.cuda import memcpy_table
+    from tensord_dataplane.cuda import memcpy_table
 
     current = torch.cuda.current_stream(device)
     side = _side_stream(device)
@@ -251,7 +251,7 @@ def _kernels() -> tuple[Any, ...] | None:
 
     @triton.jit
     def fingerprint_chunks(rows, shares, g, CHUNK: tl.constexpr, TILE: tl.constexpr):
-        """One program: blocks [k0, k0 + CHUNK) of tensor t (`sdk.dataplane.fingerprint`); the
+        """One program: blocks [k0, k0 + CHUNK) of tensor t (`tensord_dataplane.fingerprint`); the
         first one adds the tensor's last partial word (`rem` bytes after `nwords` words)."""
         row = rows + tl.program_id(0).to(tl.int64) * 5
         address = tl.load(row)

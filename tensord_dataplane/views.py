@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk.dataplane.fingerprint import fingerprints, slab_fingerprints
-from sdk.tensors import DTYPES, contiguous_strides
 from tensord_contract.bulk import paused_gc
 from tensord_contract.manifest import DTYPE_CODES, Manifest
+from tensord_dataplane.fingerprint import fingerprints, slab_fingerprints
+from tensord_dataplane.tensors import DTYPES, contiguous_strides
 
 
 class TensorMap(MutableMapping[str, torch.Tensor]):

@@ -7,7 +7,7 @@ boundary), then unregisters. A batch's remote ranges all lie in the one register
 
 Many scattered tensors (a `load_into` or `put` of thousands) go through a staging buffer
 instead: each window of ~256 MiB of the slab moves as one engine entry, and the batched local
-copy (`sdk.dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
+copy (`tensord_dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
 registration far more, so this beats one entry per tensor and one registration per target.
 """
 
@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from sdk.dataplane.copy import device_copy, host_copy, runs, windows
-from sdk.dataplane.cuda import allocation_range, current
-from sdk.dataplane.slab import Slab
-from sdk.transport.base import Batch, Transport
 from tensord_contract.descriptors import RemoteReplica
 from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import ALIGN
+from tensord_dataplane.copy import device_copy, host_copy, runs, windows
+from tensord_dataplane.cuda import allocation_range, current
+from tensord_dataplane.slab import Slab
+from tensord_dataplane.transport.base import Batch, Transport
 
 log = logging.getLogger(__name__)
 

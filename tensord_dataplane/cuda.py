@@ -156,7 +156,7 @@ def enable_peer_access() -> int:
     """Let every GPU of this process reach every other directly (NVLink/PCIe peer access).
 
     Mooncake's intra-node NVLink transport copies with cudaMemcpy in the calling thread, and the
-    batched copy kernel (`sdk.dataplane.copy`) loads another GPU's memory directly; without peer
+    batched copy kernel (`tensord_dataplane.copy`) loads another GPU's memory directly; without peer
     access the first stages through host memory (~37 GB/s on an H200 pair instead of ~350) and
     the second faults. Returns how many device pairs are enabled. Idempotent.
     """

@@ -1,8 +1,8 @@
 """A GPU slab on this node: one CUDA allocation of the daemon, opened from its IPC handle (and
-kept open a few seconds for the next read, `sdk.dataplane.ipc`), or the daemon's own tensor.
+kept open a few seconds for the next read, `tensord_dataplane.ipc`), or the daemon's own tensor.
 
 Copies into one flat buffer are one device (or peer) copy per run; copies to or from many
-scattered tensors on GPUs are one batched kernel over a pointer table (`sdk.dataplane.copy`),
+scattered tensors on GPUs are one batched kernel over a pointer table (`tensord_dataplane.copy`),
 always run on the slab's GPU (it reaches another GPU's memory by peer access, while memory
 opened from an IPC handle is not always mapped for the other GPUs);
 copies to or from host memory go through page-locked windows of 256 MiB. A mount's views alias
@@ -14,14 +14,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sdk.dataplane.copy import device_copy, host_copy, runs, windows
-from sdk.dataplane.cuda import enable_peer_access
-from sdk.dataplane.fingerprint import slab_fingerprints
-from sdk.dataplane.ipc import mappings
-from sdk.dataplane.slab import Slab
 from tensord_contract.descriptors import CudaReplica
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import ALIGN
+from tensord_dataplane.copy import device_copy, host_copy, runs, windows
+from tensord_dataplane.cuda import enable_peer_access
+from tensord_dataplane.fingerprint import slab_fingerprints
+from tensord_dataplane.ipc import mappings
+from tensord_dataplane.slab import Slab
 
 _MANY_RUNS = 16  # more runs than this into a GPU buffer: one batched kernel instead of copies
 
@@ -100,7 +100,7 @@ class GpuSlab(Slab):
             torch.cuda.synchronize(device)
 
     def close(self) -> None:
-        """Let go of an imported slab: unmapped now unless kept (`sdk.dataplane.ipc`) or a
+        """Let go of an imported slab: unmapped now unless kept (`tensord_dataplane.ipc`) or a
         mount's views still use it."""
         if self._imported:
             self._base = None

@@ -1,4 +1,4 @@
-"""The slab accessor interface, and `open_slab`, which builds one from a replica descriptor.
+"""The slab accessor interface (`open_slab` in `opening` builds one from a replica descriptor).
 
 A slab is one replica's memory: on this node a memfd (`host.HostSlab`), a CUDA allocation
 (`gpu.GpuSlab`) or a publishing process's allocations (`owned.OwnedSlab`), elsewhere a range
@@ -9,15 +9,11 @@ tensor at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import torch
 
-from sdk.dataplane.views import TensorMap
-from tensord_contract.errors import ProtocolError
 from tensord_contract.manifest import Manifest
+from tensord_dataplane.views import TensorMap
 
 
 class Slab:
@@ -58,42 +54,3 @@ class Slab:
 
     def close(self) -> None:
         pass
-
-
-def open_slab(
-    replica: Any,
-    fds: list[int],
-    *,
-    writable: bool = False,
-    transport: Callable[[], Any] | None = None,
-    manifest: Manifest | None = None,
-) -> Slab:
-    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); an owned
-    replica needs its version's `manifest`."""
-    from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, RemoteReplica
-
-    if isinstance(replica, RemoteReplica):
-        if transport is None:
-            raise ProtocolError("a remote replica needs a Transfer Engine")
-        from sdk.dataplane.remote import RemoteSlab
-
-        return RemoteSlab(replica, transport())
-    if fds and not isinstance(replica, HostReplica):
-        raise ProtocolError(f"a {replica.kind} replica comes without file descriptors")
-    if isinstance(replica, HostReplica):
-        if len(fds) != 1:
-            raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
-        from sdk.dataplane.host import HostSlab
-
-        return HostSlab(fds[0], replica.nbytes, replica.generation, writable=writable)
-    if isinstance(replica, CudaReplica):
-        from sdk.dataplane.gpu import GpuSlab
-
-        return GpuSlab.from_replica(replica, writable=writable)
-    if isinstance(replica, OwnedReplica):
-        if writable or manifest is None:
-            raise ProtocolError("a published replica is read-only and read with its manifest")
-        from sdk.dataplane.owned import OwnedSlab
-
-        return OwnedSlab(replica, manifest)
-    raise ProtocolError(f"unknown replica {replica!r:.80}")

@@ -20,11 +20,11 @@ import threading
 import numpy as np
 import torch
 
-from sdk.dataplane.copy import device_copy, host_copy, run_all, runs, windows
-from sdk.dataplane.fingerprint import slab_fingerprints
-from sdk.dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
-from sdk.dataplane.slab import Slab
 from tensord_contract.manifest import ALIGN
+from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
+from tensord_dataplane.fingerprint import slab_fingerprints
+from tensord_dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
+from tensord_dataplane.slab import Slab
 
 _CHUNK = 32 << 20  # flat reads are split into jobs of this size
 _JUNK = 64 << 10  # a gap up to this size between two tensors is read into scratch memory
@@ -129,7 +129,7 @@ class HostSlab(Slab):
 
 
 def _jobs(sizes: np.ndarray) -> int:
-    from sdk.dataplane.copy import threads
+    from tensord_dataplane.copy import threads
 
     return max(1, min(threads(), int(sizes.sum()) // _CHUNK))
 

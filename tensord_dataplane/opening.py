@@ -1,0 +1,52 @@
+"""`open_slab`: the accessor for a decoded replica descriptor, one kind per module.
+
+Kept apart from the interface (`slab`) so that the accessors import the interface and this
+module imports the accessors: no module imports one that imports it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, RemoteReplica
+from tensord_contract.errors import ProtocolError
+from tensord_contract.manifest import Manifest
+from tensord_dataplane.slab import Slab
+
+
+def open_slab(
+    replica: Any,
+    fds: list[int],
+    *,
+    writable: bool = False,
+    transport: Callable[[], Any] | None = None,
+    manifest: Manifest | None = None,
+) -> Slab:
+    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); an owned
+    replica needs its version's `manifest`."""
+    if isinstance(replica, RemoteReplica):
+        if transport is None:
+            raise ProtocolError("a remote replica needs a Transfer Engine")
+        from tensord_dataplane.remote import RemoteSlab
+
+        return RemoteSlab(replica, transport())
+    if fds and not isinstance(replica, HostReplica):
+        raise ProtocolError(f"a {replica.kind} replica comes without file descriptors")
+    if isinstance(replica, HostReplica):
+        if len(fds) != 1:
+            raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
+        from tensord_dataplane.host import HostSlab
+
+        return HostSlab(fds[0], replica.nbytes, replica.generation, writable=writable)
+    if isinstance(replica, CudaReplica):
+        from tensord_dataplane.gpu import GpuSlab
+
+        return GpuSlab.from_replica(replica, writable=writable)
+    if isinstance(replica, OwnedReplica):
+        if writable or manifest is None:
+            raise ProtocolError("a published replica is read-only and read with its manifest")
+        from tensord_dataplane.owned import OwnedSlab
+
+        return OwnedSlab(replica, manifest)
+    raise ProtocolError(f"unknown replica {replica!r:.80}")
