@@ -125,7 +125,7 @@ def test_exported_members() -> None:
         for name, value in vars(sdk).items()
         if not name.startswith("_")
         and (inspect.isclass(value) or inspect.isfunction(value))
-        and (value.__module__ or "").startswith(("sdk", "tensord_contract"))
+        and (value.__module__ or "").startswith(("sdk", "tensord_contract", "tensord_dataplane"))
     }
     assert public == set(sdk.__all__)
     assert issubclass(sdk.NotFound, sdk.TensordError)
