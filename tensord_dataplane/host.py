@@ -23,6 +23,7 @@ import torch
 
 from tensord_contract.errors import TransferError
 from tensord_contract.manifest import ALIGN
+from tensord_dataplane import host_dma
 from tensord_dataplane import pinned as pinning
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
 from tensord_dataplane.fingerprint import slab_fingerprints
@@ -63,29 +64,30 @@ class HostSlab(Slab):
             return self._base
 
     # -- reads --------------------------------------------------------------------------------------
-    def _pinned(self, device: torch.device) -> pinning.Registration | None:
-        """The page-locked mapping for copies with `device`, or None (the pageable path)."""
-        if not self.pinned or device.type != "cuda" or pinning.mode() == "pageable":
-            return None
+    def _route(self, device: torch.device) -> tuple[bool, pinning.Registration | None]:
+        """Whether copies with `device` go as large DMA copies (`host_dma`), and the page-locked
+        mapping they use (None: bounce buffers)."""
+        mode = pinning.mode()
+        if device.type != "cuda" or mode == "pageable":
+            return False, None
         with self._lock:
-            if self._registration is None:
+            self._gpus.add(device)
+            if self.pinned and mode != "bounce" and self._registration is None:
                 if self._writable:
                     try:
                         self._registration = pinning.register(self.fd, self._size, writable=True)
                     except (OSError, TransferError) as exc:
-                        pinning.log.warning("put into a host slab at the pageable rate: %s", exc)
+                        pinning.log.warning("a put into a host slab goes through bounce buffers: %s", exc)
                         self.pinned = False
-                        return None
                 else:
                     self._registration = pinning.registrations.acquire(self.fd, self._size, self.generation)
                     self.pinned = self._registration is not None
-            self._gpus.add(device)
-            return self._registration
+            return True, self._registration
 
     def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
-        reg = self._pinned(dst.device)
-        if reg is not None and len(src) > _FEW_RUNS:
-            pinning.read(reg, dst.data_ptr() + at, src, lengths, dst.device)
+        fast, reg = self._route(dst.device)
+        if fast and (reg is None or len(src) > _FEW_RUNS):
+            host_dma.read(reg, self.fd, dst.data_ptr() + at, src, lengths, dst.device)
             return
         if dst.device.type != "cpu":
             base = self.base() if reg is None else reg.host()
@@ -110,9 +112,9 @@ class HostSlab(Slab):
 
     def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         if device.type == "cuda":
-            reg = self._pinned(device)
-            if reg is not None:
-                pinning.read(reg, ptrs, offsets, sizes, device)
+            fast, reg = self._route(device)
+            if fast:
+                host_dma.read(reg, self.fd, ptrs, offsets, sizes, device)
             else:
                 self._staged_read(ptrs, offsets, sizes, device)
             return
@@ -134,9 +136,10 @@ class HostSlab(Slab):
 
     # -- writes -------------------------------------------------------------------------------------
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-        reg = self._pinned(device)
-        if reg is not None:
-            self._written.append(pinning.write(reg, ptrs, offsets, sizes, device))
+        fast, reg = self._route(device)
+        if fast:
+            address = self.base().data_ptr() if reg is None else 0
+            self._written.append(host_dma.write(reg, address, ptrs, offsets, sizes, device))
             return
         self._written.clear()  # fingerprints of earlier writes may no longer hold
         base = self.base()

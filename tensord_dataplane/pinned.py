@@ -1,4 +1,4 @@
-"""Host slabs page-locked for copies to and from GPUs, and the copies themselves.
+"""Host slabs page-locked for copies to and from GPUs (the copies: `tensord_dataplane.host_dma`).
 
 A host slab the daemon marks ``pinned`` (its `memory.pinned_host` budget allows it) is
 registered with CUDA (`cudaHostRegister`, mapped) by each process that copies it to or from a
@@ -9,13 +9,12 @@ read (`Registrations`, as long as `tensord_dataplane.ipc.keep_seconds`), and unr
 before unmapping. A writer registers its own writable mapping for one put and drops it before
 commit (a slab whose pages are locked cannot be sealed).
 
-Copies go as a few large DMA copies: a read copies each window (~256 MiB of the slab) to a GPU
-stage on one stream while a second stream scatters the previous window into its tensors; a
-tensor as large as a window is copied straight into place. A write gathers tensors into a stage
-(and fingerprints them there, on the GPU), then copies the stage to the slab.
-``TENSORD_HOST_COPY``: ``pinned`` (default), ``direct`` (reads: the batched copy kernel loads
-the mapped host memory itself, no stage) or ``pageable`` (no registration: the old path).
-Without CUDA, or where registration fails (logged once), copies take the pageable path.
+Reading needs a read-only registration (a committed slab is sealed), which not every platform
+has (`cudaDevAttrHostRegisterReadOnlySupported`): where it fails (logged once) and for slabs
+outside the budget, copies go through two bounce buffers of pinned memory of this process.
+``TENSORD_HOST_COPY``: ``pinned`` (default: registered where allowed, else bounce), ``direct``
+(as pinned, but reads let the batched copy kernel load the registered host memory itself),
+``bounce`` (never register) or ``pageable`` (the path before any of this).
 """
 
 from __future__ import annotations
@@ -31,21 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from tensord_contract.errors import InvalidArgument, TransferError
-from tensord_contract.manifest import ALIGN
-from tensord_dataplane.copy import device_copy, pool, runs, windows
-from tensord_dataplane.cuda import host_register, host_unregister, memcpy_table
-from tensord_dataplane.fingerprint import BLOCK_BYTES, slab_fingerprints
+from tensord_dataplane.copy import pool
+from tensord_dataplane.cuda import host_register, host_unregister
 from tensord_dataplane.ipc import keep_seconds
 from tensord_dataplane.mapping import Mapping
 
 log = logging.getLogger(__name__)
 
-MODES = ("pinned", "direct", "pageable")
-WINDOW = 256 << 20  # bytes of the slab one staged copy moves
+MODES = ("pinned", "direct", "bounce", "pageable")
 _POPULATE = 64 << 20  # a fresh writable mapping is faulted in by threads in pieces of this size
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
@@ -213,95 +208,3 @@ class Registrations:
 
 
 registrations = Registrations()
-
-
-# -- copies ----------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _streams(device: torch.device) -> tuple[Any, Any]:
-    """(copy stream, scatter stream) of a GPU: DMA copies on one, kernels on the other."""
-    return torch.cuda.Stream(device), torch.cuda.Stream(device)
-
-
-def read(reg: Registration, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-    """Copy slab bytes (`offsets`, `sizes`) to GPU addresses `ptrs`, queued after the current
-    stream of `device`, which waits for them (the caller synchronises before it unregisters)."""
-    order = np.argsort(offsets, kind="stable")
-    order = order[sizes[order] > 0]
-    ptrs, offsets, sizes = ptrs[order], offsets[order], sizes[order]
-    if mode() == "direct":
-        device_copy(ptrs, reg.device_address + offsets, sizes, device)
-        return
-    host, current = reg.host(), torch.cuda.current_stream(device)
-    copier, scatterer = _streams(device)
-    copier.wait_stream(current)
-    scatterer.wait_stream(current)
-    parts = windows(offsets, sizes, WINDOW)
-    stages = _stages(parts, device, staged=lambda idx: len(idx) > 1)
-    free: list[Any] = [None, None]
-    k = 1
-    with torch.cuda.device(device):
-        for idx, start, end in parts:
-            if len(idx) == 1:  # a tensor as large as a window: straight into place
-                at = np.array([reg.device_address + start], dtype=np.int64)
-                memcpy_table(ptrs[idx], at, sizes[idx], copier.cuda_stream)
-                continue
-            k = (k + 1) % 2 if stages[1] is not None else 0
-            with torch.cuda.stream(copier):
-                if free[k] is not None:
-                    copier.wait_event(free[k])
-                stages[k][: end - start].copy_(host[start:end], non_blocking=True)
-                filled = copier.record_event()
-            scatterer.wait_event(filled)
-            with torch.cuda.stream(scatterer):
-                device_copy(ptrs[idx], stages[k].data_ptr() + offsets[idx] - start, sizes[idx], device)
-                free[k] = scatterer.record_event()
-    current.wait_stream(copier)
-    current.wait_stream(scatterer)
-
-
-def write(
-    reg: Registration, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """Copy GPU tensors at `ptrs` to slab `offsets` and wait for the copies; returns the slab
-    offsets and fingerprints of what was written (computed on the GPU from the bytes copied)."""
-    order = np.argsort(offsets, kind="stable")
-    order = order[sizes[order] > 0]  # empty tensors: fingerprinted by the caller's fallback
-    ptrs, offsets, sizes = ptrs[order], offsets[order], sizes[order]
-    host, current = reg.host(), torch.cuda.current_stream(device)
-    copier, gatherer = _streams(device)
-    gatherer.wait_stream(current)
-    parts = windows(offsets, sizes, WINDOW)
-    stages = _stages(parts, device, staged=lambda idx: True)
-    fps = np.empty(len(offsets), dtype=np.uint64)
-    free: list[Any] = [None, None]
-    with torch.cuda.device(device):
-        for i, (idx, start, end) in enumerate(parts):
-            k = i % 2
-            with torch.cuda.stream(gatherer):
-                if free[k] is not None:
-                    gatherer.wait_event(free[k])
-                stage = stages[k][: -(-(end - start) // BLOCK_BYTES) * BLOCK_BYTES]
-                device_copy(stage.data_ptr() + offsets[idx] - start, ptrs[idx], sizes[idx], device)
-                fps[idx] = slab_fingerprints(stage, offsets[idx] - start, sizes[idx])
-                gathered = gatherer.record_event()
-            copier.wait_event(gathered)
-            with torch.cuda.stream(copier):
-                firsts, ends = runs(offsets[idx], sizes[idx], ALIGN)  # never the bytes of other tensors
-                for a, b in zip(firsts.tolist(), ends.tolist(), strict=True):
-                    host[a:b].copy_(stages[k][a - start : b - start], non_blocking=True)
-                free[k] = copier.record_event()
-    copier.synchronize()
-    current.wait_stream(gatherer)
-    return offsets, fps
-
-
-def _stages(parts: list[tuple[np.ndarray, int, int]], device: torch.device, staged: Callable[..., bool]) -> list[Any]:
-    """Two GPU buffers as large as the largest staged window (whole 256-byte blocks)."""
-    need = max((end - start for idx, start, end in parts if staged(idx)), default=0)
-    need = -(-need // BLOCK_BYTES) * BLOCK_BYTES
-    if not need:
-        return [None, None]
-    count = 2 if sum(1 for idx, _, _ in parts if staged(idx)) > 1 else 1
-    return [torch.empty(need, dtype=torch.uint8, device=device) for _ in range(count)] + [None] * (2 - count)
