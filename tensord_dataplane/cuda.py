@@ -287,3 +287,15 @@ def host_unregister(address: int) -> None:
     if rc != 0:
         lib.cudaGetLastError()
         logging.getLogger(__name__).warning("cudaHostUnregister at %#x failed (cudaError %d)", address, rc)
+
+
+def memcpy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """One cudaMemcpyAsync on `stream` (direction from the pointers: unified addressing)."""
+    lib = _libcudart()
+    if lib is None:
+        raise TransferError("no CUDA runtime library found for pointer copies")
+    lib.cudaMemcpyAsync.argtypes = [_P, _P, ctypes.c_size_t, ctypes.c_int, _P]
+    rc = lib.cudaMemcpyAsync(dst, src, nbytes, 4, stream)  # cudaMemcpyDefault
+    if rc != 0:
+        lib.cudaGetLastError()
+        raise TransferError(f"cudaMemcpyAsync of {nbytes} bytes failed (cudaError {rc})")

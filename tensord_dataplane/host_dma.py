@@ -23,7 +23,7 @@ import torch
 
 from tensord_contract.manifest import ALIGN
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, split, threads, windows
-from tensord_dataplane.cuda import memcpy_table
+from tensord_dataplane.cuda import memcpy_async
 from tensord_dataplane.fingerprint import BLOCK_BYTES, slab_fingerprints
 from tensord_dataplane.mapping import preadv
 from tensord_dataplane.pinned import Registration, mode
@@ -102,7 +102,7 @@ def read(
             else:
                 address, src = reg.device_address + start, host[start:end]
             if len(idx) == 1:  # one tensor (or a piece of one): straight into place
-                memcpy_table(ptrs[idx], np.array([address]), sizes[idx], copier.cuda_stream)
+                memcpy_async(int(ptrs[idx[0]]), address, int(sizes[idx[0]]), copier.cuda_stream)
                 host_free[k] = copier.record_event()
                 continue
             with torch.cuda.stream(copier):
