@@ -2,8 +2,9 @@
 
 The slab is cut into windows of ~128 MiB (tensors split at window size for reads). A read
 copies each window to a GPU stage on one stream while a second stream scatters the previous
-window into its tensors with the batched copy kernel; a window of one tensor (a piece of a large
-one) goes straight into place. A write gathers each window's tensors into a GPU stage,
+window into its tensors with the batched copy kernel (queued after the next window's copy: the
+scatter's table upload waits on the calling thread); a window of one tensor (a piece of a
+large one) goes straight into place. A write gathers each window's tensors into a GPU stage,
 fingerprints them there (the bytes the slab receives), and copies the stage to the slab.
 
 The host side is either the slab's own mapping, page-locked in this process (`pinned.
@@ -88,6 +89,7 @@ def read(
     stages = _gpu_stages(span, min(2, len(parts)), device)
     gpu_free: list[Any] = [None, None]
     host_free: list[Any] = [None, None]
+    waiting: tuple[np.ndarray, int, int, Any] | None = None  # a window copied to a stage, not yet scattered
     lock = _bounce_lock if reg is None else threading.Lock()
     with lock, torch.cuda.device(device):
         bounce = _bounce_buffers(span) if reg is None else []
@@ -104,20 +106,42 @@ def read(
             if len(idx) == 1:  # one tensor (or a piece of one): straight into place
                 memcpy_async(int(ptrs[idx[0]]), address, int(sizes[idx[0]]), copier.cuda_stream)
                 host_free[k] = copier.record_event()
-                continue
-            with torch.cuda.stream(copier):
-                if gpu_free[k] is not None:
-                    copier.wait_event(gpu_free[k])
-                stages[k][: end - start].copy_(src, non_blocking=True)
-                filled = host_free[k] = copier.record_event()
-            scatterer.wait_event(filled)
-            with torch.cuda.stream(scatterer):
-                device_copy(ptrs[idx], stages[k].data_ptr() + offsets[idx] - start, sizes[idx], device)
-                gpu_free[k] = scatterer.record_event()
+            else:
+                with torch.cuda.stream(copier):
+                    if gpu_free[k] is not None:
+                        copier.wait_event(gpu_free[k])
+                    stages[k][: end - start].copy_(src, non_blocking=True)
+                    host_free[k] = copier.record_event()
+            # The previous window's scatter waits (on this thread) for its DMA to end: queue it
+            # only now, after this window's DMA, so that the copy engine never idles meanwhile.
+            if waiting is not None:
+                gpu_free[waiting[1]] = _scatter(scatterer, stages, ptrs, offsets, sizes, *waiting, device)
+            waiting = (idx, k, start, host_free[k]) if len(idx) > 1 else None
+        if waiting is not None:
+            gpu_free[waiting[1]] = _scatter(scatterer, stages, ptrs, offsets, sizes, *waiting, device)
         if reg is None:  # the bounce buffers are free again only when the last copies are done
             copier.synchronize()
     current.wait_stream(copier)
     current.wait_stream(scatterer)
+
+
+def _scatter(
+    scatterer: Any,
+    stages: list[torch.Tensor],
+    ptrs: np.ndarray,
+    offsets: np.ndarray,
+    sizes: np.ndarray,
+    idx: np.ndarray,
+    k: int,
+    start: int,
+    filled: Any,
+    device: torch.device,
+) -> Any:
+    """Scatter a window from stage `k` (once `filled`) into its tensors; the event that frees the stage."""
+    scatterer.wait_event(filled)
+    with torch.cuda.stream(scatterer):
+        device_copy(ptrs[idx], stages[k].data_ptr() + offsets[idx] - start, sizes[idx], device)
+        return scatterer.record_event()
 
 
 def _fill(fd: int, buf: torch.Tensor, offset: int, nbytes: int) -> None:
