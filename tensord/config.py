@@ -68,6 +68,7 @@ class Config:
     retention: int = 0
     eviction: str = "none"  # "lru": evict recoverable, unpinned versions under budget pressure
     huge_pages: bool = True  # host slabs of huge pages where the kernel has them
+    pinned_host: int | None = None  # bytes of host slabs clients may page-lock; None: the cpu budget
     listen: str = ""  # "host:port" of the TCP control listener; "" = none
     token: str = ""
     token_reads: bool = False
@@ -257,6 +258,10 @@ def _budgets(v: object, where: str) -> dict[str, int | None]:
     return out
 
 
+def _size_or_auto(v: object, where: str) -> int | None:
+    return None if v == "auto" else parse_size(v, where)
+
+
 FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("daemon", "node"): ("node", lambda v, w: check_node_id(_str(v, w), w)),
     ("daemon", "socket"): ("socket", _str),
@@ -271,6 +276,7 @@ FILE_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
     ("memory", "budgets"): ("budgets", _budgets),
     ("memory", "retention"): ("retention", _count),
     ("memory", "huge_pages"): ("huge_pages", _bool),
+    ("memory", "pinned_host"): ("pinned_host", lambda v, w: _size_or_auto(v, w)),
     ("memory", "eviction"): ("eviction", _eviction),
     ("registry", "etcd_endpoints"): ("etcd_endpoints", _endpoints),
     ("registry", "prefix"): ("etcd_prefix", _str),
@@ -304,6 +310,7 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_STATE_DIR": ("state_dir", _directory),
     "TENSORD_RETENTION": ("retention", _count),
     "TENSORD_HUGE_PAGES": ("huge_pages", _bool),
+    "TENSORD_PINNED_HOST": ("pinned_host", lambda v, w: _size_or_auto(v, w)),
     "TENSORD_EVICTION": ("eviction", _eviction),
     "TENSORD_METRICS_LISTEN": ("metrics_listen", _address),
     "TENSORD_ETCD": ("etcd_endpoints", _endpoints),

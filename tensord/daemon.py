@@ -98,7 +98,7 @@ class Daemon:
         self.config = config
         self.state = StateDir(config.state_dir) if config.state_dir else None
         self.registry = make_registry(config, self.state)
-        self.budgets = Budgets(config.budgets, detect_devices())
+        self.budgets = Budgets(config.budgets, detect_devices(), config.pinned_host)
         self.transport: Transport | None = None
         self.metrics = Metrics()
         self.notifier = Notifier()

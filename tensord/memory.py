@@ -2,7 +2,9 @@
 
 Host slabs are memfds (of huge pages where the kernel gives them): they vanish with the daemon
 and the last mapping, and are sealed at commit so that nobody, the writer included, can change
-a committed version. CUDA slabs each lie in one allocation, exported by CUDA IPC handle and kept
+a committed version. Within the `memory.pinned_host` budget (`PinnedHost`) a host slab is
+marked pinned: clients that copy it to or from a GPU page-lock it (`tensord_dataplane.pinned`).
+CUDA slabs each lie in one allocation, exported by CUDA IPC handle and kept
 for later slabs when freed (`CudaBlocks`).
 """
 
@@ -64,9 +66,10 @@ class HostSlab(Slab):
     """A memfd; backed by huge pages (hugetlbfs) when asked for and the kernel has them: a
     fresh slab then fills several times faster than with 4 KiB shared-memory pages."""
 
-    def __init__(self, nbytes: int, label: str, *, huge: bool = False) -> None:
+    def __init__(self, nbytes: int, label: str, *, huge: bool = False, pinned: PinnedHost | None = None) -> None:
         self.device, self.nbytes, self.generation = "cpu", nbytes, secrets.randbits(62)
         self._mapping: Mapping | None = None
+        self._pinned: PinnedHost | None = None
         name = f"tensord:{label}"[:240]
         fd = _huge_memfd(name, nbytes) if huge and nbytes >= HUGE_MIN_BYTES else None
         self.huge = fd is not None
@@ -79,9 +82,15 @@ class HostSlab(Slab):
         except OSError:
             os.close(self.fd)
             raise
+        if pinned is not None and pinned.take(nbytes):
+            self._pinned = pinned
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
-        return HostReplica(self.nbytes, self.generation).to_wire(), [self.fd]
+        return HostReplica(self.nbytes, self.generation, self.pinned).to_wire(), [self.fd]
 
     def address(self, *, writable: bool) -> int:
         if self._mapping is not None and self._mapping.writable == writable:
@@ -111,6 +120,9 @@ class HostSlab(Slab):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._pinned is not None:  # its bytes go back to the pinned budget
+            self._pinned.give(self.nbytes)
+            self._pinned = None
 
 
 def _huge_memfd(name: str, nbytes: int) -> int | None:
@@ -230,11 +242,20 @@ class CudaSlab(Slab):
             self._block = None
 
 
-def allocate(device: str, nbytes: int, label: str, blocks: CudaBlocks, *, huge_pages: bool = False) -> Slab:
-    """One slab of at least ALIGN bytes on `device` ("cpu" or "cuda:N"); GPU memory from `blocks`."""
+def allocate(
+    device: str,
+    nbytes: int,
+    label: str,
+    blocks: CudaBlocks,
+    *,
+    huge_pages: bool = False,
+    pinned: PinnedHost | None = None,
+) -> Slab:
+    """One slab of at least ALIGN bytes on `device` ("cpu" or "cuda:N"); GPU memory from `blocks`;
+    a host slab marked pinned while `pinned` has room for it."""
     nbytes = max(nbytes, ALIGN)
     if device == "cpu":
-        return HostSlab(nbytes, label, huge=huge_pages)
+        return HostSlab(nbytes, label, huge=huge_pages, pinned=pinned)
     try:
         return CudaSlab(nbytes, device, blocks)
     except RuntimeError as exc:  # the CUDA allocator's out-of-memory and driver errors
@@ -255,10 +276,31 @@ def detect_devices() -> dict[str, int]:
     return devices
 
 
-class Budgets:
-    """Bytes each device may hold, and bytes held or reserved now."""
+class PinnedHost:
+    """Bytes of host slabs that clients may page-lock (`memory.pinned_host`), and those marked
+    so now. A slab that does not fit is served unpinned (copied at the pageable rate)."""
 
-    def __init__(self, configured: dict[str, int | None], present: dict[str, int]) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            log.info("host slab of %d bytes not pinned: %d of %d pinned bytes in use", nbytes, self.used, self.limit)
+            return False
+        self.used += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+class Budgets:
+    """Bytes each device may hold, and bytes held or reserved now; `pinned`: the part of the
+    host's that clients may page-lock (None: as much as the cpu budget)."""
+
+    def __init__(
+        self, configured: dict[str, int | None], present: dict[str, int], pinned_host: int | None = None
+    ) -> None:
         self.limit: dict[str, int] = {}
         for device, size in configured.items():
             if device not in present:
@@ -270,6 +312,7 @@ class Budgets:
             if device != "cpu" and device not in configured:
                 self.limit[device] = total * 9 // 10
         self.used = dict.fromkeys(self.limit, 0)
+        self.pinned = PinnedHost(self.limit.get("cpu", 0) if pinned_host is None else pinned_host)
 
     def check_device(self, device: str) -> str:
         if device == "cuda":

@@ -157,7 +157,9 @@ class Store:
         nbytes = max(nbytes, ALIGN)
         self._budgets.take(device, nbytes)
         try:
-            slab = allocate(device, nbytes, label, self._blocks, huge_pages=self.huge_pages)
+            slab = allocate(
+                device, nbytes, label, self._blocks, huge_pages=self.huge_pages, pinned=self._budgets.pinned
+            )
         except BaseException:
             self._budgets.give(device, nbytes)
             raise

@@ -35,6 +35,7 @@ def _u64(x: object) -> bool:
 class HostReplica:
     nbytes: int
     generation: int
+    pinned: bool = False  # clients may page-lock it to copy to and from GPUs (the daemon's budget)
     kind: str = "host"
 
     def to_wire(self) -> dict[str, Any]:
@@ -139,7 +140,10 @@ def replica_from_wire(data: Any) -> Replica:
     if not isinstance(nbytes, int) or not isinstance(generation, int) or not _u64(nbytes) or not _u64(generation):
         raise ProtocolError(f"replica descriptor has bad nbytes/generation: {data!r:.200}")
     if kind == "host":
-        return HostReplica(nbytes, generation)
+        pinned = data.get("pinned", False)
+        if type(pinned) is not bool:
+            raise ProtocolError(f"host replica descriptor: pinned must be a bool, not {pinned!r:.40}")
+        return HostReplica(nbytes, generation, pinned)
     if kind == "cuda":
         ipc, device = data.get("ipc"), data.get("device")
         if not isinstance(ipc, list) or len(ipc) < 4 or type(device) is not int or device < 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -243,3 +244,58 @@ def memcpy_table(dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, stream: in
         if rc != 0:
             lib.cudaGetLastError()
             raise TransferError(f"cudaMemcpyAsync of {n} bytes failed (cudaError {rc})")
+
+
+# -- page-locked host memory (`tensord_dataplane.pinned`) -------------------------------------------
+
+_HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED, _HOST_REGISTER_READ_ONLY = 1, 2, 8
+
+
+def host_register(address: int, length: int, *, read_only: bool) -> int:
+    """Page-lock `length` bytes of host memory at `address` for every GPU of this process and
+    map them into the device address space (cudaHostRegister, read-only for a mapping without
+    write access); returns their device address. TransferError where CUDA refuses."""
+    import torch
+
+    lib = _libcudart()
+    if lib is None or not torch.cuda.is_available():
+        raise TransferError("no CUDA here to page-lock host memory")
+    torch.cuda.init()
+    lib.cudaHostRegister.argtypes = [_P, ctypes.c_size_t, ctypes.c_uint]
+    lib.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(_P), _P, ctypes.c_uint]
+    flags = _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED | (_HOST_REGISTER_READ_ONLY if read_only else 0)
+    rc = lib.cudaHostRegister(address, length, flags)
+    if rc != 0:
+        lib.cudaGetLastError()
+        raise TransferError(f"cudaHostRegister of {length} bytes failed (cudaError {rc})")
+    pointer = _P()
+    rc = lib.cudaHostGetDevicePointer(ctypes.byref(pointer), address, 0)
+    if rc != 0 or not pointer.value:
+        lib.cudaGetLastError()
+        host_unregister(address)
+        raise TransferError(f"cudaHostGetDevicePointer failed (cudaError {rc})")
+    return int(pointer.value)
+
+
+def host_unregister(address: int) -> None:
+    """Undo `host_register` (before the memory is unmapped); errors are logged, not raised."""
+    lib = _libcudart()
+    if lib is None:
+        return
+    lib.cudaHostUnregister.argtypes = [_P]
+    rc = lib.cudaHostUnregister(address)
+    if rc != 0:
+        lib.cudaGetLastError()
+        logging.getLogger(__name__).warning("cudaHostUnregister at %#x failed (cudaError %d)", address, rc)
+
+
+def memcpy_async(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """One cudaMemcpyAsync on `stream` (direction from the pointers: unified addressing)."""
+    lib = _libcudart()
+    if lib is None:
+        raise TransferError("no CUDA runtime library found for pointer copies")
+    lib.cudaMemcpyAsync.argtypes = [_P, _P, ctypes.c_size_t, ctypes.c_int, _P]
+    rc = lib.cudaMemcpyAsync(dst, src, nbytes, 4, stream)  # cudaMemcpyDefault
+    if rc != 0:
+        lib.cudaGetLastError()
+        raise TransferError(f"cudaMemcpyAsync of {nbytes} bytes failed (cudaError {rc})")

@@ -6,8 +6,9 @@ scattered tensors as one system call per ~1,000 tensors (a vector of their addre
 between tensors read into a scratch buffer). Mounts map the file copy-on-write, so a client
 writing through a mount never changes what others read. A writer fills its reservation through
 a shared mapping that `finish()` drops (the daemon can only seal a slab nobody maps writable;
-huge-page slabs take no write() at all). Copies to and from GPU memory go through the mapping
-in windows of 256 MiB.
+huge-page slabs take no write() at all). Copies to and from GPU memory of a slab the daemon
+marks pinned go through a page-locked mapping as a few large DMA copies (`tensord_dataplane.
+pinned`); others go through the mapping in windows of 256 MiB.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import threading
 import numpy as np
 import torch
 
+from tensord_contract.errors import TransferError
 from tensord_contract.manifest import ALIGN
+from tensord_dataplane import host_dma
+from tensord_dataplane import pinned as pinning
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
 from tensord_dataplane.fingerprint import slab_fingerprints
 from tensord_dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
@@ -29,12 +33,19 @@ from tensord_dataplane.slab import Slab
 _CHUNK = 32 << 20  # flat reads are split into jobs of this size
 _JUNK = 64 << 10  # a gap up to this size between two tensors is read into scratch memory
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+_FEW_RUNS = 16  # up to this many runs into one GPU buffer: one DMA copy each, no stage
 
 
 class HostSlab(Slab):
-    def __init__(self, fd: int, nbytes: int, generation: int = 0, *, writable: bool = False) -> None:
+    def __init__(
+        self, fd: int, nbytes: int, generation: int = 0, *, writable: bool = False, pinned: bool = False
+    ) -> None:
+        """`pinned`: the daemon lets clients page-lock this slab (its pinned_host budget)."""
         self.fd, self.nbytes, self.generation, self.device = fd, nbytes, generation, "cpu"
-        self._writable = writable
+        self._writable, self.pinned = writable, pinned
+        self._registration: pinning.Registration | None = None  # page-locked while copying to GPUs
+        self._gpus: set[torch.device] = set()  # where pinned copies were queued: synced by finish()
+        self._written: list[tuple[np.ndarray, np.ndarray]] = []  # (offsets, fingerprints) of pinned writes
         self._size = map_size(fd, nbytes)
         self._base: torch.Tensor | None = None
         self._mapping: Mapping | None = None
@@ -53,11 +64,35 @@ class HostSlab(Slab):
             return self._base
 
     # -- reads --------------------------------------------------------------------------------------
+    def _route(self, device: torch.device) -> tuple[bool, pinning.Registration | None]:
+        """Whether copies with `device` go as large DMA copies (`host_dma`), and the page-locked
+        mapping they use (None: bounce buffers)."""
+        mode = pinning.mode()
+        if device.type != "cuda" or mode == "pageable":
+            return False, None
+        with self._lock:
+            self._gpus.add(device)
+            if self.pinned and mode != "bounce" and self._registration is None:
+                if self._writable:
+                    try:
+                        self._registration = pinning.register(self.fd, self._size, writable=True)
+                    except (OSError, TransferError) as exc:
+                        pinning.log.warning("a put into a host slab goes through bounce buffers: %s", exc)
+                        self.pinned = False
+                else:
+                    self._registration = pinning.registrations.acquire(self.fd, self._size, self.generation)
+                    self.pinned = self._registration is not None
+            return True, self._registration
+
     def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
+        fast, reg = self._route(dst.device)
+        if fast and (reg is None or len(src) > _FEW_RUNS):
+            host_dma.read(reg, self.fd, dst.data_ptr() + at, src, lengths, dst.device)
+            return
         if dst.device.type != "cpu":
-            base = self.base()
+            base = self.base() if reg is None else reg.host()
             for s, d, n in zip(src.tolist(), at.tolist(), lengths.tolist(), strict=True):
-                dst[d : d + n].copy_(base[s : s + n])
+                dst[d : d + n].copy_(base[s : s + n], non_blocking=reg is not None)
             return
         ptr = dst.data_ptr()
         jobs, small = [], []
@@ -77,7 +112,11 @@ class HostSlab(Slab):
 
     def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         if device.type == "cuda":
-            self._staged_read(ptrs, offsets, sizes, device)
+            fast, reg = self._route(device)
+            if fast:
+                host_dma.read(reg, self.fd, ptrs, offsets, sizes, device)
+            else:
+                self._staged_read(ptrs, offsets, sizes, device)
             return
         order = np.argsort(offsets, kind="stable")
         calls = _scatter_calls(ptrs[order], offsets[order], sizes[order])
@@ -97,6 +136,12 @@ class HostSlab(Slab):
 
     # -- writes -------------------------------------------------------------------------------------
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
+        fast, reg = self._route(device)
+        if fast:
+            address = self.base().data_ptr() if reg is None else 0
+            self._written.append(host_dma.write(reg, address, ptrs, offsets, sizes, device))
+            return
+        self._written.clear()  # fingerprints of earlier writes may no longer hold
         base = self.base()
         if device.type != "cuda":
             host_copy(base.data_ptr() + offsets, ptrs, sizes)
@@ -111,10 +156,21 @@ class HostSlab(Slab):
                 base[a:b].copy_(stage[a - start : b - start])
 
     def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes)
+        known = _known(self._written, offsets, sizes)
+        return known if known is not None else slab_fingerprints(self.base()[: self.nbytes], offsets, sizes)
 
     def finish(self) -> None:
-        """Drop a writer's mapping (its views become invalid): the slab can then be sealed."""
+        """Wait for pinned copies and drop the page-locked mapping; drop a writer's mapping (its
+        views become invalid): the slab can then be sealed."""
+        with self._lock:
+            gpus, self._gpus = self._gpus, set()
+            reg, self._registration = self._registration, None
+        for device in gpus:
+            torch.cuda.synchronize(device)
+        if reg is not None and self._writable:
+            pinning.unregister(reg)
+        elif reg is not None:
+            pinning.registrations.release(reg)
         with self._lock:
             if self._mapping is not None:
                 self._base = None
@@ -126,6 +182,22 @@ class HostSlab(Slab):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _known(written: list[tuple[np.ndarray, np.ndarray]], offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+    """Fingerprints of tensors at `offsets` that pinned writes computed (empty tensors: 0), or
+    None unless every non-empty one was written that way."""
+    if not written:
+        return None
+    at = np.concatenate([w[0] for w in written])
+    fps = np.concatenate([w[1] for w in written])
+    order = np.argsort(at, kind="stable")
+    at, fps = at[order], fps[order]
+    i = np.minimum(np.searchsorted(at, offsets), max(len(at) - 1, 0))
+    empty = sizes == 0
+    if len(at) == 0 or not np.all(empty | (at[i] == offsets)):
+        return None
+    return np.where(empty, np.uint64(0), fps[i]).astype(np.uint64)
 
 
 def _jobs(sizes: np.ndarray) -> int:

@@ -38,7 +38,7 @@ def open_slab(
             raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
         from tensord_dataplane.host import HostSlab
 
-        return HostSlab(fds[0], replica.nbytes, replica.generation, writable=writable)
+        return HostSlab(fds[0], replica.nbytes, replica.generation, writable=writable, pinned=replica.pinned)
     if isinstance(replica, CudaReplica):
         from tensord_dataplane.gpu import GpuSlab
 
