@@ -22,6 +22,8 @@ from tensord_contract.names import check_name, check_version
 log = logging.getLogger(__name__)
 
 _REPLICATE_TIMEOUT = 24 * 3600.0  # a replicate call returns when the copy is complete
+#: stream pins one connection may hold (a pull opens one per holder, each on its own connection)
+MAX_STREAM_PINS = 16
 
 
 class FleetOps(Ops):
@@ -129,10 +131,15 @@ class FleetOps(Ops):
             raise InvalidArgument("version must be a positive integer")
         if not isinstance(node, str) or not node or len(node) > 64:
             raise InvalidArgument("node must be the puller's node id")
-        if not is_int(chunk, 256) or chunk % 256:
-            raise InvalidArgument("chunk must be a positive multiple of 256 bytes")
+        if not is_int(chunk, MIN_CHUNK) or chunk % 256:
+            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
         if self.cluster is None:
             raise Unavailable("streaming needs a cluster")
+        streams = [p for p in session.pins.values() if isinstance(p, StreamPin)]
+        if len(streams) >= MAX_STREAM_PINS:
+            raise InvalidArgument(f"a connection holds at most {MAX_STREAM_PINS} stream pins: release one first")
+        if any(p.requester != node for p in streams):
+            raise InvalidArgument("a connection streams for one node: open another connection for another")
         reply, pin = self.cluster.serving.open(name, version, node, chunk)
         pid = next(self._pins)
         session.pins[pid] = pin

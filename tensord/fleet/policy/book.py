@@ -31,10 +31,13 @@ class Decision:
 class Book:
     """What one holder remembers about the chunks of one version it handed out."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, share: int | None = None) -> None:
+        """`share`: the most slots one requester holds at once (default: all but a quarter, at
+        least one, so that one puller, or a hostile peer, never holds every slot)."""
         if slots < 1:
             raise ValueError("a holder needs at least one upload slot")
         self.slots = slots
+        self.share = max(1, slots - max(1, slots // 4)) if share is None else share
         self.out: dict[str, set[int]] = {}  # requester -> chunks granted, not yet read
         self.busy = 0  # chunks granted, not yet read
         self.grantees: dict[int, list[str]] = {}
@@ -49,10 +52,12 @@ class Book:
             if not out:
                 del self.out[requester]
 
-    def decline(self, requester: str, chunks: Iterable[int]) -> None:
+    def decline(self, requester: str, chunks: Iterable[int]) -> list[int]:
         """`requester` will not read these grants (it got them elsewhere): the slots come
-        free and it is no grantee of them (nobody is sent to it for them)."""
-        chunks = list(chunks)
+        free and it is no grantee of them (nobody is sent to it for them). Returns the chunks
+        that were granted to it and not yet read (the others were never its to decline)."""
+        out = self.out.get(requester, set())
+        chunks = [c for c in dict.fromkeys(chunks) if c in out]
         self.ack(requester, chunks)
         for c in chunks:
             nodes = self.grantees.get(c)
@@ -61,6 +66,7 @@ class Book:
                 self.sent.pop((c, requester), None)
                 if not nodes:
                     del self.grantees[c]
+        return chunks
 
     def release(self, requester: str) -> None:
         """`requester` is done with this holder (its pull ended): its grants end."""
@@ -91,8 +97,9 @@ class Book:
         `order`: the requester's chunk order; `arrivals`: the chunks this holder holds, in the
         order they arrived (open requests get the newest first: the rarest, most likely)."""
         d = Decision()
-        free = self.slots - self.busy
-        if free <= 0 and self.out.get(requester):
+        mine = len(self.out.get(requester, ()))
+        free = min(self.slots - self.busy, self.share - mine)
+        if free <= 0 and mine:
             # Its own grants hold slots, and their acknowledgements come with its next request:
             # waiting for a slot here would wait for itself.
             d.full = True
