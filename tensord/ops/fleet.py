@@ -22,6 +22,7 @@ from tensord_contract.names import check_name, check_version
 log = logging.getLogger(__name__)
 
 _REPLICATE_TIMEOUT = 24 * 3600.0  # a replicate call returns when the copy is complete
+_LEASE_POLL = 1.0  # how often a fan-out checks that the targets it waits on still hold a lease
 #: stream pins one connection may hold (a pull opens one per holder, each on its own connection)
 MAX_STREAM_PINS = 16
 
@@ -101,7 +102,8 @@ class FleetOps(Ops):
                     result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
                 else:
                     peer = cluster.peers.get(node, records[node].control)
-                    result, _ = await peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                    call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                    result, _ = await self._while_live(node, asyncio.ensure_future(call))
                 return dict(result)
             except TensordError as exc:
                 return {"node": node, "error": exc.message, "code": exc.code}
@@ -119,9 +121,31 @@ class FleetOps(Ops):
                 name=name,
                 version=version,
                 failed=sorted(failed),
+                done=sorted(set(nodes) - set(failed)),
             )
         log.info("fan-out of %s v%d to %d nodes in %.2f s", name, version, len(targets), out["seconds"])
         return out
+
+    async def _while_live(self, node: str, call: asyncio.Future[Any]) -> Any:
+        """`call`'s result, unless `node` loses its lease first (it died, or froze: a stopped
+        process answers nothing, but its connection stays open): then Unavailable, naming it."""
+        missed = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=_LEASE_POLL)
+                if done:
+                    return call.result()
+                try:
+                    live = {n.node for n in await self.store.registry.nodes()}
+                except Unavailable:
+                    continue  # no registry, no verdict: keep waiting
+                missed = 0 if node in live else missed + 1
+                if missed >= 2:
+                    raise Unavailable(f"node {node} lost its lease while it replicated (dead or frozen)", node=node)
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
 
     # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
     async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
