@@ -280,7 +280,8 @@ class Serving:
         """The puller released the pin (`clean`) or its session closed: its grants end; after a
         closed session nobody is redirected to it any more (it may be dead)."""
         self.streams -= 1
-        served = self._served.get((*pin.key, pin.chunk))
+        key = (*pin.key, pin.chunk)
+        served = self._served.get(key)
         if served is not None:
             if clean:
                 served.book.release(pin.requester)
@@ -289,7 +290,7 @@ class Serving:
             served.pins -= 1
             if served.pins <= 0 and not served.book.busy:
                 # nobody streams it: its book, redirects and cached orders go
-                del self._served[(*pin.key, pin.chunk)]
+                del self._served[key]
         t = pin.target
         if isinstance(t, Partial):
             if t.promoted is not None:
