@@ -404,7 +404,8 @@ class Pull:
     async def _nodes(self) -> None:
         with contextlib.suppress(Unavailable):
             self.records = {r.node: r for r in await self.store.registry.nodes()}
-            for node in [n for n in self.lanes if n not in self.records]:  # its lease expired
+            gone = [n for n in self.lanes if n not in self.records] if self.me in self.records else []
+            for node in gone:  # its lease expired (judged only while this node's own lease holds)
                 self._fail(node, Unavailable(f"node {node} lost its lease (dead or frozen)"))
 
     async def _discover(self) -> None:
