@@ -135,6 +135,8 @@ class Pull:
                 await self._fetch()
                 self._phase("fetch")
                 await self._let_go()
+                if self._reads.running:
+                    raise TransferError(f"reads into {name} v{version} did not end", name=name, version=version)
                 bad = await asyncio.to_thread(self.partial.wrong_chunks)
                 self._phase("check")
                 if not len(bad):
@@ -182,7 +184,7 @@ class Pull:
             if late:
                 log.warning("%d pair-group receives into %s still running", len(late), self.manifest.name)
         if await self._reads.settle(_SETTLE):
-            raise TransferError(f"Transfer Engine reads into {self.manifest.name} did not end in {_SETTLE:.0f} s")
+            log.error("%s: Transfer Engine reads into its slab still run after %.0f s", self.manifest.name, _SETTLE)
         lanes, self.lanes = list(self.lanes.values()), {}
         await asyncio.gather(*(lane.release() for lane in lanes), return_exceptions=True)
 
@@ -193,6 +195,8 @@ class Pull:
         partial = self.partial
         if partial is None:
             return
+        if self._reads.running:
+            partial.pins += 1  # a read still writes into the slab: it is never freed
         if held is None:
             await self.serving.stopped(partial, None)
         with contextlib.suppress(TensordError):
@@ -436,14 +440,7 @@ class Pull:
         self._mark = now
 
     def status(self) -> dict[str, Any]:
-        return {
-            "name": self.manifest.name,
-            "version": self.manifest.version,
-            "chunks": self.grid.count,
-            "chunk": self.grid.size,
-            "held": self.plan.held,
-            "bytes": self.bytes,
-            "seconds": time.monotonic() - self.started,
-            "sources": dict(self.sourced),
-            "phases": {k: round(v, 4) for k, v in self.phases.items()},
-        }
+        m, seconds = self.manifest, time.monotonic() - self.started
+        return {"name": m.name, "version": m.version, "chunks": self.grid.count, "chunk": self.grid.size,
+                "held": self.plan.held, "bytes": self.bytes, "seconds": seconds, "sources": dict(self.sourced),
+                "phases": {k: round(v, 4) for k, v in self.phases.items()}}  # fmt: skip
