@@ -209,3 +209,18 @@ def test_one_requester_never_holds_every_slot_and_declines_only_its_own_grants()
     assert book.decline("hog", [7, 6, 100, 0, 0]) == [0]  # never granted to it: nothing changes
     assert book.busy == 6
     assert book.decline("stranger", [1, 2]) == [] and book.busy == 6
+
+
+def test_a_grant_left_unread_gives_its_slot_back_after_its_ttl() -> None:
+    book = Book(slots=4, ttl=10.0)
+    assert book.decide("hog", Request("seed", [0, 1, 2]), held=None, coming=False, now=0.0).granted == [0, 1, 2]
+    assert book.decide("hog2", Request("seed", [3]), held=None, coming=False, now=1.0).granted == [3]
+    d = book.decide("real", Request("seed", [5], force=[5]), held=None, coming=False, now=5.0)
+    assert not d.granted and d.waiting == [5]  # every slot held
+    d = book.decide("real", Request("seed", [5], force=[5]), held=None, coming=False, now=10.5)
+    assert d.granted == [5] and book.busy == 2  # hog's three expired; hog2's one not yet
+    assert "hog" not in book.out and book.grantees.get(0) is None  # nobody is sent to hog for them
+    book.ack("real", [5])
+    assert book.busy == 1 and ("real", 5) not in book.due
+    book.decide("x", Request("seed", []), held=None, coming=False, now=11.5)
+    assert book.busy == 0 and not book.due

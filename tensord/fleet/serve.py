@@ -97,6 +97,7 @@ class _Served:
 class Serving:
     def __init__(self, store: Store, *, slots: int, wait: float) -> None:
         self.store, self.slots, self.wait = store, slots, wait
+        self.grant_ttl = max(5.0, 10 * wait)  # a grant unread this long gives its slot back
         self.partials: dict[tuple[str, int], Partial] = {}
         self._served: dict[tuple[str, int, int], _Served] = {}
         self.egress_chunks = 0  # bytes of chunks granted to streaming pullers
@@ -231,6 +232,7 @@ class Serving:
                     coming=partial is not None and partial.pulling,
                     order=order,
                     arrivals=None if partial is None else partial.arrivals,
+                    now=time.monotonic(),
                 )
                 left = deadline - time.monotonic()
                 if decision.final or left <= 0:
@@ -313,7 +315,7 @@ class Serving:
             idle = [k for k, v in self._served.items() if not v.book.busy]
             for k in idle[: max(0, len(self._served) - _SERVED)]:  # the oldest idle ones go
                 del self._served[k]
-            served = self._served[key] = _Served(Book(self.slots))
+            served = self._served[key] = _Served(Book(self.slots, ttl=self.grant_ttl))
         return served
 
     async def _notify(self, key: tuple[str, int]) -> None:

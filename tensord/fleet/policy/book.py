@@ -3,6 +3,7 @@ request (see `tensord.fleet.policy`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,9 +32,10 @@ class Decision:
 class Book:
     """What one holder remembers about the chunks of one version it handed out."""
 
-    def __init__(self, slots: int, share: int | None = None) -> None:
+    def __init__(self, slots: int, share: int | None = None, ttl: float = math.inf) -> None:
         """`share`: the most slots one requester holds at once (default: all but a quarter, at
-        least one, so that one puller, or a hostile peer, never holds every slot)."""
+        least one, so that one puller, or a hostile peer, never holds every slot); `ttl`: how
+        long a grant holds its slot unread (decisions given the time `now` expire older ones)."""
         if slots < 1:
             raise ValueError("a holder needs at least one upload slot")
         self.slots = slots
@@ -42,13 +44,17 @@ class Book:
         self.busy = 0  # chunks granted, not yet read
         self.grantees: dict[int, list[str]] = {}
         self.sent: dict[tuple[int, str], int] = {}  # (chunk, grantee) -> redirects sent there
+        self.ttl = ttl
+        self.due: dict[tuple[str, int], float] = {}  # (requester, chunk) -> read by then
 
     def ack(self, requester: str, chunks: Iterable[int]) -> None:
         out = self.out.get(requester)
         if out is not None:
-            before = len(out)
-            out.difference_update(chunks)
-            self.busy -= before - len(out)
+            read = out.intersection(chunks)
+            out -= read
+            self.busy -= len(read)
+            for c in read:
+                self.due.pop((requester, c), None)
             if not out:
                 del self.out[requester]
 
@@ -70,7 +76,10 @@ class Book:
 
     def release(self, requester: str) -> None:
         """`requester` is done with this holder (its pull ended): its grants end."""
-        self.busy -= len(self.out.pop(requester, ()))
+        out = self.out.pop(requester, set())
+        self.busy -= len(out)
+        for c in out:
+            self.due.pop((requester, c), None)
 
     def forget(self, requester: str) -> None:
         """`requester` went away: its grants end and nobody is redirected to it any more."""
@@ -91,11 +100,16 @@ class Book:
         coming: bool,
         order: np.ndarray | None = None,
         arrivals: list[int] | None = None,
+        now: float | None = None,
     ) -> Decision:
         """The answer to `requester`'s `request`. `held`: this holder's bitmap (None: it is
         complete); `coming`: its own pull still runs, so chunks it lacks are on their way;
         `order`: the requester's chunk order; `arrivals`: the chunks this holder holds, in the
-        order they arrived (open requests get the newest first: the rarest, most likely)."""
+        order they arrived (open requests get the newest first: the rarest, most likely);
+        `now`: the time, to expire grants unread for `ttl` (their slots come free)."""
+        if now is not None:
+            for r, c in [k for k, t in self.due.items() if t <= now]:
+                self.decline(r, [c])
         d = Decision()
         mine = len(self.out.get(requester, ()))
         free = min(self.slots - self.busy, self.share - mine)
@@ -139,6 +153,8 @@ class Book:
             out.update(d.granted)
             self.busy += len(out) - before
             for c in d.granted:
+                if now is not None and self.ttl < math.inf:
+                    self.due[(requester, c)] = now + self.ttl
                 nodes = self.grantees.setdefault(c, [])
                 if requester not in nodes:
                     nodes.append(requester)
