@@ -73,9 +73,9 @@ Undo = Callable[[Session, str, Any], Awaitable[None]]
 class Server:
     """Accepts connections on a Unix socket (and optionally TCP) and feeds requests to `handle`.
 
-    On TCP, a listener with a token refuses every mutating op (and, with `token_reads`, every
-    op) to a connection whose hello did not carry that token. The Unix socket is trusted: its
-    file mode is the boundary.
+    On TCP, a listener with a token refuses every mutating op and every daemon-to-daemon op
+    (`wire.PEER`; with `token_reads`, every op) to a connection whose hello did not carry that
+    token. The Unix socket is trusted: its file mode is the boundary.
     """
 
     def __init__(
@@ -334,7 +334,7 @@ class Server:
             return
         if session.local or not self._token or session.authorized:
             return
-        if op in wire.MUTATING or self._token_reads:
+        if op in wire.MUTATING or op in wire.PEER or self._token_reads:
             raise Unauthorized(f"{op} over TCP needs the daemon's token (TENSORD_TOKEN)")
 
     async def close(self) -> None:

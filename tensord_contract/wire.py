@@ -24,7 +24,8 @@ MAX_UNTRUSTED_FRAME = 64 * 1024
 HEADER = struct.Struct(">I")
 MAX_FDS = 16
 
-#: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one.
+#: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one;
+#: so do ops in PEER, whatever `token_reads` says.
 OPS = frozenset(
     {
         "hello",
@@ -48,9 +49,11 @@ OPS = frozenset(
         "unpublish",
     }
 )
-MUTATING = frozenset(
-    {"put_begin", "put_commit", "put_abort", "delete", "replicate", "load", "stream_pair", "publish", "unpublish"}
-)
+MUTATING = frozenset({"put_begin", "put_commit", "put_abort", "delete", "replicate", "load", "publish", "unpublish"})
+#: Ops only daemons call on each other (streaming pulls). They change no set, but they pin
+#: replicas, hold upload slots and move egress: a separate set, so that a listener with a token
+#: never serves them without it (even where reads are open to all).
+PEER = frozenset({"stream_open", "stream_chunks", "stream_pair"})
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -215,4 +215,4 @@ def test_every_op_in_the_table_has_a_handler_and_no_handler_is_unlisted() -> Non
     assert handlers == set(wire.OPS), (
         f"only in the table: {set(wire.OPS) - handlers}; only handled: {handlers - set(wire.OPS)}"
     )
-    assert wire.MUTATING <= wire.OPS
+    assert wire.MUTATING <= wire.OPS and wire.PEER <= wire.OPS

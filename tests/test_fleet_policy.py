@@ -168,7 +168,7 @@ def test_redirects_spread_over_the_grantees() -> None:
 
 
 def test_a_partial_holder_grants_within_its_slots_and_makes_requests_wait() -> None:
-    book = Book(slots=2)
+    book = Book(slots=2, share=2)
     held = bits(6, [0, 1, 2])
     d = book.decide("a", Request("p", [0, 1, 2]), held=held, coming=True)
     assert d.granted == [0, 1] and d.waiting == [2]
@@ -195,3 +195,32 @@ def test_a_forgotten_requester_frees_its_slots_and_is_no_redirect_target() -> No
     book.forget("a")
     assert book.busy == 0
     assert book.decide("b", Request("seed", [0]), held=None, coming=False).granted == [0]
+
+
+def test_one_requester_never_holds_every_slot_and_declines_only_its_own_grants() -> None:
+    book = Book(slots=8)
+    assert book.share == 6
+    d = book.decide("hog", Request("seed", list(range(8))), held=None, coming=False)
+    assert d.granted == list(range(6)) and book.busy == 6
+    d = book.decide("hog", Request("seed", [6, 7]), held=None, coming=False)
+    assert d.full and not d.granted  # at its share: come back after reading
+    d = book.decide("real", Request("seed", [7], force=[7]), held=None, coming=False)
+    assert d.granted == [7]  # a slot is left for another puller
+    assert book.decline("hog", [7, 6, 100, 0, 0]) == [0]  # never granted to it: nothing changes
+    assert book.busy == 6
+    assert book.decline("stranger", [1, 2]) == [] and book.busy == 6
+
+
+def test_a_grant_left_unread_gives_its_slot_back_after_its_ttl() -> None:
+    book = Book(slots=4, ttl=10.0)
+    assert book.decide("hog", Request("seed", [0, 1, 2]), held=None, coming=False, now=0.0).granted == [0, 1, 2]
+    assert book.decide("hog2", Request("seed", [3]), held=None, coming=False, now=1.0).granted == [3]
+    d = book.decide("real", Request("seed", [5], force=[5]), held=None, coming=False, now=5.0)
+    assert not d.granted and d.waiting == [5]  # every slot held
+    d = book.decide("real", Request("seed", [5], force=[5]), held=None, coming=False, now=10.5)
+    assert d.granted == [5] and book.busy == 2  # hog's three expired; hog2's one not yet
+    assert "hog" not in book.out and book.grantees.get(0) is None  # nobody is sent to hog for them
+    book.ack("real", [5])
+    assert book.busy == 1 and ("real", 5) not in book.due
+    book.decide("x", Request("seed", []), held=None, coming=False, now=11.5)
+    assert book.busy == 0 and not book.due

@@ -17,7 +17,7 @@ from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Request
 from tensord.peers import Peer
 from tensord.registry.base import NodeRecord, PartialReplica, Registry
-from tensord_contract.errors import ProtocolError, TensordError, Unavailable
+from tensord_contract.errors import ProtocolError, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,42 @@ class Lane:
             pass
         finally:
             await self.peer.close()
+
+
+class Reads:
+    """Transfer Engine reads into a pull's slab that are still running. A read cannot be called
+    off: one from a holder that stopped answering runs until the engine gives up on it
+    (`MC_TRANSFER_TIMEOUT`), so its chunks are asked elsewhere meanwhile, and the pull waits
+    for every read to end before it checks or gives up the slab (no late bytes go unchecked,
+    none land in freed memory)."""
+
+    def __init__(self) -> None:
+        self.running: set[asyncio.Future[None]] = set()
+
+    async def read(self, transport: Any, session: str, batch: Any, bound: float | None) -> None:
+        """Read `batch`; TransferError when it takes over `bound` seconds (None: the engine's)."""
+        read = asyncio.ensure_future(asyncio.to_thread(transport.read, session, batch))
+        self.running.add(read)
+        read.add_done_callback(_settled(self.running))
+        try:
+            await asyncio.wait_for(asyncio.shield(read), bound)
+        except TimeoutError:
+            raise TransferError(f"a read of {batch.nbytes} bytes took over {bound:.1f} s") from None
+
+    async def settle(self, timeout: float) -> int:
+        """Wait for the reads still running (up to `timeout`); how many still run."""
+        if self.running:
+            await asyncio.wait(list(self.running), timeout=timeout)
+        return len(self.running)
+
+
+def _settled(running: set[asyncio.Future[None]]) -> Any:
+    def done(read: asyncio.Future[None]) -> None:
+        running.discard(read)
+        if not read.cancelled():
+            read.exception()  # retrieved: an abandoned read's failure was already handled
+
+    return done
 
 
 def request_args(pin: int | None, wait: float, req: Request, start: int) -> dict[str, Any]:

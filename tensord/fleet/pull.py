@@ -32,9 +32,10 @@ import numpy as np
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
-from tensord.fleet.lanes import Lane, find_holders, read_answer, request_args
+from tensord.fleet.lanes import Lane, Reads, find_holders, read_answer, request_args
 from tensord.fleet.policy import Plan, Request
 from tensord.fleet.serve import Partial
+from tensord.fleet.settings import Pace
 from tensord.held import Held
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _VERIFY_ROUNDS = 3
+_SLOW_READ = 50e6  # bytes/s: a read from a relay slower than this (after 2 x stall) is given up
+_SETTLE = 300.0  # the longest a pull waits for reads it gave up on to end (the engine's timeout)
 
 
 class Pull:
@@ -102,9 +105,10 @@ class Pull:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pushes: set[Future[None]] = set()  # receives queued on pair groups, not done yet
+        self._reads = Reads()
+        self._asking: dict[str, set[asyncio.Task[None]]] = {}  # node -> requests out to it
         self._advertised = -1
-        self._rate_start = 0.0
-        self._rate_bytes = 0
+        self._pace = Pace(self.settings.rate)
         self._error: str = ""
 
     # -- the whole pull -----------------------------------------------------------------------
@@ -131,6 +135,8 @@ class Pull:
                 await self._fetch()
                 self._phase("fetch")
                 await self._let_go()
+                if self._reads.running:
+                    raise TransferError(f"reads into {name} v{version} did not end", name=name, version=version)
                 bad = await asyncio.to_thread(self.partial.wrong_chunks)
                 self._phase("check")
                 if not len(bad):
@@ -177,6 +183,8 @@ class Pull:
             _, late = await asyncio.wait([asyncio.wrap_future(f) for f in self._pushes], timeout=self.pairs_timeout)
             if late:
                 log.warning("%d pair-group receives into %s still running", len(late), self.manifest.name)
+        if await self._reads.settle(_SETTLE):
+            log.error("%s: Transfer Engine reads into its slab still run after %.0f s", self.manifest.name, _SETTLE)
         lanes, self.lanes = list(self.lanes.values()), {}
         await asyncio.gather(*(lane.release() for lane in lanes), return_exceptions=True)
 
@@ -187,6 +195,8 @@ class Pull:
         partial = self.partial
         if partial is None:
             return
+        if self._reads.running:
+            partial.pins += 1  # a read still writes into the slab: it is never freed
         if held is None:
             await self.serving.stopped(partial, None)
         with contextlib.suppress(TensordError):
@@ -230,6 +240,9 @@ class Pull:
 
     async def _exchange(self, req: Request) -> None:
         """Send one request, read what it grants."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._asking.setdefault(req.node, set()).add(task)
         try:
             lane = await self._lane(req.node)
             if lane.push:
@@ -238,11 +251,12 @@ class Pull:
             result = await lane.ask(**request_args(lane.pin, self.settings.wait, req, self.plan.start))
             read = self._answer(lane, req, result)
             if read:
-                await self._throttle(read)
+                await self._pace.wait(self.grid.bytes_of(read))
                 await self._read(lane, read, int(result.get("address") or lane.address))
         except (TensordError, OSError) as exc:
             self._fail(req.node, exc)
         finally:
+            self._asking.get(req.node, set()).discard(task)
             self._wake.set()
 
     async def _exchange_pushed(self, lane: Lane, req: Request) -> None:
@@ -271,7 +285,7 @@ class Pull:
             done = pairs.receive(group, seq, self.partial.slab, self.grid, granted, set(read))
             self._pushes.add(done)
             done.add_done_callback(self._pushes.discard)
-        await self._throttle(read)
+        await self._pace.wait(self.grid.bytes_of(read))
         t0 = time.monotonic()
         try:  # shielded: a receive under way runs to its end (the holder sends anyway)
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), pairs.timeout)
@@ -310,8 +324,10 @@ class Pull:
         starts, lengths = self.grid.ranges(chunks)
         batch = Batch(self.partial.address + starts, address + starts, lengths)
         t0 = time.monotonic()
+        # a relay that stops answering must not hold chunks for the engine's whole timeout
+        bound = None if lane.complete else 2 * self.settings.stall + batch.nbytes / _SLOW_READ
         try:
-            await asyncio.to_thread(transport.read, lane.session, batch)
+            await self._reads.read(transport, lane.session, batch, bound)
         except TransferError as exc:
             if await self._engine_unreachable(lane):
                 # its control plane answers but its engine cannot be read from here: it sends
@@ -344,24 +360,14 @@ class Pull:
         await self.serving.arrived(self.partial, chunks)
         log.debug("%d chunks (%d bytes) from %s in %.4f s", len(chunks), nbytes, lane.node, seconds)
 
-    async def _throttle(self, chunks: list[int]) -> None:
-        rate = self.settings.rate
-        if not rate or not chunks:
-            return
-        now = time.monotonic()
-        if not self._rate_start:
-            self._rate_start = now
-        self._rate_bytes += self.grid.bytes_of(chunks)
-        ahead = self._rate_start + self._rate_bytes / rate - now
-        if ahead > 0:
-            await asyncio.sleep(ahead)
-
     def _fail(self, node: str, exc: BaseException) -> None:
         message = getattr(exc, "message", str(exc))
         log.info("pull of %s v%d: dropping source %s: %s", self.manifest.name, self.manifest.version, node, message)
         self._error = f"{node}: {message}"
         self.plan.fail(node)
         self._drop_lane(node)
+        for task in self._asking.pop(node, set()) - {asyncio.current_task()}:
+            task.cancel()  # requests still out to it: the plan asks for their chunks elsewhere
 
     def _drop_lane(self, node: str) -> None:
         lane = self.lanes.pop(node, None)
@@ -402,6 +408,9 @@ class Pull:
     async def _nodes(self) -> None:
         with contextlib.suppress(Unavailable):
             self.records = {r.node: r for r in await self.store.registry.nodes()}
+            gone = [n for n in self.lanes if n not in self.records] if self.me in self.records else []
+            for node in gone:  # its lease expired (judged only while this node's own lease holds)
+                self._fail(node, Unavailable(f"node {node} lost its lease (dead or frozen)"))
 
     async def _discover(self) -> None:
         """Offer the plan every holder the registry knows of, and the other targets of a fan-out."""
@@ -431,14 +440,7 @@ class Pull:
         self._mark = now
 
     def status(self) -> dict[str, Any]:
-        return {
-            "name": self.manifest.name,
-            "version": self.manifest.version,
-            "chunks": self.grid.count,
-            "chunk": self.grid.size,
-            "held": self.plan.held,
-            "bytes": self.bytes,
-            "seconds": time.monotonic() - self.started,
-            "sources": dict(self.sourced),
-            "phases": {k: round(v, 4) for k, v in self.phases.items()},
-        }
+        m, seconds = self.manifest, time.monotonic() - self.started
+        return {"name": m.name, "version": m.version, "chunks": self.grid.count, "chunk": self.grid.size,
+                "held": self.plan.held, "bytes": self.bytes, "seconds": seconds, "sources": dict(self.sourced),
+                "phases": {k: round(v, 4) for k, v in self.phases.items()}}  # fmt: skip

@@ -38,6 +38,7 @@ from tensord_dataplane.fingerprint import mismatched_rows
 log = logging.getLogger(__name__)
 
 _ORDERS = 64  # rotations cached per served version
+_ORDER_ENTRIES = 1 << 20  # at most this many chunk indices cached per served version (8 MiB)
 _SERVED = 256  # versions whose grants a holder remembers
 
 
@@ -90,15 +91,18 @@ class _Served:
     book: Book
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     orders: dict[int, np.ndarray] = field(default_factory=dict)
+    pins: int = 0  # stream pins on it: when the last goes, so does what it holds
 
 
 class Serving:
     def __init__(self, store: Store, *, slots: int, wait: float) -> None:
         self.store, self.slots, self.wait = store, slots, wait
+        self.grant_ttl = max(5.0, 10 * wait)  # a grant unread this long gives its slot back
         self.partials: dict[tuple[str, int], Partial] = {}
         self._served: dict[tuple[str, int, int], _Served] = {}
         self.egress_chunks = 0  # bytes of chunks granted to streaming pullers
         self.egress_reads = 0  # bytes of whole slabs pinned for remote readers (open)
+        self.streams = 0  # stream pins held by pullers
         self.pusher: Any = None  # tensord.fleet.pairs.Pairs, when pair groups are on
 
     # -- partial replicas of this node --------------------------------------------------------
@@ -174,6 +178,8 @@ class Serving:
             session = self.store.transport.session if self.store.transport is not None and address else ""
             slab = partial.slab
         served = self._entry(name, version, chunk)
+        served.pins += 1
+        self.streams += 1
         pin = StreamPin((name, version), chunk, requester, target)
         return {
             "complete": have is None,
@@ -199,8 +205,8 @@ class Serving:
         if request.done or request.declined:
             book.ack(pin.requester, request.done)
             if request.declined:  # granted, counted, then not read after all
-                book.decline(pin.requester, request.declined)
-                self.egress_chunks -= Grid(pin.target.manifest.nbytes, pin.chunk).bytes_of(request.declined)
+                declined = book.decline(pin.requester, request.declined)  # only what it was granted
+                self.egress_chunks -= Grid(pin.target.manifest.nbytes, pin.chunk).bytes_of(declined)
             await self._notify(pin.key)
         deadline = time.monotonic() + min(max(wait, 0.0), self.wait)
         async with served.changed:
@@ -216,7 +222,7 @@ class Serving:
                 if request.want is not None:
                     order = served.orders.get(start)
                     if order is None:
-                        if len(served.orders) >= _ORDERS:
+                        if len(served.orders) >= min(_ORDERS, _ORDER_ENTRIES // grid.count):
                             served.orders.clear()
                         order = served.orders[start] = rotation(start, grid.count)
                 decision = book.decide(
@@ -226,6 +232,7 @@ class Serving:
                     coming=partial is not None and partial.pulling,
                     order=order,
                     arrivals=None if partial is None else partial.arrivals,
+                    now=time.monotonic(),
                 )
                 left = deadline - time.monotonic()
                 if decision.final or left <= 0:
@@ -274,12 +281,18 @@ class Serving:
     async def unpin(self, pin: StreamPin, *, clean: bool) -> bool:
         """The puller released the pin (`clean`) or its session closed: its grants end; after a
         closed session nobody is redirected to it any more (it may be dead)."""
-        served = self._served.get((*pin.key, pin.chunk))
+        self.streams -= 1
+        key = (*pin.key, pin.chunk)
+        served = self._served.get(key)
         if served is not None:
             if clean:
                 served.book.release(pin.requester)
             else:
                 served.book.forget(pin.requester)
+            served.pins -= 1
+            if served.pins <= 0 and not served.book.busy:
+                # nobody streams it: its book, redirects and cached orders go
+                del self._served[key]
         t = pin.target
         if isinstance(t, Partial):
             if t.promoted is not None:
@@ -302,7 +315,7 @@ class Serving:
             idle = [k for k, v in self._served.items() if not v.book.busy]
             for k in idle[: max(0, len(self._served) - _SERVED)]:  # the oldest idle ones go
                 del self._served[k]
-            served = self._served[key] = _Served(Book(self.slots))
+            served = self._served[key] = _Served(Book(self.slots, ttl=self.grant_ttl))
         return served
 
     async def _notify(self, key: tuple[str, int]) -> None:
@@ -316,4 +329,7 @@ class Serving:
             "bytes": self.egress_chunks + self.egress_reads,
             "chunks": self.egress_chunks,
             "reads": self.egress_reads,
+            "streams": self.streams,
+            "served": len(self._served),
+            "busy": sum(s.book.busy for s in self._served.values()),
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,3 +59,22 @@ class Settings:
             rate=config.fleet_rate,
             pairs=config.fleet_pairs,
         )
+
+
+class Pace:
+    """Holds a pull to `rate` bytes per second (0: as fast as it goes)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate, self.start, self.bytes = rate, 0.0, 0
+
+    async def wait(self, nbytes: int) -> None:
+        """Account `nbytes` about to be read; sleep until reading them keeps to the rate."""
+        if not self.rate or not nbytes:
+            return
+        now = time.monotonic()
+        if not self.start:
+            self.start = now
+        self.bytes += nbytes
+        ahead = self.start + self.bytes / self.rate - now
+        if ahead > 0:
+            await asyncio.sleep(ahead)

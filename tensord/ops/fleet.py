@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -22,6 +23,9 @@ from tensord_contract.names import check_name, check_version
 log = logging.getLogger(__name__)
 
 _REPLICATE_TIMEOUT = 24 * 3600.0  # a replicate call returns when the copy is complete
+_LEASE_POLL = 1.0  # how often a fan-out checks that the targets it waits on still hold a lease
+#: stream pins one connection may hold (a pull opens one per holder, each on its own connection)
+MAX_STREAM_PINS = 16
 
 
 class FleetOps(Ops):
@@ -50,15 +54,11 @@ class FleetOps(Ops):
             record = {n.node: n for n in await self.store.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
-            result, _ = await self.cluster.peers.get(to, record.control).call(
-                "replicate",
-                name=name,
-                version=version,
-                device=device,
-                rate=rate,
-                chunk=chunk,
+            call = self.cluster.peers.get(to, record.control).call(
+                "replicate", name=name, version=version, device=device, rate=rate, chunk=chunk,
                 reply_timeout=_REPLICATE_TIMEOUT,
-            )
+            )  # fmt: skip
+            result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.store.registry))
             return result, []
         place: dict[str, Any] = {}
         if index is not None or of is not None or peers is not None:
@@ -99,12 +99,14 @@ class FleetOps(Ops):
                     result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
                 else:
                     peer = cluster.peers.get(node, records[node].control)
-                    result, _ = await peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                    call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                    result, _ = await _while_live(node, asyncio.ensure_future(call), live)
                 return dict(result)
             except TensordError as exc:
                 return {"node": node, "error": exc.message, "code": exc.code}
 
         session_of_self = Session(0, "fan-out")
+        live = _Live(self.store.registry)
         results = await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling)))
         nodes = {t: {"node": t, "held": True} for t in targets if t in holding}
         nodes.update({r["node"]: r for r in results})
@@ -117,6 +119,7 @@ class FleetOps(Ops):
                 name=name,
                 version=version,
                 failed=sorted(failed),
+                done=sorted(set(nodes) - set(failed)),
             )
         log.info("fan-out of %s v%d to %d nodes in %.2f s", name, version, len(targets), out["seconds"])
         return out
@@ -129,10 +132,15 @@ class FleetOps(Ops):
             raise InvalidArgument("version must be a positive integer")
         if not isinstance(node, str) or not node or len(node) > 64:
             raise InvalidArgument("node must be the puller's node id")
-        if not is_int(chunk, 256) or chunk % 256:
-            raise InvalidArgument("chunk must be a positive multiple of 256 bytes")
+        if not is_int(chunk, MIN_CHUNK) or chunk % 256:
+            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
         if self.cluster is None:
             raise Unavailable("streaming needs a cluster")
+        streams = [p for p in session.pins.values() if isinstance(p, StreamPin)]
+        if len(streams) >= MAX_STREAM_PINS:
+            raise InvalidArgument(f"a connection holds at most {MAX_STREAM_PINS} stream pins: release one first")
+        if any(p.requester != node for p in streams):
+            raise InvalidArgument("a connection streams for one node: open another connection for another")
         reply, pin = self.cluster.serving.open(name, version, node, chunk)
         pid = next(self._pins)
         session.pins[pid] = pin
@@ -198,3 +206,43 @@ class FleetOps(Ops):
             raise InvalidArgument(f"{host} is not where live node {node!r} listens")
         seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend, device, to)
         return {"seconds": seconds}, []
+
+
+class _Live:
+    """The live nodes, read from the registry at most once per `_LEASE_POLL` however many ask."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry, self.at, self.nodes = registry, -math.inf, set[str]()
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> set[str] | None:
+        """The live nodes, or None while the registry cannot be reached."""
+        async with self.lock:
+            if time.monotonic() - self.at >= _LEASE_POLL:
+                try:
+                    self.nodes = {n.node for n in await self.registry.nodes()}
+                except Unavailable:
+                    return None
+                self.at = time.monotonic()
+            return self.nodes
+
+
+async def _while_live(node: str, call: asyncio.Future[Any], live: _Live) -> Any:
+    """`call`'s result, unless `node` loses its lease first (it died, or froze: a stopped
+    process answers nothing, but its connection stays open): then Unavailable, naming it."""
+    missed = 0
+    try:
+        while True:
+            done, _ = await asyncio.wait({call}, timeout=_LEASE_POLL)
+            if done:
+                return call.result()
+            nodes = await live.get()
+            if nodes is None:
+                continue  # no registry, no verdict: keep waiting
+            missed = 0 if node in nodes else missed + 1
+            if missed >= 2:
+                raise Unavailable(f"node {node} lost its lease while it replicated (dead or frozen)", node=node)
+    finally:
+        if not call.done():
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)

@@ -18,7 +18,7 @@ from tensord.publications import withdraw
 from tensord.rpc import Session
 from tensord_contract.descriptors import owned_from_wire
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.manifest import Manifest
+from tensord_contract.manifest import Manifest, check_servable
 from tensord_contract.names import check_name, check_version
 
 DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
@@ -41,6 +41,10 @@ class PublishOps(Ops):
         offsets, nbytes = table.layout()
         owned = owned_from_wire(replica, nbytes, 0, InvalidArgument)
         owned.layout(table.sizes, InvalidArgument)
+        handles = sum(len(h) + 5 for h in owned.handles) + 9 * len(owned.sizes)
+        check_servable(
+            len(table.names_blob), len(table), table.dims.size, InvalidArgument, extra=handles + 12 * len(table)
+        )
         manifest = Manifest(
             name, 0, table, offsets, nbytes, created=time.time(), origin=origin or f"published by {session.peer}"
         )

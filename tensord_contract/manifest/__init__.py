@@ -29,9 +29,11 @@ from tensord_contract.manifest.columns import (
     MAX_BYTES,
     MAX_DIM,
     MAX_DIMS,
+    MAX_MANIFEST_BYTES,
     MAX_TENSOR_NAME_BYTES,
     MAX_TENSORS,
     align_up,
+    check_servable,
 )
 from tensord_contract.manifest.table import Table, TensorSpec, check_spec, table_of
 from tensord_contract.manifest.version import Manifest
@@ -45,12 +47,14 @@ __all__ = [
     "MAX_BYTES",
     "MAX_DIM",
     "MAX_DIMS",
+    "MAX_MANIFEST_BYTES",
     "MAX_TENSORS",
     "MAX_TENSOR_NAME_BYTES",
     "Manifest",
     "Table",
     "TensorSpec",
     "align_up",
+    "check_servable",
     "check_spec",
     "table_of",
 ]

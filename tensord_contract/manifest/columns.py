@@ -9,6 +9,7 @@ import numpy as np
 
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import TensordError
+from tensord_contract.wire import MAX_FRAME
 
 ALIGN = 256
 #: At most this many tensors in one set: 3.8x Kimi-K2's ~138,000 (fp8 weights + scales).
@@ -18,6 +19,13 @@ MAX_DIMS = 16
 MAX_DIM = 1 << 48
 #: No slab (so no tensor) may reach 2**62 bytes: sizes and offsets stay exact in int64.
 MAX_BYTES = 1 << 62
+#: A manifest's bytes on the wire per tensor besides its name and dims: the dtype and ndims
+#: codes, offset, size and fingerprint (1 + 1 + 8 + 8 + 8).
+WIRE_ROW_BYTES = 26
+#: Room kept in a reply frame for what goes beside a manifest (pin, descriptor, framing).
+REPLY_SPARE = 1 << 20
+#: The largest manifest a set may have: `open` must be able to send it in one reply frame.
+MAX_MANIFEST_BYTES = MAX_FRAME - REPLY_SPARE
 #: The fingerprint definition this code computes (`tensord_dataplane.fingerprint`).
 FINGERPRINT_VERSION = 2
 
@@ -102,3 +110,18 @@ def row_products(ndims: np.ndarray, dims: np.ndarray, one: Any) -> np.ndarray:
         with np.errstate(over="ignore"):
             out[rows] = np.multiply.reduceat(dims, starts)
     return out
+
+
+def check_servable(names_bytes: int, count: int, dims: int, error: type[TensordError], extra: int = 0) -> None:
+    """Refuse a set whose manifest (`names_bytes` of names joined by NUL, `count` rows, `dims` dimensions in
+    all), with `extra` bytes of descriptor beside it, would not fit one reply frame: accepted,
+    it could never be opened."""
+    need = names_bytes + WIRE_ROW_BYTES * count + 8 * dims + extra
+    if need > MAX_MANIFEST_BYTES:
+        raise error(
+            f"a set of {count} tensors with {names_bytes} bytes of tensor names has a manifest of "
+            f"{need} bytes{' with its descriptor' if extra else ''}, over the {MAX_MANIFEST_BYTES}-byte limit "
+            f"(a reply frame is at most {MAX_FRAME} bytes): use shorter names or split it into several sets",
+            limit=MAX_MANIFEST_BYTES,
+            bytes=need,
+        )

@@ -24,6 +24,7 @@ from tensord_contract.manifest.columns import (
     MAX_DIMS,
     MAX_TENSORS,
     check_blob,
+    check_servable,
     column,
     decode_names,
     row_products,
@@ -120,6 +121,7 @@ class Table:
             raise InvalidArgument(f"a shape has more than {MAX_DIMS} dimensions")
         if len(names) > MAX_TENSORS:
             raise InvalidArgument(f"a set holds at most {MAX_TENSORS} tensors, not {len(names)}")
+        check_servable(len(blob), len(names), len(dims), InvalidArgument)
         table = cls(names, dtypes, ndims, dims)
         table.__dict__["names_blob"] = blob
         return table
@@ -149,6 +151,7 @@ class Table:
         n = len(self.names)
         if n > MAX_TENSORS:
             raise error(f"a set holds at most {MAX_TENSORS} tensors, not {n}")
+        check_servable(len(self.names_blob), n, int(self.dims.size), error)
         if n and int(self.dtypes.max()) >= len(DTYPE_CODES):
             raise error(f"unknown dtype code {int(self.dtypes.max())}")
         if self.dims.size and (int(self.dims.min()) < 0 or int(self.dims.max()) >= MAX_DIM):

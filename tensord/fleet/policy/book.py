@@ -3,6 +3,7 @@ request (see `tensord.fleet.policy`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,28 +32,38 @@ class Decision:
 class Book:
     """What one holder remembers about the chunks of one version it handed out."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, share: int | None = None, ttl: float = math.inf) -> None:
+        """`share`: the most slots one requester holds at once (default: all but a quarter, at
+        least one, so that one puller, or a hostile peer, never holds every slot); `ttl`: how
+        long a grant holds its slot unread (decisions given the time `now` expire older ones)."""
         if slots < 1:
             raise ValueError("a holder needs at least one upload slot")
         self.slots = slots
+        self.share = max(1, slots - max(1, slots // 4)) if share is None else share
         self.out: dict[str, set[int]] = {}  # requester -> chunks granted, not yet read
         self.busy = 0  # chunks granted, not yet read
         self.grantees: dict[int, list[str]] = {}
         self.sent: dict[tuple[int, str], int] = {}  # (chunk, grantee) -> redirects sent there
+        self.ttl = ttl
+        self.due: dict[tuple[str, int], float] = {}  # (requester, chunk) -> read by then
 
     def ack(self, requester: str, chunks: Iterable[int]) -> None:
         out = self.out.get(requester)
         if out is not None:
-            before = len(out)
-            out.difference_update(chunks)
-            self.busy -= before - len(out)
+            read = out.intersection(chunks)
+            out -= read
+            self.busy -= len(read)
+            for c in read:
+                self.due.pop((requester, c), None)
             if not out:
                 del self.out[requester]
 
-    def decline(self, requester: str, chunks: Iterable[int]) -> None:
+    def decline(self, requester: str, chunks: Iterable[int]) -> list[int]:
         """`requester` will not read these grants (it got them elsewhere): the slots come
-        free and it is no grantee of them (nobody is sent to it for them)."""
-        chunks = list(chunks)
+        free and it is no grantee of them (nobody is sent to it for them). Returns the chunks
+        that were granted to it and not yet read (the others were never its to decline)."""
+        out = self.out.get(requester, set())
+        chunks = [c for c in dict.fromkeys(chunks) if c in out]
         self.ack(requester, chunks)
         for c in chunks:
             nodes = self.grantees.get(c)
@@ -61,10 +72,14 @@ class Book:
                 self.sent.pop((c, requester), None)
                 if not nodes:
                     del self.grantees[c]
+        return chunks
 
     def release(self, requester: str) -> None:
         """`requester` is done with this holder (its pull ended): its grants end."""
-        self.busy -= len(self.out.pop(requester, ()))
+        out = self.out.pop(requester, set())
+        self.busy -= len(out)
+        for c in out:
+            self.due.pop((requester, c), None)
 
     def forget(self, requester: str) -> None:
         """`requester` went away: its grants end and nobody is redirected to it any more."""
@@ -85,14 +100,20 @@ class Book:
         coming: bool,
         order: np.ndarray | None = None,
         arrivals: list[int] | None = None,
+        now: float | None = None,
     ) -> Decision:
         """The answer to `requester`'s `request`. `held`: this holder's bitmap (None: it is
         complete); `coming`: its own pull still runs, so chunks it lacks are on their way;
         `order`: the requester's chunk order; `arrivals`: the chunks this holder holds, in the
-        order they arrived (open requests get the newest first: the rarest, most likely)."""
+        order they arrived (open requests get the newest first: the rarest, most likely);
+        `now`: the time, to expire grants unread for `ttl` (their slots come free)."""
+        if now is not None:
+            for r, c in [k for k, t in self.due.items() if t <= now]:
+                self.decline(r, [c])
         d = Decision()
-        free = self.slots - self.busy
-        if free <= 0 and self.out.get(requester):
+        mine = len(self.out.get(requester, ()))
+        free = min(self.slots - self.busy, self.share - mine)
+        if free <= 0 and mine:
             # Its own grants hold slots, and their acknowledgements come with its next request:
             # waiting for a slot here would wait for itself.
             d.full = True
@@ -132,6 +153,8 @@ class Book:
             out.update(d.granted)
             self.busy += len(out) - before
             for c in d.granted:
+                if now is not None and self.ttl < math.inf:
+                    self.due[(requester, c)] = now + self.ttl
                 nodes = self.grantees.setdefault(c, [])
                 if requester not in nodes:
                     nodes.append(requester)
