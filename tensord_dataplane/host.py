@@ -22,7 +22,7 @@ import torch
 
 from tensord_contract.manifest import ALIGN
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
-from tensord_dataplane.fingerprint import slab_fingerprints
+from tensord_dataplane.fingerprint import FINGERPRINT_VERSION, slab_fingerprints
 from tensord_dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
 from tensord_dataplane.slab import Slab
 
@@ -110,8 +110,8 @@ class HostSlab(Slab):
             for a, b in zip(firsts.tolist(), ends.tolist(), strict=True):
                 base[a:b].copy_(stage[a - start : b - start])
 
-    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes)
+    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray, version: int = 0) -> np.ndarray:
+        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes, version=version or FINGERPRINT_VERSION)
 
     def finish(self) -> None:
         """Drop a writer's mapping (its views become invalid): the slab can then be sealed."""

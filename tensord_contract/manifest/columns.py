@@ -18,8 +18,10 @@ MAX_DIMS = 16
 MAX_DIM = 1 << 48
 #: No slab (so no tensor) may reach 2**62 bytes: sizes and offsets stay exact in int64.
 MAX_BYTES = 1 << 62
-#: The fingerprint definition this code computes (`tensord_dataplane.fingerprint`).
-FINGERPRINT_VERSION = 2
+#: The fingerprint definition new versions get (`tensord_dataplane.fingerprint`), and every
+#: definition this code still checks (a manifest's ``fp`` names its own).
+FINGERPRINT_VERSION = 3
+FINGERPRINT_VERSIONS = (2, 3)
 
 #: dtype name on the wire -> bytes per element. Names are torch's, without "torch.".
 DTYPE_SIZES: dict[str, int] = {
