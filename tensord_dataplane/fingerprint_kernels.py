@@ -55,7 +55,8 @@ if triton is not None:
             x = mixed(w + (at + 1).to(tl.uint64) * _G)
             acc += tl.where(inside, x, tl.zeros_like(x))
         i = tl.arange(0, 8).to(tl.int64)
-        tail = tl.load(address.to(tl.pointer_type(tl.uint8)) + nwords * 8 + i, mask=i < tl.where(w0 == 0, rem, 0), other=0)
+        tail_at = address.to(tl.pointer_type(tl.uint8)) + nwords * 8 + i
+        tail = tl.load(tail_at, mask=i < tl.where(w0 == 0, rem, 0), other=0)
         word = tl.sum(tail.to(tl.uint64) << (8 * i).to(tl.uint64), axis=0)
         last = mixed(word + (nwords + 1).to(tl.uint64) * _G)
         share = tl.sum(acc, axis=0) + tl.where((rem > 0) & (w0 == 0), last, tl.zeros_like(last))
@@ -76,6 +77,7 @@ if triton is not None:
             at = ks[:, None] * 32 + tl.arange(0, 32).to(tl.int64)[None, :]
             acc += tl.sum(tl.load(words + at, mask=at < nwords, other=0), axis=1) * (2 * ks + g)
         i = tl.arange(0, 8).to(tl.int64)
-        tail = tl.load(address.to(tl.pointer_type(tl.uint8)) + nwords * 8 + i, mask=i < tl.where(k0 == 0, rem, 0), other=0)
+        tail_at = address.to(tl.pointer_type(tl.uint8)) + nwords * 8 + i
+        tail = tl.load(tail_at, mask=i < tl.where(k0 == 0, rem, 0), other=0)
         word = tl.sum(tail.to(tl.int64) << (8 * i), axis=0)
         tl.atomic_add(shares + t, tl.sum(acc, axis=0) + word * (2 * (nwords // 32) + g))

@@ -143,22 +143,21 @@ def _chunk(words: Any, c0: int, cs: np.ndarray, ce: np.ndarray, key: np.ndarray,
         before = torch.from_numpy(cs - 1).to(device)
         return at_end - torch.where(before >= 0, cum[before.clamp(min=0)], 0)
     with np.errstate(over="ignore"):
-        x = _ramp(top) + words[c0 : c0 + top]
+        keyed = _ramp(top) + words[c0 : c0 + top]
         if one:
-            x += consts[1]
-            return np.array([mix_np(x).sum(dtype=_U)], dtype=_U)
-        x += np.repeat(consts, pieces)
-        cum = np.cumsum(mix_np(x), dtype=_U)
-        return cum[ce - 1] - np.where(cs > 0, cum[np.maximum(cs - 1, 0)], _U(0))
+            keyed += consts[1]
+            return np.array([mix_np(keyed).sum(dtype=_U)], dtype=_U)
+        keyed += np.repeat(consts, pieces)
+        sums = np.cumsum(mix_np(keyed), dtype=_U)
+        return sums[ce - 1] - np.where(cs > 0, sums[np.maximum(cs - 1, 0)], _U(0))
 
 
-_ramps: dict[int, np.ndarray] = {}
+_ramps: list[np.ndarray] = []
 
 
 def _ramp(n: int) -> np.ndarray:
     """(0..n-1) * G mod 2**64 (uint64), from a cached ramp of one chunk."""
-    r = _ramps.get(0)
-    if r is None:
+    if not _ramps:
         with np.errstate(over="ignore"):
-            r = _ramps[0] = np.arange(_CPU_CHUNK, dtype=_U) * _U(G)
-    return r[:n]
+            _ramps.append(np.arange(_CPU_CHUNK, dtype=_U) * _U(G))
+    return _ramps[0][:n]

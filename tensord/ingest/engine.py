@@ -68,11 +68,12 @@ def ingest_into(
     with opened(sources) as fds:
         chunks = plan_chunks(sources, fds, chunk)
         on_gpu = isinstance(slab, GpuSlab)  # then hash where the bytes land, in one batch
-        shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu, fp=manifest.fp_version)
+        fp = manifest.fp_version  # the definition of the version being made (or restored)
+        shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu, fp=fp)
     if on_gpu:
-        fps = slab.fingerprints(manifest.offsets, manifest.sizes, manifest.fp_version).tolist()  # type: ignore[union-attr]
+        fps = slab.fingerprints(manifest.offsets, manifest.sizes, fp).tolist()  # type: ignore[union-attr]
     else:
-        fps = [fingerprint_finish(s, spec.nbytes, version=manifest.fp_version) for s, spec in zip(shares, specs, strict=True)]
+        fps = [fingerprint_finish(s, spec.nbytes, version=fp) for s, spec in zip(shares, specs, strict=True)]
     total = sum(spec.nbytes for spec in specs)
     seconds = max(time.perf_counter() - started, 1e-9)
     log.info(

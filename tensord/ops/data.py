@@ -48,7 +48,7 @@ class DataOps(Ops):
                 assert self.restorer is not None
                 message = self.restorer.lost_message(name, version, lost)
             raise NotFound(message, name=name, version=version)
-        result, remote = await self.cluster.pin_remote(name, version, exclude, have)
+        result, remote = await self.cluster.pin_remote(name, version, exclude, cached)
         pin = next(self._pins)
         session.pins[pin] = remote
         return {**result, "pin": pin}, []
@@ -82,7 +82,8 @@ class DataOps(Ops):
         self._own(session, rid)
         if not isinstance(fingerprints, bytes) or len(fingerprints) % 8:
             raise InvalidArgument("fingerprints must be bytes: one little-endian uint64 per tensor")
-        held = await self.store.commit(rid, np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64), fp_definition(fp))
+        fps = np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64)
+        held = await self.store.commit(rid, fps, fp_definition(fp))
         session.reservations.discard(rid)
         self._moved(session, held, "write")
         return {"version": held.manifest.version}, []

@@ -1,0 +1,116 @@
+"""Wrong bytes under a committed name and version, across nodes: a node advertised in the
+registry that holds other bytes (the committed tensors with rows 0 and 1 swapped) is never
+served as the committed version. Real etcd, three daemons on loopback, Mooncake TCP.
+
+The liar `a` is made the honest way a broken node could: it runs against its own registry
+prefix, puts the other bytes there as v1, and its node and replica records are then copied
+into the shared prefix, where `b` committed the real v1. `c` is the gateway readers use."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aetcd
+import pytest
+import torch
+
+import sdk
+from tensord_dataplane.fingerprint import fingerprint
+from tensord_dataplane.tensors import as_bytes
+from tensord_dataplane.transport.mooncake import available
+from tests.daemons import DaemonProcess
+from tests.etcd_server import EtcdServer, free_port
+
+pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
+
+TOKEN = "integrity-secret"
+SHARED, OWN = "/integrity/", "/integrity-liar/"
+NAME = "trust/set"
+
+
+def _config(etcd: EtcdServer, prefix: str) -> str:
+    return (
+        f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "{TOKEN}"\n'
+        f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 2.0\nprefix = "{prefix}"\n'
+        '[transport]\nprotocol = "tcp"\n'
+    )
+
+
+def _committed() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {"rows": torch.randn(64, 2, generator=g), "w": torch.randn(3000, generator=g).bfloat16()}
+
+
+def _rows_swapped(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in t.items()}
+    out["rows"][[0, 1]] = out["rows"][[1, 0]]
+    return out
+
+
+def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return set(got) == set(want) and all(torch.equal(as_bytes(got[k]), as_bytes(want[k])) for k in want)
+
+
+async def _advertise(etcd: EtcdServer, node: str) -> None:
+    """Copy `node`'s node record and replica records from its own prefix into the shared one."""
+    client = aetcd.Client("127.0.0.1", etcd.client_port, timeout=5)
+    try:
+        found = await client.get(f"{OWN}nodes/{node}".encode())
+        assert found is not None
+        await client.put(f"{SHARED}nodes/{node}".encode(), found.value)
+        copied = 0
+        for kv in await client.get_prefix(f"{OWN}sets/{NAME}/@r/".encode()):
+            await client.put(SHARED.encode() + kv.key[len(OWN) :], kv.value)
+            copied += 1
+        assert copied == 1
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def nodes(etcd: EtcdServer, tmp_path: Path):
+    started: dict[str, DaemonProcess] = {}
+    yield started, tmp_path
+    for d in started.values():
+        d.kill()
+
+
+def test_a_verified_read_checks_the_registrys_manifest_not_the_holders(etcd: EtcdServer, nodes) -> None:
+    started, tmp_path = nodes
+    committed, other = _committed(), _rows_swapped(_committed())
+    # the old linear definition could not tell these apart; the current one does
+    assert fingerprint(committed["rows"], version=2) == fingerprint(other["rows"], version=2)
+    assert fingerprint(committed["rows"]) != fingerprint(other["rows"])
+    for node, prefix in (("a", OWN), ("b", SHARED), ("c", SHARED)):
+        started[node] = DaemonProcess(tmp_path, node, _config(etcd, prefix)).start()
+    with started["a"].client() as a:
+        assert a.put(NAME, other) == 1  # v1 in the liar's own registry
+    with started["b"].client() as b:
+        assert b.put(NAME, committed) == 1  # the committed v1
+    asyncio.run(_advertise(etcd, "a"))
+
+    with started["c"].client() as c:
+        replicas = {r["node"] for r in c.info(NAME)["replicas"]}
+        assert replicas == {"a", "b"}, replicas
+        for _ in range(3):  # the liar is listed first: it is refused, b serves
+            assert _same(c.get(NAME, 1, verify=True), committed)
+            assert _same(c.get(NAME, 1), committed)
+        rows = torch.empty(64, 2)
+        c.load_into({"rows": rows}, NAME, 1, strict=False, verify=True)
+        assert torch.equal(rows, committed["rows"])
+
+    started.pop("b").kill()  # only the liar is left
+    with started["c"].client() as c:
+        deadline = time.monotonic() + 30
+        while {r["node"] for r in c.info(NAME)["replicas"]} != {"a"}:
+            assert time.monotonic() < deadline, "b's replica did not leave the registry"
+            time.sleep(0.2)
+        for verify in (True, False):
+            with pytest.raises((sdk.IntegrityError, sdk.TransferError)):
+                c.get(NAME, 1, verify=verify)
+        # a pull from the liar checks the registry's fingerprints: never promoted to a replica
+        with pytest.raises(sdk.TransferError):
+            c.replicate(NAME, 1, to="c")
+        assert {r["node"] for r in c.info(NAME)["replicas"]} == {"a"}
