@@ -15,6 +15,7 @@ and a cumulative sum splits the mixed words back into tensors. No Python loop pe
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -142,17 +143,26 @@ def _chunk(words: Any, c0: int, cs: np.ndarray, ce: np.ndarray, key: np.ndarray,
         at_end = cum[torch.from_numpy(ce - 1).to(device)]
         before = torch.from_numpy(cs - 1).to(device)
         return at_end - torch.where(before >= 0, cum[before.clamp(min=0)], 0)
+    keyed, scratch = _scratch(top)
     with np.errstate(over="ignore"):
-        keyed = _ramp(top) + words[c0 : c0 + top]
+        np.add(_ramp(top), words[c0 : c0 + top], out=keyed)
         if one:
             keyed += consts[1]
-            return np.array([mix_np(keyed).sum(dtype=_U)], dtype=_U)
+            return np.array([mix_np(keyed, scratch).sum(dtype=_U)], dtype=_U)
         keyed += np.repeat(consts, pieces)
-        sums = np.cumsum(mix_np(keyed), dtype=_U)
+        sums = np.cumsum(mix_np(keyed, scratch), dtype=_U)
         return sums[ce - 1] - np.where(cs > 0, sums[np.maximum(cs - 1, 0)], _U(0))
 
 
 _ramps: list[np.ndarray] = []
+_buffers = threading.local()  # two chunk-sized buffers per thread (ingest hashes on many)
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    found = getattr(_buffers, "pair", None)
+    if found is None:
+        found = _buffers.pair = (np.empty(_CPU_CHUNK, dtype=_U), np.empty(_CPU_CHUNK, dtype=_U))
+    return found[0][:n], found[1][:n]
 
 
 def _ramp(n: int) -> np.ndarray:
