@@ -10,7 +10,9 @@ Rows, each the median of --runs after a warm-up, in GB/s of tensor bytes:
   slab           `slab_fingerprints` over the set laid out as a slab (what puts, pulls,
                  restores and ingest-to-GPU compute);
   tensors        `fingerprints` of the separate tensors (what verify and publish compute:
-                 on a GPU one in-place Triton kernel, on the host gathered into a buffer).
+                 on a GPU one in-place Triton kernel, on the host gathered into a buffer);
+  chunk in cache `fingerprint_part` of one 4 MiB chunk already in cache, on one thread (what
+                 host ingest computes per chunk while it reads; host rows only).
 Then the ratio definition 3 / definition 2 in time (the target: at most 1.5) and each row
 against the flat copy.
 """
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from _common import deepseek_shapes, median_seconds, random_tensors
 
-from tensord_dataplane.fingerprint import fingerprints, slab_fingerprints
+from tensord_dataplane.fingerprint import fingerprint_part, fingerprints, slab_fingerprints
 from tensord_dataplane.tensors import as_bytes
 
 
@@ -71,6 +73,17 @@ def main() -> None:
         ratio = rows[what, 3] / rows[what, 2]
         verdict = "within" if ratio <= 1.5 else "OVER"
         print(f"  {what + ' time, definition 3 / 2':36s} {ratio:8.2f}    ({verdict} the 1.5 target)")
+    if a.device == "cpu":
+        chunk = slab[: 4 << 20]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        in_cache = {
+            v: median_seconds(lambda v=v: fingerprint_part(chunk, 0, slab.numel(), version=v), 20) for v in (2, 3)
+        }
+        torch.set_num_threads(threads)
+        for version, seconds in in_cache.items():
+            print(f"  {f'chunk in cache definition {version}':36s} {chunk.numel() / seconds / 1e9:8.2f} GB/s")
+        print(f"  {'chunk in cache time, definition 3 / 2':36s} {in_cache[3] / in_cache[2]:8.2f}")
     assert np.array_equal(slab_fingerprints(slab, offsets, sizes), np.array(fingerprints(tensors), dtype=np.uint64)), (
         "the slab and tensor paths disagree"
     )

@@ -170,3 +170,20 @@ def test_manifests_carry_their_definition() -> None:
     for bad in (1, 4, "3", None, True):
         with pytest.raises(ProtocolError, match="definition"):
             Manifest.from_wire({**_manifest(3).wire, "fp": bad})
+
+
+def test_the_torch_path_of_the_gpu_matches_the_numpy_path() -> None:
+    """segment_shares over torch words (what a GPU slab runs; here on CPU tensors) gives the
+    numpy path's shares bit for bit: runs within and across chunks, gaps, any order."""
+    rng = np.random.default_rng(4)
+    words = rng.integers(0, 2**63, 300_000, dtype=np.int64) * 2 + 1  # every bit pattern
+    counts = rng.integers(0, 40_000, 12)
+    starts = np.cumsum(counts + rng.integers(0, 50, 12)) - counts
+    first = rng.integers(0, 1000, 12)
+    order = rng.permutation(12)
+    args = (starts[order], counts[order], first[order])
+    want = fw.segment_shares(words.view(np.uint64), *args)
+    assert np.array_equal(fw.segment_shares(torch.from_numpy(words), *args), want)
+    x = words[:1000].view(np.uint64).copy()
+    assert np.array_equal(fw.mix_torch(torch.from_numpy(words[:1000].copy())).numpy().view(np.uint64), fw.mix_np(x))
+    assert [fw.mix(int(v)) for v in words[:5].view(np.uint64)] == fw.mix_np(words[:5].view(np.uint64).copy()).tolist()
