@@ -119,7 +119,8 @@ def slab_fingerprints(
     words = _words(buf)
     starts, whole, rem = offsets // 8, sizes // 8, sizes % 8
     try:
-        shares = fw.segment_shares(words, starts, whole, np.zeros(n, dtype=np.int64))
+        zeros = np.zeros(n, dtype=np.int64)
+        shares = fw.segment_shares(words, starts, whole, zeros, threads=torch.get_num_threads())
     except ValueError as exc:
         raise InvalidArgument(f"tensors overlap: {exc}") from None
     partial = np.flatnonzero(rem)

@@ -16,6 +16,7 @@ and a cumulative sum splits the mixed words back into tensors. No Python loop pe
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -84,10 +85,13 @@ def tail_shares(tails: np.ndarray, positions: np.ndarray, rest: np.ndarray) -> n
     return mix_np(x)
 
 
-def segment_shares(words: Any, starts: np.ndarray, counts: np.ndarray, first: np.ndarray) -> np.ndarray:
+def segment_shares(
+    words: Any, starts: np.ndarray, counts: np.ndarray, first: np.ndarray, *, threads: int = 1
+) -> np.ndarray:
     """The shares (uint64) of runs of whole words: run r is words[starts[r] : starts[r] +
     counts[r]], its first word at index first[r] of its tensor. Runs must not overlap. `words`
-    is a flat uint64 numpy array or a flat int64 torch tensor (on any device)."""
+    is a flat uint64 numpy array (chunks spread over `threads` threads when there are many) or
+    a flat int64 torch tensor (on any device)."""
     out = np.zeros(len(starts), dtype=_U)
     live = np.flatnonzero(counts > 0)
     if not len(live):
@@ -101,18 +105,22 @@ def segment_shares(words: Any, starts: np.ndarray, counts: np.ndarray, first: np
         key = (first[order].astype(_U) - s.astype(_U) + _U(1)) * _U(G)
     on_torch = isinstance(words, torch.Tensor)
     step = _GPU_CHUNK if on_torch and words.device.type != "cpu" else _CPU_CHUNK
-    parts: list[tuple[int, int, Any]] = []
+    plan: list[tuple[int, int, tuple[Any, ...]]] = []  # (first run, end run, _chunk's arguments)
     i, c0, n = 0, int(s[0]), len(s)
     while i < n:
         c0 = max(c0, int(s[i]))
         c1 = c0 + step
         hi = int(np.searchsorted(s, c1, side="left"))
         cs, ce = np.maximum(s[i:hi], c0) - c0, np.minimum(e[i:hi], c1) - c0
-        base = signed(c0 * G)
-        parts.append((i, hi, _chunk(words, c0, cs, ce, key[i:hi], base, on_torch)))
+        plan.append((i, hi, (words, c0, cs, ce, key[i:hi], signed(c0 * G), on_torch)))
         i = int(np.searchsorted(e, c1, side="right"))
         c0 = c1
-    for lo, hi, values in parts:  # one transfer per chunk, after every launch
+    if threads > 1 and not on_torch and len(plan) >= 4 * threads:  # numpy releases the GIL
+        with ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(lambda p: _chunk(*p[2]), plan))
+    else:
+        results = [_chunk(*p[2]) for p in plan]
+    for (lo, hi, _), values in zip(plan, results, strict=True):  # one transfer per chunk at the end
         v = values.cpu().numpy().view(_U) if on_torch else values
         with np.errstate(over="ignore"):
             out[order[lo:hi]] += v
