@@ -13,15 +13,18 @@ import time
 from pathlib import Path
 
 import aetcd
+import numpy as np
 import pytest
 import torch
 
 import sdk
+from tensord_contract.manifest import Table
 from tensord_dataplane.fingerprint import fingerprint
 from tensord_dataplane.tensors import as_bytes
 from tensord_dataplane.transport.mooncake import available
 from tests.daemons import DaemonProcess
 from tests.etcd_server import EtcdServer, free_port
+from tests.frames import Raw
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
 
@@ -114,3 +117,25 @@ def test_a_verified_read_checks_the_registrys_manifest_not_the_holders(etcd: Etc
         with pytest.raises(sdk.TransferError):
             c.replicate(NAME, 1, to="c")
         assert {r["node"] for r in c.info(NAME)["replicas"]} == {"a"}
+
+
+def test_a_version_of_the_old_definition_is_pulled_and_read_under_it(etcd: EtcdServer, nodes) -> None:
+    """A version committed by a client of definition 2 (put_commit without `fp`): its manifest
+    says so, and a pull to another node and verified reads through a gateway check it under 2."""
+    started, tmp_path = nodes
+    for node in ("d", "e"):
+        started[node] = DaemonProcess(tmp_path, node, _config(etcd, SHARED)).start()
+    raw = Raw(started["d"].socket)
+    try:
+        table = Table.build(["x"], ["float32"], [[1000]]).to_wire()
+        begun = raw.call("put_begin", name="old/pulled", device="cpu", tensors=table)
+        assert begun["ok"], begun
+        zeros = np.array([fingerprint(torch.zeros(1000), version=2)], dtype="<u8").tobytes()  # a fresh slab is zeros
+        done = raw.call("put_commit", reservation=begun["result"]["reservation"], fingerprints=zeros)
+        assert done["ok"] and done["result"]["version"] == 1, done
+    finally:
+        raw.close()
+    with started["e"].client() as e:
+        assert torch.equal(e.get("old/pulled", 1, verify=True)["x"], torch.zeros(1000))  # through the gateway
+        assert e.replicate("old/pulled", 1, to="e")["node"] == "e"
+        assert torch.equal(e.get("old/pulled", 1, verify=True)["x"], torch.zeros(1000))  # its own replica
