@@ -29,7 +29,7 @@ K = 0xFF51AFD7ED558CCD
 _MASK = 2**64 - 1
 _U = np.uint64
 _CPU_CHUNK = 1 << 16  # words (512 KiB): the chunk and its temporaries stay in cache
-_GPU_CHUNK = 1 << 23
+_GPU_CHUNK = 1 << 22  # words (32 MiB): a few temporaries of this size per step
 
 
 def signed(x: int) -> int:
