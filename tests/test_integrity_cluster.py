@@ -1,6 +1,7 @@
 """Wrong bytes under a committed name and version, across nodes: a node advertised in the
-registry that holds other bytes (the committed tensors with rows 0 and 1 swapped) is never
-served as the committed version. Real etcd, three daemons on loopback, Mooncake TCP.
+registry that holds other bytes (the committed tensors changed in ways the old linear
+fingerprint let through: rows swapped, compensating sign flips, bf16 groups swapped) is never
+served as the committed version, nor pulled. Real etcd, three daemons on loopback, Mooncake TCP.
 
 The liar `a` is made the honest way a broken node could: it runs against its own registry
 prefix, puts the other bytes there as v1, and its node and replica records are then copied
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE un
 
 TOKEN = "integrity-secret"
 SHARED, OWN = "/integrity/", "/integrity-liar/"
-NAME = "trust/set"
+NAME = "trust/rows"
 
 
 def _config(etcd: EtcdServer, prefix: str) -> str:
@@ -41,15 +42,28 @@ def _config(etcd: EtcdServer, prefix: str) -> str:
     )
 
 
-def _committed() -> dict[str, torch.Tensor]:
+def _committed(name: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
-    return {"rows": torch.randn(64, 2, generator=g), "w": torch.randn(3000, generator=g).bfloat16()}
+    shape, dtype = {"trust/rows": ((64, 2), torch.float32), "trust/signs": ((64,), torch.float32)}.get(
+        name, ((64,), torch.bfloat16)
+    )
+    return {"rows": torch.randn(shape, generator=g).to(dtype), "w": torch.randn(3000, generator=g).bfloat16()}
 
 
-def _rows_swapped(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {k: v.clone() for k, v in t.items()}
-    out["rows"][[0, 1]] = out["rows"][[1, 0]]
+def _changed(name: str) -> dict[str, torch.Tensor]:
+    """The committed tensors of `name` with one change the old definition missed."""
+    out = {k: v.clone() for k, v in _committed(name).items()}
+    rows = out["rows"]
+    if name == "trust/rows":
+        rows[[0, 1]] = rows[[1, 0]].clone()
+    elif name == "trust/signs":
+        rows[[1, 3]] = -rows[[1, 3]]
+    else:
+        rows[0:4], rows[4:8] = rows[4:8].clone(), rows[0:4].clone()
     return out
+
+
+NAMES = ["trust/rows", "trust/signs", "trust/groups"]
 
 
 def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
@@ -64,10 +78,11 @@ async def _advertise(etcd: EtcdServer, node: str) -> None:
         assert found is not None
         await client.put(f"{SHARED}nodes/{node}".encode(), found.value)
         copied = 0
-        for kv in await client.get_prefix(f"{OWN}sets/{NAME}/@r/".encode()):
-            await client.put(SHARED.encode() + kv.key[len(OWN) :], kv.value)
-            copied += 1
-        assert copied == 1
+        for kv in await client.get_prefix(f"{OWN}sets/trust/".encode()):
+            if b"/@r/" in kv.key:
+                await client.put(SHARED.encode() + kv.key[len(OWN) :], kv.value)
+                copied += 1
+        assert copied == len(NAMES)
     finally:
         await client.close()
 
@@ -82,16 +97,17 @@ def nodes(etcd: EtcdServer, tmp_path: Path):
 
 def test_a_verified_read_checks_the_registrys_manifest_not_the_holders(etcd: EtcdServer, nodes) -> None:
     started, tmp_path = nodes
-    committed, other = _committed(), _rows_swapped(_committed())
-    # the old linear definition could not tell these apart; the current one does
-    assert fingerprint(committed["rows"], version=2) == fingerprint(other["rows"], version=2)
-    assert fingerprint(committed["rows"]) != fingerprint(other["rows"])
+    for name in NAMES:  # the old linear definition could not tell these apart; the current one does
+        before, after = _committed(name)["rows"], _changed(name)["rows"]
+        assert fingerprint(before, version=2) == fingerprint(after, version=2), name
+        assert fingerprint(before) != fingerprint(after), name
+    committed = _committed(NAME)
     for node, prefix in (("a", OWN), ("b", SHARED), ("c", SHARED)):
         started[node] = DaemonProcess(tmp_path, node, _config(etcd, prefix)).start()
-    with started["a"].client() as a:
-        assert a.put(NAME, other) == 1  # v1 in the liar's own registry
-    with started["b"].client() as b:
-        assert b.put(NAME, committed) == 1  # the committed v1
+    with started["a"].client() as a, started["b"].client() as b:
+        for name in NAMES:
+            assert a.put(name, _changed(name)) == 1  # v1 in the liar's own registry
+            assert b.put(name, _committed(name)) == 1  # the committed v1
     asyncio.run(_advertise(etcd, "a"))
 
     with started["c"].client() as c:
@@ -110,13 +126,14 @@ def test_a_verified_read_checks_the_registrys_manifest_not_the_holders(etcd: Etc
         while {r["node"] for r in c.info(NAME)["replicas"]} != {"a"}:
             assert time.monotonic() < deadline, "b's replica did not leave the registry"
             time.sleep(0.2)
-        for verify in (True, False):
-            with pytest.raises((sdk.IntegrityError, sdk.TransferError)):
-                c.get(NAME, 1, verify=verify)
-        # a pull from the liar checks the registry's fingerprints: never promoted to a replica
-        with pytest.raises(sdk.TransferError):
-            c.replicate(NAME, 1, to="c")
-        assert {r["node"] for r in c.info(NAME)["replicas"]} == {"a"}
+        for name in NAMES:
+            for verify in (True, False):
+                with pytest.raises((sdk.IntegrityError, sdk.TransferError)):
+                    c.get(name, 1, verify=verify)
+            # a pull from the liar checks the registry's fingerprints: never promoted to a replica
+            with pytest.raises(sdk.TransferError):
+                c.replicate(name, 1, to="c")
+            assert {r["node"] for r in c.info(name)["replicas"]} == {"a"}
 
 
 def test_a_version_of_the_old_definition_is_pulled_and_read_under_it(etcd: EtcdServer, nodes) -> None:
