@@ -41,6 +41,7 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 _U = np.uint64
+_MASK = 2**64 - 1
 
 
 def _known(version: int) -> int:
@@ -74,17 +75,21 @@ def fingerprint_part(b: torch.Tensor, start: int, total: int, *, version: int = 
     if start % BLOCK_BYTES or (not last and n % BLOCK_BYTES) or start + n > total:
         raise InvalidArgument(f"fingerprint parts must be aligned to {BLOCK_BYTES} bytes")
     whole, rem = n // 8, n % 8
-    share = int(fw.segment_shares(_words(b[: whole * 8]), _one(0), _one(whole), _one(start // 8))[0])
-    if rem:
+    words = _words(b[: whole * 8])
+    if isinstance(words, np.ndarray):
+        share = fw.run_share(words, start // 8)
+    else:
+        share = int(fw.segment_shares(words, _one(0), _one(whole), _one(start // 8))[0])
+    if rem:  # the last word, zero-padded
         tail = int.from_bytes(b[whole * 8 :].cpu().numpy().tobytes(), "little")
-        share += int(fw.tail_shares(np.array([tail], dtype=_U), _one(start // 8 + whole), _one(rem))[0])
-    return share & (2**64 - 1)
+        share += fw.mix(tail + (start // 8 + whole + 1) * fw.G)
+    return share & _MASK
 
 
 def fingerprint_finish(share: int, total: int, *, version: int = FINGERPRINT_VERSION) -> int:
     if _known(version) == 2:
         return block_finish(share, total)
-    return int(fw.finish(np.array([share & (2**64 - 1)], dtype=_U), _one(total))[0])
+    return fw.mix((share & _MASK) ^ ((total * fw.K) & _MASK))
 
 
 def _one(x: int) -> np.ndarray:

@@ -85,6 +85,19 @@ def tail_shares(tails: np.ndarray, positions: np.ndarray, rest: np.ndarray) -> n
     return mix_np(x)
 
 
+def run_share(words: np.ndarray, first: int) -> int:
+    """The share of one run of whole words (uint64, on the CPU), its first word at index
+    `first` of its tensor: `segment_shares` of one run without its planning (small parts)."""
+    total = 0
+    for c0 in range(0, len(words), _CPU_CHUNK):
+        top = min(_CPU_CHUNK, len(words) - c0)
+        keyed, scratch = _scratch(top)
+        np.add(_ramp(top), words[c0 : c0 + top], out=keyed)
+        keyed += _U(((first + c0 + 1) * G) & _MASK)
+        total += int(mix_np(keyed, scratch).sum(dtype=_U))
+    return total & _MASK
+
+
 def segment_shares(
     words: Any, starts: np.ndarray, counts: np.ndarray, first: np.ndarray, *, threads: int = 1
 ) -> np.ndarray:
