@@ -23,6 +23,7 @@ from sdk.pinning import PinningClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError
 from tensord_contract.manifest import Table
 from tensord_contract.names import check_name
+from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.tensors import describe
 
@@ -106,6 +107,7 @@ class Publishing(PinningClient):
             "tensors": table.to_wire(),
             "replica": wire,
             "fingerprints": fps.tobytes(),
+            "fp": FINGERPRINT_VERSION,
         }
         if origin is not None:
             args["origin"] = origin

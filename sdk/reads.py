@@ -219,7 +219,7 @@ class Reads(PinningClient):
             return _Loaded(manifest.version, rows, dsts)
 
         def check(manifest: Manifest, loaded: _Loaded) -> None:
-            check_fingerprints(manifest, loaded.rows, fingerprints_of(loaded.targets))
+            check_fingerprints(manifest, loaded.rows, fingerprints_of(loaded.targets, version=manifest.fp_version))
 
         return self._read(name, version, copy, check if verify else None).version
 

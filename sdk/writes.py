@@ -18,6 +18,7 @@ from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
 from tensord_contract.names import check_name
+from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.opening import open_slab
 from tensord_dataplane.remote import RemoteSlab
@@ -94,8 +95,9 @@ class Reservation:
         self.slab.finish()
         self.slab.close()  # drop write access first: the daemon seals host slabs at commit
         result, _ = self._client._call_on(
-            self._conn, self._lost(), "put_commit", reservation=self._rid, fingerprints=self._fps.tobytes()
-        )
+            self._conn, self._lost(), "put_commit", reservation=self._rid, fingerprints=self._fps.tobytes(),
+            fp=FINGERPRINT_VERSION,
+        )  # fmt: skip
         self._rid = 0
         return int(result["version"])
 

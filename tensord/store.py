@@ -32,7 +32,7 @@ from tensord.owned import PUBLISHED, published
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
-from tensord_contract.manifest import ALIGN, MAX_BYTES, Manifest, Table
+from tensord_contract.manifest import ALIGN, FINGERPRINT_VERSION, MAX_BYTES, Manifest, Table
 from tensord_dataplane.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,8 @@ class Store:
             raise NotFound(f"no open reservation {rid!r}")
         return self._reservations[rid]
 
-    async def commit(self, rid: int, fingerprints: np.ndarray) -> Held:
+    async def commit(self, rid: int, fingerprints: np.ndarray, fp_version: int = FINGERPRINT_VERSION) -> Held:
+        """Commit reservation `rid` with its fingerprints, made with definition `fp_version`."""
         r = self.reservation(rid)
         count = len(r.manifest)
         if fingerprints.dtype != np.uint64 or fingerprints.shape != (count,):
@@ -198,15 +199,17 @@ class Store:
         self._engine.hide(r.slab)  # a writable mapping would make the seal fail
         r.slab.seal()
         del self._reservations[rid]
-        return await self.hold_new(r.manifest, r.slab, fingerprints)
+        return await self.hold_new(r.manifest, r.slab, fingerprints, fp_version)
 
-    async def hold_new(self, m: Manifest, slab: Slab, fingerprints: np.ndarray) -> Held:
+    async def hold_new(
+        self, m: Manifest, slab: Slab, fingerprints: np.ndarray, fp_version: int = FINGERPRINT_VERSION
+    ) -> Held:
         """Make the bytes in `slab` (laid out as `m`, uncommitted) the next version of its set:
         recorded, advertised, retention applied. The slab is freed if that fails."""
         version = 0
         try:
             version = await self._registry.allocate_version(m.name)
-            manifest = m.committed(version, fingerprints, time.time())
+            manifest = m.committed(version, fingerprints, time.time(), fp_version)
             await self._record(manifest, slab.device, PUBLISHED if slab.owned else manifest.origin)
             held = Held(manifest, slab)
             self._held[held.key] = held  # before the registry, so whoever resolves it finds it

@@ -249,32 +249,7 @@ def _kernels() -> tuple[Any, ...] | None:
             at = start + tl.arange(0, BLOCK)
             tl.store(dst + at, tl.load(src + at, mask=at < n), mask=at < n)
 
-    @triton.jit
-    def fingerprint_chunks(rows, shares, g, CHUNK: tl.constexpr, TILE: tl.constexpr):
-        """One program: blocks [k0, k0 + CHUNK) of tensor t (`tensord_dataplane.fingerprint`); the
-        first one adds the tensor's last partial word (`rem` bytes after `nwords` words)."""
-        row = rows + tl.program_id(0).to(tl.int64) * 5
-        address = tl.load(row)
-        nwords, k0, t, rem = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
-        words = address.to(tl.pointer_type(tl.int64))
-        blocks = tl.minimum((nwords + 31) // 32 - k0, CHUNK)
-        acc = tl.zeros((TILE,), dtype=tl.int64)
-        for j in range(0, blocks, TILE):
-            ks = k0 + j + tl.arange(0, TILE).to(tl.int64)
-            at = ks[:, None] * 32 + tl.arange(0, 32).to(tl.int64)[None, :]
-            acc += tl.sum(tl.load(words + at, mask=at < nwords, other=0), axis=1) * (2 * ks + g)
-        i = tl.arange(0, 8).to(tl.int64)
-        tail = tl.load(address.to(tl.pointer_type(tl.uint8)) + nwords * 8 + i, mask=(i < rem) & (k0 == 0), other=0)
-        word = tl.sum(tail.to(tl.int64) << (8 * i), axis=0)
-        tl.atomic_add(shares + t, tl.sum(acc, axis=0) + word * (2 * (nwords // 32) + g))
-
-    return copy_words, copy_bytes, fingerprint_chunks
-
-
-def triton_kernels() -> tuple[Any, ...] | None:
-    """The Triton kernels (copies by pointer table, fingerprints in place); None without
-    Triton or after it failed here."""
-    return None if _triton_broken else _kernels()
+    return copy_words, copy_bytes
 
 
 def engine_name() -> str:

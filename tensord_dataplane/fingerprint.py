@@ -1,20 +1,16 @@
 """Fingerprints: a 64-bit check of each tensor's bytes, the same on CPU and GPU, computed in bulk.
 
-Definition (manifest field ``fp`` = 2): pad the tensor's L bytes with zeros to a multiple of
-256; read each 256-byte block k as 32 little-endian int64 words and take their wrapping sum
-s_k; the share is sum_k s_k * (2k + G) mod 2**64 with G = 0x9E3779B97F4A7C15 (odd, so every
-weight is odd and no block is ignored); the fingerprint is share XOR (L * 0xFF51AFD7ED558CCD)
-mod 2**64. Integer sums wrap identically in any order, so devices agree. It detects any change
-that alters a block's word sum, blocks moved or swapped, and a changed length: a check against
-torn, misplaced or corrupted data, not a cryptographic hash.
+Versioned: a manifest's ``fp`` names the definition its fingerprints were made with, and every
+check uses that one. Definition 3 (`FINGERPRINT_VERSION`, new versions): a sum of mixed,
+position-keyed words (`fingerprint_words`): catches reordered words, rows or blocks and
+compensating changes. Definition 2 (`fingerprint_blocks`): the linear block sum versions
+recorded before it carry; still checked, never made for a new version.
 
-Blocks are 256 bytes because tensors sit at 256-byte offsets in a slab: every tensor's blocks
-are blocks of the slab, so one pass of ~10 kernels over a whole slab fingerprints every tensor
-in it (`slab_fingerprints`): block sums, prefix sums of s and k*s per 1 GiB chunk, differences
-at each tensor's bounds, and each tensor's last, partial block read with a byte mask (the
-slab's padding after a tensor is not zero). Tensors anywhere on a GPU (`fingerprints`) are
-read where they lie by one Triton kernel over a table of 1 MiB pieces (8-byte aligned ones;
-others, or without Triton, are gathered into a slab-like buffer first).
+Over a slab (`slab_fingerprints`) every tensor is fingerprinted in one chunked pass. Tensors
+anywhere on a GPU (`fingerprints`) are read where they lie by one Triton kernel over a table of
+1 MiB pieces (`fingerprint_kernels`; 8-byte aligned ones; others, or without Triton, are
+gathered into a slab-like buffer first). Not a cryptographic hash: a check against torn,
+misplaced or corrupted bytes.
 """
 
 from __future__ import annotations
@@ -28,20 +24,30 @@ import torch
 
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import FINGERPRINT_VERSION, FINGERPRINT_VERSIONS
+from tensord_dataplane import fingerprint_words as fw
+from tensord_dataplane.fingerprint_blocks import BLOCK_BYTES, block_finish, block_part, block_slab_fingerprints
 from tensord_dataplane.tensors import as_bytes
 
-BLOCK_BYTES = 256
-_WORDS = BLOCK_BYTES // 8
+__all__ = [
+    "BLOCK_BYTES",
+    "FINGERPRINT_VERSION",
+    "fingerprint",
+    "fingerprint_finish",
+    "fingerprint_part",
+    "fingerprints",
+    "mismatched_rows",
+    "slab_fingerprints",
+]
+log = logging.getLogger(__name__)
+_U = np.uint64
 _MASK = 2**64 - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX = 0xFF51AFD7ED558CCD
-_CHUNK_BLOCKS = 1 << 22  # 1 GiB of data per step: bounds the temporary memory to ~100 MB
-_G = np.uint64(_GOLDEN)
 
 
-def _signed(x: int) -> int:
-    x &= _MASK
-    return x - (1 << 64) if x >> 63 else x
+def _known(version: int) -> int:
+    if version not in FINGERPRINT_VERSIONS:
+        raise InvalidArgument(f"fingerprint definition {version!r:.20} unknown (known: {FINGERPRINT_VERSIONS})")
+    return version
 
 
 def mismatched_rows(expected: np.ndarray | None, actual: Any) -> np.ndarray:
@@ -52,115 +58,98 @@ def mismatched_rows(expected: np.ndarray | None, actual: Any) -> np.ndarray:
     return np.flatnonzero(np.asarray(actual, dtype=np.uint64) != expected)
 
 
-def fingerprint(t: torch.Tensor) -> int:
+def fingerprint(t: torch.Tensor, *, version: int = FINGERPRINT_VERSION) -> int:
     """The fingerprint of one tensor's bytes, computed where it lies."""
     b = as_bytes(t.contiguous())
-    return fingerprint_finish(fingerprint_part(b, 0, b.numel()), b.numel())
+    return fingerprint_finish(fingerprint_part(b, 0, b.numel(), version=version), b.numel(), version=version)
 
 
-def fingerprint_part(b: torch.Tensor, start: int, total: int) -> int:
+def fingerprint_part(b: torch.Tensor, start: int, total: int, *, version: int = FINGERPRINT_VERSION) -> int:
     """The share of bytes ``[start, start + len(b))`` of a `total`-byte tensor (a flat uint8
     tensor `b`). `start` must be a multiple of BLOCK_BYTES, and so must the length unless the
     part ends the tensor. Add the shares (mod 2**64), then `fingerprint_finish`."""
+    if _known(version) == 2:
+        return block_part(b, start, total)
     n = b.numel()
     last = start + n == total
     if start % BLOCK_BYTES or (not last and n % BLOCK_BYTES) or start + n > total:
         raise InvalidArgument(f"fingerprint parts must be aligned to {BLOCK_BYTES} bytes")
-    first = start // BLOCK_BYTES
-    full = n // BLOCK_BYTES
-    share = torch.zeros((), dtype=torch.int64, device=b.device)
-    for k in range(0, full, _CHUNK_BLOCKS):
-        count = min(_CHUNK_BLOCKS, full - k)
-        part = b[k * BLOCK_BYTES : (k + count) * BLOCK_BYTES]
-        if part.storage_offset() % 8:
-            part = part.clone()
-        sums = part.view(torch.int64).view(count, _WORDS).sum(1)
-        ramp = torch.arange(count, device=b.device, dtype=torch.int64)
-        share = share + 2 * (sums * ramp).sum() + sums.sum() * _signed(2 * (first + k) + _GOLDEN)
-    rest = n - full * BLOCK_BYTES
-    if rest:
-        tail = torch.zeros(BLOCK_BYTES, dtype=torch.uint8, device=b.device)
-        tail[:rest] = b[full * BLOCK_BYTES :]
-        share = share + tail.view(torch.int64).sum() * _signed(2 * (first + full) + _GOLDEN)
-    return int(share.item()) & _MASK
+    whole, rem = n // 8, n % 8
+    words = _words(b[: whole * 8])
+    if isinstance(words, np.ndarray):
+        share = fw.run_share(words, start // 8)
+    else:
+        share = int(fw.segment_shares(words, _one(0), _one(whole), _one(start // 8))[0])
+    if rem:  # the last word, zero-padded
+        tail = int.from_bytes(b[whole * 8 :].cpu().numpy().tobytes(), "little")
+        share += fw.mix(tail + (start // 8 + whole + 1) * fw.G)
+    return share & _MASK
 
 
-def fingerprint_finish(share: int, total: int) -> int:
-    return ((share & _MASK) ^ (total * _MIX)) & _MASK
+def fingerprint_finish(share: int, total: int, *, version: int = FINGERPRINT_VERSION) -> int:
+    if _known(version) == 2:
+        return block_finish(share, total)
+    return fw.mix((share & _MASK) ^ ((total * fw.K) & _MASK))
 
 
-def slab_fingerprints(buf: torch.Tensor, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def _one(x: int) -> np.ndarray:
+    return np.array([x], dtype=np.int64)
+
+
+def _words(b: torch.Tensor) -> Any:
+    """A flat uint8 tensor of whole words as words: a numpy uint64 view on the CPU, an int64
+    tensor elsewhere (copied when not 8-byte aligned)."""
+    if b.device.type == "cpu":
+        return b.detach().numpy().view(_U)
+    if b.storage_offset() % 8:
+        b = b.clone()
+    return b.view(torch.int64)
+
+
+def slab_fingerprints(
+    buf: torch.Tensor, offsets: np.ndarray, sizes: np.ndarray, *, version: int = FINGERPRINT_VERSION
+) -> np.ndarray:
     """The fingerprints (uint64) of tensors at byte `offsets` (multiples of 256) of a flat uint8
     buffer whose length is a multiple of 256, computed in bulk where the buffer lies."""
+    if _known(version) == 2:
+        return block_slab_fingerprints(buf, offsets, sizes)
     n = len(offsets)
     if not n:
-        return np.zeros(0, dtype=np.uint64)
+        return np.zeros(0, dtype=_U)
     if buf.dim() != 1 or buf.dtype != torch.uint8 or buf.numel() % BLOCK_BYTES or buf.storage_offset() % 8:
         raise InvalidArgument("slab_fingerprints needs a flat, aligned uint8 buffer of whole 256-byte blocks")
     offsets, sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
     if np.any(offsets % BLOCK_BYTES) or int((offsets + sizes).max()) > buf.numel() or int(offsets.min()) < 0:
         raise InvalidArgument("tensor offsets must be multiples of 256 inside the buffer")
-    words = buf.view(torch.int64)
-    first, full, rest = offsets // BLOCK_BYTES, sizes // BLOCK_BYTES, sizes % BLOCK_BYTES
-    p0, p1 = _prefix_sums_at(words, np.concatenate([first, first + full]))
-    with np.errstate(over="ignore"):
-        s = p0[n:] - p0[:n]  # sum of the block sums of each tensor's whole blocks
-        ks = p1[n:] - p1[:n]  # the same, each weighted by its global block index
-        u_first, u_full = first.astype(np.uint64), full.astype(np.uint64)
-        share = np.uint64(2) * ks - (np.uint64(2) * u_first - _G) * s
-        partial = rest > 0
-        if partial.any():
-            tails = _tail_sums(words, first[partial] + full[partial], rest[partial])
-            share[partial] += tails * (np.uint64(2) * u_full[partial] + _G)
-        return share ^ (sizes.astype(np.uint64) * np.uint64(_MIX))
+    words = _words(buf)
+    starts, whole, rem = offsets // 8, sizes // 8, sizes % 8
+    try:
+        zeros = np.zeros(n, dtype=np.int64)
+        shares = fw.segment_shares(words, starts, whole, zeros, threads=torch.get_num_threads())
+    except ValueError as exc:
+        raise InvalidArgument(f"tensors overlap: {exc}") from None
+    partial = np.flatnonzero(rem)
+    if len(partial):
+        at = starts[partial] + whole[partial]
+        if isinstance(words, torch.Tensor):
+            tails = words[torch.from_numpy(at).to(words.device)].cpu().numpy().view(_U)
+        else:
+            tails = words[at]
+        with np.errstate(over="ignore"):
+            shares[partial] += fw.tail_shares(tails, whole[partial], rem[partial])
+    return fw.finish(shares, sizes)
 
 
-def _prefix_sums_at(words: torch.Tensor, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each block index x in `at`: (sum of s_k, sum of k * s_k) over blocks k < x."""
-    device = words.device
-    blocks = words.numel() // _WORDS
-    order = np.argsort(at, kind="stable")
-    wanted = at[order]
-    p0 = torch.zeros(len(at), dtype=torch.int64, device=device)
-    p1 = torch.zeros(len(at), dtype=torch.int64, device=device)
-    carry0 = torch.zeros((), dtype=torch.int64, device=device)
-    carry1 = torch.zeros((), dtype=torch.int64, device=device)
-    lo = int(np.searchsorted(wanted, 0, side="right"))  # prefix sums at 0 are 0
-    top = int(wanted[-1])
-    for c0 in range(0, top, _CHUNK_BLOCKS):
-        c1 = min(c0 + _CHUNK_BLOCKS, blocks)
-        sums = words[c0 * _WORDS : c1 * _WORDS].view(c1 - c0, _WORDS).sum(1)
-        q0 = torch.cumsum(sums, 0)
-        q1 = torch.cumsum(sums * torch.arange(c0, c1, device=device, dtype=torch.int64), 0)
-        hi = int(np.searchsorted(wanted, c1, side="right"))
-        if hi > lo:
-            take = torch.from_numpy(wanted[lo:hi] - c0 - 1).to(device)
-            into = torch.from_numpy(order[lo:hi]).to(device)
-            p0[into] = q0[take] + carry0
-            p1[into] = q1[take] + carry1
-            lo = hi
-        carry0, carry1 = carry0 + q0[-1], carry1 + q1[-1]
-    return p0.cpu().numpy().view(np.uint64), p1.cpu().numpy().view(np.uint64)
-
-
-def _tail_sums(words: torch.Tensor, block: np.ndarray, rest: np.ndarray) -> np.ndarray:
-    """The word sum of each given block's first `rest` bytes (the rest masked to zero)."""
-    device = words.device
-    rows = words.view(-1, _WORDS)[torch.from_numpy(block).to(device)]
-    whole = torch.from_numpy(rest // 8).to(device)[:, None]
-    bits = torch.from_numpy(8 * (rest % 8)).to(device)[:, None]
-    j = torch.arange(_WORDS, device=device)[None, :]
-    partial = torch.bitwise_left_shift(torch.ones_like(bits), bits) - 1
-    mask = torch.where(j < whole, torch.full_like(partial, -1), torch.where(j == whole, partial, 0))
-    return (rows & mask).sum(1).cpu().numpy().view(np.uint64)
-
-
-def fingerprints(tensors: list[torch.Tensor], *, window: int = 1 << 30) -> list[int]:
+def fingerprints(
+    tensors: list[torch.Tensor], *, window: int = 1 << 30, version: int = FINGERPRINT_VERSION
+) -> list[int]:
     """`fingerprint` of many tensors, in bulk: tensors of one device are gathered, up to
-    `window` bytes at a time, into a buffer laid out like a slab, and fingerprinted together."""
+    `window` bytes at a time, into a buffer laid out like a slab, and fingerprinted together
+    (on a GPU, 8-byte aligned ones are read in place by one kernel)."""
+    _known(version)
     out = [0] * len(tensors)
     if len(tensors) < 8:
-        return [fingerprint(t) for t in tensors]
+        return [fingerprint(t, version=version) for t in tensors]
     with paused_gc():
         dense = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         devices = [t.device for t in dense]
@@ -169,14 +158,14 @@ def fingerprints(tensors: list[torch.Tensor], *, window: int = 1 << 30) -> list[
     for device in set(devices):
         rows = np.array([i for i, d in enumerate(devices) if d == device], dtype=np.int64)
         if device.type == "cuda":  # in place, one pass (8-byte aligned tensors): no gather
-            done = _in_place(device, ptrs[rows], sizes[rows])
+            done = _in_place(device, ptrs[rows], sizes[rows], version)
             if done is not None:
                 for i, v in zip(rows[done[0]].tolist(), done[1].tolist(), strict=True):
                     out[i] = v
                 rows = rows[~done[0]]
         for idx in _groups(sizes[rows], window):
             sel = rows[idx]
-            values = _gathered(device, ptrs[sel], sizes[sel])
+            values = _gathered(device, ptrs[sel], sizes[sel], version)
             for i, v in zip(sel.tolist(), values.tolist(), strict=True):
                 out[i] = v
     return out
@@ -189,7 +178,7 @@ def _groups(sizes: np.ndarray, window: int) -> list[np.ndarray]:
     return np.split(np.arange(len(sizes)), cuts)
 
 
-def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> np.ndarray:
     from tensord_dataplane.copy import device_copy, host_copy
 
     aligned = (sizes + BLOCK_BYTES - 1) // BLOCK_BYTES * BLOCK_BYTES
@@ -199,46 +188,57 @@ def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         device_copy(buf.data_ptr() + offsets, ptrs, sizes, device)
     else:
         host_copy(buf.data_ptr() + offsets, ptrs, sizes)
-    return slab_fingerprints(buf, offsets, sizes)
+    return slab_fingerprints(buf, offsets, sizes, version=version)
 
 
 # -- in place on a GPU: one pass over the tensors where they lie -----------------------------------
-_PIECE_BLOCKS = 4096  # blocks (1 MiB) one program fingerprints
 _no_kernel: list[str] = []
-log = logging.getLogger(__name__)
 
 
-def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Fingerprints of the 8-byte aligned tensors among (`ptrs`, `sizes`) on `device`, read where
     they lie by one Triton kernel: (which rows, their fingerprints); None without Triton."""
-    from tensord_dataplane.copy import triton_kernels
+    from tensord_dataplane.fingerprint_kernels import kernels
 
-    kernels = triton_kernels()
-    if kernels is None or _no_kernel or os.environ.get("TENSORD_COPY_ENGINE") == "driver":
+    found = kernels()
+    if found is None or _no_kernel or os.environ.get("TENSORD_COPY_ENGINE") == "driver":
         return None
     aligned = (ptrs & 7) == 0
     which = np.flatnonzero(aligned)
-    used = which[sizes[which] > 0]
+    try:
+        with torch.cuda.device(device):
+            values = in_place_fingerprints(found, device, ptrs[which], sizes[which], version)
+    except Exception as exc:  # no compiler, an unsupported GPU, ...: gather them instead
+        _no_kernel.append(f"{type(exc).__name__}: {exc}")
+        log.warning("fingerprints fall back to gathered copies: Triton failed (%s)", _no_kernel[0])
+        return None
+    return aligned, values
+
+
+def in_place_fingerprints(found: Any, device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> np.ndarray:
+    """Run the kernel of definition `version` over tensors at 8-byte aligned `ptrs` (on
+    `device`; the CPU under TRITON_INTERPRET=1): their fingerprints (uint64)."""
+    from tensord_dataplane.fingerprint_kernels import BLOCK_PIECE, WORD_PIECE
+
+    used = np.flatnonzero(sizes > 0)
     nwords, rem = sizes[used] // 8, sizes[used] % 8
-    blocks = (nwords + _WORDS - 1) // _WORDS
-    chunks = np.maximum(1, (blocks + _PIECE_BLOCKS - 1) // _PIECE_BLOCKS)
-    t = np.repeat(np.arange(len(used)), chunks)
-    first = np.repeat(np.cumsum(chunks) - chunks, chunks)
-    k0 = (np.arange(len(t)) - first) * _PIECE_BLOCKS
+    unit = WORD_PIECE if version == 3 else BLOCK_PIECE * 32
+    pieces = np.maximum(1, (nwords + unit - 1) // unit)
+    t = np.repeat(np.arange(len(used)), pieces)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    step = WORD_PIECE if version == 3 else BLOCK_PIECE
+    k0 = (np.arange(len(t)) - first) * step
     shares = torch.zeros(max(len(used), 1), dtype=torch.int64, device=device)
     if len(t):
         rows = np.stack([ptrs[used][t], nwords[t], k0, t, rem[t]], axis=1).astype(np.int64)
-        try:
-            with torch.cuda.device(device):
-                table = torch.from_numpy(rows).to(device)
-                kernels[2][(len(t),)](table, shares, _signed(_GOLDEN), CHUNK=_PIECE_BLOCKS, TILE=32)
-        except Exception as exc:  # no compiler, an unsupported GPU, ...: gather them instead
-            _no_kernel.append(f"{type(exc).__name__}: {exc}")
-            log.warning("fingerprints fall back to gathered copies: Triton failed (%s)", _no_kernel[0])
-            return None
-    values = np.zeros(len(which), dtype=np.uint64)
-    at = np.searchsorted(which, used)
-    values[at] = shares.cpu().numpy()[: len(used)].view(np.uint64)
+        table = torch.from_numpy(rows).to(device)
+        if version == 3:
+            found[0][(len(t),)](table, shares, PIECE=WORD_PIECE, TILE=1024)
+        else:
+            found[1][(len(t),)](table, shares, fw.signed(fw.G), CHUNK=BLOCK_PIECE, TILE=32)
+    values = np.zeros(len(sizes), dtype=_U)
+    values[used] = shares.cpu().numpy()[: len(used)].view(_U)
+    if version == 3:
+        return fw.finish(values, sizes)
     with np.errstate(over="ignore"):
-        values ^= sizes[which].astype(np.uint64) * np.uint64(_MIX)
-    return aligned, values
+        return values ^ (sizes.astype(_U) * _U(0xFF51AFD7ED558CCD))

@@ -19,7 +19,7 @@ from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import ALIGN
 from tensord_dataplane.copy import device_copy, host_copy, runs, windows
 from tensord_dataplane.cuda import enable_peer_access
-from tensord_dataplane.fingerprint import slab_fingerprints
+from tensord_dataplane.fingerprint import FINGERPRINT_VERSION, slab_fingerprints
 from tensord_dataplane.ipc import mappings
 from tensord_dataplane.slab import Slab
 
@@ -92,8 +92,8 @@ class GpuSlab(Slab):
             for a, b in zip(firsts.tolist(), ends.tolist(), strict=True):
                 base[a:b].copy_(stage[a - start : b - start])
 
-    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes)
+    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray, version: int = 0) -> np.ndarray:
+        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes, version=version or FINGERPRINT_VERSION)
 
     def finish(self) -> None:
         for device in range(torch.cuda.device_count()):  # the copies may have run on any GPU

@@ -26,7 +26,7 @@ from tensord_contract.manifest import ALIGN
 from tensord_dataplane import host_dma
 from tensord_dataplane import pinned as pinning
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
-from tensord_dataplane.fingerprint import slab_fingerprints
+from tensord_dataplane.fingerprint import FINGERPRINT_VERSION, slab_fingerprints
 from tensord_dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
 from tensord_dataplane.slab import Slab
 
@@ -155,9 +155,12 @@ class HostSlab(Slab):
             for a, b in zip(firsts.tolist(), ends.tolist(), strict=True):
                 base[a:b].copy_(stage[a - start : b - start])
 
-    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        known = _known(self._written, offsets, sizes)
-        return known if known is not None else slab_fingerprints(self.base()[: self.nbytes], offsets, sizes)
+    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray, version: int = 0) -> np.ndarray:
+        version = version or FINGERPRINT_VERSION
+        known = _known(self._written, offsets, sizes) if version == FINGERPRINT_VERSION else None
+        if known is not None:  # computed on the GPU while the pinned writes went down
+            return known
+        return slab_fingerprints(self.base()[: self.nbytes], offsets, sizes, version=version)
 
     def finish(self) -> None:
         """Wait for pinned copies and drop the page-locked mapping; drop a writer's mapping (its

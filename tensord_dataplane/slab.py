@@ -45,8 +45,9 @@ class Slab:
         """Copy ``sizes[i]`` bytes at address ``ptrs[i]`` on `device` to slab offset ``offsets[i]``."""
         raise NotImplementedError
 
-    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
-        """Fingerprints of slab ranges, computed where the slab lies; None if it lies elsewhere."""
+    def fingerprints(self, offsets: np.ndarray, sizes: np.ndarray, version: int = 0) -> np.ndarray | None:
+        """Fingerprints (definition `version`; 0: the current one) of slab ranges, computed where
+        the slab lies; None if it lies elsewhere."""
         return None
 
     def finish(self) -> None:

@@ -146,12 +146,13 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         return self._rows
 
     def fingerprints(self) -> np.ndarray:
-        """Each tensor's fingerprint (uint64, in order) as its bytes lie in `base`, computed in
-        bulk where the buffer lies."""
+        """Each tensor's fingerprint (uint64, in order; the manifest's definition) as its bytes
+        lie in `base`, computed in bulk where the buffer lies."""
         sizes = self.manifest.sizes if self._rows is None else self.manifest.sizes[self._rows]
+        version = self.manifest.fp_version
         if self._block is None:
-            return slab_fingerprints(self.base, self._offsets, sizes)
-        return np.array(fingerprints(list(self.values())), dtype=np.uint64)  # at any offsets: gathered
+            return slab_fingerprints(self.base, self._offsets, sizes, version=version)
+        return np.array(fingerprints(list(self.values()), version=version), dtype=np.uint64)  # gathered
 
     @property
     def name(self) -> str:

@@ -167,6 +167,8 @@ def test_commit_checks_fingerprints_and_ownership(daemon, raw: Raw) -> None:
     rid = reply["result"]["reservation"]
     for fps in (b"", bytes(16), bytes(7), [1], ["x"], -1, True, 1.5, None):
         assert code(raw.call("put_commit", reservation=rid, fingerprints=fps)) == "invalid_argument"
+    for fp in (1, 4, "3", True, 3.0, [3]):  # the fingerprint definition must be one this daemon knows
+        assert code(raw.call("put_commit", reservation=rid, fingerprints=bytes(8), fp=fp)) == "invalid_argument"
     other = Raw(daemon.socket)
     assert code(other.call("put_commit", reservation=rid, fingerprints=bytes(8))) == "invalid_argument"
     assert code(other.call("put_abort", reservation=rid)) == "invalid_argument"

@@ -51,7 +51,7 @@ SIGNATURES = {  # op -> (required, optional) arguments
     "release": (("pin",), ()),
     "wait": (("name", "after"), ("timeout",)),
     "put_begin": (("name", "device", "tensors"), ("origin",)),
-    "put_commit": (("reservation", "fingerprints"), ()),
+    "put_commit": (("reservation", "fingerprints"), ("fp",)),
     "put_abort": (("reservation",), ()),
     "delete": (("name",), ("version",)),
     "replicate": (("name",), ("version", "device", "to")),

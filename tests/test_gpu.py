@@ -39,7 +39,8 @@ def test_fingerprint_is_the_same_on_cpu_and_gpu() -> None:
     assert fingerprint(big) == fingerprint(big.cpu())
 
 
-def test_bulk_fingerprints_in_place_match_one_by_one() -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_bulk_fingerprints_in_place_match_one_by_one(version: int) -> None:
     """The in-place kernel (1 MiB pieces, the last partial word) against the definition, on
     sizes around its edges; unaligned tensors take the gathered path."""
     from tensord_dataplane.fingerprint import fingerprints
@@ -48,7 +49,7 @@ def test_bulk_fingerprints_in_place_match_one_by_one() -> None:
     tensors = [raw[: (1 << 20) * k + extra] for k in (0, 1, 2, 4) for extra in (0, 1, 7, 8, 255, 256, 257)]
     tensors += [raw[8:16], raw[3:1000], raw[1 : (2 << 20) + 5], raw[:0], torch.randn(33, 7, device="cuda:0")]
     tensors += [torch.randn(1000 + i, device="cuda:0").bfloat16() for i in range(20)]
-    assert fingerprints(tensors) == [fingerprint(t.cpu()) for t in tensors]
+    assert fingerprints(tensors, version=version) == [fingerprint(t.cpu(), version=version) for t in tensors]
 
 
 def test_cuda_slab_round_trip(client: sdk.Client) -> None:

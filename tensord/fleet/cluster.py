@@ -15,6 +15,8 @@ import socket
 import time
 from typing import Any
 
+import numpy as np
+
 from tensord.fleet.pairs import Pairs
 from tensord.fleet.policy import start_for, start_of
 from tensord.fleet.pull import Pull
@@ -25,6 +27,8 @@ from tensord.peers import Peers, RemotePin
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Store
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
+from tensord_contract.manifest import Manifest
+from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class Cluster:
         self.pulls: dict[tuple[str, int], asyncio.Task[Held]] = {}
         self.running: dict[tuple[str, int], Pull] = {}
         self.finished: dict[tuple[str, int], dict[str, Any]] = {}
+        self._manifests: dict[tuple[str, int], Manifest] = {}  # committed in the registry
+        self._checked: dict[tuple[str, str, int, int], bool] = {}  # holders whose manifest matched
 
     async def candidates(self, name: str, version: int, exclude: list[str]) -> list[tuple[Replica, NodeRecord]]:
         nodes = {n.node: n for n in await self.store.registry.nodes()}
@@ -64,23 +70,71 @@ class Cluster:
         return found
 
     async def pin_remote(
-        self, name: str, version: int, exclude: list[str], have: Any = None
+        self, name: str, version: int, exclude: list[str], have: set[tuple[int, int]] | None = None
     ) -> tuple[dict[str, Any], RemotePin]:
-        """Pin `version` on the best other node; its open reply (manifest unless `have` names
-        it, descriptor) and the pin."""
+        """Pin `version` on the best other node; its open reply (the manifest committed in the
+        registry unless `have` names it, the holder's descriptor) and the pin. A holder whose
+        own manifest differs from the registry's (layout or fingerprints) is refused: a verified
+        read checks what was committed, never what the serving peer says it holds."""
+        committed = await self.committed(name, version)
         errors = []
         for replica, record in await self.candidates(name, version, exclude):
             peer = self.peers.get(replica.node, record.control)
-            try:
-                result, pin = await peer.pin(name, version, have)
+            checked = (replica.node, name, version, replica.generation)
+            compared = [[version, replica.generation]] if checked in self._checked else None
+            try:  # its manifest is left out only where this gateway compared it before
+                result, pin = await peer.pin(name, version, compared)
             except NEXT_REPLICA as exc:
                 errors.append(f"{replica.node}: {exc.message}")
                 continue
+            why = self._differs(result.get("manifest"), committed)
+            if why:
+                log.warning("refusing the replica of %s v%d on %s: %s", name, version, replica.node, why)
+                errors.append(f"{replica.node}: {why}")
+                await peer.release(pin)
+                continue
+            if result.get("manifest") is not None:
+                self._remember(self._checked, checked, True)
+            generation = (result.get("replica") or {}).get("generation")
+            known = have is not None and (version, generation) in have
             peer.busy += 1
-            return result, pin
+            return {**result, "manifest": None if known else committed.wire}, pin
         raise TransferError(
             f"no replica of {name} v{version} could be pinned: {'; '.join(errors)}", name=name, version=version
         )
+
+    async def committed(self, name: str, version: int) -> Manifest:
+        """The manifest committed in the registry (cached: a committed manifest never changes)."""
+        found = self._manifests.get((name, version))
+        if found is None:
+            found = await self.store.registry.manifest(name, version)
+            self._remember(self._manifests, (name, version), found)
+        return found
+
+    @staticmethod
+    def _differs(wire: Any, committed: Manifest) -> str:
+        """Why a holder's manifest (None: not sent, already compared) is not the committed one."""
+        if wire is None:
+            return ""
+        try:
+            held = Manifest.from_wire(wire)
+        except TensordError as exc:
+            return f"its manifest is unreadable ({exc.message})"
+        if (
+            held.nbytes != committed.nbytes
+            or held.table.to_wire() != committed.table.to_wire()
+            or not np.array_equal(held.offsets, committed.offsets)
+        ):
+            return "it holds another layout than the registry's manifest"
+        if held.fp_version == committed.fp_version and mismatched_rows(committed.fingerprints, held.fingerprints).size:
+            return "its fingerprints are not the registry's: it holds other bytes"
+        return ""
+
+    @staticmethod
+    def _remember(cache: dict[Any, Any], key: Any, value: Any, limit: int = 256) -> None:
+        cache[key] = value
+        while len(cache) > limit:
+            del cache[next(iter(cache))]
 
     async def release(self, pin: RemotePin) -> bool:
         pin.peer.busy = max(0, pin.peer.busy - 1)

@@ -67,7 +67,7 @@ class Partial:
         m = self.manifest
         view = own_view(self.slab)
         try:
-            actual = view.fingerprints(m.offsets, m.sizes)
+            actual = view.fingerprints(m.offsets, m.sizes, m.fp_version)
         finally:
             view.close()
         bad = mismatched_rows(m.fingerprints, actual)

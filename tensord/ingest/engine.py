@@ -29,7 +29,7 @@ from tensord.sharding import ShardPlan
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, TensorSpec
-from tensord_dataplane.fingerprint import BLOCK_BYTES, fingerprint_finish, fingerprint_part
+from tensord_dataplane.fingerprint import BLOCK_BYTES, FINGERPRINT_VERSION, fingerprint_finish, fingerprint_part
 from tensord_dataplane.gpu import GpuSlab
 from tensord_dataplane.host import HostSlab
 from tensord_dataplane.slab import Slab
@@ -68,11 +68,12 @@ def ingest_into(
     with opened(sources) as fds:
         chunks = plan_chunks(sources, fds, chunk)
         on_gpu = isinstance(slab, GpuSlab)  # then hash where the bytes land, in one batch
-        shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu)
+        fp = manifest.fp_version  # the definition of the version being made (or restored)
+        shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu, fp=fp)
     if on_gpu:
-        fps = slab.fingerprints(manifest.offsets, manifest.sizes).tolist()  # type: ignore[union-attr]
+        fps = slab.fingerprints(manifest.offsets, manifest.sizes, fp).tolist()  # type: ignore[union-attr]
     else:
-        fps = [fingerprint_finish(share, spec.nbytes) for share, spec in zip(shares, specs, strict=True)]
+        fps = [fingerprint_finish(s, spec.nbytes, version=fp) for s, spec in zip(shares, specs, strict=True)]
     total = sum(spec.nbytes for spec in specs)
     seconds = max(time.perf_counter() - started, 1e-9)
     log.info(
@@ -163,13 +164,14 @@ def _run(
     progress: Callable[[int], None] | None,
     *,
     hash_chunks: bool = True,
+    fp: int = FINGERPRINT_VERSION,
 ) -> list[int]:
     """Read, fingerprint (if `hash_chunks`) and write every chunk with `threads` workers; the
-    fingerprint shares."""
+    fingerprint shares (definition `fp`)."""
     shares = [0] * len(specs)
     for i, spec in enumerate(specs):  # empty tensors have no chunks
         if not spec.nbytes:
-            shares[i] = fingerprint_part(torch.empty(0, dtype=torch.uint8), 0, 0)
+            shares[i] = fingerprint_part(torch.empty(0, dtype=torch.uint8), 0, 0, version=fp)
     if not chunks:
         return shares
     target = _Target(slab, specs)
@@ -190,7 +192,7 @@ def _run(
     def fill(c: Chunk, view: torch.Tensor, junk: memoryview) -> int:
         """Read a chunk into `view`; its fingerprint share (while the bytes are in cache)."""
         read_chunk(c, view.numpy().data, junk, sources[c.index])
-        return fingerprint_part(view, c.start, specs[c.index].nbytes) if hash_chunks else 0
+        return fingerprint_part(view, c.start, specs[c.index].nbytes, version=fp) if hash_chunks else 0
 
     def worker(stream: Any) -> None:
         junk = memoryview(bytearray(GAP_BYTES))

@@ -8,6 +8,7 @@ from typing import Any
 from tensord.rpc import brief
 from tensord_contract.checks import is_int as is_int  # the ops take it from here with the other checks
 from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import FINGERPRINT_VERSIONS
 
 #: the longest a request may wait for something to happen (long polls)
 MAX_WAIT = 300.0
@@ -24,6 +25,16 @@ def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()
     if missing:
         raise InvalidArgument(f"{request['op']}: missing arguments {missing}")
     return [request.get(k) for k in (*required, *optional)]
+
+
+def fp_definition(value: object) -> int:
+    """The fingerprint definition a client says its fingerprints were made with (`fp`); absent:
+    2, what clients from before definition 3 made."""
+    if value is None:
+        return 2
+    if not is_int(value) or value not in FINGERPRINT_VERSIONS:
+        raise InvalidArgument(f"fp must name a fingerprint definition this daemon knows: {FINGERPRINT_VERSIONS}")
+    return value
 
 
 def is_number(value: object, low: float, high: float) -> bool:

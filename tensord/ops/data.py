@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tensord.ops.args import args, have_pairs, is_int, node_list
+from tensord.ops.args import args, fp_definition, have_pairs, is_int, node_list
 from tensord.ops.base import Ops
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
@@ -48,7 +48,7 @@ class DataOps(Ops):
                 assert self.restorer is not None
                 message = self.restorer.lost_message(name, version, lost)
             raise NotFound(message, name=name, version=version)
-        result, remote = await self.cluster.pin_remote(name, version, exclude, have)
+        result, remote = await self.cluster.pin_remote(name, version, exclude, cached)
         pin = next(self._pins)
         session.pins[pin] = remote
         return {**result, "pin": pin}, []
@@ -78,11 +78,12 @@ class DataOps(Ops):
         return {"reservation": r.id, "offsets": offsets, "nbytes": r.manifest.nbytes, "replica": replica}, fds
 
     async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        rid, fingerprints = args(request, "reservation", "fingerprints")
+        rid, fingerprints, fp = args(request, "reservation", "fingerprints", optional=("fp",))
         self._own(session, rid)
         if not isinstance(fingerprints, bytes) or len(fingerprints) % 8:
             raise InvalidArgument("fingerprints must be bytes: one little-endian uint64 per tensor")
-        held = await self.store.commit(rid, np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64))
+        fps = np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64)
+        held = await self.store.commit(rid, fps, fp_definition(fp))
         session.reservations.discard(rid)
         self._moved(session, held, "write")
         return {"version": held.manifest.version}, []

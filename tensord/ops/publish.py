@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tensord.ops.args import MAX_WAIT, args, is_number
+from tensord.ops.args import MAX_WAIT, args, fp_definition, is_number
 from tensord.ops.base import Ops
 from tensord.owned import OwnedSlab
 from tensord.publications import withdraw
@@ -26,8 +26,8 @@ DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
 
 class PublishOps(Ops):
     async def op_publish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, tensors, replica, fingerprints, origin = args(
-            request, "name", "tensors", "replica", "fingerprints", optional=("origin",)
+        name, tensors, replica, fingerprints, origin, fp = args(
+            request, "name", "tensors", "replica", "fingerprints", optional=("origin", "fp")
         )
         check_name(name)
         if not session.local:
@@ -49,7 +49,10 @@ class PublishOps(Ops):
             name, 0, table, offsets, nbytes, created=time.time(), origin=origin or f"published by {session.peer}"
         )
         held = await self.store.hold_new(
-            manifest, OwnedSlab(owned, session.peer), np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64)
+            manifest,
+            OwnedSlab(owned, session.peer),
+            np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64),
+            fp_definition(fp),
         )
         session.published[held.key] = held
         return {"version": held.manifest.version}, []

@@ -26,8 +26,10 @@ WIRE_ROW_BYTES = 26
 REPLY_SPARE = 1 << 20
 #: The largest manifest a set may have: `open` must be able to send it in one reply frame.
 MAX_MANIFEST_BYTES = MAX_FRAME - REPLY_SPARE
-#: The fingerprint definition this code computes (`tensord_dataplane.fingerprint`).
-FINGERPRINT_VERSION = 2
+#: The fingerprint definition new versions get (`tensord_dataplane.fingerprint`), and every
+#: definition this code still checks (a manifest's ``fp`` names its own).
+FINGERPRINT_VERSION = 3
+FINGERPRINT_VERSIONS = (2, 3)
 
 #: dtype name on the wire -> bytes per element. Names are torch's, without "torch.".
 DTYPE_SIZES: dict[str, int] = {

@@ -10,14 +10,25 @@ from typing import Any
 import numpy as np
 
 from tensord_contract.errors import InvalidArgument, ProtocolError, TensordError
-from tensord_contract.manifest.columns import ALIGN, DTYPE_CODES, FINGERPRINT_VERSION, LE_I64, LE_U64, MAX_BYTES, column
+from tensord_contract.manifest.columns import (
+    ALIGN,
+    DTYPE_CODES,
+    FINGERPRINT_VERSION,
+    FINGERPRINT_VERSIONS,
+    LE_I64,
+    LE_U64,
+    MAX_BYTES,
+    column,
+)
 from tensord_contract.manifest.table import Table, TensorSpec
 
 
 class Manifest:
     """One committed version (or a reservation, version 0): a table placed in a slab.
 
-    Rows are in the order of the put. `fingerprints` is None until commit. Immutable.
+    Rows are in the order of the put. `fingerprints` is None until commit; `fp_version` names
+    the fingerprint definition they were made with (FINGERPRINT_VERSION for new ones; a version
+    recorded under an older definition keeps it, and is checked under it). Immutable.
     """
 
     def __init__(
@@ -31,16 +42,20 @@ class Manifest:
         fingerprints: np.ndarray | None = None,
         created: float = 0.0,
         origin: str = "",
+        fp_version: int = FINGERPRINT_VERSION,
         check: type[TensordError] | None = InvalidArgument,
     ) -> None:
         self.name, self.version, self.table, self.offsets, self.nbytes = name, version, table, offsets, nbytes
         self.fingerprints, self.created, self.origin = fingerprints, created, origin
+        self.fp_version = fp_version
         if check is not None:
             self._check(check)
 
     def _check(self, error: type[TensordError]) -> None:
         """Every tensor aligned, inside the slab, not overlapping another; fingerprints fit."""
         n, offsets, sizes = len(self.table), self.offsets, self.table.sizes
+        if self.fp_version not in FINGERPRINT_VERSIONS:
+            raise error(f"fingerprint definition {self.fp_version!r:.20} unknown (known: {FINGERPRINT_VERSIONS})")
         if type(self.nbytes) is not int or not 0 <= self.nbytes < MAX_BYTES:
             raise error(f"slab size {self.nbytes!r:.40} out of range")
         if offsets.shape != (n,) or (self.fingerprints is not None and self.fingerprints.shape != (n,)):
@@ -109,11 +124,14 @@ class Manifest:
         counts = np.bincount(self.table.dtypes, minlength=len(DTYPE_CODES))
         return {DTYPE_CODES[i]: int(c) for i, c in enumerate(counts) if c}
 
-    def committed(self, version: int, fingerprints: np.ndarray, created: float) -> Manifest:
-        """This reservation's manifest as the committed `version`."""
+    def committed(
+        self, version: int, fingerprints: np.ndarray, created: float, fp_version: int = FINGERPRINT_VERSION
+    ) -> Manifest:
+        """This reservation's manifest as the committed `version`, its fingerprints made with
+        definition `fp_version` (checked by the caller)."""
         return Manifest(
             self.name, version, self.table, self.offsets, self.nbytes,
-            fingerprints=fingerprints, created=created, origin=self.origin, check=None,
+            fingerprints=fingerprints, created=created, origin=self.origin, fp_version=fp_version, check=None,
         )  # fmt: skip
 
     # -- wire -----------------------------------------------------------------------------------
@@ -130,7 +148,7 @@ class Manifest:
             "offsets": self.offsets.astype(LE_I64, copy=False).tobytes(),
             "sizes": self.table.sizes.astype(LE_I64, copy=False).tobytes(),
             "fingerprints": None if self.fingerprints is None else self.fingerprints.astype(LE_U64).tobytes(),
-            "fp": FINGERPRINT_VERSION,
+            "fp": self.fp_version,
         }
 
     def to_wire(self) -> dict[str, Any]:
@@ -155,15 +173,14 @@ class Manifest:
         if not np.array_equal(sizes, table.sizes):
             i = int(np.argmax(sizes != table.sizes))
             raise error(f"tensor {table.names[i]!r:.80}: byte size disagrees with its dtype and shape")
-        fps = None
+        fps, fp_version = None, data.get("fp", FINGERPRINT_VERSION)
+        if type(fp_version) is not int or fp_version not in FINGERPRINT_VERSIONS:
+            raise error(f"fingerprint definition {fp_version!r:.20} unknown (known: {FINGERPRINT_VERSIONS})")
         if data.get("fingerprints") is not None:
-            if data.get("fp") != FINGERPRINT_VERSION:
-                raise error(
-                    f"fingerprint definition {data.get('fp')!r:.20} unknown (this build: {FINGERPRINT_VERSION})"
-                )
             fps = column(data, "fingerprints", LE_U64, n, error).astype(np.uint64)
         if type(nbytes) is not int:
             raise error("manifest nbytes must be an int")
         return cls(
-            name, version, table, offsets, nbytes, fingerprints=fps, created=float(created), origin=origin, check=error
-        )
+            name, version, table, offsets, nbytes, fingerprints=fps, created=float(created), origin=origin,
+            fp_version=fp_version, check=error,
+        )  # fmt: skip
