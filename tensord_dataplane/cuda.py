@@ -36,6 +36,11 @@ def _libcuda() -> ctypes.CDLL:
     return lib
 
 
+def driver() -> ctypes.CDLL:
+    """libcuda, the driver API (loaded on first use)."""
+    return _libcuda()
+
+
 @functools.cache
 def _libcudart() -> ctypes.CDLL | None:
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):

@@ -1,0 +1,69 @@
+"""Where many tensors' bytes lie and how they are laid out, taken and compared in bulk.
+
+A copy plan (`sdk.plans`) made for some tensors stays right exactly as long as every tensor
+still has the same data pointer, shape, strides, dtype and device: then a plan made afresh
+would be the same plan. A tensor re-allocated (`.to()`, `resize_`, `set_`, `param.data = ...`),
+reshaped in place, or replaced in its mapping by another (even one at the same address: then
+the plan is still right for it, unless its shape, strides or dtype differ) changes the
+snapshot. It is taken by one C-level `map` per attribute, not a Python pass per tensor.
+
+Conjugate and negative views carry bits the bytes do not show: those are compared for rows
+of complex dtype (the only ones `Tensor.conj()` marks); a tensor made by the private
+`torch._neg_view` of a real dtype is not told apart.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tensord_contract.bulk import paused_gc
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_BITS = operator.methodcaller("is_conj")
+_NEG = operator.methodcaller("is_neg")
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    ptrs: np.ndarray
+    shapes: list[torch.Size]
+    strides: list[tuple[int, ...]]
+    dtypes: list[torch.dtype]
+    devices: list[int]  # Tensor.get_device(): -1 for host memory
+    bits: list[tuple[bool, bool]]  # (conj, neg) of the rows of complex dtype, in order
+
+    @classmethod
+    def take(cls, values: list[object]) -> Snapshot | None:
+        """The snapshot of `values`; None when one is not a strided tensor (`describe` then
+        says which and why)."""
+        with paused_gc():
+            try:
+                ptrs = np.fromiter(map(torch.Tensor.data_ptr, values), dtype=np.int64, count=len(values))
+                shapes = list(map(_SHAPE, values))
+                strides = list(map(torch.Tensor.stride, values))
+                dtypes = list(map(_DTYPE, values))
+                devices = list(map(torch.Tensor.get_device, values))
+            except (TypeError, RuntimeError):  # not a tensor; sparse, nested, ...
+                return None
+            bits: list[tuple[bool, bool]] = []
+            if any(d.is_complex for d in set(dtypes)):
+                rows = [t for t, d in zip(values, dtypes, strict=True) if d.is_complex]
+                bits = list(zip(map(_BITS, rows), map(_NEG, rows), strict=True))
+        return cls(ptrs, shapes, strides, dtypes, devices, bits)
+
+    def same(self, other: Snapshot | None) -> bool:
+        """Every tensor where and as it was."""
+        return (
+            other is not None
+            and np.array_equal(self.ptrs, other.ptrs)
+            and self.shapes == other.shapes
+            and self.strides == other.strides
+            and self.dtypes == other.dtypes
+            and self.devices == other.devices
+            and self.bits == other.bits
+        )
