@@ -15,7 +15,9 @@ of complex dtype (the only ones `Tensor.conj()` marks); a tensor made by the pri
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ class Snapshot:
     bits: list[tuple[bool, bool]]  # (conj, neg) of the rows of complex dtype, in order
 
     @classmethod
-    def take(cls, values: list[object]) -> Snapshot | None:
+    def take(cls, values: Sequence[Any]) -> Snapshot | None:
         """The snapshot of `values`; None when one is not a strided tensor (`describe` then
         says which and why)."""
         with paused_gc():
