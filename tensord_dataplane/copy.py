@@ -158,7 +158,7 @@ def device_copy(dst: Any, src: Any, sizes: Any, device: Any, *, dst_base: int = 
     copy_table(dst, src, sizes).run(device, dst_base=dst_base, src_base=src_base)
 
 
-_CACHED_TABLES = 8
+_CACHED_TABLES = 64  # a plan read through windows of a staging buffer has one per window
 _tables: dict[tuple[int, int, int], tuple[Any, Any, Any, CopyTable]] = {}
 
 
