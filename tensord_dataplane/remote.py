@@ -9,6 +9,9 @@ Many scattered tensors (a `load_into` or `put` of thousands) go through a stagin
 instead: each window of ~256 MiB of the slab moves as one engine entry, and the batched local
 copy (`tensord_dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
 registration far more, so this beats one entry per tensor and one registration per target.
+A read keeps its staging buffer registered while the transport lives (`_Stages`: 2 x 256 MiB
+per device at most) and alternates its halves, so the engine fills one window while the copy
+scatters the previous one; a copy plan's windows and their tables are prepared once.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Where many tensors' bytes lie and how they are laid out, taken and compared in bulk.
 
 A copy plan (`sdk.plans`) made for some tensors stays right exactly as long as every tensor
-still has the same data pointer, shape, strides, dtype and device: then a plan made afresh
-would be the same plan. A tensor re-allocated (`.to()`, `resize_`, `set_`, `param.data = ...`),
+still has the same data pointer, shape, strides and dtype: then a plan made afresh would be
+the same plan (the pointer names the device: with unified addressing no two devices' memory
+share an address; empty tensors, which copy nothing, may all have 0). A tensor re-allocated (`.to()`, `resize_`, `set_`, `param.data = ...`),
 reshaped in place, or replaced in its mapping by another (even one at the same address: then
 the plan is still right for it, unless its shape, strides or dtype differ) changes the
-snapshot. It is taken by one C-level `map` per attribute, not a Python pass per tensor.
+snapshot. It is taken by one C-level `map` per attribute (four), not a Python pass per tensor:
+about 0.6x of what `describe` costs (248 vs 402 ms at 90k tensors on the shared 2-core VM).
 
 Conjugate and negative views carry bits the bytes do not show: those are compared for rows
 of complex dtype (the only ones `Tensor.conj()` marks); a tensor made by the private
@@ -36,7 +38,6 @@ class Snapshot:
     shapes: list[torch.Size]
     strides: list[tuple[int, ...]]
     dtypes: list[torch.dtype]
-    devices: list[int]  # Tensor.get_device(): -1 for host memory
     bits: list[tuple[bool, bool]]  # (conj, neg) of the rows of complex dtype, in order
 
     @classmethod
@@ -49,14 +50,13 @@ class Snapshot:
                 shapes = list(map(_SHAPE, values))
                 strides = list(map(torch.Tensor.stride, values))
                 dtypes = list(map(_DTYPE, values))
-                devices = list(map(torch.Tensor.get_device, values))
             except (TypeError, RuntimeError):  # not a tensor; sparse, nested, ...
                 return None
             bits: list[tuple[bool, bool]] = []
             if any(d.is_complex for d in set(dtypes)):
                 rows = [t for t, d in zip(values, dtypes, strict=True) if d.is_complex]
                 bits = list(zip(map(_BITS, rows), map(_NEG, rows), strict=True))
-        return cls(ptrs, shapes, strides, dtypes, devices, bits)
+        return cls(ptrs, shapes, strides, dtypes, bits)
 
     def same(self, other: Snapshot | None) -> bool:
         """Every tensor where and as it was."""
@@ -66,6 +66,5 @@ class Snapshot:
             and self.shapes == other.shapes
             and self.strides == other.strides
             and self.dtypes == other.dtypes
-            and self.devices == other.devices
             and self.bits == other.bits
         )
