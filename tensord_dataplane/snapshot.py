@@ -2,12 +2,14 @@
 
 A copy plan (`sdk.plans`) made for some tensors stays right exactly as long as every tensor
 still has the same data pointer, shape, strides and dtype: then a plan made afresh would be
-the same plan (the pointer names the device: with unified addressing no two devices' memory
-share an address; empty tensors, which copy nothing, may all have 0). A tensor re-allocated (`.to()`, `resize_`, `set_`, `param.data = ...`),
-reshaped in place, or replaced in its mapping by another (even one at the same address: then
-the plan is still right for it, unless its shape, strides or dtype differ) changes the
-snapshot. It is taken by one C-level `map` per attribute (four), not a Python pass per tensor:
-about 0.6x of what `describe` costs (248 vs 402 ms at 90k tensors on the shared 2-core VM).
+the same plan. The pointer names the device (with unified addressing no two devices' memory
+share an address; empty tensors, which copy nothing, may all have 0). A tensor re-allocated
+(`.to()`, `resize_`, `set_`, `param.data = ...`), reshaped in place, or replaced in its
+mapping by another (even one at the same address: then the plan is still right for it,
+unless its shape, strides or dtype differ) changes the snapshot. It is taken by one C-level
+`map` per attribute (four), not a Python pass per tensor, yet that is still four calls into
+torch per tensor: about 0.6x of what `describe` costs (248 vs 402 ms at 90k tensors on the
+shared 2-core VM).
 
 Conjugate and negative views carry bits the bytes do not show: those are compared for rows
 of complex dtype (the only ones `Tensor.conj()` marks); a tensor made by the private

@@ -251,3 +251,22 @@ def test_concurrent_steps_from_two_threads(client: sdk.Client, device: str) -> N
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors[0]
+
+
+def test_a_new_version_of_the_same_layout_shares_its_decoded_table(client: sdk.Client) -> None:
+    name = "plans/table"
+    a = {"x": torch.arange(4.0), "y": torch.zeros(3)}
+
+    def tables() -> list[object]:
+        return [m.table for (n, _, _), m in client._manifests.items() if n == name]
+
+    client.put(name, a)
+    client.get(name)
+    client.put(name, {k: v + 1 for k, v in a.items()})
+    assert torch.equal(client.get(name)["x"], torch.arange(4.0) + 1)
+    assert tables()[0] is tables()[1]
+    for other in ({"x": torch.arange(5.0), "y": torch.zeros(3)}, {"x": torch.arange(4), "y": torch.zeros(3)}):
+        client.put(name, other)  # another shape, another dtype: decoded afresh
+        got = client.get(name)
+        assert torch.equal(got["x"], other["x"]) and got["x"].dtype == other["x"].dtype
+        assert tables()[-1] is not tables()[-2]
