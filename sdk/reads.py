@@ -205,7 +205,12 @@ class Reads(PinningClient):
         `strict`: the names must match exactly; otherwise only common names are loaded.
         Returns the version loaded.
         """
-        tensors = target.state_dict() if isinstance(target, torch.nn.Module) else target
+        tensors: Mapping[str, torch.Tensor]
+        if isinstance(target, torch.nn.Module):
+            with paused_gc():  # the parameters themselves, not detached copies: 4x faster at 90k
+                tensors = target.state_dict(keep_vars=True)
+        else:
+            tensors = target
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
         keys, values = keys_and_values(tensors)
@@ -260,7 +265,8 @@ def _load_plan(
         tmp = torch.empty(dsts[i].shape, dtype=dsts[i].dtype, device=dsts[i].device)
         slab.read_into(np.array([tmp.data_ptr()]), offsets[i : i + 1], sizes[i : i + 1], tmp.device)
         slab.finish()
-        dsts[i].copy_(tmp)
+        with torch.no_grad():  # a module's parameters may require grad
+            dsts[i].copy_(tmp)
     return plan, True
 
 

@@ -139,6 +139,7 @@ def test_load_into_follows_every_change_of_its_targets(client: sdk.Client, devic
 def test_load_into_a_module_whose_parameters_are_replaced(client: sdk.Client, device: str) -> None:
     name = f"plans/module-{device}"
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).to(device)
+    model[0].register_parameter("t", torch.nn.Parameter(torch.zeros(6, 5, device=device).t()))  # not dense
     for step in range(4):
         src = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
         client.put(name, src)
