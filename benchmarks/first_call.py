@@ -49,7 +49,7 @@ def child(args: argparse.Namespace) -> None:
         "get_names": lambda: client.get(NAME, device=device, names=names),
         "load_into": lambda: client.load_into(tensors, NAME),
         "load_into_module": lambda: client.load_into(model, NAME),  # type: ignore[arg-type]
-        "mount": lambda: _mount(client),
+        "mount": lambda: _mount(client, names[0]),
         "info": lambda: client.info(NAME, tensors=True),
     }
     fn = calls[args.op]
@@ -66,9 +66,9 @@ def child(args: argparse.Namespace) -> None:
     client.close()
 
 
-def _mount(client: sdk.Client) -> None:
+def _mount(client: sdk.Client, name: str) -> None:
     with client.mount(NAME) as m:
-        next(iter(m.tensors.values()))
+        m.tensors[name].sum()  # one tensor's view, touched
 
 
 def main() -> None:
