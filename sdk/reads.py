@@ -251,8 +251,9 @@ def _load_plan(
     targets that are not all dense (or not snapshot) are copied here at once, those not dense
     through private copies: then True (the plan must not be kept)."""
     picked, rows = _match_rows(manifest, keys, strict=strict)
-    dsts = [values[i] for i in picked.tolist()]
-    d = describe(dsts, "targets", copy_sparse=False)
+    every = len(picked) == len(values)
+    dsts = values if every else [values[i] for i in picked.tolist()]
+    d = describe(dsts, "targets", copy_sparse=False, known=snapshot if every else None)
     check_targets(manifest, rows, [keys[i] for i in picked.tolist()], d)
     offsets, sizes = manifest.offsets[rows], manifest.sizes[rows]
     plain = np.flatnonzero(d.dense)

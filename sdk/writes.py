@@ -198,7 +198,7 @@ def _put_plan(names: list[str], values: list[torch.Tensor], snapshot: Snapshot |
     """Describe the tensors (InvalidArgument for what cannot be stored) into a plan; one whose
     tensors are not all dense as given (put through private dense copies) gets no snapshot,
     so it is never used again."""
-    d = describe(values)
+    d = describe(values, known=snapshot)
     table = Table.of_columns(names, d.dtypes, d.ndims, d.dims)
     slab_device = device if device is not None else _home_device(d.devices)
     if snapshot is not None and not all(map(operator.is_, d.tensors, values)):
