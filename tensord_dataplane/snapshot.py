@@ -1,15 +1,15 @@
 """Where many tensors' bytes lie and how they are laid out, taken and compared in bulk.
 
 A copy plan (`sdk.plans`) made for some tensors stays right exactly as long as every tensor
-still has the same data pointer, shape, strides and dtype: then a plan made afresh would be
-the same plan. The pointer names the device (with unified addressing no two devices' memory
-share an address; empty tensors, which copy nothing, may all have 0). A tensor re-allocated
-(`.to()`, `resize_`, `set_`, `param.data = ...`), reshaped in place, or replaced in its
-mapping by another (even one at the same address: then the plan is still right for it,
-unless its shape, strides or dtype differ) changes the snapshot. It is taken by one C-level
-`map` per attribute (four), not a Python pass per tensor, yet that is still four calls into
-torch per tensor: about 0.6x of what `describe` costs (248 vs 402 ms at 90k tensors on the
-shared 2-core VM).
+still has the same data pointer, shape, contiguity and dtype (a plan is kept only for dense
+tensors, whose bytes the shape then lays out): then a plan made afresh would be the same plan.
+The pointer names the device (with unified addressing no two devices' memory share an address;
+empty tensors, which copy nothing, may all have 0). A tensor re-allocated (`.to()`, `resize_`,
+`set_`, `param.data = ...`), reshaped in place, or replaced in its mapping by another (even one
+at the same address: then the plan is still right for it, unless its shape, layout or dtype
+differ) changes the snapshot. It is taken by one C-level `map` per attribute (four), not a
+Python pass per tensor, yet that is still four calls into torch per tensor: 0.7-0.8x of what
+`describe` costs (`benchmarks/plans.py`: 291 vs 412 ms at 90k tensors on the shared 2-core VM).
 
 Conjugate and negative views carry bits the bytes do not show: those are compared for rows
 of complex dtype (the only ones `Tensor.conj()` marks); a tensor made by the private
@@ -38,7 +38,7 @@ _NEG = operator.methodcaller("is_neg")
 class Snapshot:
     ptrs: np.ndarray
     shapes: list[torch.Size]
-    strides: list[tuple[int, ...]]
+    contiguous: list[bool]  # with the shape, the layout of the bytes (strides of size-1 dims aside)
     dtypes: list[torch.dtype]
     bits: list[tuple[bool, bool]]  # (conj, neg) of the rows of complex dtype, in order
 
@@ -50,7 +50,7 @@ class Snapshot:
             try:
                 ptrs = np.fromiter(map(torch.Tensor.data_ptr, values), dtype=np.int64, count=len(values))
                 shapes = list(map(_SHAPE, values))
-                strides = list(map(torch.Tensor.stride, values))
+                contiguous = list(map(torch.Tensor.is_contiguous, values))
                 dtypes = list(map(_DTYPE, values))
             except (TypeError, RuntimeError):  # not a tensor; sparse, nested, ...
                 return None
@@ -58,7 +58,7 @@ class Snapshot:
             if any(d.is_complex for d in set(dtypes)):
                 rows = [t for t, d in zip(values, dtypes, strict=True) if d.is_complex]
                 bits = list(zip(map(_BITS, rows), map(_NEG, rows), strict=True))
-        return cls(ptrs, shapes, strides, dtypes, bits)
+        return cls(ptrs, shapes, contiguous, dtypes, bits)
 
     def same(self, other: Snapshot | None) -> bool:
         """Every tensor where and as it was."""
@@ -66,7 +66,7 @@ class Snapshot:
             other is not None
             and np.array_equal(self.ptrs, other.ptrs)
             and self.shapes == other.shapes
-            and self.strides == other.strides
+            and self.contiguous == other.contiguous
             and self.dtypes == other.dtypes
             and self.bits == other.bits
         )
