@@ -4,6 +4,9 @@ mapping of tensors in one call. All or nothing: readers see a version only once 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +17,7 @@ import torch
 from sdk.checks import dims_of, mismatch
 from sdk.connection import Connection
 from sdk.pinning import PinningClient
+from sdk.plans import Plans, PutPlan, keys_and_values
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
@@ -23,6 +27,7 @@ from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.opening import open_slab
 from tensord_dataplane.remote import RemoteSlab
 from tensord_dataplane.slab import Slab
+from tensord_dataplane.snapshot import Snapshot
 from tensord_dataplane.tensors import describe
 
 
@@ -168,19 +173,41 @@ class Writes(PinningClient):
         """
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
-        names = list(tensors)
-        d = describe(tensors.values())
-        table = Table.of_columns(names, d.dtypes, d.ndims, d.dims)
-        slab_device = str(device) if device is not None else _home_device(d.devices)
-        with self.reserve(name, table, device=slab_device) as reservation:
-            offsets = reservation.manifest.offsets
-            for dev, sel in d.by_device().items():
-                reservation.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], dev)
+        names, values = keys_and_values(tensors)
+        snapshot = Snapshot.take(values)
+        wanted = None if device is None else str(device)
+        plan = self._plans.get("put", name)
+        if not (isinstance(plan, PutPlan) and plan.fits(names, snapshot, wanted)):
+            plan = _put_plan(names, values, snapshot, wanted)
+            if plan.snapshot is not None:
+                self._plans.keep("put", name, plan)
+        with self.reserve(name, plan.table, device=plan.device) as reservation:
+            plan.copies(reservation.manifest.offsets, self._plans.lock).write(reservation.slab)
             if isinstance(reservation.slab, RemoteSlab):
-                reservation.written_all(np.arange(len(names)), np.array(fingerprints_of(d.tensors), dtype=np.uint64))
+                sources = plan.described.tensors or values  # a kept plan holds no tensor
+                fps = np.array(fingerprints_of(sources), dtype=np.uint64)
+                reservation.written_all(np.arange(len(names)), fps)
             else:
                 reservation._copied[:] = True
             return reservation.commit()
+
+    @functools.cached_property
+    def _plans(self) -> Plans:
+        return Plans()
+
+
+def _put_plan(names: list[str], values: list[torch.Tensor], snapshot: Snapshot | None, device: str | None) -> PutPlan:
+    """Describe the tensors (InvalidArgument for what cannot be stored) into a plan; one whose
+    tensors are not all dense as given (put through private dense copies) gets no snapshot,
+    so it is never used again."""
+    d = describe(values, known=snapshot)
+    table = Table.of_columns(names, d.dtypes, d.ndims, d.dims)
+    slab_device = device if device is not None else _home_device(d.devices)
+    if snapshot is not None and not all(map(operator.is_, d.tensors, values)):
+        snapshot = None
+    if snapshot is not None:  # kept: it must not keep the tensors alive
+        d = dataclasses.replace(d, tensors=[])
+    return PutPlan(names, snapshot, slab_device, table, d, [])
 
 
 def _home_device(devices: list[torch.device]) -> str:

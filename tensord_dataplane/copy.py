@@ -5,11 +5,13 @@ per tensor (1-10 us each on a GPU host: a second per set). The tables are numpy 
 with vectorised arithmetic from a manifest's offsets and the tensors' data pointers, and
 executed in bulk:
 
-- GPU: one Triton kernel launch over the whole table (large copies split into 1 MiB pieces,
-  8-byte words where every address and length allows); where Triton is missing or cannot
-  compile, the driver's cuMemcpyBatchAsync (CUDA 12.8+), else one cudaMemcpyAsync per entry.
-  Either side may lie on another GPU of the process (peer access is enabled first).
-  ``TENSORD_COPY_ENGINE=triton|driver`` forces one (for diagnosis).
+- GPU: two launches of a copy kernel shipped as PTX (`tensord_dataplane.kernel`: no compiler
+  on the first call) over the whole table (large copies split into 1 MiB pieces, 16-byte units
+  where addresses allow, tails bytewise); where it cannot load, the Triton kernel (compiled
+  on first use), else the driver's cuMemcpyBatchAsync (CUDA 12.8+), else one cudaMemcpyAsync
+  per entry. Either side may lie on another GPU of the process (peer access is enabled first).
+  ``TENSORD_COPY_ENGINE=kernel|triton|driver`` forces one (for diagnosis). A table given again
+  as the same read-only arrays (a plan's) is prepared and uploaded once (`copy_table`).
 - Host: ``memmove`` through ctypes (it releases the GIL), large copies split into pieces and
   spread over the SDK's I/O threads.
 
@@ -148,27 +150,93 @@ def _memmove_holding_gil() -> Callable[[int, int, int], object]:
 # -- GPU -------------------------------------------------------------------------------------------
 
 
-def device_copy(dst: Any, src: Any, sizes: Any, device: Any) -> None:
+def device_copy(dst: Any, src: Any, sizes: Any, device: Any, *, dst_base: int = 0, src_base: int = 0) -> None:
     """Copy between pointers a GPU can reach (its memory, or a peer's), asynchronously on the
-    current stream of `device`, which runs the copy. The caller synchronises before it relies
-    on the bytes or frees either side."""
-    import torch
+    current stream of `device`, which runs the copy: ``sizes[i]`` bytes from ``src_base +
+    src[i]`` to ``dst_base + dst[i]``. The caller synchronises before it relies on the bytes or
+    frees either side. Read-only arrays passed again (a plan's) reuse their prepared table."""
+    copy_table(dst, src, sizes).run(device, dst_base=dst_base, src_base=src_base)
 
-    d, s, n = coalesce(*table(dst, src, sizes))
-    if not len(d):
-        return
-    device = torch.device(device)
-    from tensord_dataplane.cuda import enable_peer_access
 
-    if torch.cuda.device_count() > 1:
-        enable_peer_access()
-    with torch.cuda.device(device):
-        engine = os.environ.get("TENSORD_COPY_ENGINE", "auto")
-        if engine in ("auto", "triton") and _triton_copy(d, s, n, device):
+_CACHED_TABLES = 64  # a plan read through windows of a staging buffer has one per window
+_tables: dict[tuple[int, int, int], tuple[Any, Any, Any, CopyTable]] = {}
+
+
+def copy_table(dst: Any, src: Any, sizes: Any) -> CopyTable:
+    """The prepared table of these columns: found again when the same read-only numpy arrays
+    come back (their contents cannot have changed), else made now (and kept if read-only)."""
+    frozen = all(isinstance(a, np.ndarray) and not a.flags.writeable for a in (dst, src, sizes))
+    if not frozen:
+        return CopyTable(dst, src, sizes)
+    key = (id(dst), id(src), id(sizes))
+    with _pool_lock:
+        hit = _tables.get(key)
+    if hit is not None and hit[0] is dst and hit[1] is src and hit[2] is sizes:
+        return hit[3]
+    made = CopyTable(dst, src, sizes)
+    with _pool_lock:
+        _tables[key] = (dst, src, sizes, made)
+        while len(_tables) > _CACHED_TABLES:
+            del _tables[next(iter(_tables))]
+    return made
+
+
+class CopyTable:
+    """A copy table prepared once (entries merged; for the GPU kernel cut into pieces, split
+    into 16-byte and byte rows, uploaded to each GPU that runs it) and run against bases."""
+
+    def __init__(self, dst: Any, src: Any, sizes: Any) -> None:
+        self.dst, self.src, self.sizes = coalesce(*table(dst, src, sizes))
+        self._rows: dict[Any, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(16-byte rows in units of 16, byte rows), each (dst, src, units) per row."""
+        d, s, n = self.dst, self.src, self.sizes
+        wide = ((d | s) & 15) == 0
+        whole = np.where(wide, n // 16 * 16, 0)
+        big = whole > 0
+        wd, ws, wn = split(d[big], s[big], whole[big])
+        tail = n - whole
+        small = tail > 0
+        bd, bs, bn = split(d[small] + whole[small], s[small] + whole[small], tail[small])
+        return np.stack([wd, ws, wn // 16], axis=1), np.stack([bd, bs, bn], axis=1)
+
+    def _uploaded(self, device: Any) -> tuple[Any, Any]:
+        import torch
+
+        with self._lock:
+            if device not in self._rows:
+                wide, narrow = self._split()
+                self._rows[device] = (torch.from_numpy(wide).to(device), torch.from_numpy(narrow).to(device))
+            return self._rows[device]
+
+    def run(self, device: Any, *, dst_base: int = 0, src_base: int = 0) -> None:
+        if not len(self.dst):
             return
-        if engine not in ("auto", "triton", "driver"):
-            raise InvalidArgument(f"TENSORD_COPY_ENGINE={engine!r}: expected auto, triton or driver")
-        _driver_copy(d, s, n, device)
+        import torch
+
+        from tensord_dataplane import kernel
+        from tensord_dataplane.cuda import enable_peer_access
+
+        device = torch.device(device)
+        if torch.cuda.device_count() > 1:
+            enable_peer_access()
+        engine = os.environ.get("TENSORD_COPY_ENGINE", "auto")
+        if engine not in ("auto", "kernel", "triton", "driver"):
+            raise InvalidArgument(f"TENSORD_COPY_ENGINE={engine!r}: expected auto, kernel, triton or driver")
+        with torch.cuda.device(device):
+            index = torch.cuda.current_device()
+            if engine in ("auto", "kernel") and (dst_base | src_base) & 15 == 0 and kernel.available(index):
+                wide, narrow = self._uploaded(device)
+                stream = torch.cuda.current_stream(device).cuda_stream
+                kernel.launch(True, wide.data_ptr(), len(wide), dst_base, src_base, index, stream)
+                kernel.launch(False, narrow.data_ptr(), len(narrow), dst_base, src_base, index, stream)
+                return
+            d, s, n = self.dst + dst_base, self.src + src_base, self.sizes
+            if engine in ("auto", "triton") and _triton_copy(d, s, n, device):
+                return
+            _driver_copy(d, s, n, device)
 
 
 def _driver_copy(d: np.ndarray, s: np.ndarray, n: np.ndarray, device: Any) -> None:
@@ -254,7 +322,12 @@ def _kernels() -> tuple[Any, ...] | None:
 
 def engine_name() -> str:
     """Which GPU copy engine runs now (for logs and benchmarks)."""
-    if os.environ.get("TENSORD_COPY_ENGINE") == "driver" or _triton_broken or _kernels() is None:
+    from tensord_dataplane import kernel
+
+    engine = os.environ.get("TENSORD_COPY_ENGINE", "auto")
+    if engine in ("auto", "kernel") and kernel.loaded():
+        return "kernel (PTX)"
+    if engine == "driver" or _triton_broken or _kernels() is None:
         return "driver"
     return "triton"
 

@@ -37,6 +37,16 @@ def _libcuda() -> ctypes.CDLL:
     return lib
 
 
+def driver() -> ctypes.CDLL:
+    """libcuda, the driver API (loaded on first use)."""
+    return _libcuda()
+
+
+def cudart() -> ctypes.CDLL | None:
+    """libcudart, the runtime API, or None where it is not found."""
+    return _libcudart()
+
+
 @functools.cache
 def _libcudart() -> ctypes.CDLL | None:
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):

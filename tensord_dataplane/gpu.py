@@ -52,7 +52,7 @@ class GpuSlab(Slab):
         base = self.base()
         if dst.device.type == "cuda" and len(src) > _MANY_RUNS:
             _after(dst.device, base.device)
-            device_copy(dst.data_ptr() + at, base.data_ptr() + src, lengths, base.device)
+            device_copy(at, src, lengths, base.device, dst_base=dst.data_ptr(), src_base=base.data_ptr())
             return
         for s, d, n in zip(src.tolist(), at.tolist(), lengths.tolist(), strict=True):
             dst[d : d + n].copy_(base[s : s + n], non_blocking=True)
@@ -61,7 +61,7 @@ class GpuSlab(Slab):
         base = self.base()
         if device.type == "cuda":
             _after(device, base.device)
-            device_copy(ptrs, base.data_ptr() + offsets, sizes, base.device)
+            device_copy(ptrs, offsets, sizes, base.device, src_base=base.data_ptr())
             return
         if base.device.type == "cpu":  # a tensor-backed slab in host memory (the daemon's tests)
             host_copy(ptrs, base.data_ptr() + offsets, sizes)
@@ -78,7 +78,7 @@ class GpuSlab(Slab):
         base = self.base()
         if device.type == "cuda":
             _after(device, base.device)
-            device_copy(base.data_ptr() + offsets, ptrs, sizes, base.device)
+            device_copy(offsets, ptrs, sizes, base.device, dst_base=base.data_ptr())
             return
         if base.device.type == "cpu":
             host_copy(base.data_ptr() + offsets, ptrs, sizes)

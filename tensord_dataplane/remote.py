@@ -9,12 +9,17 @@ Many scattered tensors (a `load_into` or `put` of thousands) go through a stagin
 instead: each window of ~256 MiB of the slab moves as one engine entry, and the batched local
 copy (`tensord_dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
 registration far more, so this beats one entry per tensor and one registration per target.
+A read keeps its staging buffer registered while the transport lives (`_Stages`: 2 x 256 MiB
+per device at most) and alternates its halves, so the engine fills one window while the copy
+scatters the previous one; a copy plan's windows and their tables are prepared once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -31,6 +36,7 @@ from tensord_dataplane.transport.base import Batch, Transport
 log = logging.getLogger(__name__)
 
 _DIRECT = 64  # up to this many tensors move as one engine entry each, straight to their place
+_WINDOW = 256 << 20  # bytes of the slab one staged read moves per engine call
 
 
 class RemoteSlab(Slab):
@@ -53,12 +59,24 @@ class RemoteSlab(Slab):
         if len(ptrs) <= _DIRECT:
             self._move(self._transport.read, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
             return
-        with self._stage(offsets, sizes, device) as (stage, parts):
-            for idx, start, end in parts:
-                self._move(
-                    self._transport.read, [], np.array([stage.data_ptr()]), np.array([start]), np.array([end - start])
-                )
-                _scatter(device, ptrs[idx], stage.data_ptr() + offsets[idx] - start, sizes[idx])
+        parts = _parts(ptrs, offsets, sizes)
+        size = max(end - start for _, _, _, start, end in parts)
+        with _stages.use(self._transport, device, size) as (stage, halves):
+            done: list[torch.cuda.Event | None] = [None, None]
+            for k, (dst, rel, n, start, end) in enumerate(parts):
+                half = k % halves
+                if (event := done[half]) is not None:
+                    event.synchronize()  # its last scatter has read the half
+                at = stage.data_ptr() + half * size
+                self._move(self._transport.read, [], np.array([at]), np.array([start]), np.array([end - start]))
+                if device.type == "cuda":  # scatter while the engine fills the other half
+                    device_copy(dst, rel, n, device, src_base=at)
+                    done[half] = torch.cuda.Event()
+                    done[half].record(torch.cuda.current_stream(device))  # type: ignore[union-attr]
+                else:
+                    host_copy(dst, at + rel, n)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
 
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         if len(ptrs) <= _DIRECT:
@@ -117,6 +135,92 @@ class RemoteSlab(Slab):
                         self._transport.unregister(address)
                 except TransferError as exc:  # the bytes have moved; a leftover registration is harmless
                     log.warning("%s", exc.message)
+
+
+Part = tuple[np.ndarray, np.ndarray, np.ndarray, int, int]
+_CACHED_PARTS = 8
+_parts_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, list[Part]]] = {}
+_parts_lock = threading.Lock()
+
+
+def _parts(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[Part]:
+    """The windows of the slab a scattered read passes through: (targets, their offsets in the
+    window, sizes, first byte, end byte), read-only, so the batched copy keeps each prepared.
+    Found again for the same read-only arrays (a copy plan's)."""
+    frozen = not (ptrs.flags.writeable or offsets.flags.writeable or sizes.flags.writeable)
+    key = (id(ptrs), id(offsets), id(sizes))
+    if frozen:
+        with _parts_lock:
+            hit = _parts_cache.get(key)
+        if hit is not None and hit[0] is ptrs and hit[1] is offsets and hit[2] is sizes:
+            return hit[3]
+    order = np.argsort(offsets, kind="stable")
+    parts: list[Part] = []
+    for idx, start, end in windows(offsets[order], sizes[order], _WINDOW):
+        rows = order[idx]
+        cols = (ptrs[rows], offsets[rows] - start, sizes[rows])
+        for c in cols:
+            c.flags.writeable = False
+        parts.append((*cols, start, end))
+    if frozen:
+        with _parts_lock:
+            _parts_cache[key] = (ptrs, offsets, sizes, parts)
+            while len(_parts_cache) > _CACHED_PARTS:
+                del _parts_cache[next(iter(_parts_cache))]
+    return parts
+
+
+class _Stages:
+    """Staging buffers registered with a transport, kept between reads while it lives
+    (registering costs far more than a read): one per device, in two halves, so the engine
+    fills one while the batched copy scatters the other. One read uses it at a time; a read
+    meanwhile stages through a buffer of its own, registered for the call."""
+
+    def __init__(self) -> None:
+        self._kept: weakref.WeakKeyDictionary[Transport, dict[str, tuple[torch.Tensor, int, str]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self, transport: Transport, device: torch.device, half: int) -> Iterator[tuple[torch.Tensor, int]]:
+        where = str(device)
+        with self._lock:
+            kept = self._kept.setdefault(transport, {}).pop(where, None)
+        if kept is not None and kept[0].numel() < 2 * half:
+            self._unregister(transport, kept)
+            kept = None
+        if kept is None:
+            stage = torch.empty(2 * half, dtype=torch.uint8, device=device)
+            base, length, at = _range(stage)
+            with current(at):
+                transport.register(base, length)
+            kept = (stage, base, at)
+        try:
+            yield kept[0], 2
+        except BaseException:
+            self._unregister(transport, kept)
+            raise
+        if half > _WINDOW:  # a window of one very large tensor: not worth keeping
+            self._unregister(transport, kept)
+            return
+        with self._lock:
+            mine = self._kept.setdefault(transport, {})
+            other = mine.pop(where, None)
+            mine[where] = kept
+        if other is not None:
+            self._unregister(transport, other)
+
+    @staticmethod
+    def _unregister(transport: Transport, kept: tuple[torch.Tensor, int, str]) -> None:
+        try:
+            with current(kept[2]):
+                transport.unregister(kept[1])
+        except TransferError as exc:
+            log.warning("%s", exc.message)
+
+
+_stages = _Stages()
 
 
 def _scatter(device: torch.device, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray) -> None:

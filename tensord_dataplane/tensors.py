@@ -14,6 +14,7 @@ import torch
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import DTYPE_CODE, DTYPE_SIZES, Table
+from tensord_dataplane.snapshot import Snapshot
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in DTYPE_SIZES if isinstance(getattr(torch, name, None), torch.dtype)
@@ -85,16 +86,19 @@ class Described:
         return {d: np.array(r, dtype=np.int64) for d, r in out.items()}
 
 
-def describe(values: Iterable[object], what: str = "tensors", *, copy_sparse: bool = True) -> Described:
+def describe(
+    values: Iterable[object], what: str = "tensors", *, copy_sparse: bool = True, known: Snapshot | None = None
+) -> Described:
     """Describe tensors in bulk (the collector paused): InvalidArgument for anything that is not
-    a strided tensor of a supported dtype on a CPU or CUDA device."""
+    a strided tensor of a supported dtype on a CPU or CUDA device. `known`: a snapshot of these
+    very tensors, taken just before (its pointers, shapes and dtypes are not asked again)."""
     with paused_gc():
         given = list(values)
         if not all(map(isinstance, given, repeat(torch.Tensor))):
             bad = next(t for t in given if not isinstance(t, torch.Tensor))
             raise InvalidArgument(f"{what} must be torch.Tensor, not {type(bad).__name__}")
         tensors: list[torch.Tensor] = given  # type: ignore[assignment]
-        codes = list(map(CODES.get, [t.dtype for t in tensors]))
+        codes = list(map(CODES.get, known.dtypes if known is not None else [t.dtype for t in tensors]))
         if None in codes:
             bad_dtype = next(t.dtype for t, c in zip(tensors, codes, strict=True) if c is None)
             raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord")
@@ -104,15 +108,20 @@ def describe(values: Iterable[object], what: str = "tensors", *, copy_sparse: bo
             for i in [i for i, v in enumerate(views) if v]:
                 dense[i] = dense[i] and not tensors[i].is_conj() and not tensors[i].is_neg()
         if copy_sparse and not all(dense):
+            known = None  # some are replaced by dense copies
             tensors = [
                 t if ok else t.resolve_conj().resolve_neg().contiguous() for t, ok in zip(tensors, dense, strict=True)
             ]
-        shapes = [t.shape for t in tensors]
+        shapes = known.shapes if known is not None else [t.shape for t in tensors]
         devices = [t.device for t in tensors]
         if any(d.type not in ("cpu", "cuda") for d in set(devices)):
             raise InvalidArgument(f"{what} must lie on cpu or cuda devices, not {sorted(map(str, set(devices)))}")
         try:
-            ptrs = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
+            ptrs = (
+                known.ptrs
+                if known is not None
+                else np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
+            )
         except RuntimeError as exc:  # sparse, nested, ...: no plain memory to copy
             raise InvalidArgument(f"{what} must be dense (strided) tensors: {exc}") from None
         ndims = np.fromiter(map(len, shapes), dtype=np.uint8, count=len(shapes))

@@ -35,7 +35,7 @@ def _flat(tensors, names) -> torch.Tensor:
     return torch.cat([as_bytes(tensors[k].contiguous()).cpu() for k in names])
 
 
-@pytest.fixture(params=["triton", "driver"])
+@pytest.fixture(params=["kernel", "triton", "driver"])
 def engine(request, monkeypatch) -> str:
     monkeypatch.setenv("TENSORD_COPY_ENGINE", request.param)
     return str(request.param)

@@ -146,6 +146,18 @@ class Table:
         table._check(error)
         return table
 
+    def same_wire(self, data: Any) -> bool:
+        """Whether a wire map carries exactly this table's columns (decoding it would give an
+        equal table): byte comparisons, no decoding."""
+        return (
+            isinstance(data, dict)
+            and data.get("count") == len(self.names)
+            and data.get("names") == self.names_blob
+            and data.get("dtypes") == self.dtypes.tobytes()
+            and data.get("ndims") == self.ndims.tobytes()
+            and data.get("dims") == self.dims.astype(LE_I64, copy=False).tobytes()
+        )
+
     def _check(self, error: type[TensordError]) -> None:
         """Vectorised checks: dtype codes known, dims in range, sizes below MAX_BYTES, names unique."""
         n = len(self.names)

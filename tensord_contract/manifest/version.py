@@ -155,12 +155,13 @@ class Manifest:
         return self.wire
 
     @classmethod
-    def from_wire(cls, data: Any, error: type[TensordError] = ProtocolError) -> Manifest:
+    def from_wire(cls, data: Any, error: type[TensordError] = ProtocolError, known: Table | None = None) -> Manifest:
         """Decode and validate a manifest; anything inconsistent raises `error` (ProtocolError:
-        a manifest comes from a daemon or the registry, never from a user)."""
+        a manifest comes from a daemon or the registry, never from a user). `known`: a table
+        decoded before (another version's), used as it is where the wire carries the same one."""
         if not isinstance(data, dict):
             raise error("manifest must be a map")
-        table = Table.from_wire(data, error)
+        table = known if known is not None and known.same_wire(data) else Table.from_wire(data, error)
         name, version, nbytes = data.get("name"), data.get("version"), data.get("nbytes")
         if type(name) is not str or type(version) is not int or version < 0:
             raise error("manifest name and version must be a string and a non-negative int")

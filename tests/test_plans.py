@@ -1,0 +1,273 @@
+"""Copy plans (`sdk.plans`): a repeated `load_into` or `put` reuses what the first one worked out,
+and every change that could make it write into or read from memory a tensor no longer owns
+makes a new one. Each case checks the bytes exactly, on host tensors and (`-m gpu`) on cuda."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import sdk
+from sdk.plans import LoadPlan, PutPlan
+from tensord_contract.errors import InvalidArgument
+from tensord_dataplane.snapshot import Snapshot
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _tensors(device: str, seed: int, n: int = 40) -> dict[str, torch.Tensor]:
+    """Mixed dtypes and shapes, each its own allocation."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        shape = (3 + i % 5, 4) if i % 3 else (7 + i,)
+        dtype = (torch.float32, torch.bfloat16, torch.int32)[i % 3]
+        t = torch.randint(-1000, 1000, shape, generator=g).to(dtype)
+        out[f"layer.{i}.w"] = t.to(device)
+    out["square"] = torch.randn(6, 6, generator=g).to(device)
+    return out
+
+
+def _zeros(like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(t) for k, t in like.items()}
+
+
+def _exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape, k
+        assert torch.equal(got[k].cpu().contiguous().view(torch.uint8), t.cpu().contiguous().view(torch.uint8)), k
+
+
+def _load_plan(client: sdk.Client, name: str) -> LoadPlan:
+    plan = client._plans.get("load", name)
+    assert isinstance(plan, LoadPlan)
+    return plan
+
+
+def test_load_into_reuses_its_plan_across_versions_of_one_layout(client: sdk.Client, device: str) -> None:
+    name = f"plans/reuse-{device}"
+    targets = _zeros(_tensors(device, 0))
+    for seed in range(3):
+        src = _tensors(device, seed)
+        version = client.put(name, src)
+        assert client.load_into(targets, name, verify=True) == version
+        _exact(targets, src)
+        if seed == 0:
+            first = _load_plan(client, name)
+        assert _load_plan(client, name) is first  # same tensors, same layout: not made again
+
+
+def test_load_into_follows_every_change_of_its_targets(client: sdk.Client, device: str) -> None:
+    name = f"plans/targets-{device}"
+    targets = _zeros(_tensors(device, 0))
+    seed = 0
+
+    def load_and_check() -> None:
+        nonlocal seed
+        seed += 1
+        src = _tensors(device, seed)
+        client.put(name, src)
+        client.load_into(targets, name)
+        _exact(targets, src)
+
+    load_and_check()
+    plan = _load_plan(client, name)
+
+    # replaced in the mapping by a new tensor (the old one freed: the new may lie at its address)
+    shape, dtype = targets["layer.4.w"].shape, targets["layer.4.w"].dtype
+    del targets["layer.4.w"]
+    targets["layer.4.w"] = torch.zeros(shape, dtype=dtype, device=device)
+    targets = dict(sorted(targets.items(), key=lambda kv: list(_tensors(device, 0)).index(kv[0])))
+    load_and_check()
+
+    # re-allocated in place (set_ to new storage): the old storage must not be written
+    old = targets["layer.1.w"]
+    kept = old.untyped_storage()  # the old memory stays alive: a stale plan would write it
+    before = torch.empty(0, dtype=old.dtype, device=device).set_(kept, 0, old.shape, old.stride()).clone()
+    old.set_(torch.zeros_like(old))
+    load_and_check()
+    after = torch.empty(0, dtype=old.dtype, device=device).set_(kept, 0, old.shape, old.stride())
+    assert torch.equal(before, after)
+
+    # .to() and back: a new allocation each time
+    targets["layer.2.w"] = targets["layer.2.w"].to("cpu").to(device)
+    load_and_check()
+
+    # resized in place to another shape: refused, nothing written; resized back: loads again
+    t = targets["layer.7.w"]
+    good = t.shape
+    t.resize_(2, 2)
+    snapshot = {k: v.clone() for k, v in targets.items()}
+    client.put(name, _tensors(device, 99))
+    with pytest.raises(InvalidArgument):
+        client.load_into(targets, name)
+    for k, v in snapshot.items():
+        assert torch.equal(targets[k], v), k
+    t.resize_(good)
+    load_and_check()
+
+    # same address, shape and strides, another dtype (a view): refused
+    targets["layer.0.w"] = targets["layer.0.w"].view(torch.int32)
+    with pytest.raises(InvalidArgument):
+        client.load_into(targets, name)
+    targets["layer.0.w"] = targets["layer.0.w"].view(torch.float32)
+    load_and_check()
+
+    # same address and shape, other strides (transposed in place): loaded by value
+    targets["square"].t_()
+    load_and_check()
+    targets["square"].t_()
+    load_and_check()
+
+    # a view at another storage offset
+    big = torch.zeros(64, dtype=torch.float32, device=device)
+    targets["layer.3.w"] = big[8:18]
+    load_and_check()
+    assert not torch.any(big[:8]) and not torch.any(big[18:])
+
+    assert _load_plan(client, name) is not plan
+
+
+def test_load_into_a_module_whose_parameters_are_replaced(client: sdk.Client, device: str) -> None:
+    name = f"plans/module-{device}"
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).to(device)
+    model[0].register_parameter("t", torch.nn.Parameter(torch.zeros(6, 5, device=device).t()))  # not dense
+    for step in range(4):
+        src = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+        client.put(name, src)
+        if step == 1:
+            model[0].weight = torch.nn.Parameter(torch.zeros(16, 8, device=device))
+        if step == 2:
+            model[1].bias.data = torch.zeros(4, device=device)
+        if step == 3:
+            model.to(torch.float64).to(torch.float32)
+        client.load_into(model, name)
+        _exact(dict(model.state_dict()), src)
+
+
+def test_a_new_layout_between_versions_makes_a_new_plan(client: sdk.Client, device: str) -> None:
+    name = f"plans/layout-{device}"
+    a = {"x": torch.arange(10.0, device=device), "y": torch.arange(30.0, device=device)}
+    targets = _zeros(a)
+    client.put(name, a)
+    client.load_into(targets, name)
+    _exact(targets, a)
+    plan = _load_plan(client, name)
+    b = {"y": torch.arange(30.0, device=device) + 1, "x": torch.arange(10.0, device=device) + 2}  # other order
+    client.put(name, b)
+    client.load_into(targets, name)
+    _exact(targets, {"x": b["x"], "y": b["y"]})
+    assert _load_plan(client, name) is not plan
+    c = {"x": torch.arange(30.0, device=device), "y": torch.arange(10.0, device=device)}  # shapes swap
+    client.put(name, c)
+    with pytest.raises(InvalidArgument):
+        client.load_into(targets, name)
+    _exact(targets, {"x": b["x"], "y": b["y"]})  # nothing written
+    partial = {"x": torch.zeros(30, device=device), "z": torch.zeros(3, device=device)}
+    client.load_into(partial, name, strict=False)
+    assert torch.equal(partial["x"], c["x"]) and not torch.any(partial["z"])
+
+
+def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str) -> None:
+    name = f"plans/put-{device}"
+    src = _tensors(device, 5)
+    client.put(name, src)
+    _exact(dict(client.get(name, device=device, verify=True)), src)
+    plan = client._plans.get("put", name)
+    assert isinstance(plan, PutPlan) and not plan.described.tensors  # a kept plan holds no tensor
+    for k in src:
+        src[k].add_(1)  # a training step: same memory, new values
+    client.put(name, src)
+    _exact(dict(client.get(name, device=device, verify=True)), src)
+    assert client._plans.get("put", name) is plan
+
+    changes = [
+        lambda: src.__setitem__("layer.4.w", torch.ones(9, 4, device=device)),  # new shape and memory
+        lambda: src["layer.5.w"].set_(torch.full_like(src["layer.5.w"], 3)),
+        lambda: src["layer.6.w"].resize_(1, 2),
+        lambda: src.__setitem__("layer.0.w", src["layer.0.w"].view(torch.int32)),
+        lambda: src["square"].t_(),
+        lambda: src.__setitem__("extra", torch.arange(5, device=device)),
+        lambda: src.pop("layer.1.w"),
+    ]
+    for change in changes:
+        change()
+        client.put(name, src)
+        want = {k: v.contiguous() for k, v in src.items()}
+        _exact(dict(client.get(name, device=device, verify=True)), want)
+        kept = client._plans.get("put", name)
+        assert isinstance(kept, PutPlan) and isinstance(plan, PutPlan)
+        assert kept is not plan or not plan.fits(list(src), Snapshot.take(list(src.values())), None)
+        plan = kept
+
+
+def test_concurrent_steps_from_two_threads(client: sdk.Client, device: str) -> None:
+    errors: list[BaseException] = []
+
+    def steps(who: int) -> None:
+        try:
+            name = f"plans/threads-{device}-{who}"
+            src = _tensors(device, who)
+            targets = _zeros(src)
+            for _ in range(6):
+                for t in src.values():
+                    t.add_(1)
+                v = client.put(name, src)
+                assert client.load_into(targets, name) == v
+                _exact(targets, src)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=steps, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+
+    # two threads loading the same set into their own targets, with one plan cache
+    name = f"plans/threads-{device}-0"
+    want = dict(client.get(name, device=device))
+    outs = [_zeros(want) for _ in range(2)]
+
+    def load(out: dict[str, torch.Tensor]) -> None:
+        try:
+            for _ in range(5):
+                client.load_into(out, name)
+                _exact(out, want)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+
+
+def test_a_new_version_of_the_same_layout_shares_its_decoded_table(client: sdk.Client) -> None:
+    name = "plans/table"
+    a = {"x": torch.arange(4.0), "y": torch.zeros(3)}
+
+    def tables() -> list[object]:
+        return [m.table for (n, _, _), m in client._manifests.items() if n == name]
+
+    client.put(name, a)
+    client.get(name)
+    client.put(name, {k: v + 1 for k, v in a.items()})
+    assert torch.equal(client.get(name)["x"], torch.arange(4.0) + 1)
+    assert tables()[0] is tables()[1]
+    for other in ({"x": torch.arange(5.0), "y": torch.zeros(3)}, {"x": torch.arange(4), "y": torch.zeros(3)}):
+        client.put(name, other)  # another shape, another dtype: decoded afresh
+        got = client.get(name)
+        assert torch.equal(got["x"], other["x"]) and got["x"].dtype == other["x"].dtype
+        assert tables()[-1] is not tables()[-2]
