@@ -28,7 +28,7 @@ from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
-from tensord.owned import PUBLISHED, published
+from tensord.owned import PUBLISHED, OwnedSlab, published
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -138,6 +138,8 @@ class Store:
     def descriptor(self, held: Held, *, local: bool) -> tuple[dict[str, Any], list[int]]:
         """How a reader reaches a held version: its slab (fds to pass) on this node, else
         through the Transfer Engine."""
+        if isinstance(held.slab, OwnedSlab) and not local:
+            return held.slab.remote_descriptor(), []
         return held.slab.descriptor() if local else (self._engine.remote(held.slab).to_wire(), [])
 
     def write_descriptor(self, r: Reservation, *, local: bool) -> tuple[dict[str, Any], list[int]]:
