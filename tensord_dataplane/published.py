@@ -102,6 +102,11 @@ class PublishedSlab(RemoteSlab):
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         raise InvalidArgument("a published replica is read-only")
 
+    def read_registered(self, local: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        """Read layout ranges to local addresses already registered with the engine (a daemon
+        filling a slab it exposes: replicating a publication)."""
+        self._move(self._transport.read, [], local, offsets, sizes)
+
     def _move(
         self,
         call: Callable[[str, Batch], None],

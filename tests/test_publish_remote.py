@@ -76,3 +76,18 @@ def test_a_host_publication_is_read_from_another_node_without_a_copy(ab) -> None
         wait_gone(pb, "pubr/host")
         with pytest.raises(sdk.NotFound):
             pb.get("pubr/host")
+
+
+def test_a_host_publication_is_replicated_to_another_node(ab) -> None:
+    src = _shard(2)
+    expected = {k: t.clone() for k, t in src.items()}
+    with ab.client("pa") as pa, ab.client("pb") as pb:
+        with pa.publish("pubr/seed", src) as pub:
+            pb.replicate("pubr/seed", to=["pb"])
+            nodes = sorted(r["node"] for r in pb.info("pubr/seed")["replicas"])
+            assert nodes == ["pa", "pb"]
+            assert pb.status()["devices"]["cpu"]["used"] >= sum(t.nbytes for t in src.values())
+        # withdrawn: the copy on pb stands, readable there without the publisher
+        _wait_for(lambda: [r["node"] for r in pb.info("pubr/seed")["replicas"]] == ["pb"], 10)
+        assert _same(dict(pb.get("pubr/seed", pub.version, verify=True).items()), expected)
+        pb.delete("pubr/seed")
