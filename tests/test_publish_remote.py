@@ -17,8 +17,9 @@ import torch
 import sdk
 from tensord_dataplane.tensors import as_bytes
 from tensord_dataplane.transport.mooncake import available
-from tests.daemons import child_env, wait_gone
-from tests.test_cluster import Cluster, _wait_for
+from tests.daemons import DaemonProcess, child_env, wait_gone
+from tests.etcd_server import free_port
+from tests.test_cluster import Cluster, _config, _wait_for
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
 
@@ -32,12 +33,12 @@ def ab(etcd, tmp_path_factory: pytest.TempPathFactory):
     cluster.stop()
 
 
-def _shard(seed: int, n: int = 40) -> dict[str, torch.Tensor]:
+def _shard(seed: int, n: int = 40, width: int = 7) -> dict[str, torch.Tensor]:
     """Mixed dtypes, each tensor its own allocation, in shuffled order."""
     from tests.data import random_tensor
 
     dtypes = [torch.bfloat16, torch.float32, torch.int8, torch.float8_e4m3fn, torch.int64]
-    out = {f"layer{i}.w": random_tensor(dtypes[i % 5], (i % 13 + 1, 7 + i % 3), seed=seed + i) for i in range(n)}
+    out = {f"layer{i}.w": random_tensor(dtypes[i % 5], (i % 13 + 1, width + i % 3), seed=seed + i) for i in range(n)}
     out["scalar"] = torch.tensor(2.5)
     out["empty"] = torch.empty(0)
     keys = list(out)
@@ -47,8 +48,7 @@ def _shard(seed: int, n: int = 40) -> dict[str, torch.Tensor]:
 
 def _same(a, b) -> bool:
     return set(a) == set(b) and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(as_bytes(a[k]), as_bytes(b[k]))
-        for k in a
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(as_bytes(a[k]), as_bytes(b[k])) for k in a
     )
 
 
@@ -91,3 +91,127 @@ def test_a_host_publication_is_replicated_to_another_node(ab) -> None:
         _wait_for(lambda: [r["node"] for r in pb.info("pubr/seed")["replicas"]] == ["pb"], 10)
         assert _same(dict(pb.get("pubr/seed", pub.version, verify=True).items()), expected)
         pb.delete("pubr/seed")
+
+
+PUBLISHER = """
+import sys, time
+import sdk
+from tests.test_publish_remote import _shard
+client = sdk.Client(sys.argv[1])
+pub = client.publish(sys.argv[2], _shard(int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+print(pub.version, flush=True)
+time.sleep(600)
+"""
+
+
+def _publisher(socket: str, name: str, seed: int, n: int, width: int) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, socket, name, str(seed), str(n), str(width)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    if not line:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("the publisher did not publish")
+    return proc, int(line)
+
+
+def test_a_publisher_killed_mid_read_never_yields_wrong_bytes(ab) -> None:
+    """A reader on another node reads in a loop (checked and unchecked) while the publisher is
+    SIGKILLed: every read returns the published bytes or fails with TransferError (NotFound
+    once the version is gone)."""
+    seed, n, width = 3, 200, 4000
+    expected = _shard(seed, n, width)
+    proc, version = _publisher(ab.nodes["pa"].socket, "pubr/killed", seed, n, width)
+    outcomes = {"right": 0, "failed": 0, "gone": 0}
+    try:
+        with ab.client("pb") as pb:
+            assert _same(dict(pb.get("pubr/killed", version).items()), expected)  # the engine started
+            killer = threading.Timer(0.5, lambda: os.kill(proc.pid, signal.SIGKILL))
+            killer.start()
+            deadline = time.monotonic() + 60
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                try:
+                    got = pb.get("pubr/killed", version, verify=None if i % 2 else False)
+                except sdk.NotFound:
+                    outcomes["gone"] += 1
+                    break
+                except sdk.TransferError:
+                    outcomes["failed"] += 1
+                    continue
+                assert _same(dict(got.items()), expected), f"wrong bytes on read {i}"
+                outcomes["right"] += 1
+            killer.join()
+            assert outcomes["right"] >= 1 and outcomes["gone"] == 1, outcomes
+            wait_gone(pb, "pubr/killed")
+            assert pb.status()["pins"] == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_unpublish_waits_for_a_remote_readers_pin_then_revokes(ab) -> None:
+    from tests.frames import Raw
+
+    src = _shard(4)
+    with ab.client("pa") as pa, ab.client("pb") as pb:
+        pub = pa.publish("pubr/pinned", src)
+        reader = Raw(ab.nodes["pb"].socket)
+        try:
+            opened = reader.call("open", name="pubr/pinned")["result"]
+            assert opened["replica"]["kind"] == "published" and opened["replica"]["node"] == "pa"
+            assert pa.status()["pins"] == 1  # the gateway's pin, on the publisher's node
+            done: list[bool] = []
+            waiter = threading.Thread(target=lambda: done.append(pub.unpublish(timeout=30)))
+            waiter.start()
+            time.sleep(1.0)
+            assert not done  # waits for the reader on the other node
+            with pytest.raises(sdk.NotFound):  # withdrawn from new readers at once
+                pb.get("pubr/pinned", pub.version)
+            assert reader.call("release", pin=opened["pin"])["result"]["intact"] is True
+            waiter.join(30)
+            assert done == [True]
+            # a reader that outstays the timeout learns that its pin was revoked
+            pub2 = pa.publish("pubr/pinned", src)
+            opened = reader.call("open", name="pubr/pinned", version=pub2.version)["result"]
+            assert pub2.unpublish(timeout=0.2) is False
+            assert reader.call("release", pin=opened["pin"])["result"]["intact"] is False
+        finally:
+            reader.close()
+        assert pa.status()["pins"] == 0
+
+
+def _with_state(cluster: Cluster, node: str, state: Path) -> DaemonProcess:
+    cluster.ports.setdefault(node, free_port())
+    config = _config(cluster.etcd, cluster.ports[node])
+    d = DaemonProcess(cluster.workdir, node, config, env={"TENSORD_STATE_DIR": str(state)}).start()
+    cluster.nodes[node] = d
+    return d
+
+
+def test_a_restarted_daemon_withdraws_its_publications(etcd, tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        a = _with_state(cluster, "pr-a", tmp_path / "state")
+        cluster.start("pr-b")
+        proc, version = _publisher(a.socket, "pubr/restart", 5, 20, 7)
+        try:
+            with cluster.client("pr-b") as b:
+                assert _same(dict(b.get("pubr/restart", version).items()), _shard(5, 20, 7))
+                a.kill()
+                _with_state(cluster, "pr-a", tmp_path / "state")
+                _wait_for(lambda: "pubr/restart" not in [s["name"] for s in b.ls()], 20)
+                with pytest.raises(sdk.NotFound):
+                    b.get("pubr/restart", version)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+    finally:
+        cluster.stop()
