@@ -76,12 +76,16 @@ class PinningClient(CatalogueClient):
                 self._engine = None
 
     # -- pins -----------------------------------------------------------------------------------
-    def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[Pin, Manifest, Slab]:
+    def _open(
+        self, name: str, version: int | None, exclude: list[str] | None = None, *, mount: bool = False
+    ) -> tuple[Pin, Manifest, Slab]:
         check_name(name)
         version = check_version(version)
         args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}
         if exclude:
             args["exclude"] = exclude
+        if mount:  # the daemon counts the bytes clients map (status: one copy, not two)
+            args["mount"] = True
         conn = self._conn()
         result, fds = conn.call("open", **args)
         pin: Pin | None = None

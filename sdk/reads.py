@@ -137,7 +137,7 @@ class Reads(PinningClient):
 
     def mount(self, name: str, version: int | str | None = None) -> Mount:
         """Pin a version and map it zero-copy (same node only). Use as a context manager."""
-        pin, manifest, slab = self._open(name, version)  # type: ignore[arg-type]
+        pin, manifest, slab = self._open(name, version, mount=True)  # type: ignore[arg-type]
         try:
             return Mount(self, pin, manifest, slab)
         except BaseException:

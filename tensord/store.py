@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tensord import accounting
 from tensord.eviction import choose, recoverable
 from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
@@ -119,12 +120,9 @@ class Store:
     def status(self) -> dict[str, Any]:
         """What this node holds and uses, per device and in all (`tensord status`, metrics)."""
         live = [h for h in self._held.values() if h.live]
-        budgets = self._budgets
+        budgets = self._budgets  # per device: tensord.accounting
         return {
-            "devices": {
-                d: {"budget": budgets.limit[d], "used": budgets.used[d], "idle": self._blocks.idle_bytes(d)}
-                for d in budgets.limit
-            },
+            "devices": accounting.devices(live, budgets, self._blocks.idle_bytes),
             "huge_pages": self.huge_page_bytes(),
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),

@@ -215,3 +215,38 @@ def test_a_restarted_daemon_withdraws_its_publications(etcd, tmp_path: Path) -> 
             proc.stdout.close()  # type: ignore[union-attr]
     finally:
         cluster.stop()
+
+
+def test_memory_shows_held_published_and_mapped_bytes(start_daemon) -> None:
+    """One daemon (no etcd): a put held in a slab, a mount of it, a host publication. Status,
+    info, the CLI and the metrics show each once: held by the daemon, mapped by a client (no
+    copy), published in the publisher's memory (no copy)."""
+    from tests.daemons import tensord
+    from tests.test_metrics import scrape, value
+
+    port = free_port()
+    d = start_daemon("memshow", config=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    put = {"a": torch.ones(1000), "b": torch.zeros(300, dtype=torch.int64)}
+    src = _shard(6)
+    published = sum(t.nbytes for t in src.values())
+    with d.client() as c:
+        c.put("mem/held", put)
+        cpu = c.status()["devices"]["cpu"]
+        assert cpu["held"] >= 6400 and (cpu["published"], cpu["mapped"]) == (0, 0)
+        with c.mount("mem/held") as m, c.publish("mem/pub", src) as pub:
+            assert torch.equal(m.tensors["a"], put["a"])
+            cpu = c.status()["devices"]["cpu"]
+            assert (cpu["published"], cpu["mapped"]) == (published, 6400)
+            assert cpu["used"] == cpu["held"]  # the publication and the mapping cost the daemon nothing
+            info = c.info("mem/pub")
+            assert info["published"] is True and info["version"] == pub.version
+            assert c.info("mem/held")["mapped"] == 1 and c.info("mem/held")["published"] is False
+            assert _same(dict(c.get("mem/pub").items()), src)  # host memory, read through the engine here too
+            shown = tensord("status", socket=d.socket)
+            assert shown.returncode == 0 and "PUBLISHED" in shown.stdout and "MAPPED" in shown.stdout, shown
+            samples = scrape(port)
+            assert value(samples, "tensord_device_published_bytes", device="cpu") == published
+            assert value(samples, "tensord_device_mapped_bytes", device="cpu") == 6400
+            assert value(samples, "tensord_device_held_bytes", device="cpu") == cpu["held"]
+        cpu = c.status()["devices"]["cpu"]
+        assert (cpu["published"], cpu["mapped"]) == (0, 0)
