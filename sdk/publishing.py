@@ -112,6 +112,17 @@ class Publication:
 class Publishing(PinningClient):
     """The publishing part of `sdk.Client`."""
 
+    # Started on the first publish: an engine of its own, so that the registrations this
+    # process's reads and writes make and drop never touch a publication's.
+    _seed: Transport | None = None
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            seed, self._seed = self._seed, None
+        if seed is not None:
+            seed.close()  # after the connection: the daemon has withdrawn every publication
+
     def publish(self, name: str, tensors: Mapping[str, torch.Tensor], *, origin: str | None = None) -> Publication:
         """Advertise `tensors` (dense, all on one GPU or all in host memory) as the next version
         of `name`, without a copy: readers on every node read this process's memory. Do not
@@ -162,7 +173,10 @@ class Publishing(PinningClient):
         from tensord_dataplane.published import Registered
 
         try:
-            transport = self._transport()
+            with self._lock:
+                if self._seed is None:
+                    self._seed = self._start_transport()
+                transport = self._seed
             with _counts_lock:
                 counts = _counts.setdefault(transport, {})
                 return Registered(transport, where, counts)
