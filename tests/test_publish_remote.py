@@ -98,15 +98,18 @@ import sys, time
 import sdk
 from tests.test_publish_remote import _shard
 client = sdk.Client(sys.argv[1])
-pub = client.publish(sys.argv[2], _shard(int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+src = {k: t.to(sys.argv[6]) for k, t in _shard(int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])).items()}
+pub = client.publish(sys.argv[2], src)
 print(pub.version, flush=True)
 time.sleep(600)
 """
 
 
-def _publisher(socket: str, name: str, seed: int, n: int, width: int) -> tuple[subprocess.Popen[str], int]:
+def _publisher(
+    socket: str, name: str, seed: int, n: int, width: int, device: str = "cpu"
+) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER, socket, name, str(seed), str(n), str(width)],
+        [sys.executable, "-c", PUBLISHER, socket, name, str(seed), str(n), str(width), device],
         stdout=subprocess.PIPE,
         text=True,
         env=child_env(),
@@ -250,3 +253,44 @@ def test_memory_shows_held_published_and_mapped_bytes(start_daemon) -> None:
             assert value(samples, "tensord_device_held_bytes", device="cpu") == cpu["held"]
         cpu = c.status()["devices"]["cpu"]
         assert (cpu["published"], cpu["mapped"]) == (0, 0)
+
+
+@pytest.mark.gpu
+def test_a_gpu_publication_is_read_from_another_daemon_over_nvlink(tmp_path: Path) -> None:
+    """Two daemons on one GPU host over `nvlink_intra`; a process publishes GPU tensors to node
+    g0; a client of g1 reads them bit-exactly (get, load_into) one-sided from the publisher's
+    memory; g0 holds no bytes for it."""
+    from tests.etcd_server import start_etcd
+
+    ok, why = available("nvlink_intra")
+    if not ok:
+        pytest.skip(f"no NVLink transport: {why}")
+    etcd = start_etcd(tmp_path)
+    nodes = []
+    proc = None
+    try:
+        for node in ("g0", "g1"):
+            config = (
+                f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\n[registry]\n'
+                f'etcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "nvlink_intra"\n'
+            )
+            nodes.append(DaemonProcess(tmp_path, node, config).start())
+        expected = {k: t.to("cuda:0") for k, t in _shard(7, 300, 2000).items()}
+        proc, version = _publisher(nodes[0].socket, "nvpub/set", 7, 300, 2000, "cuda:0")
+        with nodes[0].client() as c0, nodes[1].client() as c1:
+            gpu = c0.status()["devices"]["cuda:0"]
+            assert gpu["used"] == 0 and gpu["published"] == sum(t.nbytes for t in expected.values())
+            got = c1.get("nvpub/set", version, device="cuda:0")
+            assert _same(dict(got.items()), expected)
+            target = {k: torch.empty_like(t) for k, t in expected.items()}
+            assert c1.load_into(target, "nvpub/set", version) == version
+            assert _same(target, expected)
+            assert c0.status()["pins"] == 0
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+        for d in nodes:
+            d.kill()
+        etcd.stop(kill=True)
