@@ -16,8 +16,6 @@ reused before. Reads from a publication check fingerprints by default.
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,15 +29,12 @@ from tensord_contract.manifest import Table
 from tensord_contract.names import check_name
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.tensors import describe
-from tensord_dataplane.transport.base import Transport
 
 if TYPE_CHECKING:
-    from tensord_dataplane.published import Registered
+    from tensord_dataplane.published import Registered, SeedRanges
+    from tensord_dataplane.sources import Places
 
 log = logging.getLogger(__name__)
-#: per Transfer Engine, how many publications use each registered range (`Registered`)
-_counts: weakref.WeakKeyDictionary[Transport, dict[tuple[int, int], int]] = weakref.WeakKeyDictionary()
-_counts_lock = threading.Lock()
 
 
 class Publication:
@@ -90,8 +85,7 @@ class Publication:
     def _withdrawn(self) -> None:
         """The daemon no longer hands it out: stop serving reads of the memory, let it go."""
         if self._registered is not None:
-            with _counts_lock:
-                self._registered.close()
+            self._registered.close()
             self._registered = None
         self._tensors = None
 
@@ -112,22 +106,37 @@ class Publication:
 class Publishing(PinningClient):
     """The publishing part of `sdk.Client`."""
 
-    # Started on the first publish: an engine of its own, so that the registrations this
-    # process's reads and writes make and drop never touch a publication's.
-    _seed: Transport | None = None
+    # Started on the first publish read from other nodes: an engine of its own, so that the
+    # registrations this process's reads and writes make and drop never touch a publication's.
+    _seeds: SeedRanges | None = None
 
     def close(self) -> None:
         super().close()
         with self._lock:
-            seed, self._seed = self._seed, None
-        if seed is not None:
-            seed.close()  # after the connection: the daemon has withdrawn every publication
+            seeds, self._seeds = self._seeds, None
+        if seeds is not None:
+            seeds.transport.close()  # after the connection: the daemon withdrew every publication
 
-    def publish(self, name: str, tensors: Mapping[str, torch.Tensor], *, origin: str | None = None) -> Publication:
+    def publish(
+        self,
+        name: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        origin: str | None = None,
+        remote: bool | None = None,
+    ) -> Publication:
         """Advertise `tensors` (dense, all on one GPU or all in host memory) as the next version
-        of `name`, without a copy: readers on every node read this process's memory. Do not
-        write them until `unpublish()` returns. See the module doc for the lifetime."""
+        of `name`, without a copy: readers read this process's memory. Do not write them until
+        `unpublish()` returns. See the module doc for the lifetime.
+
+        `remote`: register the memory with this process's Transfer Engine, so that other nodes
+        can read it (host memory is always registered: every reader reads it that way). None:
+        when the daemon is part of a cluster. Registering costs about a millisecond per
+        allocation at thousands of them (Mooncake's registration); publishing the same GPU
+        allocations again reuses it."""
         check_name(name)
+        if remote is not None and not isinstance(remote, bool):
+            raise InvalidArgument("remote must be True, False or None")
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         if origin is not None and not isinstance(origin, str):
@@ -149,7 +158,9 @@ class Publishing(PinningClient):
             for key in ("nbytes", "generation", "kind"):
                 del wire[key]
             args["replica"] = wire
-        registered = self._register(where)
+        if remote is None:
+            remote = bool(conn.server.get("cluster"))
+        registered = self._register(where) if remote or where.device == "cpu" else None
         if registered is not None:
             args["exposed"] = registered.wire
         try:
@@ -161,25 +172,22 @@ class Publishing(PinningClient):
                 raise ProtocolError(f"malformed publish reply: {result!r:.200}")
         except BaseException:
             if registered is not None:
-                with _counts_lock:
-                    registered.close()
+                registered.close()
             raise
         return Publication(self, conn, name, result["version"], d.tensors, registered)
 
-    def _register(self, where: Any) -> Registered | None:
+    def _register(self, where: Places) -> Registered | None:
         """Register the allocations with this process's Transfer Engine (readers on other
         nodes, and of host memory, read through it); None where GPU memory cannot be (then
         only this node's readers reach it, by CUDA IPC)."""
-        from tensord_dataplane.published import Registered
+        from tensord_dataplane.published import Registered, SeedRanges
 
         try:
             with self._lock:
-                if self._seed is None:
-                    self._seed = self._start_transport()
-                transport = self._seed
-            with _counts_lock:
-                counts = _counts.setdefault(transport, {})
-                return Registered(transport, where, counts)
+                if self._seeds is None:
+                    self._seeds = SeedRanges(self._start_transport())
+                seeds = self._seeds
+            return Registered(seeds, where)
         except (TransferError, InvalidArgument) as exc:
             if where.device == "cpu":
                 raise TransferError(

@@ -2,7 +2,8 @@
 
 The publisher registers the allocations its tensors lie in (`Registered`: GPU allocations
 whole, host tensors' own byte ranges) with its engine and keeps them registered until its
-publication is withdrawn, as SGLang R-Fork's seed does; the daemon advertises the version and
+publication is withdrawn (GPU allocations longer, for the next publication of the same
+memory: `SeedRanges`), as SGLang R-Fork's seed does; the daemon advertises the version and
 hands readers a `published` descriptor (the engine's session and each allocation's address).
 A reader (`PublishedSlab`, on any node, this one included) reads the pieces of the manifest's
 packed layout straight from those addresses, as `RemoteSlab` reads a daemon's slab. Nothing is
@@ -15,6 +16,7 @@ TransferError; readers check fingerprints of what they read from a publication b
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 from tensord_contract.descriptors import PublishedReplica
 from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import Manifest
-from tensord_dataplane.cuda import current
+from tensord_dataplane.cuda import buffer_ids, current
 from tensord_dataplane.remote import RemoteSlab
 from tensord_dataplane.sources import Places, Sources
 from tensord_dataplane.transport.base import Batch, Transport
@@ -31,28 +33,87 @@ from tensord_dataplane.transport.base import Batch, Transport
 log = logging.getLogger(__name__)
 
 
-class Registered:
-    """A publisher's allocations registered with its Transfer Engine until `close()`. `counts`
-    (shared by every publication of one engine) counts the publications over each range, so
-    that publishing the same memory twice registers it once and keeps it until both are gone."""
+class SeedRanges:
+    """The ranges one publishing engine has registered, and how many live publications use
+    each. A GPU allocation no publication uses any more stays registered (idle), so that
+    publishing the same memory again (an RL engine after each update) registers nothing; it is
+    registered again if the driver says the allocation was freed and made anew meanwhile (its
+    buffer id changed), and goes at the next publication that does not use it, or at close.
+    Host ranges go at once: freed host memory may be unmapped."""
 
-    def __init__(self, transport: Transport, p: Places, counts: dict[tuple[int, int], int]) -> None:
-        self.transport, self.device, self._counts = transport, p.device, counts
-        if not transport.supports(p.device):
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._lock = threading.Lock()
+        self._uses: dict[tuple[int, int], int] = {}  # (base, size) -> live publications over it
+        self._idle: dict[tuple[int, int], str] = {}  # (base, size) -> device, registered, unused
+        self._ids: dict[tuple[int, int], int] = {}  # GPU ranges: the allocation's buffer id
+
+    def take(self, p: Places) -> list[tuple[int, int]]:
+        """Register what `p` needs that is not registered (TransferError, InvalidArgument for a
+        range overlapping another publication's); the ranges, to `give` back."""
+        ranges = list(zip(p.bases.tolist(), p.sizes.tolist(), strict=True))
+        ids = buffer_ids([b for b, _ in ranges], p.device) if p.device.startswith("cuda") else []
+        with self._lock:
+            wanted = set(ranges)
+            self._drop([(r, d) for r, d in self._idle.items() if r not in wanted])
+            if ids:  # re-made allocations at the same place: their registration is stale
+                stale = [r for r, i in zip(ranges, ids, strict=True) if r in self._idle and self._ids.get(r) != i]
+                self._drop([(r, p.device) for r in stale])
+            fresh = [r for r in ranges if r not in self._uses and r not in self._idle]
+            done: list[tuple[int, int]] = []
+            try:
+                with current(p.device):
+                    for base, size in fresh:
+                        self.transport.register(base, size)
+                        done.append((base, size))
+            except BaseException:
+                self._drop([(r, p.device) for r in done])
+                raise
+            for r, i in zip(ranges, ids or [0] * len(ranges), strict=True):
+                self._uses[r] = self._uses.get(r, 0) + 1
+                self._idle.pop(r, None)
+                if ids:
+                    self._ids[r] = i
+        return ranges
+
+    def give(self, ranges: list[tuple[int, int]], device: str) -> None:
+        """A publication over `ranges` was withdrawn: keep GPU ranges registered, idle."""
+        with self._lock:
+            gone = []
+            for r in ranges:
+                left = self._uses.get(r, 1) - 1
+                if left > 0:
+                    self._uses[r] = left
+                    continue
+                self._uses.pop(r, None)
+                if device.startswith("cuda"):
+                    self._idle[r] = device
+                else:
+                    gone.append((r, device))
+            self._drop(gone)
+
+    def _drop(self, ranges: list[tuple[tuple[int, int], str]]) -> None:
+        """Unregister (logged, not raised: the memory stays its owner's)."""
+        for (base, size), device in ranges:
+            self._idle.pop((base, size), None)
+            self._ids.pop((base, size), None)
+            try:
+                with current(device):
+                    self.transport.unregister(base)
+            except TransferError as exc:
+                log.warning("%s", exc.message)
+
+
+class Registered:
+    """One publication's allocations, registered with its publisher's engine until `close()`."""
+
+    def __init__(self, seeds: SeedRanges, p: Places) -> None:
+        if not seeds.transport.supports(p.device):
             raise TransferError(f"this process's Transfer Engine cannot expose {p.device} memory")
-        self.ranges: list[tuple[int, int]] = []
-        try:
-            with current(p.device):
-                for base, size in zip(p.bases.tolist(), p.sizes.tolist(), strict=True):
-                    if counts.get((base, size), 0) == 0:
-                        transport.register(base, size)
-                    counts[(base, size)] = counts.get((base, size), 0) + 1
-                    self.ranges.append((base, size))
-        except BaseException:
-            self.close()
-            raise
+        self._seeds, self.device = seeds, p.device
+        self._ranges: list[tuple[int, int]] | None = seeds.take(p)
         self.wire = {
-            "session": transport.session,
+            "session": seeds.transport.session,
             "device": p.device,
             "addresses": p.bases.tolist(),
             "sizes": p.sizes.tolist(),
@@ -61,20 +122,10 @@ class Registered:
         }
 
     def close(self) -> None:
-        """Unregister what no other publication uses (logged, not raised: the memory stays the
-        caller's). Idempotent."""
-        ranges, self.ranges = self.ranges, []
-        with current(self.device):
-            for key in ranges:
-                left = self._counts.get(key, 1) - 1
-                if left > 0:
-                    self._counts[key] = left
-                    continue
-                self._counts.pop(key, None)
-                try:
-                    self.transport.unregister(key[0])
-                except TransferError as exc:
-                    log.warning("%s", exc.message)
+        """The publication is withdrawn: its ranges are no longer its. Idempotent."""
+        ranges, self._ranges = self._ranges, None
+        if ranges is not None:
+            self._seeds.give(ranges, self.device)
 
 
 class PublishedSlab(RemoteSlab):

@@ -294,3 +294,75 @@ def test_a_gpu_publication_is_read_from_another_daemon_over_nvlink(tmp_path: Pat
         for d in nodes:
             d.kill()
         etcd.stop(kill=True)
+
+
+def test_the_same_memory_published_twice_stays_readable_until_both_go(ab) -> None:
+    """Two live publications of the same host tensors share their registration: withdrawing
+    the first leaves the second readable from another node; withdrawing both unregisters."""
+    src = _shard(8)
+    with ab.client("pa") as pa, ab.client("pb") as pb:
+        first = pa.publish("pubr/twice", src)
+        second = pa.publish("pubr/twice", src)
+        assert first.unpublish()
+        assert _same(dict(pb.get("pubr/twice", second.version).items()), src)
+        seeds = pa._seeds
+        assert seeds is not None and seeds._uses  # still registered for the second
+        assert second.unpublish()
+        assert not seeds._uses and not seeds._idle  # host ranges go at once
+
+
+def test_seed_ranges_keep_gpu_allocations_registered_for_the_next_publication() -> None:
+    """Counted registrations on the in-memory reference engine; host ranges go with their last
+    publication (freed host memory may be unmapped)."""
+    from tensord_dataplane.published import Registered, SeedRanges
+    from tensord_dataplane.sources import places
+    from tensord_dataplane.tensors import describe
+    from tensord_dataplane.transport.memory import MemoryTransport
+
+    src = _shard(9)
+    p = places(describe(src.values(), copy_sparse=False), list(src))
+    engine = MemoryTransport()
+    seeds = SeedRanges(engine)
+    a, b = Registered(seeds, p), Registered(seeds, p)
+    assert len(engine._regs) == len(p.bases)
+    a.close()
+    a.close()  # idempotent
+    assert len(engine._regs) == len(p.bases)
+    b.close()
+    assert len(engine._regs) == 0
+
+
+@pytest.mark.gpu
+def test_republishing_the_same_gpu_allocations_registers_nothing_new() -> None:
+    """GPU ranges stay registered between publications of the same memory; an allocation freed
+    and made anew (a new buffer id, maybe the same address) is registered again."""
+    from tensord_dataplane.published import Registered, SeedRanges
+    from tensord_dataplane.sources import places
+    from tensord_dataplane.tensors import describe
+    from tensord_dataplane.transport.memory import MemoryTransport
+
+    class Counting(MemoryTransport):
+        calls = 0
+
+        def register(self, address: int, length: int) -> None:
+            Counting.calls += 1
+            super().register(address, length)
+
+    src = {f"w{i}": torch.full((1 << 18,), float(i), device="cuda:0") for i in range(8)}
+    engine = Counting()
+    seeds = SeedRanges(engine)
+
+    def publish(tensors: dict[str, torch.Tensor]) -> Registered:
+        return Registered(seeds, places(describe(tensors.values(), copy_sparse=False), list(tensors)))
+
+    publish(src).close()
+    first = Counting.calls
+    assert first >= 1 and len(engine._regs) == first  # kept, idle
+    publish(src).close()
+    assert Counting.calls == first  # nothing registered again
+    del src
+    torch.cuda.empty_cache()  # the allocations are freed; new ones may take the same addresses
+    again = {f"w{i}": torch.full((1 << 18,), float(i), device="cuda:0") for i in range(8)}
+    publish(again).close()
+    assert Counting.calls > first
+    assert len(engine._regs) == Counting.calls - first  # the old ranges went
