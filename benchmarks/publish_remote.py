@@ -113,9 +113,17 @@ def raw_reads(cb: sdk.Client, to: str, runs: int) -> tuple[float, int]:
         cb._release(pin)
 
 
+def release_memory() -> None:
+    """Give cached GPU memory back (the set is ~20 GB: a few copies at once fill an H200)."""
+    sync()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def raw_flat(ca: sdk.Client, cb: sdk.Client, nbytes: int, device: str, to: str, runs: int) -> float:
     """A raw one-entry engine read of `nbytes` from a daemon slab on node A."""
     ca.put("bench/flat", {"flat": torch.zeros(nbytes, dtype=torch.uint8, device=device)}, device=device)
+    release_memory()
     engine = cb._transport()
     pin, _, slab = cb._open("bench/flat", None)
     try:
@@ -171,13 +179,15 @@ def main() -> None:
         nbytes = pub["nbytes"]
         with a.client() as ca, b.client() as cb:
             cb.get(NAME, names=["model.norm.weight"], device=args.to)  # start the client's engine
+            flat = raw_flat(ca, cb, nbytes, args.device, args.to, args.runs)  # first: its memory goes after
+            release_memory()
             raw, raw_bytes = raw_reads(cb, args.to, args.runs)
             get = median_seconds(lambda: cb.get(NAME, device=args.to), args.runs)
             get_unchecked = median_seconds(lambda: cb.get(NAME, device=args.to, verify=False), args.runs)
-            targets = {k: torch.empty(t.shape, dtype=t.dtype, device=args.to) for k, t in cb.get(NAME).items()}
+            targets = {k: torch.empty_like(t) for k, t in cb.get(NAME, device=args.to).items()}
+            release_memory()
             load = median_seconds(lambda: cb.load_into(targets, NAME), args.runs)
             load_unchecked = median_seconds(lambda: cb.load_into(targets, NAME, verify=False), args.runs)
-            flat = raw_flat(ca, cb, nbytes, args.device, args.to, args.runs)
         assert raw_bytes == nbytes, (raw_bytes, nbytes)
         print(
             f"{pub['count']} DeepSeek-like tensors, {nbytes / 2**30:.2f} GiB published on node A ({args.device}) "
