@@ -135,11 +135,14 @@ class Cluster:
         if here is None:  # like the replicas, where this node has that device; else host memory
             here = next((r.device for r in replicas if r.device in self.store.devices), "cpu")
         if replicas and all(not r.transport for r in replicas):  # no slab to stream from: a publication?
-            seeded = await from_publication(
-                self.store, manifest, here, await self.pin_remote(name, version, []), self.release
-            )
-            if seeded is not None:
-                return seeded
+            try:
+                pinned = await self.pin_remote(name, version, [])
+            except TransferError:  # none could be pinned for reading: streamed over pair groups, if any
+                pinned = None
+            if pinned is not None:
+                seeded = await from_publication(self.store, manifest, here, pinned, self.release)
+                if seeded is not None:
+                    return seeded
         grid = chunk or self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
         start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)
