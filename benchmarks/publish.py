@@ -27,6 +27,7 @@ from _common import deepseek_shapes, median_seconds, random_tensors, start_daemo
 import sdk
 from tensord_dataplane.fingerprint import fingerprints
 from tensord_dataplane.owned import export
+from tensord_dataplane.sources import places
 from tensord_dataplane.tensors import describe
 
 READER = r"""
@@ -99,7 +100,7 @@ def main() -> None:
             publish = median_seconds(lambda: c.publish("bench/pub", src).unpublish(), args.runs)
             line("publish + unpublish (no reader): no copy", publish, 0, put)
             t0 = time.perf_counter()
-            exported = export(describe(src.values(), copy_sparse=False), list(src))
+            exported = export(places(describe(src.values(), copy_sparse=False), list(src)))
             line(f"  of which: export {len(exported.handles)} allocations (IPC handles)", time.perf_counter() - t0)
             t0 = time.perf_counter()
             fingerprints(list(src.values()))

@@ -54,18 +54,22 @@ class PinningClient(CatalogueClient):
         """This process's Transfer Engine, started on first use (reads from other nodes)."""
         with self._lock:
             if self._engine is None:
-                from tensord_dataplane.transport import for_protocol
-
-                conn = self._connection
-                info = (conn.server.get("transport") if conn is not None else None) or {}
-                protocol = os.environ.get("TENSORD_TRANSPORT") or info.get("protocol") or "tcp"
-                hostname = (
-                    os.environ.get("TENSORD_TRANSPORT_HOST")
-                    or (info.get("hostname") if conn is not None and conn.is_local else None)
-                    or "127.0.0.1"
-                )
-                self._engine = for_protocol(protocol, hostname)
+                self._engine = self._start_transport()
             return self._engine
+
+    def _start_transport(self) -> Transport:
+        """A new Transfer Engine of the protocol the daemon uses (or TENSORD_TRANSPORT)."""
+        from tensord_dataplane.transport import for_protocol
+
+        conn = self._connection
+        info = (conn.server.get("transport") if conn is not None else None) or {}
+        protocol = os.environ.get("TENSORD_TRANSPORT") or info.get("protocol") or "tcp"
+        hostname = (
+            os.environ.get("TENSORD_TRANSPORT_HOST")
+            or (info.get("hostname") if conn is not None and conn.is_local else None)
+            or "127.0.0.1"
+        )
+        return for_protocol(protocol, hostname)
 
     def close(self) -> None:
         """Close the connection; the daemon releases every pin and reservation it held."""
@@ -76,12 +80,16 @@ class PinningClient(CatalogueClient):
                 self._engine = None
 
     # -- pins -----------------------------------------------------------------------------------
-    def _open(self, name: str, version: int | None, exclude: list[str] | None = None) -> tuple[Pin, Manifest, Slab]:
+    def _open(
+        self, name: str, version: int | None, exclude: list[str] | None = None, *, mount: bool = False
+    ) -> tuple[Pin, Manifest, Slab]:
         check_name(name)
         version = check_version(version)
         args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}
         if exclude:
             args["exclude"] = exclude
+        if mount:  # the daemon counts the bytes clients map (status: one copy, not two)
+            args["mount"] = True
         conn = self._conn()
         result, fds = conn.call("open", **args)
         pin: Pin | None = None

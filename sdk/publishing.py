@@ -1,40 +1,59 @@
-"""Publishing without a copy: advertise tensors that stay in this process's GPU memory as a
-version of a set, for readers on this node (`Client.publish`).
+"""Publishing without a copy: advertise tensors that stay in this process's memory (one GPU,
+or host memory) as a version of a set, readable from every node (`Client.publish`).
 
 The version exists while its `Publication` does: until `unpublish()`, or until this client's
-connection closes (the process exits, the daemon restarts). Readers on this node map the
-tensors' allocations and copy straight out of them; the daemon holds no copy and counts no
-budget. The promise the publisher makes: **no writes to published tensors until `unpublish()`
-returns**. `unpublish` waits for readers still pinning the version (up to its timeout); the
-publication keeps the tensors referenced, so their memory cannot be freed and reused before.
-Sets published this way are not readable from other nodes: put a copy for those.
+connection closes (the process exits, the daemon restarts). Readers on this node map GPU
+tensors' allocations (CUDA IPC) and copy straight out of them; readers on other nodes, and
+readers of host tensors, read them one-sided through this process's Transfer Engine, with
+which the allocations stay registered until `unpublish()` returns
+(`tensord_dataplane.published`). The daemon holds no copy and counts no budget. The promise
+the publisher makes: **no writes to published tensors until `unpublish()` returns**.
+`unpublish` waits for readers still pinning the version, here and on other nodes (up to its
+timeout); the publication keeps the tensors referenced, so their memory cannot be freed and
+reused before. Reads from a publication check fingerprints by default.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from sdk.connection import Connection
 from sdk.pinning import PinningClient
-from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError
+from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
 from tensord_contract.manifest import Table
 from tensord_contract.names import check_name
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.tensors import describe
 
+if TYPE_CHECKING:
+    from tensord_dataplane.published import Registered, SeedRanges
+    from tensord_dataplane.sources import Places
+
+log = logging.getLogger(__name__)
+
 
 class Publication:
     """One published version; `unpublish()` (or leaving the `with` block) withdraws it."""
 
-    def __init__(self, client: PinningClient, conn: Connection, name: str, version: int, tensors: list[torch.Tensor]):
+    def __init__(
+        self,
+        client: PinningClient,
+        conn: Connection,
+        name: str,
+        version: int,
+        tensors: list[torch.Tensor],
+        registered: Registered | None,
+    ):
         self._client, self._conn = client, conn
         self.name, self.version = name, version
         self._tensors: list[torch.Tensor] | None = tensors  # kept: their memory must not be reused
+        self._registered = registered  # unregistered once withdrawn
 
     @property
     def published(self) -> bool:
@@ -52,14 +71,24 @@ class Publication:
         if timeout is not None:
             args["timeout"] = timeout
         if not self._conn.alive() or self._client.closed:
-            self._tensors = None
+            self._withdrawn()
             return True
         try:
             result, _ = self._client._call_on(self._conn, self._lost(), "unpublish", **args)
         except NotFound:  # deleted meanwhile (tensord rm, retention): nothing published
             result = {"drained": True}
-        self._tensors = None
+        finally:
+            if not self._conn.alive():  # the connection (and the publication) went meanwhile
+                self._withdrawn()
+        self._withdrawn()
         return bool(result.get("drained", False)) if isinstance(result, dict) else False
+
+    def _withdrawn(self) -> None:
+        """The daemon no longer hands it out: stop serving reads of the memory, let it go."""
+        if self._registered is not None:
+            self._registered.close()
+            self._registered = None
+        self._tensors = None
 
     def _lost(self) -> str:
         return f"{self.name} v{self.version}: the connection that published it was lost, and the publication with it"
@@ -78,40 +107,96 @@ class Publication:
 class Publishing(PinningClient):
     """The publishing part of `sdk.Client`."""
 
-    def publish(self, name: str, tensors: Mapping[str, torch.Tensor], *, origin: str | None = None) -> Publication:
-        """Advertise `tensors` (dense, on one GPU) as the next version of `name`, without a copy:
-        readers on this node read this process's memory. Do not write them until
-        `unpublish()` returns. See the module doc for the lifetime."""
+    # Started on the first publish read from other nodes: an engine of its own, so that the
+    # registrations this process's reads and writes make and drop never touch a publication's.
+    _seeds: SeedRanges | None = None
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            seeds, self._seeds = self._seeds, None
+        if seeds is not None:
+            seeds.transport.close()  # after the connection: the daemon withdrew every publication
+
+    def publish(
+        self,
+        name: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        origin: str | None = None,
+        remote: bool | None = None,
+    ) -> Publication:
+        """Advertise `tensors` (dense, all on one GPU or all in host memory) as the next version
+        of `name`, without a copy: readers read this process's memory. Do not write them until
+        `unpublish()` returns. See the module doc for the lifetime.
+
+        `remote`: register the memory with this process's Transfer Engine, so that other nodes
+        can read it (host memory is always registered: every reader reads it that way). None:
+        when the daemon is part of a cluster. Registering costs about a millisecond per
+        allocation at thousands of them (Mooncake's registration); publishing the same GPU
+        allocations again reuses it."""
         check_name(name)
+        if remote is not None and not isinstance(remote, bool):
+            raise InvalidArgument("remote must be True, False or None")
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         if origin is not None and not isinstance(origin, str):
             raise InvalidArgument("origin must be a string")
         from tensord_dataplane.owned import export
+        from tensord_dataplane.sources import places
 
         names = list(tensors)
         if not all(isinstance(k, str) for k in names):
             raise InvalidArgument("tensors must be keyed by name (str)")
-        d = describe(tensors.values(), copy_sparse=False)
-        replica = export(d, names)
-        table = Table.of_columns(names, d.dtypes, d.ndims, d.dims)
-        fps = np.array(fingerprints_of(d.tensors), dtype=np.uint64)
-        wire = replica.to_wire()
-        for key in ("nbytes", "generation", "kind"):
-            del wire[key]
         conn = self._conn()
         if not conn.is_local:
             raise InvalidArgument("publishing without a copy needs the daemon of this node (its Unix socket)")
+        d = describe(tensors.values(), copy_sparse=False)
+        where = places(d, names)
         args: dict[str, Any] = {
             "name": name,
-            "tensors": table.to_wire(),
-            "replica": wire,
-            "fingerprints": fps.tobytes(),
+            "tensors": Table.of_columns(names, d.dtypes, d.ndims, d.dims).to_wire(),
             "fp": FINGERPRINT_VERSION,
         }
-        if origin is not None:
-            args["origin"] = origin
-        result, _ = conn.call("publish", **args)
-        if not isinstance(result, dict) or type(result.get("version")) is not int:
-            raise ProtocolError(f"malformed publish reply: {result!r:.200}")
-        return Publication(self, conn, name, result["version"], d.tensors)
+        if where.device != "cpu":
+            wire = export(where).to_wire()
+            for key in ("nbytes", "generation", "kind"):
+                del wire[key]
+            args["replica"] = wire
+        if remote is None:
+            remote = bool(conn.server.get("cluster"))
+        registered = self._register(where) if remote or where.device == "cpu" else None
+        if registered is not None:
+            args["exposed"] = registered.wire
+        try:
+            args["fingerprints"] = np.array(fingerprints_of(d.tensors), dtype=np.uint64).tobytes()
+            if origin is not None:
+                args["origin"] = origin
+            result, _ = conn.call("publish", **args)
+            if not isinstance(result, dict) or type(result.get("version")) is not int:
+                raise ProtocolError(f"malformed publish reply: {result!r:.200}")
+        except BaseException:
+            if registered is not None:
+                registered.close()
+            raise
+        return Publication(self, conn, name, result["version"], d.tensors, registered)
+
+    def _register(self, where: Places) -> Registered | None:
+        """Register the allocations with this process's Transfer Engine (readers on other
+        nodes, and of host memory, read through it); None where GPU memory cannot be (then
+        only this node's readers reach it, by CUDA IPC)."""
+        from tensord_dataplane.published import Registered, SeedRanges
+
+        try:
+            with self._lock:
+                if self._seeds is None:
+                    self._seeds = SeedRanges(self._start_transport())
+                seeds = self._seeds
+            return Registered(seeds, where)
+        except (TransferError, InvalidArgument) as exc:
+            if where.device == "cpu":
+                raise TransferError(
+                    f"publishing host tensors needs this process's Transfer Engine: {exc.message}"
+                ) from exc
+            log.warning("publication readable on this node only: %s", exc.message)
+            return None

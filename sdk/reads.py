@@ -93,8 +93,10 @@ class Reads(PinningClient):
         version: int | str | None,
         copy: Callable[[Manifest, Slab], T],
         verify: Callable[[Manifest, T], None] | None = None,
+        wanted: bool | None = True,
     ) -> T:
-        """Pin a version, `copy` it out, release, `verify` the copy. A read from another node
+        """Pin a version, `copy` it out, release, `verify` the copy (`wanted` None: if the
+        slab's reads are checked by default, a publication's). A read from another node
         whose bytes failed or whose pin was lost is retried on another replica, for the same
         version ("latest" resolves once, at the first open)."""
         first = self._open(name, check_version(version))  # NotFound here: there is no such version
@@ -133,7 +135,7 @@ class Reads(PinningClient):
         return read_with_failover(
             itertools.chain([first], others()),
             read,
-            None if verify is None else lambda opened, value: verify(opened[1], value),
+            None if verify is None else lambda opened, value: _verify(verify, wanted, opened, value),
             where=_node,
             may_fail_over=lambda opened: isinstance(opened[2], RemoteSlab),
             what=f"{name} v{resolved}",
@@ -144,7 +146,7 @@ class Reads(PinningClient):
 
     def mount(self, name: str, version: int | str | None = None) -> Mount:
         """Pin a version and map it zero-copy (same node only). Use as a context manager."""
-        pin, manifest, slab = self._open(name, version)  # type: ignore[arg-type]
+        pin, manifest, slab = self._open(name, version, mount=True)  # type: ignore[arg-type]
         try:
             return Mount(self, pin, manifest, slab)
         except BaseException:
@@ -159,14 +161,15 @@ class Reads(PinningClient):
         *,
         device: str | torch.device | None = None,
         names: list[str] | None = None,
-        verify: bool = False,
+        verify: bool | None = None,
     ) -> TensorMap:
         """A private copy of a version's tensors on `device`, as a dict-like `TensorMap`.
 
         The tensors are views of one buffer per call, filled with as few copies as the layout
         allows (one for a whole set on a GPU); keeping any of them keeps that buffer alive.
         Default device: cpu for a host replica, the current CUDA device for a GPU replica.
-        `names` selects a subset; `verify` checks every fingerprint (IntegrityError on mismatch).
+        `names` selects a subset; `verify` checks every fingerprint (IntegrityError on mismatch);
+        None (the default) checks reads from a publication only (its publisher may withdraw it).
         """
         wanted = _check_names(names)
 
@@ -188,7 +191,7 @@ class Reads(PinningClient):
         def check(manifest: Manifest, tensors: TensorMap) -> None:
             check_fingerprints(manifest, tensors.rows, tensors.fingerprints())
 
-        return self._read(name, version, copy, check if verify else None)
+        return self._read(name, version, copy, check, verify)
 
     def load_into(
         self,
@@ -197,13 +200,13 @@ class Reads(PinningClient):
         version: int | str | None = None,
         *,
         strict: bool = True,
-        verify: bool = False,
+        verify: bool | None = None,
     ) -> int:
         """Copy a version straight into existing tensors (a module's state_dict or a dict).
 
         Names, shapes and dtypes are checked first; on any mismatch nothing is written.
         `strict`: the names must match exactly; otherwise only common names are loaded.
-        Returns the version loaded.
+        `verify` as for `get`. Returns the version loaded.
         """
         tensors: Mapping[str, torch.Tensor]
         if isinstance(target, torch.nn.Module):
@@ -231,7 +234,12 @@ class Reads(PinningClient):
         def check(manifest: Manifest, loaded: _Loaded) -> None:
             check_fingerprints(manifest, loaded.rows, fingerprints_of(loaded.chosen(), version=manifest.fp_version))
 
-        return self._read(name, version, copy, check if verify else None).version
+        return self._read(name, version, copy, check, verify).version
+
+
+def _verify(check: Callable[[Manifest, T], None], wanted: bool | None, opened: Opened, value: T) -> None:
+    if wanted or (wanted is None and opened[2].verify_by_default):
+        check(opened[1], value)
 
     @functools.cached_property
     def _plans(self) -> Plans:

@@ -231,6 +231,15 @@ class Daemon:
             "tensord_device_budget_bytes": ("Bytes each device may hold", per_device(usage, "budget")),
             "tensord_device_used_bytes": ("Bytes held or reserved per device", per_device(usage, "used")),
             "tensord_device_idle_bytes": ("Freed GPU memory kept for reuse per device", per_device(usage, "idle")),
+            "tensord_device_held_bytes": ("Bytes of versions in the daemon's slabs", per_device(usage, "held")),
+            "tensord_device_published_bytes": (
+                "Bytes of versions in publishing processes' own memory (no copy in the daemon)",
+                per_device(usage, "published"),
+            ),
+            "tensord_device_mapped_bytes": (
+                "Bytes of the daemon's versions that clients map zero-copy (mounts: no extra copy)",
+                per_device(usage, "mapped"),
+            ),
             "tensord_restore_pending": (
                 "Versions held before the last restart still to be restored",
                 [({}, counts["pending"] + counts["running"])],

@@ -1,12 +1,14 @@
-"""Replicas in a client's own GPU memory, published without a copy (the R-Fork seed).
+"""Replicas in a client's own memory, published without a copy (the R-Fork seed).
 
 A process (an inference engine) publishes tensors that stay where they are: the daemon records
-a version whose only bytes on this node are the publisher's CUDA allocations, and hands readers
-on this node the publisher's IPC handles (`OwnedReplica`). The replica belongs to the
-publishing connection: it is withdrawn when the publisher unpublishes (after the readers'
-pins drain) or its connection closes. It uses no daemon budget, is never evicted, restored
-after a restart or exposed to other nodes; the state directory records it only so that a
-daemon restarted after a crash withdraws it from the registry.
+a version whose only bytes are the publisher's allocations (GPU or host), and hands readers on
+this node the publisher's IPC handles (`OwnedReplica`, GPU memory), and readers elsewhere (and
+of host memory) the publisher's Transfer Engine registration (`PublishedReplica`); remote
+readers pin it through this daemon like any replica. The replica belongs to the publishing
+connection: it is withdrawn when the publisher unpublishes (after the readers' pins drain) or
+its connection closes. It uses no daemon budget, is never evicted or restored after a
+restart; the state directory records it only so that a daemon restarted after a crash
+withdraws it from the registry.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from tensord.held import Held
 from tensord.memory import Slab
-from tensord_contract.descriptors import OwnedReplica
+from tensord_contract.descriptors import OwnedReplica, PublishedReplica
 from tensord_contract.errors import Unavailable
 
 #: the source a publication is recorded with in the state directory: withdrawn, never restored
@@ -28,21 +30,35 @@ PUBLISHED = "published"
 class OwnedSlab(Slab):
     owned = True
 
-    def __init__(self, replica: OwnedReplica, owner: str) -> None:
-        self.device, self.nbytes = f"cuda:{replica.device}", replica.nbytes
+    def __init__(self, replica: OwnedReplica | None, exposed: PublishedReplica | None, owner: str) -> None:
+        """`replica`: the CUDA IPC export (readers on this node); `exposed`: the publisher's
+        Transfer Engine registration (readers anywhere). At least one."""
+        if replica is None and exposed is None:
+            raise ValueError("a publication needs an IPC export or a Transfer Engine registration")
         self.generation = secrets.randbits(62)
-        self.replica = dataclasses.replace(replica, generation=self.generation)
+        self.replica = None if replica is None else dataclasses.replace(replica, generation=self.generation)
+        self.exposed = None if exposed is None else dataclasses.replace(exposed, generation=self.generation)
+        self.device = exposed.device if exposed is not None else f"cuda:{replica.device}"  # type: ignore[union-attr]
+        self.nbytes = (exposed or replica).nbytes  # type: ignore[union-attr]
         self.owner = owner  # who published it (the session's peer)
-        self._wire = self.replica.to_wire()  # sent with every open: built once
+        # sent with every open: built once
+        self._local = (self.replica or self.exposed).to_wire()  # type: ignore[union-attr]
+        self._remote = None if self.exposed is None else self.exposed.to_wire()
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
-        return self._wire, []
+        return self._local, []
+
+    def remote_descriptor(self) -> dict[str, Any]:
+        """How a reader on another node reaches it: through the publisher's Transfer Engine."""
+        if self._remote is None:
+            raise Unavailable(
+                f"this replica lies in the memory of the process that published it ({self.owner}), "
+                "which exposed it to readers on its node only (its Transfer Engine did not start)"
+            )
+        return self._remote
 
     def address(self, *, writable: bool) -> int:
-        raise Unavailable(
-            f"this replica lies in the memory of the process that published it ({self.owner}): "
-            "it is readable on its node only"
-        )
+        raise Unavailable(f"this replica lies in the memory of the process that published it ({self.owner})")
 
     def free(self) -> None:
         """Nothing to free: the publisher owns the memory."""
@@ -55,7 +71,7 @@ def published(held: Iterable[Held]) -> list[dict[str, Any]]:
             "name": h.key[0],
             "version": h.key[1],
             "device": h.slab.device,
-            "bytes": h.manifest.nbytes,
+            "bytes": h.manifest.data_bytes,
             "pins": h.pins,
             "owner": h.slab.owner,
         }

@@ -110,14 +110,16 @@ class Peer:
         return result, RemotePin(self, int(result["pin"]), epoch, self.node)
 
     async def release(self, pin: RemotePin) -> bool:
-        """Give a remote pin back; True if it held all along (same connection, still known)."""
+        """Give a remote pin back; True if it held all along (same connection, still known, not
+        revoked)."""
         if pin.epoch != self.epoch or self._streams is None:
             return False
         try:
             result, epoch = await self.call("release", pin=pin.pin)
         except TensordError:
             return False
-        return epoch == pin.epoch and bool(result.get("released"))
+        # not intact: a publication withdrawn under the pin (its bytes may have changed)
+        return epoch == pin.epoch and bool(result.get("released")) and result.get("intact", True) is not False
 
     async def close(self) -> None:
         async with self._lock:

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from tensord import accounting
 from tensord.eviction import choose, recoverable
 from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
-from tensord.owned import PUBLISHED, published
+from tensord.owned import PUBLISHED, OwnedSlab, published
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue, Record
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -119,12 +120,9 @@ class Store:
     def status(self) -> dict[str, Any]:
         """What this node holds and uses, per device and in all (`tensord status`, metrics)."""
         live = [h for h in self._held.values() if h.live]
-        budgets = self._budgets
+        budgets = self._budgets  # per device: tensord.accounting
         return {
-            "devices": {
-                d: {"budget": budgets.limit[d], "used": budgets.used[d], "idle": self._blocks.idle_bytes(d)}
-                for d in budgets.limit
-            },
+            "devices": accounting.devices(live, budgets, self._blocks.idle_bytes),
             "huge_pages": self.huge_page_bytes(),
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
@@ -138,6 +136,8 @@ class Store:
     def descriptor(self, held: Held, *, local: bool) -> tuple[dict[str, Any], list[int]]:
         """How a reader reaches a held version: its slab (fds to pass) on this node, else
         through the Transfer Engine."""
+        if isinstance(held.slab, OwnedSlab) and not local:
+            return held.slab.remote_descriptor(), []
         return held.slab.descriptor() if local else (self._engine.remote(held.slab).to_wire(), [])
 
     def write_descriptor(self, r: Reservation, *, local: bool) -> tuple[dict[str, Any], list[int]]:

@@ -9,6 +9,8 @@ malformed) and opens an accessor (`tensord_dataplane.opening.open_slab`).
     remote  a slab on another node, read and written one-sided through its Transfer Engine
     owned   a client process's own GPU memory, published without a copy: many CUDA
             allocations (IPC handles) and, per tensor, the allocation and offset it lies at
+    published  the same memory (GPU or host) registered with the publisher's own Transfer
+            Engine: read one-sided from any node, this one included
 
 ``generation`` is random per allocation: with the set name and version it names the bytes a
 reader may have cached a manifest for.
@@ -90,24 +92,80 @@ class OwnedReplica:
     def layout(self, sizes: np.ndarray, error: type[TensordError] = ProtocolError) -> tuple[np.ndarray, np.ndarray]:
         """(block, offset) per row for tensors of `sizes` bytes; `error` unless every tensor
         with bytes lies inside its allocation."""
-        n = len(sizes)
-        if len(self.block) != 4 * n or len(self.offset) != 8 * n:
-            raise error(f"an owned replica needs one block and one offset per tensor ({n})")
-        block = np.frombuffer(self.block, dtype="<u4").astype(np.int64)
-        offset = np.frombuffer(self.offset, dtype="<u8")
-        if n and offset.max() >= 2**62:
-            raise error("an owned replica's offsets must be below 2**62")
-        offset = offset.astype(np.int64)
-        used = np.flatnonzero(sizes > 0)
-        if len(used):
-            b = block[used]
-            if b.max() >= len(self.sizes):
-                raise error(f"an owned replica names allocation {int(b.max())} of {len(self.sizes)}")
-            ends = offset[used] + sizes[used]
-            bad = np.flatnonzero(ends > np.asarray(self.sizes, dtype=np.int64)[b])
-            if len(bad):
-                raise error(f"tensor row {int(used[bad[0]])} runs past the end of its allocation")
-        return block, offset
+        return _layout(self.block, self.offset, self.sizes, sizes, error)
+
+
+def _layout(
+    block_bytes: bytes, offset_bytes: bytes, blocks: tuple[int, ...], sizes: np.ndarray, error: type[TensordError]
+) -> tuple[np.ndarray, np.ndarray]:
+    n = len(sizes)
+    if len(block_bytes) != 4 * n or len(offset_bytes) != 8 * n:
+        raise error(f"a published replica needs one block and one offset per tensor ({n})")
+    block = np.frombuffer(block_bytes, dtype="<u4").astype(np.int64)
+    offset = np.frombuffer(offset_bytes, dtype="<u8")
+    if n and offset.max() >= 2**62:
+        raise error("a published replica's offsets must be below 2**62")
+    offset = offset.astype(np.int64)
+    used = np.flatnonzero(sizes > 0)
+    if len(used):
+        b = block[used]
+        if b.max() >= len(blocks):
+            raise error(f"a published replica names allocation {int(b.max())} of {len(blocks)}")
+        ends = offset[used] + sizes[used]
+        bad = np.flatnonzero(ends > np.asarray(blocks, dtype=np.int64)[b])
+        if len(bad):
+            raise error(f"tensor row {int(used[bad[0]])} runs past the end of its allocation")
+    return block, offset
+
+
+@dataclass(frozen=True)
+class PublishedReplica:
+    """A publishing process's memory (GPU or host) registered with its own Transfer Engine
+    `session`: allocation b starts at `addresses[b]` there and spans `sizes[b]` bytes; row i of
+    the manifest lies at byte `offset[i]` of allocation `block[i]` (columns as in
+    `OwnedReplica`). `node` is the daemon it was published to (the one that pins it)."""
+
+    node: str
+    device: str
+    session: str
+    addresses: tuple[int, ...]
+    sizes: tuple[int, ...]
+    block: bytes
+    offset: bytes
+    nbytes: int
+    generation: int
+    kind: str = "published"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "addresses": list(self.addresses), "sizes": list(self.sizes)}
+
+    def layout(self, sizes: np.ndarray, error: type[TensordError] = ProtocolError) -> tuple[np.ndarray, np.ndarray]:
+        """(block, offset) per row, checked as `OwnedReplica.layout` does."""
+        return _layout(self.block, self.offset, self.sizes, sizes, error)
+
+
+def published_from_wire(
+    data: dict[str, Any], node: str, nbytes: int, generation: int, error: type[TensordError]
+) -> PublishedReplica:
+    """The published replica a map describes (a publisher's, `node` set by the daemon, or a
+    daemon's); `error` if malformed."""
+    session, device, addresses, sizes = (data.get(k) for k in ("session", "device", "addresses", "sizes"))
+    block, offset = data.get("block"), data.get("offset")
+    if not isinstance(session, str) or not 0 < len(session) <= 255 or ":" not in session:
+        raise error("a published replica needs its Transfer Engine session ('host:port')")
+    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda:")) or len(device) > 16:
+        raise error("a published replica's device must be 'cpu' or 'cuda:N'")
+    if not isinstance(addresses, list) or not isinstance(sizes, list) or len(addresses) != len(sizes):
+        raise error("a published replica needs lists of allocation addresses and sizes of one length")
+    if len(addresses) > MAX_BLOCKS:
+        raise error(f"a published replica spans at most {MAX_BLOCKS} allocations")
+    if not all(_u64(a) and a > 0 for a in addresses):
+        raise error("every allocation address must be a positive 64-bit integer")
+    if not all(type(s) is int and 0 < s < 2**48 for s in sizes):
+        raise error("every allocation size must be an integer from 1 to 2**48")
+    if not isinstance(block, bytes) or not isinstance(offset, bytes):
+        raise error("a published replica needs its block and offset columns as bytes")
+    return PublishedReplica(node, device, session, tuple(addresses), tuple(sizes), block, offset, nbytes, generation)
 
 
 def owned_from_wire(data: dict[str, Any], nbytes: int, generation: int, error: type[TensordError]) -> OwnedReplica:
@@ -129,7 +187,7 @@ def owned_from_wire(data: dict[str, Any], nbytes: int, generation: int, error: t
     return OwnedReplica(nbytes, generation, device, tuple(handles), tuple(sizes), block, offset)
 
 
-Replica = HostReplica | CudaReplica | RemoteReplica | OwnedReplica
+Replica = HostReplica | CudaReplica | RemoteReplica | OwnedReplica | PublishedReplica
 
 
 def replica_from_wire(data: Any) -> Replica:
@@ -156,4 +214,9 @@ def replica_from_wire(data: Any) -> Replica:
         return RemoteReplica(node, device, session, address, nbytes, generation)  # type: ignore[arg-type]
     if kind == "owned":
         return owned_from_wire(data, nbytes, generation, ProtocolError)
+    if kind == "published":
+        node = data.get("node")
+        if not isinstance(node, str) or not node:
+            raise ProtocolError("a published replica descriptor needs its node")
+        return published_from_wire(data, node, nbytes, generation, ProtocolError)
     raise ProtocolError(f"unknown replica kind {kind!r:.40}")

@@ -59,6 +59,24 @@ def _libcudart() -> ctypes.CDLL | None:
     return None
 
 
+_BUFFER_ID = 7  # CU_POINTER_ATTRIBUTE_BUFFER_ID: unique per allocation for the process's life
+
+
+def buffer_ids(bases: list[int], device: str) -> list[int]:
+    """The driver's ids of the CUDA allocations at `bases` on `device` ("cuda:N"): an address
+    freed and allocated again gets a new id. TransferError if one is not an allocation."""
+    import torch
+
+    lib, out, value = _libcuda(), [], ctypes.c_ulonglong()
+    with torch.cuda.device(torch.device(device)):
+        for base in bases:
+            rc = lib.cuPointerGetAttribute(ctypes.byref(value), _BUFFER_ID, ctypes.c_uint64(base))
+            if rc != 0:
+                raise TransferError(f"cuPointerGetAttribute failed for {base:#x} (CUresult {rc})")
+            out.append(int(value.value))
+    return out
+
+
 def allocation_range(pointer: int, device: int) -> tuple[int, int]:
     """(base, size) of the CUDA allocation that contains `pointer` on `device`."""
     import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, RemoteReplica
+from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, PublishedReplica, RemoteReplica
 from tensord_contract.errors import ProtocolError
 from tensord_contract.manifest import Manifest
 from tensord_dataplane.slab import Slab
@@ -24,13 +24,19 @@ def open_slab(
     manifest: Manifest | None = None,
 ) -> Slab:
     """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); an owned
-    replica needs its version's `manifest`."""
+    or published replica needs its version's `manifest`."""
     if isinstance(replica, RemoteReplica):
         if transport is None:
             raise ProtocolError("a remote replica needs a Transfer Engine")
         from tensord_dataplane.remote import RemoteSlab
 
         return RemoteSlab(replica, transport())
+    if isinstance(replica, PublishedReplica):
+        if transport is None or writable or manifest is None:
+            raise ProtocolError("a published replica is read-only, through a Transfer Engine, with its manifest")
+        from tensord_dataplane.published import PublishedSlab
+
+        return PublishedSlab(replica, manifest, transport())
     if fds and not isinstance(replica, HostReplica):
         raise ProtocolError(f"a {replica.kind} replica comes without file descriptors")
     if isinstance(replica, HostReplica):

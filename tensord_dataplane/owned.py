@@ -7,7 +7,9 @@ legacy CUDA IPC handle, and each tensor by (allocation, offset). A reader maps e
 allocation (about 0.2 ms each on an H200, kept a few seconds for the next read,
 `tensord_dataplane.ipc`) and copies with the same batched kernel as from a daemon slab. The
 manifest keeps the packed layout of a `put`, so reads address bytes as in any slab; a read is
-cut into pieces at tensor boundaries and the padding between tensors is never read.
+cut into pieces at tensor boundaries (`tensord_dataplane.sources`). Other nodes, and readers
+of host publications, read the same memory through the publisher's Transfer Engine
+(`tensord_dataplane.published`).
 """
 
 from __future__ import annotations
@@ -24,46 +26,28 @@ from tensord_dataplane.copy import device_copy, host_copy, windows
 from tensord_dataplane.cuda import allocation_ranges, enable_peer_access, ipc_close, ipc_handles, ipc_open
 from tensord_dataplane.ipc import mappings
 from tensord_dataplane.slab import Slab
-from tensord_dataplane.tensors import Described
+from tensord_dataplane.sources import Places, Sources
 from tensord_dataplane.views import TensorMap
 
 
-def export(d: Described, names: list[str]) -> OwnedReplica:
-    """Describe tensors (all dense, on one GPU) as an owned replica: their allocations' IPC
-    handles and each tensor's place. InvalidArgument for tensors it cannot describe."""
-    if not names:
-        raise InvalidArgument("nothing to publish: give at least one tensor")
-    devices = set(d.devices)
-    if len(devices) != 1 or any(dev.type != "cuda" for dev in devices):
-        raise InvalidArgument(
-            f"publishing without a copy needs tensors on one GPU, not {sorted(map(str, devices))}: use put"
-        )
-    if not d.dense.all():
-        bad = names[int(np.flatnonzero(~d.dense)[0])]
-        raise InvalidArgument(f"tensor {bad!r} is not contiguous: publish contiguous tensors, or put a copy")
-    device = devices.pop().index
-    device = torch.cuda.current_device() if device is None else device
-    used = np.flatnonzero(d.sizes > 0)
-    order = used[np.argsort(d.ptrs[used], kind="stable")]
-    block = np.zeros(len(names), dtype="<u4")
-    offset = np.zeros(len(names), dtype="<u8")
-    bases, sizes, which = allocation_ranges(d.ptrs[order], device)
-    ends = d.ptrs[order] + d.sizes[order]
-    if len(order) and (ends > bases[which] + sizes[which]).any():
-        raise InvalidArgument("a tensor runs past the end of its CUDA allocation")
-    block[order] = which
-    offset[order] = d.ptrs[order] - bases[which]
+def export(p: Places) -> OwnedReplica:
+    """An owned replica of tensors grouped by CUDA allocation (`sources.places`): the
+    allocations' IPC handles and each tensor's place. InvalidArgument for memory CUDA IPC cannot
+    export."""
+    if not p.device.startswith("cuda"):
+        raise InvalidArgument(f"CUDA IPC exports GPU memory, not {p.device}")
+    device = int(p.device.partition(":")[2])
     try:
-        handles = ipc_handles(bases, device)
+        handles = ipc_handles(p.bases, device)
     except TransferError as exc:
         raise InvalidArgument(
             f"{exc.message}: these tensors are not in memory CUDA IPC can export (torch's expandable "
             "segments, or an engine's own allocator such as vLLM's sleep mode); put a copy instead"
         ) from None
-    for h, base, size in zip(handles, bases.tolist(), sizes.tolist(), strict=True):
+    for h, base, size in zip(handles, p.bases.tolist(), p.sizes.tolist(), strict=True):
         _exported[h] = (base, size)
-    nbytes = 0  # set by the daemon from the packed layout
-    return OwnedReplica(nbytes, 0, device, tuple(handles), tuple(sizes.tolist()), block.tobytes(), offset.tobytes())
+    sizes = tuple(p.sizes.tolist())  # nbytes (0) is the daemon's to set, from the packed layout
+    return OwnedReplica(0, 0, device, tuple(handles), sizes, p.block.tobytes(), p.offset.tobytes())
 
 
 #: allocations this process exported (handle -> base, size): CUDA refuses to open a process's
@@ -115,30 +99,13 @@ class OwnedSlab(Slab):
         self._block = np.where(sizes > 0, block, 0)  # an empty tensor may name no allocation
         self._offset = np.where(sizes > 0, offset, 0)
         bases = np.array([b.data_ptr() for b in self._blocks] or [0], dtype=np.int64)
-        order = np.argsort(manifest.offsets, kind="stable")
-        self._starts = manifest.offsets[order]
-        self._ends = self._starts + sizes[order]
-        self._src = (bases[self._block] + self._offset)[order]
-
-    def _pieces(self, offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Slab ranges cut at tensor boundaries: (range index, offset in the range, source
-        address, length) per piece; padding between tensors is left out."""
-        o, n = offsets.astype(np.int64), sizes.astype(np.int64)
-        first = np.maximum(np.searchsorted(self._starts, o, "right") - 1, 0)
-        count = np.maximum(np.searchsorted(self._starts, o + n, "left") - first, 0)
-        k = np.repeat(np.arange(len(o)), count)
-        t = np.repeat(first - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))
-        lo = np.maximum(o[k], self._starts[t])
-        hi = np.minimum(o[k] + n[k], self._ends[t])
-        keep = hi > lo
-        k, t, lo, hi = k[keep], t[keep], lo[keep], hi[keep]
-        return k, lo - o[k], self._src[t] + (lo - self._starts[t]), hi - lo
+        self._sources = Sources(manifest, bases[self._block] + self._offset)
 
     def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
         self.read_into(dst.data_ptr() + at.astype(np.int64), src, lengths, dst.device)
 
     def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-        k, rel, src, n = self._pieces(offsets, sizes)
+        k, rel, src, n = self._sources.pieces(offsets, sizes)
         dst = ptrs.astype(np.int64)[k] + rel
         if device.type == "cuda":
             if device != self._here:

@@ -24,6 +24,8 @@ class Slab:
     generation: int
     #: its owner may withdraw it during a read (a publisher's memory): a release says whether it did
     revocable = False
+    #: reads check fingerprints unless the caller says otherwise (a publisher's memory)
+    verify_by_default = False
 
     def base(self) -> torch.Tensor:
         """The whole slab as a flat uint8 tensor (same node only): mounts view it."""

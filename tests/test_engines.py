@@ -109,10 +109,17 @@ def test_publishing_never_fails_the_engine(tmp_path) -> None:
         assert publish_params(EngineModel(), "eng/x", rank=0, client=gone) is None
 
 
-def test_zero_copy_publishing_needs_parameters_on_a_gpu(client) -> None:
-    with pytest.raises(sdk.InvalidArgument, match="one GPU"):
-        publish_params(EngineModel(), "eng/zc", rank=0, client=client, zero_copy=True)
-    assert client.ls("eng/zc") == []
+def test_zero_copy_publishing_of_host_parameters(client) -> None:
+    """Host parameters are published without a copy too (read through the Transfer Engine)."""
+    from sdk.engines import unpublish_params
+
+    model = EngineModel()
+    for i, p in enumerate(model.parameters()):
+        p.data.copy_(torch.arange(p.numel(), dtype=p.dtype).view(p.shape) + i)
+    version = publish_params(model, "eng/zc", rank=0, client=client, zero_copy=True)
+    got = client.get(rank_set("eng/zc", 0), version)
+    assert all(torch.equal(got[k], t) for k, t in model.state_dict().items())
+    assert unpublish_params(model)
 
 
 def test_updates_keep_their_views_until_finish(client) -> None:

@@ -44,11 +44,21 @@ def _args(name: str = "pub/bad", **over: Any) -> dict[str, Any]:
         "fingerprints": np.array([1, 2], "<u8").tobytes(),
     }
     for key, value in over.items():
-        if key in args["replica"]:
+        if isinstance(args["replica"], dict) and key in args["replica"]:
             args["replica"][key] = value
         else:
             args[key] = value
     return args
+
+
+_EXPOSED = {  # the same two tensors registered with a publisher's Transfer Engine, host memory
+    "session": "127.0.0.1:1",
+    "device": "cpu",
+    "addresses": [1 << 20],
+    "sizes": [4096],
+    "block": np.array([0, 0], "<u4").tobytes(),
+    "offset": np.array([0, 512], "<u8").tobytes(),
+}
 
 
 def _ok(reply: dict[str, Any]) -> Any:
@@ -73,6 +83,14 @@ BAD = [
     {"tensors": {"count": 1}},
     {"origin": 7},
     {"name": "Bad Name"},
+    {"replica": None},  # neither an IPC export nor a Transfer Engine registration
+    {"replica": None, "exposed": [1]},
+    {"replica": None, "exposed": {**_EXPOSED, "session": "no-port"}},
+    {"replica": None, "exposed": {**_EXPOSED, "device": "gpu"}},
+    {"replica": None, "exposed": {**_EXPOSED, "addresses": [0]}},
+    {"replica": None, "exposed": {**_EXPOSED, "addresses": [4096, 8192]}},  # two addresses, one size
+    {"replica": None, "exposed": {**_EXPOSED, "offset": np.array([0, 4090], "<u8").tobytes()}},
+    {"exposed": _EXPOSED},  # says host memory where the IPC export says cuda:0
 ]
 
 
@@ -86,6 +104,20 @@ def test_bad_publishes_are_refused_and_change_nothing(daemon, bad: dict[str, Any
         assert _ok(raw.call("status"))["published"] == []
     finally:
         raw.close()
+
+
+def test_a_host_publication_is_handed_to_readers_as_the_publishers_engine(daemon) -> None:
+    raw, reader = Raw(daemon.socket), Raw(daemon.socket)
+    try:
+        v = _ok(raw.call("publish", **_args("pub/exposed", replica=None, exposed=_EXPOSED)))["version"]
+        opened = _ok(reader.call("open", name="pub/exposed"))
+        replica = opened["replica"]
+        assert opened["version"] == v and replica["kind"] == "published" and replica["node"] == daemon.node
+        assert (replica["session"], replica["addresses"], replica["device"]) == ("127.0.0.1:1", [1 << 20], "cpu")
+        assert _ok(reader.call("status"))["devices"]["cpu"]["published"] == 24
+    finally:
+        raw.close()
+        reader.close()
 
 
 def test_a_published_version_lives_with_its_publisher(daemon) -> None:
@@ -196,8 +228,8 @@ def test_a_sigkilled_publisher_withdraws_its_version(daemon) -> None:
 
 
 def test_sdk_refuses_what_cannot_be_published_without_a_copy(client: sdk.Client) -> None:
-    with pytest.raises(sdk.InvalidArgument, match="one GPU"):
-        client.publish("pub/cpu", {"a": torch.ones(3)})
+    with pytest.raises(sdk.InvalidArgument, match="not contiguous"):
+        client.publish("pub/cpu", {"a": torch.ones(3, 4).t()})
     with pytest.raises(sdk.InvalidArgument):
         client.publish("Bad Name", {"a": torch.ones(3)})
     with pytest.raises(sdk.InvalidArgument, match="nothing to publish"):

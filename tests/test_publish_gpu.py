@@ -197,11 +197,12 @@ def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.C
 
     from tensord_contract.manifest import Manifest, Table
     from tensord_dataplane.owned import OwnedSlab, export
+    from tensord_dataplane.sources import places
     from tensord_dataplane.tensors import describe
 
     params = {"w": torch.ones(1 << 20, device="cuda:0")}
     d = describe(params.values(), copy_sparse=False)
-    replica = export(d, list(params))
+    replica = export(places(d, list(params)))
     table = Table.of_columns(list(params), d.dtypes, d.ndims, d.dims)
     offsets, nbytes = table.layout()
     manifest = Manifest("zc/lie", 1, table, offsets, nbytes)

@@ -200,6 +200,10 @@ def registry_line(registry: dict[str, Any]) -> str:
     return line
 
 
+def _memory(device: dict[str, int]) -> tuple[str, ...]:
+    return tuple(human(device.get(k, 0)) for k in ("idle", "held", "published", "mapped"))
+
+
 def _print_status(st: dict[str, Any]) -> None:
     print(
         f"node {st['node']} (tensord {st['version']}, up {st['uptime']:.0f} s): {st['sets']} sets, "
@@ -222,10 +226,10 @@ def _print_status(st: dict[str, Any]) -> None:
     for p in st.get("published", []):  # in a client's own GPU memory: outside the budgets below
         where = f"{p['name']} v{p['version']} on {p['device']}"
         print(f"published {where}: {human(p['bytes'])}, {p['pins']} pins, by {p['owner']}")
-    table(  # IDLE: freed GPU allocations the daemon keeps for its next slabs
-        ("DEVICE", "BUDGET", "USED", "FREE", "IDLE"),
+    table(  # IDLE: freed GPU allocations kept for the next slabs; PUBLISHED, MAPPED: no copies (accounting.py)
+        ("DEVICE", "BUDGET", "USED", "FREE", "IDLE", "HELD", "PUBLISHED", "MAPPED"),
         [
-            (d, human(v["budget"]), human(v["used"]), human(v["budget"] - v["used"]), human(v.get("idle", 0)))
+            (d, *(human(x) for x in (v["budget"], v["used"], v["budget"] - v["used"])), *_memory(v))
             for d, v in st["devices"].items()
         ],
     )

@@ -20,6 +20,7 @@ import numpy as np
 from tensord.fleet.pairs import Pairs
 from tensord.fleet.policy import start_for, start_of
 from tensord.fleet.pull import Pull
+from tensord.fleet.seed import from_publication
 from tensord.fleet.serve import Serving
 from tensord.fleet.settings import Settings
 from tensord.held import Held
@@ -184,9 +185,18 @@ class Cluster:
     ) -> Held:
         manifest = await self.store.registry.manifest(name, version)
         here = device
+        replicas = await self.store.registry.replicas(name, version)
         if here is None:  # like the replicas, where this node has that device; else host memory
-            found = [r.device for r in await self.store.registry.replicas(name, version)]
-            here = next((d for d in found if d in self.store.devices), "cpu")
+            here = next((r.device for r in replicas if r.device in self.store.devices), "cpu")
+        if replicas and all(not r.transport for r in replicas):  # no slab to stream from: a publication?
+            try:
+                pinned = await self.pin_remote(name, version, [])
+            except TransferError:  # none could be pinned for reading: streamed over pair groups, if any
+                pinned = None
+            if pinned is not None:
+                seeded = await from_publication(self.store, manifest, here, pinned, self.release)
+                if seeded is not None:
+                    return seeded
         grid = chunk or self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
         start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)

@@ -9,7 +9,7 @@ import time
 
 from tensord.fleet.cluster import Cluster
 from tensord.fleet.serve import StreamPin
-from tensord.held import Held
+from tensord.held import Held, MountPin
 from tensord.ops.args import is_int
 from tensord.peers import RemotePin
 from tensord.restore import Restorer
@@ -47,7 +47,10 @@ class Ops:
         path = {"cpu": "host"}.get(held.slab.device, "cuda_ipc") if session.local else "transfer_engine"
         self.store.metrics.moved(path, direction, held.manifest.data_bytes)
 
-    async def _unpin(self, pin: Held | RemotePin | StreamPin, *, clean: bool = True) -> bool:
+    async def _unpin(self, pin: Held | MountPin | RemotePin | StreamPin, *, clean: bool = True) -> bool:
+        if isinstance(pin, MountPin):
+            pin.held.mapped -= 1
+            pin = pin.held
         if isinstance(pin, RemotePin):
             assert self.cluster is not None
             return await self.cluster.release(pin)

@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from tensord.held import MountPin
 from tensord.ops.args import args, fp_definition, have_pairs, is_int, node_list
 from tensord.ops.base import Ops
+from tensord.owned import OwnedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.names import check_name, check_version
@@ -16,8 +18,10 @@ from tensord_contract.names import check_name, check_version
 
 class DataOps(Ops):
     async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version, exclude, have = args(request, "name", optional=("version", "exclude", "have"))
+        name, version, exclude, have, mount = args(request, "name", optional=("version", "exclude", "have", "mount"))
         check_name(name)
+        if mount is not None and not isinstance(mount, bool):
+            raise InvalidArgument("mount must be true or false: whether the client maps the version")
         exclude, cached = node_list(exclude), have_pairs(have)
         version = await self.store.resolve_version(name, check_version(version))
         held = self.store.holds(name, version)
@@ -33,6 +37,9 @@ class DataOps(Ops):
             self._moved(session, held, "read")
             pin = next(self._pins)
             session.pins[pin] = held
+            if mount and session.local and not isinstance(held.slab, OwnedSlab):  # a mapping, not a copy
+                held.mapped += 1
+                session.pins[pin] = MountPin(held)
             known = (version, held.slab.generation) in cached
             reply = {
                 "pin": pin,

@@ -1,5 +1,6 @@
-"""Publishing without a copy: a process on this node advertises tensors in its own GPU memory
-as a version (`publish`) and withdraws it (`unpublish`, which waits for readers to let go).
+"""Publishing without a copy: a process on this node advertises tensors in its own memory (GPU
+or host) as a version (`publish`) and withdraws it (`unpublish`, which waits for readers, here
+and on other nodes, to let go).
 The replica lives as long as the publishing connection (`tensord.owned`)."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tensord.ops.base import Ops
 from tensord.owned import OwnedSlab
 from tensord.publications import withdraw
 from tensord.rpc import Session
-from tensord_contract.descriptors import owned_from_wire
+from tensord_contract.descriptors import owned_from_wire, published_from_wire
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest, check_servable
 from tensord_contract.names import check_name, check_version
@@ -26,22 +27,36 @@ DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
 
 class PublishOps(Ops):
     async def op_publish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, tensors, replica, fingerprints, origin, fp = args(
-            request, "name", "tensors", "replica", "fingerprints", optional=("origin", "fp")
+        name, tensors, fingerprints, replica, exposed, origin, fp = args(
+            request, "name", "tensors", "fingerprints", optional=("replica", "exposed", "origin", "fp")
         )
         check_name(name)
         if not session.local:
-            raise InvalidArgument("publish hands the daemon CUDA IPC handles: connect over this node's Unix socket")
+            raise InvalidArgument("publish hands the daemon a process's memory: connect over this node's Unix socket")
         origin = self._origin(origin)
-        if not isinstance(replica, dict):
-            raise InvalidArgument("replica must be a map describing the published allocations")
+        if replica is None and exposed is None:
+            raise InvalidArgument("publish needs an IPC export (replica) or a Transfer Engine registration (exposed)")
+        if not isinstance(replica, dict | None) or not isinstance(exposed, dict | None):
+            raise InvalidArgument("replica and exposed must be maps describing the published allocations")
         table = await self._table(tensors)
         if not isinstance(fingerprints, bytes) or len(fingerprints) != 8 * len(table):
             raise InvalidArgument(f"fingerprints must be bytes: one little-endian uint64 per tensor ({len(table)})")
         offsets, nbytes = table.layout()
-        owned = owned_from_wire(replica, nbytes, 0, InvalidArgument)
-        owned.layout(table.sizes, InvalidArgument)
-        handles = sum(len(h) + 5 for h in owned.handles) + 9 * len(owned.sizes)
+        owned = None if replica is None else owned_from_wire(replica, nbytes, 0, InvalidArgument)
+        if owned is not None:
+            owned.layout(table.sizes, InvalidArgument)
+        reach = None if exposed is None else published_from_wire(exposed, self.store.node, nbytes, 0, InvalidArgument)
+        if reach is not None:
+            reach.layout(table.sizes, InvalidArgument)
+            if owned is not None and (reach.device, reach.sizes, reach.block, reach.offset) != (
+                f"cuda:{owned.device}",
+                owned.sizes,
+                owned.block,
+                owned.offset,
+            ):
+                raise InvalidArgument("replica and exposed must describe the same allocations")
+        handles = sum(len(h) + 5 for h in owned.handles) + 9 * len(owned.sizes) if owned is not None else 0
+        handles += 17 * len(reach.sizes) if reach is not None else 0  # each allocation's address and size
         check_servable(
             len(table.names_blob), len(table), table.dims.size, InvalidArgument, extra=handles + 12 * len(table)
         )
@@ -50,7 +65,7 @@ class PublishOps(Ops):
         )
         held = await self.store.hold_new(
             manifest,
-            OwnedSlab(owned, session.peer),
+            OwnedSlab(owned, reach, session.peer),
             np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64),
             fp_definition(fp),
         )

@@ -60,4 +60,5 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
             "node": self.store.node,
             "version": __version__,
             "transport": transport.describe() if transport is not None else None,
+            "cluster": self.cluster is not None,  # other nodes may read what is published here
         }, []

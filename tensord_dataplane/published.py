@@ -1,0 +1,190 @@
+"""A publishing process's memory read one-sided through its own Transfer Engine: both ends.
+
+The publisher registers the allocations its tensors lie in (`Registered`: GPU allocations
+whole, host tensors' own byte ranges) with its engine and keeps them registered until its
+publication is withdrawn (GPU allocations longer, for the next publication of the same
+memory: `SeedRanges`), as SGLang R-Fork's seed does; the daemon advertises the version and
+hands readers a `published` descriptor (the engine's session and each allocation's address).
+A reader (`PublishedSlab`, on any node, this one included) reads the pieces of the manifest's
+packed layout straight from those addresses, as `RemoteSlab` reads a daemon's slab. Nothing is
+copied on the publisher's side and its GPU runs no kernel for a read.
+
+A publisher may vanish mid-read (SIGKILL): its engine's sockets close and the read fails with
+TransferError; readers check fingerprints of what they read from a publication by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from tensord_contract.descriptors import PublishedReplica
+from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_contract.manifest import Manifest
+from tensord_dataplane.cuda import buffer_ids, current
+from tensord_dataplane.remote import RemoteSlab
+from tensord_dataplane.sources import Places, Sources
+from tensord_dataplane.transport.base import Batch, Transport
+
+log = logging.getLogger(__name__)
+
+
+class SeedRanges:
+    """The ranges one publishing engine has registered, and how many live publications use
+    each. A GPU allocation no publication uses any more stays registered (idle), so that
+    publishing the same memory again (an RL engine after each update) registers nothing; it is
+    registered again if the driver says the allocation was freed and made anew meanwhile (its
+    buffer id changed), and goes at the next publication that does not use it, or at close.
+    Host ranges go at once: freed host memory may be unmapped."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._lock = threading.Lock()
+        self._uses: dict[tuple[int, int], int] = {}  # (base, size) -> live publications over it
+        self._idle: dict[tuple[int, int], str] = {}  # (base, size) -> device, registered, unused
+        self._ids: dict[tuple[int, int], int] = {}  # GPU ranges: the allocation's buffer id
+
+    def take(self, p: Places) -> list[tuple[int, int]]:
+        """Register what `p` needs that is not registered (TransferError, InvalidArgument for a
+        range overlapping another publication's); the ranges, to `give` back."""
+        ranges = list(zip(p.bases.tolist(), p.sizes.tolist(), strict=True))
+        ids = buffer_ids([b for b, _ in ranges], p.device) if p.device.startswith("cuda") else []
+        with self._lock:
+            wanted = set(ranges)
+            self._drop([(r, d) for r, d in self._idle.items() if r not in wanted])
+            if ids:  # re-made allocations at the same place: their registration is stale
+                stale = [r for r, i in zip(ranges, ids, strict=True) if r in self._idle and self._ids.get(r) != i]
+                self._drop([(r, p.device) for r in stale])
+            fresh = [r for r in ranges if r not in self._uses and r not in self._idle]
+            done: list[tuple[int, int]] = []
+            try:
+                with current(p.device):
+                    for base, size in fresh:
+                        self.transport.register(base, size)
+                        done.append((base, size))
+            except BaseException:
+                self._drop([(r, p.device) for r in done])
+                raise
+            for r, i in zip(ranges, ids or [0] * len(ranges), strict=True):
+                self._uses[r] = self._uses.get(r, 0) + 1
+                self._idle.pop(r, None)
+                if ids:
+                    self._ids[r] = i
+        return ranges
+
+    def give(self, ranges: list[tuple[int, int]], device: str) -> None:
+        """A publication over `ranges` was withdrawn: keep GPU ranges registered, idle."""
+        with self._lock:
+            gone = []
+            for r in ranges:
+                left = self._uses.get(r, 1) - 1
+                if left > 0:
+                    self._uses[r] = left
+                    continue
+                self._uses.pop(r, None)
+                if device.startswith("cuda"):
+                    self._idle[r] = device
+                else:
+                    gone.append((r, device))
+            self._drop(gone)
+
+    def _drop(self, ranges: list[tuple[tuple[int, int], str]]) -> None:
+        """Unregister (logged, not raised: the memory stays its owner's)."""
+        for (base, size), device in ranges:
+            self._idle.pop((base, size), None)
+            self._ids.pop((base, size), None)
+            try:
+                with current(device):
+                    self.transport.unregister(base)
+            except TransferError as exc:
+                log.warning("%s", exc.message)
+
+
+class Registered:
+    """One publication's allocations, registered with its publisher's engine until `close()`."""
+
+    def __init__(self, seeds: SeedRanges, p: Places) -> None:
+        if not seeds.transport.supports(p.device):
+            raise TransferError(f"this process's Transfer Engine cannot expose {p.device} memory")
+        self._seeds, self.device = seeds, p.device
+        self._ranges: list[tuple[int, int]] | None = seeds.take(p)
+        self.wire = {
+            "session": seeds.transport.session,
+            "device": p.device,
+            "addresses": p.bases.tolist(),
+            "sizes": p.sizes.tolist(),
+            "block": p.block.tobytes(),
+            "offset": p.offset.tobytes(),
+        }
+
+    def close(self) -> None:
+        """The publication is withdrawn: its ranges are no longer its. Idempotent."""
+        ranges, self._ranges = self._ranges, None
+        if ranges is not None:
+            self._seeds.give(ranges, self.device)
+
+
+class PublishedSlab(RemoteSlab):
+    """A publication read through its publisher's Transfer Engine; read-only."""
+
+    #: the publisher may withdraw it (or die) during a read: releases wait to learn whether it did
+    revocable = True
+    verify_by_default = True
+
+    def __init__(self, replica: PublishedReplica, manifest: Manifest, transport: Transport) -> None:
+        self.node, self.session, self.address = replica.node, replica.session, 0
+        self.nbytes, self.generation, self.device = replica.nbytes, replica.generation, replica.device
+        self._transport = transport
+        block, offset = replica.layout(manifest.sizes)
+        bases = np.array(replica.addresses or [0], dtype=np.int64)
+        used = manifest.sizes > 0
+        self._sources = Sources(manifest, np.where(used, bases[np.where(used, block, 0)] + offset, 0))
+
+    def base(self) -> torch.Tensor:
+        raise InvalidArgument(
+            "this set lies in the memory of the process that published it: mount needs a replica "
+            "held by a daemon (use get or load_into)"
+        )
+
+    def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
+        raise InvalidArgument("a published replica is read-only")
+
+    def read_registered(self, local: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> None:
+        """Read layout ranges to local addresses already registered with the engine (a daemon
+        filling a slab it exposes: replicating a publication)."""
+        self._move(self._transport.read, [], local, offsets, sizes)
+
+    def _move(
+        self,
+        call: Callable[[str, Batch], None],
+        ranges: list[tuple[int, int, str]],
+        local: np.ndarray,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:
+        """One engine batch from the publisher's addresses of the layout ranges asked for."""
+        if call != self._transport.read:
+            raise InvalidArgument("a published replica is read-only")
+        offsets, sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+        if len(offsets) and (int(offsets.min()) < 0 or int((offsets + sizes).max()) > self.nbytes):
+            raise InvalidArgument(f"a read reaches past the {self.nbytes}-byte publication on node {self.node}")
+        k, rel, src, n = self._sources.pieces(offsets, sizes)
+        dst = np.asarray(local, dtype=np.int64)[k] + rel
+        registered: list[tuple[int, str]] = []
+        try:
+            for address, length, where in ranges:
+                with current(where):
+                    self._transport.register(address, length)
+                registered.append((address, where))
+            call(self.session, Batch(dst, src, n))
+        finally:
+            for address, where in registered:
+                try:
+                    with current(where):
+                        self._transport.unregister(address)
+                except TransferError as exc:
+                    log.warning("%s", exc.message)
