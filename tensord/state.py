@@ -34,6 +34,7 @@ from typing import Any
 import msgpack
 
 from tensord_contract.errors import InvalidArgument, Unavailable
+from tensord_contract.manifest import Manifest
 from tensord_contract.names import MAX_VERSION, check_name
 
 log = logging.getLogger(__name__)
@@ -207,16 +208,29 @@ class Catalogue:
                 ) from exc
             self.records[record.key] = record
 
+    async def note(self, manifest: Manifest, device: str, source: str, *, evicted: bool, with_manifest: bool) -> None:
+        """Record a version held (or evicted) here, unless it is recorded so already."""
+        known = self.get(manifest.name, manifest.version)
+        if known is not None and (known.device, known.source, known.evicted) == (device, source, evicted):
+            return  # restored as it was recorded: nothing to write
+        wire = manifest.to_wire() if with_manifest else None
+        await self.put(Record(manifest.name, manifest.version, device, source, evicted, wire))
+
     async def forget(self, name: str, version: int) -> None:
-        """Drop a version that left this node for good (deleted, retired, or held elsewhere)."""
-        if (name, version) not in self.records:
-            return
-        async with self._locked():
-            self.records.pop((name, version), None)
+        """Drop a version that left this node for good (deleted, retired, or held elsewhere),
+        durably; Unavailable if its file cannot be removed (then it stays recorded)."""
+        async with self._locked():  # checked inside: a write queued before this one lands first
+            if (name, version) not in self.records:
+                return
             try:
                 await asyncio.to_thread(_remove_file, self.directory, self.filename(name, version))
-            except OSError as exc:  # it stays on disk: the next start finds it and reports it
-                log.warning("cannot remove the record of %s v%d: %s", name, version, exc.strerror or exc)
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot remove the record of {name} v{version} from {self.directory}: {exc.strerror or exc}",
+                    name=name,
+                    version=version,
+                ) from exc
+            del self.records[name, version]
 
     def _locked(self) -> asyncio.Lock:
         if self._lock is None:
