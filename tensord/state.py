@@ -67,6 +67,8 @@ class StateDir:
         try:
             self.versions.load()
             self.catalogue.load()
+            for directory in (self.versions.directory, self.catalogue.directory):
+                _check_writable(directory)
         except BaseException:
             self.close()
             raise
@@ -245,6 +247,19 @@ def _files(directory: Path, suffix: str) -> list[Path]:
         return sorted(p for p in directory.iterdir() if p.suffix == suffix)
     except OSError as exc:
         raise InvalidArgument(f"state directory {directory}: {exc.strerror or exc}") from None
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse a directory where records cannot be written and removed durably: a delete
+    would not stay deleted (a read-only file system, an immutable directory)."""
+    try:
+        _write_file(directory, ".writable", b"")
+        _remove_file(directory, ".writable")
+    except OSError as exc:
+        raise InvalidArgument(
+            f"state directory {directory} cannot be written ({exc.strerror or exc}): deletes and new versions "
+            "could not be recorded; make it writable or choose another (daemon.state_dir)"
+        ) from None
 
 
 def _read_record(path: Path) -> Record:

@@ -5,11 +5,15 @@ equals the bytes held."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -97,3 +101,37 @@ def test_eviction_racing_open_never_hands_out_a_freed_version(start_daemon, tmp_
             assert same_bits(c.get(f"file/{i}", verify=True)["w"], expected[i])
         assert c.status()["devices"]["cpu"]["used"] == _held_bytes(c)
     assert "Bad file descriptor" not in d.log.read_text()
+
+
+@contextlib.contextmanager
+def _immutable(path: Path) -> Iterator[None]:
+    """`path` made immutable (chattr +i: even root cannot add or remove files in it)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_delete_that_cannot_be_recorded_is_refused_and_stays_refused(start_daemon, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    d = start_daemon("readonly", config=f'[daemon]\nstate_dir = "{state}"\n')
+    with d.client() as c:
+        assert c.put("kept", {"x": torch.ones(4)}) == 1
+        with _immutable(state / "held"):
+            with pytest.raises(sdk.Unavailable, match="cannot remove the record of kept v1"):
+                c.delete("kept")
+            assert c.info("kept")["versions"] == [1]  # refused: nothing changed
+            assert torch.equal(c.get("kept")["x"], torch.ones(4))
+            d.kill()
+            with pytest.raises(RuntimeError, match=f"state directory {state / 'held'} cannot be written"):
+                d.start()  # fails loudly at start rather than serve deletes that come back
+    d.start()
+    with d.client() as c:
+        assert c.info("kept")["versions"] == [1]  # the refused delete did not happen
+        assert c.delete("kept") == 1
+    d.kill()
+    d.start()
+    with d.client() as c:
+        assert c.ls() == []  # an acknowledged delete stays deleted
