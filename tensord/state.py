@@ -15,18 +15,22 @@ version rewrites one small file, not every counter; a held version is one file (
 the name). Every write is durable before what it records is visible: a temporary file is
 written and fsync-ed, renamed over the old one, and the directory fsync-ed; a removal fsyncs
 the directory. Counters are never removed (a deleted name keeps its count); a held version's
-file goes when the version is deleted or leaves the node for good. A file that cannot be read
-stops the daemon from starting: silently starting over would reuse versions, or forget them.
+file goes when the version is deleted or leaves the node for good. A damaged record is skipped
+and logged (that version is not restored; the counters keep its number from being reused). A
+counter file that cannot be read stops the daemon from starting, naming it: starting over would
+reuse versions. State files are read without following links or waiting (a FIFO is refused).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +59,18 @@ class StateDir:
         """Create (mode 0700) and lock the directory, then read what it holds."""
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InvalidArgument(f"state directory {self.path}: {exc.strerror or exc}") from None
+        lock = self.path / "lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            raise InvalidArgument(
+                f"state directory {self.path}: cannot open its lock file {lock}: {_why(exc)}"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgument(f"state directory {self.path}: its lock file {lock} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -167,6 +180,7 @@ class Catalogue:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.records: dict[tuple[str, int], Record] = {}
+        self.skipped: list[Path] = []  # damaged records left out at load
         self._lock: asyncio.Lock | None = None
 
     def __len__(self) -> int:
@@ -180,10 +194,18 @@ class Catalogue:
         return f"{hashlib.blake2b(name.encode(), digest_size=16).hexdigest()}-{version}.rec"
 
     def load(self) -> None:
+        """Read every record; a damaged one is skipped and logged (its version is not restored,
+        and the version counters keep it from being reused)."""
         files = _files(self.directory, ".rec")
         self.records.clear()
+        self.skipped = []
         for path in files:
-            record = _read_record(path)
+            try:
+                record = _read_record(path)
+            except InvalidArgument as exc:
+                log.warning("skipped: %s", exc.message)
+                self.skipped.append(path)
+                continue
             self.records[record.key] = record
 
     async def put(self, record: Record) -> None:
@@ -267,9 +289,9 @@ def _read_record(path: Path) -> Record:
         return InvalidArgument(f"state file {path} {why}: repair or remove it (removing it forgets that held version)")
 
     try:
-        data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
+        data = msgpack.unpackb(_read_file(path), raw=False, strict_map_key=True)
     except OSError as exc:
-        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+        raise bad(f"cannot be read ({_why(exc)})") from None
     except Exception:  # msgpack raises several unrelated types
         raise bad("is not valid msgpack") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -298,9 +320,9 @@ def _read_bucket(path: Path) -> dict[str, int]:
         )
 
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(_read_file(path))
     except OSError as exc:
-        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+        raise bad(f"cannot be read ({_why(exc)})") from None
     except ValueError:
         raise bad("is not valid JSON") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("versions"), dict):
@@ -310,6 +332,21 @@ def _read_bucket(path: Path) -> dict[str, int]:
         if type(version) is not int or version < 0:
             raise bad(f"holds a bad counter for {name!r:.80}")
     return counters
+
+
+def _read_file(path: Path) -> bytes:
+    """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read()
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+        return "a symbolic link: state files are never links"
+    return exc.strerror or str(exc)
 
 
 def _write_bucket(directory: Path, key: str, counters: dict[str, int]) -> None:

@@ -6,6 +6,7 @@ equals the bytes held."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import subprocess
 import threading
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdk
+from tensord.state import Catalogue, VersionCounters
 from tests.data import random_tensor, same_bits
 
 MIB = 1 << 20
@@ -135,3 +137,50 @@ def test_a_delete_that_cannot_be_recorded_is_refused_and_stays_refused(start_dae
     d.start()
     with d.client() as c:
         assert c.ls() == []  # an acknowledged delete stays deleted
+
+
+def test_startup_skips_damaged_records_and_names_a_damaged_counter(start_daemon, tmp_path: Path) -> None:
+    """A truncated record and one that is a link to a FIFO are skipped (logged) and the rest
+    served, versions going on; a damaged counter file, or one that is a link to a FIFO, and a
+    lock replaced by a directory stop the start at once, naming the file. Nothing hangs."""
+    state = tmp_path / "state"
+    d = start_daemon("damaged", config=f'[daemon]\nstate_dir = "{state}"\n')
+    with d.client() as c:
+        for name in ("a", "b", "c"):
+            assert c.put(name, {"x": torch.ones(4)}) == 1
+    d.kill()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    truncated, linked = (state / "held" / Catalogue.filename(name, 1) for name in ("a", "b"))
+    truncated.write_bytes(truncated.read_bytes()[:20])
+    linked.unlink()
+    linked.symlink_to(fifo)
+    d.start(timeout=60)  # a FIFO read would hang here
+    with d.client() as c:
+        assert [s["name"] for s in c.ls()] == ["c"]  # listed (lost: a put has no file)
+        assert c.put("a", {"x": torch.ones(4)}) == 2  # its number is not reused
+        assert c.put("b", {"x": torch.ones(4)}) == 2
+    log = d.log.read_text()
+    assert f"skipped: state file {truncated} is not valid msgpack" in log
+    assert f"skipped: state file {linked} cannot be read (a symbolic link" in log
+    d.kill()
+
+    bucket = state / "versions" / f"{VersionCounters.bucket('a')}.json"
+    good = bucket.read_bytes()
+    bucket.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RuntimeError, match=f"state file {bucket} is not valid JSON"):
+        d.start(timeout=60)
+    bucket.unlink()
+    bucket.symlink_to(fifo)
+    with pytest.raises(RuntimeError, match=f"state file {bucket} cannot be read"):
+        d.start(timeout=60)
+    bucket.unlink()
+    bucket.write_bytes(good)
+    (state / "lock").unlink()
+    (state / "lock").mkdir()
+    with pytest.raises(RuntimeError, match=f"cannot open its lock file {state / 'lock'}"):
+        d.start(timeout=60)
+    (state / "lock").rmdir()
+    d.start()
+    with d.client() as c:
+        assert c.put("a", {"x": torch.ones(4)}) == 3
