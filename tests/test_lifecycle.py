@@ -20,7 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import sdk
 from tensord.state import Catalogue, VersionCounters
+from tensord_dataplane.transport.mooncake import available
+from tests.daemons import DaemonProcess
 from tests.data import random_tensor, same_bits
+from tests.etcd_server import free_port
 
 MIB = 1 << 20
 
@@ -184,3 +187,52 @@ def test_startup_skips_damaged_records_and_names_a_damaged_counter(start_daemon,
     d.start()
     with d.client() as c:
         assert c.put("a", {"x": torch.ones(4)}) == 3
+
+
+@pytest.mark.skipif(not available("tcp")[0], reason="Mooncake TE over TCP unavailable")
+def test_a_put_delete_replicate_storm_leaves_used_equal_to_the_bytes_held(tmp_path: Path, etcd) -> None:
+    """Two nodes; sets put on one, replicated to the other, deleted through either while the
+    other's reconcile (every lease TTL) retires what left the registry: a version is released
+    once, so each node's `used` ends equal to the bytes it holds."""
+    nodes = {}
+    for node in ("sa", "sb"):
+        config = (
+            f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\n'
+            f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nprefix = "/storm/"\nlease_ttl = 1\n'
+            '[transport]\nprotocol = "tcp"\n'
+        )
+        nodes[node] = DaemonProcess(tmp_path, node, config).start()
+    failures: list[BaseException] = []
+    stop = time.monotonic() + 12
+
+    def storm(seed: int) -> None:
+        rng = random.Random(seed)
+        with nodes["sa"].client() as a, nodes["sb"].client() as b:
+            while time.monotonic() < stop:
+                name = f"storm/{seed}/{rng.randrange(12)}"
+                try:
+                    version = a.put(name, {"w": torch.full((16_384,), float(seed))})
+                    a.replicate(name, version, to="sb")
+                    if rng.random() < 0.7:
+                        rng.choice((a, b)).delete(name, version)
+                except (sdk.NotFound, sdk.TransferError):
+                    pass  # deleted meanwhile by another thread
+                except BaseException as exc:
+                    failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=storm, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert failures == [], failures[:5]
+        time.sleep(3)  # reconcile has run on both since the last delete
+        for d in nodes.values():
+            with d.client() as c:
+                status = c.status()
+                assert status["pins"] == 0 and status["reservations"] == 0
+                assert status["devices"]["cpu"]["used"] == _held_bytes(c), d.node
+    finally:
+        for d in nodes.values():
+            d.kill()
