@@ -6,6 +6,7 @@ configs/tensord.toml. Unknown keys and bad values are errors, reported with thei
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -61,7 +62,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
     log_level: str = "info"
-    state_dir: str = ""  # "" = none: the embedded registry's versions restart at 1
+    state_dir: str = ""  # "" = none: without etcd, version counters go to default_state_dir()
     hello_timeout: float = 10.0  # a new connection must say hello within this
     frame_timeout: float = 60.0  # a frame once started must arrive (a reply be read) within this
     budgets: dict[str, int | None] = field(default_factory=lambda: {"cpu": None})  # None: auto
@@ -325,6 +326,18 @@ ENV: dict[str, tuple[str, Any]] = {
     "TENSORD_FLEET_CHUNK": ("fleet_chunk", _chunk),
     "TENSORD_FLEET_RATE": ("fleet_rate", lambda v, w: parse_size(v, w)),
 }
+
+
+def default_state_dir(socket_path: str, env: Mapping[str, str] | None = None) -> Path:
+    """Where a daemon with neither `daemon.state_dir` nor etcd keeps its version counters, so
+    that a restart never hands out a version again: per user ($XDG_STATE_HOME, else
+    ~/.local/state) and per control socket, `tensord/<hash of the socket path>`."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # unset or relative: the XDG default
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    key = hashlib.blake2b(os.path.abspath(socket_path).encode(), digest_size=8).hexdigest()
+    return Path(base) / "tensord" / key
 
 
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

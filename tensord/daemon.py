@@ -10,7 +10,7 @@ import resource
 import signal
 import socket
 
-from tensord.config import Config
+from tensord.config import Config, default_state_dir
 from tensord.fleet.cluster import Cluster
 from tensord.fleet.settings import Settings
 from tensord.memory import Budgets, detect_devices
@@ -97,6 +97,9 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = StateDir(config.state_dir) if config.state_dir else None
+        self.counters_only = self.state is None and not config.etcd_endpoints  # versions never reused
+        if self.counters_only:
+            self.state = StateDir(default_state_dir(config.socket))
         self.registry = make_registry(config, self.state)
         self.budgets = Budgets(config.budgets, detect_devices(), config.pinned_host)
         self.transport: Transport | None = None
@@ -108,7 +111,7 @@ class Daemon:
             self.budgets,
             retention=config.retention,
             huge_pages=config.huge_pages,
-            catalogue=self.state.catalogue if self.state is not None else None,
+            catalogue=self.state.catalogue if self.state is not None and not self.counters_only else None,
             keep_manifests=isinstance(self.registry, LocalRegistry),
             eviction=config.eviction,
             allowed_roots=config.allowed_roots,
@@ -154,7 +157,10 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        if self.state is not None:
+        if self.state is not None and self.counters_only:
+            await asyncio.to_thread(self.state.open)
+            log.info("no state directory (daemon.state_dir): version counters in %s, nothing restored", self.state.path)
+        elif self.state is not None:
             await asyncio.to_thread(self.state.open)
             records = list(self.state.catalogue.records.values())
             manifests = self.restorer.plan(records, str(self.state.path))
@@ -162,11 +168,6 @@ class Daemon:
                 for m in manifests:
                     await self.state.versions.at_least(m.name, m.version)
                 self.registry.restore(manifests)
-        elif not self.config.etcd_endpoints:
-            log.warning(
-                "no state directory (daemon.state_dir): versions start again at 1 after a restart, "
-                "and what the daemon held is not restored"
-            )
         self.transport = await asyncio.to_thread(make_transport, self.config)
         self.store.attach_transport(self.transport)
         await self.server.start()

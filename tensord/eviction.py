@@ -9,6 +9,7 @@ carries the plan out.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from tensord.checkpoint import recorded_checkpoint
@@ -16,10 +17,35 @@ from tensord.held import Held
 from tensord.registry.base import Registry
 from tensord_contract.errors import TensordError, Unavailable
 
+log = logging.getLogger(__name__)
+Reason = Callable[[Held], Awaitable[str | None]]
 
-async def choose(
-    candidates: Sequence[Held], need: int, reason: Callable[[Held], Awaitable[str | None]]
-) -> tuple[list[tuple[Held, str]], int]:
+
+def evictable(held: Held, device: str) -> bool:
+    """Live, advertised (not being held or brought back), unpinned, on `device`, the store's own."""
+    return held.live and held.advertised and held.pins == 0 and held.slab.device == device and not held.slab.owned
+
+
+async def plan_room(
+    held: Callable[[], list[Held]], device: str, need: Callable[[], int], reason: Reason
+) -> list[tuple[Held, str]]:
+    """What to evict from `device` (with why) so that `need()` more bytes fit: evictable
+    versions, least recently read first, all still evictable when returned (the caller evicts
+    them before it awaits anything); none if that would not make room."""
+    for _ in range(3):  # one planned may be pinned while `reason` is asked: plan again
+        if need() <= 0:
+            return []
+        plan, freed = await choose([h for h in held() if evictable(h, device)], need(), reason)
+        if freed < need():
+            log.info("%s: evicting all that could go frees %d bytes of the %d needed", device, freed, need())
+            return []
+        plan = [(h, why) for h, why in plan if evictable(h, device)]
+        if sum(h.slab.nbytes for h, _ in plan) >= need():
+            return plan
+    return []
+
+
+async def choose(candidates: Sequence[Held], need: int, reason: Reason) -> tuple[list[tuple[Held, str]], int]:
     """The least recently read `candidates` that may go (`reason` says why, None if they may
     not) until `need` bytes are freed, with their reasons; and the bytes they free."""
     plan: list[tuple[Held, str]] = []

@@ -18,7 +18,8 @@ class Held:
     manifest: Manifest
     slab: Slab
     pins: int = 0
-    live: bool = True  # False once retired or deleted: freed when pins reach 0
+    live: bool = True  # False once retired, deleted or evicted: no new pins; freed when pins reach 0
+    freed: bool = False  # its slab was freed and its budget given back (once only)
     advertised: bool = False  # True once the registry knows it (reconcile trusts no other)
     revoked: bool = False  # owned memory withdrawn while pinned: those readers' bytes may change
     mapped: int = 0  # of the pins, those of clients' mounts (zero-copy mappings, no copy)

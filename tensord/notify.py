@@ -2,8 +2,9 @@
 
 A message is one datagram of newline-separated `KEY=value` lines sent to the Unix socket named
 in $NOTIFY_SOCKET (a path, or `@name` for the abstract namespace). Nothing is sent when the
-variable is unset (not run by systemd with `Type=notify`), and a failed send is logged, never
-raised: the daemon serves whether or not anyone listens.
+variable is unset (not run by systemd with `Type=notify`), and a failed send is logged once,
+never raised: the daemon serves whether or not anyone listens. Sends never block (the socket is
+non-blocking): a receiver that does not read costs the message, never the event loop.
 
 The watchdog: with `WatchdogSec=` systemd sets $WATCHDOG_USEC (and $WATCHDOG_PID, the process
 meant). `Notifier.watchdog()` is a task on the daemon's event loop that pings every half
@@ -29,7 +30,7 @@ class Notifier:
         self.address = _address(env.get("NOTIFY_SOCKET", ""))
         self.watchdog_seconds = _watchdog(env)
         self._sock: socket.socket | None = None
-        self._failed = False
+        self._warned: set[str] = set()  # "dropped", "failed": each logged once
 
     @property
     def enabled(self) -> bool:
@@ -42,14 +43,22 @@ class Notifier:
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                self._sock = socket.socket(socket.AF_UNIX, kind)
             self._sock.sendto(message, self.address)
+        except BlockingIOError:  # the receiver's queue is full: drop it, never wait
+            self._warn("dropped", "systemd's notify socket %s does not read: messages are dropped")
+            return False
         except OSError as exc:
-            if not self._failed:  # once: a watchdog failing every few seconds would flood the log
-                log.warning("cannot notify systemd at %r: %s", self.address, exc)
-                self._failed = True
+            self._warn("failed", "cannot notify systemd at %s: %s", exc)
             return False
         return True
+
+    def _warn(self, kind: str, message: str, *extra: object) -> None:
+        """Once per kind: a watchdog failing every few seconds would flood the log."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(message, _shown(self.address), *extra)
 
     def ready(self, status: str) -> bool:
         return self.send(READY=1, STATUS=status, MAINPID=os.getpid())
@@ -74,6 +83,11 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _shown(address: str | bytes | None) -> str:
+    """The address as $NOTIFY_SOCKET spells it (`@name` for an abstract one)."""
+    return "@" + address[1:].decode(errors="replace") if isinstance(address, bytes) else str(address)
 
 
 def _address(value: str) -> str | bytes | None:

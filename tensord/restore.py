@@ -95,8 +95,8 @@ class Restorer:
     def plan(self, records: list[Record], where: str = "") -> list[Manifest]:
         """Plan to restore every recorded version but the evicted ones (those come back when
         read here) and the publications (withdrawn at `start`). Returns the manifests the
-        records carry (the embedded registry's state); InvalidArgument naming the state
-        directory `where` for a record whose manifest is bad."""
+        records carry (the embedded registry's state). A record whose manifest is bad is
+        skipped and logged, naming the state directory `where`."""
         newest: dict[str, int] = {}
         for r in records:
             newest[r.name] = max(newest.get(r.name, 0), r.version)
@@ -106,15 +106,18 @@ class Restorer:
             if r.manifest is not None:
                 try:
                     manifest = Manifest.from_wire(r.manifest, InvalidArgument)
+                    if (manifest.name, manifest.version) != r.key:
+                        raise InvalidArgument("it is another version's")
                 except InvalidArgument as exc:
-                    raise InvalidArgument(
-                        f"state directory {where}: the record of {r.name} v{r.version} holds a bad manifest "
-                        f"({exc.message}): repair or remove it"
-                    ) from None
-                if (manifest.name, manifest.version) != r.key:
-                    raise InvalidArgument(
-                        f"state directory {where}: the record of {r.name} v{r.version} is not its own"
+                    log.warning(
+                        "skipped: state directory %s: the record of %s v%d holds a bad manifest (%s): "
+                        "that version is not restored",
+                        where,
+                        r.name,
+                        r.version,
+                        exc.message,
                     )
+                    continue
                 if r.source != PUBLISHED:
                     manifests.append(manifest)
             if r.source == PUBLISHED:  # its publisher went with the old daemon

@@ -15,18 +15,22 @@ version rewrites one small file, not every counter; a held version is one file (
 the name). Every write is durable before what it records is visible: a temporary file is
 written and fsync-ed, renamed over the old one, and the directory fsync-ed; a removal fsyncs
 the directory. Counters are never removed (a deleted name keeps its count); a held version's
-file goes when the version is deleted or leaves the node for good. A file that cannot be read
-stops the daemon from starting: silently starting over would reuse versions, or forget them.
+file goes when the version is deleted or leaves the node for good. A damaged record is skipped
+and logged (that version is not restored; the counters keep its number from being reused). A
+counter file that cannot be read stops the daemon from starting, naming it: starting over would
+reuse versions. State files are read without following links or waiting (a FIFO is refused).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from typing import Any
 import msgpack
 
 from tensord_contract.errors import InvalidArgument, Unavailable
+from tensord_contract.manifest import Manifest
 from tensord_contract.names import MAX_VERSION, check_name
 
 log = logging.getLogger(__name__)
@@ -54,9 +59,18 @@ class StateDir:
         """Create (mode 0700) and lock the directory, then read what it holds."""
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise InvalidArgument(f"state directory {self.path}: {exc.strerror or exc}") from None
+        lock = self.path / "lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            raise InvalidArgument(
+                f"state directory {self.path}: cannot open its lock file {lock}: {_why(exc)}"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgument(f"state directory {self.path}: its lock file {lock} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -66,6 +80,8 @@ class StateDir:
         try:
             self.versions.load()
             self.catalogue.load()
+            for directory in (self.versions.directory, self.catalogue.directory):
+                _check_writable(directory)
         except BaseException:
             self.close()
             raise
@@ -164,6 +180,7 @@ class Catalogue:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.records: dict[tuple[str, int], Record] = {}
+        self.skipped: list[Path] = []  # damaged records left out at load
         self._lock: asyncio.Lock | None = None
 
     def __len__(self) -> int:
@@ -177,10 +194,18 @@ class Catalogue:
         return f"{hashlib.blake2b(name.encode(), digest_size=16).hexdigest()}-{version}.rec"
 
     def load(self) -> None:
+        """Read every record; a damaged one is skipped and logged (its version is not restored,
+        and the version counters keep it from being reused)."""
         files = _files(self.directory, ".rec")
         self.records.clear()
+        self.skipped = []
         for path in files:
-            record = _read_record(path)
+            try:
+                record = _read_record(path)
+            except InvalidArgument as exc:
+                log.warning("skipped: %s", exc.message)
+                self.skipped.append(path)
+                continue
             self.records[record.key] = record
 
     async def put(self, record: Record) -> None:
@@ -207,16 +232,29 @@ class Catalogue:
                 ) from exc
             self.records[record.key] = record
 
+    async def note(self, manifest: Manifest, device: str, source: str, *, evicted: bool, with_manifest: bool) -> None:
+        """Record a version held (or evicted) here, unless it is recorded so already."""
+        known = self.get(manifest.name, manifest.version)
+        if known is not None and (known.device, known.source, known.evicted) == (device, source, evicted):
+            return  # restored as it was recorded: nothing to write
+        wire = manifest.to_wire() if with_manifest else None
+        await self.put(Record(manifest.name, manifest.version, device, source, evicted, wire))
+
     async def forget(self, name: str, version: int) -> None:
-        """Drop a version that left this node for good (deleted, retired, or held elsewhere)."""
-        if (name, version) not in self.records:
-            return
-        async with self._locked():
-            self.records.pop((name, version), None)
+        """Drop a version that left this node for good (deleted, retired, or held elsewhere),
+        durably; Unavailable if its file cannot be removed (then it stays recorded)."""
+        async with self._locked():  # checked inside: a write queued before this one lands first
+            if (name, version) not in self.records:
+                return
             try:
                 await asyncio.to_thread(_remove_file, self.directory, self.filename(name, version))
-            except OSError as exc:  # it stays on disk: the next start finds it and reports it
-                log.warning("cannot remove the record of %s v%d: %s", name, version, exc.strerror or exc)
+            except OSError as exc:
+                raise Unavailable(
+                    f"cannot remove the record of {name} v{version} from {self.directory}: {exc.strerror or exc}",
+                    name=name,
+                    version=version,
+                ) from exc
+            del self.records[name, version]
 
     def _locked(self) -> asyncio.Lock:
         if self._lock is None:
@@ -233,14 +271,27 @@ def _files(directory: Path, suffix: str) -> list[Path]:
         raise InvalidArgument(f"state directory {directory}: {exc.strerror or exc}") from None
 
 
+def _check_writable(directory: Path) -> None:
+    """Refuse a directory where records cannot be written and removed durably: a delete
+    would not stay deleted (a read-only file system, an immutable directory)."""
+    try:
+        _write_file(directory, ".writable", b"")
+        _remove_file(directory, ".writable")
+    except OSError as exc:
+        raise InvalidArgument(
+            f"state directory {directory} cannot be written ({exc.strerror or exc}): deletes and new versions "
+            "could not be recorded; make it writable or choose another (daemon.state_dir)"
+        ) from None
+
+
 def _read_record(path: Path) -> Record:
     def bad(why: str) -> InvalidArgument:
         return InvalidArgument(f"state file {path} {why}: repair or remove it (removing it forgets that held version)")
 
     try:
-        data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
+        data = msgpack.unpackb(_read_file(path), raw=False, strict_map_key=True)
     except OSError as exc:
-        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+        raise bad(f"cannot be read ({_why(exc)})") from None
     except Exception:  # msgpack raises several unrelated types
         raise bad("is not valid msgpack") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -269,9 +320,9 @@ def _read_bucket(path: Path) -> dict[str, int]:
         )
 
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(_read_file(path))
     except OSError as exc:
-        raise bad(f"cannot be read ({exc.strerror or exc})") from None
+        raise bad(f"cannot be read ({_why(exc)})") from None
     except ValueError:
         raise bad("is not valid JSON") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("versions"), dict):
@@ -281,6 +332,21 @@ def _read_bucket(path: Path) -> dict[str, int]:
         if type(version) is not int or version < 0:
             raise bad(f"holds a bad counter for {name!r:.80}")
     return counters
+
+
+def _read_file(path: Path) -> bytes:
+    """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read()
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+        return "a symbolic link: state files are never links"
+    return exc.strerror or str(exc)
 
 
 def _write_bucket(directory: Path, key: str, counters: dict[str, int]) -> None:

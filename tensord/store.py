@@ -9,12 +9,14 @@ Every version held here is recorded in the state directory's catalogue (when the
 before it becomes visible, and forgotten when it leaves the node for good (deleted, retired,
 or evicted while another node holds it), so a restarted daemon knows what to restore.
 
-Eviction (`memory.eviction = "lru"`, `tensord.eviction`) makes room for a reservation that does not
-fit by freeing versions that can come back.
-"""
+One lifecycle per version: held (pinnable while live) → retired, deleted or evicted (no new
+pins) → freed once, when its last pin goes. Eviction (`memory.eviction = "lru"`,
+`tensord.eviction`) claims what it frees before it awaits anything."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -24,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from tensord import accounting
-from tensord.eviction import choose, recoverable
+from tensord.eviction import plan_room, recoverable
 from tensord.exposure import Exposure
 from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
 from tensord.owned import PUBLISHED, OwnedSlab, published
 from tensord.registry.base import Registry, Replica
-from tensord.state import Catalogue, Record
+from tensord.state import Catalogue
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import ALIGN, FINGERPRINT_VERSION, MAX_BYTES, Manifest, Table
 from tensord_dataplane.transport.base import Transport
@@ -67,6 +69,8 @@ class Store:
         self._held: dict[tuple[str, int], Held] = {}
         #: versions evicted here that come back from their checkpoint on their next read
         self._evicted: dict[tuple[str, int], tuple[Manifest, str]] = {}
+        #: versions evicted whose replica and record are still being withdrawn (adopt waits)
+        self._leaving: dict[tuple[str, int], asyncio.Event] = {}
         self._reservations: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self._blocks = CudaBlocks()  # GPU memory of freed slabs, kept for later ones
@@ -120,9 +124,8 @@ class Store:
     def status(self) -> dict[str, Any]:
         """What this node holds and uses, per device and in all (`tensord status`, metrics)."""
         live = [h for h in self._held.values() if h.live]
-        budgets = self._budgets  # per device: tensord.accounting
         return {
-            "devices": accounting.devices(live, budgets, self._blocks.idle_bytes),
+            "devices": accounting.devices(live, self._budgets, self._blocks.idle_bytes),
             "huge_pages": self.huge_page_bytes(),
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
@@ -134,15 +137,13 @@ class Store:
         }
 
     def descriptor(self, held: Held, *, local: bool) -> tuple[dict[str, Any], list[int]]:
-        """How a reader reaches a held version: its slab (fds to pass) on this node, else
-        through the Transfer Engine."""
+        """How a reader reaches a held version: its slab (fds) here, else the Transfer Engine."""
         if isinstance(held.slab, OwnedSlab) and not local:
             return held.slab.remote_descriptor(), []
         return held.slab.descriptor() if local else (self._engine.remote(held.slab).to_wire(), [])
 
     def write_descriptor(self, r: Reservation, *, local: bool) -> tuple[dict[str, Any], list[int]]:
-        """How a writer reaches a reservation's slab: directly on this node, else through the
-        Transfer Engine (the slab exposed writable until commit)."""
+        """How a writer reaches a reservation's slab: here, else the Transfer Engine (writable)."""
         if local:
             return r.slab.descriptor()
         self.expose(r.slab, writable=True)
@@ -221,7 +222,8 @@ class Store:
             self._held.pop((m.name, version), None)
             self._free(slab)
             if version and self._catalogue is not None:
-                await self._catalogue.forget(m.name, version)
+                with contextlib.suppress(TensordError):  # recorded but never committed: lost at restart
+                    await self._catalogue.forget(m.name, version)
             raise
         log.info("committed %s v%d: %d tensors, %d bytes on %s", m.name, version, len(m), m.nbytes, slab.device)
         try:
@@ -260,12 +262,16 @@ class Store:
         origin, was read again from its checkpoint), and advertise it."""
         self._engine.hide(slab)
         slab.seal()
-        held = self._held.get((manifest.name, manifest.version))
+        key = (manifest.name, manifest.version)
+        while (leaving := self._leaving.get(key)) is not None:  # its eviction withdraws it first
+            await leaving.wait()
+        held = self._held.get(key)
         if held is not None and held.live:
             self._free(slab)
             return held
         held = Held(manifest, slab)
-        self._held[held.key] = held
+        self._held[key] = held
+        evicted = self._evicted.pop(key, None)  # held again (not evictable until advertised)
         try:
             await self._record(manifest, slab.device, source)
             if self.reaches(slab.device):
@@ -275,9 +281,10 @@ class Store:
         except BaseException as exc:
             self._drop(held)
             if isinstance(exc, NotFound):  # deleted meanwhile: nothing left to hold
-                await self.forget(*held.key)
+                await self.forget(*key)
+            elif evicted is not None:
+                self._evicted[key] = evicted
             raise
-        self._evicted.pop(held.key, None)
         if source == "peer":
             self._metrics.moved("transfer_engine", "write", manifest.data_bytes)
         log.info("holding a replica of %s v%d on %s (from %s)", manifest.name, manifest.version, slab.device, source)
@@ -285,13 +292,8 @@ class Store:
 
     async def _record(self, manifest: Manifest, device: str, source: str, *, evicted: bool = False) -> None:
         """Note in the state directory that this node holds (or evicted) a version."""
-        if self._catalogue is None:
-            return
-        known = self._catalogue.get(manifest.name, manifest.version)
-        if known is not None and (known.device, known.source, known.evicted) == (device, source, evicted):
-            return  # restored as it was recorded: nothing to write
-        wire = manifest.to_wire() if self.keep_manifests else None
-        await self._catalogue.put(Record(manifest.name, manifest.version, device, source, evicted, wire))
+        if self._catalogue is not None:
+            await self._catalogue.note(manifest, device, source, evicted=evicted, with_manifest=self.keep_manifests)
 
     # -- reading ----------------------------------------------------------------------------
     async def resolve(self, name: str, version: int | None) -> Held:
@@ -329,15 +331,15 @@ class Store:
         versions = [version] if version is not None else await self._registry.versions(name)
         deleted = 0
         for v in versions:
+            await self.forget(name, v)  # first: a delete whose record stays would come back at restart
             deleted += await self._registry.delete_version(name, v)
-            held = self._held.get((name, v))
-            if held is not None and held.live:
+            if (held := self._held.get((name, v))) is not None:
                 self.retire(held)
-            await self.forget(name, v)
         return deleted
 
     async def forget(self, name: str, version: int) -> None:
-        """A version left this node for good: nothing to restore or recover."""
+        """A version left this node for good: nothing to restore or recover. Unavailable if
+        its record cannot be removed from the state directory (it stays recorded)."""
         self._evicted.pop((name, version), None)
         if self._catalogue is not None:
             await self._catalogue.forget(name, version)
@@ -348,21 +350,28 @@ class Store:
             return
         versions = await self._registry.versions(name)
         for v in versions[: -self.retention]:
+            await self.forget(name, v)  # first, as a delete
             await self._registry.delete_version(name, v)
-            held = self._held.get((name, v))
-            if held is not None and held.live:
+            if (held := self._held.get((name, v))) is not None and held.live:
                 log.info("retention: retiring %s v%d (%d pins)", name, v, held.pins)
                 self.retire(held)
-            await self.forget(name, v)
 
     def retire(self, held: Held) -> None:
+        if not held.live:  # retired, evicted or freed already: once only
+            return
         held.live = False
         if held.pins == 0:
             self._drop(held)
 
     def _drop(self, held: Held) -> None:
-        self._held.pop(held.key, None)
-        self._free(held.slab)
+        """Forget and free a version's slab, once: a second free would give its budget back
+        twice, or close a descriptor number reused since."""
+        held.live = False
+        if self._held.get(held.key) is held:
+            del self._held[held.key]
+        if not held.freed:
+            held.freed = True
+            self._free(held.slab)
 
     def _free(self, slab: Slab) -> None:
         self._engine.hide(slab)
@@ -380,67 +389,58 @@ class Store:
         """Retire held versions whose manifest left the registry (deleted by another node)."""
         for held in [h for h in self._held.values() if h.live and h.advertised]:
             name, version = held.key
-            if version not in await self._registry.versions(name):
+            if version not in await self._registry.versions(name) and held.live:  # not retired meanwhile
                 log.info("%s v%d was deleted elsewhere: retiring the local replica", name, version)
                 self.retire(held)
                 await self.forget(name, version)
 
     # -- eviction ---------------------------------------------------------------------------
     async def make_room(self, device: str, nbytes: int) -> None:
-        """With eviction on, evict unpinned versions on `device` that can come back, least
-        recently read first, until `nbytes` more fit its budget. Evicts nothing if that would
-        not make room: the allocation then fails with OutOfCapacity, as without eviction."""
-        device = self._budgets.check_device(device)
-        nbytes = max(nbytes, ALIGN)
-        need = self._budgets.used[device] + nbytes - self._budgets.limit[device]
-        if need <= 0 or self.eviction != "lru":
+        """With eviction on, evict unpinned versions on `device` that can come back, least recently
+        read first, until `nbytes` more fit. Evicts nothing if that would not make room."""
+        device, nbytes, budgets = self._budgets.check_device(device), max(nbytes, ALIGN), self._budgets
+        if self.eviction != "lru":
             return
-        every = self._held.values()
-        candidates = [h for h in every if h.live and h.pins == 0 and h.slab.device == device and not h.slab.owned]
-        plan, freed = await choose(
-            candidates, need, lambda h: recoverable(h, self._registry, self.node, self.allowed_roots)
+        plan = await plan_room(
+            lambda: list(self._held.values()),
+            device,
+            lambda: budgets.used[device] + nbytes - budgets.limit[device],
+            lambda h: recoverable(h, self._registry, self.node, self.allowed_roots),
         )
-        if freed < need:
-            log.info(
-                "%s: %d bytes do not fit and evicting every version that could go frees %d of the %d needed",
-                device,
-                nbytes,
-                freed,
-                need,
-            )
-            return
-        for held, reason in plan:
-            if held.live and held.pins == 0 and self._held.get(held.key) is held:  # unchanged meanwhile
-                await self._evict(held, reason)
-
-    async def _evict(self, held: Held, reason: str) -> None:
-        name, version = held.key
-        device, nbytes = held.slab.device, held.slab.nbytes
-        idle = time.monotonic() - held.last_read
+        claimed = [(h, why, self._claim(h, why)) for h, why in plan]  # at once: none pinned meanwhile
         try:
-            await self._registry.remove_replica(name, version, self.node, device)
-        except Unavailable as exc:  # readers elsewhere find the pin refused and try another
-            log.warning("evicting %s v%d: cannot withdraw its replica now: %s", name, version, exc.message)
+            for held, reason, idle in claimed:
+                await self._withdraw(held, reason, idle)
+        finally:
+            for held, _, _ in claimed:
+                self._leaving.pop(held.key).set()
+
+    def _claim(self, held: Held, reason: str) -> float:
+        """Evict now: unresolvable, unpinnable, slab freed, marked evicted; seconds since read."""
+        self._leaving[held.key] = asyncio.Event()
         self._drop(held)
         if reason == "checkpoint":
-            self._evicted[held.key] = (held.manifest, device)
-            try:
+            self._evicted[held.key] = (held.manifest, held.slab.device)
+        return time.monotonic() - held.last_read
+
+    async def _withdraw(self, held: Held, reason: str, idle: float) -> None:
+        """An eviction's second half: withdraw the replica, note it in the state directory."""
+        (name, version), device, nbytes = held.key, held.slab.device, held.slab.nbytes
+        try:
+            await self._registry.remove_replica(name, version, self.node, device)
+        except TensordError as exc:  # readers elsewhere find the pin refused and try another
+            log.warning("evicting %s v%d: cannot withdraw its replica now: %s", name, version, exc.message)
+        try:
+            if reason != "checkpoint":
+                await self.forget(name, version)
+            elif self._evicted.get(held.key, (None,))[0] is held.manifest:  # not deleted meanwhile
                 await self._record(held.manifest, device, held.manifest.origin, evicted=True)
-            except Unavailable as exc:  # it stays recorded as held: a restart reads it again
-                log.warning("%s", exc.message)
-        else:
-            await self.forget(name, version)
+        except TensordError as exc:  # it stays recorded as held: a restart reads it again
+            log.warning("%s", exc.message)
         self._metrics.evictions.labels(device, reason).inc()
         self._metrics.evicted_bytes.labels(device).inc(nbytes)
-        log.info(
-            "evicted %s v%d (%d bytes on %s, last read %.0f s ago): %s",
-            name,
-            version,
-            nbytes,
-            device,
-            idle,
-            "another node holds it" if reason == "replica" else f"comes back from {held.manifest.origin}",
-        )
+        why = "another node holds it" if reason == "replica" else f"comes back from {held.manifest.origin}"
+        log.info("evicted %s v%d (%d bytes on %s, last read %.0f s ago): %s", name, version, nbytes, device, idle, why)
 
     def close(self) -> None:
         """Free everything (shutdown): reservations, then held slabs, pinned or not."""

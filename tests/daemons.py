@@ -62,7 +62,8 @@ class DaemonProcess:
         if config is not None:
             self.config = workdir / f"{node}.toml"
             self.config.write_text(config)
-        self.env = child_env(**{"TENSORD_SOCKET": self.socket, "TENSORD_LOG_LEVEL": "debug", **(env or {})})
+        own = {"TENSORD_SOCKET": self.socket, "TENSORD_LOG_LEVEL": "debug", "XDG_STATE_HOME": str(workdir / "xdg")}
+        self.env = child_env(**{**own, **(env or {})})  # XDG_STATE_HOME: default counters stay in the test
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:

@@ -146,3 +146,48 @@ def test_requests_before_the_registry_is_up_wait_for_it(start_daemon, tmp_path: 
         t.join(30)
         assert outcome == [1]
         assert "internal error" not in d.log.read_text()
+
+
+def _answers_status(d, times: int) -> None:
+    """`status` answered `times` times in a row within a few seconds each (the loop runs); on
+    a blocked loop the asking thread is left behind, to end when the daemon is killed."""
+    import threading
+
+    answered: list[int] = []
+
+    def ask() -> None:
+        with d.client() as c:
+            for i in range(times):
+                c.status()
+                answered.append(i)
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(10 + times)
+    assert len(answered) == times, f"{len(answered)} of {times} status calls answered: the loop is blocked"
+
+
+def test_a_receiver_that_never_reads_costs_messages_not_the_loop(start_daemon, tmp_path: Path) -> None:
+    """A full notify queue drops pings (one warning); status is answered and SIGTERM honoured."""
+    name = f"tensord-test-{uuid.uuid4().hex}"
+    with _listener(b"\0" + name.encode()):  # bound, never read: its queue fills in a moment
+        d = start_daemon("deaf", env={"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "20000"})
+        time.sleep(1.5)  # a ping every 10 ms: far more than the queue takes
+        _answers_status(d, 15)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0
+        log = d.log.read_text()
+        assert log.count("does not read: messages are dropped") == 1, log
+        assert f"@{name}" in log
+
+
+def test_an_abstract_socket_nobody_binds_gives_one_warning(start_daemon) -> None:
+    name = f"tensord-test-{uuid.uuid4().hex}"
+    d = start_daemon("unheard", env={"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "100000"})
+    time.sleep(1.0)  # ~20 pings, each refused
+    _answers_status(d, 3)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
+    log = d.log.read_text()
+    assert log.count("cannot notify systemd") == 1, log
+    assert f"cannot notify systemd at @{name}" in log

@@ -56,15 +56,25 @@ def test_a_call_that_loses_the_daemon_fails_once_then_the_client_reconnects(star
         assert c.ls() == []
 
 
-def test_the_default_client_reconnects(start_daemon, monkeypatch) -> None:
+def test_the_default_client_reconnects_and_versions_never_go_back(start_daemon, monkeypatch) -> None:
+    """Default config (no state dir, no etcd): the counters live in the default state
+    directory, so a version after a restart is newer, and a follower waiting on it wakes."""
     d = start_daemon("default")
     monkeypatch.setenv("TENSORD_SOCKET", d.socket)
     monkeypatch.setattr(sdk, "_default", None)
     try:
         assert sdk.put("d", {"x": torch.arange(3)}) == 1
-        _restart(d)
-        assert sdk.put("d", {"x": torch.arange(4)}) == 1  # no state dir: versions start again
+        woken: list[int] = []
+        with d.client() as follower:
+            watching = threading.Thread(target=lambda: woken.extend(follower.watch("d", after=1, timeout=60)))
+            watching.start()
+            time.sleep(1.0)  # the watch is waiting on the daemon
+            _restart(d)
+            assert sdk.put("d", {"x": torch.arange(4)}) == 2  # not 1 again: v1 named other bytes
+            watching.join(90)
+            assert woken[:1] == [2]
         assert torch.equal(sdk.get("d")["x"], torch.arange(4))
+        assert list((Path(d.env["XDG_STATE_HOME"]) / "tensord").glob("*/versions/*.json"))
     finally:
         sdk.default_client().close()
 
@@ -75,7 +85,7 @@ def test_a_mount_from_before_the_restart_fails_clearly(start_daemon) -> None:
     c.put("m", {"x": torch.arange(1000)})
     m = c.mount("m")
     _restart(d)
-    assert c.put("m", {"x": torch.zeros(1000)}) == 1  # the client works again
+    assert c.put("m", {"x": torch.zeros(1000)}) == 2  # the client works again
     with c.mount("m") as fresh:  # pin ids start again: the old mount's id may be this one's
         with pytest.raises(sdk.Unavailable, match="m v1: the connection that pinned it was lost"):
             m.close()
@@ -155,7 +165,7 @@ def test_sigkill_mid_get_never_gives_wrong_bytes(start_daemon) -> None:
         assert outcomes and all(o is True or isinstance(o, sdk.Unavailable) for o in outcomes), outcomes[-3:]
         d.start()
         assert c.ls() == []
-        assert c.put("g", {"x": torch.ones(1)}) == 1
+        assert c.put("g", {"x": torch.ones(1)}) == 2  # versions never go back, even without a state dir
 
 
 def test_a_watch_follows_across_a_restart(start_daemon, tmp_path: Path) -> None:

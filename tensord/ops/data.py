@@ -25,8 +25,12 @@ class DataOps(Ops):
         exclude, cached = node_list(exclude), have_pairs(have)
         version = await self.store.resolve_version(name, check_version(version))
         held = self.store.holds(name, version)
-        if held is None and self.restorer is not None:  # not restored yet, or evicted
-            held = await self.restorer.recover(name, version)
+        for _ in range(3):  # brought back, then evicted again before this reader could pin it
+            if held is not None or self.restorer is None:
+                break
+            if await self.restorer.recover(name, version) is None:  # not restored yet, or evicted
+                break
+            held = self.store.holds(name, version)
         if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
             held = await self.cluster.replicate(name, version, None)
         if held is not None and held.live and self.store.node not in exclude:
