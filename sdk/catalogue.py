@@ -129,6 +129,13 @@ class CatalogueClient:
         result, _ = self._conn().call("load", **args)
         return int(result["version"])
 
+    def load_passed(self, fds: list[int], **args: Any) -> dict[str, Any]:
+        """Make the daemon load checkpoint files this process opened: `fds` are passed over the
+        Unix socket (SCM_RIGHTS), `args` are the `load` op's (path, name, files describing each
+        descriptor, device, threads, tp, rules). The reply: version, nbytes, sets."""
+        result, _ = self._conn().call("load", pass_fds=fds, **args)
+        return dict(result)
+
     # -- catalogue --------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
         """Sets whose name starts with `prefix`: name, latest, versions, nbytes, tensors, device."""

@@ -23,6 +23,9 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_UNTRUSTED_FRAME = 64 * 1024
 HEADER = struct.Struct(">I")
 MAX_FDS = 16
+#: Descriptors a request may pass to the daemon (a `load` of checkpoint files the caller opened):
+#: the kernel's limit for one message (SCM_MAX_FD).
+MAX_PASSED_FDS = 253
 
 #: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one.
 OPS = frozenset(

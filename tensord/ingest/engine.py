@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,19 +53,21 @@ def ingest_into(
     threads: int = 4,
     progress: Callable[[int], None] | None = None,
     chunk_bytes: int | None = None,
+    passed: Mapping[str, int] | None = None,
 ) -> list[int]:
     """Fill `slab` (laid out by `manifest`) from files; return the fingerprints in manifest order.
 
     ``sources[i]`` holds ``manifest.tensors[i]``: the same name, dtype and shape, checked first.
     `threads` reader threads; `progress` is called with the bytes of each chunk written (one call
     at a time). `chunk_bytes` (default by device) is rounded up to a multiple of BLOCK_BYTES.
+    `passed`: the files already open, by path (see ``reads.opened``).
     Errors: InvalidArgument for sources that do not match or files that end early.
     """
     threads = check_threads(threads)
     specs = _check_sources(slab, manifest, sources)
     chunk = _chunk_size(slab, chunk_bytes)
     started = time.perf_counter()
-    with opened(sources) as fds:
+    with opened(sources, passed) as fds:
         chunks = plan_chunks(sources, fds, chunk)
         on_gpu = isinstance(slab, GpuSlab)  # then hash where the bytes land, in one batch
         shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu)

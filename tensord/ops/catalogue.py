@@ -136,6 +136,7 @@ class CatalogueOps(Ops):
             "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
             "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
             "registry": store.registry.status(),
+            "loads": [{"name": n, "done": p.done, "total": p.total} for n, p in self._loads.values()],
         }, []
 
     async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
