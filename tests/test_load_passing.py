@@ -15,11 +15,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import sdk
 from sdk.catalogue import CatalogueClient
 from tests.daemons import REPO, child_env, tensord
+from tests.etcd_server import free_port
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,7 +37,8 @@ def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
 def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(want)
     for k, t in want.items():
-        assert got[k].dtype == t.dtype and torch.equal(got[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
+        assert got[k].dtype == t.dtype, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), k
 
 
 def _describe(fd: int, path: str) -> dict[str, object]:
@@ -209,9 +211,7 @@ def test_a_file_changed_during_the_load_is_refused(daemon, tmp_path) -> None:
         try:
             with CatalogueClient(daemon.socket) as c:
                 try:
-                    c.load_passed(
-                        [fd], path=str(path), name="passed/live", files=[_describe(fd, str(path))], threads=1
-                    )
+                    c.load_passed([fd], path=str(path), name="passed/live", files=[_describe(fd, str(path))], threads=1)
                     refused = None
                 except sdk.InvalidArgument as exc:
                     refused = exc
@@ -227,3 +227,49 @@ def test_a_file_changed_during_the_load_is_refused(daemon, tmp_path) -> None:
         _unchanged(daemon, "passed/live")
         return
     pytest.skip("every load ended before the file could be changed")
+
+
+def test_bad_load_arguments_and_stray_descriptors_change_nothing(daemon, tmp_path) -> None:
+    path = tmp_path / "ok.safetensors"
+    save_file(_weights(6), path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with CatalogueClient(daemon.socket) as c:
+            c.status()
+            fds_before = daemon.open_fds()
+            good = {"path": str(path), "name": "passed/bad", "files": [_describe(fd, str(path))]}
+            for bad, fds in (
+                ({"files": []}, [fd]),  # fewer descriptions than descriptors
+                ({}, []),  # described, not passed
+                ({"files": [{"path": 5, "size": 1, "mtime_ns": 1}]}, [fd]),
+                ({"files": [{"path": "x", "size": -1, "mtime_ns": 1}]}, [fd]),
+                ({"files": ["x"]}, [fd]),
+                ({"tp": 0, "rules": {}}, [fd]),
+                ({"tp": 2}, [fd]),
+                ({"tp": 2, "rules": {"rule": [{"pattern": "(", "split": 0}]}}, [fd]),
+                ({"threads": 0}, [fd]),
+            ):
+                with pytest.raises(sdk.InvalidArgument):
+                    c.load_passed(fds, **{**good, **bad})
+            for _ in range(3):  # descriptors passed with an op that takes none are closed
+                c._conn().call("status", pass_fds=[fd] * 8)
+            assert daemon.open_fds() == fds_before
+    finally:
+        os.close(fd)
+    _unchanged(daemon, "passed/bad")
+
+
+def test_over_tcp_the_command_loads_in_its_own_process(start_daemon, tmp_path) -> None:
+    port = free_port()
+    config = f'[daemon]\nlisten = "127.0.0.1:{port}"\ntoken = "t0ken"\n[transport]\nprotocol = "tcp"\n'
+    d = start_daemon("tcp", config=config)
+    path = tmp_path / "far.safetensors"
+    want = _weights(7)
+    save_file(want, path)
+    env = child_env(TENSORD_ADDR=f"127.0.0.1:{port}", TENSORD_TOKEN="t0ken")
+    env.pop("TENSORD_SOCKET", None)
+    cmd = [sys.executable, "-m", "tensord", "load", str(path), "--name", "passed/far", "--quiet"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.startswith("passed/far v1:"), out.stderr
+    with d.client() as c:
+        _same(dict(c.get("passed/far", verify=True)), want)

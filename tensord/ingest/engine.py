@@ -180,9 +180,12 @@ def _run(
     device = target.device
     # A GPU slab gets two staging buffers per thread: one being copied while the next is read.
     ring: queue.SimpleQueue[tuple[torch.Tensor, Any]] = queue.SimpleQueue()
-    for _ in range((threads * 2 if device is not None else threads) if target.staged else 0):
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=device is not None)
-        ring.put((buf, torch.cuda.Event() if device is not None else None))
+    if target.staged and device is None:  # a remote slab: each write registers its buffer's pages
+        for buf in _page_disjoint(threads, size):
+            ring.put((buf, None))
+    for _ in range(threads * 2 if target.staged and device is not None else 0):
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        ring.put((buf, torch.cuda.Event()))
     streams = [torch.cuda.Stream(device) for _ in range(threads)] if device is not None else [None] * threads
     work = iter(chunks)
     lock = threading.Lock()
@@ -246,6 +249,15 @@ def _run(
     if failed:
         raise failed[0]
     return shares
+
+
+def _page_disjoint(count: int, size: int, page: int = 4096) -> list[torch.Tensor]:
+    """`count` host buffers of `size` bytes on pages of their own: a Transfer Engine write
+    registers the pages under its buffer, and threads writing at once must not share one."""
+    step = -(-size // page) * page
+    block = torch.empty(count * step + page, dtype=torch.uint8)
+    skew = -block.data_ptr() % page
+    return [block[skew + i * step : skew + i * step + size] for i in range(count)]
 
 
 _single = {"depth": 0, "threads": 1}

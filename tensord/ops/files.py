@@ -36,7 +36,7 @@ class FileOps(Ops):
             request, "path", "name", optional=("device", "threads", "files", "tp", "rules")
         )
         check_name(name)
-        if not isinstance(path, str) or not path or "\0" in path or len(path) > 4096:
+        if not isinstance(path, str) or not path or "\0" in path:
             raise InvalidArgument("path must be a non-empty string without NUL characters")
         if device is not None and not isinstance(device, str):
             raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
