@@ -111,7 +111,7 @@ def main() -> None:
                 lambda: [t.clone() for t in load_file(path, device=args.device).values()], args.runs
             ),
             "tensord load as typed (passes the file)": median(
-                command([py, "-m", "tensord", "load", path, "--name", "bench/load", "--device", args.device, "--quiet"]),
+                command([py, "-m", "tensord", "load", path, "--name", "bench/load", "--device", args.device, "-q"]),
                 args.runs,
                 delete,
             ),

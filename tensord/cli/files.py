@@ -20,7 +20,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("path")
     s.add_argument("--name", required=True, help="set name, e.g. minilm or llama-8b/tp0")
     s.add_argument("--device", default="cpu", help="where the slab lives: cpu or cuda:N (default cpu)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.add_argument("--tp", type=int, help="split for tensor parallelism: sets NAME/tp0 .. NAME/tp{N-1}")
     s.add_argument("--rules", help="sharding rules TOML file, or a built-in name (default with --tp: llama)")
     s.add_argument("--threads", type=int, help="reader threads (default: 16 for cuda; for cpu one per core, 2 to 8)")
