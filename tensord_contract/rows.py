@@ -36,39 +36,65 @@ class TensorRows(Mapping[str, dict[str, Any]]):
             and isinstance(raw_dims, bytes)
         ):
             raise ProtocolError("a tensor table needs count and the names, dtypes, ndims and dims columns")
-        try:
-            with paused_gc():
-                names = blob.decode("utf-8").split("\0") if count else []
-        except UnicodeDecodeError:
-            raise ProtocolError("tensor names are not valid UTF-8 text") from None
         dims = array.array("q")
         if len(raw_dims) % dims.itemsize == 0:
             dims.frombytes(raw_dims)
         if sys.byteorder == "big":
             dims.byteswap()
         starts = list(itertools.accumulate(ndims, initial=0))
-        if len(names) != count or len(codes) != count or len(ndims) != count or len(dims) != starts[-1]:
+        named = blob.count(b"\0") + 1 if count else 0
+        if named != count or len(codes) != count or len(ndims) != count or len(dims) != starts[-1]:
             raise ProtocolError(f"the tensor table's columns do not hold {count} tensors")
         if count and max(codes) >= len(DTYPE_CODES):
             raise ProtocolError(f"unknown dtype code {max(codes)}")
-        self.names, self.codes, self.dims, self.starts = names, codes, dims, starts
+        self.count, self.blob, self.codes, self.dims, self.starts = count, blob, codes, dims, starts
+
+    @cached_property
+    def names(self) -> list[str]:
+        """Every name, in table order (split from the blob on first use)."""
+        try:
+            with paused_gc():
+                return self.blob.decode("utf-8").split("\0") if self.count else []
+        except UnicodeDecodeError:
+            raise ProtocolError("tensor names are not valid UTF-8 text") from None
 
     @cached_property
     def index(self) -> dict[str, int]:
         with paused_gc():
             return dict(zip(self.names, range(len(self.names)), strict=True))
 
+    def _find(self, name: object) -> int | None:
+        """The row of `name`: from the index once built, else one search of the names blob
+        (a few lookups in a 90k-tensor table never split or index it)."""
+        if not isinstance(name, str) or not name or "\0" in name or not self.count:
+            return None
+        if "index" in self.__dict__:
+            return self.index.get(name)
+        try:
+            key = name.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        blob, at = self.blob, 0
+        while (at := blob.find(key, at)) >= 0:
+            end = at + len(key)
+            if (at == 0 or blob[at - 1] == 0) and (end == len(blob) or blob[end] == 0):
+                return blob.count(b"\0", 0, at)
+            at += 1
+        return None
+
     def __len__(self) -> int:
-        return len(self.names)
+        return self.count
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.index
+        return self._find(name) is not None
 
     def __getitem__(self, name: str) -> dict[str, Any]:
-        i = self.index[name]
+        i = self._find(name)
+        if i is None:
+            raise KeyError(name)
         return self._row(self.codes[i], self.dims[self.starts[i] : self.starts[i + 1]].tolist())
 
     @staticmethod
@@ -88,8 +114,8 @@ class TensorRows(Mapping[str, dict[str, Any]]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TensorRows):
-            return (self.names, self.codes, self.dims, self.starts) == (
-                other.names,
+            return (self.blob, self.codes, self.dims, self.starts) == (
+                other.blob,
                 other.codes,
                 other.dims,
                 other.starts,
