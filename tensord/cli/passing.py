@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sdk.catalogue import CatalogueClient
@@ -25,7 +26,7 @@ from tensord_contract.errors import InvalidArgument, NotFound, TensordError
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -62,7 +63,7 @@ def opened_files(paths: list[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]
 
 def rules_data(spec: str | None) -> dict[str, Any]:
     """Sharding rules as parsed TOML (checked here), from a file or built in by name (default llama)."""
-    path = RULES_DIR / "llama.toml" if spec is None else None
+    path: str | Path = RULES_DIR / "llama.toml"
     if spec is not None:
         builtin = RULES_DIR / f"{spec}.toml"
         is_file = os.path.exists(spec) or os.sep in spec or spec.endswith(".toml")
@@ -70,7 +71,7 @@ def rules_data(spec: str | None) -> dict[str, Any]:
         if not is_file and not builtin.is_file():
             raise NotFound(f"no built-in sharding rules {spec!r:.40}")
     try:
-        with open(path, "rb") as f:  # type: ignore[arg-type]
+        with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
         raise InvalidArgument(f"{path}: cannot read sharding rules: {exc.strerror or exc}") from None
