@@ -4,6 +4,7 @@ A frame is a 4-byte big-endian length followed by one msgpack map.
 Request ``{id, op, args}``; reply ``{id, ok: true, result}`` or
 ``{id, ok: false, error: {code, message, details}}``. On a Unix socket a reply may carry
 file descriptors (SCM_RIGHTS) for shared-memory slabs; the reply's ``fds`` key counts them.
+A request may pass descriptors too (a `load` of files the caller opened; its ``files`` lists them).
 What a client or server does with frames (ids, hello, limits, replies) is in `control`.
 """
 
