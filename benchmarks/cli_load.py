@@ -5,7 +5,7 @@
 The file is a DeepSeek-like safetensors checkpoint (mixed fp8 / bf16 / fp32 tensors, from a few
 bytes to tens of MB). Rows, each the median of --runs after one warm-up, the page cache warm:
 - the best raw read of the file: one thread and two threads preadv into one preallocated
-  buffer (the limit);
+  buffer (the limit), and into a new buffer each time (what first touching a slab's pages adds);
 - `safetensors.torch.load_file` in a warm process (torch already imported); on the CPU it maps
   the file and reads no byte, so also with a copy of each tensor (the bytes in memory of their
   own, as in a slab);
@@ -55,7 +55,10 @@ def median(fn: Callable[[], object], runs: int, after: Callable[[], object] = la
     return statistics.median(times)
 
 
-def raw_read(path: str, threads: int) -> Callable[[], None]:
+def raw_read(path: str, threads: int, *, fresh: bool = False) -> Callable[[], None]:
+    """Read the whole file with `threads` readers into one buffer: the same buffer every time
+    (its pages already mapped), or with `fresh` a new one (first touch of every page, as a
+    load into a new slab pays)."""
     size = os.path.getsize(path)
     buf = np.empty(size, dtype=np.uint8)
     step = -(-size // threads)
@@ -70,6 +73,9 @@ def raw_read(path: str, threads: int) -> Callable[[], None]:
             os.close(fd)
 
     def read() -> None:
+        nonlocal buf
+        if fresh:
+            buf = np.empty(size, dtype=np.uint8)
         pool = [threading.Thread(target=part, args=(i,)) for i in range(threads)]
         for t in pool:
             t.start()
@@ -106,6 +112,7 @@ def main() -> None:
         rows = {
             "raw read, 1 thread (limit)": median(raw_read(path, 1), args.runs),
             "raw read, 2 threads (limit)": median(raw_read(path, 2), args.runs),
+            "raw read, 2 threads, into new memory": median(raw_read(path, 2, fresh=True), args.runs),
             "load_file in a warm process": median(lambda: load_file(path, device=args.device), args.runs),
             "load_file + a copy of each tensor": median(
                 lambda: [t.clone() for t in load_file(path, device=args.device).values()], args.runs
