@@ -41,13 +41,17 @@ class TensorRows(Mapping[str, dict[str, Any]]):
             dims.frombytes(raw_dims)
         if sys.byteorder == "big":
             dims.byteswap()
-        starts = list(itertools.accumulate(ndims, initial=0))
         named = blob.count(b"\0") + 1 if count else 0
-        if named != count or len(codes) != count or len(ndims) != count or len(dims) != starts[-1]:
+        if named != count or len(codes) != count or len(ndims) != count or len(dims) != sum(ndims):
             raise ProtocolError(f"the tensor table's columns do not hold {count} tensors")
         if count and max(codes) >= len(DTYPE_CODES):
             raise ProtocolError(f"unknown dtype code {max(codes)}")
-        self.count, self.blob, self.codes, self.dims, self.starts = count, blob, codes, dims, starts
+        self.count, self.blob, self.codes, self.ndims, self.dims = count, blob, codes, ndims, dims
+
+    @cached_property
+    def starts(self) -> list[int]:
+        """Where each row's dims start in `dims` (and the end)."""
+        return list(itertools.accumulate(self.ndims, initial=0))
 
     @cached_property
     def names(self) -> list[str]:
@@ -95,7 +99,8 @@ class TensorRows(Mapping[str, dict[str, Any]]):
         i = self._find(name)
         if i is None:
             raise KeyError(name)
-        return self._row(self.codes[i], self.dims[self.starts[i] : self.starts[i + 1]].tolist())
+        at = self.starts[i] if "starts" in self.__dict__ else sum(self.ndims[:i])
+        return self._row(self.codes[i], self.dims[at : at + self.ndims[i]].tolist())
 
     @staticmethod
     def _row(code: int, shape: list[int]) -> dict[str, Any]:
@@ -114,12 +119,7 @@ class TensorRows(Mapping[str, dict[str, Any]]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TensorRows):
-            return (self.blob, self.codes, self.dims, self.starts) == (
-                other.blob,
-                other.codes,
-                other.dims,
-                other.starts,
-            )
+            return (self.blob, self.codes, self.ndims, self.dims) == (other.blob, other.codes, other.ndims, other.dims)
         return super().__eq__(other)
 
     __hash__ = None  # type: ignore[assignment]
