@@ -3,6 +3,7 @@ read them) and passes the descriptors to the daemon over the Unix socket (SCM_RI
 daemon, whose CUDA is already up, reads them with its ingest pipeline. No torch here.
 
 A daemon reached over TCP cannot take descriptors: ``files.py`` then loads in this process.
+A single file costs no numpy either: headers are read by the daemon.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from sdk.catalogue import CatalogueClient
-from tensord.checkpoint import read_checkpoint
-from tensord.sharding import RULES_DIR, parse_rules
 from tensord_contract import wire
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError
 
@@ -34,6 +33,8 @@ def checkpoint_files(path: str) -> list[str]:
     index and headers checked here, as this user)."""
     if not os.path.isdir(path):
         return [path]
+    from tensord.checkpoint import read_checkpoint  # numpy: only for a directory
+
     return list(dict.fromkeys(t.path for t in read_checkpoint(path)))
 
 
@@ -63,6 +64,8 @@ def opened_files(paths: list[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]
 
 def rules_data(spec: str | None) -> dict[str, Any]:
     """Sharding rules as parsed TOML (checked here), from a file or built in by name (default llama)."""
+    from tensord.sharding import RULES_DIR, parse_rules  # numpy: only with --tp
+
     path: str | Path = RULES_DIR / "llama.toml"
     if spec is not None:
         builtin = RULES_DIR / f"{spec}.toml"
