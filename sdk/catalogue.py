@@ -20,6 +20,7 @@ from sdk.connection import Connection, endpoint
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
+from tensord_contract.rows import TensorRows
 
 log = logging.getLogger("sdk.client")
 _WATCH_POLL = 30.0  # seconds one long poll waits
@@ -129,6 +130,13 @@ class CatalogueClient:
         result, _ = self._conn().call("load", **args)
         return int(result["version"])
 
+    def load_passed(self, fds: list[int], **args: Any) -> dict[str, Any]:
+        """Make the daemon load checkpoint files this process opened: `fds` are passed over the
+        Unix socket (SCM_RIGHTS), `args` are the `load` op's (path, name, files describing each
+        descriptor, device, threads, tp, rules). The reply: version, nbytes, sets."""
+        result, _ = self._conn().call("load", pass_fds=fds, **args)
+        return dict(result)
+
     # -- catalogue --------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
         """Sets whose name starts with `prefix`: name, latest, versions, nbytes, tensors, device."""
@@ -137,12 +145,16 @@ class CatalogueClient:
 
     def info(self, name: str, version: int | str | None = None, *, tensors: bool = False) -> dict[str, Any]:
         """One version: tensor count and dtypes, bytes, device, pins, replicas, all versions;
-        with `tensors`, also every tensor's dtype, shape and bytes (name -> row)."""
+        with `tensors`, also every tensor's dtype, shape and bytes: a read-only mapping name ->
+        {dtype, shape, nbytes} (`TensorRows`) whose rows are built when looked at."""
         args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
         if tensors:
-            args["tensors"] = True
+            args["tensors"] = "columns"
         result, _ = self._conn().call("info", **args)
-        return dict(result)
+        out = dict(result)
+        if tensors:  # columns, decoded in bulk; each row a dict only when looked at
+            out["tensors"] = TensorRows(out.get("tensors"))
+        return out
 
     def delete(self, name: str, version: int | None = None) -> int:
         """Delete one version, or every version of `name`. Idempotent: returns how many went."""

@@ -13,6 +13,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from tensord_contract import control, wire
@@ -96,11 +97,19 @@ class Connection:
             raise Unavailable(f"the connection to the tensord daemon at {self.where} is closed")
         return self._core.request(op, args)
 
-    def call(self, op: str, **args: Any) -> tuple[Any, list[int]]:
-        """Send one request; return the result and any file descriptors that came with it."""
+    def call(self, op: str, /, *, pass_fds: Sequence[int] = (), **args: Any) -> tuple[Any, list[int]]:
+        """Send one request; return the result and any file descriptors that came with it.
+
+        `pass_fds`: descriptors to hand the daemon with the request (Unix socket only; the
+        daemon gets copies, these stay open)."""
+        if pass_fds and not self.is_local:
+            raise InvalidArgument(f"file descriptors cannot be passed to a daemon over TCP ({self.where})")
         with self._lock:
             request_id, frame = self._request(op, args)
             try:
+                if pass_fds:
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", pass_fds).tobytes())]
+                    frame = frame[self._sock.sendmsg([frame], ancillary) :]
                 self._sock.sendall(frame)
                 while True:
                     fds: list[int] = []

@@ -10,6 +10,7 @@ Format: https://github.com/huggingface/safetensors (``safetensors/src/tensor.rs`
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -133,25 +134,64 @@ def read_header_and_metadata(path: str | os.PathLike[str]) -> tuple[list[FileTen
         if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block open()
             raise _bad(p, "is a directory" if os.path.isdir(p) else "is not a regular file")
         with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise _bad(p, f"truncated: {size} bytes, shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise _bad(p, f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
-            if 8 + n > size:
-                raise _bad(p, f"header length {n} runs past the end of the file ({size} bytes)")
-            raw = f.read(n)
+            return _header_of(f.fileno(), p)
     except FileNotFoundError:
         raise NotFound(f"{p}: no such file", path=p) from None
     except OSError as exc:
         raise _bad(p, f"cannot read: {exc.strerror or exc}") from exc
+
+
+def read_passed_checkpoint(files: Sequence[tuple[str, int]]) -> list[FileTensor]:
+    """Every tensor of the files a caller opened and passed: (label, descriptor) pairs, the
+    label standing for the path in the tensors and in errors. Nothing is opened by path; each
+    descriptor must be a regular file open for reading; names must be unique across files."""
+    out: list[FileTensor] = []
+    seen: dict[str, str] = {}
+    for label, fd in files:
+        try:
+            mode = os.fstat(fd).st_mode
+            readable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY
+        except OSError as exc:
+            raise _bad(label, f"cannot read the passed descriptor: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(mode):
+            raise _bad(label, f"the passed descriptor is {_kind(mode)}, not a regular file")
+        if not readable:
+            raise _bad(label, "the passed descriptor is not open for reading")
+        try:
+            tensors, _ = _header_of(fd, label)
+        except OSError as exc:
+            raise _bad(label, f"cannot read: {exc.strerror or exc}") from exc
+        for t in tensors:
+            if t.name in seen:
+                raise _bad(label, f"name also used in {seen[t.name]}", t.name)
+            seen[t.name] = label
+        out.extend(tensors)
+    return out
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _header_of(fd: int, p: str) -> tuple[list[FileTensor], dict[str, str]]:
+    """The tensors and metadata of the safetensors file open as `fd` (read with pread), named `p`."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise _bad(p, f"truncated: {size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise _bad(p, f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if 8 + n > size:
+        raise _bad(p, f"header length {n} runs past the end of the file ({size} bytes)")
+    raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise _bad(p, "file changed while its header was read")
     header = _load_json(p, raw, "header")
-    tensors, metadata = _parse_header(p, header, data_len=size - 8 - n, data_start=8 + n)
-    return tensors, metadata
+    return _parse_header(p, header, data_len=size - 8 - n, data_start=8 + n)
 
 
 def read_header(path: str | os.PathLike[str]) -> list[FileTensor]:

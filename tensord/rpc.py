@@ -62,6 +62,9 @@ class Session:
     pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
     reservations: set[int] = field(default_factory=set)
     published: dict[tuple[str, int], Any] = field(default_factory=dict)  # (name, version) -> held
+    #: descriptors passed with the request being handled (Unix socket only); an op takes what it
+    #: uses, the server closes the rest after the reply
+    passed: list[int] = field(default_factory=list)
     outcome: tuple[str, str] = ("", "")  # (op, "ok" or error code) of the last request: metrics
 
 
@@ -223,7 +226,10 @@ class Server:
                     return
                 session.deadline = math.inf  # the daemon's turn, however long the op takes
                 started = time.perf_counter()
-                data, fds, close = await self._dispatch(session, body)
+                try:
+                    data, fds, close = await self._dispatch(session, body)
+                finally:
+                    _close_passed(session)
                 if self._observe is not None:
                     self._observe(*session.outcome, time.perf_counter() - started)
                 self._expect(session, self.frame_timeout)
@@ -236,6 +242,7 @@ class Server:
             log.debug("session %d: %s", session.id, exc)
         finally:
             self._open.pop(session.id, None)
+            _close_passed(session)
             conn.close()
             await self._on_close(session)
             log.debug("session %d closed", session.id)
@@ -244,7 +251,10 @@ class Server:
         """The next frame's body (due within `frame_timeout` once its header is in), or None at
         a clean end of stream."""
         while (body := frames.next()) is None:
-            chunk = await asyncio.get_running_loop().sock_recv(conn, min(frames.wanted, 1 << 20))
+            if session.local:
+                chunk = await _recv_with_fds(conn, min(frames.wanted, 1 << 20), session.passed)
+            else:
+                chunk = await asyncio.get_running_loop().sock_recv(conn, min(frames.wanted, 1 << 20))
             if not chunk:
                 if frames.inside:
                     raise ConnectionResetError("connection closed inside a frame")
@@ -370,6 +380,41 @@ async def _send(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: byte
         data = data[sent:]
     if data:
         await loop.sock_sendall(conn, data)
+
+
+async def _recv_with_fds(conn: socket.socket, size: int, fds: list[int]) -> bytes:
+    """Up to `size` bytes from a Unix socket, adding any descriptors passed with them to `fds`
+    (at most `wire.MAX_PASSED_FDS` per request: more is a protocol error)."""
+    loop = asyncio.get_running_loop()
+    space = socket.CMSG_SPACE(wire.MAX_PASSED_FDS * array.array("i").itemsize)
+    while True:
+        try:
+            data, ancillary, flags, _ = conn.recvmsg(size, space)
+            break
+        except (BlockingIOError, InterruptedError):
+            ready = loop.create_future()
+            loop.add_reader(conn.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(conn.fileno())
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+    if flags & socket.MSG_CTRUNC or len(fds) > wire.MAX_PASSED_FDS:
+        raise ProtocolError(f"more than {wire.MAX_PASSED_FDS} file descriptors passed with one request")
+    return data
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+def _close_passed(session: Session) -> None:
+    while session.passed:
+        with contextlib.suppress(OSError):
+            os.close(session.passed.pop())
 
 
 def _peer(conn: socket.socket) -> str:

@@ -4,6 +4,7 @@ A frame is a 4-byte big-endian length followed by one msgpack map.
 Request ``{id, op, args}``; reply ``{id, ok: true, result}`` or
 ``{id, ok: false, error: {code, message, details}}``. On a Unix socket a reply may carry
 file descriptors (SCM_RIGHTS) for shared-memory slabs; the reply's ``fds`` key counts them.
+A request may pass descriptors too (a `load` of files the caller opened; its ``files`` lists them).
 What a client or server does with frames (ids, hello, limits, replies) is in `control`.
 """
 
@@ -23,6 +24,9 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_UNTRUSTED_FRAME = 64 * 1024
 HEADER = struct.Struct(">I")
 MAX_FDS = 16
+#: Descriptors a request may pass to the daemon (a `load` of checkpoint files the caller opened):
+#: the kernel's limit for one message (SCM_MAX_FD).
+MAX_PASSED_FDS = 253
 
 #: Every op the daemon answers. Ops in MUTATING need a token on listeners that require one;
 #: so do ops in PEER, whatever `token_reads` says.

@@ -82,3 +82,18 @@ def test_export_from_gpu(client, tmp_path) -> None:
     assert set(got) == set(expected)
     for key, t in expected.items():
         assert _same(got[key], t), key
+
+
+def test_cli_load_passes_the_file_to_a_gpu_slab(daemon, client, tmp_path) -> None:
+    """`tensord load --device cuda:0` as typed: the daemon reads the passed file into GPU memory."""
+    from tests.daemons import tensord
+
+    expected = {f"t{i}.{dtype_name(d)}": _random(d, s, i) for i, (d, s) in enumerate(MANY)}
+    path = tmp_path / "passed.safetensors"
+    save_file(expected, path)
+    out = tensord("load", str(path), "--name", "gpu/passed", "--device", "cuda:0", "--quiet", socket=daemon.socket)
+    assert out.returncode == 0, out.stderr
+    assert client.info("gpu/passed")["device"] == "cuda:0"
+    got = client.get("gpu/passed", device="cuda:0", verify=True)
+    for key, t in expected.items():
+        assert torch.equal(got[key].cpu().view(-1).view(torch.uint8), t.view(-1).view(torch.uint8)), key

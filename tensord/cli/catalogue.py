@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tensord.cli.output import human, table
@@ -70,7 +70,7 @@ def _show(args: argparse.Namespace, fetch: Callable[[CatalogueClient], T], rende
     with connect(args) as client:
         value = fetch(client)
     if getattr(args, "json", False):
-        print(json.dumps(value, indent=2))
+        print(json.dumps(value, indent=2, default=_plain))
     else:
         render(value)
     return 0
@@ -233,3 +233,10 @@ def _print_status(st: dict[str, Any]) -> None:
             for d, v in st["devices"].items()
         ],
     )
+
+
+def _plain(value: object) -> object:
+    """JSON for what json cannot write by itself: a mapping (an info's tensor rows)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,19 +53,21 @@ def ingest_into(
     threads: int = 4,
     progress: Callable[[int], None] | None = None,
     chunk_bytes: int | None = None,
+    passed: Mapping[str, int] | None = None,
 ) -> list[int]:
     """Fill `slab` (laid out by `manifest`) from files; return the fingerprints in manifest order.
 
     ``sources[i]`` holds ``manifest.tensors[i]``: the same name, dtype and shape, checked first.
     `threads` reader threads; `progress` is called with the bytes of each chunk written (one call
     at a time). `chunk_bytes` (default by device) is rounded up to a multiple of BLOCK_BYTES.
+    `passed`: the files already open, by path (see ``reads.opened``).
     Errors: InvalidArgument for sources that do not match or files that end early.
     """
     threads = check_threads(threads)
     specs = _check_sources(slab, manifest, sources)
     chunk = _chunk_size(slab, chunk_bytes)
     started = time.perf_counter()
-    with opened(sources) as fds:
+    with opened(sources, passed) as fds:
         chunks = plan_chunks(sources, fds, chunk)
         on_gpu = isinstance(slab, GpuSlab)  # then hash where the bytes land, in one batch
         fp = manifest.fp_version  # the definition of the version being made (or restored)
@@ -180,9 +182,12 @@ def _run(
     device = target.device
     # A GPU slab gets two staging buffers per thread: one being copied while the next is read.
     ring: queue.SimpleQueue[tuple[torch.Tensor, Any]] = queue.SimpleQueue()
-    for _ in range((threads * 2 if device is not None else threads) if target.staged else 0):
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=device is not None)
-        ring.put((buf, torch.cuda.Event() if device is not None else None))
+    if target.staged and device is None:  # a remote slab: each write registers its buffer's pages
+        for buf in _page_disjoint(threads, size):
+            ring.put((buf, None))
+    for _ in range(threads * 2 if target.staged and device is not None else 0):
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        ring.put((buf, torch.cuda.Event()))
     streams = [torch.cuda.Stream(device) for _ in range(threads)] if device is not None else [None] * threads
     work = iter(chunks)
     lock = threading.Lock()
@@ -246,6 +251,15 @@ def _run(
     if failed:
         raise failed[0]
     return shares
+
+
+def _page_disjoint(count: int, size: int, page: int = 4096) -> list[torch.Tensor]:
+    """`count` host buffers of `size` bytes on pages of their own: a Transfer Engine write
+    registers the pages under its buffer, and threads writing at once must not share one."""
+    step = -(-size // page) * page
+    block = torch.empty(count * step + page, dtype=torch.uint8)
+    skew = -block.data_ptr() % page
+    return [block[skew + i * step : skew + i * step + size] for i in range(count)]
 
 
 _single = {"depth": 0, "threads": 1}

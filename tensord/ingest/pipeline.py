@@ -16,13 +16,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tensord.checkpoint import read_checkpoint
+from tensord.checkpoint import read_checkpoint, read_passed_checkpoint
 from tensord.ingest.engine import check_threads, ingest_into
 from tensord.ingest.reads import Source, opened
 from tensord.sharding import ShardRules, plan_shards
@@ -82,12 +82,19 @@ def load(
     progress: bool = False,
     logger: logging.Logger | None = None,
     label: str | None = None,
+    passed: Sequence[tuple[str, int]] | None = None,
+    unchanged: Callable[[], None] | None = None,
+    track: Callable[[Progress], None] | None = None,
 ) -> Loaded:
     """Load a .safetensors file or a Hugging Face directory as the next version of `name`, or,
     with `tp`, split for tensor parallelism by `rules` into sets ``name/tp0`` … ``name/tp{tp-1}``.
 
     `root`: the directory shard files must resolve inside (see ``read_checkpoint``). `progress`
     draws a bar on stderr; `logger` gets progress lines, labelled `label` (default: `name`).
+    `passed`: the checkpoint's files as the caller opened them, (label, descriptor): read from
+    those, never by path (`path` is then only the origin). `unchanged` is called when every
+    byte is written, before any commit; it raises if the files changed meanwhile. `track` is
+    handed the load's ``Progress`` before the first byte is read.
     """
     check_name(name)
     threads = check_threads(default_threads(device) if threads is None else threads)
@@ -97,7 +104,8 @@ def load(
         if not isinstance(rules, ShardRules):
             raise InvalidArgument("rules must be ShardRules (see tensord.sharding.load_rules)")
         names = [check_name(f"{name}/tp{rank}") for rank in range(tp)]
-    tensors = read_checkpoint(path, root=root)
+    tensors = read_checkpoint(path, root=root) if passed is None else read_passed_checkpoint(passed)
+    files = None if passed is None else dict(passed)
     origin = f"file:{os.path.abspath(path)}"
     sets: list[tuple[str, Sequence[Source], str]]
     if tp is None:
@@ -106,15 +114,21 @@ def load(
         assert rules is not None
         plans = [plan_shards(tensors, rank, tp, rules) for rank in range(tp)]
         sets = [(names[r], plans[r], f"{origin}#rank={r}&tp={tp}") for r in range(tp)]
-    with opened(tensors):  # every file opens and is long enough, before reserving
+    with opened(tensors, files):  # every file opens and is long enough, before reserving
         pass
     total = sum(s.nbytes for _, sources, _ in sets for s in sources)
     bar = Progress(total, progress, logger=logger, label=label or name)
+    if track is not None:
+        track(bar)
     with ExitStack() as stack:  # aborts every reservation not committed, on any error
         reserved = [
             stack.enter_context(sink.reserve(n, _table(sources), device=device, origin=o)) for n, sources, o in sets
         ]
-        fingerprints = [_fill(r, sources, threads, bar) for r, (_, sources, _) in zip(reserved, sets, strict=True)]
+        fingerprints = [
+            _fill(r, sources, threads, bar, files) for r, (_, sources, _) in zip(reserved, sets, strict=True)
+        ]
+        if unchanged is not None:
+            unchanged()
         versions = [r.commit(fps) for r, fps in zip(reserved, fingerprints, strict=True)]
     return Loaded([(n, v) for (n, _, _), v in zip(sets, versions, strict=True)], total)
 
@@ -123,14 +137,16 @@ def _table(sources: Sequence[Source]) -> Table:
     return Table.build([s.name for s in sources], [s.dtype for s in sources], [s.shape for s in sources])
 
 
-def _fill(reserved: Reserved, sources: Sequence[Source], threads: int, bar: Progress) -> list[int]:
+def _fill(
+    reserved: Reserved, sources: Sequence[Source], threads: int, bar: Progress, files: dict[str, int] | None
+) -> list[int]:
     """Ingest into a reservation, in the order of its layout; the fingerprints."""
     manifest = reserved.manifest
     by_name = {s.name: s for s in sources}
     ordered = [by_name.get(t.name) for t in manifest.tensors]
     if None in ordered or len(by_name) != len(ordered):
         raise InvalidArgument(f"the daemon's layout of {manifest.name} does not list the tensors asked for")
-    return ingest_into(reserved.slab, manifest, ordered, threads=threads, progress=bar.advance)  # type: ignore[arg-type]
+    return ingest_into(reserved.slab, manifest, ordered, threads=threads, progress=bar.advance, passed=files)  # type: ignore[arg-type]
 
 
 class Progress:

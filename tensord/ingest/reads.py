@@ -9,7 +9,7 @@ scratch buffer rather than costing another system call.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,8 +47,11 @@ def source_path(source: Source) -> str:
 
 
 @contextmanager
-def opened(sources: Sequence[Source]) -> Iterator[dict[str, int]]:
-    """Open every source file once, read-only; check each is long enough for its ranges."""
+def opened(sources: Sequence[Source], passed: Mapping[str, int] | None = None) -> Iterator[dict[str, int]]:
+    """Open every source file once, read-only; check each is long enough for its ranges.
+
+    `passed`: files already open (path label -> descriptor, handed over by the caller): those
+    are used, never opened by path, and left open."""
     ends: dict[str, int] = {}
     for src in sources:
         path = source_path(src)
@@ -56,15 +59,18 @@ def opened(sources: Sequence[Source]) -> Iterator[dict[str, int]]:
     fds: dict[str, int] = {}
     try:
         for path, end in ends.items():
-            fd = fds[path] = _open(path)
+            if passed is not None and path not in passed:
+                raise InvalidArgument(f"{path}: not among the files passed", path=path)
+            fd = fds[path] = passed[path] if passed is not None else _open(path)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
             size = os.fstat(fd).st_size
             if size < end:
                 raise InvalidArgument(f"{path}: {size} bytes, its tensors need {end} (truncated?)", path=path)
         yield fds
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        if passed is None:
+            for fd in fds.values():
+                os.close(fd)
 
 
 def _open(path: str) -> int:

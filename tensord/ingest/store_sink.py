@@ -7,6 +7,7 @@ every step that touches the Store or the session goes back to the event loop, wh
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,15 +32,29 @@ async def load_on_daemon(
     name: str,
     *,
     device: str,
-    root: str,
+    root: str | None,
     threads: int,
     logger: logging.Logger,
+    **options: Any,
 ) -> Loaded:
-    """Load a checkpoint the daemon reads itself (`path` resolved, inside `root`) as `name`."""
+    """Load a checkpoint the daemon reads itself as `name`: `path` resolved, inside `root`, or
+    the files the caller passed (``passed``, with ``unchanged``: see ``pipeline.load``, as are
+    ``tp``, ``rules`` and ``track``)."""
     sink = StoreSink(store, session, asyncio.get_running_loop())
     try:
         return await asyncio.to_thread(
-            load, sink, path, name, device=device, root=root, threads=threads, logger=logger, label=f"load {name}"
+            functools.partial(
+                load,
+                sink,
+                path,
+                name,
+                device=device,
+                root=root,
+                threads=threads,
+                logger=logger,
+                label=f"load {name}",
+                **options,
+            )
         )
     except asyncio.CancelledError:
         sink.cancelled = True  # the thread commits nothing; it aborts when its ingest ends

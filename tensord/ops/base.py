@@ -10,6 +10,7 @@ import time
 from tensord.fleet.cluster import Cluster
 from tensord.fleet.serve import StreamPin
 from tensord.held import Held, MountPin
+from tensord.ingest.pipeline import Progress
 from tensord.ops.args import is_int
 from tensord.peers import RemotePin
 from tensord.restore import Restorer
@@ -41,6 +42,7 @@ class Ops:
         self.started = time.time()
         self._pins = itertools.count(1)
         self._watches: dict[int, dict[str, tuple[asyncio.Task[None], asyncio.Queue[int], int]]] = {}
+        self._loads: dict[int, tuple[str, Progress]] = {}  # checkpoint loads in progress (ops/files.py)
 
     def _moved(self, session: Session, held: Held, direction: str) -> None:
         """Count a version's bytes handed to a reader or taken from a writer, by path."""

@@ -88,8 +88,8 @@ class CatalogueOps(Ops):
 
     async def op_info(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         name, version, rows = args(request, "name", optional=("version", "tensors"))
-        if rows is not None and not isinstance(rows, bool):
-            raise InvalidArgument("tensors must be true or false")
+        if rows is not None and not isinstance(rows, bool) and rows != "columns":
+            raise InvalidArgument("tensors must be true, false or 'columns'")
         registry = self.store.registry
         version = await self.store.resolve_version(check_name(name), check_version(version))
         held = self.store.lookup(name, version)
@@ -117,7 +117,9 @@ class CatalogueOps(Ops):
                 for p in await registry.partials(name, version)
             ],
         }
-        if rows:
+        if rows == "columns":  # the table as the manifest's columns (encoded once per manifest)
+            out["tensors"] = {k: manifest.wire[k] for k in ("count", "names", "dtypes", "ndims", "dims")}
+        elif rows:
             out["tensors"] = (
                 await asyncio.to_thread(manifest.rows) if len(manifest) > OFF_LOOP_TENSORS else manifest.rows()
             )
@@ -138,6 +140,7 @@ class CatalogueOps(Ops):
             "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
             "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
             "registry": store.registry.status(),
+            "loads": [{"name": n, "done": p.done, "total": p.total} for n, p in self._loads.values()],
         }, []
 
     async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from tensord_contract.bulk import paused_gc
+from tensord_contract.dtypes import DTYPE_CODE as DTYPE_CODE  # re-exported
+from tensord_contract.dtypes import DTYPE_CODES, DTYPE_SIZES
 from tensord_contract.errors import TensordError
 from tensord_contract.wire import MAX_FRAME
 
@@ -31,33 +33,6 @@ MAX_MANIFEST_BYTES = MAX_FRAME - REPLY_SPARE
 FINGERPRINT_VERSION = 3
 FINGERPRINT_VERSIONS = (2, 3)
 
-#: dtype name on the wire -> bytes per element. Names are torch's, without "torch.".
-DTYPE_SIZES: dict[str, int] = {
-    "bool": 1,
-    "uint8": 1,
-    "int8": 1,
-    "int16": 2,
-    "uint16": 2,
-    "int32": 4,
-    "uint32": 4,
-    "int64": 8,
-    "uint64": 8,
-    "float16": 2,
-    "bfloat16": 2,
-    "float32": 4,
-    "float64": 8,
-    "complex32": 4,
-    "complex64": 8,
-    "complex128": 16,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1,
-    "float8_e5m2fnuz": 1,
-    "float8_e8m0fnu": 1,
-}
-#: The dtype code on the wire is the index in this tuple (part of the protocol: append only).
-DTYPE_CODES: tuple[str, ...] = tuple(DTYPE_SIZES)
-DTYPE_CODE: dict[str, int] = {name: i for i, name in enumerate(DTYPE_CODES)}
 ITEMSIZE = np.array([DTYPE_SIZES[d] for d in DTYPE_CODES], dtype=np.int64)
 LE_I64, LE_U64 = np.dtype("<i8"), np.dtype("<u8")
 
