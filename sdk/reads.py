@@ -236,14 +236,14 @@ class Reads(PinningClient):
 
         return self._read(name, version, copy, check, verify).version
 
+    @functools.cached_property
+    def _plans(self) -> Plans:
+        return Plans()
+
 
 def _verify(check: Callable[[Manifest, T], None], wanted: bool | None, opened: Opened, value: T) -> None:
     if wanted or (wanted is None and opened[2].verify_by_default):
         check(opened[1], value)
-
-    @functools.cached_property
-    def _plans(self) -> Plans:
-        return Plans()
 
 
 def _load_plan(

@@ -79,6 +79,8 @@ async def from_publication(
 def _wrong_rows(slab: Any, manifest: Manifest) -> np.ndarray:
     view = own_view(slab)
     try:
-        return mismatched_rows(manifest.fingerprints, view.fingerprints(manifest.offsets, manifest.sizes, manifest.fp_version))
+        return mismatched_rows(
+            manifest.fingerprints, view.fingerprints(manifest.offsets, manifest.sizes, manifest.fp_version)
+        )
     finally:
         view.close()
