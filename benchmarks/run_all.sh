@@ -3,6 +3,9 @@
 #   bash benchmarks/run_all.sh cpu  [LOG]     # the CPU rows (host slabs, TCP Transfer Engine)
 #   bash benchmarks/run_all.sh gpu  [LOG]     # GPU rows (one or two GPUs; NVLink rows need two)
 #   (gpu-shapes / gpu-cluster: the two halves of gpu, for machines lent in 10-minute calls)
+#   bash benchmarks/run_all.sh gpu-calls [LOG] / gpu-engines [LOG]   # issue 19/20/22 rows, one GPU:
+#   fingerprints, tensord load, same-GPU get / RL step, fresh processes, publications read from
+#   another daemon (two daemons on one GPU over nvlink_intra), host slabs at the pinned rate
 # Uses .venv/bin/python when it exists, else python3. The figures in README.md and
 # benchmarks/README.md are copied from such a log; its first lines name the machine.
 set -uo pipefail
@@ -34,6 +37,26 @@ export PYTHONUNBUFFERED=1
     timeout 600 "$py" ingest.py --device cuda:0 --gib 4 --runs 3
     echo "== profile_ingest.py --device cuda:0 --gib 4 --threads 16 (warm: phases of one load)"
     timeout 300 "$py" profile_ingest.py --device cuda:0 --gib 4 --threads 16
+  fi
+  if [ "$kind" = gpu-calls ]; then
+    echo "== fingerprint.py --device cuda:0 --tensors 90000 --gb 20"
+    timeout 60 "$py" fingerprint.py --device cuda:0 --tensors 90000 --gb 20 --runs 3
+    echo "== cli_load.py --device cuda:0 --gb 4 (tensord load as typed)"
+    timeout 120 "$py" cli_load.py --device cuda:0 --gb 4 --tensors 900 --runs 3
+    echo "== shapes.py --tensors 90000 --gb 20 --device cuda:0"
+    timeout 90 "$py" shapes.py --tensors 90000 --gb 20 --device cuda:0 --runs 3
+    echo "== cluster.py nvlink_intra --tensors 90000 --gib 8 (two daemons on one GPU)"
+    timeout 120 "$py" cluster.py --protocol nvlink_intra --device cuda:0 --to cuda:0 --tensors 90000 --gib 8 --runs 3
+  fi
+  if [ "$kind" = gpu-engines ]; then
+    echo "== rl_sync.py --device cuda:0 --tensors 90000 --gb 20"
+    timeout 150 "$py" rl_sync.py --device cuda:0 --tensors 90000 --gb 20 --steps 6
+    echo "== first_call.py --device cuda:0 --tensors 90000 --gb 20"
+    timeout 120 "$py" first_call.py --device cuda:0 --tensors 90000 --gb 20 --runs 3
+    echo "== publish_remote.py nvlink_intra --tensors 90000 --gib 20 (two daemons on one GPU)"
+    timeout 150 "$py" publish_remote.py --protocol nvlink_intra --device cuda:0 --to cuda:0 --tensors 90000 --gib 20 --runs 3
+    echo "== host_slabs.py --full --runs 1"
+    timeout 120 "$py" host_slabs.py --full --runs 1 --skip-pageable-put
   fi
   if [ "$kind" = cpu ]; then
     for n in 300 3000 12000 50000; do
