@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sdk
-from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set
+from sdk.engines import Derivation, EngineKey, EngineOptions, WeightUpdater, load_set, publish_params, rank_set
 from sdk.engines.common import Capture, read_set
-from tests.daemons import MINILM_DIR, child_env, needs_minilm
+from tests.daemons import MINILM_DIR, child_env, needs_minilm, tensord
 from tests.engine_models import BufferingModel, EngineModel, checkpoint
 
 
@@ -63,7 +63,7 @@ def test_rank_set_wins_and_is_copied_straight_into_the_parameters(daemon, client
     for rank in range(2):  # as a first engine of tp=2 would publish them
         first = EngineModel(tp=2, rank=rank)
         first.load_weights(ckpt.items())
-        assert publish_params(first, name, rank=rank, client=client) == 1
+        assert publish_params(first, name, rank=rank, client=client, derived_from=Derivation(name, 1)) == 1
     assert set(client.info(rank_set(name, 1), tensors=True)["tensors"]) == {"qkv", "o", "norm"}
     model = BufferingModel(tp=2, rank=1)  # load_weights must not be called: it would only buffer
     found = load_set(model, _options(daemon, name), rank=1, device="cpu")
@@ -106,12 +106,14 @@ def test_capture_publishes_exactly_what_passed_through(client) -> None:
 
 def test_publishing_never_fails_the_engine(tmp_path) -> None:
     with sdk.Client(str(tmp_path / "no.sock")) as gone:
-        assert publish_params(EngineModel(), "eng/x", rank=0, client=gone) is None
+        assert publish_params(EngineModel(), "eng/x", rank=0, client=gone, derived_from=Derivation("eng/x", 1)) is None
 
 
 def test_zero_copy_publishing_needs_parameters_on_a_gpu(client) -> None:
     with pytest.raises(sdk.InvalidArgument, match="one GPU"):
-        publish_params(EngineModel(), "eng/zc", rank=0, client=client, zero_copy=True)
+        publish_params(
+            EngineModel(), "eng/zc", rank=0, client=client, derived_from=Derivation("eng/zc", 1), zero_copy=True
+        )
     assert client.ls("eng/zc") == []
 
 
@@ -172,7 +174,9 @@ def test_an_engine_loads_and_updates_from_another_node(two_nodes) -> None:
         trainer.put("eng/remote", ckpt)
         first = EngineModel(tp=2, rank=0)
         first.load_weights(ckpt.items())
-        publish_params(first, "eng/remote-ranked", rank=0, client=trainer)
+        publish_params(
+            first, "eng/remote-ranked", rank=0, client=trainer, derived_from=Derivation("eng/remote-ranked", 1)
+        )
     options = EngineOptions(name="eng/remote", socket=two_nodes.nodes["b"].socket)
     model = EngineModel(tp=2, rank=1)
     assert load_set(model, options, rank=1, device="cpu").kind == "whole"
@@ -242,3 +246,33 @@ def test_transformers_model_built_from_its_config_and_a_set(client, monkeypatch)
     client.put("eng/minilm-part", {"pooler.dense.bias": torch.zeros(384)})
     with pytest.raises(sdk.InvalidArgument, match="lacks"):
         from_set(MINILM_DIR, "eng/minilm-part", client=client)
+
+
+def test_a_rank_set_is_taken_only_for_the_version_and_engine_it_was_derived_from(daemon, client) -> None:
+    name = "eng/derived"
+    v1, v2 = checkpoint(seed=12), checkpoint(seed=13)
+    key = EngineKey("toy 1", 1, 0, "float32")
+    client.put(name, v1)
+    first = EngineModel()
+    first.load_weights(v1.items())
+    assert publish_params(first, name, rank=0, client=client, derived_from=Derivation(name, 1, key)) == 1
+    assert Derivation.from_origin(client.info(rank_set(name, 0))["origin"]) == Derivation(name, 1, key)
+    # Asked for v1 by the same engine: the rank set.
+    model = BufferingModel()
+    found = load_set(model, _options(daemon, name, version=1), rank=0, device="cpu", key=key)
+    assert found.kind == "rank" and model.buffered == [] and model.equals(v1)
+    # Another engine (dtype) must not take it: the whole set, through load_weights.
+    other = EngineKey("toy 1", 1, 0, "bfloat16")
+    assert load_set(EngineModel(), _options(daemon, name, version=1), rank=0, device="cpu", key=other).kind == "whole"
+    # A trainer puts v2: the rank set is stale for "latest" and the whole v2 is loaded.
+    client.put(name, v2)
+    model = EngineModel()
+    found = load_set(model, _options(daemon, name), rank=0, device="cpu", key=key)
+    assert (found.kind, found.version) == ("whole", 2) and model.equals(v2)
+    # `tensord info` shows the derivation.
+    out = tensord("info", rank_set(name, 0), socket=daemon.socket)
+    assert out.returncode == 0 and 'derived {"key":{"dtype":"float32"' in out.stdout, out.stdout
+    # A rank set that records no derivation is never taken.
+    client.put("eng/underived", v1)
+    client.put(rank_set("eng/underived", 0), dict(first.state_dict()))
+    assert load_set(EngineModel(), _options(daemon, "eng/underived"), rank=0, device="cpu").kind == "whole"
