@@ -286,8 +286,10 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
 def update(llm: Any, name: str, version: int | str | None = None, *, client: sdk.Client | None = None) -> int:
     """One RL update of a running `vllm.LLM` from tensord: start, pull `version` (default: the
     latest, resolved once through `client`, default `sdk.default_client()`) of `name`, finish,
-    and record it as the engine's weight version. Returns the version. On an error vLLM ends
-    the update session and the parameters are undefined: update again before serving."""
+    and record it as the engine's weight version. Returns the version. A version the engine's
+    parameters do not match after the update raises (`sdk.IntegrityError` inside vLLM's error)
+    with the previous version restored; an error while reading ends the update session and
+    leaves the parameters undefined: update again before serving."""
     if not isinstance(version, int):
         version = int((client if client is not None else sdk.default_client()).info(name, version)["version"])
     llm.start_weight_update()
