@@ -339,7 +339,7 @@ def _check_before_start() -> None:
         return create(self)
 
     create_load_config._tensord_checked = True  # type: ignore[attr-defined]
-    EngineArgs.create_load_config = create_load_config  # type: ignore[method-assign]
+    EngineArgs.create_load_config = create_load_config
 
 
 _registered = False

@@ -39,7 +39,7 @@ def reprocess_tied(model: torch.nn.Module) -> list[str]:
     owners = {name.rpartition(".")[0] for name in tie_groups(model)}
     done = []
     for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
+        method: Any = getattr(module, "quant_method", None)
         if name in owners and type(method).__name__ in _UNQUANTIZED:
             method.process_weights_after_loading(module)
             done.append(name)
@@ -80,7 +80,7 @@ def kernel_problems(
     problems = []
     g = torch.Generator().manual_seed(0)
     for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
+        method: Any = getattr(module, "quant_method", None)
         if type(method).__name__ not in _UNQUANTIZED:
             continue
         weight = _version_weight(name, tensors, ties, packed) if tp_size == 1 else None
@@ -89,8 +89,9 @@ def kernel_problems(
             weight = own.detach() if isinstance(own, torch.Tensor) and own.numel() and not own.is_meta else None
         if weight is None or weight.ndim != 2 or not weight.is_floating_point():
             continue
-        device = next((p.device for p in module.parameters() if not p.is_meta), weight.device)
-        probe = torch.randn(2, weight.shape[1], generator=g).to(device=device, dtype=weight.dtype)
+        own_params = [p for p in module.parameters() if not p.is_meta and p.is_floating_point()]
+        device, dtype = (own_params[0].device, own_params[0].dtype) if own_params else (weight.device, weight.dtype)
+        probe = torch.randn(2, weight.shape[1], generator=g).to(device=device, dtype=dtype)
         got = method.apply(module, probe, None).float()
         if got.shape[-1] != weight.shape[0]:
             continue  # padded or sharded output: not comparable here
