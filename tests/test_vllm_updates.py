@@ -170,4 +170,5 @@ def test_bad_options_a_missing_set_and_no_daemon_fail_before_the_model_is_built(
     assert errors[2].startswith("Unavailable") and "no-daemon.sock" in errors[2]
     # No engine was started: vLLM never got as far as its engine core or the model.
     assert "EngineCore" not in proc.output() and "load model" not in proc.output().lower()
-    assert all(r["seconds"] < 20 for r in replies), replies
+    # The first includes vLLM's lazy imports and its model config (~17 s on the 2-core VM).
+    assert all(r["seconds"] < 60 for r in replies), replies
