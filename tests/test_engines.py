@@ -276,3 +276,53 @@ def test_a_rank_set_is_taken_only_for_the_version_and_engine_it_was_derived_from
     client.put("eng/underived", v1)
     client.put(rank_set("eng/underived", 0), dict(first.state_dict()))
     assert load_set(EngineModel(), _options(daemon, "eng/underived"), rank=0, device="cpu").kind == "whole"
+
+
+class _Plain(torch.nn.Module):
+    """Parameters named as the checkpoint's; ``b`` tied to ``a``; `skip` names tensors that
+    `load_weights` drops, as an engine that silently keeps an old value would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+        self.b.weight = self.a.weight
+        self.skip: set[str] = set()
+
+    def load_weights(self, weights) -> None:
+        params = dict(self.named_parameters())
+        for key, t in weights:
+            if key in params and key not in self.skip:
+                params[key].data.copy_(t)
+
+
+def test_an_update_that_does_not_match_the_version_restores_the_previous_one(client) -> None:
+    name = "eng/verified"
+    g = torch.Generator().manual_seed(14)
+    v1, v2 = ({k: torch.randn(8, 8, generator=g) for k in ("a.weight", "c.weight")} for _ in range(2))
+    assert [client.put(name, v) for v in (v1, v2)] == [1, 2]
+    model = _Plain()
+    model.requires_grad_(False)
+
+    def update(version: int) -> tuple[str, int] | None:
+        updater = WeightUpdater(model, client, device="cpu", name=name)
+        updater.start()
+        updater.update(version=version)
+        return updater.finish()
+
+    def holds(v: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(p, v["c.weight" if n == "c.weight" else "a.weight"]) for n, p in
+                   model.named_parameters(remove_duplicate=False))  # fmt: skip
+
+    assert update(1) == (name, 1) and holds(v1)
+    model.skip = {"c.weight"}  # c keeps v1's value: a mix
+    mixed = rf"c\.weight differs from the version's c\.weight.*serves {name} v1 again"
+    with pytest.raises(sdk.IntegrityError, match=mixed):
+        update(2)
+    assert holds(v1)
+    model.skip = set()
+    assert update(2) == (name, 2) and holds(v2)
+    # A version without c: the engine would keep v2's c.
+    assert client.put(name, {"a.weight": v1["a.weight"]}) == 3
+    with pytest.raises(sdk.IntegrityError, match=rf"c\.weight is not in the version.*serves {name} v2 again"):
+        update(3)
+    assert holds(v2)

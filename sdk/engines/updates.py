@@ -13,7 +13,7 @@ import torch
 import sdk
 from sdk.engines.common import LoadWeights, _load_weights_of, read_set, unpublish_params
 from sdk.engines.verify import check_parameters, tie_groups
-from tensord_contract.errors import IntegrityError, InvalidArgument
+from tensord_contract.errors import IntegrityError, InvalidArgument, TensordError
 
 log = logging.getLogger("sdk.engines")
 
@@ -169,6 +169,14 @@ class WeightUpdater:
             self.start()
             self.update(before.name, before.version)
             self.finish()  # checked too: raises if even the restore does not match
+        except TensordError as exc:
+            if isinstance(exc, IntegrityError):
+                raise
+            self.abort()
+            raise IntegrityError(
+                f"tensord: the engine's parameters do not match {name} v{version} ({why}), and "
+                f"{before.name} v{before.version} could not be read again ({exc}): the parameters are undefined"
+            ) from exc
         finally:
             self._restoring = False
         raise IntegrityError(

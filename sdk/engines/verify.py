@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensord_dataplane.fingerprint import fingerprint, fingerprints
+from tensord_dataplane.fingerprint import fingerprints
 
 
 @dataclass
@@ -60,16 +60,13 @@ def check_parameters(
     `covered`: the parameters verified at the previous version, which must be verified now."""
     expected = version_fingerprints(tensors)
     out = Checked()
+    by_name: list[tuple[str, str, torch.Tensor]] = []  # (parameter, version tensor, parameter)
     for name, p in model.named_parameters(remove_duplicate=False):
         target = next((n for n in [name, *ties.get(name, [])] if n in expected), None)
         if target is not None:
             t = tensors[target]
-            if t.dtype != p.dtype or t.shape != p.shape:
-                continue  # converted by the engine: not comparable byte for byte
-            if fingerprint(p.detach()) != expected[target]:
-                out.problems.append(f"{name} differs from the version's {target}")
-            else:
-                out.verified.add(name)
+            if t.dtype == p.dtype and t.shape == p.shape:  # else converted: not comparable
+                by_name.append((name, target, p.detach()))
             continue
         parts = _parts(name, packed, tensors)
         if parts is not None and tp_size == 1:
@@ -79,6 +76,12 @@ def check_parameters(
                     out.verified.add(name)
                 else:
                     out.problems.append(f"{name} differs from the version's {' + '.join(parts)}")
+    got = fingerprints([p for _, _, p in by_name])  # in bulk
+    for (name, target, _), fp in zip(by_name, got, strict=True):
+        if int(fp) == expected[target]:
+            out.verified.add(name)
+        else:
+            out.problems.append(f"{name} differs from the version's {target}")
     for name in sorted((covered or set()) - out.verified):
         if not any(name in problem for problem in out.problems):
             out.problems.append(f"{name} is not in the version: the engine would keep its old value")
