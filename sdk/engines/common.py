@@ -11,8 +11,9 @@ Two kinds of sets feed an engine:
   repacks them for its kernels). It is copied straight into the parameters, one copy, no
   conversion. Engines write them with ``publish="params"``.
 
-A rank set wins when both exist. Everything here uses the public SDK only (``sdk.Client``:
-``info``, ``mount``, ``get``, ``load_into``, ``put``).
+A rank set wins when it was derived from the version of ``NAME`` asked for (`derived`).
+Everything here uses the public SDK only (``sdk.Client``: ``info``, ``mount``, ``get``,
+``load_into``, ``reserve``, ``publish``).
 """
 
 from __future__ import annotations

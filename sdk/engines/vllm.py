@@ -74,7 +74,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 class TensordModelLoader(BaseModelLoader):
     """``--load-format tensord``: each worker loads its rank set ``NAME/tp{rank}`` (engine
-    layout, one copy into the parameters) or else the whole set ``NAME`` through the model's
+    layout, one copy into the parameters) when one was derived from the version asked for by
+    an engine of its key (`sdk.engines.derived`), or else the whole set ``NAME`` through the model's
     ``load_weights``; from this node's daemon or, through it, any node of the cluster. A missing
     set (or an unreachable daemon) falls back to the model's files with one warning, or fails
     with ``"strict": true``. After a load from files the engine publishes what it read
