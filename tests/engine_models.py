@@ -4,7 +4,9 @@ rank) and a ``load_weights`` that converts checkpoint names the way vLLM's model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -110,3 +112,68 @@ class LoaderStyleModel(EngineModel):
                 params[key].weight_loader(params[key], t)  # type: ignore[attr-defined]
                 loaded.add(key)
         return loaded
+
+
+# -- a small Qwen2 decoder for the real vLLM engine ------------------------------------------
+
+QWEN2 = {"hidden": 128, "intermediate": 256, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 512}
+
+
+def qwen2_config(*, tied: bool) -> dict[str, object]:
+    """A Qwen2 config (Hugging Face) for a model of `QWEN2`'s size, float32."""
+    q = QWEN2
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": q["hidden"],
+        "intermediate_size": q["intermediate"],
+        "num_hidden_layers": q["layers"],
+        "num_attention_heads": q["heads"],
+        "num_key_value_heads": q["kv_heads"],
+        "vocab_size": q["vocab"],
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def qwen2_weights(*, tied: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights with Hugging Face names; no ``lm_head.weight`` when `tied`."""
+    q, g = QWEN2, torch.Generator().manual_seed(seed)
+    h, kv = q["hidden"], q["hidden"] // q["heads"] * q["kv_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (q["vocab"], h), "model.norm.weight": (h,)}
+    for i in range(q["layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (q["intermediate"], h), p + "mlp.up_proj.weight": (q["intermediate"], h),
+            p + "mlp.down_proj.weight": (h, q["intermediate"]),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        }  # fmt: skip
+    if not tied:
+        shapes["lm_head.weight"] = (q["vocab"], h)
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g)
+        out[name] = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.2 * t
+    return out
+
+
+def write_qwen2(directory: Path, *, tied: bool, seed: int | None) -> Path:
+    """A model directory: config.json, and model.safetensors of `qwen2_weights` unless `seed`
+    is None (a directory without weights, for loads from tensord)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(qwen2_config(tied=tied)))
+    if seed is not None:
+        save_file(qwen2_weights(tied=tied, seed=seed), str(directory / "model.safetensors"))
+    return directory

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import sdk
-from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set
+from sdk.engines import Derivation, EngineKey, EngineOptions, WeightUpdater, load_set, publish_params, rank_set
 from sdk.engines.common import Capture, read_set
-from tests.daemons import MINILM_DIR, child_env, needs_minilm
+from tests.daemons import MINILM_DIR, child_env, needs_minilm, tensord
 from tests.engine_models import BufferingModel, EngineModel, checkpoint
 
 
@@ -63,7 +63,7 @@ def test_rank_set_wins_and_is_copied_straight_into_the_parameters(daemon, client
     for rank in range(2):  # as a first engine of tp=2 would publish them
         first = EngineModel(tp=2, rank=rank)
         first.load_weights(ckpt.items())
-        assert publish_params(first, name, rank=rank, client=client) == 1
+        assert publish_params(first, name, rank=rank, client=client, derived_from=Derivation(name, 1)) == 1
     assert set(client.info(rank_set(name, 1), tensors=True)["tensors"]) == {"qkv", "o", "norm"}
     model = BufferingModel(tp=2, rank=1)  # load_weights must not be called: it would only buffer
     found = load_set(model, _options(daemon, name), rank=1, device="cpu")
@@ -106,7 +106,7 @@ def test_capture_publishes_exactly_what_passed_through(client) -> None:
 
 def test_publishing_never_fails_the_engine(tmp_path) -> None:
     with sdk.Client(str(tmp_path / "no.sock")) as gone:
-        assert publish_params(EngineModel(), "eng/x", rank=0, client=gone) is None
+        assert publish_params(EngineModel(), "eng/x", rank=0, client=gone, derived_from=Derivation("eng/x", 1)) is None
 
 
 def test_zero_copy_publishing_of_host_parameters(client) -> None:
@@ -116,7 +116,9 @@ def test_zero_copy_publishing_of_host_parameters(client) -> None:
     model = EngineModel()
     for i, p in enumerate(model.parameters()):
         p.data.copy_(torch.arange(p.numel(), dtype=p.dtype).view(p.shape) + i)
-    version = publish_params(model, "eng/zc", rank=0, client=client, zero_copy=True)
+    version = publish_params(
+        model, "eng/zc", rank=0, client=client, derived_from=Derivation("eng/zc", 1), zero_copy=True
+    )
     got = client.get(rank_set("eng/zc", 0), version)
     assert all(torch.equal(got[k], t) for k, t in model.state_dict().items())
     assert unpublish_params(model)
@@ -179,7 +181,9 @@ def test_an_engine_loads_and_updates_from_another_node(two_nodes) -> None:
         trainer.put("eng/remote", ckpt)
         first = EngineModel(tp=2, rank=0)
         first.load_weights(ckpt.items())
-        publish_params(first, "eng/remote-ranked", rank=0, client=trainer)
+        publish_params(
+            first, "eng/remote-ranked", rank=0, client=trainer, derived_from=Derivation("eng/remote-ranked", 1)
+        )
     options = EngineOptions(name="eng/remote", socket=two_nodes.nodes["b"].socket)
     model = EngineModel(tp=2, rank=1)
     assert load_set(model, options, rank=1, device="cpu").kind == "whole"
@@ -249,3 +253,83 @@ def test_transformers_model_built_from_its_config_and_a_set(client, monkeypatch)
     client.put("eng/minilm-part", {"pooler.dense.bias": torch.zeros(384)})
     with pytest.raises(sdk.InvalidArgument, match="lacks"):
         from_set(MINILM_DIR, "eng/minilm-part", client=client)
+
+
+def test_a_rank_set_is_taken_only_for_the_version_and_engine_it_was_derived_from(daemon, client) -> None:
+    name = "eng/derived"
+    v1, v2 = checkpoint(seed=12), checkpoint(seed=13)
+    key = EngineKey("toy 1", 1, 0, "float32")
+    client.put(name, v1)
+    first = EngineModel()
+    first.load_weights(v1.items())
+    assert publish_params(first, name, rank=0, client=client, derived_from=Derivation(name, 1, key)) == 1
+    assert Derivation.from_origin(client.info(rank_set(name, 0))["origin"]) == Derivation(name, 1, key)
+    # Asked for v1 by the same engine: the rank set.
+    model = BufferingModel()
+    found = load_set(model, _options(daemon, name, version=1), rank=0, device="cpu", key=key)
+    assert found.kind == "rank" and model.buffered == [] and model.equals(v1)
+    # Another engine (dtype) must not take it: the whole set, through load_weights.
+    other = EngineKey("toy 1", 1, 0, "bfloat16")
+    assert load_set(EngineModel(), _options(daemon, name, version=1), rank=0, device="cpu", key=other).kind == "whole"
+    # A trainer puts v2: the rank set is stale for "latest" and the whole v2 is loaded.
+    client.put(name, v2)
+    model = EngineModel()
+    found = load_set(model, _options(daemon, name), rank=0, device="cpu", key=key)
+    assert (found.kind, found.version) == ("whole", 2) and model.equals(v2)
+    # `tensord info` shows the derivation.
+    out = tensord("info", rank_set(name, 0), socket=daemon.socket)
+    assert out.returncode == 0 and 'derived {"key":{"dtype":"float32"' in out.stdout, out.stdout
+    # A rank set that records no derivation is never taken.
+    client.put("eng/underived", v1)
+    client.put(rank_set("eng/underived", 0), dict(first.state_dict()))
+    assert load_set(EngineModel(), _options(daemon, "eng/underived"), rank=0, device="cpu").kind == "whole"
+
+
+class _Plain(torch.nn.Module):
+    """Parameters named as the checkpoint's; ``b`` tied to ``a``; `skip` names tensors that
+    `load_weights` drops, as an engine that silently keeps an old value would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+        self.b.weight = self.a.weight
+        self.skip: set[str] = set()
+
+    def load_weights(self, weights) -> None:
+        params = dict(self.named_parameters())
+        for key, t in weights:
+            if key in params and key not in self.skip:
+                params[key].data.copy_(t)
+
+
+def test_an_update_that_does_not_match_the_version_restores_the_previous_one(client) -> None:
+    name = "eng/verified"
+    g = torch.Generator().manual_seed(14)
+    v1, v2 = ({k: torch.randn(8, 8, generator=g) for k in ("a.weight", "c.weight")} for _ in range(2))
+    assert [client.put(name, v) for v in (v1, v2)] == [1, 2]
+    model = _Plain()
+    model.requires_grad_(False)
+
+    def update(version: int) -> tuple[str, int] | None:
+        updater = WeightUpdater(model, client, device="cpu", name=name)
+        updater.start()
+        updater.update(version=version)
+        return updater.finish()
+
+    def holds(v: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(p, v["c.weight" if n == "c.weight" else "a.weight"]) for n, p in
+                   model.named_parameters(remove_duplicate=False))  # fmt: skip
+
+    assert update(1) == (name, 1) and holds(v1)
+    model.skip = {"c.weight"}  # c keeps v1's value: a mix
+    mixed = rf"c\.weight differs from the version's c\.weight.*serves {name} v1 again"
+    with pytest.raises(sdk.IntegrityError, match=mixed):
+        update(2)
+    assert holds(v1)
+    model.skip = set()
+    assert update(2) == (name, 2) and holds(v2)
+    # A version without c: the engine would keep v2's c.
+    assert client.put(name, {"a.weight": v1["a.weight"]}) == 3
+    with pytest.raises(sdk.IntegrityError, match=rf"c\.weight is not in the version.*serves {name} v2 again"):
+        update(3)
+    assert holds(v2)

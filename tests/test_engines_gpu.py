@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sdk
-from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set
+from sdk.engines import Derivation, EngineOptions, WeightUpdater, load_set, publish_params, rank_set
 from tests.engine_models import BufferingModel, EngineModel, LoaderStyleModel, checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -35,7 +35,10 @@ def test_gpu_rank_set_is_published_and_copied_straight_in(daemon, client) -> Non
     ckpt = checkpoint(seed=2, device=DEV)
     first = EngineModel(tp=2, rank=0, device=DEV)
     first.load_weights(ckpt.items())
-    assert publish_params(first, "gpu-eng/ranked", rank=0, client=client) == 1
+    assert (
+        publish_params(first, "gpu-eng/ranked", rank=0, client=client, derived_from=Derivation("gpu-eng/ranked", 1))
+        == 1
+    )
     assert client.info(rank_set("gpu-eng/ranked", 0))["device"] == DEV
     model = BufferingModel(tp=2, rank=0, device=DEV)
     found = load_set(model, EngineOptions(name="gpu-eng/ranked", socket=daemon.socket), rank=0, device=DEV)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sdk
-from sdk.engines import EngineOptions, WeightUpdater, load_set, publish_params, rank_set, unpublish_params
+from sdk.engines import Derivation, EngineOptions, WeightUpdater, load_set, publish_params, rank_set, unpublish_params
 from tensord_dataplane.fingerprint import fingerprint
 from tests.daemons import child_env, wait_gone
 from tests.engine_models import EngineModel, checkpoint
@@ -175,7 +175,9 @@ def test_engine_publishes_its_parameters_and_unpublishes_before_an_update(daemon
     first = EngineModel(tp=2, rank=0, device="cuda:0")
     first.load_weights(ckpt.items())
     with sdk.Client(daemon.socket) as engine_client, sdk.Client(daemon.socket) as trainer:
-        version = publish_params(first, "zc/engine", rank=0, client=engine_client, zero_copy=True)
+        version = publish_params(
+            first, "zc/engine", rank=0, client=engine_client, derived_from=Derivation("zc/engine", 1), zero_copy=True
+        )
         assert version == 1 and trainer.info(rank_set("zc/engine", 0))["version"] == 1
         second = EngineModel(tp=2, rank=0, device="cuda:0")
         found = load_set(second, EngineOptions(name="zc/engine", socket=daemon.socket), rank=0, device="cuda:0")

@@ -7,7 +7,8 @@ Reference: engines that load the weights from their files with vLLM's own loader
    line and publishes what it read; a trainer process pushes new weights into it (`follow`);
 2. the OpenAI server, model directory without weights, starts from that published set, answers
    /v1/embeddings identically, takes RL pushes over HTTP, and publishes its rank's parameters;
-3. an offline engine without weights starts from those parameters (rank set, copied straight in);
+3. an offline engine without weights asked for v1 starts from those parameters (a rank set derived
+   from v1, copied straight in);
 4. strict mode refuses to start without a set.
 Every comparison is bit-exact.
 """
@@ -185,7 +186,9 @@ def test_server_published_its_parameters_in_vllm_layout(server, daemon) -> None:
 
 def test_offline_engine_without_weight_files_loads_the_rank_set(python, dirs, daemon, workdir, server, reference):
     server.close()
-    engine = VllmDriver(python, dirs["bare"], {"name": SEED, "strict": True}, daemon.socket, workdir / "rank.log")
+    # The rank set was derived from v1: it is taken for v1 (the latest is the trainer's push).
+    options = {"name": SEED, "version": 1, "strict": True}
+    engine = VllmDriver(python, dirs["bare"], options, daemon.socket, workdir / "rank.log")
     try:
         assert engine.ready()["embeddings"] == reference["original"]
         assert f"tensord: loaded {SEED}/tp0 v1 (rank set" in engine.output()

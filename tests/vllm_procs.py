@@ -102,9 +102,16 @@ class VllmDriver(_Proc):
     """``vllm_driver.py serve``: an offline `vllm.LLM` with ``load_format="tensord"``."""
 
     def __init__(
-        self, python: str, model_dir: Path, options: dict[str, Any] | None, socket_path: str, log: Path
+        self,
+        python: str,
+        model_dir: Path,
+        options: dict[str, Any] | None,
+        socket_path: str,
+        log: Path,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         cmd = [python, str(REPO / "tests" / "vllm_driver.py"), "serve", str(model_dir), json.dumps(options)]
+        cmd += [json.dumps(settings)] if settings is not None else []
         super().__init__(cmd, engine_env(socket_path), log, stdin=True)
         self._seen = 0  # marked lines already consumed
 

@@ -11,14 +11,18 @@ One module per engine, each importing its engine only inside itself, so ``import
 - `sdk.engines.common`: what they share (options, finding and reading sets, publishing, updates).
 """
 
-from sdk.engines.common import (
-    EngineOptions,
-    Found,
-    WeightUpdater,
-    load_set,
-    publish_params,
-    rank_set,
-    unpublish_params,
-)
+from sdk.engines.common import EngineOptions, Found, load_set, publish_params, rank_set, unpublish_params
+from sdk.engines.derived import Derivation, EngineKey
+from sdk.engines.updates import WeightUpdater
 
-__all__ = ["EngineOptions", "Found", "WeightUpdater", "load_set", "publish_params", "rank_set", "unpublish_params"]
+__all__ = [
+    "Derivation",
+    "EngineKey",
+    "EngineOptions",
+    "Found",
+    "WeightUpdater",
+    "load_set",
+    "publish_params",
+    "rank_set",
+    "unpublish_params",
+]

@@ -11,8 +11,9 @@ Two kinds of sets feed an engine:
   repacks them for its kernels). It is copied straight into the parameters, one copy, no
   conversion. Engines write them with ``publish="params"``.
 
-A rank set wins when both exist. Everything here uses the public SDK only (``sdk.Client``:
-``info``, ``mount``, ``get``, ``load_into``, ``put``).
+A rank set wins when it was derived from the version of ``NAME`` asked for (`derived`).
+Everything here uses the public SDK only (``sdk.Client``: ``info``, ``mount``, ``get``,
+``load_into``, ``reserve``, ``publish``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 import sdk
+from sdk.engines.derived import Derivation, EngineKey, find_rank_version, put_derived
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError
 
 log = logging.getLogger(__name__)
@@ -110,18 +112,32 @@ class Found:
 
 
 def locate(
-    client: sdk.Client, name: str, version: int | str | None, *, rank: int, kinds: tuple[str, ...] = ("rank", "whole")
+    client: sdk.Client,
+    name: str,
+    version: int | str | None,
+    *,
+    rank: int,
+    kinds: tuple[str, ...] = ("rank", "whole"),
+    key: EngineKey | None = None,
 ) -> Found | None:
-    """The rank set ``NAME/tp{rank}`` if it exists, else the whole set ``NAME``, else None
-    (`kinds` limits the search). An unreachable daemon raises `sdk.Unavailable`."""
-    candidates = {"rank": rank_set(name, rank), "whole": name}
-    for kind in kinds:
-        candidate = candidates[kind]
-        try:
-            info = client.info(candidate, version)
-        except NotFound:
-            continue
-        return Found(kind, candidate, int(info["version"]), int(info.get("nbytes") or 0))
+    """The rank set ``NAME/tp{rank}`` if a version of it was derived from the version of
+    ``NAME`` asked for (by an engine of `key`, when given), else the whole set ``NAME``, else
+    None (`kinds` limits the search). An unreachable daemon raises `sdk.Unavailable`."""
+    whole: dict[str, Any] | None
+    try:
+        whole = client.info(name, version)
+    except NotFound:
+        whole = None
+    if "rank" in kinds:
+        if whole is not None:
+            wanted: int | None = int(whole["version"])
+        else:  # no whole set: a rank set derived from the version asked for (any, if "latest")
+            wanted = version if isinstance(version, int) else None
+        found = find_rank_version(client, rank_set(name, rank), name=name, version=wanted, key=key)
+        if found is not None:
+            return Found("rank", rank_set(name, rank), found[0], found[1])
+    if "whole" in kinds and whole is not None:
+        return Found("whole", name, int(whole["version"]), int(whole.get("nbytes") or 0))
     return None
 
 
@@ -157,6 +173,7 @@ def load_set(
     load_weights: LoadWeights | None = None,
     client: sdk.Client | None = None,
     kinds: tuple[str, ...] = ("rank", "whole"),
+    key: EngineKey | None = None,
 ) -> Found:
     """Fill `model` from its set: a rank set straight into its parameters (`load_into`), a whole
     set through `load_weights` (default: ``model.load_weights``). Returns what was loaded.
@@ -167,7 +184,7 @@ def load_set(
     own = client is None
     c = options.client() if client is None else client
     try:
-        found = locate(c, options.name, options.version, rank=rank, kinds=kinds)
+        found = locate(c, options.name, options.version, rank=rank, kinds=kinds, key=key)
         if found is None:
             wanted = " nor ".join(rank_set(options.name, rank) if k == "rank" else options.name for k in kinds)
             raise NotFound(
@@ -252,23 +269,33 @@ def publish(client: sdk.Client, name: str, tensors: Mapping[str, torch.Tensor], 
 
 
 def publish_params(
-    model: torch.nn.Module, name: str, *, rank: int, client: sdk.Client, zero_copy: bool = False
+    model: torch.nn.Module,
+    name: str,
+    *,
+    rank: int,
+    client: sdk.Client,
+    derived_from: Derivation,
+    zero_copy: bool = False,
 ) -> int | None:
-    """Publish one rank's parameters (``model.state_dict()``, engine layout) as ``NAME/tp{rank}``.
+    """Publish one rank's parameters (``model.state_dict()``, engine layout) as ``NAME/tp{rank}``,
+    recording `derived_from` (the set version or files they were loaded from and the engine's
+    key) as the version's origin: loaders take the rank set only for that version.
 
     Call it before the engine repacks parameters for its kernels (vLLM: before
-    ``process_weights_after_loading``). By default this copies them into a slab (`sdk.put`).
-    `zero_copy=True` (parameters on one GPU) advertises the parameters' own memory instead
-    (`sdk.Client.publish`): readers on this node read it, no second copy exists, and the
+    ``process_weights_after_loading``). By default this copies them into a slab (a put).
+    `zero_copy=True` advertises the parameters' own memory instead
+    (`sdk.Client.publish`): readers read it, no second copy exists, and the
     version lives while `client` stays open. The engine then promises not to write the
     parameters until it unpublishes: `WeightUpdater.start()` unpublishes first (waiting for
-    readers), and so does `unpublish_params`. Not readable from other nodes (put a copy there).
+    readers), and so does `unpublish_params`.
     """
     if not zero_copy:
-        return publish(client, rank_set(name, rank), model.state_dict(), what=f"rank {rank}'s parameters")
+        return put_derived(
+            client, rank_set(name, rank), model.state_dict(), derived_from, what=f"rank {rank}'s parameters"
+        )
     unpublish_params(model)
     start = time.perf_counter()
-    publication = client.publish(rank_set(name, rank), model.state_dict())
+    publication = client.publish(rank_set(name, rank), model.state_dict(), origin=derived_from.to_origin())
     model.__dict__[_PUBLICATION] = publication  # not a module attribute: kept out of state_dict
     log.info(
         "tensord: published rank %d's parameters as %s v%d without a copy in %.3f s",
@@ -294,77 +321,3 @@ def unpublish_params(model: torch.nn.Module, timeout: float | None = None) -> bo
         "tensord: withdrew %s v%d%s", publication.name, publication.version, "" if drained else " (readers cut off)"
     )
     return drained
-
-
-class WeightUpdater:
-    """Receives RL weight updates from tensord into a running engine's model, engine-agnostic.
-
-    `start()` → `update(name, version)` (one or more) → `finish()`. An update reads the version
-    (zero-copy when it lies on this node) and hands it to `load_weights` (the engine's own
-    converter, as at startup). The read views stay open until `finish()`: engines that buffer
-    tensors until a layer is complete (vLLM's layer-wise reload) still hold references to them.
-    `on_start`/`on_finish` wrap the engine's own preparation and post-processing.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        client: sdk.Client,
-        *,
-        device: torch.device | str,
-        name: str | None = None,
-        load_weights: LoadWeights | None = None,
-        on_start: Callable[[], None] | None = None,
-        on_finish: Callable[[], None] | None = None,
-    ) -> None:
-        self.model, self.client, self.device, self.name = model, client, device, name
-        self._load_weights = load_weights
-        self._on_start, self._on_finish = on_start, on_finish
-        self._open: contextlib.ExitStack | None = None
-        #: (name, version) of the last update finished, None before the first.
-        self.loaded: tuple[str, int] | None = None
-        self._pending: tuple[str, int] | None = None
-
-    def start(self) -> None:
-        if self._open is not None:
-            raise InvalidArgument("tensord: a weight update is already in progress; finish it first")
-        unpublish_params(self.model)  # an update writes the parameters: nobody may read them now
-        self._open = contextlib.ExitStack()
-        if self._on_start is not None:
-            self._on_start()
-
-    def update(self, name: str | None = None, version: int | str | None = None) -> int:
-        """Load one version (default: the latest) of `name` (default: the name given at init)."""
-        if self._open is None:
-            raise InvalidArgument("tensord: start() the weight update before update()")
-        name = name if name is not None else self.name
-        if name is None:
-            raise InvalidArgument('tensord: no set named: give "name" in the update or at init')
-        start = time.perf_counter()
-        loaded, tensors = self._open.enter_context(read_set(self.client, name, version, device=self.device))
-        loader = self._load_weights if self._load_weights is not None else _load_weights_of(self.model)
-        loader(tensors.items())
-        log.info("tensord: update from %s v%d read in %.3f s", name, loaded, time.perf_counter() - start)
-        self._pending = (name, loaded)
-        return loaded
-
-    def finish(self) -> tuple[str, int] | None:
-        """Run the engine's post-processing, then let go of the read views."""
-        if self._open is None:
-            raise InvalidArgument("tensord: finish() without start()")
-        try:
-            if self._on_finish is not None:
-                self._on_finish()
-        finally:
-            held, self._open = self._open, None
-            held.close()
-        if self._pending is not None:
-            self.loaded, self._pending = self._pending, None
-        return self.loaded
-
-    def abort(self) -> None:
-        """Drop an update in progress without post-processing (the model is then undefined)."""
-        if self._open is not None:
-            held, self._open = self._open, None
-            held.close()
-        self._pending = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 import sdk
-from sdk.engines.common import Capture, EngineOptions, WeightUpdater, load_set, publish_params
+from sdk.engines.common import Capture, EngineOptions, load_set, publish_params
+from sdk.engines.derived import FILES, Derivation, EngineKey
+from sdk.engines.updates import WeightUpdater, mark_serving
+from sdk.engines.vllm_checks import kernel_problems, preflight, reprocess_tied, reprocess_tied_after_reloads
 from tensord_contract.errors import NotFound, Unavailable
 
 log = logging.getLogger("sdk.engines")
@@ -51,6 +55,16 @@ def _ranks() -> tuple[int, int, int]:
     return get_tensor_model_parallel_rank(), pp.rank_in_group, pp.world_size
 
 
+def engine_key(model_config: ModelConfig, *, tp_rank: int) -> EngineKey:
+    """The key a rank set in this engine's layout is valid for."""
+    import vllm
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    dtype = str(model_config.dtype).removeprefix("torch.")
+    return EngineKey(f"vllm {vllm.__version__}", get_tensor_model_parallel_world_size(), tp_rank, dtype,
+                     model_config.quantization)  # fmt: skip
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
@@ -60,7 +74,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 class TensordModelLoader(BaseModelLoader):
     """``--load-format tensord``: each worker loads its rank set ``NAME/tp{rank}`` (engine
-    layout, one copy into the parameters) or else the whole set ``NAME`` through the model's
+    layout, one copy into the parameters) when one was derived from the version asked for by
+    an engine of its key (`sdk.engines.derived`), or else the whole set ``NAME`` through the model's
     ``load_weights``; from this node's daemon or, through it, any node of the cluster. A missing
     set (or an unreachable daemon) falls back to the model's files with one warning, or fails
     with ``"strict": true``. After a load from files the engine publishes what it read
@@ -74,6 +89,7 @@ class TensordModelLoader(BaseModelLoader):
         #: Where the weights came from: ("tensord", set name, version) or ("files", model dir, 0).
         self.source: tuple[str, str, int] | None = None
         self._rank_sets = True
+        self._key: EngineKey | None = None
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing to download: the weights come from tensord (the fallback downloads itself)."""
@@ -85,6 +101,7 @@ class TensordModelLoader(BaseModelLoader):
         self._rank_sets = pp_size == 1
         kinds = ("rank", "whole") if self._rank_sets else ("whole",)
         files = DefaultModelLoader(self._files_config)
+        self._key = engine_key(model_config, tp_rank=tp_rank)
         with self.options.client() as client:
             returned: list[Any] = []
 
@@ -93,7 +110,7 @@ class TensordModelLoader(BaseModelLoader):
 
             try:
                 found = load_set(model, self.options, rank=tp_rank, device=_device(model),
-                                 load_weights=through_model, client=client, kinds=kinds)  # fmt: skip
+                                 load_weights=through_model, client=client, kinds=kinds, key=self._key)  # fmt: skip
             except (NotFound, Unavailable) as exc:
                 if self.options.strict:
                     raise
@@ -101,9 +118,11 @@ class TensordModelLoader(BaseModelLoader):
             else:
                 self.source = ("tensord", found.name, found.version)
                 if found.kind == "whole":
+                    mark_serving(model, found.name, found.version)
                     if model_config.quantization is None and returned[0] is not None:
                         files.track_weights_loading(model, returned[0])
-                    self._publish_params(model, client, tp_rank)  # the next engine skips the conversion
+                    # the next engine skips the conversion
+                    self._publish_params(model, client, tp_rank, Derivation(found.name, found.version, self._key))
                 return
             self._load_files(files, model, model_config, client, tp_rank=tp_rank, pp_rank=pp_rank)
 
@@ -138,15 +157,15 @@ class TensordModelLoader(BaseModelLoader):
         if capture is not None:
             capture.publish(client, self.options.name)
         else:
-            self._publish_params(model, client, tp_rank)
+            self._publish_params(model, client, tp_rank, Derivation(FILES + str(model_config.model), 0, self._key))
 
-    def _publish_params(self, model: torch.nn.Module, client: sdk.Client, tp_rank: int) -> None:
+    def _publish_params(self, model: torch.nn.Module, client: sdk.Client, tp_rank: int, source: Derivation) -> None:
         if self.options.publish_mode != "params":
             return
         if not self._rank_sets:
             log.warning("tensord: not publishing parameters: rank sets do not support pipeline parallelism")
             return
-        publish_params(model, self.options.name, rank=tp_rank, client=client)
+        publish_params(model, self.options.name, rank=tp_rank, client=client, derived_from=source)
 
 
 # -- RL: the weight-transfer backend ---------------------------------------------------------
@@ -205,7 +224,17 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
 
         if self._updater is not None:  # an update that never finished
             self._updater.abort()
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
         model, model_config = self.model, self.model_config
+        packed, tp_size = dict(getattr(model, "packed_modules_mapping", {})), get_tensor_model_parallel_world_size()
+
+        def finish() -> None:
+            finalize_layerwise_reload(model, model_config)
+            # A tied layer loaded nothing, so vLLM did not process it again: its kernel still
+            # holds what it built from the old weight.
+            reprocess_tied(model)
+
         self._updater = WeightUpdater(
             model,
             self._connect(),
@@ -213,7 +242,10 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
             name=self._init.name,
             load_weights=self._load,
             on_start=lambda: initialize_layerwise_reload(model),
-            on_finish=lambda: finalize_layerwise_reload(model, model_config),
+            on_finish=finish,
+            packed=packed,
+            tp_size=tp_size,
+            check=lambda tensors, ties: kernel_problems(model, tensors, ties=ties, packed=packed, tp_size=tp_size),
         )
         self._updater.start()
 
@@ -255,8 +287,10 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
 def update(llm: Any, name: str, version: int | str | None = None, *, client: sdk.Client | None = None) -> int:
     """One RL update of a running `vllm.LLM` from tensord: start, pull `version` (default: the
     latest, resolved once through `client`, default `sdk.default_client()`) of `name`, finish,
-    and record it as the engine's weight version. Returns the version. On an error vLLM ends
-    the update session and the parameters are undefined: update again before serving."""
+    and record it as the engine's weight version. Returns the version. A version the engine's
+    parameters do not match after the update raises (`sdk.IntegrityError` inside vLLM's error)
+    with the previous version restored; an error while reading ends the update session and
+    leaves the parameters undefined: update again before serving."""
     if not isinstance(version, int):
         version = int((client if client is not None else sdk.default_client()).info(name, version)["version"])
     llm.start_weight_update()
@@ -289,6 +323,26 @@ def _route_logs() -> None:
         ours.propagate = False
 
 
+def _check_before_start() -> None:
+    """Run `preflight` where vLLM turns its arguments into a config (in the process that
+    starts the engine), so a bad option, an unreachable daemon or (strict) a missing set fails
+    before any model is built."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    create = EngineArgs.create_load_config
+    if getattr(create, "_tensord_checked", False):
+        return
+
+    @functools.wraps(create)
+    def create_load_config(self: Any) -> Any:
+        if str(self.load_format).lower() == LOAD_FORMAT:
+            preflight(self.model_loader_extra_config, tp_size=int(self.tensor_parallel_size))
+        return create(self)
+
+    create_load_config._tensord_checked = True  # type: ignore[attr-defined]
+    EngineArgs.create_load_config = create_load_config
+
+
 _registered = False
 
 
@@ -302,6 +356,8 @@ def register() -> None:
     from vllm.model_executor.model_loader import register_model_loader
 
     _route_logs()
+    _check_before_start()
+    reprocess_tied_after_reloads()
     register_model_loader(LOAD_FORMAT)(TensordModelLoader)
     with contextlib.suppress(ValueError):  # registered already in this process
         WeightTransferEngineFactory.register_engine(BACKEND, TensordWeightTransferEngine)

@@ -1,0 +1,154 @@
+"""Rank sets record what they were derived from, so that a loader never takes a stale one.
+
+An engine that publishes its parameters as ``NAME/tp{rank}`` writes a `Derivation` into the
+version's ``origin`` (shown by ``tensord info``): the whole set and version it loaded (or the
+model's files), and the `EngineKey` of the engine that converted them (engine and version,
+tensor-parallel size and rank, dtype, quantization). A loader takes a rank set only when it
+was derived from the version of ``NAME`` it was asked for, by an engine of the same key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import sdk
+from tensord_contract.errors import NotFound
+
+log = logging.getLogger("sdk.engines")
+
+PREFIX = "derived "
+FILES = "files:"  # a source that is a model directory, not a set
+#: How many versions of a rank set are looked at for one derived from the version asked for.
+SCAN_VERSIONS = 8
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What must match for one engine's parameters to fit another: a rank set in one engine's
+    layout is only valid for an engine of the same key."""
+
+    engine: str  # e.g. "vllm 0.32.0"
+    tp_size: int
+    tp_rank: int
+    dtype: str  # e.g. "float32"
+    quantization: str | None = None
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """Where a rank set's tensors came from: `source` (a whole set's name, or ``files:DIR``)
+    at `version` (0 for files), converted by an engine of `key` (None: not recorded)."""
+
+    source: str
+    version: int
+    key: EngineKey | None = None
+
+    def to_origin(self) -> str:
+        return PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_origin(cls, origin: object) -> Derivation | None:
+        """The derivation an origin records; None when it records none or is malformed."""
+        if not isinstance(origin, str) or not origin.startswith(PREFIX):
+            return None
+        try:
+            data = json.loads(origin[len(PREFIX) :])
+            key = data.get("key")
+            return cls(str(data["source"]), int(data["version"]), None if key is None else EngineKey(**key))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def describe(self) -> str:
+        where = self.source if self.source.startswith(FILES) else f"{self.source} v{self.version}"
+        if self.key is None:
+            return where
+        k = self.key
+        quant = k.quantization or "none"
+        return f"{where} by {k.engine} (tp {k.tp_rank}/{k.tp_size}, {k.dtype}, quantization {quant})"
+
+
+def fits(derivation: Derivation | None, *, name: str, version: int | None, key: EngineKey | None) -> str | None:
+    """None when a rank set of this derivation may feed an engine of `key` asked for `name` at
+    `version` (None: the whole set does not exist, so a derivation from the model's files, or
+    from any version of `name`, is taken); else why not."""
+    if derivation is None:
+        return "it records no derivation"
+    if key is not None and derivation.key != key:
+        return f"it was derived by another engine ({derivation.describe()})"
+    if version is None:
+        if derivation.source == name or derivation.source.startswith(FILES):
+            return None
+        return f"it was derived from {derivation.describe()}"
+    if derivation.source != name or derivation.version != version:
+        return f"it was derived from {derivation.describe()}, not {name} v{version}"
+    return None
+
+
+def find_rank_version(
+    client: sdk.Client, rank_name: str, *, name: str, version: int | None, key: EngineKey | None
+) -> tuple[int, int] | None:
+    """(version, nbytes) of the newest version of `rank_name` (among the last `SCAN_VERSIONS`)
+    that `fits`; None (and one log line saying why) when there is none."""
+    try:
+        info = client.info(rank_name)
+    except NotFound:
+        return None
+    versions = sorted((int(v) for v in info.get("versions") or [info["version"]]), reverse=True)
+    why = ""
+    for v in versions[:SCAN_VERSIONS]:
+        one = info if v == int(info["version"]) else _info_or_none(client, rank_name, v)
+        if one is None:
+            continue
+        reason = fits(Derivation.from_origin(one.get("origin")), name=name, version=version, key=key)
+        if reason is None:
+            return v, int(one.get("nbytes") or 0)
+        why = why or f"{rank_name} v{v}: {reason}"
+    log.info("tensord: not using the rank set %s: %s", rank_name, why or "no version fits")
+    return None
+
+
+def _info_or_none(client: sdk.Client, name: str, version: int) -> dict[str, Any] | None:
+    try:
+        return client.info(name, version)
+    except NotFound:
+        return None
+
+
+def put_derived(
+    client: sdk.Client, name: str, tensors: Mapping[str, torch.Tensor], derivation: Derivation, *, what: str
+) -> int | None:
+    """Put `tensors` as the next version of `name` with `derivation` as its origin; None (and a
+    log line) on failure: publishing is a favour to the next engine, never fatal to this one."""
+    if not tensors:
+        return None
+    start = time.perf_counter()
+    sources = {k: v.detach() for k, v in tensors.items()}
+    specs = {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in sources.items()}
+    devices = {v.device for v in sources.values()}
+    device = "cpu" if len(devices) != 1 or next(iter(devices)).type == "cpu" else str(next(iter(devices)))
+    try:
+        with client.reserve(name, specs, device=device, origin=derivation.to_origin()) as reservation:
+            reservation.write_all(sources)
+            version = reservation.commit()
+    except sdk.TensordError as exc:
+        log.warning("tensord: could not publish %s as %s: %s", what, name, exc)
+        return None
+    nbytes = sum(t.numel() * t.element_size() for t in sources.values())
+    log.info(
+        "tensord: published the %s as %s v%d (%.3f GB, %d tensors, derived from %s) in %.2f s",
+        what,
+        name,
+        version,
+        nbytes / 1e9,
+        len(sources),
+        derivation.describe(),
+        time.perf_counter() - start,
+    )
+    return version
