@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,19 @@ def test_bulk_fingerprints_in_place_match_one_by_one(version: int) -> None:
     tensors += [raw[8:16], raw[3:1000], raw[1 : (2 << 20) + 5], raw[:0], torch.randn(33, 7, device="cuda:0")]
     tensors += [torch.randn(1000 + i, device="cuda:0").bfloat16() for i in range(20)]
     assert fingerprints(tensors, version=version) == [fingerprint(t.cpu(), version=version) for t in tensors]
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_slab_fingerprints_on_a_gpu_match_the_host(version: int) -> None:
+    """A slab on a GPU (put, pulls, restores) is fingerprinted where it lies: the same values as
+    the same bytes on the host."""
+    from tensord_dataplane.fingerprint import slab_fingerprints
+
+    sizes = np.array([0, 1, 7, 8, 255, 256, 257, 1 << 20, (2 << 20) + 5, 12345], dtype=np.int64)
+    offsets = np.cumsum((sizes + 255) // 256 * 256) - (sizes + 255) // 256 * 256
+    buf = torch.randint(0, 256, (int(offsets[-1] + sizes[-1] + 255) // 256 * 256,), dtype=torch.uint8, device="cuda:0")
+    gpu = slab_fingerprints(buf, offsets, sizes, version=version)
+    assert gpu.tolist() == slab_fingerprints(buf.cpu(), offsets, sizes, version=version).tolist()
 
 
 def test_cuda_slab_round_trip(client: sdk.Client) -> None:
