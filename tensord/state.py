@@ -37,7 +37,7 @@ from typing import Any
 
 import msgpack
 
-from tensord_contract.errors import InvalidArgument, Unavailable
+from tensord_contract.errors import InvalidArgument, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.names import MAX_VERSION, check_name
 
@@ -143,10 +143,7 @@ class VersionCounters:
             try:
                 await asyncio.to_thread(_write_bucket, self.directory, key, counters)
             except OSError as exc:
-                raise Unavailable(
-                    f"cannot record version {version} of {name} in {self.directory}: {exc.strerror or exc}",
-                    name=name,
-                ) from exc
+                raise _failed(exc, f"cannot record version {version} of {name} in {self.directory}", name=name) from exc
             self._buckets[key] = counters
             return version
 
@@ -226,9 +223,8 @@ class Catalogue:
             try:
                 await asyncio.to_thread(_write_file, self.directory, self.filename(*record.key), data)
             except OSError as exc:
-                raise Unavailable(
-                    f"cannot record {record.name} v{record.version} in {self.directory}: {exc.strerror or exc}",
-                    name=record.name,
+                raise _failed(
+                    exc, f"cannot record {record.name} v{record.version} in {self.directory}", name=record.name
                 ) from exc
             self.records[record.key] = record
 
@@ -385,3 +381,14 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+#: write failures that mean this node ran out of something, not that the directory is broken
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM)
+
+
+def _failed(exc: OSError, what: str, **details: Any) -> TensordError:
+    """A state write's failure as the error a client sees: OutOfCapacity when descriptors,
+    space or memory ran out (try again later), else Unavailable."""
+    kind = OutOfCapacity if exc.errno in _EXHAUSTED else Unavailable
+    return kind(f"{what}: {exc.strerror or exc}", **details)
