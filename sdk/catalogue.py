@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from sdk.connection import Connection, endpoint
+from sdk.settings import Settings
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
@@ -44,8 +45,9 @@ class CatalogueClient:
         token: str | None = None,
         timeout: float | None = 300.0,
     ) -> None:
-        self.endpoint = endpoint(socket, address)
-        self.token = token if token is not None else os.environ.get("TENSORD_TOKEN")
+        self.settings = Settings.from_env()
+        self.endpoint = endpoint(socket, address, self.settings)
+        self.token = token if token is not None else self.settings.token
         self.timeout = timeout
         self._connection: Connection | None = None
         self._closed = False

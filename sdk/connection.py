@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sdk.settings import Settings
 from tensord_contract import control, wire
 from tensord_contract.defaults import DEFAULT_SOCKET
 from tensord_contract.errors import InvalidArgument, ProtocolError, Unavailable
@@ -23,7 +24,7 @@ from tensord_contract.errors import InvalidArgument, ProtocolError, Unavailable
 log = logging.getLogger(__name__)
 
 
-def endpoint(socket: str | None = None, address: str | None = None) -> str:
+def endpoint(socket: str | None = None, address: str | None = None, settings: Settings | None = None) -> str:
     """Where to reach the daemon: "unix:PATH" or "tcp:HOST:PORT".
 
     An explicit socket or address wins; then TENSORD_ADDR (a daemon's TCP listener, for
@@ -31,13 +32,14 @@ def endpoint(socket: str | None = None, address: str | None = None) -> str:
     """
     if socket is not None:
         return f"unix:{socket}"
-    address = address if address is not None else os.environ.get("TENSORD_ADDR")
+    settings = settings if settings is not None else Settings.from_env()
+    address = address if address is not None else settings.address
     if address:
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise InvalidArgument(f"daemon address {address!r} is not host:port")
         return f"tcp:{address}"
-    return f"unix:{os.environ.get('TENSORD_SOCKET') or DEFAULT_SOCKET}"
+    return f"unix:{settings.socket or DEFAULT_SOCKET}"
 
 
 def _connect_unix(path: str, timeout: float | None) -> socket.socket:

@@ -42,7 +42,8 @@ class PinningClient(CatalogueClient):
     """`CatalogueClient` plus pins, manifests and the Transfer Engine; see `sdk.Client`."""
 
     # Its state starts empty, so it keeps CatalogueClient's constructor (and its signature).
-    _engine: Transport | None = None
+    _engine: Transport | None = None  # started by this client, closed with it
+    _given: Transport | None = None  # handed to this client (`Client(transport=...)`): its caller's
 
     @functools.cached_property
     def _manifests(self) -> collections.OrderedDict[tuple[str, int, int], Manifest]:
@@ -51,8 +52,11 @@ class PinningClient(CatalogueClient):
 
     # -- the Transfer Engine ------------------------------------------------------------------
     def _transport(self) -> Transport:
-        """This process's Transfer Engine, started on first use (reads from other nodes)."""
+        """This process's Transfer Engine: the one this client was handed, else one started on
+        first use (reads from other nodes)."""
         with self._lock:
+            if self._given is not None:
+                return self._given
             if self._engine is None:
                 self._engine = self._start_transport()
             return self._engine
@@ -63,9 +67,9 @@ class PinningClient(CatalogueClient):
 
         conn = self._connection
         info = (conn.server.get("transport") if conn is not None else None) or {}
-        protocol = os.environ.get("TENSORD_TRANSPORT") or info.get("protocol") or "tcp"
+        protocol = self.settings.transport or info.get("protocol") or "tcp"
         hostname = (
-            os.environ.get("TENSORD_TRANSPORT_HOST")
+            self.settings.transport_host
             or (info.get("hostname") if conn is not None and conn.is_local else None)
             or "127.0.0.1"
         )

@@ -19,7 +19,7 @@ from typing import Any
 from tensord_contract.checks import is_int
 from tensord_contract.defaults import DEFAULT_SOCKET
 from tensord_contract.errors import InvalidArgument
-from tensord_dataplane.transport.mooncake import PROTOCOLS as TRANSPORTS
+from tensord_dataplane.transport import PROTOCOLS as TRANSPORTS
 
 if sys.version_info >= (3, 11):
     import tomllib
