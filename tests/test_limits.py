@@ -46,7 +46,7 @@ def test_running_out_of_descriptors_is_out_of_capacity_and_accepting_survives(st
             for i in range(200):
                 held.append(c.put(f"v/{i}", {"x": torch.full((4,), float(i))}))
 
-        with pytest.raises(sdk.OutOfCapacity, match="file descriptors|Too many open files"):
+        with pytest.raises(sdk.OutOfCapacity, match=r"file descriptors|Too many open files"):
             put_until_refused()
         assert len(held) > 50
         assert c.status()["reservations"] == 0
