@@ -21,7 +21,7 @@ from tensord_contract.errors import ProtocolError, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.names import check_name, check_version
 from tensord_dataplane.opening import open_slab
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.transport.base import Transport
 
 _CACHED_MANIFESTS = 32  # manifests a client keeps, by (name, version, replica generation)
@@ -86,7 +86,7 @@ class PinningClient(CatalogueClient):
     # -- pins -----------------------------------------------------------------------------------
     def _open(
         self, name: str, version: int | None, exclude: list[str] | None = None, *, mount: bool = False
-    ) -> tuple[Pin, Manifest, Slab]:
+    ) -> tuple[Pin, Manifest, SlabAccess]:
         check_name(name)
         version = check_version(version)
         args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}

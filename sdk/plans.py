@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tensord_contract.manifest import Manifest, Table
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.snapshot import Snapshot
 from tensord_dataplane.tensors import Described
 
@@ -72,11 +72,11 @@ class Copies:
             ]
         )
 
-    def read(self, slab: Slab) -> None:
+    def read(self, slab: SlabAccess) -> None:
         for dev, ptrs, offsets, sizes in self.tables:
             slab.read_into(ptrs, offsets, sizes, dev)
 
-    def write(self, slab: Slab) -> None:
+    def write(self, slab: SlabAccess) -> None:
         for dev, ptrs, offsets, sizes in self.tables:
             slab.write_from(ptrs, offsets, sizes, dev)
 

@@ -22,14 +22,14 @@ from tensord_contract.errors import InvalidArgument, NotFound, TransferError
 from tensord_contract.manifest import ALIGN, Manifest
 from tensord_contract.names import check_version
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
-from tensord_dataplane.remote import RemoteSlab
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.remote import RemoteAccess
+from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.snapshot import Snapshot
 from tensord_dataplane.tensors import describe
 from tensord_dataplane.views import TensorMap
 
 T = TypeVar("T")
-Opened = tuple[Pin, Manifest, Slab]
+Opened = tuple[Pin, Manifest, SlabAccess]
 _MAX_REPLICAS = 8  # distinct replicas one read tries before giving up
 
 
@@ -43,7 +43,7 @@ class Mount:
     use them after close.
     """
 
-    def __init__(self, client: PinningClient, pin: Pin, manifest: Manifest, slab: Slab) -> None:
+    def __init__(self, client: PinningClient, pin: Pin, manifest: Manifest, slab: SlabAccess) -> None:
         self._client, self._slab = client, slab
         self._pin: Pin | None = pin
         self.manifest = manifest
@@ -91,7 +91,7 @@ class Reads(PinningClient):
         self,
         name: str,
         version: int | str | None,
-        copy: Callable[[Manifest, Slab], T],
+        copy: Callable[[Manifest, SlabAccess], T],
         verify: Callable[[Manifest, T], None] | None = None,
         wanted: bool | None = True,
     ) -> T:
@@ -105,7 +105,7 @@ class Reads(PinningClient):
         def others() -> Iterator[Opened]:
             exclude: list[str] = []
             opened = first
-            while isinstance(opened[2], RemoteSlab):
+            while isinstance(opened[2], RemoteAccess):
                 exclude.append(opened[2].node)
                 try:
                     opened = self._open(name, resolved, exclude)
@@ -122,7 +122,7 @@ class Reads(PinningClient):
                     slab.finish()
                 finally:
                     slab.close()
-                    intact = self._release(pin, wait=isinstance(slab, RemoteSlab) or slab.revocable)
+                    intact = self._release(pin, wait=isinstance(slab, RemoteAccess) or slab.revocable)
             if not intact and slab.revocable:
                 raise TransferError(
                     f"{manifest.name} v{manifest.version} was withdrawn by the process that published it "
@@ -137,7 +137,7 @@ class Reads(PinningClient):
             read,
             None if verify is None else lambda opened, value: _verify(verify, wanted, opened, value),
             where=_node,
-            may_fail_over=lambda opened: isinstance(opened[2], RemoteSlab),
+            may_fail_over=lambda opened: isinstance(opened[2], RemoteAccess),
             what=f"{name} v{resolved}",
             limit=_MAX_REPLICAS,
             name=name,
@@ -173,7 +173,7 @@ class Reads(PinningClient):
         """
         wanted = _check_names(names)
 
-        def copy(manifest: Manifest, slab: Slab) -> TensorMap:
+        def copy(manifest: Manifest, slab: SlabAccess) -> TensorMap:
             target = _target_device(device, slab.device)
             rows = None if wanted is None else _rows(manifest, wanted)
             if rows is None:  # the whole slab, padding included: one run
@@ -221,7 +221,7 @@ class Reads(PinningClient):
             raise InvalidArgument("load_into needs tensors keyed by name (str)")
         snapshot = Snapshot.take(values)
 
-        def copy(manifest: Manifest, slab: Slab) -> _Loaded:
+        def copy(manifest: Manifest, slab: SlabAccess) -> _Loaded:
             plan = self._plans.get("load", name)
             if not (isinstance(plan, LoadPlan) and plan.fits(keys, strict, snapshot, manifest)):
                 plan, done = _load_plan(manifest, keys, values, snapshot, strict=strict, slab=slab)
@@ -253,7 +253,7 @@ def _load_plan(
     snapshot: Snapshot | None,
     *,
     strict: bool,
-    slab: Slab,
+    slab: SlabAccess,
 ) -> tuple[LoadPlan, bool]:
     """Check the targets against the set (InvalidArgument, nothing written) and plan the copy;
     targets that are not all dense (or not snapshot) are copied here at once, those not dense
@@ -281,7 +281,7 @@ def _load_plan(
 
 def _node(opened: Opened) -> str:
     slab = opened[2]
-    return slab.node if isinstance(slab, RemoteSlab) else "this node"
+    return slab.node if isinstance(slab, RemoteAccess) else "this node"
 
 
 def _target_device(device: str | torch.device | None, slab_device: str) -> torch.device:

@@ -25,8 +25,8 @@ from tensord_contract.names import check_name
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.opening import open_slab
-from tensord_dataplane.remote import RemoteSlab
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.remote import RemoteAccess
+from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.snapshot import Snapshot
 from tensord_dataplane.tensors import describe
 
@@ -40,7 +40,7 @@ class Reservation:
     records one the caller computed itself.
     """
 
-    def __init__(self, client: PinningClient, rid: int, manifest: Manifest, slab: Slab, conn: Connection) -> None:
+    def __init__(self, client: PinningClient, rid: int, manifest: Manifest, slab: SlabAccess, conn: Connection) -> None:
         self._client, self._rid, self.slab, self._conn = client, rid, slab, conn
         self.manifest = manifest
         n = len(manifest)
@@ -68,7 +68,7 @@ class Reservation:
         offsets = self.manifest.offsets[rows]
         for device, sel in d.by_device().items():
             self.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], device)
-        if isinstance(self.slab, RemoteSlab):  # no local view of the slab: hash the sources
+        if isinstance(self.slab, RemoteAccess):  # no local view of the slab: hash the sources
             self._fps[rows] = fingerprints_of(d.tensors)
             self._given[rows] = True
         else:
@@ -183,7 +183,7 @@ class Writes(PinningClient):
                 self._plans.keep("put", name, plan)
         with self.reserve(name, plan.table, device=plan.device) as reservation:
             plan.copies(reservation.manifest.offsets, self._plans.lock).write(reservation.slab)
-            if isinstance(reservation.slab, RemoteSlab):
+            if isinstance(reservation.slab, RemoteAccess):
                 sources = plan.described.tensors or values  # a kept plan holds no tensor
                 fps = np.array(fingerprints_of(sources), dtype=np.uint64)
                 reservation.written_all(np.arange(len(names)), fps)

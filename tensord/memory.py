@@ -336,13 +336,13 @@ class Budgets:
 
 
 def own_view(slab: Slab) -> Any:
-    """The daemon's own accessor for a slab (an `tensord_dataplane.slab.Slab`), to fill or hash it
-    in place."""
-    from tensord_dataplane.gpu import GpuSlab
-    from tensord_dataplane.host import HostSlab as HostAccess
+    """The daemon's own accessor for a slab (a `tensord_dataplane.slab.SlabAccess`), to fill or
+    hash it in place."""
+    from tensord_dataplane.gpu import GpuAccess
+    from tensord_dataplane.host import HostAccess
 
     if isinstance(slab, HostSlab):
         return HostAccess(os.dup(slab.fd), slab.nbytes, slab.generation, writable=True)
     if isinstance(slab, CudaSlab):
-        return GpuSlab(slab.tensor, slab.generation)
+        return GpuAccess(slab.tensor, slab.generation)
     raise InvalidArgument(f"no accessor for a slab on {slab.device}")

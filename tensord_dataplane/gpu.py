@@ -21,12 +21,12 @@ from tensord_dataplane.copy import device_copy, host_copy, runs, windows
 from tensord_dataplane.cuda import enable_peer_access
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION, slab_fingerprints
 from tensord_dataplane.ipc import mappings
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 
 _MANY_RUNS = 16  # more runs than this into a GPU buffer: one batched kernel instead of copies
 
 
-class GpuSlab(Slab):
+class GpuAccess(SlabAccess):
     def __init__(self, base: torch.Tensor, generation: int = 0, *, imported: bool = False) -> None:
         """`base`: the slab as a flat uint8 CUDA tensor; `imported`: mapped from an IPC handle."""
         self.device, self.nbytes, self.generation = str(base.device), base.numel(), generation
@@ -34,7 +34,7 @@ class GpuSlab(Slab):
         self._imported = imported
 
     @classmethod
-    def from_replica(cls, replica: CudaReplica, *, writable: bool = False) -> GpuSlab:
+    def from_replica(cls, replica: CudaReplica, *, writable: bool = False) -> GpuAccess:
         if torch.cuda.device_count() > 1:
             enable_peer_access()  # before the handle opens: then every GPU here may reach it
         storage = mappings.open(list(replica.ipc), keep=not writable)

@@ -28,7 +28,7 @@ from tensord_dataplane import pinned as pinning
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION, slab_fingerprints
 from tensord_dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 
 _CHUNK = 32 << 20  # flat reads are split into jobs of this size
 _JUNK = 64 << 10  # a gap up to this size between two tensors is read into scratch memory
@@ -36,7 +36,7 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 _FEW_RUNS = 16  # up to this many runs into one GPU buffer: one DMA copy each, no stage
 
 
-class HostSlab(Slab):
+class HostAccess(SlabAccess):
     def __init__(
         self, fd: int, nbytes: int, generation: int = 0, *, writable: bool = False, pinned: bool = False
     ) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, PublishedReplica, RemoteReplica
 from tensord_contract.errors import ProtocolError
 from tensord_contract.manifest import Manifest
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 
 
 def open_slab(
@@ -22,37 +22,37 @@ def open_slab(
     writable: bool = False,
     transport: Callable[[], Any] | None = None,
     manifest: Manifest | None = None,
-) -> Slab:
+) -> SlabAccess:
     """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); an owned
     or published replica needs its version's `manifest`."""
     if isinstance(replica, RemoteReplica):
         if transport is None:
             raise ProtocolError("a remote replica needs a Transfer Engine")
-        from tensord_dataplane.remote import RemoteSlab
+        from tensord_dataplane.remote import RemoteAccess
 
-        return RemoteSlab(replica, transport())
+        return RemoteAccess(replica, transport())
     if isinstance(replica, PublishedReplica):
         if transport is None or writable or manifest is None:
             raise ProtocolError("a published replica is read-only, through a Transfer Engine, with its manifest")
-        from tensord_dataplane.published import PublishedSlab
+        from tensord_dataplane.published import PublishedAccess
 
-        return PublishedSlab(replica, manifest, transport())
+        return PublishedAccess(replica, manifest, transport())
     if fds and not isinstance(replica, HostReplica):
         raise ProtocolError(f"a {replica.kind} replica comes without file descriptors")
     if isinstance(replica, HostReplica):
         if len(fds) != 1:
             raise ProtocolError(f"a host slab comes with one descriptor, got {len(fds)}")
-        from tensord_dataplane.host import HostSlab
+        from tensord_dataplane.host import HostAccess
 
-        return HostSlab(fds[0], replica.nbytes, replica.generation, writable=writable, pinned=replica.pinned)
+        return HostAccess(fds[0], replica.nbytes, replica.generation, writable=writable, pinned=replica.pinned)
     if isinstance(replica, CudaReplica):
-        from tensord_dataplane.gpu import GpuSlab
+        from tensord_dataplane.gpu import GpuAccess
 
-        return GpuSlab.from_replica(replica, writable=writable)
+        return GpuAccess.from_replica(replica, writable=writable)
     if isinstance(replica, OwnedReplica):
         if writable or manifest is None:
             raise ProtocolError("a published replica is read-only and read with its manifest")
-        from tensord_dataplane.owned import OwnedSlab
+        from tensord_dataplane.owned import OwnedAccess
 
-        return OwnedSlab(replica, manifest)
+        return OwnedAccess(replica, manifest)
     raise ProtocolError(f"unknown replica {replica!r:.80}")

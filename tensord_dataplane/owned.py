@@ -1,5 +1,5 @@
 """A process's own GPU memory as a replica (published without a copy): exporting it
-(`export`, the publisher) and reading it (`OwnedSlab`, readers on the same node).
+(`export`, the publisher) and reading it (`OwnedAccess`, readers on the same node).
 
 The publisher's tensors stay in its allocations (one per large tensor, in torch's caching
 allocator, small ones sharing 2 MiB segments); the replica lists each allocation once by its
@@ -25,7 +25,7 @@ from tensord_contract.manifest import Manifest
 from tensord_dataplane.copy import device_copy, host_copy, windows
 from tensord_dataplane.cuda import allocation_ranges, enable_peer_access, ipc_close, ipc_handles, ipc_open
 from tensord_dataplane.ipc import mappings
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.sources import Places, Sources
 from tensord_dataplane.views import TensorMap
 
@@ -80,7 +80,7 @@ def _import(handle: bytes, device: int, size: int) -> torch.Tensor:
     return torch.as_tensor(_Imported(handle, device, size), device=torch.device("cuda", device))
 
 
-class OwnedSlab(Slab):
+class OwnedAccess(SlabAccess):
     """A publisher's allocations, mapped in this process; read-only."""
 
     #: the publisher may withdraw it during a read: releases wait to learn whether it did

@@ -5,8 +5,8 @@ whole, host tensors' own byte ranges) with its engine and keeps them registered 
 publication is withdrawn (GPU allocations longer, for the next publication of the same
 memory: `SeedRanges`), as SGLang R-Fork's seed does; the daemon advertises the version and
 hands readers a `published` descriptor (the engine's session and each allocation's address).
-A reader (`PublishedSlab`, on any node, this one included) reads the pieces of the manifest's
-packed layout straight from those addresses, as `RemoteSlab` reads a daemon's slab. Nothing is
+A reader (`PublishedAccess`, on any node, this one included) reads the pieces of the manifest's
+packed layout straight from those addresses, as `RemoteAccess` reads a daemon's slab. Nothing is
 copied on the publisher's side and its GPU runs no kernel for a read.
 
 A publisher may vanish mid-read (SIGKILL): its engine's sockets close and the read fails with
@@ -26,7 +26,7 @@ from tensord_contract.descriptors import PublishedReplica
 from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import Manifest
 from tensord_dataplane.cuda import buffer_ids, current
-from tensord_dataplane.remote import RemoteSlab
+from tensord_dataplane.remote import RemoteAccess
 from tensord_dataplane.sources import Places, Sources
 from tensord_dataplane.transport.base import Batch, Transport
 
@@ -128,7 +128,7 @@ class Registered:
             self._seeds.give(ranges, self.device)
 
 
-class PublishedSlab(RemoteSlab):
+class PublishedAccess(RemoteAccess):
     """A publication read through its publisher's Transfer Engine; read-only."""
 
     #: the publisher may withdraw it (or die) during a read: releases wait to learn whether it did

@@ -30,7 +30,7 @@ from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import ALIGN
 from tensord_dataplane.copy import device_copy, host_copy, runs, windows
 from tensord_dataplane.cuda import allocation_range, current
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.transport.base import Batch, Transport
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _DIRECT = 64  # up to this many tensors move as one engine entry each, straight 
 _WINDOW = 256 << 20  # bytes of the slab one staged read moves per engine call
 
 
-class RemoteSlab(Slab):
+class RemoteAccess(SlabAccess):
     def __init__(self, replica: RemoteReplica, transport: Transport) -> None:
         self.node, self.session, self.address = replica.node, replica.session, replica.address
         self.nbytes, self.generation, self.device = replica.nbytes, replica.generation, replica.device

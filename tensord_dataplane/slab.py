@@ -1,8 +1,8 @@
 """The slab accessor interface (`open_slab` in `opening` builds one from a replica descriptor).
 
-A slab is one replica's memory: on this node a memfd (`host.HostSlab`), a CUDA allocation
-(`gpu.GpuSlab`) or a publishing process's allocations (`owned.OwnedSlab`), elsewhere a range
-of another node's registered memory (`remote.RemoteSlab`).
+A slab is one replica's memory: on this node a memfd (`host.HostAccess`), a CUDA allocation
+(`gpu.GpuAccess`) or a publishing process's allocations (`owned.OwnedAccess`), elsewhere a range
+of another node's registered memory (`remote.RemoteAccess`).
 Every operation takes whole tables (numpy arrays of offsets, sizes, pointers), never one
 tensor at a time.
 """
@@ -16,7 +16,7 @@ from tensord_contract.manifest import Manifest
 from tensord_dataplane.views import TensorMap
 
 
-class Slab:
+class SlabAccess:
     """One replica's memory as seen by this process."""
 
     device: str

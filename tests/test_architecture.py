@@ -101,7 +101,7 @@ def test_the_rule_sees_every_form_of_import(tmp_path: Path) -> None:
         "    from sdk import connection\n"
         "def f():\n"
         "    import sdk.engines\n"
-        "from tensord_dataplane.slab import Slab\n"
+        "from tensord_dataplane.slab import SlabAccess\n"
         "from sdk import tensors, transport\n"
         "import tensord_dataplane.transport.base\n"
         "from tensord_contract.errors import InvalidArgument\n"

@@ -21,8 +21,8 @@ from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
 from tensord_dataplane.fingerprint import BLOCK_BYTES, fingerprint
-from tensord_dataplane.gpu import GpuSlab as CudaSlab
-from tensord_dataplane.host import HostSlab
+from tensord_dataplane.gpu import GpuAccess
+from tensord_dataplane.host import HostAccess
 from tensord_dataplane.tensors import dtype_name
 from tests.daemons import WEIGHTS, needs_minilm, tensord
 from tests.data import random_tensor as _random
@@ -298,14 +298,14 @@ class _MemorySink:
     def __init__(self, shards: dict[str, dict[str, torch.Tensor]], fail_commit: str | None = None) -> None:
         self.shards, self.fail_commit = shards, fail_commit
         self.events: list[tuple[str, str]] = []
-        self.slabs: list[HostSlab] = []
+        self.slabs: list[HostAccess] = []
 
     @contextmanager
     def reserve(self, name: str, table: Table, *, device: str, origin: str):
         offsets, nbytes = table.layout()
         fd = os.memfd_create("tensord-test")
         os.ftruncate(fd, nbytes)
-        manifest, slab = Manifest(name, 0, table, offsets, nbytes), HostSlab(fd, nbytes, writable=True)
+        manifest, slab = Manifest(name, 0, table, offsets, nbytes), HostAccess(fd, nbytes, writable=True)
         self.events.append(("reserve", origin))
         sink = self
 
@@ -539,9 +539,9 @@ def test_ingest_into_memory_the_daemon_owns(many, caplog, kind: str) -> None:
     if kind == "memfd":
         fd = os.memfd_create("tensord-test")
         os.ftruncate(fd, nbytes)
-        slab = HostSlab(fd, nbytes, writable=True)
+        slab = HostAccess(fd, nbytes, writable=True)
     else:
-        slab = CudaSlab(torch.zeros(nbytes, dtype=torch.uint8))  # any flat uint8 tensor
+        slab = GpuAccess(torch.zeros(nbytes, dtype=torch.uint8))  # any flat uint8 tensor
     logger = logging.getLogger("tensord.test-daemon")
     bar = Progress(sum(t.nbytes for t in tensors), False, logger=logger, label="inproc", log_every=0.0)
     try:

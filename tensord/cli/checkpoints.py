@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdk.client import Client, Reservation
-    from tensord_dataplane.slab import Slab
+    from tensord_dataplane.slab import SlabAccess
 
 
 class ClientSink:
@@ -49,7 +49,7 @@ class _Reserved:
         return self.reservation.manifest
 
     @property
-    def slab(self) -> Slab:
+    def slab(self) -> SlabAccess:
         return self.reservation.slab
 
     def commit(self, fingerprints: Sequence[int]) -> int:

@@ -153,7 +153,7 @@ def slab_tensor(slab: Slab, *, writable: bool) -> Iterator[Any]:
         return
     if not isinstance(slab, HostSlab):
         raise TransferError(f"no pair-group transfers for slabs on {slab.device}")
-    from tensord_dataplane.host import HostSlab as HostAccess
+    from tensord_dataplane.host import HostAccess
 
     access = HostAccess(os.dup(slab.fd), slab.nbytes, slab.generation, writable=writable)
     try:

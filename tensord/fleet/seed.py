@@ -44,10 +44,10 @@ async def from_publication(
         transport = store.transport
         if transport is None or not store.reaches(device):
             raise TransferError(f"node {store.node} has no Transfer Engine for {device} memory to read a publication")
-        from tensord_dataplane.published import PublishedSlab
+        from tensord_dataplane.published import PublishedAccess
 
         name, version = manifest.name, manifest.version
-        reader = PublishedSlab(replica, manifest, transport)
+        reader = PublishedAccess(replica, manifest, transport)
         slab = store.allocate(device, manifest.nbytes, f"{name}@{version}<")
         try:
             address = store.expose(slab, writable=True)

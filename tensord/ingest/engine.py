@@ -30,9 +30,9 @@ from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, TensorSpec
 from tensord_dataplane.fingerprint import BLOCK_BYTES, FINGERPRINT_VERSION, fingerprint_finish, fingerprint_part
-from tensord_dataplane.gpu import GpuSlab
-from tensord_dataplane.host import HostSlab
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.gpu import GpuAccess
+from tensord_dataplane.host import HostAccess
+from tensord_dataplane.slab import SlabAccess
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MAX_THREADS = 64
 
 
 def ingest_into(
-    slab: Slab,
+    slab: SlabAccess,
     manifest: Manifest,
     sources: Sequence[Source],
     *,
@@ -69,7 +69,7 @@ def ingest_into(
     started = time.perf_counter()
     with opened(sources, passed) as fds:
         chunks = plan_chunks(sources, fds, chunk)
-        on_gpu = isinstance(slab, GpuSlab)  # then hash where the bytes land, in one batch
+        on_gpu = isinstance(slab, GpuAccess)  # then hash where the bytes land, in one batch
         fp = manifest.fp_version  # the definition of the version being made (or restored)
         shares = _run(slab, specs, sources, chunks, threads, chunk, progress, hash_chunks=not on_gpu, fp=fp)
     if on_gpu:
@@ -96,7 +96,7 @@ def check_threads(threads: object) -> int:
     return threads
 
 
-def _check_sources(slab: Slab, manifest: Manifest, sources: Sequence[Source]) -> list[TensorSpec]:
+def _check_sources(slab: SlabAccess, manifest: Manifest, sources: Sequence[Source]) -> list[TensorSpec]:
     specs = list(manifest.tensors)
     if len(sources) != len(specs):
         raise InvalidArgument(f"{len(sources)} sources for the {len(specs)} tensors of {manifest.name}")
@@ -113,7 +113,7 @@ def _check_sources(slab: Slab, manifest: Manifest, sources: Sequence[Source]) ->
     return specs
 
 
-def _chunk_size(slab: Slab, chunk_bytes: int | None) -> int:
+def _chunk_size(slab: SlabAccess, chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
         chunk_bytes = CUDA_CHUNK_BYTES if slab.device.startswith("cuda") else HOST_CHUNK_BYTES
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
@@ -126,13 +126,13 @@ class _Target:
     staged, then an asynchronous copy on a CUDA stream into a GPU slab on this node, or the
     slab's own ``write_from`` (a remote slab)."""
 
-    def __init__(self, slab: Slab, specs: list[TensorSpec]) -> None:
+    def __init__(self, slab: SlabAccess, specs: list[TensorSpec]) -> None:
         self.slab, self.specs = slab, specs
-        self.device = torch.device(slab.device) if isinstance(slab, GpuSlab) else None
+        self.device = torch.device(slab.device) if isinstance(slab, GpuAccess) else None
         if self.device is not None and self.device.type != "cuda":
             self.device = None  # a tensor-backed slab in host memory: plain copies
-        self.staged = not isinstance(slab, HostSlab)
-        self.base = slab.base() if isinstance(slab, (HostSlab, GpuSlab)) else None
+        self.staged = not isinstance(slab, HostAccess)
+        self.base = slab.base() if isinstance(slab, (HostAccess, GpuAccess)) else None
 
     def _at(self, chunk: Chunk) -> int:
         return self.specs[chunk.index].offset + chunk.start
@@ -157,7 +157,7 @@ class _Target:
 
 
 def _run(
-    slab: Slab,
+    slab: SlabAccess,
     specs: list[TensorSpec],
     sources: Sequence[Source],
     chunks: list[Chunk],

@@ -30,7 +30,7 @@ from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
 from tensord_contract.names import check_name
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 
 
 class Reserved(Protocol):
@@ -40,7 +40,7 @@ class Reserved(Protocol):
     def manifest(self) -> Manifest: ...
 
     @property
-    def slab(self) -> Slab: ...
+    def slab(self) -> SlabAccess: ...
 
     def commit(self, fingerprints: Sequence[int]) -> int:
         """Publish the written slab with these fingerprints (manifest order); its version."""

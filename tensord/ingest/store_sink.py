@@ -20,7 +20,7 @@ from tensord.memory import own_view
 from tensord.rpc import Session
 from tensord.store import Reservation, Store
 from tensord_contract.manifest import Table
-from tensord_dataplane.slab import Slab
+from tensord_dataplane.slab import SlabAccess
 
 T = TypeVar("T")
 
@@ -110,7 +110,7 @@ class StoreSink:
 class _Reserved:
     def __init__(self, sink: StoreSink, r: Reservation) -> None:
         self.sink, self.id, self.manifest = sink, r.id, r.manifest
-        self.slab: Slab = own_view(r.slab)
+        self.slab: SlabAccess = own_view(r.slab)
         self.closed = False
 
     def commit(self, fingerprints: Sequence[int]) -> int:
