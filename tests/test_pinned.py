@@ -17,7 +17,7 @@ from tensord.memory import Budgets, CudaBlocks, HostSlab, allocate
 from tensord_contract.descriptors import HostReplica, replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError, TransferError
 from tensord_dataplane import pinned
-from tensord_dataplane.host import HostSlab as HostAccess
+from tensord_dataplane.host import HostAccess
 from tensord_dataplane.mapping import Mapping
 from tests.daemons import DaemonProcess
 
