@@ -12,13 +12,13 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from sdk.catalogue import CatalogueClient
 from sdk.connection import Connection
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import ProtocolError, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.messages import OpenReply, OpenRequest
 from tensord_contract.names import check_name, check_version
 from tensord_dataplane.opening import open_slab
 from tensord_dataplane.slab import SlabAccess
@@ -89,21 +89,18 @@ class PinningClient(CatalogueClient):
     ) -> tuple[Pin, Manifest, SlabAccess]:
         check_name(name)
         version = check_version(version)
-        args: dict[str, Any] = {"name": name, "version": version, "have": self._have(name)}
-        if exclude:
-            args["exclude"] = exclude
-        if mount:  # the daemon counts the bytes clients map (status: one copy, not two)
-            args["mount"] = True
+        # mount: the daemon counts the bytes clients map (status: one copy, not two)
+        request = OpenRequest(name, version, tuple(exclude or ()), self._have(name), mount)
         conn = self._conn()
-        result, fds = conn.call("open", **args)
+        result, fds = conn.call("open", **request.to_wire())
         pin: Pin | None = None
         try:
-            if not isinstance(result, dict) or type(result.get("pin")) is not int:
-                raise ProtocolError(f"malformed open reply: {result!r:.200}")
-            pin = Pin(conn, result["pin"], name, version or 0)
-            replica = replica_from_wire(result.get("replica"))
-            manifest = self._manifest(name, result, replica.generation)
-            pin = Pin(conn, result["pin"], name, manifest.version)
+            if isinstance(result, dict) and type(result.get("pin")) is int:  # given back if what follows fails
+                pin = Pin(conn, result["pin"], name, version or 0)
+            reply = OpenReply.from_wire(result, ProtocolError)
+            replica = replica_from_wire(reply.replica)
+            manifest = self._manifest(name, reply, replica.generation)
+            pin = Pin(conn, reply.pin, name, manifest.version)
             if manifest.nbytes > replica.nbytes:
                 raise ProtocolError(f"{name} v{manifest.version}: the manifest spans more than its slab")
             return pin, manifest, open_slab(replica, fds, transport=self._transport, manifest=manifest)
@@ -115,16 +112,14 @@ class PinningClient(CatalogueClient):
                     self._release(pin)
             raise
 
-    def _have(self, name: str) -> list[list[int]]:
+    def _have(self, name: str) -> frozenset[tuple[int, int]]:
         """The (version, generation) pairs of `name` whose manifests this client holds."""
         with self._lock:
-            return [[v, g] for (n, v, g) in self._manifests if n == name]
+            return frozenset((v, g) for (n, v, g) in self._manifests if n == name)
 
-    def _manifest(self, name: str, result: dict[str, Any], generation: int) -> Manifest:
+    def _manifest(self, name: str, reply: OpenReply, generation: int) -> Manifest:
         """The open reply's manifest: decoded and cached, or from the cache when it was left out."""
-        version, wire = result.get("version"), result.get("manifest")
-        if type(version) is not int:
-            raise ProtocolError(f"malformed open reply: version {version!r:.40}")
+        version, wire = reply.version, reply.manifest
         key = (name, version, generation)
         with self._lock:
             cached = self._manifests.get(key)

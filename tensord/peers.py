@@ -18,6 +18,7 @@ from typing import Any
 
 from tensord_contract import control, wire
 from tensord_contract.errors import ProtocolError, TensordError, Unavailable
+from tensord_contract.messages import OpenReply, OpenRequest
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,14 @@ class Peer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def pin(self, name: str, version: int, have: Any = None) -> tuple[dict[str, Any], RemotePin]:
+    async def pin(
+        self, name: str, version: int, have: frozenset[tuple[int, int]] = frozenset()
+    ) -> tuple[OpenReply, RemotePin]:
         """Open a version on the peer: its reply, and the pin that keeps it alive. `have`: the
         (version, generation) pairs whose manifests the reader holds (they are left out)."""
-        args: dict[str, Any] = {"name": name, "version": version}
-        if have:
-            args["have"] = have
-        result, epoch = await self.call("open", **args)
-        return result, RemotePin(self, int(result["pin"]), epoch, self.node)
+        result, epoch = await self.call("open", **OpenRequest(name, version, have=have).to_wire())
+        reply = OpenReply.from_wire(result, ProtocolError)
+        return reply, RemotePin(self, reply.pin, epoch, self.node)
 
     async def release(self, pin: RemotePin) -> bool:
         """Give a remote pin back; True if it held all along (same connection, still known, not

@@ -10,6 +10,7 @@ included: `tensord.fleet`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -29,6 +30,7 @@ from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Store
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.messages import OpenReply
 from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,8 @@ class Cluster:
         return found
 
     async def pin_remote(
-        self, name: str, version: int, exclude: list[str], have: set[tuple[int, int]] | None = None
-    ) -> tuple[dict[str, Any], RemotePin]:
+        self, name: str, version: int, exclude: list[str], have: frozenset[tuple[int, int]] | None = None
+    ) -> tuple[OpenReply, RemotePin]:
         """Pin `version` on the best other node; its open reply (the manifest committed in the
         registry unless `have` names it, the holder's descriptor) and the pin. A holder whose
         own manifest differs from the registry's (layout or fingerprints) is refused: a verified
@@ -82,24 +84,23 @@ class Cluster:
         for replica, record in await self.candidates(name, version, exclude):
             peer = self.peers.get(replica.node, record.control)
             checked = (replica.node, name, version, replica.generation)
-            compared = [[version, replica.generation]] if checked in self._checked else None
+            compared = frozenset({(version, replica.generation)}) if checked in self._checked else frozenset()
             try:  # its manifest is left out only where this gateway compared it before
-                result, pin = await peer.pin(name, version, compared)
+                reply, pin = await peer.pin(name, version, compared)
             except NEXT_REPLICA as exc:
                 errors.append(f"{replica.node}: {exc.message}")
                 continue
-            why = self._differs(result.get("manifest"), committed)
+            why = self._differs(reply.manifest, committed)
             if why:
                 log.warning("refusing the replica of %s v%d on %s: %s", name, version, replica.node, why)
                 errors.append(f"{replica.node}: {why}")
                 await peer.release(pin)
                 continue
-            if result.get("manifest") is not None:
+            if reply.manifest is not None:
                 self._remember(self._checked, checked, True)
-            generation = (result.get("replica") or {}).get("generation")
-            known = have is not None and (version, generation) in have
+            known = have is not None and (version, reply.replica.get("generation")) in have
             peer.busy += 1
-            return {**result, "manifest": None if known else committed.wire}, pin
+            return dataclasses.replace(reply, manifest=None if known else committed.wire), pin
         raise TransferError(
             f"no replica of {name} v{version} could be pinned: {'; '.join(errors)}", name=name, version=version
         )

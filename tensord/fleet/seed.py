@@ -20,6 +20,7 @@ from tensord.store import Store
 from tensord_contract.descriptors import PublishedReplica, replica_from_wire
 from tensord_contract.errors import IntegrityError, TransferError
 from tensord_contract.manifest import Manifest
+from tensord_contract.messages import OpenReply
 from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ async def from_publication(
     store: Store,
     manifest: Manifest,
     device: str,
-    pinned: tuple[dict[str, Any], RemotePin],
+    pinned: tuple[OpenReply, RemotePin],
     release: Callable[[RemotePin], Awaitable[bool]],
 ) -> Held | None:
     """Copy the publication pinned (`pinned`: the holder's open reply and the pin) into a slab
@@ -38,7 +39,7 @@ async def from_publication(
     result, pin = pinned
     released = False
     try:
-        replica = replica_from_wire(result.get("replica"))
+        replica = replica_from_wire(result.replica)
         if not isinstance(replica, PublishedReplica):
             return None
         transport = store.transport

@@ -12,7 +12,6 @@ from tensord_contract.manifest import FINGERPRINT_VERSIONS
 
 #: the longest a request may wait for something to happen (long polls)
 MAX_WAIT = 300.0
-_MAX_HAVE = 64
 
 
 def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()) -> list[Any]:
@@ -40,20 +39,6 @@ def fp_definition(value: object) -> int:
 def is_number(value: object, low: float, high: float) -> bool:
     """Whether `value` is an int or a float from `low` to `high` (inclusive)."""
     return isinstance(value, int | float) and low <= value <= high
-
-
-def have_pairs(value: object) -> set[tuple[int, int]]:
-    """The (version, generation) pairs whose manifests the client holds."""
-    if value is None:
-        return set()
-    if not isinstance(value, list) or len(value) > _MAX_HAVE:
-        raise InvalidArgument(f"have must be a list of at most {_MAX_HAVE} [version, generation] pairs")
-    out = set()
-    for pair in value:
-        if not isinstance(pair, list) or len(pair) != 2 or not all(is_int(x) for x in pair):
-            raise InvalidArgument("have must hold [version, generation] pairs of ints")
-        out.add((pair[0], pair[1]))
-    return out
 
 
 def node_list(value: object) -> list[str]:

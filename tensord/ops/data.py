@@ -3,27 +3,27 @@ release, and a put's three steps (reserve a slab, commit it as a version, or abo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from tensord.held import MountPin
-from tensord.ops.args import args, fp_definition, have_pairs, is_int, node_list
+from tensord.ops.args import args, fp_definition, is_int
 from tensord.ops.base import Ops
 from tensord.owned import OwnedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.names import check_name, check_version
+from tensord_contract.messages import OpenReply, OpenRequest
+from tensord_contract.names import check_name
 
 
 class DataOps(Ops):
     async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version, exclude, have, mount = args(request, "name", optional=("version", "exclude", "have", "mount"))
-        check_name(name)
-        if mount is not None and not isinstance(mount, bool):
-            raise InvalidArgument("mount must be true or false: whether the client maps the version")
-        exclude, cached = node_list(exclude), have_pairs(have)
-        version = await self.store.resolve_version(name, check_version(version))
+        args(request, "name", optional=("version", "exclude", "have", "mount"))  # no unknown keys
+        req = OpenRequest.from_wire(request, InvalidArgument)
+        name, exclude, cached = req.name, list(req.exclude), req.have
+        version = await self.store.resolve_version(name, req.version)
         held = self.store.holds(name, version)
         for _ in range(3):  # brought back, then evicted again before this reader could pin it
             if held is not None or self.restorer is None:
@@ -41,17 +41,11 @@ class DataOps(Ops):
             self._moved(session, held, "read")
             pin = next(self._pins)
             session.pins[pin] = held
-            if mount and session.local and not isinstance(held.slab, OwnedSlab):  # a mapping, not a copy
+            if req.mount and session.local and not isinstance(held.slab, OwnedSlab):  # a mapping, not a copy
                 held.mapped += 1
                 session.pins[pin] = MountPin(held)
             known = (version, held.slab.generation) in cached
-            reply = {
-                "pin": pin,
-                "version": version,
-                "manifest": None if known else held.manifest.wire,
-                "replica": replica,
-            }
-            return reply, fds
+            return OpenReply(pin, version, replica, None if known else held.manifest.wire).to_wire(), fds
         if self.cluster is None:
             lost = self.restorer.lost(name, version) if self.restorer is not None else None
             message = f"{name} v{version} is not held on node {self.store.node}"
@@ -59,10 +53,10 @@ class DataOps(Ops):
                 assert self.restorer is not None
                 message = self.restorer.lost_message(name, version, lost)
             raise NotFound(message, name=name, version=version)
-        result, remote = await self.cluster.pin_remote(name, version, exclude, cached)
+        reply, remote = await self.cluster.pin_remote(name, version, exclude, cached)
         pin = next(self._pins)
         session.pins[pin] = remote
-        return {**result, "pin": pin}, []
+        return dataclasses.replace(reply, pin=pin).to_wire(), []
 
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (pin,) = args(request, "pin")
