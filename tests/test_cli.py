@@ -24,7 +24,7 @@ def test_ls_info_status_rm(daemon, client) -> None:
     client.put("cli/model", {"w": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8)})
     out = tensord("ls", socket=daemon.socket)
     assert out.returncode == 0
-    assert out.stdout.splitlines()[0].split() == ["NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE"]
+    assert out.stdout.splitlines()[0].split() == ["NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE", "FROM"]
     assert "cli/model" in out.stdout
     info = json.loads(tensord("info", "cli/model", "--json", socket=daemon.socket).stdout)
     assert info["tensors"]["w"] == {"dtype": "bfloat16", "shape": [4, 8], "nbytes": 64}

@@ -279,6 +279,9 @@ def test_a_rank_set_is_taken_only_for_the_version_and_engine_it_was_derived_from
     # `tensord info` shows the derivation.
     out = tensord("info", rank_set(name, 0), socket=daemon.socket)
     assert out.returncode == 0 and 'derived {"key":{"dtype":"float32"' in out.stdout, out.stdout
+    # and so does `tensord ls`, in its FROM column (the whole set is from no derivation).
+    listed = tensord("ls", "eng/", socket=daemon.socket).stdout
+    assert f"{name} v1 (toy 1 tp0/1)" in listed and "FROM" in listed, listed
     # A rank set that records no derivation is never taken.
     client.put("eng/underived", v1)
     client.put(rank_set("eng/underived", 0), dict(first.state_dict()))

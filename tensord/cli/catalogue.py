@@ -89,10 +89,25 @@ def _print_sets(sets: list[dict[str, Any]]) -> None:
             str(s["tensors"]),
             human(s["nbytes"]),
             s["device"] or "-",
+            _derived_from(s.get("origin")),
         )
         for s in sets
     ]
-    table(("NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE"), rows)
+    table(("NAME", "LATEST", "VERSIONS", "TENSORS", "BYTES", "DEVICE", "FROM"), rows)
+
+
+def _derived_from(origin: object) -> str:
+    """What a derived set (an engine's rank set, `sdk.engines.derived`) was made from, as
+    "SOURCE vN [ENGINE tpR/S]"; "-" for any other set."""
+    if not isinstance(origin, str) or not origin.startswith("derived "):
+        return "-"
+    try:
+        data = json.loads(origin[len("derived ") :])
+        where = str(data["source"]) + ("" if str(data["source"]).startswith("files:") else f" v{int(data['version'])}")
+        key = data.get("key") or {}
+        return f"{where} ({key['engine']} tp{key['tp_rank']}/{key['tp_size']})" if key else where
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "-"
 
 
 def _info(args: argparse.Namespace) -> int:

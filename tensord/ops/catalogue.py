@@ -80,6 +80,7 @@ class CatalogueOps(Ops):
                     "versions": versions,
                     "nbytes": manifest.data_bytes,
                     "tensors": len(manifest),
+                    "origin": manifest.origin,
                     "device": ",".join(sorted({f"{r.node}:{r.device}" if self.cluster else r.device for r in replicas}))
                     or None,
                 }
