@@ -16,7 +16,6 @@ Every comparison is bit-exact.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.daemons import WEIGHTS, DaemonProcess, needs_minilm
-from tests.vllm_procs import VllmDriver, VllmServer, bare_model_dir, run_trainer, vllm_python
+from tests.vllm_procs import VllmDriver, VllmServer, bare_model_dir, run_trainer, vllm_python_or_skip
 
 pytestmark = [needs_minilm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -36,14 +35,7 @@ STEP = 7  # the trainer's seed for its "new weights"
 
 @pytest.fixture(scope="module")
 def python() -> str:
-    if os.environ.get("TENSORD_SKIP_VLLM") == "1":
-        pytest.skip("TENSORD_SKIP_VLLM=1")
-    path = vllm_python()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set up vLLM (scripts/setup-vllm.sh) before these tests")
-        pytest.skip("no vLLM venv: run scripts/setup-vllm.sh")
-    return path
+    return vllm_python_or_skip()
 
 
 @pytest.fixture(scope="module")

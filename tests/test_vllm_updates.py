@@ -10,7 +10,6 @@ rank set, one process for the early errors (which build no model).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from sdk.engines import Derivation
 from tests.daemons import DaemonProcess
 from tests.engine_models import qwen2_weights, write_qwen2
 from tests.vllm_driver import GENERATE, MARK
-from tests.vllm_procs import VllmDriver, _Proc, engine_env, vllm_python
+from tests.vllm_procs import VllmDriver, _Proc, engine_env, vllm_python_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -30,14 +29,7 @@ KINDS = ("tied", "untied")
 
 @pytest.fixture(scope="module")
 def python() -> str:
-    if os.environ.get("TENSORD_SKIP_VLLM") == "1":
-        pytest.skip("TENSORD_SKIP_VLLM=1")
-    path = vllm_python()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set up vLLM (scripts/setup-vllm.sh) before these tests")
-        pytest.skip("no vLLM venv: run scripts/setup-vllm.sh")
-    return path
+    return vllm_python_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,21 @@ def vllm_python() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
+def vllm_python_or_skip() -> str:
+    """The vLLM interpreter for a test module; skipped with TENSORD_SKIP_VLLM=1 or without the
+    venv, except in CI, which must have set it up."""
+    import pytest
+
+    if os.environ.get("TENSORD_SKIP_VLLM") == "1":
+        pytest.skip("TENSORD_SKIP_VLLM=1")
+    path = vllm_python()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set up vLLM (scripts/setup-vllm.sh) before these tests")
+        pytest.skip("no vLLM venv: run scripts/setup-vllm.sh")
+    return path
+
+
 def engine_env(socket_path: str, **extra: str) -> dict[str, str]:
     # One engine at a time shares two cores with the tests; keep vLLM quiet about what it
     # cannot find here and never let it reach a hub.
