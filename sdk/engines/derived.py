@@ -9,69 +9,21 @@ was derived from the version of ``NAME`` it was asked for, by an engine of the s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 import sdk
+from tensord_contract.derivation import FILES, Derivation, EngineKey
 from tensord_contract.errors import NotFound
 
 log = logging.getLogger("sdk.engines")
 
-PREFIX = "derived "
-FILES = "files:"  # a source that is a model directory, not a set
 #: How many versions of a rank set are looked at for one derived from the version asked for.
 SCAN_VERSIONS = 8
-
-
-@dataclass(frozen=True)
-class EngineKey:
-    """What must match for one engine's parameters to fit another: a rank set in one engine's
-    layout is only valid for an engine of the same key."""
-
-    engine: str  # e.g. "vllm 0.32.0"
-    tp_size: int
-    tp_rank: int
-    dtype: str  # e.g. "float32"
-    quantization: str | None = None
-
-
-@dataclass(frozen=True)
-class Derivation:
-    """Where a rank set's tensors came from: `source` (a whole set's name, or ``files:DIR``)
-    at `version` (0 for files), converted by an engine of `key` (None: not recorded)."""
-
-    source: str
-    version: int
-    key: EngineKey | None = None
-
-    def to_origin(self) -> str:
-        return PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_origin(cls, origin: object) -> Derivation | None:
-        """The derivation an origin records; None when it records none or is malformed."""
-        if not isinstance(origin, str) or not origin.startswith(PREFIX):
-            return None
-        try:
-            data = json.loads(origin[len(PREFIX) :])
-            key = data.get("key")
-            return cls(str(data["source"]), int(data["version"]), None if key is None else EngineKey(**key))
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return None
-
-    def describe(self) -> str:
-        where = self.source if self.source.startswith(FILES) else f"{self.source} v{self.version}"
-        if self.key is None:
-            return where
-        k = self.key
-        quant = k.quantization or "none"
-        return f"{where} by {k.engine} (tp {k.tp_rank}/{k.tp_size}, {k.dtype}, quantization {quant})"
 
 
 def fits(derivation: Derivation | None, *, name: str, version: int | None, key: EngineKey | None) -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tensord.cli.output import human, table
+from tensord_contract.derivation import FILES, Derivation
 
 if TYPE_CHECKING:
     from sdk.catalogue import CatalogueClient
@@ -97,17 +98,13 @@ def _print_sets(sets: list[dict[str, Any]]) -> None:
 
 
 def _derived_from(origin: object) -> str:
-    """What a derived set (an engine's rank set, `sdk.engines.derived`) was made from, as
-    "SOURCE vN [ENGINE tpR/S]"; "-" for any other set."""
-    if not isinstance(origin, str) or not origin.startswith("derived "):
+    """What a derived set (an engine's rank set) was made from, as "SOURCE vN (ENGINE tpR/S)";
+    "-" for any other set."""
+    d = Derivation.from_origin(origin)
+    if d is None:
         return "-"
-    try:
-        data = json.loads(origin[len("derived ") :])
-        where = str(data["source"]) + ("" if str(data["source"]).startswith("files:") else f" v{int(data['version'])}")
-        key = data.get("key") or {}
-        return f"{where} ({key['engine']} tp{key['tp_rank']}/{key['tp_size']})" if key else where
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return "-"
+    where = d.source if d.source.startswith(FILES) else f"{d.source} v{d.version}"
+    return where if d.key is None else f"{where} ({d.key.engine} tp{d.key.tp_rank}/{d.key.tp_size})"
 
 
 def _info(args: argparse.Namespace) -> int:

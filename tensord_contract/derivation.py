@@ -1,0 +1,59 @@
+"""What a derived set was made from, as written in its version's ``origin``: the format engines
+write (`sdk.engines.derived`) and tools read (`tensord ls`, `tensord info`), with no torch.
+
+A rank set ``NAME/tp{rank}`` that an engine published records the whole set and version it
+loaded (or the model's files) and the `EngineKey` of the engine that converted it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+PREFIX = "derived "
+FILES = "files:"  # a source that is a model directory, not a set
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What must match for one engine's parameters to fit another: a rank set in one engine's
+    layout is only valid for an engine of the same key."""
+
+    engine: str  # e.g. "vllm 0.32.0"
+    tp_size: int
+    tp_rank: int
+    dtype: str  # e.g. "float32"
+    quantization: str | None = None
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """Where a rank set's tensors came from: `source` (a whole set's name, or ``files:DIR``)
+    at `version` (0 for files), converted by an engine of `key` (None: not recorded)."""
+
+    source: str
+    version: int
+    key: EngineKey | None = None
+
+    def to_origin(self) -> str:
+        return PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_origin(cls, origin: object) -> Derivation | None:
+        """The derivation an origin records; None when it records none or is malformed."""
+        if not isinstance(origin, str) or not origin.startswith(PREFIX):
+            return None
+        try:
+            data = json.loads(origin[len(PREFIX) :])
+            key = data.get("key")
+            return cls(str(data["source"]), int(data["version"]), None if key is None else EngineKey(**key))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def describe(self) -> str:
+        where = self.source if self.source.startswith(FILES) else f"{self.source} v{self.version}"
+        if self.key is None:
+            return where
+        k = self.key
+        quant = k.quantization or "none"
+        return f"{where} by {k.engine} (tp {k.tp_rank}/{k.tp_size}, {k.dtype}, quantization {quant})"
