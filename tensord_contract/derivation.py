@@ -2,7 +2,9 @@
 write (`sdk.engines.derived`) and tools read (`tensord ls`, `tensord info`), with no torch.
 
 A rank set ``NAME/tp{rank}`` that an engine published records the whole set and version it
-loaded (or the model's files) and the `EngineKey` of the engine that converted it.
+loaded (or the model's files) and the `EngineKey` of the engine that converted it. An engine
+set ``NAME/tp{rank}/processed`` (engines that mount their parameters) records the same, plus the
+`platform` its tensors were post-processed for: kernels repack weights per device kind.
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ class EngineKey:
 @dataclass(frozen=True)
 class Derivation:
     """Where a rank set's tensors came from: `source` (a whole set's name, or ``files:DIR``)
-    at `version` (0 for files), converted by an engine of `key` (None: not recorded)."""
+    at `version` (0 for files), converted by an engine of `key` (None: not recorded), and
+    post-processed for `platform` (None: in the engine's loading layout, not post-processed)."""
 
     source: str
     version: int
     key: EngineKey | None = None
+    platform: str | None = None
 
     def to_origin(self) -> str:
-        return PREFIX + json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        data = asdict(self)
+        if self.platform is None:  # what older readers expect
+            del data["platform"]
+        return PREFIX + json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_origin(cls, origin: object) -> Derivation | None:
@@ -45,8 +52,11 @@ class Derivation:
             return None
         try:
             data = json.loads(origin[len(PREFIX) :])
-            key = data.get("key")
-            return cls(str(data["source"]), int(data["version"]), None if key is None else EngineKey(**key))
+            key, platform = data.get("key"), data.get("platform")
+            if platform is not None and not isinstance(platform, str):
+                return None
+            key = None if key is None else EngineKey(**key)
+            return cls(str(data["source"]), int(data["version"]), key, platform)
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
@@ -56,4 +66,5 @@ class Derivation:
             return where
         k = self.key
         quant = k.quantization or "none"
-        return f"{where} by {k.engine} (tp {k.tp_rank}/{k.tp_size}, {k.dtype}, quantization {quant})"
+        processed = "" if self.platform is None else f", processed for {self.platform}"
+        return f"{where} by {k.engine} (tp {k.tp_rank}/{k.tp_size}, {k.dtype}, quantization {quant}{processed})"

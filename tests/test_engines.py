@@ -33,6 +33,11 @@ def test_options_are_validated_by_name() -> None:
     assert EngineOptions.from_config({"name": "m"}).publish_mode == "checkpoint"
     assert EngineOptions.from_config({"name": "m", "publish": False}).publish_mode is None
     assert EngineOptions.from_config({"name": "m", "publish": "params"}).publish_mode == "params"
+    # Engines that mount publish nothing else by default: their engine set is the one copy.
+    assert EngineOptions.from_config({"name": "m", "mount": True}).publish_mode is None
+    assert EngineOptions.from_config({"name": "m", "mount": True, "publish": True}).publish_mode == "checkpoint"
+    with pytest.raises(sdk.InvalidArgument, match='"mount" must be true or false'):
+        EngineOptions.from_config({"name": "m", "mount": "yes"})
     with pytest.raises(sdk.InvalidArgument, match='"name"'):
         EngineOptions.from_config({})
     with pytest.raises(sdk.InvalidArgument, match=r"unknown option\(s\) \['nmae'\]"):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -207,3 +208,59 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (vLLM runs the model in a child process)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def memfd_mappings(pid: int) -> dict[str, int]:
+    """Summed over a process tree, in bytes, for its mappings of memfds (the daemon's host
+    slabs): their size, and their resident and proportional pages."""
+    totals = {"size": 0, "rss": 0, "pss": 0}
+    keys = {"Size:": "size", "Rss:": "rss", "Shared_Hugetlb:": "rss", "Private_Hugetlb:": "rss", "Pss:": "pss"}
+    for p in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/smaps").read_text().splitlines()
+        except OSError:
+            continue
+        inside = False
+        for line in lines:
+            head = line.split(maxsplit=1)[0] if line else ""
+            if "-" in head and not head.endswith(":"):  # a mapping's first line
+                inside = "/memfd:" in line
+            elif inside and head in keys:
+                totals[keys[head]] += int(line.split()[1]) * 1024
+    return totals
+
+
+def copied_bytes(pid: int) -> int:
+    """Bytes of a process tree's mappings of memfds whose pages are its own copies (copied on
+    write, huge pages included): present pages that /proc/PID/pagemap does not mark as file or
+    shared pages."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            maps = Path(f"/proc/{p}/maps").read_text().splitlines()
+            pagemap = open(f"/proc/{p}/pagemap", "rb")  # noqa: SIM115 - closed below
+        except OSError:
+            continue
+        with pagemap:
+            for line in maps:
+                if "/memfd:" not in line:
+                    continue
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                pagemap.seek(start // 4096 * 8)
+                entries = struct.unpack(f"<{(end - start) // 4096}Q", pagemap.read((end - start) // 4096 * 8))
+                total += 4096 * sum(1 for e in entries if e >> 63 and not (e >> 61) & 1)
+    return total

