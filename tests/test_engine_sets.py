@@ -47,27 +47,43 @@ def _meta() -> Tiny:
 
 
 def test_a_model_moves_into_the_store_and_binds_back_as_views(client: sdk.Client) -> None:
-    model = Tiny()
-    ids = torch.tensor([1, 5, 999, 0])
+    _move_and_bind(client, "es/tiny", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_model_moves_into_a_gpu_slab_and_binds_back_as_views(client: sdk.Client) -> None:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated("cuda:0")
+    _move_and_bind(client, "es/tiny-gpu", "cuda:0", before=before)
+
+
+def _move_and_bind(client: sdk.Client, name: str, device: str, before: int | None = None) -> None:
+    """`before`: this process's allocated GPU bytes before the model existed."""
+    model = Tiny(device=device)
+    ids = torch.tensor([1, 5, 999, 0], device=device)
     with torch.no_grad():  # an autograd graph would hold the parameters
         expected = model(ids)
     tensors, layout = export(model)
     assert set(tensors) == {"embed.weight", "norm.weight", "norm.bias", "scale", "table"}  # the tie once
     assert layout["aliases"] == {"head.weight": "embed.weight"} and set(layout["buffers"]) == {"scale", "table"}
     layout["attrs"]["flag"] = True  # a loading flag, as vLLM's models record them
-    tensors[LAYOUT] = layout_tensor(layout, torch.device("cpu"))
+    tensors[LAYOUT] = layout_tensor(layout, torch.device(device))
     alive = weakref.ref(model.embed.weight)
-    version = handover.move(client, "es/tiny", model, tensors, origin="test", batch_bytes=64 << 10)
+    version = handover.move(client, name, model, tensors, origin="test", batch_bytes=64 << 10)
     del tensors
     gc.collect()
     assert alive() is None, "a moved tensor is released"
+    if before is not None:  # the GPU memory of the moved tensors went back: the slab is the copy
+        assert torch.cuda.memory_allocated(device) - before < (1 << 20)
+    assert client.info(name, version)["device"] == device
     assert sorted(meta_left(model)) == ["embed.weight", "head.weight", "norm.bias", "norm.weight", "scale", "table"]
 
     # Bound back into a model built on the meta device, as a later engine does.
-    with client.mount("es/tiny", version) as mount:
+    with client.mount(name, version) as mount:
         fresh = _meta()
         fresh.flag = False
-        bind(fresh, mount.tensors, read_layout(mount.tensors, "es/tiny"), "es/tiny")
+        bind(fresh, mount.tensors, read_layout(mount.tensors, name), name)
         assert not meta_left(fresh)
         assert fresh.head.weight is fresh.embed.weight  # the tie is one tensor again
         assert fresh.flag is True  # the model's flags as recorded
