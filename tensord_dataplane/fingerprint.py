@@ -178,15 +178,15 @@ def fingerprints(
             if done is not None:
                 out[rows[done[0]]] = done[1]
                 rows = rows[~done[0]]
-        buf = None
+        buf, step = None, window
         if device.type == "cpu":
             if version == 3:  # large, aligned ones read where they lie
                 big = (sizes[rows] >= _IN_PLACE) & (ptrs[rows] % 8 == 0)
                 if big.any():
                     out[rows[big]] = _host_in_place([as_bytes(dense[i]) for i in rows[big].tolist()])
                     rows = rows[~big]
-            window = min(window, _HOST_WINDOW)  # a small buffer, reused: fresh pages cost more than the hash
-        for idx in _groups(sizes[rows], window):
+            step = min(window, _HOST_WINDOW)  # a small buffer, reused: fresh pages cost more than the hash
+        for idx in _groups(sizes[rows], step):
             sel = rows[idx]
             out[sel], buf = _gathered(device, ptrs[sel], sizes[sel], version, buf)
     return out.tolist()
