@@ -10,11 +10,15 @@ Rows, each the median of --runs after a warm-up, in GB/s of tensor bytes:
   slab           `slab_fingerprints` over the set laid out as a slab (what puts, pulls,
                  restores and ingest-to-GPU compute);
   tensors        `fingerprints` of the separate tensors (what verify and publish compute:
-                 on a GPU one in-place Triton kernel, on the host gathered into a buffer);
-  chunk in cache `fingerprint_part` of one 4 MiB chunk already in cache, on one thread (what
-                 host ingest computes per chunk while it reads; host rows only).
+                 on a GPU one in-place Triton kernel, on the host large ones read in place,
+                 small ones gathered into a buffer);
 Then the ratio definition 3 / definition 2 in time (the target: at most 1.5) and each row
-against the flat copy.
+against the flat copy. Host runs add three cases, each against a plain memory read of the same
+bytes (`np.add.reduce` of them as uint64, one buffer) in the same run:
+  large buffer out of cache  `fingerprint` of one --large-mb buffer, torch's thread count;
+  chunk in cache             `fingerprint_part` of one 4 MiB chunk already in cache, on one
+                             thread (what host ingest computes per chunk while it reads);
+  small tensors              `fingerprints` of --small separate tensors of 1..4096 bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from _common import deepseek_shapes, median_seconds, random_tensors
 
-from tensord_dataplane.fingerprint import fingerprint_part, fingerprints, slab_fingerprints
+from tensord_dataplane.fingerprint import fingerprint, fingerprint_part, fingerprints, slab_fingerprints
 from tensord_dataplane.tensors import as_bytes
 
 
@@ -36,7 +40,12 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--large-mb", type=int, default=256, help="the buffer out of cache (host rows)")
+    p.add_argument("--small", type=int, default=50_000, help="small tensors (host rows)")
+    p.add_argument("--threads", type=int, default=0, help="torch's thread count (0: as it is)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     shapes = list(deepseek_shapes(a.tensors, int(a.gb * 1e9)).items())
     random.Random(0).shuffle(shapes)
@@ -74,18 +83,60 @@ def main() -> None:
         verdict = "within" if ratio <= 1.5 else "OVER"
         print(f"  {what + ' time, definition 3 / 2':36s} {ratio:8.2f}    ({verdict} the 1.5 target)")
     if a.device == "cpu":
-        chunk = slab[: 4 << 20]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        in_cache = {
-            v: median_seconds(lambda v=v: fingerprint_part(chunk, 0, slab.numel(), version=v), 20) for v in (2, 3)
-        }
-        torch.set_num_threads(threads)
-        for version, seconds in in_cache.items():
-            print(f"  {f'chunk in cache definition {version}':36s} {chunk.numel() / seconds / 1e9:8.2f} GB/s")
-        print(f"  {'chunk in cache time, definition 3 / 2':36s} {in_cache[3] / in_cache[2]:8.2f}")
+        host_rows(a, slab)
     assert np.array_equal(slab_fingerprints(slab, offsets, sizes), np.array(fingerprints(tensors), dtype=np.uint64)), (
         "the slab and tensor paths disagree"
+    )
+
+
+def host_rows(a: argparse.Namespace, slab: torch.Tensor) -> None:
+    """Definition 3 against definition 2 and against a plain read of the same bytes."""
+
+    def compare(label: str, nbytes: int, read: float, v2: float, v3: float) -> None:
+        print(f"  {label} ({nbytes / 1e6:.1f} MB)")
+        for what, seconds in (("plain read (np.add.reduce, uint64)", read), ("definition 2", v2), ("definition 3", v3)):
+            print(f"    {what:34s} {nbytes / seconds / 1e9:8.2f} GB/s  {seconds * 1e3:9.2f} ms")
+        print(f"    {'time, definition 3 / 2':34s} {v3 / v2:8.2f}")
+        print(f"    {'time, definition 3 / plain read':34s} {v3 / read:8.2f}")
+
+    large = torch.randint(0, 256, (a.large_mb << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    words = large.numpy().view(np.uint64)
+    compare(
+        f"large buffer out of cache, {torch.get_num_threads()} threads",
+        large.numel(),
+        median_seconds(lambda: np.add.reduce(words), a.runs),
+        median_seconds(lambda: fingerprint(large, version=2), a.runs),
+        median_seconds(lambda: fingerprint(large, version=3), a.runs),
+    )
+    chunk = slab[: 4 << 20]
+    cw = chunk.numpy().view(np.uint64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = max(20, a.runs)
+    compare(
+        "chunk in cache (fingerprint_part), 1 thread",
+        chunk.numel(),
+        median_seconds(lambda: np.add.reduce(cw), runs),
+        median_seconds(lambda: fingerprint_part(chunk, 0, slab.numel(), version=2), runs),
+        median_seconds(lambda: fingerprint_part(chunk, 0, slab.numel(), version=3), runs),
+    )
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(2)
+    dtypes = [torch.uint8, torch.bfloat16, torch.float32, torch.float64]
+    small = []
+    for i in range(a.small):
+        dt = dtypes[i % len(dtypes)]
+        small.append(torch.empty(max(1, int(rng.integers(1, 4097)) // dt.itemsize), dtype=dt))
+    for t in small:
+        as_bytes(t).copy_(torch.from_numpy(rng.integers(0, 256, t.numel() * t.element_size(), dtype=np.uint8)))
+    nbytes = sum(t.numel() * t.element_size() for t in small)
+    flat = rng.integers(0, 2**63, nbytes // 8, dtype=np.uint64)  # real pages, not the zero page
+    compare(
+        f"{a.small} small tensors (1..4096 bytes), {threads} threads; read: one buffer of their bytes",
+        nbytes,
+        median_seconds(lambda: np.add.reduce(flat), a.runs),
+        median_seconds(lambda: fingerprints(small, version=2), a.runs),
+        median_seconds(lambda: fingerprints(small, version=3), a.runs),
     )
 
 

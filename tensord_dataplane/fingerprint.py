@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 _U = np.uint64
 _MASK = 2**64 - 1
+_IN_PLACE = 1 << 17  # bytes: CPU tensors from this size are fingerprinted where they lie, not gathered
+_HOST_WINDOW = 16 << 20  # bytes: CPU tensors are gathered through one buffer of about this size
 
 
 def _known(version: int) -> int:
@@ -61,6 +64,8 @@ def mismatched_rows(expected: np.ndarray | None, actual: Any) -> np.ndarray:
 def fingerprint(t: torch.Tensor, *, version: int = FINGERPRINT_VERSION) -> int:
     """The fingerprint of one tensor's bytes, computed where it lies."""
     b = as_bytes(t.contiguous())
+    if version == 3 and b.device.type == "cpu" and b.numel() >= _IN_PLACE and b.data_ptr() % 8 == 0:
+        return int(_host_in_place([b])[0])  # spread over torch's threads
     return fingerprint_finish(fingerprint_part(b, 0, b.numel(), version=version), b.numel(), version=version)
 
 
@@ -149,30 +154,61 @@ def fingerprints(
 ) -> list[int]:
     """`fingerprint` of many tensors, in bulk: tensors of one device are gathered, up to
     `window` bytes at a time, into a buffer laid out like a slab, and fingerprinted together
-    (on a GPU, 8-byte aligned ones are read in place by one kernel)."""
+    (on a GPU, 8-byte aligned ones are read in place by one kernel; on the host, definition 3
+    reads large aligned ones in place and gathers the others through one reused buffer)."""
     _known(version)
-    out = [0] * len(tensors)
-    if len(tensors) < 8:
+    n = len(tensors)
+    if n < 8:
         return [fingerprint(t, version=version) for t in tensors]
-    with paused_gc():
-        dense = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        devices = [t.device for t in dense]
-        sizes = np.array([t.numel() * t.element_size() for t in dense], dtype=np.int64)
-        ptrs = np.array([t.data_ptr() for t in dense], dtype=np.int64)
-    for device in set(devices):
-        rows = np.array([i for i, d in enumerate(devices) if d == device], dtype=np.int64)
+    out = np.zeros(n, dtype=_U)
+    with paused_gc():  # one C-level map per attribute: no Python frame per tensor
+        flags = list(map(torch.Tensor.is_contiguous, tensors))
+        dense = tensors if all(flags) else [t if c else t.contiguous() for t, c in zip(tensors, flags, strict=True)]
+        devices = list(map(attrgetter("device"), dense))
+        sizes = np.fromiter(map(attrgetter("nbytes"), dense), dtype=np.int64, count=n)
+        ptrs = np.fromiter(map(torch.Tensor.data_ptr, dense), dtype=np.int64, count=n)
+    kinds = set(devices)
+    for device in kinds:
+        if len(kinds) == 1:
+            rows = np.arange(n)
+        else:
+            rows = np.array([i for i, d in enumerate(devices) if d == device], dtype=np.int64)
         if device.type == "cuda":  # in place, one pass (8-byte aligned tensors): no gather
             done = _in_place(device, ptrs[rows], sizes[rows], version)
             if done is not None:
-                for i, v in zip(rows[done[0]].tolist(), done[1].tolist(), strict=True):
-                    out[i] = v
+                out[rows[done[0]]] = done[1]
                 rows = rows[~done[0]]
-        for idx in _groups(sizes[rows], window):
+        buf, step = None, window
+        if device.type == "cpu":
+            if version == 3:  # large, aligned ones read where they lie
+                big = (sizes[rows] >= _IN_PLACE) & (ptrs[rows] % 8 == 0)
+                if big.any():
+                    out[rows[big]] = _host_in_place([as_bytes(dense[i]) for i in rows[big].tolist()])
+                    rows = rows[~big]
+            step = min(window, _HOST_WINDOW)  # a small buffer, reused: fresh pages cost more than the hash
+        for idx in _groups(sizes[rows], step):
             sel = rows[idx]
-            values = _gathered(device, ptrs[sel], sizes[sel], version)
-            for i, v in zip(sel.tolist(), values.tolist(), strict=True):
-                out[i] = v
-    return out
+            out[sel], buf = _gathered(device, ptrs[sel], sizes[sel], version, buf)
+    return out.tolist()
+
+
+def _host_in_place(parts: list[torch.Tensor]) -> np.ndarray:
+    """Definition 3 of whole tensors given as flat, 8-byte aligned uint8 CPU tensors, read where
+    they lie (no gather) over torch's thread count: their fingerprints (uint64)."""
+    arrays = [b.detach().numpy() for b in parts]
+    sizes = np.array([len(a) for a in arrays], dtype=np.int64)
+    whole, rem = sizes // 8, sizes % 8
+    shares = fw.array_shares(
+        [a[: w * 8].view(_U) for a, w in zip(arrays, whole.tolist(), strict=True)], threads=torch.get_num_threads()
+    )
+    partial = np.flatnonzero(rem)
+    if len(partial):  # each last word, zero-padded
+        tails = np.array(
+            [int.from_bytes(arrays[i][whole[i] * 8 :].tobytes(), "little") for i in partial.tolist()], dtype=_U
+        )
+        with np.errstate(over="ignore"):
+            shares[partial] += fw.tail_shares(tails, whole[partial], rem[partial])
+    return fw.finish(shares, sizes)
 
 
 def _groups(sizes: np.ndarray, window: int) -> list[np.ndarray]:
@@ -182,17 +218,23 @@ def _groups(sizes: np.ndarray, window: int) -> list[np.ndarray]:
     return np.split(np.arange(len(sizes)), cuts)
 
 
-def _gathered(device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> np.ndarray:
+def _gathered(
+    device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int, buf: torch.Tensor | None = None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Fingerprints of tensors copied into `buf` (or a new buffer where it is too small) laid out
+    like a slab; and the buffer, for the next group."""
     from tensord_dataplane.copy import device_copy, host_copy
 
     aligned = (sizes + BLOCK_BYTES - 1) // BLOCK_BYTES * BLOCK_BYTES
     offsets = np.cumsum(aligned) - aligned
-    buf = torch.empty(max(int(aligned.sum()), BLOCK_BYTES), dtype=torch.uint8, device=device)
+    need = max(int(aligned.sum()), BLOCK_BYTES)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, dtype=torch.uint8, device=device)
     if device.type == "cuda":
         device_copy(buf.data_ptr() + offsets, ptrs, sizes, device)
     else:
         host_copy(buf.data_ptr() + offsets, ptrs, sizes)
-    return slab_fingerprints(buf, offsets, sizes, version=version)
+    return slab_fingerprints(buf[:need], offsets, sizes, version=version), buf
 
 
 # -- in place on a GPU: one pass over the tensors where they lie -----------------------------------

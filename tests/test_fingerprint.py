@@ -187,3 +187,77 @@ def test_the_torch_path_of_the_gpu_matches_the_numpy_path() -> None:
     x = words[:1000].view(np.uint64).copy()
     assert np.array_equal(fw.mix_torch(torch.from_numpy(words[:1000].copy())).numpy().view(np.uint64), fw.mix_np(x))
     assert [fw.mix(int(v)) for v in words[:5].view(np.uint64)] == fw.mix_np(words[:5].view(np.uint64).copy()).tolist()
+
+
+def plain(data: bytes) -> int:
+    """Definition 3 written plainly with whole-array numpy expressions (no chunks, no threads,
+    no batching): the reference for sizes the word-by-word one is too slow for."""
+    n = len(data)
+    w = np.frombuffer(data + b"\0" * (-n % 8), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = w + np.arange(1, len(w) + 1, dtype=np.uint64) * np.uint64(fw.G)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(fw.M1)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(fw.M2)
+        x = x ^ (x >> np.uint64(31))
+    return fw.mix((int(x.sum(dtype=np.uint64)) ^ (n * fw.K)) & MASK)
+
+
+def _mixed_tensors() -> list[torch.Tensor]:
+    """Every dtype and layout the fast paths meet: tails of 0..17 bytes, sizes around the chunk,
+    span and in-place edges, non-contiguous and unaligned views, many small tensors, one large."""
+    rng = np.random.default_rng(21)
+    g = torch.Generator().manual_seed(21)
+    out = [_random(n, n) for n in range(18)]  # 0..17 bytes: no word, partial words, tails
+    for words in (1, 999, fw._SHORT - 1, fw._SHORT, fw._CPU_CHUNK + 1, (1 << 17) // 8 + 1):
+        out += [_random(words * 8 + r, words + r) for r in (0, 3, 7)]
+    out += [
+        torch.tensor(2.5),
+        torch.empty(0, 4),
+        torch.randn(33, 7, generator=g).bfloat16(),
+        torch.randn(7, 300, generator=g, dtype=torch.float64).t(),  # transposed
+        torch.randn(5, 3, generator=g, dtype=torch.complex64),
+        torch.randint(-(2**15), 2**15, (99,), generator=g, dtype=torch.int16),
+        torch.rand(13, generator=g) > 0.5,
+        _random(100_001, 8)[::3],  # strided
+        _random(300_005, 9)[3:],  # not 8-byte aligned: gathered
+    ]
+    dtypes = [torch.uint8, torch.int16, torch.float32, torch.bfloat16, torch.float64]
+    for i in range(3000):  # many small tensors
+        dt = dtypes[i % len(dtypes)]
+        t = torch.empty(int(rng.integers(0, 400)) // dt.itemsize, dtype=dt)
+        as_bytes(t).copy_(torch.from_numpy(rng.integers(0, 256, t.numel() * dt.itemsize, dtype=np.uint8)))
+        out.append(t)
+    out.append(_random(3 * fw._PIECE * 8 + 5, 77))  # one large: several work items, a tail
+    order = rng.permutation(len(out))
+    return [out[i] for i in order.tolist()]
+
+
+def test_fast_paths_match_a_plain_reference() -> None:
+    """Every host path of definition 3 (one tensor, many in bulk on 1 and 4 threads, a slab,
+    parts) equals the plain reference, bit for bit, which equals the word-by-word one."""
+    for n in (*range(18), 255, 256, 1001):
+        data = _random(n, 100 + n).numpy().tobytes()
+        assert plain(data) == reference(data)
+    tensors = _mixed_tensors()
+    data = [_bytes(t) for t in tensors]
+    want = [plain(d) for d in data]
+    sizes = np.array([len(d) for d in data])
+    aligned = (sizes + 255) // 256 * 256
+    offsets = np.cumsum(aligned) - aligned
+    buf = _random(int(aligned.sum()) + 256, 7)  # the padding between tensors is not zero
+    for o, t in zip(offsets.tolist(), tensors, strict=True):
+        b = as_bytes(t.contiguous())
+        buf[o : o + b.numel()] = b
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            assert fingerprints(tensors) == want
+            assert [fingerprint(t) for t in tensors] == want
+            assert slab_fingerprints(buf, offsets, sizes).tolist() == want
+    finally:
+        torch.set_num_threads(threads)
+    i = int(np.argmax(sizes))
+    big, step = as_bytes(tensors[i]), 1 << 20
+    share = sum(fingerprint_part(big[s : s + step], s, len(big)) for s in range(0, len(big), step))
+    assert fingerprint_finish(share, len(big)) == want[i]
