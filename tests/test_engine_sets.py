@@ -124,3 +124,34 @@ def test_sets_without_a_good_layout_or_with_foreign_names_are_refused(client: sd
         bind(_meta(), {"decoder.weight": torch.zeros(2)}, layout, "foreign")
     with pytest.raises(sdk.InvalidArgument, match=r"alias .head\.weight. names a missing tensor"):
         bind(_meta(), {"norm.weight": torch.zeros(64)}, layout, "partial")
+
+
+def test_a_daemon_killed_half_way_through_a_move_is_a_clear_error(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, "dies").start()
+    model = Tiny()
+    tensors, _ = export(model)
+
+    class KillsOnSecondBatch(sdk.Client):
+        def reserve(self, *args, **kw):  # type: ignore[no-untyped-def]
+            reservation = super().reserve(*args, **kw)
+            write_all, batches = reservation.write_all, []
+
+            def write(batch):  # type: ignore[no-untyped-def]
+                batches.append(batch)
+                if len(batches) == 2:
+                    daemon.kill()  # SIGKILL between two batches: the commit cannot land
+                write_all(batch)
+
+            reservation.write_all = write  # type: ignore[method-assign]
+            return reservation
+
+    with KillsOnSecondBatch(daemon.socket) as c, pytest.raises(handover.Stranded, match="failed half-way"):
+        handover.move(c, "es/killed", model, tensors, origin="test", batch_bytes=1)
+    assert "embed.weight" in meta_left(model)  # moved before the failure: the model says so
+
+
+def test_tensors_without_bytes_are_recorded_not_moved() -> None:
+    model = Tiny()
+    model.norm.bias = nn.Parameter(torch.empty(64, device="meta"), requires_grad=False)  # a skipped layer's
+    tensors, layout = export(model)
+    assert "norm.bias" not in tensors and layout["meta"] == ["norm.bias"]

@@ -43,8 +43,8 @@ _MOUNTED = "_tensord_mounted"  # model.__dict__ key: kept out of state_dict and 
 class Mounted:
     """What keeps an engine's views valid: the client connection holding the mount's pin."""
 
-    def __init__(self, client: sdk.Client, mount: sdk.Mount) -> None:
-        self.client, self.mount = client, mount
+    def __init__(self, client: sdk.Client, mount: sdk.Mount, layout: Mapping[str, Any]) -> None:
+        self.client, self.mount, self.layout = client, mount, layout
         self.name, self.version = mount.name, mount.version
 
     def close(self) -> None:
@@ -83,6 +83,7 @@ def export(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     loading flags."""
     tensors: dict[str, torch.Tensor] = {}
     buffers: list[str] = []
+    meta: list[str] = []  # tensors without bytes (layers this rank does not run)
     aliases: dict[str, str] = {}
     first: dict[int, str] = {}
     named: list[tuple[str, torch.Tensor, bool]]
@@ -94,11 +95,14 @@ def export(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
         if id(tensor) in first:
             aliases[name] = first[id(tensor)]
             continue
+        if tensor.device.type == "meta":
+            meta.append(name)
+            continue
         first[id(tensor)] = name
         tensors[name] = tensor
         if is_buffer:
             buffers.append(name)
-    return tensors, {"buffers": buffers, "aliases": aliases, "attrs": _model_flags(model)}
+    return tensors, {"buffers": buffers, "aliases": aliases, "attrs": _model_flags(model), "meta": meta}
 
 
 def _model_flags(model: torch.nn.Module) -> dict[str, bool]:
@@ -121,9 +125,13 @@ def read_layout(tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, Any
         if raw is None or raw.dtype != torch.uint8 or raw.dim() != 1:
             raise ValueError("no layout tensor")
         layout = json.loads(bytes(raw.cpu().numpy()))
-        buffers, aliases, attrs = layout["buffers"], layout["aliases"], layout["attrs"]
-        if not (isinstance(buffers, list) and all(isinstance(b, str) for b in buffers)):
-            raise ValueError("buffers must be a list of names")
+        if not isinstance(layout, dict):
+            raise ValueError("the layout is not an object")
+        aliases, attrs = layout["aliases"], layout["attrs"]
+        layout.setdefault("meta", [])
+        for key in ("buffers", "meta"):
+            if not (isinstance(layout[key], list) and all(isinstance(b, str) for b in layout[key])):
+                raise ValueError(f"{key} must be a list of names")
         if not (isinstance(aliases, dict) and all(isinstance(v, str) for v in aliases.values())):
             raise ValueError("aliases must map names to names")
         if not (isinstance(attrs, dict) and all(isinstance(v, bool) for v in attrs.values())):
@@ -173,9 +181,11 @@ def bind(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], layout: Ma
 
 
 def meta_left(model: torch.nn.Module) -> list[str]:
-    """Parameters and buffers still on the meta device (not provided by the engine set)."""
+    """Parameters and buffers on the meta device that its engine set (if any) did not leave so."""
+    held = mounted(model)
+    expected = set(held.layout["meta"]) if held is not None else set()
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    return [name for name, t in named if t.device.type == "meta"]
+    return [name for name, t in named if t.device.type == "meta" and name not in expected]
 
 
 class MountLoad:
@@ -212,12 +222,11 @@ class MountLoad:
         start = time.perf_counter()
         try:
             version = handover.move(client, self.name, model, tensors, origin=origin)
+        except handover.Stranded as exc:
+            raise sdk.TransferError(
+                f"tensord: the engine lost its tensors to a failed hand-over: {exc}; restart it"
+            ) from exc
         except (sdk.TensordError, OSError) as exc:
-            if meta_left(model):
-                raise sdk.TransferError(
-                    f"tensord: the engine lost its tensors while handing them to the store as {self.name}: {exc}; "
-                    "restart it"
-                ) from exc
             log.warning("tensord: could not hand the post-processed tensors over as %s: %s", self.name, exc)
             return None
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -257,7 +266,7 @@ class MountLoad:
             mount.verify()
         layout = read_layout(mount.tensors, what)
         bind(model, mount.tensors, layout, what)
-        model.__dict__[_MOUNTED] = Mounted(client, mount)
+        model.__dict__[_MOUNTED] = Mounted(client, mount, layout)
 
     def log(self, mount: sdk.Mount, seconds: float, grew: int, *, first: bool) -> None:
         """One line: what was mapped, how fast, and what it cost this process's own memory."""

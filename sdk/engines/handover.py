@@ -19,6 +19,10 @@ import sdk
 BATCH_BYTES = 256 << 20
 
 
+class Stranded(sdk.TransferError):
+    """The move failed after some of the model's tensors were released: the model lacks them."""
+
+
 def holders(model: torch.nn.Module) -> dict[int, list[tuple[torch.nn.Module, str]]]:
     """Every (module, attribute) that holds each parameter or buffer, by the tensor's id."""
     found: dict[int, list[tuple[torch.nn.Module, str]]] = {}
@@ -51,25 +55,31 @@ def move(
     """Put `tensors` (the model's own, by name, plus any extra ones) as the next version of
     `name`, releasing each of the model's from it once copied. Returns the version.
 
-    Raises what `reserve` raises before anything moved (the model is intact); after that, an
-    error leaves the model without the tensors already moved (meta tensors in their place)."""
+    Raises what `reserve` and the first write raise while the model is intact; a failure after
+    tensors were released is `Stranded` (the model holds meta tensors in their place)."""
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise sdk.InvalidArgument(f"the tensors to move lie on several devices: {sorted(map(str, devices))}")
     (device,) = devices
     specs = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()}
     found = holders(model)
-    with client.reserve(name, specs, device=str(device), origin=origin) as reservation:
-        batch: dict[str, torch.Tensor] = {}
-        size = 0
-        for key, tensor in tensors.items():
-            batch[key] = tensor
-            size += tensor.numel() * tensor.element_size()
-            if size >= batch_bytes:
-                _write(reservation, batch, found, device)
-                batch, size = {}, 0
-        _write(reservation, batch, found, device)
-        return reservation.commit()
+    released = False
+    try:
+        with client.reserve(name, specs, device=str(device), origin=origin) as reservation:
+            batch: dict[str, torch.Tensor] = {}
+            size = 0
+            for key, tensor in tensors.items():
+                batch[key] = tensor
+                size += tensor.numel() * tensor.element_size()
+                if size >= batch_bytes:
+                    released = _write(reservation, batch, found, device) or released
+                    batch, size = {}, 0
+            _write(reservation, batch, found, device)
+            return reservation.commit()
+    except (sdk.TensordError, OSError) as exc:
+        if released:
+            raise Stranded(f"moving tensors into {name} failed half-way: {exc}") from exc
+        raise
 
 
 def _write(
@@ -77,11 +87,13 @@ def _write(
     batch: dict[str, torch.Tensor],
     found: Mapping[int, list[tuple[torch.nn.Module, str]]],
     device: torch.device,
-) -> None:
+) -> bool:
+    """Write a batch, then release its tensors from the model; whether anything was released."""
     if not batch:
-        return
+        return False
     reservation.write_all({k: t.detach() for k, t in batch.items()})
     if device.type == "cuda":  # the copies must be done before the sources can be freed
         torch.cuda.synchronize(device)
     for tensor in batch.values():
         release(found, tensor)
+    return True

@@ -108,11 +108,13 @@ def _load(
         return model
     start, before = time.perf_counter(), anonymous_bytes()
     version = plan.hand_over(client, model, loader.derived_from)
-    mount = plan.open(client, version) if version is not None else None
-    if mount is None:
-        if meta_left(model):
-            raise sdk.TransferError(f"tensord: the engine's tensors are in {plan.name} but it cannot map them here")
+    if version is None:  # the store refused them: the engine keeps its own
         return model
+    mount = plan.open(client, version)
+    if mount is None:
+        raise sdk.TransferError(
+            f"tensord: the engine's tensors are in {plan.name} v{version} but cannot be mapped here"
+        )
     plan.attach(model, client, mount)
     reprocess(model, model_config, plan.device)
     release_unused()
