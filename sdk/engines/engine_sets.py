@@ -149,43 +149,50 @@ def bind(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], layout: Ma
     buffers = set(layout["buffers"])
     bound: dict[str, torch.Tensor] = {}
 
-    def register(name: str, tensor: torch.Tensor, is_buffer: bool) -> None:
+    def place(name: str) -> tuple[torch.nn.Module, str]:
         module_name, _, leaf = name.rpartition(".")
         module = modules.get(module_name)
-        if module is None or not leaf:
+        if module is None or not leaf or leaf in module._modules:
             raise InvalidArgument(f"tensord: {what} does not fit this engine: it has no module for {name!r}")
-        persistent = leaf not in module._non_persistent_buffers_set
-        module._parameters.pop(leaf, None)
-        module._buffers.pop(leaf, None)
-        if is_buffer:
+        return module, leaf
+
+    for name, tensor in tensors.items():  # per tensor: dict stores only (90k tensors in a set)
+        if name == LAYOUT:
+            continue
+        module, leaf = place(name)
+        if name in buffers:
             if tensor.numel() * tensor.element_size() <= PRIVATE_BUFFER_BYTES:
                 tensor = tensor.clone()
-            module.register_buffer(leaf, tensor, persistent=persistent)
-            bound[name] = tensor
+            module._parameters.pop(leaf, None)
+            module._buffers[leaf] = bound[name] = tensor
         else:
-            param = (
-                tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False)
-            )
-            module.register_parameter(leaf, param)
-            bound[name] = param
-
-    for name, tensor in tensors.items():
-        if name != LAYOUT:
-            register(name, tensor, name in buffers)
+            module._buffers.pop(leaf, None)
+            module._parameters[leaf] = bound[name] = torch.nn.Parameter(tensor, requires_grad=False)
     for alias, canonical in layout["aliases"].items():
         if canonical not in bound:
             raise InvalidArgument(f"tensord: {what}: alias {alias!r} names a missing tensor {canonical!r}")
-        register(alias, bound[canonical], canonical in buffers)
+        module, leaf = place(alias)
+        module._parameters.pop(leaf, None)
+        module._buffers.pop(leaf, None)
+        tensor = bound[canonical]
+        if isinstance(tensor, torch.nn.Parameter):
+            module._parameters[leaf] = tensor
+        else:
+            module._buffers[leaf] = tensor
     for flag, value in layout["attrs"].items():
         setattr(model, flag, value)
 
 
 def meta_left(model: torch.nn.Module) -> list[str]:
     """Parameters and buffers on the meta device that its engine set (if any) did not leave so."""
+    if not any(
+        t is not None and t.is_meta for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
+    ):
+        return []  # the common case, without building 90k names
     held = mounted(model)
     expected = set(held.layout["meta"]) if held is not None else set()
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    return [name for name, t in named if t.device.type == "meta" and name not in expected]
+    return [name for name, t in named if t.is_meta and name not in expected]
 
 
 class MountLoad:
@@ -253,9 +260,9 @@ class MountLoad:
         except (sdk.TensordError, OSError) as exc:
             log.warning("tensord: cannot map %s v%d here: %s", self.name, version, exc)
             return None
-        devices = {t.device for t in mount.tensors.values()}
-        if devices != {_resolved(self.device)}:
-            log.warning("tensord: %s v%d lies on %s, not on this engine's %s", self.name, version, devices, self.device)
+        lies = next(iter(mount.tensors.values())).device  # one slab: one device
+        if lies != _resolved(self.device):
+            log.warning("tensord: %s v%d lies on %s, not on this engine's %s", self.name, version, lies, self.device)
             mount.close()
             return None
         return mount
