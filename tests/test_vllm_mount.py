@@ -8,7 +8,9 @@ build in .venv-vllm) serving the real all-MiniLM-L6-v2, weights from a real daem
    store holds one copy for both.
 3. RL updates are refused with a clear message; an engine set of another platform is passed over;
    one that lacks a tensor of this engine is an error, never a silent attach.
-4. SIGKILL the daemon: the mapped engine keeps answering, unchanged.
+4. A decoder with tied input/output embeddings, from a whole set: a mounting engine generates
+   the same tokens as the first one, the tie bound as one tensor.
+5. SIGKILL the daemon: the mapped engine keeps answering, unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 
 import sdk
 from sdk.engines.common import engine_set
+from sdk.engines.engine_sets import LAYOUT, read_layout
 from tensord_contract.derivation import Derivation
 from tests.daemons import WEIGHTS, DaemonProcess, needs_minilm
 from tests.vllm_procs import (
@@ -177,6 +180,35 @@ def _put_copy(client: sdk.Client, derivation: Derivation, *, drop: int) -> int:
     with client.reserve(SET, specs, device="cpu", origin=derivation.to_origin()) as reservation:
         reservation.write_all(tensors)
         return reservation.commit()
+
+
+def test_a_tied_decoder_from_a_whole_set_mounts_and_generates_the_same_tokens(python, daemon, workdir) -> None:
+    from tests.engine_models import qwen2_weights, write_qwen2
+    from tests.vllm_driver import GENERATE
+
+    name = "qwen-mounted"
+    with daemon.client() as c:
+        c.put(name, qwen2_weights(tied=True, seed=1))
+    bare = write_qwen2(workdir / "qwen-bare", tied=True, seed=None)
+    options = {"name": name, "mount": True, "strict": True}
+    answers, logs = [], []
+    for i in range(2):  # the first makes the engine set, the second maps it
+        engine = VllmDriver(python, bare, options, daemon.socket, workdir / f"qwen-{i}.log", GENERATE)
+        try:
+            answers.append(engine.ready()["tokens"])
+            logs.append(engine.output())
+        finally:
+            engine.close()
+    assert answers[0] == answers[1]
+    assert f"handed its post-processed tensors to the store as {name}/tp0/processed v1" in logs[0]
+    assert f"mounted {name}/tp0/processed v1" in logs[1]
+    with daemon.client() as c:
+        derivation = Derivation.from_origin(c.info(engine_set(name, 0))["origin"])
+        layout = read_layout(c.get(engine_set(name, 0), names=[LAYOUT]), "qwen")
+    assert derivation is not None and (derivation.source, derivation.version) == (name, 1)
+    assert layout["aliases"]["lm_head.weight"] == "model.embed_tokens.weight"  # the tie: one tensor
+    # and vLLM's rotary cache, one object shared by every layer, stays one
+    assert layout["aliases"]["model.layers.1.self_attn.rotary_emb.cos_sin_cache"].startswith("model.layers.0.")
 
 
 def test_a_mounted_engine_outlives_a_sigkilled_daemon(python, dirs, daemon, workdir, first) -> None:
