@@ -5,7 +5,8 @@
 #   (gpu-shapes / gpu-cluster: the two halves of gpu, for machines lent in 10-minute calls)
 #   bash benchmarks/run_all.sh gpu-calls [LOG] / gpu-engines [LOG]   # issue 19/20/22 rows, one GPU:
 #   fingerprints, tensord load, same-GPU get / RL step, fresh processes, publications read from
-#   another daemon (two daemons on one GPU over nvlink_intra), host slabs at the pinned rate
+#   another daemon (two daemons on one GPU over nvlink_intra), host slabs at the pinned rate,
+#   engine-style processes mounting an engine set
 # Uses .venv/bin/python when it exists, else python3. The figures in README.md and
 # benchmarks/README.md are copied from such a log; its first lines name the machine.
 set -uo pipefail
@@ -57,6 +58,8 @@ export PYTHONUNBUFFERED=1
     timeout 150 "$py" publish_remote.py --protocol nvlink_intra --device cuda:0 --to cuda:0 --tensors 90000 --gib 20 --runs 3
     echo "== host_slabs.py --full --runs 1"
     timeout 120 "$py" host_slabs.py --full --runs 1 --skip-pageable-put
+    echo "== mount_engine.py --device cuda:0 --tensors 90000 --gb 17.7 (engine-style processes that mount)"
+    timeout 150 "$py" mount_engine.py --device cuda:0 --tensors 90000 --gb 17.7 --runs 3
   fi
   if [ "$kind" = cpu ]; then
     for n in 300 3000 12000 50000; do
