@@ -155,3 +155,32 @@ def test_tensors_without_bytes_are_recorded_not_moved() -> None:
     model.norm.bias = nn.Parameter(torch.empty(64, device="meta"), requires_grad=False)  # a skipped layer's
     tensors, layout = export(model)
     assert "norm.bias" not in tensors and layout["meta"] == ["norm.bias"]
+
+
+def test_post_processing_that_changes_nothing_is_told_from_any_rewrite() -> None:
+    from sdk.engines import final
+
+    def fresh() -> tuple[Tiny, final.Loaded]:
+        model = Tiny()
+        return model, final.snapshot(model)
+
+    model, loaded = fresh()
+    with torch.no_grad():
+        model.scale.fill_(1.0)  # a small buffer written with the value it had (vLLM's scales)
+    assert final.rewritten(model, loaded) == []
+    changes = {
+        "a write": lambda m: m.norm.weight.data.mul_(2),
+        "a new tensor": lambda m: setattr(m.norm, "weight", nn.Parameter(m.norm.weight.detach().clone())),
+        "a repack": lambda m: setattr(m.norm.weight, "data", torch.empty(0)),
+        "a dtype change": lambda m: setattr(m.norm.weight, "data", m.norm.weight.data.half()),
+        "a small buffer's new value": lambda m: m.scale.fill_(2.0),
+    }
+    for what, change in changes.items():
+        model, loaded = fresh()
+        with torch.no_grad():
+            change(model)
+        assert final.rewritten(model, loaded) in (["norm.weight"], ["scale"]), what
+    model, loaded = fresh()
+    del model.norm.bias  # dropped by post-processing
+    model.norm.bias = None
+    assert final.rewritten(model, loaded) == ["norm.bias"]

@@ -211,6 +211,22 @@ def test_a_tied_decoder_from_a_whole_set_mounts_and_generates_the_same_tokens(py
     assert layout["aliases"]["model.layers.1.self_attn.rotary_emb.cos_sin_cache"].startswith("model.layers.0.")
 
 
+def test_publishing_in_place_is_refused_where_post_processing_rewrites(python, dirs, daemon, workdir, reference):
+    """`"publish": "in-place"` publishes the loaded parameters without a copy only if vLLM's
+    post-processing left them as loaded; vLLM's CPU build repacks every linear weight."""
+    options = {"name": "minilm-in-place", "publish": "in-place"}
+    engine = VllmDriver(python, dirs["original"], options, daemon.socket, workdir / "in-place.log")
+    try:
+        assert engine.ready()["embeddings"] == reference  # the engine itself is untouched
+        log = engine.output()
+    finally:
+        engine.close()
+    m = re.search(r"not publishing rank 0's parameters in place: vLLM's post-processing rewrote (\d+) of them", log)
+    assert m and int(m.group(1)) >= 6 * 4, log[-3000:]  # at least every layer's four linear weights
+    with daemon.client() as c:
+        assert not [s for s in c.ls() if s["name"].startswith("minilm-in-place")]
+
+
 def test_a_mounted_engine_outlives_a_sigkilled_daemon(python, dirs, daemon, workdir, first) -> None:
     answer = first.answer
     daemon.kill()

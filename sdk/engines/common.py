@@ -44,7 +44,9 @@ class EngineOptions:
     `name`: the set (whole) or the prefix of the rank sets ``NAME/tp{rank}``. `version`: a
     version number or "latest" (default). `strict`: fail when the set is missing instead of
     loading the model's files. `publish`: ``True``/"checkpoint" (default): after a load from
-    files, the first rank puts the checkpoint tensors it read as ``NAME``; "params": after a load
+    files, the first rank puts the checkpoint tensors it read as ``NAME``; "in-place": like
+    "params" but without a copy, published where they lie once the engine's post-processing is
+    done, when it left them unchanged (`sdk.engines.final`); "params": after a load
     from files or from the whole set, every rank puts its parameters as ``NAME/tp{rank}`` (the
     next engine of the same shape copies them straight in); ``False``: nothing. `socket`/`address`/`token`: the
     daemon (default: ``TENSORD_SOCKET`` / ``TENSORD_ADDR`` / ``TENSORD_TOKEN``). `verify`:
@@ -81,8 +83,10 @@ class EngineOptions:
             if not isinstance(config.get(key, False), bool):
                 raise InvalidArgument(f'tensord: "{key}" must be true or false')
         publish = config.get("publish")
-        if publish not in (None, True, False, "checkpoint", "params"):
-            raise InvalidArgument(f'tensord: "publish" must be true, false, "checkpoint" or "params", not {publish!r}')
+        if publish not in (None, True, False, "checkpoint", "params", "in-place"):
+            raise InvalidArgument(
+                f'tensord: "publish" must be true, false, "checkpoint", "params" or "in-place", not {publish!r}'
+            )
         for key in ("socket", "address", "token"):
             if config.get(key) is not None and not isinstance(config[key], str):
                 raise InvalidArgument(f'tensord: "{key}" must be a string')
@@ -90,7 +94,7 @@ class EngineOptions:
 
     @property
     def publish_mode(self) -> str | None:
-        """None, "checkpoint" or "params"."""
+        """None, "checkpoint", "params" or "in-place"."""
         if self.publish is None:
             return None if self.mount else "checkpoint"
         if self.publish is True:

@@ -36,7 +36,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 import sdk
-from sdk.engines import vllm_mount
+from sdk.engines import final, vllm_mount
 from sdk.engines.common import Capture, EngineOptions, load_set, publish_params
 from sdk.engines.derived import FILES, Derivation, EngineKey
 from sdk.engines.updates import WeightUpdater, mark_serving
@@ -94,6 +94,7 @@ class TensordModelLoader(BaseModelLoader):
         self._key: EngineKey | None = None
         #: What the parameters were made from, in terms of the whole set (or the files).
         self.derived_from: Derivation | None = None
+        self._in_place: tuple[final.Loaded, int, Derivation] | None = None  # "in-place": publish after processing
 
     def download_model(self, model_config: ModelConfig) -> None:
         """Nothing to download: the weights come from tensord (the fallback downloads itself)."""
@@ -133,7 +134,11 @@ class TensordModelLoader(BaseModelLoader):
 
     def load_model(self, vllm_config: Any, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
         if not self.options.mount:
-            return super().load_model(vllm_config, model_config, prefix)
+            model = super().load_model(vllm_config, model_config, prefix)
+            if self._in_place is not None:
+                self._publish_in_place(model, *self._in_place)
+                self._in_place = None
+            return model
         tp_rank, _, pp_size = _ranks()
         key = engine_key(model_config, tp_rank=tp_rank)
         return vllm_mount.load(
@@ -177,12 +182,37 @@ class TensordModelLoader(BaseModelLoader):
             self._publish_params(model, client, tp_rank, Derivation(FILES + str(model_config.model), 0, self._key))
 
     def _publish_params(self, model: torch.nn.Module, client: sdk.Client, tp_rank: int, source: Derivation) -> None:
-        if self.options.publish_mode != "params":
+        if self.options.publish_mode not in ("params", "in-place"):
             return
         if not self._rank_sets:
             log.warning("tensord: not publishing parameters: rank sets do not support pipeline parallelism")
             return
+        if self.options.publish_mode == "in-place":  # after post-processing, if it changes nothing
+            self._in_place = (final.snapshot(model), tp_rank, source)
+            return
         publish_params(model, self.options.name, rank=tp_rank, client=client, derived_from=source)
+
+    def _publish_in_place(self, model: torch.nn.Module, loaded: final.Loaded, tp_rank: int, source: Derivation) -> None:
+        """Publish the parameters where they lie (no copy) if post-processing left them as loaded;
+        the publication lives with the engine (its own client) until an RL update withdraws it."""
+        changed = final.rewritten(model, loaded)
+        if changed:
+            log.warning(
+                "tensord: not publishing rank %d's parameters in place: vLLM's post-processing rewrote %d of "
+                'them (e.g. %s); "mount": true keeps one copy for every engine instead',
+                tp_rank,
+                len(changed),
+                ", ".join(changed[:3]),
+            )
+            return
+        client = self.options.client()
+        try:
+            publish_params(model, self.options.name, rank=tp_rank, client=client, derived_from=source, zero_copy=True)
+        except sdk.TensordError as exc:
+            client.close()
+            log.warning("tensord: could not publish rank %d's parameters in place: %s", tp_rank, exc)
+            return
+        model.__dict__["_tensord_publisher"] = client  # the publication lives with its connection
 
 
 # -- RL: the weight-transfer backend ---------------------------------------------------------
