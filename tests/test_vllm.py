@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.daemons import WEIGHTS, DaemonProcess, needs_minilm
-from tests.vllm_procs import VllmDriver, VllmServer, bare_model_dir, run_trainer, vllm_python_or_skip
+from tests.vllm_procs import VllmDriver, VllmServer, bare_model_dir, references, run_trainer, vllm_python_or_skip
 
 pytestmark = [needs_minilm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -58,19 +58,8 @@ def dirs(workdir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(python: str, dirs: dict[str, Path], workdir: Path) -> dict[str, Any]:
     """Embeddings from engines that load their files with vLLM's default loader."""
-    from tests.vllm_procs import _Proc
-
-    proc = _Proc(
-        [python, "tests/vllm_driver.py", "reference", str(dirs["original"]), str(dirs["stepped"])],
-        env=_env(),
-        log=workdir / "reference.log",
-    )
-    try:
-        assert proc.proc.wait(400) == 0, proc.tail()
-    finally:
-        proc.close()
-    (line,) = [x for x in proc.output().splitlines() if x.startswith("@tensord-test@ RESULT ")]
-    original, stepped = json.loads(line.split("RESULT ", 1)[1])
+    log = workdir / "reference.log"
+    original, stepped = references(python, "reference", [dirs["original"], dirs["stepped"]], log, timeout=400)
     assert original != stepped  # the trainer's step changes what the model computes
     return {"original": original, "stepped": stepped}
 

@@ -16,7 +16,6 @@ build in .venv-vllm) serving the real all-MiniLM-L6-v2, weights from a real daem
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,10 @@ from tensord_contract.derivation import Derivation
 from tests.daemons import WEIGHTS, DaemonProcess, needs_minilm
 from tests.vllm_procs import (
     VllmDriver,
-    _Proc,
     bare_model_dir,
     copied_bytes,
-    engine_env,
     memfd_mappings,
+    references,
     vllm_python_or_skip,
 )
 
@@ -62,17 +60,7 @@ def dirs(workdir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reference(python: str, dirs: dict[str, Path], workdir: Path) -> list[list[float]]:
     """Embeddings from an engine that loads its files with vLLM's default loader."""
-    proc = _Proc(
-        [python, "tests/vllm_driver.py", "reference", str(dirs["original"])],
-        env=engine_env("/nonexistent.sock"),
-        log=workdir / "reference.log",
-    )
-    try:
-        assert proc.proc.wait(400) == 0, proc.tail()
-    finally:
-        proc.close()
-    (line,) = [x for x in proc.output().splitlines() if x.startswith("@tensord-test@ RESULT ")]
-    return json.loads(line.split("RESULT ", 1)[1])[0]
+    return references(python, "reference", [dirs["original"]], workdir / "reference.log", timeout=400)[0]
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,19 @@ def bare_model_dir(tmp: Path, weights: Path | None = None, *, source: Path | Non
     return tmp
 
 
+def references(python: str, command: str, dirs: list[Path], log: Path, timeout: float = 600) -> list[Any]:
+    """What fresh engines loading each directory's files with vLLM's own loader compute, one
+    process for all (`tests/vllm_driver.py` COMMAND: "reference" embeds, "reference-tokens"
+    generates)."""
+    proc = _Proc([python, "tests/vllm_driver.py", command, *map(str, dirs)], engine_env("/nonexistent.sock"), log)
+    try:
+        assert proc.proc.wait(timeout) == 0, proc.tail()
+    finally:
+        proc.close()
+    (line,) = [x for x in proc.output().splitlines() if x.startswith(MARK + "RESULT ")]
+    return list(json.loads(line.split("RESULT ", 1)[1]))
+
+
 def run_trainer(socket_path: str, *args: str) -> str:
     """Run tests/trainer.py in its own process (the test venv); returns its stdout."""
     out = subprocess.run(
