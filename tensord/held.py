@@ -32,13 +32,6 @@ class Held:
 
 
 @dataclass(eq=False)
-class MountPin:
-    """A session's pin taken for a mount: the client maps the version's memory (`Held.mapped`)."""
-
-    held: Held
-
-
-@dataclass(eq=False)
 class Reservation:
     id: int
     name: str

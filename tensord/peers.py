@@ -25,10 +25,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RemotePin:
+    """A pin on another node (`tensord.rpc.Pin`), taken by this gateway for a reader here."""
+
     peer: Peer
     pin: int
     epoch: int
     node: str
+
+    async def release(self, *, clean: bool = True) -> bool:
+        """Give it back on the holder; whether it held all along (`Peer.release`). The read it
+        served no longer counts towards the peer's load."""
+        self.peer.busy = max(0, self.peer.busy - 1)
+        return await self.peer.release(self)
 
 
 class Peer:

@@ -138,10 +138,6 @@ class Cluster:
         while len(cache) > limit:
             del cache[next(iter(cache))]
 
-    async def release(self, pin: RemotePin) -> bool:
-        pin.peer.busy = max(0, pin.peer.busy - 1)
-        return await pin.peer.release(pin)
-
     async def replicate(
         self,
         name: str,
@@ -195,7 +191,7 @@ class Cluster:
             except TransferError:  # none could be pinned for reading: streamed over pair groups, if any
                 pinned = None
             if pinned is not None:
-                seeded = await from_publication(self.store, manifest, here, pinned, self.release)
+                seeded = await from_publication(self.store, manifest, here, pinned)
                 if seeded is not None:
                     return seeded
         grid = chunk or self.settings.chunk_for(manifest.nbytes)

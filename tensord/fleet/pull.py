@@ -32,7 +32,7 @@ import numpy as np
 from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
-from tensord.fleet.lanes import Lane, Reads, find_holders, read_answer, request_args
+from tensord.fleet.lanes import Lane, Reads, chunks_request, find_holders
 from tensord.fleet.policy import Plan, Request
 from tensord.fleet.serve import Partial
 from tensord.fleet.settings import Pace
@@ -40,6 +40,7 @@ from tensord.held import Held
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.streams import StreamChunksReply
 from tensord_dataplane.transport.base import Batch
 
 if TYPE_CHECKING:
@@ -248,11 +249,15 @@ class Pull:
             if lane.push:
                 await self._exchange_pushed(lane, req)
                 return
-            result = await lane.ask(**request_args(lane.pin, self.settings.wait, req, self.plan.start))
-            read = self._answer(lane, req, result)
+            assert lane.pin is not None
+            async with lane.lock:
+                reply = await lane.ask(
+                    chunks_request(lane.pin, self.settings.wait, req, self.plan.start), self.grid.count
+                )
+            read = self._answer(lane, req, reply)
             if read:
                 await self._pace.wait(self.grid.bytes_of(read))
-                await self._read(lane, read, int(result.get("address") or lane.address))
+                await self._read(lane, read, reply.address or lane.address)
         except (TensordError, OSError) as exc:
             self._fail(req.node, exc)
         finally:
@@ -267,20 +272,18 @@ class Pull:
         assert pairs is not None
         assert self.partial is not None
         mine = self.partial.slab.device
-        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.me, self.pairs_timeout))
+        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.pairs_timeout))
+        assert lane.pin is not None
         async with lane.lock:
-            result, _ = await lane.peer.call(
-                "stream_chunks",
-                push=True,
-                device=mine,
-                **request_args(lane.pin, self.settings.wait, req, self.plan.start),
+            reply = await lane.ask(
+                chunks_request(lane.pin, self.settings.wait, req, self.plan.start, push=mine), self.grid.count
             )
-            granted = [int(c) for c in result.get("granted") or []] if isinstance(result, dict) else []
-            read = self._answer(lane, req, result)
+            granted = reply.granted
+            read = self._answer(lane, req, reply)
             if not granted:
                 return
-            seq = result.get("seq")
-            if type(seq) is not int or seq < 0:
+            seq = reply.seq
+            if seq is None or seq < 0:
                 raise Unavailable(f"node {lane.node} has no pair group to send to this node")
             done = pairs.receive(group, seq, self.partial.slab, self.grid, granted, set(read))
             self._pushes.add(done)
@@ -294,8 +297,7 @@ class Pull:
             raise TransferError(f"{lane.node} sent nothing for {pairs.timeout:.0f} s") from exc
         await self._arrived(lane, read, time.monotonic() - t0)
 
-    def _answer(self, lane: Lane, req: Request, result: Any) -> list[int]:
-        a = read_answer(lane.node, result, self.grid.count)
+    def _answer(self, lane: Lane, req: Request, a: StreamChunksReply) -> list[int]:
         read, fresh = self.plan.on_reply(
             lane.node,
             req,

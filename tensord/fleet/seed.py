@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ async def from_publication(
     manifest: Manifest,
     device: str,
     pinned: tuple[OpenReply, RemotePin],
-    release: Callable[[RemotePin], Awaitable[bool]],
 ) -> Held | None:
     """Copy the publication pinned (`pinned`: the holder's open reply and the pin) into a slab
     on `device` and hold it; None (the pin given back) if what was pinned is not a publication.
@@ -56,7 +54,7 @@ async def from_publication(
             await asyncio.to_thread(reader.read_registered, address + offsets.astype(np.int64), offsets, sizes)
             bad = await asyncio.to_thread(_wrong_rows, slab, manifest)
             released = True
-            intact = await release(pin)
+            intact = await pin.release()
             if not intact:
                 raise TransferError(
                     f"{name} v{version} was withdrawn by its publisher during the copy", name=name, version=version
@@ -74,7 +72,7 @@ async def from_publication(
         return await store.adopt(manifest, slab)
     finally:
         if not released:
-            await release(pin)
+            await pin.release()
 
 
 def _wrong_rows(slab: Any, manifest: Manifest) -> np.ndarray:

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
 from tensord.held import Held
@@ -33,6 +32,7 @@ from tensord.memory import Slab, own_view
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.streams import StreamChunksReply, StreamOpenReply
 from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,17 @@ class Partial:
 
 @dataclass(eq=False)
 class StreamPin:
-    """A puller's hold on a replica it streams from (lives in the puller's session here)."""
+    """A puller's hold on a replica it streams from (lives in the puller's session here; a
+    `tensord.rpc.Pin`)."""
 
     key: tuple[str, int]
     chunk: int
     requester: str
     target: Held | Partial
+    serving: Serving
+
+    async def release(self, *, clean: bool) -> bool:
+        return await self.serving.unpin(self, clean=clean)
 
 
 @dataclass(eq=False)
@@ -149,7 +154,9 @@ class Serving:
         return True
 
     # -- the ops ------------------------------------------------------------------------------
-    def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[dict[str, Any], StreamPin]:
+    def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[StreamOpenReply, StreamPin]:
+        """Pin the version (or the pull of it under way here) for `requester`; the reply's pin
+        is the session's to number."""
         held = self.store.holds(name, version)
         if held is not None and held.slab.owned:
             raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.store.node}")
@@ -173,30 +180,22 @@ class Serving:
             grid = partial.grid
             partial.pins += 1
             target = partial
-            have = chunkmap.pack(partial.held)
+            have = partial.held.copy()
             address = partial.address
             session = self.store.transport.session if self.store.transport is not None and address else ""
             slab = partial.slab
         served = self._entry(name, version, chunk)
         served.pins += 1
         self.streams += 1
-        pin = StreamPin((name, version), chunk, requester, target)
-        return {
-            "complete": have is None,
-            "chunk": chunk,
-            "count": grid.count,
-            "have": have,
-            "busy": served.book.busy,
-            "session": session,
-            "address": address,
-            "nbytes": slab.nbytes,
-            "generation": slab.generation,
-            "device": slab.device,
-        }, pin
+        pin = StreamPin((name, version), chunk, requester, target, self)
+        reply = StreamOpenReply(
+            0, chunk, grid.count, have, served.book.busy, session, address, slab.nbytes, slab.generation, slab.device
+        )
+        return reply, pin
 
     async def chunks(
         self, pin: StreamPin, request: Request, *, start: int, wait: float, push: str | None
-    ) -> dict[str, Any]:
+    ) -> StreamChunksReply:
         """Grant chunks of the pinned version (waiting up to `wait` s for some); `push`: the
         device of the puller's slab, to send them over a pair group rather than be read."""
         name, version = pin.key
@@ -213,7 +212,7 @@ class Serving:
             while True:
                 target, held, partial = self._target(pin)
                 if target is None:
-                    return {"granted": [], "redirect": [], "gone": True, "complete": False}
+                    return StreamChunksReply(gone=True)
                 grid = Grid(target.manifest.nbytes, pin.chunk)
                 if not request.asks:
                     decision = None
@@ -251,17 +250,17 @@ class Serving:
         else:
             assert held is not None
             address = self.store.replica(held).address
-        return {
-            "granted": granted,
-            "redirect": [[c, n] for c, n in decision.redirect.items()] if decision is not None else [],
-            "have": None if partial is None else chunkmap.pack(partial.held),
-            "complete": partial is None,
-            "busy": book.busy,
-            "gone": bool(decision is not None and decision.gone),
-            "full": bool(decision is not None and decision.full),
-            "address": address,
-            "seq": seq,
-        }
+        return StreamChunksReply(
+            granted,
+            dict(decision.redirect) if decision is not None else {},
+            None if partial is None else partial.held.copy(),
+            partial is None,
+            book.busy,
+            bool(decision is not None and decision.gone),
+            bool(decision is not None and decision.full),
+            address,
+            seq,
+        )
 
     def _target(self, pin: StreamPin) -> tuple[Held | Partial | None, Held | None, Partial | None]:
         t = pin.target

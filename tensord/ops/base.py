@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any, TypeVar
 
 from tensord.fleet.cluster import Cluster
-from tensord.fleet.serve import StreamPin
-from tensord.held import Held, MountPin
+from tensord.held import Held
 from tensord.ingest.pipeline import Progress
 from tensord.ops.args import is_int
-from tensord.peers import RemotePin
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument
-from tensord_contract.manifest import Manifest, Table
+from tensord_contract.manifest import Manifest
+from tensord_contract.messages import PublishRequest, PutBeginRequest
+
+M = TypeVar("M", PutBeginRequest, PublishRequest)
 
 #: tables of more tensors than this are decoded or listed on a worker thread, off the event loop
 OFF_LOOP_TENSORS = 2_000
@@ -49,32 +51,15 @@ class Ops:
         path = {"cpu": "host"}.get(held.slab.device, "cuda_ipc") if session.local else "transfer_engine"
         self.store.metrics.moved(path, direction, held.manifest.data_bytes)
 
-    async def _unpin(self, pin: Held | MountPin | RemotePin | StreamPin, *, clean: bool = True) -> bool:
-        if isinstance(pin, MountPin):
-            pin.held.mapped -= 1
-            pin = pin.held
-        if isinstance(pin, RemotePin):
-            assert self.cluster is not None
-            return await self.cluster.release(pin)
-        if isinstance(pin, StreamPin):
-            assert self.cluster is not None
-            return await self.cluster.serving.unpin(pin, clean=clean)
-        self.store.unpin(pin)
-        return not pin.revoked  # a publisher's memory withdrawn while pinned
-
     @staticmethod
-    async def _table(tensors: object) -> Table:
-        """A request's tensor table; a large one is decoded off the event loop."""
+    async def _decode(message: type[M], request: dict[str, Any]) -> M:
+        """A request carrying a tensor table, decoded (`message.from_wire`, InvalidArgument);
+        one of a large table off the event loop."""
+        tensors = request.get("tensors")
         count = tensors.get("count") if isinstance(tensors, dict) else None
         if is_int(count, OFF_LOOP_TENSORS + 1):
-            return await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
-        return Table.from_wire(tensors, InvalidArgument)
-
-    @staticmethod
-    def _origin(origin: object) -> str | None:
-        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
-            raise InvalidArgument("origin must be a string of at most 4096 characters")
-        return origin
+            return await asyncio.to_thread(message.from_wire, request, InvalidArgument)
+        return message.from_wire(request, InvalidArgument)
 
     def _own(self, session: Session, rid: object) -> None:
         if not is_int(rid) or rid not in session.reservations:

@@ -14,7 +14,8 @@ from tensord.ops.fleet import FleetOps
 from tensord.ops.publish import PublishOps
 from tensord.rpc import Session
 from tensord_contract import wire
-from tensord_contract.errors import ProtocolError
+from tensord_contract.errors import InvalidArgument, ProtocolError
+from tensord_contract.messages import OpenReply, PutBeginReply
 
 
 class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
@@ -28,18 +29,19 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
         """A request succeeded but its reply could not be sent (too large for a frame): give
         back what it took, so nothing stays held for a client that never learnt of it."""
         if op == "put_begin":
-            rid = result["reservation"]
-            session.reservations.discard(rid)
-            self.store.abort(rid)
+            rid = PutBeginReply.reservation_of(result)
+            if rid is not None:
+                session.reservations.discard(rid)
+                self.store.abort(rid)
         elif op == "open":
-            held = session.pins.pop(result["pin"], None)
-            if held is not None:
-                await self._unpin(held)
+            pin = session.pins.pop(OpenReply.from_wire(result, InvalidArgument).pin, None)
+            if pin is not None:
+                await pin.release(clean=True)
 
     async def session_closed(self, session: Session) -> None:
         await self.withdraw_published(session)
         for pin in session.pins.values():
-            await self._unpin(pin, clean=False)
+            await pin.release(clean=False)
         session.pins.clear()
         for rid in session.reservations:
             self.store.abort(rid)
