@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sdk.connection import Connection
-from sdk.pinning import PinningClient
+from sdk.replicas import ReplicaClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
 from tensord_contract.manifest import Table
 from tensord_contract.messages import PublishReply, PublishRequest
@@ -44,7 +44,7 @@ class Publication:
 
     def __init__(
         self,
-        client: PinningClient,
+        client: ReplicaClient,
         conn: Connection,
         name: str,
         version: int,
@@ -105,7 +105,7 @@ class Publication:
         return f"Publication({self.name} v{self.version}, {state})"
 
 
-class Publishing(PinningClient):
+class Publishing(ReplicaClient):
     """The publishing part of `sdk.Client`."""
 
     # Started on the first publish read from other nodes: an engine of its own, so that the
@@ -143,7 +143,7 @@ class Publishing(PinningClient):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         if origin is not None and not isinstance(origin, str):
             raise InvalidArgument("origin must be a string")
-        from tensord_dataplane.owned import export
+        from tensord_dataplane.published_ipc import export
         from tensord_dataplane.sources import places
 
         names = list(tensors)
@@ -154,7 +154,7 @@ class Publishing(PinningClient):
             raise InvalidArgument("publishing without a copy needs the daemon of this node (its Unix socket)")
         d = describe(tensors.values(), copy_sparse=False)
         where = places(d, names)
-        owned = export(where) if where.device != "cpu" else None
+        ipc = export(where) if where.device != "cpu" else None
         if remote is None:
             remote = bool(conn.server.get("cluster"))
         registered = self._register(where) if remote or where.device == "cpu" else None
@@ -164,7 +164,7 @@ class Publishing(PinningClient):
                 Table.of_columns(names, d.dtypes, d.ndims, d.dims),
                 np.array(fingerprints_of(d.tensors), dtype=np.uint64),
                 FINGERPRINT_VERSION,
-                owned,
+                ipc,
                 None if registered is None else registered.replica,
                 origin,
             )

@@ -15,8 +15,8 @@ import torch
 
 from sdk.checks import dims_of, mismatch
 from sdk.connection import Connection
-from sdk.pinning import PinningClient
 from sdk.plans import Plans, PutPlan, keys_and_values
+from sdk.replicas import ReplicaClient
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
@@ -40,7 +40,7 @@ class Reservation:
     records one the caller computed itself.
     """
 
-    def __init__(self, client: PinningClient, rid: int, manifest: Manifest, slab: SlabAccess, conn: Connection) -> None:
+    def __init__(self, client: ReplicaClient, rid: int, manifest: Manifest, slab: SlabAccess, conn: Connection) -> None:
         self._client, self._rid, self.slab, self._conn = client, rid, slab, conn
         self.manifest = manifest
         n = len(manifest)
@@ -129,7 +129,7 @@ class Reservation:
             self.abort()
 
 
-class Writes(PinningClient):
+class Writes(ReplicaClient):
     """The write half of `sdk.Client`."""
 
     def reserve(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from tensord.held import Held
+from tensord.records import Held
 
 
 class Pin(Protocol):

@@ -9,7 +9,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from tensord.held import Held
+from tensord.records import Held
 from tensord_contract.errors import NotFound, Unavailable
 
 if TYPE_CHECKING:

@@ -27,11 +27,11 @@ from typing import Any
 
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
 from tensord.fleet.cluster import Cluster
-from tensord.held import Held
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
-from tensord.owned import PUBLISHED
 from tensord.publications import withdraw_version
+from tensord.published_slabs import PUBLISHED
+from tensord.records import Held
 from tensord.state import Record
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable

@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from tensord_contract.checks import is_int
-from tensord_contract.descriptors import OwnedReplica, PublishedReplica, owned_from_wire, published_from_wire
+from tensord_contract.descriptors import (
+    PublishedIpcReplica,
+    PublishedReplica,
+    published_from_wire,
+    published_ipc_from_wire,
+)
 from tensord_contract.errors import TensordError
 from tensord_contract.manifest import FINGERPRINT_VERSIONS, Table, check_servable
 from tensord_contract.names import check_name, check_version
@@ -188,7 +193,7 @@ class PutBeginReply:
         return cls(rid, np.frombuffer(offsets, dtype="<i8").astype(np.int64), nbytes, replica)
 
 
-def _publisher_form(replica: OwnedReplica | PublishedReplica) -> dict[str, Any]:
+def _publisher_form(replica: PublishedIpcReplica | PublishedReplica) -> dict[str, Any]:
     """A replica as a publisher describes it: the daemon sets its node, size and generation."""
     wire = replica.to_wire()
     for key in ("nbytes", "generation", "kind", "node"):
@@ -198,7 +203,7 @@ def _publisher_form(replica: OwnedReplica | PublishedReplica) -> dict[str, Any]:
 
 @dataclass(frozen=True, eq=False)
 class PublishRequest:
-    """Tensors in the publisher's memory: GPU allocations exported by IPC (`owned`, read on this
+    """Tensors in the publisher's memory: GPU allocations exported by IPC (`ipc`, read on this
     node) and/or registered with its Transfer Engine (`exposed`, read from anywhere); at least
     one. Both describe the same allocations and each tensor's place in them."""
 
@@ -206,7 +211,7 @@ class PublishRequest:
     table: Table
     fingerprints: np.ndarray  # uint64, one per tensor
     fp: int  # the fingerprint definition they were made with
-    owned: OwnedReplica | None = None
+    ipc: PublishedIpcReplica | None = None
     exposed: PublishedReplica | None = None  # its node is the daemon's to set ("" here)
     origin: str | None = None
 
@@ -217,8 +222,8 @@ class PublishRequest:
             "fingerprints": self.fingerprints.astype("<u8", copy=False).tobytes(),
             "fp": self.fp,
         }
-        if self.owned is not None:
-            wire["replica"] = _publisher_form(self.owned)
+        if self.ipc is not None:
+            wire["replica"] = _publisher_form(self.ipc)
         if self.exposed is not None:
             wire["exposed"] = _publisher_form(self.exposed)
         if self.origin is not None:
@@ -241,23 +246,23 @@ class PublishRequest:
         fingerprints = _fingerprints(raw["fingerprints"], len(table), error)
         fp = fp_definition(raw.get("fp"), error)
         _, nbytes = table.layout()
-        owned = None if replica is None else owned_from_wire(replica, nbytes, 0, error)
-        if owned is not None:
-            owned.layout(table.sizes, error)
+        ipc = None if replica is None else published_ipc_from_wire(replica, nbytes, 0, error)
+        if ipc is not None:
+            ipc.layout(table.sizes, error)
         reach = None if exposed is None else published_from_wire(exposed, "", nbytes, 0, error)
         if reach is not None:
             reach.layout(table.sizes, error)
-            if owned is not None and (reach.device, reach.sizes, reach.block, reach.offset) != (
-                f"cuda:{owned.device}",
-                owned.sizes,
-                owned.block,
-                owned.offset,
+            if ipc is not None and (reach.device, reach.sizes, reach.block, reach.offset) != (
+                f"cuda:{ipc.device}",
+                ipc.sizes,
+                ipc.block,
+                ipc.offset,
             ):
                 raise error("replica and exposed must describe the same allocations")
-        handles = sum(len(h) + 5 for h in owned.handles) + 9 * len(owned.sizes) if owned is not None else 0
+        handles = sum(len(h) + 5 for h in ipc.handles) + 9 * len(ipc.sizes) if ipc is not None else 0
         handles += 17 * len(reach.sizes) if reach is not None else 0  # each allocation's address and size
         check_servable(len(table.names_blob), len(table), table.dims.size, error, extra=handles + 12 * len(table))
-        return cls(name, table, fingerprints, fp, owned, reach, origin)
+        return cls(name, table, fingerprints, fp, ipc, reach, origin)
 
 
 @dataclass(frozen=True)

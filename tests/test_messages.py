@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tensord_contract.descriptors import IPC_HANDLE_BYTES, OwnedReplica, PublishedReplica
+from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import table_of
 from tensord_contract.messages import (
@@ -125,9 +125,9 @@ def _published(n_blocks: int = 1) -> PublishedReplica:
     return PublishedReplica("", "cuda:0", "h:1", (4096,) * n_blocks, (4096,) * n_blocks, block, offset, 0, 0)
 
 
-def _owned() -> OwnedReplica:
+def _owned() -> PublishedIpcReplica:
     p = _published()
-    return OwnedReplica(0, 0, 0, (b"h" * IPC_HANDLE_BYTES,), p.sizes, p.block, p.offset)
+    return PublishedIpcReplica(0, 0, 0, (b"h" * IPC_HANDLE_BYTES,), p.sizes, p.block, p.offset)
 
 
 def _publish(**change: object) -> dict:
@@ -142,10 +142,10 @@ def test_publish_round_trips_with_the_daemon_setting_node_and_size() -> None:
     back = PublishRequest.from_wire({"op": "publish", **wire}, InvalidArgument)
     _, nbytes = TABLE.layout()
     assert back.fingerprints.tolist() == [1, 2] and back.fp == 3 and back.origin == "mine"
-    assert back.owned == dataclasses.replace(_owned(), nbytes=nbytes)
+    assert back.ipc == dataclasses.replace(_owned(), nbytes=nbytes)
     assert back.exposed == dataclasses.replace(_published(), nbytes=nbytes)
     only_host = {k: v for k, v in _publish().items() if k != "replica"}
-    assert PublishRequest.from_wire(only_host, InvalidArgument).owned is None
+    assert PublishRequest.from_wire(only_host, InvalidArgument).ipc is None
     assert PublishReply.from_wire(PublishReply(4).to_wire(), ProtocolError) == PublishReply(4)
     with pytest.raises(ProtocolError, match="malformed publish reply"):
         PublishReply.from_wire({"version": "4"}, ProtocolError)

@@ -24,8 +24,8 @@ from tensord.fleet.pull import Pull
 from tensord.fleet.seed import from_publication
 from tensord.fleet.serve import Serving
 from tensord.fleet.settings import Settings
-from tensord.held import Held
 from tensord.peers import Peers, RemotePin
+from tensord.records import Held
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Store
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable

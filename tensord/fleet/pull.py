@@ -36,7 +36,7 @@ from tensord.fleet.lanes import Lane, Reads, chunks_request, find_holders
 from tensord.fleet.policy import Plan, Request
 from tensord.fleet.serve import Partial
 from tensord.fleet.settings import Pace
-from tensord.held import Held
+from tensord.records import Held
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from tensord.held import Held
 from tensord.memory import own_view
 from tensord.peers import RemotePin
+from tensord.records import Held
 from tensord.store import Store
 from tensord_contract.descriptors import PublishedReplica, replica_from_wire
 from tensord_contract.errors import IntegrityError, TransferError

@@ -27,8 +27,8 @@ import numpy as np
 
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
-from tensord.held import Held
 from tensord.memory import Slab, own_view
+from tensord.records import Held
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, Unavailable
 from tensord_contract.manifest import Manifest
@@ -158,7 +158,7 @@ class Serving:
         """Pin the version (or the pull of it under way here) for `requester`; the reply's pin
         is the session's to number."""
         held = self.store.holds(name, version)
-        if held is not None and held.slab.owned:
+        if held is not None and held.slab.published:
             raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.store.node}")
         if held is not None:
             grid = Grid(held.manifest.nbytes, chunk)

@@ -9,9 +9,9 @@ import time
 from typing import Any, TypeVar
 
 from tensord.fleet.cluster import Cluster
-from tensord.held import Held
 from tensord.ingest.pipeline import Progress
 from tensord.ops.args import is_int
+from tensord.records import Held
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Store

@@ -108,7 +108,7 @@ class CatalogueOps(Ops):
             "origin": manifest.origin,
             "device": held.slab.device if held else None,
             "pins": held.pins if held else 0,
-            "published": bool(held and held.slab.owned),  # in a publishing process's memory: no copy here
+            "published": bool(held and held.slab.published),  # in a publishing process's memory: no copy here
             "mapped": held.mapped if held else 0,  # mounts of it by clients here (no copy either)
             "lost": self.restorer.lost(name, version) if self.restorer is not None else None,
             "evicted": self.store.evicted(name, version) is not None,

@@ -10,8 +10,8 @@ import numpy as np
 
 from tensord.ops.args import args, fp_definition, is_int
 from tensord.ops.base import Ops
-from tensord.owned import OwnedSlab
 from tensord.pins import MountPin, ReadPin
+from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.messages import OpenReply, OpenRequest, PutBeginReply, PutBeginRequest
@@ -38,7 +38,7 @@ class DataOps(Ops):
             self.store.pin(held)
             self._moved(session, held, "read")
             pin = next(self._pins)
-            mount = req.mount and session.local and not isinstance(held.slab, OwnedSlab)  # a mapping, not a copy
+            mount = req.mount and session.local and not isinstance(held.slab, PublishedSlab)  # a mapping, not a copy
             session.pins[pin] = (MountPin if mount else ReadPin)(held, self.store.unpin)
             known = (version, held.slab.generation) in cached
             return OpenReply(pin, version, replica, None if known else held.manifest.wire).to_wire(), fds

@@ -1,7 +1,7 @@
 """Publishing without a copy: a process on this node advertises tensors in its own memory (GPU
 or host) as a version (`publish`) and withdraws it (`unpublish`, which waits for readers, here
 and on other nodes, to let go).
-The replica lives as long as the publishing connection (`tensord.owned`)."""
+The replica lives as long as the publishing connection (`tensord.published_slabs`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 from tensord.ops.args import MAX_WAIT, args, is_number
 from tensord.ops.base import Ops
-from tensord.owned import OwnedSlab
 from tensord.publications import withdraw
+from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
@@ -41,7 +41,7 @@ class PublishOps(Ops):
         )
         exposed = None if req.exposed is None else dataclasses.replace(req.exposed, node=self.store.node)
         held = await self.store.hold_new(
-            manifest, OwnedSlab(req.owned, exposed, session.peer), req.fingerprints, req.fp
+            manifest, PublishedSlab(req.ipc, exposed, session.peer), req.fingerprints, req.fp
         )
         session.published[held.key] = held
         return PublishReply(held.manifest.version).to_wire(), []
