@@ -56,13 +56,16 @@ class Store:
         eviction: str = "none",
         allowed_roots: Sequence[str] = (),
         metrics: Metrics | None = None,
+        registrations: Registrations | None = None,
     ) -> None:
         """`catalogue`: where held versions are recorded (the state directory's), with their
         manifests when `keep_manifests` (the embedded registry's state). `eviction`: "lru" or
         "none". `allowed_roots`: checkpoints that may be read again (ingest.allowed_roots)."""
         self.node, self._registry, self._budgets, self.retention = node, registry, budgets, retention
         self.huge_pages = huge_pages
-        self._engine = Registrations(node, transport)
+        self._engine = registrations if registrations is not None else Registrations(node)
+        if transport is not None:
+            self._engine.attach(transport)
         self._catalogue, self.keep_manifests = catalogue, keep_manifests
         self.eviction, self.allowed_roots = eviction, tuple(allowed_roots)
         self._metrics = metrics if metrics is not None else Metrics()
@@ -76,20 +79,6 @@ class Store:
         self._blocks = CudaBlocks()  # GPU memory of freed slabs, kept for later ones
 
     # -- what the rest of the daemon sees -----------------------------------------------------
-    @property
-    def registry(self) -> Registry:
-        """Where names, versions, replicas and nodes live (shared with the cluster ops)."""
-        return self._registry
-
-    @property
-    def metrics(self) -> Metrics:
-        return self._metrics
-
-    @property
-    def transport(self) -> Transport | None:
-        """This node's Transfer Engine; None when it has none (or before `attach_transport`)."""
-        return self._engine.transport
-
     def attach_transport(self, transport: Transport | None) -> None:
         """Use `transport` from now on. Once, before any slab is exposed: the daemon starts its
         engine (slow) after building the store."""
@@ -240,8 +229,8 @@ class Store:
 
     def replica(self, held: Held) -> Replica:
         m, slab = held.manifest, held.slab
-        address = self._engine.address(slab)
-        session = self.transport.session if self.transport is not None and address is not None else ""
+        address, transport = self._engine.address(slab), self._engine.transport
+        session = transport.session if transport is not None and address is not None else ""
         return Replica(
             m.name,
             m.version,

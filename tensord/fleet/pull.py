@@ -44,6 +44,7 @@ from tensord_contract.streams import StreamChunksReply
 from tensord_dataplane.transport.base import Batch
 
 if TYPE_CHECKING:
+    from tensord.context import NodeContext
     from tensord.fleet.pairs import Pairs
     from tensord.fleet.serve import Serving
     from tensord.fleet.settings import Settings
@@ -60,6 +61,7 @@ class Pull:
     def __init__(
         self,
         store: Store,
+        context: NodeContext,
         serving: Serving,
         pairs: Pairs | None,
         manifest: Manifest,
@@ -74,7 +76,7 @@ class Pull:
         rate: int | None = None,
         chunk: int | None = None,
     ) -> None:
-        self.store, self.serving, self.pairs = store, serving, pairs
+        self.store, self.context, self.serving, self.pairs = store, context, serving, pairs
         self.host, self.token, self.pairs_timeout = host, token, pairs_timeout
         self.manifest, self.device = manifest, device
         if rate is not None:
@@ -82,7 +84,7 @@ class Pull:
         if chunk is not None:
             settings = dataclasses.replace(settings, chunk=chunk)
         self.settings = settings
-        self.me = store.node
+        self.me = context.node
         self.grid = Grid(manifest.nbytes, self.settings.chunk_for(manifest.nbytes))
         s = self.settings
         self.plan = Plan(
@@ -201,7 +203,7 @@ class Pull:
         if held is None:
             await self.serving.stopped(partial, None)
         with contextlib.suppress(TensordError):
-            await self.store.registry.remove_partial(*partial.key, self.me, partial.slab.device)
+            await self.context.registry.remove_partial(*partial.key, self.me, partial.slab.device)
 
     # -- fetching -----------------------------------------------------------------------------
     async def _fetch(self) -> None:
@@ -320,7 +322,7 @@ class Pull:
 
     async def _read(self, lane: Lane, chunks: list[int], address: int) -> None:
         assert self.partial is not None
-        transport = self.store.transport
+        transport = self.context.transport
         if transport is None or not lane.session or not address:
             raise Unavailable(f"no Transfer Engine path from {lane.node}")
         starts, lengths = self.grid.ranges(chunks)
@@ -396,7 +398,7 @@ class Pull:
             if lane.pin is not None:
                 return lane
             have, busy = await lane.open(self.manifest, self.grid, self.me)
-            transport = self.store.transport
+            transport = self.context.transport
             lane.push = not (transport is not None and lane.session and lane.address)
             if lane.push:
                 assert self.partial is not None
@@ -409,7 +411,7 @@ class Pull:
     # -- the registry -------------------------------------------------------------------------
     async def _nodes(self) -> None:
         with contextlib.suppress(Unavailable):
-            self.records = {r.node: r for r in await self.store.registry.nodes()}
+            self.records = {r.node: r for r in await self.context.registry.nodes()}
             gone = [n for n in self.lanes if n not in self.records] if self.me in self.records else []
             for node in gone:  # its lease expired (judged only while this node's own lease holds)
                 self._fail(node, Unavailable(f"node {node} lost its lease (dead or frozen)"))
@@ -417,7 +419,7 @@ class Pull:
     async def _discover(self) -> None:
         """Offer the plan every holder the registry knows of, and the other targets of a fan-out."""
         await self._nodes()
-        registry, host = self.store.registry, self.host
+        registry, host = self.context.registry, self.host
         for o in await find_holders(registry, self.records, self.manifest, self.grid, self.me, host, self.co_pullers):
             self.plan.offer(o.node, complete=o.complete, have=o.have, same_host=o.same_host)
 
@@ -431,7 +433,7 @@ class Pull:
             *partial.key, self.me, partial.slab.device, self.grid.size, self.grid.count, chunkmap.pack(partial.held)
         )
         try:
-            await self.store.registry.put_partial(record)
+            await self.context.registry.put_partial(record)
             self._advertised = held
         except Unavailable as exc:
             log.info("cannot advertise the partial replica of %s v%d: %s", *partial.key, exc.message)

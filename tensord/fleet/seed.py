@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tensord.context import NodeContext
 from tensord.memory import own_view
 from tensord.peers import RemotePin
 from tensord.records import Held
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 async def from_publication(
     store: Store,
+    context: NodeContext,
     manifest: Manifest,
     device: str,
     pinned: tuple[OpenReply, RemotePin],
@@ -40,9 +42,9 @@ async def from_publication(
         replica = replica_from_wire(result.replica)
         if not isinstance(replica, PublishedReplica):
             return None
-        transport = store.transport
+        transport = context.transport
         if transport is None or not store.reaches(device):
-            raise TransferError(f"node {store.node} has no Transfer Engine for {device} memory to read a publication")
+            raise TransferError(f"node {context.node} has no Transfer Engine for {device} memory to read a publication")
         from tensord_dataplane.published import PublishedAccess
 
         name, version = manifest.name, manifest.version

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tensord.context import NodeContext
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
 from tensord.memory import Slab, own_view
@@ -100,15 +101,20 @@ class _Served:
 
 
 class Serving:
-    def __init__(self, store: Store, *, slots: int, wait: float) -> None:
-        self.store, self.slots, self.wait = store, slots, wait
+    def __init__(self, store: Store, context: NodeContext, *, slots: int, wait: float) -> None:
+        self.store, self.context, self.node = store, context, context.node
+        self.slots, self.wait = slots, wait
         self.grant_ttl = max(5.0, 10 * wait)  # a grant unread this long gives its slot back
         self.partials: dict[tuple[str, int], Partial] = {}
         self._served: dict[tuple[str, int, int], _Served] = {}
         self.egress_chunks = 0  # bytes of chunks granted to streaming pullers
-        self.egress_reads = 0  # bytes of whole slabs pinned for remote readers (open)
+        self.egress_reads = 0  # bytes of whole slabs pinned for remote readers (open: `served_read`)
         self.streams = 0  # stream pins held by pullers
         self.pusher: Any = None  # tensord.fleet.pairs.Pairs, when pair groups are on
+
+    def served_read(self, nbytes: int) -> None:
+        """A reader on another node pinned a whole version here (`open`)."""
+        self.egress_reads += nbytes
 
     # -- partial replicas of this node --------------------------------------------------------
     def add(self, partial: Partial) -> None:
@@ -159,7 +165,7 @@ class Serving:
         is the session's to number."""
         held = self.store.holds(name, version)
         if held is not None and held.slab.published:
-            raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.store.node}")
+            raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.node}")
         if held is not None:
             grid = Grid(held.manifest.nbytes, chunk)
             self.store.pin(held)
@@ -171,10 +177,10 @@ class Serving:
         else:
             partial = self.partials.get((name, version))
             if partial is None or partial.dropped:
-                raise NotFound(f"{name} v{version} is not held or being pulled on node {self.store.node}")
+                raise NotFound(f"{name} v{version} is not held or being pulled on node {self.node}")
             if partial.grid.size != chunk:
                 raise InvalidArgument(
-                    f"node {self.store.node} pulls {name} v{version} in chunks of {partial.grid.size} bytes, "
+                    f"node {self.node} pulls {name} v{version} in chunks of {partial.grid.size} bytes, "
                     f"not {chunk} (keep fleet.chunk_bytes the same on every node)"
                 )
             grid = partial.grid
@@ -182,7 +188,7 @@ class Serving:
             target = partial
             have = partial.held.copy()
             address = partial.address
-            session = self.store.transport.session if self.store.transport is not None and address else ""
+            session = self.context.transport.session if self.context.transport is not None and address else ""
             slab = partial.slab
         served = self._entry(name, version, chunk)
         served.pins += 1

@@ -1,5 +1,6 @@
-"""What every op group shares: the store, the cluster, pins handed to sessions, and a few
-helpers. `Service` combines the groups into one class."""
+"""What every op group shares: the store, this node's collaborators (`NodeContext`: its name,
+registry, metrics, Transfer Engine), the cluster, pins handed to sessions, and a few helpers.
+`Service` combines the groups into one class."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import itertools
 import time
 from typing import Any, TypeVar
 
+from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
 from tensord.ingest.pipeline import Progress
 from tensord.ops.args import is_int
@@ -29,13 +31,16 @@ class Ops:
     def __init__(
         self,
         store: Store,
+        context: NodeContext,
         cluster: Cluster | None = None,
         *,
         pull_through: bool = False,
         listen: str = "",
         allowed_roots: tuple[str, ...] = (),
     ) -> None:
-        self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
+        self.store, self.context, self.cluster = store, context, cluster
+        self.node, self.registry, self.metrics = context.node, context.registry, context.metrics
+        self.pull_through, self.listen = pull_through, listen
         self.allowed_roots = allowed_roots
         self.restorer: Restorer | None = None  # set by the daemon: what it held before a restart
         #: set once the registry is up: the socket accepts before that (the node record needs
@@ -49,7 +54,7 @@ class Ops:
     def _moved(self, session: Session, held: Held, direction: str) -> None:
         """Count a version's bytes handed to a reader or taken from a writer, by path."""
         path = {"cpu": "host"}.get(held.slab.device, "cuda_ipc") if session.local else "transfer_engine"
-        self.store.metrics.moved(path, direction, held.manifest.data_bytes)
+        self.metrics.moved(path, direction, held.manifest.data_bytes)
 
     @staticmethod
     async def _decode(message: type[M], request: dict[str, Any]) -> M:
@@ -68,4 +73,4 @@ class Ops:
     async def _manifest(self, name: str, version: int) -> Manifest:
         """A committed manifest: from memory when this node holds the version (it never changes)."""
         held = self.store.lookup(name, version)
-        return held.manifest if held is not None else await self.store.registry.manifest(name, version)
+        return held.manifest if held is not None else await self.registry.manifest(name, version)

@@ -31,10 +31,10 @@ class DataOps(Ops):
             held = self.store.holds(name, version)
         if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
             held = await self.cluster.replicate(name, version, None)
-        if held is not None and held.live and self.store.node not in exclude:
+        if held is not None and held.live and self.node not in exclude:
             replica, fds = self.store.descriptor(held, local=session.local)
             if not session.local and self.cluster is not None:  # a reader on another node
-                self.cluster.serving.egress_reads += held.manifest.nbytes
+                self.cluster.serving.served_read(held.manifest.nbytes)
             self.store.pin(held)
             self._moved(session, held, "read")
             pin = next(self._pins)
@@ -44,7 +44,7 @@ class DataOps(Ops):
             return OpenReply(pin, version, replica, None if known else held.manifest.wire).to_wire(), fds
         if self.cluster is None:
             lost = self.restorer.lost(name, version) if self.restorer is not None else None
-            message = f"{name} v{version} is not held on node {self.store.node}"
+            message = f"{name} v{version} is not held on node {self.node}"
             if lost is not None:
                 assert self.restorer is not None
                 message = self.restorer.lost_message(name, version, lost)

@@ -48,17 +48,17 @@ class FleetOps(Ops):
         version = await self.store.resolve_version(name, check_version(version))
         if isinstance(to, list) or to == "all":
             return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
-        if to is not None and to != self.store.node:
+        if to is not None and to != self.node:
             if not isinstance(to, str):
                 raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
-            record = {n.node: n for n in await self.store.registry.nodes()}.get(to)
+            record = {n.node: n for n in await self.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             call = self.cluster.peers.get(to, record.control).call(
                 "replicate", name=name, version=version, device=device, rate=rate, chunk=chunk,
                 reply_timeout=_REPLICATE_TIMEOUT,
             )  # fmt: skip
-            result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.store.registry))
+            result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.registry))
             return result, []
         place: dict[str, Any] = {}
         if index is not None or of is not None or peers is not None:
@@ -66,7 +66,7 @@ class FleetOps(Ops):
                 raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
             place = {"index": index, "of": of, "peers": node_list(peers)}
         held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
-        out = {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}
+        out = {"node": self.node, "name": name, "version": version, "device": held.slab.device}
         done = self.cluster.finished.get((name, version))
         if done is not None and place:
             out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
@@ -76,7 +76,7 @@ class FleetOps(Ops):
         self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
     ) -> dict[str, Any]:
         assert self.cluster is not None
-        records = {n.node: n for n in await self.store.registry.nodes()}
+        records = {n.node: n for n in await self.registry.nodes()}
         if to == "all":
             targets = sorted(records)
         else:
@@ -85,7 +85,7 @@ class FleetOps(Ops):
             missing = [t for t in targets if t not in records]
             if missing:
                 raise NotFound(f"no live node {missing[0]!r}")
-        holding = {r.node for r in await self.store.registry.replicas(name, version)}
+        holding = {r.node for r in await self.registry.replicas(name, version)}
         pulling = [t for t in targets if t not in holding]
         t0 = time.monotonic()
 
@@ -95,7 +95,7 @@ class FleetOps(Ops):
             args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
             args.update(index=i, of=len(pulling), peers=pulling)
             try:
-                if node == self.store.node:
+                if node == self.node:
                     result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
                 else:
                     peer = cluster.peers.get(node, records[node].control)
@@ -106,7 +106,7 @@ class FleetOps(Ops):
                 return {"node": node, "error": exc.message, "code": exc.code}
 
         session_of_self = Session(0, "fan-out")
-        live = _Live(self.store.registry)
+        live = _Live(self.registry)
         results = await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling)))
         nodes = {t: {"node": t, "held": True} for t in targets if t in holding}
         nodes.update({r["node"]: r for r in results})
@@ -154,7 +154,7 @@ class FleetOps(Ops):
         pin = session.pins[req.pin]
         assert isinstance(pin, StreamPin)
         if req.push and self.cluster.pairs is None:
-            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+            raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
         asked = Request(pin.requester, req.chunks, req.force, req.want, req.limit, req.done, req.declined)
         wait = 0.0 if req.wait is None else req.wait
         reply = await served.chunks(pin, asked, start=req.start, wait=wait, push=req.device if req.push else None)
@@ -163,9 +163,9 @@ class FleetOps(Ops):
     async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
         if self.cluster is None or self.cluster.pairs is None:
-            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
+            raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
         req = StreamPairRequest.from_wire(request, InvalidArgument)
-        record = {n.node: n for n in await self.store.registry.nodes()}.get(req.node)
+        record = {n.node: n for n in await self.registry.nodes()}.get(req.node)
         if record is None or record.control.rpartition(":")[0] != f"tcp:{req.host}":
             # only join a rendezvous at the address the named node advertises
             raise InvalidArgument(f"{req.host} is not where live node {req.node!r} listens")

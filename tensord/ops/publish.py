@@ -39,7 +39,7 @@ class PublishOps(Ops):
             created=time.time(),
             origin=req.origin or f"published by {session.peer}",
         )
-        exposed = None if req.exposed is None else dataclasses.replace(req.exposed, node=self.store.node)
+        exposed = None if req.exposed is None else dataclasses.replace(req.exposed, node=self.node)
         held = await self.store.hold_new(
             manifest, PublishedSlab(req.ipc, exposed, session.peer), req.fingerprints, req.fp
         )
@@ -56,7 +56,7 @@ class PublishOps(Ops):
         held = session.published.pop((name, version), None)
         if held is None:
             raise NotFound(f"{name} v{version} was not published by this connection", name=name, version=version)
-        await withdraw(self.store, held)
+        await withdraw(self.store, self.context, held)
         if held.pins > 0:
             held.drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
@@ -67,6 +67,6 @@ class PublishOps(Ops):
     async def withdraw_published(self, session: Session) -> None:
         """The publisher's connection closed: its memory may be gone or reused at any moment."""
         for held in session.published.values():
-            await withdraw(self.store, held)
+            await withdraw(self.store, self.context, held)
             held.revoked = held.pins > 0
         session.published.clear()

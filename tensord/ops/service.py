@@ -56,10 +56,10 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
         session.hello = True
         if isinstance(client, str):
             session.peer = f"{client[:64]} ({session.peer})"
-        transport = self.store.transport
+        transport = self.context.transport
         return {
             "protocol": wire.PROTOCOL_VERSION,
-            "node": self.store.node,
+            "node": self.node,
             "version": __version__,
             "transport": transport.describe() if transport is not None else None,
             "cluster": self.cluster is not None,  # other nodes may read what is published here
