@@ -26,8 +26,8 @@ from sdk.connection import Connection
 from sdk.replicas import ReplicaClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
 from tensord_contract.manifest import Table
-from tensord_contract.messages import PublishReply, PublishRequest
 from tensord_contract.names import check_name
+from tensord_contract.table_messages import PublishReply, PublishRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.tensors import describe

@@ -20,8 +20,8 @@ from sdk.replicas import ReplicaClient
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
-from tensord_contract.messages import PutBeginReply, PutBeginRequest
 from tensord_contract.names import check_name
+from tensord_contract.table_messages import PutBeginReply, PutBeginRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.opening import open_slab

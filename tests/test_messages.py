@@ -4,6 +4,8 @@ malformed messages are refused with the error of the side that reads them."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,16 +13,7 @@ import pytest
 from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import table_of
-from tensord_contract.messages import (
-    MAX_HAVE,
-    MAX_ORIGIN,
-    OpenReply,
-    OpenRequest,
-    PublishReply,
-    PublishRequest,
-    PutBeginReply,
-    PutBeginRequest,
-)
+from tensord_contract.messages import MAX_HAVE, MAX_ORIGIN, OpenReply, OpenRequest
 from tensord_contract.streams import (
     MAX_WAIT,
     MIN_CHUNK,
@@ -31,6 +24,7 @@ from tensord_contract.streams import (
     StreamPairReply,
     StreamPairRequest,
 )
+from tensord_contract.table_messages import PublishReply, PublishRequest, PutBeginReply, PutBeginRequest
 
 
 def test_open_request_round_trips_and_leaves_out_defaults() -> None:
@@ -66,6 +60,13 @@ def test_open_reply_round_trips_and_malformed_replies_are_protocol_errors() -> N
     for bad in (None, [], {"pin": "5", "version": 2, "replica": {}}, {"pin": 5, "version": 2, "replica": None}):
         with pytest.raises(ProtocolError, match="malformed open reply"):
             OpenReply.from_wire(bad, ProtocolError)
+
+
+def test_the_core_messages_import_no_numpy() -> None:
+    """`sdk.catalogue` (the `tensord` command) may use them: it must stay fast to start."""
+    code = "import sys, tensord_contract.messages; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_requests_refuse_unknown_and_missing_keys() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 from tensord.rpc import brief
 from tensord_contract.checks import is_int as is_int  # the ops take it from here with the other checks
 from tensord_contract.errors import InvalidArgument
-from tensord_contract.messages import fp_definition as _fp_definition
 from tensord_contract.streams import MAX_WAIT as MAX_WAIT  # the longest a request may wait (long polls)
+from tensord_contract.table_messages import fp_definition as _fp_definition
 
 
 def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()) -> list[Any]:

@@ -19,7 +19,7 @@ from tensord.rpc import Session, brief
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest
-from tensord_contract.messages import PublishRequest, PutBeginRequest
+from tensord_contract.table_messages import PublishRequest, PutBeginRequest
 
 M = TypeVar("M", PutBeginRequest, PublishRequest)
 

@@ -14,7 +14,8 @@ from tensord.pins import MountPin, ReadPin
 from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.messages import OpenReply, OpenRequest, PutBeginReply, PutBeginRequest
+from tensord_contract.messages import OpenReply, OpenRequest
+from tensord_contract.table_messages import PutBeginReply, PutBeginRequest
 
 
 class DataOps(Ops):

@@ -18,8 +18,8 @@ from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
-from tensord_contract.messages import PublishReply, PublishRequest
 from tensord_contract.names import check_name, check_version
+from tensord_contract.table_messages import PublishReply, PublishRequest
 
 DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
 

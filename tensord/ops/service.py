@@ -15,7 +15,8 @@ from tensord.ops.publish import PublishOps
 from tensord.rpc import Session
 from tensord_contract import wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
-from tensord_contract.messages import OpenReply, PutBeginReply
+from tensord_contract.messages import OpenReply
+from tensord_contract.table_messages import PutBeginReply
 
 
 class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
