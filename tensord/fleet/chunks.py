@@ -1,9 +1,9 @@
-"""The chunk grid of a slab, and bitmaps of the chunks a node holds.
+"""The chunk grid of a slab.
 
 A slab of `nbytes` is cut into chunks of `size` bytes (a multiple of 256, so every chunk starts
-on a tensor-alignment boundary); the last chunk may be shorter. A bitmap is one bit per chunk,
-`numpy.packbits` order (chunk 0 is the high bit of byte 0): 1,000 chunks fit in 125 bytes
-(`tensord_contract.streams`, where the stream ops carry them).
+on a tensor-alignment boundary); the last chunk may be shorter. Bitmaps of the chunks a node
+holds are the wire's (`tensord_contract.streams`: one bit per chunk, `numpy.packbits` order;
+1,000 chunks fit in 125 bytes).
 """
 
 from __future__ import annotations
@@ -12,11 +12,6 @@ import numpy as np
 
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import ALIGN
-from tensord_contract.streams import MIN_CHUNK as MIN_CHUNK  # bitmaps and the smallest chunk: the contract's
-from tensord_contract.streams import pack_bitmap as pack
-from tensord_contract.streams import unpack_bitmap as unpack
-
-__all__ = ["MIN_CHUNK", "Grid", "pack", "unpack"]
 
 
 class Grid:

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
 from tensord.fleet.lanes import Lane, Reads, chunks_request, find_holders
@@ -40,7 +39,7 @@ from tensord.records import Held
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
-from tensord_contract.streams import StreamChunksReply
+from tensord_contract.streams import StreamChunksReply, pack_bitmap
 from tensord_dataplane.transport.base import Batch
 
 if TYPE_CHECKING:
@@ -430,7 +429,7 @@ class Pull:
         if held == self._advertised and not force:
             return
         record = PartialReplica(
-            *partial.key, self.me, partial.slab.device, self.grid.size, self.grid.count, chunkmap.pack(partial.held)
+            *partial.key, self.me, partial.slab.device, self.grid.size, self.grid.count, pack_bitmap(partial.held)
         )
         try:
             await self.context.registry.put_partial(record)

@@ -10,7 +10,6 @@ import math
 import time
 from typing import Any
 
-from tensord.fleet.chunks import MIN_CHUNK
 from tensord.fleet.policy import Request
 from tensord.fleet.serve import StreamPin
 from tensord.ops.args import args, is_int, node_list
@@ -18,7 +17,13 @@ from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.names import check_name, check_version
-from tensord_contract.streams import StreamChunksRequest, StreamOpenRequest, StreamPairReply, StreamPairRequest
+from tensord_contract.streams import (
+    MIN_CHUNK,
+    StreamChunksRequest,
+    StreamOpenRequest,
+    StreamPairReply,
+    StreamPairRequest,
+)
 
 log = logging.getLogger(__name__)
 
