@@ -26,7 +26,7 @@ from _common import deepseek_shapes, median_seconds, random_tensors, start_daemo
 
 import sdk
 from tensord_dataplane.fingerprint import fingerprints
-from tensord_dataplane.owned import export
+from tensord_dataplane.published_ipc import export
 from tensord_dataplane.sources import places
 from tensord_dataplane.tensors import describe
 

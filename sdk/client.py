@@ -1,7 +1,7 @@
 """The tensord client: put, get, mount, load_into over one daemon connection.
 
 `Client` composes the halves, one module each: the catalogue and cluster ops (`sdk.catalogue`,
-no torch), pins and manifests (`sdk.pinning`), reads (`sdk.reads`: get, mount, load_into, with
+no torch), pins and manifests (`sdk.replicas`), reads (`sdk.reads`: get, mount, load_into, with
 failover across replicas), writes (`sdk.writes`: put, reserve, commit) and publishing without
 a copy (`sdk.publishing`: publish).
 

@@ -44,7 +44,7 @@ def same_layout(a: Manifest, b: Manifest) -> bool:
     if a is b:
         return True
     ta, tb = a.table, b.table
-    if ta is tb:  # a version decoded with the table of the one before (`sdk.pinning`)
+    if ta is tb:  # a version decoded with the table of the one before (`sdk.replicas`)
         return np.array_equal(a.offsets, b.offsets)
     return (
         len(ta) == len(tb)

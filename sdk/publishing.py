@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from sdk.connection import Connection
-from sdk.pinning import PinningClient
+from sdk.replicas import ReplicaClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
 from tensord_contract.manifest import Table
 from tensord_contract.names import check_name
+from tensord_contract.table_messages import PublishReply, PublishRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.tensors import describe
@@ -43,7 +44,7 @@ class Publication:
 
     def __init__(
         self,
-        client: PinningClient,
+        client: ReplicaClient,
         conn: Connection,
         name: str,
         version: int,
@@ -104,7 +105,7 @@ class Publication:
         return f"Publication({self.name} v{self.version}, {state})"
 
 
-class Publishing(PinningClient):
+class Publishing(ReplicaClient):
     """The publishing part of `sdk.Client`."""
 
     # Started on the first publish read from other nodes: an engine of its own, so that the
@@ -142,7 +143,7 @@ class Publishing(PinningClient):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         if origin is not None and not isinstance(origin, str):
             raise InvalidArgument("origin must be a string")
-        from tensord_dataplane.owned import export
+        from tensord_dataplane.published_ipc import export
         from tensord_dataplane.sources import places
 
         names = list(tensors)
@@ -153,33 +154,27 @@ class Publishing(PinningClient):
             raise InvalidArgument("publishing without a copy needs the daemon of this node (its Unix socket)")
         d = describe(tensors.values(), copy_sparse=False)
         where = places(d, names)
-        args: dict[str, Any] = {
-            "name": name,
-            "tensors": Table.of_columns(names, d.dtypes, d.ndims, d.dims).to_wire(),
-            "fp": FINGERPRINT_VERSION,
-        }
-        if where.device != "cpu":
-            wire = export(where).to_wire()
-            for key in ("nbytes", "generation", "kind"):
-                del wire[key]
-            args["replica"] = wire
+        ipc = export(where) if where.device != "cpu" else None
         if remote is None:
             remote = bool(conn.server.get("cluster"))
         registered = self._register(where) if remote or where.device == "cpu" else None
-        if registered is not None:
-            args["exposed"] = registered.wire
         try:
-            args["fingerprints"] = np.array(fingerprints_of(d.tensors), dtype=np.uint64).tobytes()
-            if origin is not None:
-                args["origin"] = origin
-            result, _ = conn.call("publish", **args)
-            if not isinstance(result, dict) or type(result.get("version")) is not int:
-                raise ProtocolError(f"malformed publish reply: {result!r:.200}")
+            request = PublishRequest(
+                name,
+                Table.of_columns(names, d.dtypes, d.ndims, d.dims),
+                np.array(fingerprints_of(d.tensors), dtype=np.uint64),
+                FINGERPRINT_VERSION,
+                ipc,
+                None if registered is None else registered.replica,
+                origin,
+            )
+            result, _ = conn.call("publish", **request.to_wire())
+            reply = PublishReply.from_wire(result, ProtocolError)
         except BaseException:
             if registered is not None:
                 registered.close()
             raise
-        return Publication(self, conn, name, result["version"], d.tensors, registered)
+        return Publication(self, conn, name, reply.version, d.tensors, registered)
 
     def _register(self, where: Places) -> Registered | None:
         """Register the allocations with this process's Transfer Engine (readers on other

@@ -15,8 +15,8 @@ import torch
 
 from sdk.checks import check_fingerprints, check_targets
 from sdk.failover import read_with_failover
-from sdk.pinning import Pin, PinningClient
 from sdk.plans import Copies, LoadPlan, Plans, keys_and_values
+from sdk.replicas import Pin, ReplicaClient
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import InvalidArgument, NotFound, TransferError
 from tensord_contract.manifest import ALIGN, Manifest
@@ -43,7 +43,7 @@ class Mount:
     use them after close.
     """
 
-    def __init__(self, client: PinningClient, pin: Pin, manifest: Manifest, slab: SlabAccess) -> None:
+    def __init__(self, client: ReplicaClient, pin: Pin, manifest: Manifest, slab: SlabAccess) -> None:
         self._client, self._slab = client, slab
         self._pin: Pin | None = pin
         self.manifest = manifest
@@ -84,7 +84,7 @@ class _Loaded:
         return [self.targets[i] for i in self.picked.tolist()]
 
 
-class Reads(PinningClient):
+class Reads(ReplicaClient):
     """The read half of `sdk.Client`."""
 
     def _read(

@@ -9,19 +9,19 @@ import functools
 import operator
 import os
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
 
 from sdk.checks import dims_of, mismatch
 from sdk.connection import Connection
-from sdk.pinning import PinningClient
 from sdk.plans import Plans, PutPlan, keys_and_values
+from sdk.replicas import ReplicaClient
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
 from tensord_contract.names import check_name
+from tensord_contract.table_messages import PutBeginReply, PutBeginRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.opening import open_slab
@@ -40,7 +40,7 @@ class Reservation:
     records one the caller computed itself.
     """
 
-    def __init__(self, client: PinningClient, rid: int, manifest: Manifest, slab: SlabAccess, conn: Connection) -> None:
+    def __init__(self, client: ReplicaClient, rid: int, manifest: Manifest, slab: SlabAccess, conn: Connection) -> None:
         self._client, self._rid, self.slab, self._conn = client, rid, slab, conn
         self.manifest = manifest
         n = len(manifest)
@@ -129,7 +129,7 @@ class Reservation:
             self.abort()
 
 
-class Writes(PinningClient):
+class Writes(ReplicaClient):
     """The write half of `sdk.Client`."""
 
     def reserve(
@@ -146,14 +146,12 @@ class Writes(PinningClient):
         `origin` records where the bytes come from (e.g. "file:/models/x.safetensors")."""
         check_name(name)
         table = specs if isinstance(specs, Table) else table_of(specs)
-        args: dict[str, Any] = {"name": name, "device": str(device), "tensors": table.to_wire()}
-        if origin is not None:
-            args["origin"] = origin
         conn = self._conn()
-        result, fds = conn.call("put_begin", **args)
+        result, fds = conn.call("put_begin", **PutBeginRequest(name, str(device), table, origin).to_wire())
         try:
-            manifest = _reserved(name, table, result)
-            replica = replica_from_wire(result.get("replica"))
+            reply = PutBeginReply.from_wire(result, ProtocolError, len(table))
+            manifest = Manifest(name, 0, table, reply.offsets, reply.nbytes, check=ProtocolError)
+            replica = replica_from_wire(reply.replica)
             if manifest.nbytes > replica.nbytes:
                 raise ProtocolError("the reserved slab is smaller than its layout")
             slab = open_slab(replica, fds, writable=True, transport=self._transport)
@@ -161,10 +159,11 @@ class Writes(PinningClient):
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            if isinstance(result, dict) and "reservation" in result:
-                conn.call("put_abort", reservation=result["reservation"])
+            rid = PutBeginReply.reservation_of(result)
+            if rid is not None:
+                conn.call("put_abort", reservation=rid)
             raise
-        return Reservation(self, result["reservation"], manifest, slab, conn)
+        return Reservation(self, reply.reservation, manifest, slab, conn)
 
     def put(self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> int:
         """Store `tensors` as the next version of `name`; all or nothing. Returns the version.
@@ -216,15 +215,3 @@ def _home_device(devices: list[torch.device]) -> str:
         raise InvalidArgument(f"tensors lie on several devices {sorted(map(str, distinct))}: pass device=")
     device = distinct.pop() if distinct else torch.device("cpu")
     return "cpu" if device.type == "cpu" else str(torch.device(device))
-
-
-def _reserved(name: str, table: Table, result: Any) -> Manifest:
-    """The manifest of a reservation from the daemon's layout; ProtocolError if it does not fit."""
-    if not isinstance(result, dict) or not isinstance(result.get("offsets"), bytes):
-        raise ProtocolError(f"malformed put_begin reply: {result!r:.200}")
-    n = len(table)
-    raw = result["offsets"]
-    if len(raw) != 8 * n:
-        raise ProtocolError("put_begin reply: one offset per tensor expected")
-    offsets = np.frombuffer(raw, dtype="<i8").astype(np.int64)
-    return Manifest(name, 0, table, offsets, result.get("nbytes"), check=ProtocolError)  # type: ignore[arg-type]

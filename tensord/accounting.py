@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tensord.held import Held
+from tensord.records import Held
 
 
 def devices(live: Iterable[Held], budgets: Any, idle: Callable[[str], int]) -> dict[str, dict[str, int]]:
@@ -31,7 +31,7 @@ def devices(live: Iterable[Held], budgets: Any, idle: Callable[[str], int]) -> d
     }
     for h in live:
         row = out.setdefault(h.slab.device, {"budget": 0, "used": 0, "idle": 0, "held": 0, "published": 0, "mapped": 0})
-        if h.slab.owned:
+        if h.slab.published:
             row["published"] += h.manifest.data_bytes
             continue
         row["held"] += h.slab.nbytes

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tensord_contract.checks import is_int
+from tensord_contract.checks import is_device_name, is_int
 from tensord_contract.defaults import DEFAULT_SOCKET
 from tensord_contract.errors import InvalidArgument
 from tensord_dataplane.transport import PROTOCOLS as TRANSPORTS
@@ -38,12 +38,6 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_DEVICE = re.compile(r"^(cpu|cuda:\d{1,4})$")
-
-
-def is_device_name(value: object) -> bool:
-    """Whether `value` names a device: "cpu" or "cuda:N"."""
-    return isinstance(value, str) and _DEVICE.fullmatch(value) is not None
 
 
 def parse_size(value: object, where: str) -> int:
@@ -253,7 +247,7 @@ def _budgets(v: object, where: str) -> dict[str, int | None]:
         raise InvalidArgument(f"{where}: expected a table of device = size")
     out: dict[str, int | None] = {}
     for device, size in v.items():
-        if not _DEVICE.match(device):
+        if not is_device_name(device):
             raise InvalidArgument(f'{where}: device {device!r} must be "cpu" or "cuda:N"')
         out[device] = None if size == "auto" else parse_size(size, f"{where}.{device}")
     return out

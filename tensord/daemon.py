@@ -11,6 +11,7 @@ import signal
 import socket
 
 from tensord.config import Config, default_state_dir
+from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
 from tensord.fleet.settings import Settings
 from tensord.memory import Budgets, detect_devices
@@ -18,6 +19,7 @@ from tensord.metrics import Endpoint, Levels, Metrics
 from tensord.notify import Notifier
 from tensord.ops.service import Service
 from tensord.peers import Peers
+from tensord.registrations import Registrations
 from tensord.registry.base import NodeRecord, Registry
 from tensord.registry.local import LocalRegistry
 from tensord.restore import Restorer
@@ -105,6 +107,9 @@ class Daemon:
         self.transport: Transport | None = None
         self.metrics = Metrics()
         self.notifier = Notifier()
+        registrations = Registrations(config.node)  # with the Transfer Engine once it is started
+        #: what the ops, the fleet and the restorer use besides the store
+        self.context = NodeContext(config.node, self.registry, self.metrics, registrations)
         self.store = Store(
             config.node,
             self.registry,
@@ -116,22 +121,29 @@ class Daemon:
             eviction=config.eviction,
             allowed_roots=config.allowed_roots,
             metrics=self.metrics,
+            registrations=registrations,
         )
         self.peers = Peers(config.token)
         cluster = None
         if config.etcd_endpoints:
             cluster = Cluster(
-                self.store, self.peers, settings=Settings.from_config(config), host=advertised_host(config)
+                self.store,
+                self.context,
+                self.peers,
+                settings=Settings.from_config(config),
+                host=advertised_host(config),
             )
         self.cluster = cluster
         self.restorer = Restorer(
             self.store,
+            self.context,
             cluster,
             manifests_here=isinstance(self.registry, LocalRegistry),
             on_progress=self.notifier.status,
         )
         self.service = Service(
             self.store,
+            self.context,
             cluster,
             pull_through=config.pull_through,
             listen=config.listen,

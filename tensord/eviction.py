@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from tensord.checkpoint import recorded_checkpoint
-from tensord.held import Held
+from tensord.records import Held
 from tensord.registry.base import Registry
 from tensord_contract.errors import TensordError, Unavailable
 
@@ -23,7 +23,7 @@ Reason = Callable[[Held], Awaitable[str | None]]
 
 def evictable(held: Held, device: str) -> bool:
     """Live, advertised (not being held or brought back), unpinned, on `device`, the store's own."""
-    return held.live and held.advertised and held.pins == 0 and held.slab.device == device and not held.slab.owned
+    return held.live and held.advertised and held.pins == 0 and held.slab.device == device and not held.slab.published
 
 
 async def plan_room(

@@ -36,9 +36,9 @@ class Slab:
     device: str
     nbytes: int
     generation: int  # random per allocation: a replica record names the allocation it describes
-    #: memory a client process owns and published (`tensord.owned`): outside the budget, never
+    #: memory a client process owns and published (`tensord.published_slabs`): outside the budget, never
     #: exposed to other nodes nor freed by the daemon
-    owned = False
+    published = False
 
     def descriptor(self) -> tuple[dict[str, Any], list[int]]:
         """What a client on this node needs to reach the slab, and the fds to pass with it."""

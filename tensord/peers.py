@@ -25,20 +25,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RemotePin:
+    """A pin on another node (`tensord.rpc.Pin`), taken by this gateway for a reader here."""
+
     peer: Peer
     pin: int
     epoch: int
     node: str
+
+    async def release(self, *, clean: bool = True) -> bool:
+        """Give it back on the holder; whether it held all along (`Peer.release`). The read it
+        served no longer counts towards the peer's load."""
+        self.peer.read_ended()
+        return await self.peer.release(self)
 
 
 class Peer:
     def __init__(self, node: str, address: str, token: str, *, timeout: float = 30.0) -> None:
         self.node, self.address, self._token, self.timeout = node, address, token, timeout
         self.epoch = 0
-        self.busy = 0  # reads in flight through this gateway: a measure of load
+        self.busy = 0  # reads in flight through this gateway (`reading`, `read_ended`): a measure of load
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
         self._core = control.ClientProtocol()
+
+    def reading(self) -> None:
+        """A reader here was handed a pin on this peer."""
+        self.busy += 1
+
+    def read_ended(self) -> None:
+        self.busy = max(0, self.busy - 1)
 
     async def call(self, op: str, /, *, reply_timeout: float | None = None, **args: Any) -> tuple[Any, int]:
         """One request; returns (result, epoch of the connection that carried it). The reply

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
+from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
-from tensord.held import Held
 from tensord.ingest import default_threads, ingest_into
 from tensord.memory import Slab, own_view
-from tensord.owned import PUBLISHED
 from tensord.publications import withdraw_version
+from tensord.published_slabs import PUBLISHED
+from tensord.records import Held
 from tensord.state import Record
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -71,6 +72,7 @@ class Restorer:
     def __init__(
         self,
         store: Store,
+        context: NodeContext,
         cluster: Cluster | None,
         *,
         manifests_here: bool,
@@ -78,7 +80,8 @@ class Restorer:
     ) -> None:
         """`manifests_here`: records carry the manifests (embedded registry); else they are
         read from the registry. `on_progress`: called with a one-line status now and then."""
-        self.store, self.cluster, self.manifests_here = store, cluster, manifests_here
+        self.store, self.context, self.cluster, self.manifests_here = store, context, cluster, manifests_here
+        self.node, self.registry, self.metrics = context.node, context.registry, context.metrics
         self.on_progress = on_progress
         self.jobs: dict[tuple[str, int], Job] = {}
         self.started = self.finished = 0.0
@@ -132,7 +135,8 @@ class Restorer:
         """Restore in the background (the daemon serves meanwhile)."""
         loop = asyncio.get_running_loop()
         self._withdrawals = [  # publications: their publishers went with the old daemon
-            loop.create_task(withdraw_version(self.store, r.name, r.version, r.device)) for r in self._published
+            loop.create_task(withdraw_version(self.store, self.context, r.name, r.version, r.device))
+            for r in self._published
         ]
         if self._evicted:
             self._background = loop.create_task(self._note_evicted(), name="evicted")
@@ -199,13 +203,13 @@ class Restorer:
             raise asyncio.CancelledError from None
         except TensordError as exc:
             job.state, job.reason, job.seconds = "lost", exc.message, time.monotonic() - t0
-            self.store.metrics.restores.labels("lost").inc()
+            self.metrics.restores.labels("lost").inc()
             log.warning("lost %s v%d (%s): %s", job.name, job.version, job.source, exc.message)
             raise
         except Exception as exc:  # a bug: report the version lost, keep restoring the others
             log.exception("restoring %s v%d", job.name, job.version)
             job.state, job.reason = "lost", f"internal error: {type(exc).__name__}: {exc}"
-            self.store.metrics.restores.labels("lost").inc()
+            self.metrics.restores.labels("lost").inc()
             raise TensordError(job.reason) from exc
 
     async def _manifest(self, job: Job) -> Manifest | None:
@@ -214,7 +218,7 @@ class Restorer:
         pause = _REGISTRY_RETRY[0]
         while True:
             try:
-                return await self.store.registry.manifest(job.name, job.version)
+                return await self.registry.manifest(job.name, job.version)
             except NotFound:
                 log.info("%s v%d was deleted while this node was down: not restored", job.name, job.version)
                 await self.store.forget(job.name, job.version)
@@ -230,10 +234,10 @@ class Restorer:
         if self.cluster is not None:
             try:
                 held = await self.cluster.replicate(manifest.name, manifest.version, self._device(device))
-                self.store.metrics.restores.labels("peer").inc()
+                self.metrics.restores.labels("peer").inc()
                 return held, "peer"
             except TensordError as exc:
-                self.store.metrics.transfer_failures.labels("restore").inc()
+                self.metrics.transfer_failures.labels("restore").inc()
                 why.append(f"no peer gave it ({exc.message})")
         else:
             why.append("no cluster to copy it from")
@@ -242,7 +246,7 @@ class Restorer:
         except TensordError as exc:
             why.append(f"not from its checkpoint: {exc.message}")
             raise type(exc)("; ".join(why), name=manifest.name, version=manifest.version) from None
-        self.store.metrics.restores.labels("checkpoint").inc()
+        self.metrics.restores.labels("checkpoint").inc()
         return held, "checkpoint"
 
     def _device(self, device: str) -> str:
@@ -270,7 +274,7 @@ class Restorer:
         except BaseException:
             store.discard(slab)
             raise
-        store.metrics.moved("ingest", "write", manifest.data_bytes)
+        self.metrics.moved("ingest", "write", manifest.data_bytes)
         return await store.adopt(manifest, slab, source=manifest.origin)
 
     def _ingest(self, slab: Slab, manifest: Manifest, sources: list[FileTensor]) -> list[int]:
@@ -315,15 +319,15 @@ class Restorer:
         try:
             held = await self.from_checkpoint(manifest, device)
         except TensordError as exc:
-            self.store.metrics.restores.labels("lost").inc()
+            self.metrics.restores.labels("lost").inc()
             log.warning("cannot bring back evicted %s v%d: %s", manifest.name, manifest.version, exc.message)
             message = (
-                f"{manifest.name} v{manifest.version} was evicted from node {self.store.node} and cannot "
+                f"{manifest.name} v{manifest.version} was evicted from node {self.node} and cannot "
                 f"come back: {exc.message}"
             )
             kind = type(exc) if isinstance(exc, OutOfCapacity | Unavailable) else NotFound
             raise kind(message, name=manifest.name, version=manifest.version) from None
-        self.store.metrics.restores.labels("checkpoint").inc()
+        self.metrics.restores.labels("checkpoint").inc()
         log.info(
             "brought back evicted %s v%d from its checkpoint in %.2f s",
             manifest.name,
@@ -344,7 +348,7 @@ class Restorer:
         return job.state
 
     def lost_message(self, name: str, version: int, reason: str) -> str:
-        return f"{name} v{version} was lost when node {self.store.node} restarted: {reason}"
+        return f"{name} v{version} was lost when node {self.node} restarted: {reason}"
 
     # -- reporting ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensord.pins import Pin
 from tensord_contract import control, wire
 from tensord_contract.control import brief
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, ProtocolError, TensordError, Unauthorized
@@ -59,7 +60,7 @@ class Session:
     failed_hellos: int = 0
     deadline: float = math.inf  # loop time by which the peer must have made progress
     hello_by: float = math.inf  # loop time by which its hello must have succeeded
-    pins: dict[int, Any] = field(default_factory=dict)  # pin id -> held version
+    pins: dict[int, Pin] = field(default_factory=dict)  # pin id -> what it holds
     reservations: set[int] = field(default_factory=set)
     published: dict[tuple[str, int], Any] = field(default_factory=dict)  # (name, version) -> held
     #: descriptors passed with the request being handled (Unix socket only); an op takes what it

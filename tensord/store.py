@@ -27,11 +27,11 @@ import numpy as np
 
 from tensord import accounting
 from tensord.eviction import plan_room, recoverable
-from tensord.exposure import Exposure
-from tensord.held import Held, Reservation
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
-from tensord.owned import PUBLISHED, OwnedSlab, published
+from tensord.published_slabs import PUBLISHED, PublishedSlab, published
+from tensord.records import Held, Reservation
+from tensord.registrations import Registrations
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
@@ -56,13 +56,16 @@ class Store:
         eviction: str = "none",
         allowed_roots: Sequence[str] = (),
         metrics: Metrics | None = None,
+        registrations: Registrations | None = None,
     ) -> None:
         """`catalogue`: where held versions are recorded (the state directory's), with their
         manifests when `keep_manifests` (the embedded registry's state). `eviction`: "lru" or
         "none". `allowed_roots`: checkpoints that may be read again (ingest.allowed_roots)."""
         self.node, self._registry, self._budgets, self.retention = node, registry, budgets, retention
         self.huge_pages = huge_pages
-        self._engine = Exposure(node, transport)
+        self._engine = registrations if registrations is not None else Registrations(node)
+        if transport is not None:
+            self._engine.attach(transport)
         self._catalogue, self.keep_manifests = catalogue, keep_manifests
         self.eviction, self.allowed_roots = eviction, tuple(allowed_roots)
         self._metrics = metrics if metrics is not None else Metrics()
@@ -76,20 +79,6 @@ class Store:
         self._blocks = CudaBlocks()  # GPU memory of freed slabs, kept for later ones
 
     # -- what the rest of the daemon sees -----------------------------------------------------
-    @property
-    def registry(self) -> Registry:
-        """Where names, versions, replicas and nodes live (shared with the cluster ops)."""
-        return self._registry
-
-    @property
-    def metrics(self) -> Metrics:
-        return self._metrics
-
-    @property
-    def transport(self) -> Transport | None:
-        """This node's Transfer Engine; None when it has none (or before `attach_transport`)."""
-        return self._engine.transport
-
     def attach_transport(self, transport: Transport | None) -> None:
         """Use `transport` from now on. Once, before any slab is exposed: the daemon starts its
         engine (slow) after building the store."""
@@ -138,7 +127,7 @@ class Store:
 
     def descriptor(self, held: Held, *, local: bool) -> tuple[dict[str, Any], list[int]]:
         """How a reader reaches a held version: its slab (fds) here, else the Transfer Engine."""
-        if isinstance(held.slab, OwnedSlab) and not local:
+        if isinstance(held.slab, PublishedSlab) and not local:
             return held.slab.remote_descriptor(), []
         return held.slab.descriptor() if local else (self._engine.remote(held.slab).to_wire(), [])
 
@@ -211,10 +200,10 @@ class Store:
         try:
             version = await self._registry.allocate_version(m.name)
             manifest = m.committed(version, fingerprints, time.time(), fp_version)
-            await self._record(manifest, slab.device, PUBLISHED if slab.owned else manifest.origin)
+            await self._record(manifest, slab.device, PUBLISHED if slab.published else manifest.origin)
             held = Held(manifest, slab)
             self._held[held.key] = held  # before the registry, so whoever resolves it finds it
-            if not slab.owned and self.reaches(slab.device):
+            if not slab.published and self.reaches(slab.device):
                 self.expose(slab, writable=False)
             await self._registry.commit(manifest, self.replica(held))
             held.advertised = True
@@ -240,8 +229,8 @@ class Store:
 
     def replica(self, held: Held) -> Replica:
         m, slab = held.manifest, held.slab
-        address = self._engine.address(slab)
-        session = self.transport.session if self.transport is not None and address is not None else ""
+        address, transport = self._engine.address(slab), self._engine.transport
+        session = transport.session if transport is not None and address is not None else ""
         return Replica(
             m.name,
             m.version,
@@ -376,7 +365,7 @@ class Store:
     def _free(self, slab: Slab) -> None:
         self._engine.hide(slab)
         slab.free()
-        if not slab.owned:
+        if not slab.published:
             self._budgets.give(slab.device, slab.nbytes)
             self._fit_idle(slab.device)
 

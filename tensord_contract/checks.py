@@ -3,6 +3,7 @@ arguments): Python's bool is an int, and a stray True must not pass for 1."""
 
 from __future__ import annotations
 
+import re
 from typing import TypeGuard
 
 
@@ -11,3 +12,11 @@ def is_int(value: object, low: int | None = None, high: int | None = None) -> Ty
     if not isinstance(value, int) or isinstance(value, bool):
         return False
     return (low is None or value >= low) and (high is None or value <= high)
+
+
+_DEVICE = re.compile(r"^(cpu|cuda:\d{1,4})$")
+
+
+def is_device_name(value: object) -> bool:
+    """Whether `value` names a device: "cpu" or "cuda:N"."""
+    return isinstance(value, str) and _DEVICE.fullmatch(value) is not None

@@ -7,10 +7,11 @@ malformed) and opens an accessor (`tensord_dataplane.opening.open_slab`).
     host    a memfd on this node, passed alongside the reply (SCM_RIGHTS)
     cuda    a CUDA allocation on this node, exported by IPC handle
     remote  a slab on another node, read and written one-sided through its Transfer Engine
-    owned   a client process's own GPU memory, published without a copy: many CUDA
-            allocations (IPC handles) and, per tensor, the allocation and offset it lies at
+    owned   a publication of a client process's own GPU memory (no copy), read on its node
+            (`PublishedIpcReplica`): many CUDA allocations (IPC handles) and, per tensor, the
+            allocation and offset it lies at; the kind keeps its old wire name
     published  the same memory (GPU or host) registered with the publisher's own Transfer
-            Engine: read one-sided from any node, this one included
+            Engine (`PublishedReplica`): read one-sided from any node, this one included
 
 ``generation`` is random per allocation: with the set name and version it names the bytes a
 reader may have cached a manifest for.
@@ -26,7 +27,7 @@ import numpy as np
 from tensord_contract.errors import ProtocolError, TensordError
 
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
-MAX_BLOCKS = 1 << 20  # allocations one owned replica may span
+MAX_BLOCKS = 1 << 20  # allocations one publication may span
 
 
 def _u64(x: object) -> bool:
@@ -71,7 +72,7 @@ class RemoteReplica:
 
 
 @dataclass(frozen=True)
-class OwnedReplica:
+class PublishedIpcReplica:
     """Tensors in a publishing process's own CUDA allocations: `handles[b]` exports allocation
     b (`sizes[b]` bytes) by legacy CUDA IPC; row i of the manifest lies at byte `offset[i]` of
     allocation `block[i]` (little-endian uint32 and uint64 columns). Read-only, and only while
@@ -123,7 +124,7 @@ class PublishedReplica:
     """A publishing process's memory (GPU or host) registered with its own Transfer Engine
     `session`: allocation b starts at `addresses[b]` there and spans `sizes[b]` bytes; row i of
     the manifest lies at byte `offset[i]` of allocation `block[i]` (columns as in
-    `OwnedReplica`). `node` is the daemon it was published to (the one that pins it)."""
+    `PublishedIpcReplica`). `node` is the daemon it was published to (the one that pins it)."""
 
     node: str
     device: str
@@ -140,7 +141,7 @@ class PublishedReplica:
         return {**asdict(self), "addresses": list(self.addresses), "sizes": list(self.sizes)}
 
     def layout(self, sizes: np.ndarray, error: type[TensordError] = ProtocolError) -> tuple[np.ndarray, np.ndarray]:
-        """(block, offset) per row, checked as `OwnedReplica.layout` does."""
+        """(block, offset) per row, checked as `PublishedIpcReplica.layout` does."""
         return _layout(self.block, self.offset, self.sizes, sizes, error)
 
 
@@ -168,26 +169,28 @@ def published_from_wire(
     return PublishedReplica(node, device, session, tuple(addresses), tuple(sizes), block, offset, nbytes, generation)
 
 
-def owned_from_wire(data: dict[str, Any], nbytes: int, generation: int, error: type[TensordError]) -> OwnedReplica:
-    """The owned replica a map describes (from a publisher or a daemon); `error` if malformed."""
+def published_ipc_from_wire(
+    data: dict[str, Any], nbytes: int, generation: int, error: type[TensordError]
+) -> PublishedIpcReplica:
+    """The published IPC replica a map describes (from a publisher or a daemon); `error` if malformed."""
     handles, sizes, device = data.get("handles"), data.get("sizes"), data.get("device")
     block, offset = data.get("block"), data.get("offset")
     if type(device) is not int or not 0 <= device < 1024:
-        raise error("an owned replica needs its CUDA device index")
+        raise error("a published IPC replica needs its CUDA device index")
     if not isinstance(handles, list) or not isinstance(sizes, list) or len(handles) != len(sizes):
-        raise error("an owned replica needs lists of IPC handles and allocation sizes of one length")
+        raise error("a published IPC replica needs lists of IPC handles and allocation sizes of one length")
     if len(handles) > MAX_BLOCKS:
-        raise error(f"an owned replica spans at most {MAX_BLOCKS} allocations")
+        raise error(f"a published IPC replica spans at most {MAX_BLOCKS} allocations")
     if not all(isinstance(h, bytes) and len(h) == IPC_HANDLE_BYTES for h in handles):
         raise error(f"every IPC handle must be {IPC_HANDLE_BYTES} bytes")
     if not all(type(s) is int and 0 < s < 2**48 for s in sizes):
         raise error("every allocation size must be an integer from 1 to 2**48")
     if not isinstance(block, bytes) or not isinstance(offset, bytes):
-        raise error("an owned replica needs its block and offset columns as bytes")
-    return OwnedReplica(nbytes, generation, device, tuple(handles), tuple(sizes), block, offset)
+        raise error("a published IPC replica needs its block and offset columns as bytes")
+    return PublishedIpcReplica(nbytes, generation, device, tuple(handles), tuple(sizes), block, offset)
 
 
-Replica = HostReplica | CudaReplica | RemoteReplica | OwnedReplica | PublishedReplica
+Replica = HostReplica | CudaReplica | RemoteReplica | PublishedIpcReplica | PublishedReplica
 
 
 def replica_from_wire(data: Any) -> Replica:
@@ -213,7 +216,7 @@ def replica_from_wire(data: Any) -> Replica:
             raise ProtocolError(f"bad remote replica descriptor: {data!r:.200}")
         return RemoteReplica(node, device, session, address, nbytes, generation)  # type: ignore[arg-type]
     if kind == "owned":
-        return owned_from_wire(data, nbytes, generation, ProtocolError)
+        return published_ipc_from_wire(data, nbytes, generation, ProtocolError)
     if kind == "published":
         node = data.get("node")
         if not isinstance(node, str) or not node:

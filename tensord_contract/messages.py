@@ -5,8 +5,14 @@ side that receives it, `error` being the exception to raise for a malformed mess
 (InvalidArgument on the daemon: the client's fault; ProtocolError on the client: the daemon's).
 Neither side spells the keys by hand.
 
-    OpenRequest / OpenReply   `open`: pin a version and reach its replica (client -> daemon,
-                              and gateway -> holder between daemons)
+    OpenRequest / OpenReply           `open`: pin a version and reach its replica (client ->
+                                      daemon, and gateway -> holder between daemons)
+
+The messages that carry a tensor table (`put_begin`, `publish`) are in
+`tensord_contract.table_messages`, the daemon-to-daemon stream ops (`stream_open`,
+`stream_chunks`, `stream_pair`) in `tensord_contract.streams`: both need numpy, which this
+module does not import. A request's decoder refuses unknown keys (`check_keys`); a reply's
+ignores them (a newer daemon may say more).
 """
 
 from __future__ import annotations
@@ -20,6 +26,29 @@ from tensord_contract.names import check_name, check_version
 
 #: the most (version, generation) pairs a reader may say it holds manifests of
 MAX_HAVE = 64
+#: the longest an origin (where a version's bytes come from) may be
+MAX_ORIGIN = 4096
+
+# No numpy here (nor in what this imports): the catalogue's client (`sdk.catalogue`, the
+# `tensord` command) may use these messages and stays fast to start.
+
+
+def check_keys(
+    raw: dict[str, Any], op: str, required: tuple[str, ...], optional: tuple[str, ...], error: type[TensordError]
+) -> None:
+    """A request carries every key it needs and none it does not know (`op` aside)."""
+    unknown = sorted(k for k in raw if k != "op" and k not in required and k not in optional)
+    if unknown:
+        raise error(f"{op}: unknown arguments {unknown!r:.200}")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise error(f"{op}: missing arguments {missing}")
+
+
+def check_origin(origin: object, error: type[TensordError]) -> str | None:
+    if origin is not None and (not isinstance(origin, str) or len(origin) > MAX_ORIGIN):
+        raise error(f"origin must be a string of at most {MAX_ORIGIN} characters")
+    return origin
 
 
 @dataclass(frozen=True)
@@ -42,6 +71,7 @@ class OpenRequest:
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> OpenRequest:
+        check_keys(raw, "open", (), ("name", "version", "exclude", "have", "mount"), error)
         name, version = raw.get("name"), raw.get("version")
         exclude, have, mount = raw.get("exclude"), raw.get("have"), raw.get("mount")
         if not isinstance(name, str):

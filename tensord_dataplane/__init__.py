@@ -1,6 +1,7 @@
 """The data plane: how bytes move between slabs and tensors, shared by the SDK and the daemon.
 
-    slab         the accessor interface; opening: open_slab(); host, gpu, owned, remote: one per kind
+    slab         the accessor interface; opening: open_slab(); host, gpu, remote,
+                 published_ipc, published: one per kind
     copy         many copies as one pointer table: a batched kernel on GPUs, memmove on hosts
     fingerprint  the per-tensor check, computed for a whole slab in a few kernels
     views        TensorMap: tensors of one buffer, built on first use

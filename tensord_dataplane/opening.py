@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tensord_contract.descriptors import CudaReplica, HostReplica, OwnedReplica, PublishedReplica, RemoteReplica
+from tensord_contract.descriptors import CudaReplica, HostReplica, PublishedIpcReplica, PublishedReplica, RemoteReplica
 from tensord_contract.errors import ProtocolError
 from tensord_contract.manifest import Manifest
 from tensord_dataplane.slab import SlabAccess
@@ -23,8 +23,8 @@ def open_slab(
     transport: Callable[[], Any] | None = None,
     manifest: Manifest | None = None,
 ) -> SlabAccess:
-    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); an owned
-    or published replica needs its version's `manifest`."""
+    """The accessor for a decoded replica descriptor (`tensord_contract.descriptors`); a
+    publication (either kind) needs its version's `manifest`."""
     if isinstance(replica, RemoteReplica):
         if transport is None:
             raise ProtocolError("a remote replica needs a Transfer Engine")
@@ -49,10 +49,10 @@ def open_slab(
         from tensord_dataplane.gpu import GpuAccess
 
         return GpuAccess.from_replica(replica, writable=writable)
-    if isinstance(replica, OwnedReplica):
+    if isinstance(replica, PublishedIpcReplica):
         if writable or manifest is None:
             raise ProtocolError("a published replica is read-only and read with its manifest")
-        from tensord_dataplane.owned import OwnedAccess
+        from tensord_dataplane.published_ipc import PublishedIpcAccess
 
-        return OwnedAccess(replica, manifest)
+        return PublishedIpcAccess(replica, manifest)
     raise ProtocolError(f"unknown replica {replica!r:.80}")

@@ -112,14 +112,18 @@ class Registered:
             raise TransferError(f"this process's Transfer Engine cannot expose {p.device} memory")
         self._seeds, self.device = seeds, p.device
         self._ranges: list[tuple[int, int]] | None = seeds.take(p)
-        self.wire = {
-            "session": seeds.transport.session,
-            "device": p.device,
-            "addresses": p.bases.tolist(),
-            "sizes": p.sizes.tolist(),
-            "block": p.block.tobytes(),
-            "offset": p.offset.tobytes(),
-        }
+        # node, size and generation are the daemon's to set
+        self.replica = PublishedReplica(
+            "",
+            p.device,
+            seeds.transport.session,
+            tuple(p.bases.tolist()),
+            tuple(p.sizes.tolist()),
+            p.block.tobytes(),
+            p.offset.tobytes(),
+            0,
+            0,
+        )
 
     def close(self) -> None:
         """The publication is withdrawn: its ranges are no longer its. Idempotent."""

@@ -1,7 +1,7 @@
 """The slab accessor interface (`open_slab` in `opening` builds one from a replica descriptor).
 
 A slab is one replica's memory: on this node a memfd (`host.HostAccess`), a CUDA allocation
-(`gpu.GpuAccess`) or a publishing process's allocations (`owned.OwnedAccess`), elsewhere a range
+(`gpu.GpuAccess`) or a publishing process's allocations (`published_ipc.PublishedIpcAccess`), elsewhere a range
 of another node's registered memory (`remote.RemoteAccess`).
 Every operation takes whole tables (numpy arrays of offsets, sizes, pointers), never one
 tensor at a time.

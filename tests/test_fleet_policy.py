@@ -8,6 +8,7 @@ import pytest
 from tensord.fleet import chunks
 from tensord.fleet.policy import Book, Plan, Request, rotation, start_for, start_of
 from tensord.fleet.settings import auto_chunk
+from tensord_contract import streams
 from tensord_contract.errors import InvalidArgument, ProtocolError
 
 
@@ -34,11 +35,11 @@ def test_grid_ranges_cover_the_slab_and_bitmaps_round_trip() -> None:
     assert g.bytes_of(range(16)) == g.nbytes
     assert g.covering(np.array([64 * 256 - 256, 5 * 64 * 256]), np.array([512, 1])).tolist() == [0, 1, 5]
     held = bits(16, [0, 3, 15])
-    assert chunks.unpack(chunks.pack(held), 16).tolist() == held.tolist()
+    assert streams.unpack_bitmap(streams.pack_bitmap(held), 16).tolist() == held.tolist()
     with pytest.raises(ProtocolError):
-        chunks.unpack(b"\x00", 16)
+        streams.unpack_bitmap(b"\x00", 16)
     with pytest.raises(InvalidArgument):
-        chunks.chunk_list([16], 16)
+        streams.chunk_list([16], 16, "chunks", InvalidArgument)
     with pytest.raises(InvalidArgument):
         chunks.Grid(100, 100)  # not a multiple of 256
 

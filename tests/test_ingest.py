@@ -413,7 +413,15 @@ def test_a_daemon_side_load_cancelled_mid_ingest_commits_nothing(many, monkeypat
     async def run() -> None:
         task = asyncio.create_task(
             store_sink.load_on_daemon(
-                store, session, str(path), "d/x", device="cpu", root=str(path.parent), threads=2, logger=LOG
+                store,
+                store.metrics,
+                session,
+                str(path),
+                "d/x",
+                device="cpu",
+                root=str(path.parent),
+                threads=2,
+                logger=LOG,
             )
         )
         await asyncio.to_thread(ingesting.wait, 30)

@@ -3,10 +3,28 @@ malformed messages are refused with the error of the side that reads them."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
+from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError
-from tensord_contract.messages import MAX_HAVE, OpenReply, OpenRequest
+from tensord_contract.manifest import table_of
+from tensord_contract.messages import MAX_HAVE, MAX_ORIGIN, OpenReply, OpenRequest
+from tensord_contract.streams import (
+    MAX_WAIT,
+    MIN_CHUNK,
+    StreamChunksReply,
+    StreamChunksRequest,
+    StreamOpenReply,
+    StreamOpenRequest,
+    StreamPairReply,
+    StreamPairRequest,
+)
+from tensord_contract.table_messages import PublishReply, PublishRequest, PutBeginReply, PutBeginRequest
 
 
 def test_open_request_round_trips_and_leaves_out_defaults() -> None:
@@ -42,3 +60,252 @@ def test_open_reply_round_trips_and_malformed_replies_are_protocol_errors() -> N
     for bad in (None, [], {"pin": "5", "version": 2, "replica": {}}, {"pin": 5, "version": 2, "replica": None}):
         with pytest.raises(ProtocolError, match="malformed open reply"):
             OpenReply.from_wire(bad, ProtocolError)
+
+
+def test_the_core_messages_import_no_numpy() -> None:
+    """`sdk.catalogue` (the `tensord` command) may use them: it must stay fast to start."""
+    code = "import sys, tensord_contract.messages; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_requests_refuse_unknown_and_missing_keys() -> None:
+    with pytest.raises(InvalidArgument, match="unknown arguments"):
+        OpenRequest.from_wire({"name": "a", "pin": 1}, InvalidArgument)
+    with pytest.raises(InvalidArgument, match="missing arguments"):
+        PutBeginRequest.from_wire({"name": "a", "device": "cpu"}, InvalidArgument)
+
+
+# -- put_begin ------------------------------------------------------------------------------------
+TABLE = table_of({"w": ("float32", (4, 2)), "b": ("bfloat16", (3,))})
+
+
+def test_put_begin_round_trips() -> None:
+    request = PutBeginRequest("a/b", "cuda:0", TABLE, "file:/x")
+    back = PutBeginRequest.from_wire({"op": "put_begin", **request.to_wire()}, InvalidArgument)
+    assert (back.name, back.device, back.origin, back.table.names) == ("a/b", "cuda:0", "file:/x", TABLE.names)
+    assert "origin" not in PutBeginRequest("a", "cpu", TABLE).to_wire()
+    reply = PutBeginReply(7, np.array([0, 256], dtype=np.int64), 512, {"kind": "host"})
+    back_reply = PutBeginReply.from_wire(reply.to_wire(), ProtocolError, 2)
+    assert (back_reply.reservation, back_reply.offsets.tolist(), back_reply.nbytes) == (7, [0, 256], 512)
+    assert back_reply.replica == {"kind": "host"}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"device": 0}, "device"),
+        ({"origin": "x" * (MAX_ORIGIN + 1)}, "origin"),
+        ({"origin": 5}, "origin"),
+        ({"name": "A B"}, "name"),
+        ({"tensors": {"count": -1}}, "count"),
+        ({"tensors": "w"}, "map"),
+    ],
+)
+def test_malformed_put_begin_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    wire = {**PutBeginRequest("a", "cpu", TABLE).to_wire(), **change}
+    with pytest.raises(InvalidArgument, match=match):
+        PutBeginRequest.from_wire(wire, InvalidArgument)
+
+
+def test_malformed_put_begin_replies_are_protocol_errors() -> None:
+    good = PutBeginReply(7, np.array([0, 256], dtype=np.int64), 512, {"kind": "host"}).to_wire()
+    for bad in (None, {**good, "offsets": "x"}, {**good, "reservation": True}, {**good, "replica": None}):
+        with pytest.raises(ProtocolError, match="malformed put_begin reply"):
+            PutBeginReply.from_wire(bad, ProtocolError, 2)
+    with pytest.raises(ProtocolError, match="one offset per tensor"):
+        PutBeginReply.from_wire(good, ProtocolError, 3)
+    assert PutBeginReply.reservation_of({**good, "offsets": "x"}) == 7  # still aborted
+    assert PutBeginReply.reservation_of(None) is None
+
+
+# -- publish --------------------------------------------------------------------------------------
+def _published(n_blocks: int = 1) -> PublishedReplica:
+    block = np.zeros(len(TABLE), dtype="<u4").tobytes()
+    offset = np.array([0, 256], dtype="<u8").tobytes()
+    return PublishedReplica("", "cuda:0", "h:1", (4096,) * n_blocks, (4096,) * n_blocks, block, offset, 0, 0)
+
+
+def _owned() -> PublishedIpcReplica:
+    p = _published()
+    return PublishedIpcReplica(0, 0, 0, (b"h" * IPC_HANDLE_BYTES,), p.sizes, p.block, p.offset)
+
+
+def _publish(**change: object) -> dict:
+    fps = np.array([1, 2], dtype=np.uint64)
+    return {**PublishRequest("a/b", TABLE, fps, 3, _owned(), _published(), "mine").to_wire(), **change}
+
+
+def test_publish_round_trips_with_the_daemon_setting_node_and_size() -> None:
+    wire = _publish()
+    assert set(wire["replica"]) == {"device", "handles", "sizes", "block", "offset"}  # the publisher's form
+    assert set(wire["exposed"]) == {"session", "device", "addresses", "sizes", "block", "offset"}
+    back = PublishRequest.from_wire({"op": "publish", **wire}, InvalidArgument)
+    _, nbytes = TABLE.layout()
+    assert back.fingerprints.tolist() == [1, 2] and back.fp == 3 and back.origin == "mine"
+    assert back.ipc == dataclasses.replace(_owned(), nbytes=nbytes)
+    assert back.exposed == dataclasses.replace(_published(), nbytes=nbytes)
+    only_host = {k: v for k, v in _publish().items() if k != "replica"}
+    assert PublishRequest.from_wire(only_host, InvalidArgument).ipc is None
+    assert PublishReply.from_wire(PublishReply(4).to_wire(), ProtocolError) == PublishReply(4)
+    with pytest.raises(ProtocolError, match="malformed publish reply"):
+        PublishReply.from_wire({"version": "4"}, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"replica": None, "exposed": None}, "needs an IPC export"),
+        ({"replica": [1]}, "must be maps"),
+        ({"fingerprints": b"\0" * 8}, "one little-endian uint64 per tensor"),
+        ({"fp": 9}, "fingerprint definition"),
+        ({"fp": True}, "fingerprint definition"),
+        ({"origin": ["x"]}, "origin"),
+        ({"extra": 1}, "unknown arguments"),
+        ({"replica": {**_owned().to_wire(), "handles": [b"x"]}}, "IPC handle"),
+        ({"exposed": {**_published().to_wire(), "session": "nocolon"}}, "session"),
+        ({"exposed": {**_published(2).to_wire()}}, "same allocations"),
+        ({"replica": {**_owned().to_wire(), "sizes": [100]}}, "past the end"),
+    ],
+)
+def test_malformed_publish_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        PublishRequest.from_wire(_publish(**change), InvalidArgument)
+
+
+# -- the stream ops -------------------------------------------------------------------------------
+def test_stream_open_round_trips() -> None:
+    request = StreamOpenRequest("a/b", 2, "n1", MIN_CHUNK)
+    assert StreamOpenRequest.from_wire({"op": "stream_open", **request.to_wire()}, InvalidArgument) == request
+    held = np.array([True, False, True])
+    reply = StreamOpenReply(5, MIN_CHUNK, 3, held, 1, "h:1", 4096, 3 * MIN_CHUNK, 9, "cpu")
+    back = StreamOpenReply.from_wire(reply.to_wire(), ProtocolError)
+    assert back.have is not None and back.have.tolist() == held.tolist() and not back.complete
+    assert (back.pin, back.count, back.busy, back.session, back.address, back.nbytes) == (
+        5,
+        3,
+        1,
+        "h:1",
+        4096,
+        3 * MIN_CHUNK,
+    )
+    complete = StreamOpenReply.from_wire(dataclasses.replace(reply, have=None).to_wire(), ProtocolError)
+    assert complete.complete and complete.have is None
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"version": 0}, "version"),
+        ({"version": True}, "version"),
+        ({"node": ""}, "node"),
+        ({"node": "x" * 65}, "node"),
+        ({"chunk": MIN_CHUNK - 256}, "chunk"),
+        ({"chunk": MIN_CHUNK + 1}, "chunk"),
+        ({"name": "A B"}, "name"),
+        ({"extra": 1}, "unknown"),
+    ],
+)
+def test_malformed_stream_open_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    wire = {**StreamOpenRequest("a", 1, "n", MIN_CHUNK).to_wire(), **change}
+    with pytest.raises(InvalidArgument, match=match):
+        StreamOpenRequest.from_wire(wire, InvalidArgument)
+
+
+def test_malformed_stream_open_replies_are_protocol_errors() -> None:
+    good = StreamOpenReply(5, MIN_CHUNK, 16, np.zeros(16, bool), 0, "", 0, 1, 1, "cpu").to_wire()
+    for bad in (None, {**good, "pin": "5"}, {**good, "count": -1}, {**good, "session": 3}, {**good, "have": b"\0"}):
+        with pytest.raises(ProtocolError):
+            StreamOpenReply.from_wire(bad, ProtocolError)
+
+
+def _count(pin: object) -> int:
+    if pin != 7:
+        raise InvalidArgument(f"pin {pin!r} is no stream pin of this connection")
+    return 16
+
+
+def test_stream_chunks_round_trips() -> None:
+    want = np.zeros(16, bool)
+    want[[2, 9]] = True
+    request = StreamChunksRequest(7, [1, 2], [2], want, 2, 3, [0], [4], 0.5, True, "cuda:1")
+    back = StreamChunksRequest.from_wire({"op": "stream_chunks", **request.to_wire()}, InvalidArgument, _count)
+    assert back.want is not None and back.want.tolist() == want.tolist()
+    assert (back.pin, back.chunks, back.force, back.limit, back.start, back.done, back.declined) == (
+        7,
+        [1, 2],
+        [2],
+        2,
+        3,
+        [0],
+        [4],
+    )
+    assert (back.wait, back.push, back.device) == (0.5, True, "cuda:1")
+    assert StreamChunksRequest(7).to_wire() == {"pin": 7}  # is the holder still there
+    reply = StreamChunksReply([1], {3: "n2"}, want, False, 2, False, True, 4096, 0)
+    got = StreamChunksReply.from_wire(reply.to_wire(), ProtocolError, 16)
+    assert (got.granted, got.redirect, got.busy, got.full, got.address, got.seq) == ([1], {3: "n2"}, 2, True, 4096, 0)
+    assert got.have is not None and got.have.tolist() == want.tolist()
+    assert StreamChunksReply.from_wire({"redirect": [[99, "n"]]}, ProtocolError, 16).redirect == {}  # off the grid
+    assert StreamChunksReply.from_wire(StreamChunksReply(gone=True).to_wire(), ProtocolError, 16).gone
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"pin": 8}, "no stream pin"),
+        ({"pin": "7"}, "no stream pin"),
+        ({"chunks": [16]}, "chunks must hold"),
+        ({"chunks": list(range(17))}, "at most 16"),
+        ({"force": [-1]}, "force"),
+        ({"done": "x"}, "done"),
+        ({"declined": [1.5]}, "declined"),
+        ({"want": b"\0", "limit": 1}, "bitmap"),
+        ({"want": [1], "limit": 1}, "bitmap"),
+        ({"want": b"\0\0", "limit": 0}, "limit"),
+        ({"want": b"\0\0", "limit": 17}, "limit"),
+        ({"start": 16}, "start"),
+        ({"wait": MAX_WAIT + 1}, "wait"),
+        ({"wait": "1"}, "wait"),
+        ({"push": 1, "device": "cpu"}, "push"),
+        ({"push": True, "device": "gpu"}, "device"),
+        ({"push": True}, "device"),
+        ({"other": 1}, "unknown"),
+    ],
+)
+def test_malformed_stream_chunks_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        StreamChunksRequest.from_wire({"pin": 7, **change}, InvalidArgument, _count)
+
+
+def test_malformed_stream_chunks_replies_are_protocol_errors() -> None:
+    for bad in (None, {"granted": [16]}, {"redirect": [[1]]}, {"have": b"\0"}, {"busy": -1}, {"seq": "1"}):
+        with pytest.raises(ProtocolError):
+            StreamChunksReply.from_wire(bad, ProtocolError, 16)
+
+
+def test_stream_pair_round_trips() -> None:
+    request = StreamPairRequest("n1", "10.0.0.1", 29500, "tensord/x", "gloo", "cpu", "cuda:0")
+    assert StreamPairRequest.from_wire({"op": "stream_pair", **request.to_wire()}, InvalidArgument) == request
+    assert StreamPairReply.from_wire(StreamPairReply(1.5).to_wire(), ProtocolError) == StreamPairReply(1.5)
+    with pytest.raises(ProtocolError, match="malformed stream_pair reply"):
+        StreamPairReply.from_wire({"seconds": "1"}, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"host": 1}, "strings"),
+        ({"key": "k" * 201}, "strings"),
+        ({"port": 0}, "port"),
+        ({"port": True}, "port"),
+        ({"backend": "mpi"}, "backend"),
+        ({"backend": ["gloo"]}, "backend"),
+        ({"device": "tpu"}, "devices"),
+        ({"to": None}, "devices"),
+    ],
+)
+def test_malformed_stream_pair_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    wire = {**StreamPairRequest("n1", "h", 1, "k", "gloo", "cpu", "cpu").to_wire(), **change}
+    with pytest.raises(InvalidArgument, match=match):
+        StreamPairRequest.from_wire(wire, InvalidArgument)

@@ -198,7 +198,7 @@ def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.C
     import dataclasses
 
     from tensord_contract.manifest import Manifest, Table
-    from tensord_dataplane.owned import OwnedAccess, export
+    from tensord_dataplane.published_ipc import PublishedIpcAccess, export
     from tensord_dataplane.sources import places
     from tensord_dataplane.tensors import describe
 
@@ -208,10 +208,10 @@ def test_a_descriptor_claiming_more_than_the_allocation_is_refused(client: sdk.C
     table = Table.of_columns(list(params), d.dtypes, d.ndims, d.dims)
     offsets, nbytes = table.layout()
     manifest = Manifest("zc/lie", 1, table, offsets, nbytes)
-    OwnedAccess(dataclasses.replace(replica, nbytes=nbytes), manifest).close()  # the truth reads
+    PublishedIpcAccess(dataclasses.replace(replica, nbytes=nbytes), manifest).close()  # the truth reads
     lie = dataclasses.replace(replica, nbytes=nbytes, sizes=tuple(s * 4 for s in replica.sizes))
     with pytest.raises(sdk.ProtocolError, match="allocation"):
-        OwnedAccess(lie, manifest)
+        PublishedIpcAccess(lie, manifest)
 
 
 OTHER_GPU_READER = """

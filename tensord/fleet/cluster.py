@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from tensord.context import NodeContext
 from tensord.fleet.pairs import Pairs
 from tensord.fleet.policy import start_for, start_of
 from tensord.fleet.pull import Pull
 from tensord.fleet.seed import from_publication
 from tensord.fleet.serve import Serving
 from tensord.fleet.settings import Settings
-from tensord.held import Held
 from tensord.peers import Peers, RemotePin
+from tensord.records import Held
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Store
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
@@ -43,14 +44,21 @@ NEXT_REPLICA = (Unavailable, NotFound)
 
 class Cluster:
     def __init__(
-        self, store: Store, peers: Peers, *, settings: Settings | None = None, host: str = "127.0.0.1"
+        self,
+        store: Store,
+        context: NodeContext,
+        peers: Peers,
+        *,
+        settings: Settings | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        self.store, self.peers = store, peers
+        self.store, self.context, self.peers = store, context, peers
+        self.node, self.registry = context.node, context.registry
         self.settings = settings if settings is not None else Settings()
         self.host = socket.gethostname()
-        self.serving = Serving(store, slots=self.settings.slots, wait=self.settings.wait)
+        self.serving = Serving(store, context, slots=self.settings.slots, wait=self.settings.wait)
         self.pairs_timeout = 60.0
-        self.pairs = Pairs(store.node, host, timeout=self.pairs_timeout) if self.settings.pairs else None
+        self.pairs = Pairs(context.node, host, timeout=self.pairs_timeout) if self.settings.pairs else None
         self.serving.pusher = self.pairs
         self.pulls: dict[tuple[str, int], asyncio.Task[Held]] = {}
         self.running: dict[tuple[str, int], Pull] = {}
@@ -59,11 +67,11 @@ class Cluster:
         self._checked: dict[tuple[str, str, int, int], bool] = {}  # holders whose manifest matched
 
     async def candidates(self, name: str, version: int, exclude: list[str]) -> list[tuple[Replica, NodeRecord]]:
-        nodes = {n.node: n for n in await self.store.registry.nodes()}
+        nodes = {n.node: n for n in await self.registry.nodes()}
         found = [
             (r, nodes[r.node])
-            for r in await self.store.registry.replicas(name, version)
-            if r.node in nodes and r.node != self.store.node and r.node not in exclude
+            for r in await self.registry.replicas(name, version)
+            if r.node in nodes and r.node != self.node and r.node not in exclude
         ]
         if not found:
             raise NotFound(f"no live replica of {name} v{version} on another node", name=name, version=version)
@@ -99,7 +107,7 @@ class Cluster:
             if reply.manifest is not None:
                 self._remember(self._checked, checked, True)
             known = have is not None and (version, reply.replica.get("generation")) in have
-            peer.busy += 1
+            peer.reading()
             return dataclasses.replace(reply, manifest=None if known else committed.wire), pin
         raise TransferError(
             f"no replica of {name} v{version} could be pinned: {'; '.join(errors)}", name=name, version=version
@@ -109,7 +117,7 @@ class Cluster:
         """The manifest committed in the registry (cached: a committed manifest never changes)."""
         found = self._manifests.get((name, version))
         if found is None:
-            found = await self.store.registry.manifest(name, version)
+            found = await self.registry.manifest(name, version)
             self._remember(self._manifests, (name, version), found)
         return found
 
@@ -137,10 +145,6 @@ class Cluster:
         cache[key] = value
         while len(cache) > limit:
             del cache[next(iter(cache))]
-
-    async def release(self, pin: RemotePin) -> bool:
-        pin.peer.busy = max(0, pin.peer.busy - 1)
-        return await pin.peer.release(pin)
 
     async def replicate(
         self,
@@ -184,9 +188,9 @@ class Cluster:
         rate: int | None,
         chunk: int | None,
     ) -> Held:
-        manifest = await self.store.registry.manifest(name, version)
+        manifest = await self.registry.manifest(name, version)
         here = device
-        replicas = await self.store.registry.replicas(name, version)
+        replicas = await self.registry.replicas(name, version)
         if here is None:  # like the replicas, where this node has that device; else host memory
             here = next((r.device for r in replicas if r.device in self.store.devices), "cpu")
         if replicas and all(not r.transport for r in replicas):  # no slab to stream from: a publication?
@@ -195,14 +199,15 @@ class Cluster:
             except TransferError:  # none could be pinned for reading: streamed over pair groups, if any
                 pinned = None
             if pinned is not None:
-                seeded = await from_publication(self.store, manifest, here, pinned, self.release)
+                seeded = await from_publication(self.store, self.context, manifest, here, pinned)
                 if seeded is not None:
                     return seeded
         grid = chunk or self.settings.chunk_for(manifest.nbytes)
         count = max(1, -(-manifest.nbytes // grid))
-        start = start_of(index, of, count) if index is not None else start_for(self.store.node, count)
+        start = start_of(index, of, count) if index is not None else start_for(self.node, count)
         pull = Pull(
             self.store,
+            self.context,
             self.serving,
             self.pairs,
             manifest,

@@ -1,24 +1,32 @@
 """A pull's view of the holders: finding them (and its co-pullers) in the registry, one `Lane`
-per holder (its own connection and stream pin), the arguments of a chunk request, and the
-checked reading of its answer."""
+per holder (its own connection and stream pin), a chunk request, and the checked reading of its
+answer (`tensord_contract.streams`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tensord.fleet import chunks as chunkmap
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Request
 from tensord.peers import Peer
 from tensord.registry.base import NodeRecord, PartialReplica, Registry
 from tensord_contract.errors import ProtocolError, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.streams import (
+    StreamChunksReply,
+    StreamChunksRequest,
+    StreamOpenReply,
+    StreamOpenRequest,
+    StreamPairReply,
+    StreamPairRequest,
+    unpack_bitmap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,42 +52,43 @@ class Lane:
     async def open(self, manifest: Manifest, grid: Grid, me: str) -> tuple[np.ndarray | None, int]:
         """Pin the holder's replica (`stream_open`; the caller holds the lock): what chunks it
         has (None: all) and how busy it is."""
-        result, _ = await self.peer.call(
-            "stream_open", name=manifest.name, version=manifest.version, node=me, chunk=grid.size
-        )
-        if not isinstance(result, dict) or result.get("count") != grid.count:
+        request = StreamOpenRequest(manifest.name, manifest.version, me, grid.size)
+        result, _ = await self.peer.call("stream_open", **request.to_wire())
+        try:
+            reply = StreamOpenReply.from_wire(result, ProtocolError)
+        except ProtocolError as exc:
+            raise ProtocolError(f"node {self.node}: {exc.message}") from None
+        if reply.count != grid.count:
             raise ProtocolError(f"node {self.node} described its stream of {manifest.name} wrongly")
-        if int(result.get("nbytes") or 0) < manifest.nbytes:
+        if reply.nbytes < manifest.nbytes:
             raise ProtocolError(f"node {self.node} holds a slab smaller than {manifest.name}")
-        self.pin = int(result["pin"])
-        self.session = str(result.get("session") or "")
-        self.address = int(result.get("address") or 0)
-        self.complete = bool(result.get("complete"))
-        self.device = str(result.get("device") or "")
-        have = result.get("have")
-        return None if have is None else chunkmap.unpack(have, grid.count), int(result.get("busy") or 0)
+        self.pin, self.session, self.address = reply.pin, reply.session, reply.address
+        self.complete, self.device = reply.complete, reply.device
+        return reply.have, reply.busy
 
-    async def ask(self, **args: Any) -> Any:
-        """One chunk request (`stream_chunks`); its answer."""
-        async with self.lock:
-            result, _ = await self.peer.call("stream_chunks", **args)
-        return result
+    async def ask(self, request: StreamChunksRequest, count: int) -> StreamChunksReply:
+        """One chunk request (`stream_chunks`) about a stream of `count` chunks; its answer.
+        (The caller holds the lock.)"""
+        result, _ = await self.peer.call("stream_chunks", **request.to_wire())
+        return read_answer(self.node, result, count)
 
     async def alive(self) -> bool:
         """Whether the holder still answers on this lane."""
+        assert self.pin is not None
         try:
             async with self.lock:
-                await self.peer.call("stream_chunks", pin=self.pin, reply_timeout=5.0)
+                await self.peer.call("stream_chunks", reply_timeout=5.0, **StreamChunksRequest(self.pin).to_wire())
         except TensordError:
             return False
         return True
 
-    def joiner(self, me: str, timeout: float) -> Any:
+    def joiner(self, timeout: float) -> Callable[[StreamPairRequest], Awaitable[None]]:
         """What a pair group calls to have the holder join it."""
 
-        async def join(**args: Any) -> None:
+        async def join(request: StreamPairRequest) -> None:
             async with self.lock:
-                await self.peer.call("stream_pair", node=me, reply_timeout=timeout, **args)
+                result, _ = await self.peer.call("stream_pair", reply_timeout=timeout, **request.to_wire())
+            StreamPairReply.from_wire(result, ProtocolError)
 
         return join
 
@@ -131,57 +140,30 @@ def _settled(running: set[asyncio.Future[None]]) -> Any:
     return done
 
 
-def request_args(pin: int | None, wait: float, req: Request, start: int) -> dict[str, Any]:
-    """The arguments of a `stream_chunks` request for `req`."""
-    args: dict[str, Any] = {"pin": pin, "wait": wait}
-    if req.done:
-        args["done"] = req.done
-    if req.declined:
-        args["declined"] = req.declined
-    if req.chunks:
-        args["chunks"] = req.chunks
-        if req.force:
-            args["force"] = req.force
-    if req.want is not None:
-        args["want"] = chunkmap.pack(req.want)
-        args["limit"] = req.limit
-        args["start"] = start
-    return args
-
-
-@dataclass
-class Answer:
-    """A holder's answer to a chunk request, checked."""
-
-    granted: list[int]
-    redirect: dict[int, str]
-    have: np.ndarray | None
-    busy: int
-    complete: bool
-    gone: bool
-    full: bool
-
-
-def read_answer(node: str, result: Any, count: int) -> Answer:
-    if not isinstance(result, dict):
-        raise ProtocolError(f"node {node} answered a chunk request with {type(result).__name__}")
-    granted = chunkmap.chunk_list(result.get("granted"), count, "granted")
-    redirect: dict[int, str] = {}
-    for pair in result.get("redirect") or []:
-        if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) is not int or not isinstance(pair[1], str):
-            raise ProtocolError(f"node {node} sent a malformed redirect")
-        if 0 <= pair[0] < count:
-            redirect[pair[0]] = pair[1]
-    have = result.get("have")
-    return Answer(
-        granted,
-        redirect,
-        None if have is None else chunkmap.unpack(have, count),
-        int(result.get("busy") or 0),
-        bool(result.get("complete")),
-        bool(result.get("gone")),
-        bool(result.get("full")),
+def chunks_request(pin: int, wait: float, req: Request, start: int, push: str = "") -> StreamChunksRequest:
+    """The `stream_chunks` request for `req` (`push`: the device of this pull's slab, to have
+    the holder send over a pair group)."""
+    return StreamChunksRequest(
+        pin,
+        req.chunks,
+        req.force if req.chunks else [],
+        req.want,
+        req.limit,
+        start,
+        req.done,
+        req.declined,
+        wait,
+        bool(push),
+        push,
     )
+
+
+def read_answer(node: str, result: Any, count: int) -> StreamChunksReply:
+    """A holder's answer to a chunk request, checked; ProtocolError naming the node."""
+    try:
+        return StreamChunksReply.from_wire(result, ProtocolError, count)
+    except ProtocolError as exc:
+        raise ProtocolError(f"node {node}: {exc.message}") from None
 
 
 @dataclass
@@ -222,7 +204,7 @@ async def find_holders(
         if record is None or p.node == me or p.chunk != grid.size or p.count != grid.count:
             continue
         try:
-            have = chunkmap.unpack(p.have, p.count)
+            have = unpack_bitmap(p.have, p.count)
         except ProtocolError:
             continue
         offers.append(Offer(p.node, False, have, same_host=record.host == host))

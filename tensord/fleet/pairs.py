@@ -26,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,6 +35,7 @@ from typing import Any
 from tensord.fleet.chunks import Grid
 from tensord.memory import CudaSlab, HostSlab, Slab
 from tensord_contract.errors import TransferError, Unavailable
+from tensord_contract.streams import StreamPairRequest
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,11 @@ class Pairs:
         self.created = 0  # groups made (each costs a rendezvous; NCCL's about a second)
 
     # -- the puller's side --------------------------------------------------------------------
-    async def receiver(self, peer: str, device: str, source: str, join: Callable[..., Any]) -> Group:
+    async def receiver(
+        self, peer: str, device: str, source: str, join: Callable[[StreamPairRequest], Awaitable[Any]]
+    ) -> Group:
         """The group in which `peer` sends from its slab on `source` to this node's on `device`,
-        made on first use: `join(**args)` asks the peer to join (an RPC of `stream_pair`)."""
+        made on first use: `join(request)` asks the peer to join (an RPC of `stream_pair`)."""
         backend = backend_for(device)
         key = (peer, 1, *link(backend, device, source))
         group = self._groups.get(key)
@@ -216,7 +219,7 @@ class Pairs:
             name = f"tensord/{peer}>{self.node}/{secrets.token_hex(8)}"
             build = asyncio.create_task(asyncio.to_thread(_make_group, store, name, 1, backend, self.timeout))
             try:
-                await join(host=self.host, port=int(store.port), key=name, backend=backend, device=source, to=device)
+                await join(StreamPairRequest(self.node, self.host, int(store.port), name, backend, source, device))
                 pg = await asyncio.wait_for(build, self.timeout)
             except BaseException:
                 build.cancel()
@@ -252,11 +255,13 @@ class Pairs:
         return group.submit(seq, job)
 
     # -- the holder's side --------------------------------------------------------------------
-    def join(self, peer: str, host: str, port: int, key: str, backend: str, device: str, to: str) -> float:
-        """Join the group `peer` set up to receive from this node's slabs on `device` into its
-        own on `to` (blocking). Seconds taken."""
+    def join(self, request: StreamPairRequest) -> float:
+        """Join the group a peer (`request.node`) set up to receive from this node's slabs on
+        `request.device` into its own on `request.to` (blocking). Seconds taken."""
         import torch.distributed as dist
 
+        peer, host, port, key, backend = request.node, request.host, request.port, request.key, request.backend
+        device, to = request.device, request.to
         ok, why = available(device, to)
         if not ok or backend != backend_for(device):
             raise Unavailable(f"no {backend} pair group from {device} to {peer}'s {to}: {why or 'wrong backend'}")

@@ -29,20 +29,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tensord.fleet import chunks as chunkmap
 from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
-from tensord.fleet.lanes import Lane, Reads, find_holders, read_answer, request_args
+from tensord.fleet.lanes import Lane, Reads, chunks_request, find_holders
 from tensord.fleet.policy import Plan, Request
 from tensord.fleet.serve import Partial
 from tensord.fleet.settings import Pace
-from tensord.held import Held
+from tensord.records import Held
 from tensord.registry.base import NodeRecord, PartialReplica
 from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.streams import StreamChunksReply, pack_bitmap
 from tensord_dataplane.transport.base import Batch
 
 if TYPE_CHECKING:
+    from tensord.context import NodeContext
     from tensord.fleet.pairs import Pairs
     from tensord.fleet.serve import Serving
     from tensord.fleet.settings import Settings
@@ -59,6 +60,7 @@ class Pull:
     def __init__(
         self,
         store: Store,
+        context: NodeContext,
         serving: Serving,
         pairs: Pairs | None,
         manifest: Manifest,
@@ -73,7 +75,7 @@ class Pull:
         rate: int | None = None,
         chunk: int | None = None,
     ) -> None:
-        self.store, self.serving, self.pairs = store, serving, pairs
+        self.store, self.context, self.serving, self.pairs = store, context, serving, pairs
         self.host, self.token, self.pairs_timeout = host, token, pairs_timeout
         self.manifest, self.device = manifest, device
         if rate is not None:
@@ -81,7 +83,7 @@ class Pull:
         if chunk is not None:
             settings = dataclasses.replace(settings, chunk=chunk)
         self.settings = settings
-        self.me = store.node
+        self.me = context.node
         self.grid = Grid(manifest.nbytes, self.settings.chunk_for(manifest.nbytes))
         s = self.settings
         self.plan = Plan(
@@ -200,7 +202,7 @@ class Pull:
         if held is None:
             await self.serving.stopped(partial, None)
         with contextlib.suppress(TensordError):
-            await self.store.registry.remove_partial(*partial.key, self.me, partial.slab.device)
+            await self.context.registry.remove_partial(*partial.key, self.me, partial.slab.device)
 
     # -- fetching -----------------------------------------------------------------------------
     async def _fetch(self) -> None:
@@ -248,11 +250,15 @@ class Pull:
             if lane.push:
                 await self._exchange_pushed(lane, req)
                 return
-            result = await lane.ask(**request_args(lane.pin, self.settings.wait, req, self.plan.start))
-            read = self._answer(lane, req, result)
+            assert lane.pin is not None
+            async with lane.lock:
+                reply = await lane.ask(
+                    chunks_request(lane.pin, self.settings.wait, req, self.plan.start), self.grid.count
+                )
+            read = self._answer(lane, req, reply)
             if read:
                 await self._pace.wait(self.grid.bytes_of(read))
-                await self._read(lane, read, int(result.get("address") or lane.address))
+                await self._read(lane, read, reply.address or lane.address)
         except (TensordError, OSError) as exc:
             self._fail(req.node, exc)
         finally:
@@ -267,20 +273,18 @@ class Pull:
         assert pairs is not None
         assert self.partial is not None
         mine = self.partial.slab.device
-        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.me, self.pairs_timeout))
+        group = await pairs.receiver(lane.node, mine, lane.device, lane.joiner(self.pairs_timeout))
+        assert lane.pin is not None
         async with lane.lock:
-            result, _ = await lane.peer.call(
-                "stream_chunks",
-                push=True,
-                device=mine,
-                **request_args(lane.pin, self.settings.wait, req, self.plan.start),
+            reply = await lane.ask(
+                chunks_request(lane.pin, self.settings.wait, req, self.plan.start, push=mine), self.grid.count
             )
-            granted = [int(c) for c in result.get("granted") or []] if isinstance(result, dict) else []
-            read = self._answer(lane, req, result)
+            granted = reply.granted
+            read = self._answer(lane, req, reply)
             if not granted:
                 return
-            seq = result.get("seq")
-            if type(seq) is not int or seq < 0:
+            seq = reply.seq
+            if seq is None or seq < 0:
                 raise Unavailable(f"node {lane.node} has no pair group to send to this node")
             done = pairs.receive(group, seq, self.partial.slab, self.grid, granted, set(read))
             self._pushes.add(done)
@@ -294,8 +298,7 @@ class Pull:
             raise TransferError(f"{lane.node} sent nothing for {pairs.timeout:.0f} s") from exc
         await self._arrived(lane, read, time.monotonic() - t0)
 
-    def _answer(self, lane: Lane, req: Request, result: Any) -> list[int]:
-        a = read_answer(lane.node, result, self.grid.count)
+    def _answer(self, lane: Lane, req: Request, a: StreamChunksReply) -> list[int]:
         read, fresh = self.plan.on_reply(
             lane.node,
             req,
@@ -318,7 +321,7 @@ class Pull:
 
     async def _read(self, lane: Lane, chunks: list[int], address: int) -> None:
         assert self.partial is not None
-        transport = self.store.transport
+        transport = self.context.transport
         if transport is None or not lane.session or not address:
             raise Unavailable(f"no Transfer Engine path from {lane.node}")
         starts, lengths = self.grid.ranges(chunks)
@@ -394,7 +397,7 @@ class Pull:
             if lane.pin is not None:
                 return lane
             have, busy = await lane.open(self.manifest, self.grid, self.me)
-            transport = self.store.transport
+            transport = self.context.transport
             lane.push = not (transport is not None and lane.session and lane.address)
             if lane.push:
                 assert self.partial is not None
@@ -407,7 +410,7 @@ class Pull:
     # -- the registry -------------------------------------------------------------------------
     async def _nodes(self) -> None:
         with contextlib.suppress(Unavailable):
-            self.records = {r.node: r for r in await self.store.registry.nodes()}
+            self.records = {r.node: r for r in await self.context.registry.nodes()}
             gone = [n for n in self.lanes if n not in self.records] if self.me in self.records else []
             for node in gone:  # its lease expired (judged only while this node's own lease holds)
                 self._fail(node, Unavailable(f"node {node} lost its lease (dead or frozen)"))
@@ -415,7 +418,7 @@ class Pull:
     async def _discover(self) -> None:
         """Offer the plan every holder the registry knows of, and the other targets of a fan-out."""
         await self._nodes()
-        registry, host = self.store.registry, self.host
+        registry, host = self.context.registry, self.host
         for o in await find_holders(registry, self.records, self.manifest, self.grid, self.me, host, self.co_pullers):
             self.plan.offer(o.node, complete=o.complete, have=o.have, same_host=o.same_host)
 
@@ -426,10 +429,10 @@ class Pull:
         if held == self._advertised and not force:
             return
         record = PartialReplica(
-            *partial.key, self.me, partial.slab.device, self.grid.size, self.grid.count, chunkmap.pack(partial.held)
+            *partial.key, self.me, partial.slab.device, self.grid.size, self.grid.count, pack_bitmap(partial.held)
         )
         try:
-            await self.store.registry.put_partial(record)
+            await self.context.registry.put_partial(record)
             self._advertised = held
         except Unavailable as exc:
             log.info("cannot advertise the partial replica of %s v%d: %s", *partial.key, exc.message)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
-from tensord.held import Held
+from tensord.context import NodeContext
 from tensord.memory import own_view
 from tensord.peers import RemotePin
+from tensord.records import Held
 from tensord.store import Store
 from tensord_contract.descriptors import PublishedReplica, replica_from_wire
 from tensord_contract.errors import IntegrityError, TransferError
@@ -28,10 +28,10 @@ log = logging.getLogger(__name__)
 
 async def from_publication(
     store: Store,
+    context: NodeContext,
     manifest: Manifest,
     device: str,
     pinned: tuple[OpenReply, RemotePin],
-    release: Callable[[RemotePin], Awaitable[bool]],
 ) -> Held | None:
     """Copy the publication pinned (`pinned`: the holder's open reply and the pin) into a slab
     on `device` and hold it; None (the pin given back) if what was pinned is not a publication.
@@ -42,9 +42,9 @@ async def from_publication(
         replica = replica_from_wire(result.replica)
         if not isinstance(replica, PublishedReplica):
             return None
-        transport = store.transport
+        transport = context.transport
         if transport is None or not store.reaches(device):
-            raise TransferError(f"node {store.node} has no Transfer Engine for {device} memory to read a publication")
+            raise TransferError(f"node {context.node} has no Transfer Engine for {device} memory to read a publication")
         from tensord_dataplane.published import PublishedAccess
 
         name, version = manifest.name, manifest.version
@@ -56,7 +56,7 @@ async def from_publication(
             await asyncio.to_thread(reader.read_registered, address + offsets.astype(np.int64), offsets, sizes)
             bad = await asyncio.to_thread(_wrong_rows, slab, manifest)
             released = True
-            intact = await release(pin)
+            intact = await pin.release()
             if not intact:
                 raise TransferError(
                     f"{name} v{version} was withdrawn by its publisher during the copy", name=name, version=version
@@ -74,7 +74,7 @@ async def from_publication(
         return await store.adopt(manifest, slab)
     finally:
         if not released:
-            await release(pin)
+            await pin.release()
 
 
 def _wrong_rows(slab: Any, manifest: Manifest) -> np.ndarray:

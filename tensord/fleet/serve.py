@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from tensord.fleet import chunks as chunkmap
+from tensord.context import NodeContext
 from tensord.fleet.chunks import Grid
 from tensord.fleet.policy import Book, Request, rotation
-from tensord.held import Held
 from tensord.memory import Slab, own_view
+from tensord.records import Held
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.streams import StreamChunksReply, StreamOpenReply
 from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,17 @@ class Partial:
 
 @dataclass(eq=False)
 class StreamPin:
-    """A puller's hold on a replica it streams from (lives in the puller's session here)."""
+    """A puller's hold on a replica it streams from (lives in the puller's session here; a
+    `tensord.rpc.Pin`)."""
 
     key: tuple[str, int]
     chunk: int
     requester: str
     target: Held | Partial
+    serving: Serving
+
+    async def release(self, *, clean: bool) -> bool:
+        return await self.serving.unpin(self, clean=clean)
 
 
 @dataclass(eq=False)
@@ -95,15 +101,20 @@ class _Served:
 
 
 class Serving:
-    def __init__(self, store: Store, *, slots: int, wait: float) -> None:
-        self.store, self.slots, self.wait = store, slots, wait
+    def __init__(self, store: Store, context: NodeContext, *, slots: int, wait: float) -> None:
+        self.store, self.context, self.node = store, context, context.node
+        self.slots, self.wait = slots, wait
         self.grant_ttl = max(5.0, 10 * wait)  # a grant unread this long gives its slot back
         self.partials: dict[tuple[str, int], Partial] = {}
         self._served: dict[tuple[str, int, int], _Served] = {}
         self.egress_chunks = 0  # bytes of chunks granted to streaming pullers
-        self.egress_reads = 0  # bytes of whole slabs pinned for remote readers (open)
+        self.egress_reads = 0  # bytes of whole slabs pinned for remote readers (open: `served_read`)
         self.streams = 0  # stream pins held by pullers
         self.pusher: Any = None  # tensord.fleet.pairs.Pairs, when pair groups are on
+
+    def served_read(self, nbytes: int) -> None:
+        """A reader on another node pinned a whole version here (`open`)."""
+        self.egress_reads += nbytes
 
     # -- partial replicas of this node --------------------------------------------------------
     def add(self, partial: Partial) -> None:
@@ -149,10 +160,12 @@ class Serving:
         return True
 
     # -- the ops ------------------------------------------------------------------------------
-    def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[dict[str, Any], StreamPin]:
+    def open(self, name: str, version: int, requester: str, chunk: int) -> tuple[StreamOpenReply, StreamPin]:
+        """Pin the version (or the pull of it under way here) for `requester`; the reply's pin
+        is the session's to number."""
         held = self.store.holds(name, version)
-        if held is not None and held.slab.owned:
-            raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.store.node}")
+        if held is not None and held.slab.published:
+            raise Unavailable(f"{name} v{version} lies in a publishing process's memory on node {self.node}")
         if held is not None:
             grid = Grid(held.manifest.nbytes, chunk)
             self.store.pin(held)
@@ -164,39 +177,31 @@ class Serving:
         else:
             partial = self.partials.get((name, version))
             if partial is None or partial.dropped:
-                raise NotFound(f"{name} v{version} is not held or being pulled on node {self.store.node}")
+                raise NotFound(f"{name} v{version} is not held or being pulled on node {self.node}")
             if partial.grid.size != chunk:
                 raise InvalidArgument(
-                    f"node {self.store.node} pulls {name} v{version} in chunks of {partial.grid.size} bytes, "
+                    f"node {self.node} pulls {name} v{version} in chunks of {partial.grid.size} bytes, "
                     f"not {chunk} (keep fleet.chunk_bytes the same on every node)"
                 )
             grid = partial.grid
             partial.pins += 1
             target = partial
-            have = chunkmap.pack(partial.held)
+            have = partial.held.copy()
             address = partial.address
-            session = self.store.transport.session if self.store.transport is not None and address else ""
+            session = self.context.transport.session if self.context.transport is not None and address else ""
             slab = partial.slab
         served = self._entry(name, version, chunk)
         served.pins += 1
         self.streams += 1
-        pin = StreamPin((name, version), chunk, requester, target)
-        return {
-            "complete": have is None,
-            "chunk": chunk,
-            "count": grid.count,
-            "have": have,
-            "busy": served.book.busy,
-            "session": session,
-            "address": address,
-            "nbytes": slab.nbytes,
-            "generation": slab.generation,
-            "device": slab.device,
-        }, pin
+        pin = StreamPin((name, version), chunk, requester, target, self)
+        reply = StreamOpenReply(
+            0, chunk, grid.count, have, served.book.busy, session, address, slab.nbytes, slab.generation, slab.device
+        )
+        return reply, pin
 
     async def chunks(
         self, pin: StreamPin, request: Request, *, start: int, wait: float, push: str | None
-    ) -> dict[str, Any]:
+    ) -> StreamChunksReply:
         """Grant chunks of the pinned version (waiting up to `wait` s for some); `push`: the
         device of the puller's slab, to send them over a pair group rather than be read."""
         name, version = pin.key
@@ -213,7 +218,7 @@ class Serving:
             while True:
                 target, held, partial = self._target(pin)
                 if target is None:
-                    return {"granted": [], "redirect": [], "gone": True, "complete": False}
+                    return StreamChunksReply(gone=True)
                 grid = Grid(target.manifest.nbytes, pin.chunk)
                 if not request.asks:
                     decision = None
@@ -251,17 +256,17 @@ class Serving:
         else:
             assert held is not None
             address = self.store.replica(held).address
-        return {
-            "granted": granted,
-            "redirect": [[c, n] for c, n in decision.redirect.items()] if decision is not None else [],
-            "have": None if partial is None else chunkmap.pack(partial.held),
-            "complete": partial is None,
-            "busy": book.busy,
-            "gone": bool(decision is not None and decision.gone),
-            "full": bool(decision is not None and decision.full),
-            "address": address,
-            "seq": seq,
-        }
+        return StreamChunksReply(
+            granted,
+            dict(decision.redirect) if decision is not None else {},
+            None if partial is None else partial.held.copy(),
+            partial is None,
+            book.busy,
+            bool(decision is not None and decision.gone),
+            bool(decision is not None and decision.full),
+            address,
+            seq,
+        )
 
     def _target(self, pin: StreamPin) -> tuple[Held | Partial | None, Held | None, Partial | None]:
         t = pin.target

@@ -17,6 +17,7 @@ import numpy as np
 
 from tensord.ingest.pipeline import Loaded, load
 from tensord.memory import own_view
+from tensord.metrics import Metrics
 from tensord.rpc import Session
 from tensord.store import Reservation, Store
 from tensord_contract.manifest import Table
@@ -27,6 +28,7 @@ T = TypeVar("T")
 
 async def load_on_daemon(
     store: Store,
+    metrics: Metrics,
     session: Session,
     path: str,
     name: str,
@@ -40,7 +42,7 @@ async def load_on_daemon(
     """Load a checkpoint the daemon reads itself as `name`: `path` resolved, inside `root`, or
     the files the caller passed (``passed``, with ``unchanged``: see ``pipeline.load``, as are
     ``tp``, ``rules`` and ``track``)."""
-    sink = StoreSink(store, session, asyncio.get_running_loop())
+    sink = StoreSink(store, metrics, session, asyncio.get_running_loop())
     try:
         return await asyncio.to_thread(
             functools.partial(
@@ -64,8 +66,8 @@ async def load_on_daemon(
 class StoreSink:
     """A ``pipeline.Sink`` over the daemon's Store, for a pipeline in a worker thread."""
 
-    def __init__(self, store: Store, session: Session, loop: asyncio.AbstractEventLoop) -> None:
-        self.store, self.session, self.loop = store, session, loop
+    def __init__(self, store: Store, metrics: Metrics, session: Session, loop: asyncio.AbstractEventLoop) -> None:
+        self.store, self.metrics, self.session, self.loop = store, metrics, session, loop
         self.cancelled = False
 
     def on_loop(self, step: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -114,12 +116,12 @@ class _Reserved:
         self.closed = False
 
     def commit(self, fingerprints: Sequence[int]) -> int:
-        store = self.sink.store
+        store, metrics = self.sink.store, self.sink.metrics
 
         async def commit() -> int:
             self.close()
             held = await store.commit(self.id, np.array(fingerprints, dtype=np.uint64))
-            store.metrics.moved("ingest", "write", held.manifest.data_bytes)
+            metrics.moved("ingest", "write", held.manifest.data_bytes)
             return held.manifest.version
 
         return self.sink.on_loop(commit)

@@ -8,10 +8,8 @@ from typing import Any
 from tensord.rpc import brief
 from tensord_contract.checks import is_int as is_int  # the ops take it from here with the other checks
 from tensord_contract.errors import InvalidArgument
-from tensord_contract.manifest import FINGERPRINT_VERSIONS
-
-#: the longest a request may wait for something to happen (long polls)
-MAX_WAIT = 300.0
+from tensord_contract.streams import MAX_WAIT as MAX_WAIT  # the longest a request may wait (long polls)
+from tensord_contract.table_messages import fp_definition as _fp_definition
 
 
 def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()) -> list[Any]:
@@ -27,13 +25,8 @@ def args(request: dict[str, Any], *required: str, optional: tuple[str, ...] = ()
 
 
 def fp_definition(value: object) -> int:
-    """The fingerprint definition a client says its fingerprints were made with (`fp`); absent:
-    2, what clients from before definition 3 made."""
-    if value is None:
-        return 2
-    if not is_int(value) or value not in FINGERPRINT_VERSIONS:
-        raise InvalidArgument(f"fp must name a fingerprint definition this daemon knows: {FINGERPRINT_VERSIONS}")
-    return value
+    """The fingerprint definition a client says its fingerprints were made with (`fp`)."""
+    return _fp_definition(value, InvalidArgument)
 
 
 def is_number(value: object, low: float, high: float) -> bool:

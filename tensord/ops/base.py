@@ -1,23 +1,27 @@
-"""What every op group shares: the store, the cluster, pins handed to sessions, and a few
-helpers. `Service` combines the groups into one class."""
+"""What every op group shares: the store, this node's collaborators (`NodeContext`: its name,
+registry, metrics, Transfer Engine), the cluster, pins handed to sessions, and a few helpers.
+`Service` combines the groups into one class."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
+from typing import Any, TypeVar
 
+from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
-from tensord.fleet.serve import StreamPin
-from tensord.held import Held, MountPin
 from tensord.ingest.pipeline import Progress
 from tensord.ops.args import is_int
-from tensord.peers import RemotePin
+from tensord.records import Held
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument
-from tensord_contract.manifest import Manifest, Table
+from tensord_contract.manifest import Manifest
+from tensord_contract.table_messages import PublishRequest, PutBeginRequest
+
+M = TypeVar("M", PutBeginRequest, PublishRequest)
 
 #: tables of more tensors than this are decoded or listed on a worker thread, off the event loop
 OFF_LOOP_TENSORS = 2_000
@@ -27,13 +31,16 @@ class Ops:
     def __init__(
         self,
         store: Store,
+        context: NodeContext,
         cluster: Cluster | None = None,
         *,
         pull_through: bool = False,
         listen: str = "",
         allowed_roots: tuple[str, ...] = (),
     ) -> None:
-        self.store, self.cluster, self.pull_through, self.listen = store, cluster, pull_through, listen
+        self.store, self.context, self.cluster = store, context, cluster
+        self.node, self.registry, self.metrics = context.node, context.registry, context.metrics
+        self.pull_through, self.listen = pull_through, listen
         self.allowed_roots = allowed_roots
         self.restorer: Restorer | None = None  # set by the daemon: what it held before a restart
         #: set once the registry is up: the socket accepts before that (the node record needs
@@ -47,34 +54,17 @@ class Ops:
     def _moved(self, session: Session, held: Held, direction: str) -> None:
         """Count a version's bytes handed to a reader or taken from a writer, by path."""
         path = {"cpu": "host"}.get(held.slab.device, "cuda_ipc") if session.local else "transfer_engine"
-        self.store.metrics.moved(path, direction, held.manifest.data_bytes)
-
-    async def _unpin(self, pin: Held | MountPin | RemotePin | StreamPin, *, clean: bool = True) -> bool:
-        if isinstance(pin, MountPin):
-            pin.held.mapped -= 1
-            pin = pin.held
-        if isinstance(pin, RemotePin):
-            assert self.cluster is not None
-            return await self.cluster.release(pin)
-        if isinstance(pin, StreamPin):
-            assert self.cluster is not None
-            return await self.cluster.serving.unpin(pin, clean=clean)
-        self.store.unpin(pin)
-        return not pin.revoked  # a publisher's memory withdrawn while pinned
+        self.metrics.moved(path, direction, held.manifest.data_bytes)
 
     @staticmethod
-    async def _table(tensors: object) -> Table:
-        """A request's tensor table; a large one is decoded off the event loop."""
+    async def _decode(message: type[M], request: dict[str, Any]) -> M:
+        """A request carrying a tensor table, decoded (`message.from_wire`, InvalidArgument);
+        one of a large table off the event loop."""
+        tensors = request.get("tensors")
         count = tensors.get("count") if isinstance(tensors, dict) else None
         if is_int(count, OFF_LOOP_TENSORS + 1):
-            return await asyncio.to_thread(Table.from_wire, tensors, InvalidArgument)
-        return Table.from_wire(tensors, InvalidArgument)
-
-    @staticmethod
-    def _origin(origin: object) -> str | None:
-        if origin is not None and (not isinstance(origin, str) or len(origin) > 4096):
-            raise InvalidArgument("origin must be a string of at most 4096 characters")
-        return origin
+            return await asyncio.to_thread(message.from_wire, request, InvalidArgument)
+        return message.from_wire(request, InvalidArgument)
 
     def _own(self, session: Session, rid: object) -> None:
         if not is_int(rid) or rid not in session.reservations:
@@ -83,4 +73,4 @@ class Ops:
     async def _manifest(self, name: str, version: int) -> Manifest:
         """A committed manifest: from memory when this node holds the version (it never changes)."""
         held = self.store.lookup(name, version)
-        return held.manifest if held is not None else await self.store.registry.manifest(name, version)
+        return held.manifest if held is not None else await self.registry.manifest(name, version)

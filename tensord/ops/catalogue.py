@@ -49,7 +49,7 @@ class CatalogueOps(Ops):
         return {"version": version}, []
 
     async def _pump(self, name: str, after: int, queue: asyncio.Queue[int]) -> None:
-        async for version in self.store.registry.watch(name, after=after):
+        async for version in self.registry.watch(name, after=after):
             queue.put_nowait(version)
 
     async def op_delete(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -61,7 +61,7 @@ class CatalogueOps(Ops):
     # -- catalogue ----------------------------------------------------------------------------
     async def op_ls(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (prefix,) = args(request, optional=("prefix",))
-        registry = self.store.registry
+        registry = self.registry
         out = []
         for name in await registry.names(check_prefix(prefix or "")):
             versions = await registry.versions(name)
@@ -91,7 +91,7 @@ class CatalogueOps(Ops):
         name, version, rows = args(request, "name", optional=("version", "tensors"))
         if rows is not None and not isinstance(rows, bool) and rows != "columns":
             raise InvalidArgument("tensors must be true, false or 'columns'")
-        registry = self.store.registry
+        registry = self.registry
         version = await self.store.resolve_version(check_name(name), check_version(version))
         held = self.store.lookup(name, version)
         manifest = await self._manifest(name, version)
@@ -108,7 +108,7 @@ class CatalogueOps(Ops):
             "origin": manifest.origin,
             "device": held.slab.device if held else None,
             "pins": held.pins if held else 0,
-            "published": bool(held and held.slab.owned),  # in a publishing process's memory: no copy here
+            "published": bool(held and held.slab.published),  # in a publishing process's memory: no copy here
             "mapped": held.mapped if held else 0,  # mounts of it by clients here (no copy either)
             "lost": self.restorer.lost(name, version) if self.restorer is not None else None,
             "evicted": self.store.evicted(name, version) is not None,
@@ -130,27 +130,27 @@ class CatalogueOps(Ops):
         args(request)
         store = self.store
         return {
-            "node": store.node,
+            "node": self.node,
             "version": __version__,
             "uptime": time.time() - self.started,
             "listen": self.listen,
-            "transport": store.transport.describe() if store.transport is not None else None,
+            "transport": self.context.transport.describe() if self.context.transport is not None else None,
             **store.status(),
             "restore": self.restorer.status() if self.restorer is not None else None,
             "egress": self.cluster.serving.status() if self.cluster is not None else {"bytes": 0},
             "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
             "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
-            "registry": store.registry.status(),
+            "registry": self.registry.status(),
             "loads": [{"name": n, "done": p.done, "total": p.total} for n, p in self._loads.values()],
         }, []
 
     async def op_nodes(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Live nodes with their capacity and, where reachable, their use."""
         args(request)
-        records = await self.store.registry.nodes()
+        records = await self.registry.nodes()
 
         async def status(record: Any) -> dict[str, Any] | None:
-            if record.node == self.store.node:
+            if record.node == self.node:
                 return dict((await self.op_status(session, {"op": "status"}))[0])
             if self.cluster is None:
                 return None

@@ -8,19 +8,18 @@ from typing import Any
 
 import numpy as np
 
-from tensord.held import MountPin
 from tensord.ops.args import args, fp_definition, is_int
 from tensord.ops.base import Ops
-from tensord.owned import OwnedSlab
+from tensord.pins import MountPin, ReadPin
+from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.messages import OpenReply, OpenRequest
-from tensord_contract.names import check_name
+from tensord_contract.table_messages import PutBeginReply, PutBeginRequest
 
 
 class DataOps(Ops):
     async def op_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        args(request, "name", optional=("version", "exclude", "have", "mount"))  # no unknown keys
         req = OpenRequest.from_wire(request, InvalidArgument)
         name, exclude, cached = req.name, list(req.exclude), req.have
         version = await self.store.resolve_version(name, req.version)
@@ -33,22 +32,20 @@ class DataOps(Ops):
             held = self.store.holds(name, version)
         if (held is None or not held.live) and self.cluster is not None and self.pull_through and session.local:
             held = await self.cluster.replicate(name, version, None)
-        if held is not None and held.live and self.store.node not in exclude:
+        if held is not None and held.live and self.node not in exclude:
             replica, fds = self.store.descriptor(held, local=session.local)
             if not session.local and self.cluster is not None:  # a reader on another node
-                self.cluster.serving.egress_reads += held.manifest.nbytes
+                self.cluster.serving.served_read(held.manifest.nbytes)
             self.store.pin(held)
             self._moved(session, held, "read")
             pin = next(self._pins)
-            session.pins[pin] = held
-            if req.mount and session.local and not isinstance(held.slab, OwnedSlab):  # a mapping, not a copy
-                held.mapped += 1
-                session.pins[pin] = MountPin(held)
+            mount = req.mount and session.local and not isinstance(held.slab, PublishedSlab)  # a mapping, not a copy
+            session.pins[pin] = (MountPin if mount else ReadPin)(held, self.store.unpin)
             known = (version, held.slab.generation) in cached
             return OpenReply(pin, version, replica, None if known else held.manifest.wire).to_wire(), fds
         if self.cluster is None:
             lost = self.restorer.lost(name, version) if self.restorer is not None else None
-            message = f"{name} v{version} is not held on node {self.store.node}"
+            message = f"{name} v{version} is not held on node {self.node}"
             if lost is not None:
                 assert self.restorer is not None
                 message = self.restorer.lost_message(name, version, lost)
@@ -61,17 +58,12 @@ class DataOps(Ops):
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (pin,) = args(request, "pin")
         held = session.pins.pop(pin, None) if is_int(pin) else None
-        intact = await self._unpin(held) if held is not None else False
+        intact = await held.release(clean=True) if held is not None else False
         return {"released": held is not None, "intact": intact}, []
 
     async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, device, tensors, origin = args(request, "name", "device", "tensors", optional=("origin",))
-        if not isinstance(device, str):
-            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
-        origin = self._origin(origin)
-        check_name(name)
-        table = await self._table(tensors)
-        r = await self.store.reserve(name, device, table, origin or f"put by {session.peer}")
+        req = await self._decode(PutBeginRequest, request)
+        r = await self.store.reserve(req.name, req.device, req.table, req.origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:
             replica, fds = self.store.write_descriptor(r, local=session.local)
@@ -79,8 +71,7 @@ class DataOps(Ops):
             session.reservations.discard(r.id)
             self.store.abort(r.id)
             raise
-        offsets = r.manifest.offsets.astype("<i8", copy=False).tobytes()
-        return {"reservation": r.id, "offsets": offsets, "nbytes": r.manifest.nbytes, "replica": replica}, fds
+        return PutBeginReply(r.id, r.manifest.offsets, r.manifest.nbytes, replica).to_wire(), fds
 
     async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         rid, fingerprints, fp = args(request, "reservation", "fingerprints", optional=("fp",))

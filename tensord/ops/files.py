@@ -65,6 +65,7 @@ class FileOps(Ops):
         try:
             loaded = await load_on_daemon(
                 self.store,
+                self.metrics,
                 session,
                 path,
                 name,

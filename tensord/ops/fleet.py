@@ -4,21 +4,26 @@ holder's side of a streaming pull (`tensord.fleet`): stream_open, stream_chunks,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from typing import Any
 
-from tensord.config import is_device_name
-from tensord.fleet import chunks as chunkmap
-from tensord.fleet.chunks import MIN_CHUNK
 from tensord.fleet.policy import Request
 from tensord.fleet.serve import StreamPin
-from tensord.ops.args import MAX_WAIT, args, is_int, is_number, node_list
+from tensord.ops.args import args, is_int, node_list
 from tensord.ops.base import Ops
-from tensord.rpc import Session
+from tensord.rpc import Session, brief
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, TransferError, Unavailable
 from tensord_contract.names import check_name, check_version
+from tensord_contract.streams import (
+    MIN_CHUNK,
+    StreamChunksRequest,
+    StreamOpenRequest,
+    StreamPairReply,
+    StreamPairRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +53,17 @@ class FleetOps(Ops):
         version = await self.store.resolve_version(name, check_version(version))
         if isinstance(to, list) or to == "all":
             return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
-        if to is not None and to != self.store.node:
+        if to is not None and to != self.node:
             if not isinstance(to, str):
                 raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
-            record = {n.node: n for n in await self.store.registry.nodes()}.get(to)
+            record = {n.node: n for n in await self.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             call = self.cluster.peers.get(to, record.control).call(
                 "replicate", name=name, version=version, device=device, rate=rate, chunk=chunk,
                 reply_timeout=_REPLICATE_TIMEOUT,
             )  # fmt: skip
-            result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.store.registry))
+            result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.registry))
             return result, []
         place: dict[str, Any] = {}
         if index is not None or of is not None or peers is not None:
@@ -66,7 +71,7 @@ class FleetOps(Ops):
                 raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
             place = {"index": index, "of": of, "peers": node_list(peers)}
         held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
-        out = {"node": self.store.node, "name": name, "version": version, "device": held.slab.device}
+        out = {"node": self.node, "name": name, "version": version, "device": held.slab.device}
         done = self.cluster.finished.get((name, version))
         if done is not None and place:
             out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
@@ -76,7 +81,7 @@ class FleetOps(Ops):
         self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
     ) -> dict[str, Any]:
         assert self.cluster is not None
-        records = {n.node: n for n in await self.store.registry.nodes()}
+        records = {n.node: n for n in await self.registry.nodes()}
         if to == "all":
             targets = sorted(records)
         else:
@@ -85,7 +90,7 @@ class FleetOps(Ops):
             missing = [t for t in targets if t not in records]
             if missing:
                 raise NotFound(f"no live node {missing[0]!r}")
-        holding = {r.node for r in await self.store.registry.replicas(name, version)}
+        holding = {r.node for r in await self.registry.replicas(name, version)}
         pulling = [t for t in targets if t not in holding]
         t0 = time.monotonic()
 
@@ -95,7 +100,7 @@ class FleetOps(Ops):
             args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
             args.update(index=i, of=len(pulling), peers=pulling)
             try:
-                if node == self.store.node:
+                if node == self.node:
                     result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
                 else:
                     peer = cluster.peers.get(node, records[node].control)
@@ -106,7 +111,7 @@ class FleetOps(Ops):
                 return {"node": node, "error": exc.message, "code": exc.code}
 
         session_of_self = Session(0, "fan-out")
-        live = _Live(self.store.registry)
+        live = _Live(self.registry)
         results = await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling)))
         nodes = {t: {"node": t, "held": True} for t in targets if t in holding}
         nodes.update({r["node"]: r for r in results})
@@ -126,86 +131,51 @@ class FleetOps(Ops):
 
     # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
     async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version, node, chunk = args(request, "name", "version", "node", "chunk")
-        check_name(name)
-        if not is_int(version, 1):
-            raise InvalidArgument("version must be a positive integer")
-        if not isinstance(node, str) or not node or len(node) > 64:
-            raise InvalidArgument("node must be the puller's node id")
-        if not is_int(chunk, MIN_CHUNK) or chunk % 256:
-            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
+        req = StreamOpenRequest.from_wire(request, InvalidArgument)
         if self.cluster is None:
             raise Unavailable("streaming needs a cluster")
         streams = [p for p in session.pins.values() if isinstance(p, StreamPin)]
         if len(streams) >= MAX_STREAM_PINS:
             raise InvalidArgument(f"a connection holds at most {MAX_STREAM_PINS} stream pins: release one first")
-        if any(p.requester != node for p in streams):
+        if any(p.requester != req.node for p in streams):
             raise InvalidArgument("a connection streams for one node: open another connection for another")
-        reply, pin = self.cluster.serving.open(name, version, node, chunk)
+        reply, pin = self.cluster.serving.open(req.name, req.version, req.node, req.chunk)
         pid = next(self._pins)
         session.pins[pid] = pin
-        return {**reply, "pin": pid}, []
+        return dataclasses.replace(reply, pin=pid).to_wire(), []
 
     async def op_stream_chunks(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        pid, chunks, force, want, limit, start, done, declined, wait, push, device = args(
-            request,
-            "pin",
-            optional=("chunks", "force", "want", "limit", "start", "done", "declined", "wait", "push", "device"),
-        )
-        pin = session.pins.get(pid) if is_int(pid) else None
-        if not isinstance(pin, StreamPin):
-            raise InvalidArgument(f"pin {pid!r} is no stream pin of this connection")
-        assert self.cluster is not None
+        if self.cluster is None:
+            raise Unavailable("streaming needs a cluster")
         served = self.cluster.serving
-        count = served.count(pin)
-        wanted = None
-        if want is not None:
-            wanted = chunkmap.unpack(want, count) if isinstance(want, bytes) else None
-            if wanted is None:
-                raise InvalidArgument("want must be a chunk bitmap")
-            if not is_int(limit, 1, count):
-                raise InvalidArgument("limit must be a positive integer")
-        if start is not None and not is_int(start, 0, count - 1):
-            raise InvalidArgument("start must be a chunk index")
-        if wait is not None and not is_number(wait, 0, MAX_WAIT):
-            raise InvalidArgument(f"wait must lie between 0 and {MAX_WAIT} seconds")
-        if push and self.cluster.pairs is None:
-            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
-        if push and not is_device_name(device):
-            raise InvalidArgument("a push needs device: where the puller's slab lies (cpu or cuda:N)")
-        req = Request(
-            pin.requester,
-            chunkmap.chunk_list(chunks, count),
-            chunkmap.chunk_list(force, count, "force"),
-            wanted,
-            limit or 0,
-            chunkmap.chunk_list(done, count, "done"),
-            chunkmap.chunk_list(declined, count, "declined"),
-        )
-        result = await served.chunks(
-            pin, req, start=start or 0, wait=0.0 if wait is None else wait, push=device if push else None
-        )
-        return result, []
+
+        def count_of(pid: object) -> int:
+            pin = session.pins.get(pid) if is_int(pid) else None
+            if not isinstance(pin, StreamPin):
+                raise InvalidArgument(f"pin {brief(pid)} is no stream pin of this connection")
+            return served.count(pin)
+
+        req = StreamChunksRequest.from_wire(request, InvalidArgument, count_of)
+        pin = session.pins[req.pin]
+        assert isinstance(pin, StreamPin)
+        if req.push and self.cluster.pairs is None:
+            raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
+        asked = Request(pin.requester, req.chunks, req.force, req.want, req.limit, req.done, req.declined)
+        wait = 0.0 if req.wait is None else req.wait
+        reply = await served.chunks(pin, asked, start=req.start, wait=wait, push=req.device if req.push else None)
+        return reply.to_wire(), []
 
     async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
-        node, host, port, key, backend, device, to = args(
-            request, "node", "host", "port", "key", "backend", "device", "to"
-        )
         if self.cluster is None or self.cluster.pairs is None:
-            raise Unavailable(f"node {self.store.node} has pair groups off (fleet.pair_groups)")
-        if not isinstance(node, str) or not isinstance(host, str) or not isinstance(key, str) or len(key) > 200:
-            raise InvalidArgument("node, host and key must be strings")
-        if not is_int(port, 1, 65535) or backend not in ("nccl", "gloo"):
-            raise InvalidArgument("port must be a TCP port and backend nccl or gloo")
-        if not is_device_name(device) or not is_device_name(to):
-            raise InvalidArgument("device and to must name devices (cpu or cuda:N)")
-        record = {n.node: n for n in await self.store.registry.nodes()}.get(node)
-        if record is None or record.control.rpartition(":")[0] != f"tcp:{host}":
+            raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
+        req = StreamPairRequest.from_wire(request, InvalidArgument)
+        record = {n.node: n for n in await self.registry.nodes()}.get(req.node)
+        if record is None or record.control.rpartition(":")[0] != f"tcp:{req.host}":
             # only join a rendezvous at the address the named node advertises
-            raise InvalidArgument(f"{host} is not where live node {node!r} listens")
-        seconds = await asyncio.to_thread(self.cluster.pairs.join, node, host, port, key, backend, device, to)
-        return {"seconds": seconds}, []
+            raise InvalidArgument(f"{req.host} is not where live node {req.node!r} listens")
+        seconds = await asyncio.to_thread(self.cluster.pairs.join, req)
+        return StreamPairReply(seconds).to_wire(), []
 
 
 class _Live:

@@ -14,7 +14,9 @@ from tensord.ops.fleet import FleetOps
 from tensord.ops.publish import PublishOps
 from tensord.rpc import Session
 from tensord_contract import wire
-from tensord_contract.errors import ProtocolError
+from tensord_contract.errors import InvalidArgument, ProtocolError
+from tensord_contract.messages import OpenReply
+from tensord_contract.table_messages import PutBeginReply
 
 
 class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
@@ -28,18 +30,19 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
         """A request succeeded but its reply could not be sent (too large for a frame): give
         back what it took, so nothing stays held for a client that never learnt of it."""
         if op == "put_begin":
-            rid = result["reservation"]
-            session.reservations.discard(rid)
-            self.store.abort(rid)
+            rid = PutBeginReply.reservation_of(result)
+            if rid is not None:
+                session.reservations.discard(rid)
+                self.store.abort(rid)
         elif op == "open":
-            held = session.pins.pop(result["pin"], None)
-            if held is not None:
-                await self._unpin(held)
+            pin = session.pins.pop(OpenReply.from_wire(result, InvalidArgument).pin, None)
+            if pin is not None:
+                await pin.release(clean=True)
 
     async def session_closed(self, session: Session) -> None:
         await self.withdraw_published(session)
         for pin in session.pins.values():
-            await self._unpin(pin, clean=False)
+            await pin.release(clean=False)
         session.pins.clear()
         for rid in session.reservations:
             self.store.abort(rid)
@@ -54,10 +57,10 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
         session.hello = True
         if isinstance(client, str):
             session.peer = f"{client[:64]} ({session.peer})"
-        transport = self.store.transport
+        transport = self.context.transport
         return {
             "protocol": wire.PROTOCOL_VERSION,
-            "node": self.store.node,
+            "node": self.node,
             "version": __version__,
             "transport": transport.describe() if transport is not None else None,
             "cluster": self.cluster is not None,  # other nodes may read what is published here

@@ -60,7 +60,7 @@ class Replica:
 @dataclass(frozen=True)
 class PartialReplica:
     """A replica still being filled by a streaming pull (`tensord.fleet`): which chunks of
-    `chunk` bytes it holds (`have`, a bitmap of `count` bits, `tensord.fleet.chunks.pack`).
+    `chunk` bytes it holds (`have`, a bitmap of `count` bits, `tensord_contract.streams.pack_bitmap`).
     Kept apart from replicas: nothing that reads sets ever takes it for one."""
 
     name: str

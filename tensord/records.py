@@ -21,7 +21,7 @@ class Held:
     live: bool = True  # False once retired, deleted or evicted: no new pins; freed when pins reach 0
     freed: bool = False  # its slab was freed and its budget given back (once only)
     advertised: bool = False  # True once the registry knows it (reconcile trusts no other)
-    revoked: bool = False  # owned memory withdrawn while pinned: those readers' bytes may change
+    revoked: bool = False  # a publisher's memory withdrawn while pinned: those readers' bytes may change
     mapped: int = 0  # of the pins, those of clients' mounts (zero-copy mappings, no copy)
     drained: asyncio.Event | None = None  # set when the last pin goes (an unpublish waits on it)
     last_read: float = field(default_factory=time.monotonic)  # when last pinned (or created): LRU
@@ -29,13 +29,6 @@ class Held:
     @property
     def key(self) -> tuple[str, int]:
         return self.manifest.name, self.manifest.version
-
-
-@dataclass(eq=False)
-class MountPin:
-    """A session's pin taken for a mount: the client maps the version's memory (`Held.mapped`)."""
-
-    held: Held
 
 
 @dataclass(eq=False)

@@ -1,5 +1,5 @@
 """A process's own GPU memory as a replica (published without a copy): exporting it
-(`export`, the publisher) and reading it (`OwnedAccess`, readers on the same node).
+(`export`, the publisher) and reading it (`PublishedIpcAccess`, readers on the same node).
 
 The publisher's tensors stay in its allocations (one per large tensor, in torch's caching
 allocator, small ones sharing 2 MiB segments); the replica lists each allocation once by its
@@ -19,7 +19,7 @@ import contextlib
 import numpy as np
 import torch
 
-from tensord_contract.descriptors import OwnedReplica
+from tensord_contract.descriptors import PublishedIpcReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError, TransferError
 from tensord_contract.manifest import Manifest
 from tensord_dataplane.copy import device_copy, host_copy, windows
@@ -30,8 +30,8 @@ from tensord_dataplane.sources import Places, Sources
 from tensord_dataplane.views import TensorMap
 
 
-def export(p: Places) -> OwnedReplica:
-    """An owned replica of tensors grouped by CUDA allocation (`sources.places`): the
+def export(p: Places) -> PublishedIpcReplica:
+    """A published IPC replica of tensors grouped by CUDA allocation (`sources.places`): the
     allocations' IPC handles and each tensor's place. InvalidArgument for memory CUDA IPC cannot
     export."""
     if not p.device.startswith("cuda"):
@@ -47,7 +47,7 @@ def export(p: Places) -> OwnedReplica:
     for h, base, size in zip(handles, p.bases.tolist(), p.sizes.tolist(), strict=True):
         _exported[h] = (base, size)
     sizes = tuple(p.sizes.tolist())  # nbytes (0) is the daemon's to set, from the packed layout
-    return OwnedReplica(0, 0, device, tuple(handles), sizes, p.block.tobytes(), p.offset.tobytes())
+    return PublishedIpcReplica(0, 0, device, tuple(handles), sizes, p.block.tobytes(), p.offset.tobytes())
 
 
 #: allocations this process exported (handle -> base, size): CUDA refuses to open a process's
@@ -80,13 +80,13 @@ def _import(handle: bytes, device: int, size: int) -> torch.Tensor:
     return torch.as_tensor(_Imported(handle, device, size), device=torch.device("cuda", device))
 
 
-class OwnedAccess(SlabAccess):
+class PublishedIpcAccess(SlabAccess):
     """A publisher's allocations, mapped in this process; read-only."""
 
     #: the publisher may withdraw it during a read: releases wait to learn whether it did
     revocable = True
 
-    def __init__(self, replica: OwnedReplica, manifest: Manifest) -> None:
+    def __init__(self, replica: PublishedIpcReplica, manifest: Manifest) -> None:
         sizes = manifest.sizes
         block, offset = replica.layout(sizes)
         self.device, self.nbytes, self.generation = f"cuda:{replica.device}", replica.nbytes, replica.generation
@@ -94,7 +94,7 @@ class OwnedAccess(SlabAccess):
         if torch.cuda.device_count() > 1:
             enable_peer_access()
         dev = replica.device
-        keys = [("owned", dev, h, n) for h, n in zip(replica.handles, replica.sizes, strict=True)]
+        keys = [("published", dev, h, n) for h, n in zip(replica.handles, replica.sizes, strict=True)]
         self._blocks: list[torch.Tensor] = mappings.open_many(keys, lambda k: _import(k[2], dev, k[3]))
         self._block = np.where(sizes > 0, block, 0)  # an empty tensor may name no allocation
         self._offset = np.where(sizes > 0, offset, 0)

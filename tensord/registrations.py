@@ -13,7 +13,7 @@ from tensord_dataplane.cuda import current
 from tensord_dataplane.transport.base import Transport
 
 
-class Exposure:
+class Registrations:
     def __init__(self, node: str, transport: Transport | None = None) -> None:
         self.node = node
         self._transport = transport
@@ -64,7 +64,7 @@ class Exposure:
 
     def remote(self, slab: Slab) -> RemoteReplica:
         """How another node reaches `slab`; Unavailable if the engine does not expose it."""
-        if slab.owned:
+        if slab.published:
             slab.address(writable=False)  # raises: a publisher's memory is read on its node only
         address = self.address(slab)
         if self._transport is None or address is None:

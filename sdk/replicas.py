@@ -38,7 +38,7 @@ class Pin:
     version: int
 
 
-class PinningClient(CatalogueClient):
+class ReplicaClient(CatalogueClient):
     """`CatalogueClient` plus pins, manifests and the Transfer Engine; see `sdk.Client`."""
 
     # Its state starts empty, so it keeps CatalogueClient's constructor (and its signature).

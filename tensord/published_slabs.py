@@ -2,7 +2,7 @@
 
 A process (an inference engine) publishes tensors that stay where they are: the daemon records
 a version whose only bytes are the publisher's allocations (GPU or host), and hands readers on
-this node the publisher's IPC handles (`OwnedReplica`, GPU memory), and readers elsewhere (and
+this node the publisher's IPC handles (`PublishedIpcReplica`, GPU memory), and readers elsewhere (and
 of host memory) the publisher's Transfer Engine registration (`PublishedReplica`); remote
 readers pin it through this daemon like any replica. The replica belongs to the publishing
 connection: it is withdrawn when the publisher unpublishes (after the readers' pins drain) or
@@ -18,19 +18,21 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from tensord.held import Held
 from tensord.memory import Slab
-from tensord_contract.descriptors import OwnedReplica, PublishedReplica
+from tensord.records import Held
+from tensord_contract.descriptors import PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import Unavailable
 
 #: the source a publication is recorded with in the state directory: withdrawn, never restored
 PUBLISHED = "published"
 
 
-class OwnedSlab(Slab):
-    owned = True
+class PublishedSlab(Slab):
+    """A version's bytes in the publishing process's memory: no budget, no state, no copy."""
 
-    def __init__(self, replica: OwnedReplica | None, exposed: PublishedReplica | None, owner: str) -> None:
+    published = True
+
+    def __init__(self, replica: PublishedIpcReplica | None, exposed: PublishedReplica | None, owner: str) -> None:
         """`replica`: the CUDA IPC export (readers on this node); `exposed`: the publisher's
         Transfer Engine registration (readers anywhere). At least one."""
         if replica is None and exposed is None:
@@ -65,7 +67,7 @@ class OwnedSlab(Slab):
 
 
 def published(held: Iterable[Held]) -> list[dict[str, Any]]:
-    """The owned replicas among `held`, for `status`."""
+    """The publications among `held`, for `status`."""
     return [
         {
             "name": h.key[0],
@@ -76,5 +78,5 @@ def published(held: Iterable[Held]) -> list[dict[str, Any]]:
             "owner": h.slab.owner,
         }
         for h in held
-        if isinstance(h.slab, OwnedSlab)
+        if isinstance(h.slab, PublishedSlab)
     ]

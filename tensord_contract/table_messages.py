@@ -1,0 +1,184 @@
+"""Typed messages of the ops that carry a tensor table, built and decoded as
+`tensord_contract.messages`' are (that module's rules apply):
+
+    PutBeginRequest / PutBeginReply   `put_begin`: reserve a slab for a new version (its layout
+                                      and a descriptor to write it through)
+    PublishRequest / PublishReply     `publish`: a process's own memory advertised as a version
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tensord_contract.checks import is_int
+from tensord_contract.descriptors import (
+    PublishedIpcReplica,
+    PublishedReplica,
+    published_from_wire,
+    published_ipc_from_wire,
+)
+from tensord_contract.errors import TensordError
+from tensord_contract.manifest import FINGERPRINT_VERSIONS, Table, check_servable
+from tensord_contract.messages import check_keys, check_origin
+from tensord_contract.names import check_name
+
+
+def fp_definition(value: object, error: type[TensordError]) -> int:
+    """The fingerprint definition a sender says its fingerprints were made with (`fp`); absent:
+    2, what clients from before definition 3 made."""
+    if value is None:
+        return 2
+    if not is_int(value) or value not in FINGERPRINT_VERSIONS:
+        raise error(f"fp must name a fingerprint definition this daemon knows: {FINGERPRINT_VERSIONS}")
+    return value
+
+
+def _fingerprints(raw: object, count: int, error: type[TensordError]) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) != 8 * count:
+        raise error(f"fingerprints must be bytes: one little-endian uint64 per tensor ({count})")
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class PutBeginRequest:
+    name: str
+    device: str  # where the slab is to lie: "cpu", "cuda:N"
+    table: Table  # the tensors' names, dtypes and shapes
+    origin: str | None = None  # where the bytes come from; None: the daemon says who put them
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"name": self.name, "device": self.device, "tensors": self.table.to_wire()}
+        if self.origin is not None:
+            wire["origin"] = self.origin
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> PutBeginRequest:
+        """Decoded (a large table takes a while: the daemon decodes it off its event loop)."""
+        check_keys(raw, "put_begin", ("name", "device", "tensors"), ("origin",), error)
+        name, device = raw["name"], raw["device"]
+        if not isinstance(device, str):
+            raise error("device must be a string like 'cpu' or 'cuda:0'")
+        origin = check_origin(raw.get("origin"), error)
+        check_name(name)
+        return cls(name, device, Table.from_wire(raw["tensors"], error), origin)
+
+
+@dataclass(frozen=True, eq=False)
+class PutBeginReply:
+    reservation: int  # the reservation's id: put_commit or put_abort it on the same connection
+    offsets: np.ndarray  # int64, each tensor's byte offset in the slab
+    nbytes: int  # the layout's size
+    replica: dict[str, Any]  # the slab's descriptor, to write it through
+
+    def to_wire(self) -> dict[str, Any]:
+        offsets = self.offsets.astype("<i8", copy=False).tobytes()
+        return {"reservation": self.reservation, "offsets": offsets, "nbytes": self.nbytes, "replica": self.replica}
+
+    @staticmethod
+    def reservation_of(raw: object) -> int | None:
+        """The reservation a reply made, even one that does not decode (to abort it)."""
+        rid = raw.get("reservation") if isinstance(raw, dict) else None
+        return rid if type(rid) is int else None
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError], count: int) -> PutBeginReply:
+        """The reply to a put_begin of `count` tensors."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("offsets"), bytes):
+            raise error(f"malformed put_begin reply: {raw!r:.200}")
+        rid, offsets, nbytes, replica = raw.get("reservation"), raw["offsets"], raw.get("nbytes"), raw.get("replica")
+        if type(rid) is not int or type(nbytes) is not int or nbytes < 0 or not isinstance(replica, dict):
+            raise error(f"malformed put_begin reply: {raw!r:.200}")
+        if len(offsets) != 8 * count:
+            raise error("put_begin reply: one offset per tensor expected")
+        return cls(rid, np.frombuffer(offsets, dtype="<i8").astype(np.int64), nbytes, replica)
+
+
+def _publisher_form(replica: PublishedIpcReplica | PublishedReplica) -> dict[str, Any]:
+    """A replica as a publisher describes it: the daemon sets its node, size and generation."""
+    wire = replica.to_wire()
+    for key in ("nbytes", "generation", "kind", "node"):
+        wire.pop(key, None)
+    return wire
+
+
+@dataclass(frozen=True, eq=False)
+class PublishRequest:
+    """Tensors in the publisher's memory: GPU allocations exported by IPC (`ipc`, read on this
+    node) and/or registered with its Transfer Engine (`exposed`, read from anywhere); at least
+    one. Both describe the same allocations and each tensor's place in them."""
+
+    name: str
+    table: Table
+    fingerprints: np.ndarray  # uint64, one per tensor
+    fp: int  # the fingerprint definition they were made with
+    ipc: PublishedIpcReplica | None = None
+    exposed: PublishedReplica | None = None  # its node is the daemon's to set ("" here)
+    origin: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "name": self.name,
+            "tensors": self.table.to_wire(),
+            "fingerprints": self.fingerprints.astype("<u8", copy=False).tobytes(),
+            "fp": self.fp,
+        }
+        if self.ipc is not None:
+            wire["replica"] = _publisher_form(self.ipc)
+        if self.exposed is not None:
+            wire["exposed"] = _publisher_form(self.exposed)
+        if self.origin is not None:
+            wire["origin"] = self.origin
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> PublishRequest:
+        """Decoded and checked: the descriptions fit the table's packed layout and agree, and
+        the manifest with its places fits one reply frame."""
+        check_keys(raw, "publish", ("name", "tensors", "fingerprints"), ("replica", "exposed", "origin", "fp"), error)
+        name, replica, exposed = raw["name"], raw.get("replica"), raw.get("exposed")
+        check_name(name)
+        origin = check_origin(raw.get("origin"), error)
+        if replica is None and exposed is None:
+            raise error("publish needs an IPC export (replica) or a Transfer Engine registration (exposed)")
+        if not isinstance(replica, dict | None) or not isinstance(exposed, dict | None):
+            raise error("replica and exposed must be maps describing the published allocations")
+        table = Table.from_wire(raw["tensors"], error)
+        fingerprints = _fingerprints(raw["fingerprints"], len(table), error)
+        fp = fp_definition(raw.get("fp"), error)
+        _, nbytes = table.layout()
+        ipc = None if replica is None else published_ipc_from_wire(replica, nbytes, 0, error)
+        if ipc is not None:
+            ipc.layout(table.sizes, error)
+        reach = None if exposed is None else published_from_wire(exposed, "", nbytes, 0, error)
+        if reach is not None:
+            reach.layout(table.sizes, error)
+            if ipc is not None and (reach.device, reach.sizes, reach.block, reach.offset) != (
+                f"cuda:{ipc.device}",
+                ipc.sizes,
+                ipc.block,
+                ipc.offset,
+            ):
+                raise error("replica and exposed must describe the same allocations")
+        handles = sum(len(h) + 5 for h in ipc.handles) + 9 * len(ipc.sizes) if ipc is not None else 0
+        handles += 17 * len(reach.sizes) if reach is not None else 0  # each allocation's address and size
+        check_servable(len(table.names_blob), len(table), table.dims.size, error, extra=handles + 12 * len(table))
+        return cls(name, table, fingerprints, fp, ipc, reach, origin)
+
+
+@dataclass(frozen=True)
+class PublishReply:
+    version: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> PublishReply:
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if type(version) is not int:
+            raise error(f"malformed publish reply: {raw!r:.200}")
+        return cls(version)
