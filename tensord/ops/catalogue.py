@@ -137,9 +137,9 @@ class CatalogueOps(Ops):
             "transport": self.context.transport.describe() if self.context.transport is not None else None,
             **store.status(),
             "restore": self.restorer.status() if self.restorer is not None else None,
-            "egress": self.cluster.serving.status() if self.cluster is not None else {"bytes": 0},
-            "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
-            "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
+            "egress": self.serving.status() if self.serving is not None else {"bytes": 0},
+            "pulls": self.cluster.pulls_status() if self.cluster is not None else [],
+            "pairs": self.pairs.status() if self.pairs is not None else None,
             "registry": self.registry.status(),
             "loads": [{"name": n, "done": p.done, "total": p.total} for n, p in self._loads.values()],
         }, []
@@ -152,10 +152,10 @@ class CatalogueOps(Ops):
         async def status(record: Any) -> dict[str, Any] | None:
             if record.node == self.node:
                 return dict((await self.op_status(session, {"op": "status"}))[0])
-            if self.cluster is None:
+            if self.cluster is None or self.peers is None:
                 return None
             with contextlib.suppress(TensordError, TimeoutError):
-                peer = self.cluster.peers.get(record.node, record.control)
+                peer = self.peers.get(record.node, record.control)
                 return dict((await asyncio.wait_for(peer.call("status"), 5.0))[0])
             return None
 

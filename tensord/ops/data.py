@@ -34,8 +34,8 @@ class DataOps(Ops):
             held = await self.cluster.replicate(name, version, None)
         if held is not None and held.live and self.node not in exclude:
             replica, fds = self.store.descriptor(held, local=session.local)
-            if not session.local and self.cluster is not None:  # a reader on another node
-                self.cluster.serving.served_read(held.manifest.nbytes)
+            if not session.local and self.serving is not None:  # a reader on another node
+                self.serving.served_read(held.manifest.nbytes)
             self.store.pin(held)
             self._moved(session, held, "read")
             pin = next(self._pins)

@@ -59,7 +59,8 @@ class FleetOps(Ops):
             record = {n.node: n for n in await self.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
-            call = self.cluster.peers.get(to, record.control).call(
+            assert self.peers is not None  # built with the cluster
+            call = self.peers.get(to, record.control).call(
                 "replicate", name=name, version=version, device=device, rate=rate, chunk=chunk,
                 reply_timeout=_REPLICATE_TIMEOUT,
             )  # fmt: skip
@@ -72,7 +73,7 @@ class FleetOps(Ops):
             place = {"index": index, "of": of, "peers": node_list(peers)}
         held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
         out = {"node": self.node, "name": name, "version": version, "device": held.slab.device}
-        done = self.cluster.finished.get((name, version))
+        done = self.cluster.finished_pull(name, version)
         if done is not None and place:
             out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
         return out, []
@@ -80,7 +81,7 @@ class FleetOps(Ops):
     async def _fan_out(
         self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
     ) -> dict[str, Any]:
-        assert self.cluster is not None
+        assert self.peers is not None  # built with the cluster
         records = {n.node: n for n in await self.registry.nodes()}
         if to == "all":
             targets = sorted(records)
@@ -93,8 +94,7 @@ class FleetOps(Ops):
         holding = {r.node for r in await self.registry.replicas(name, version)}
         pulling = [t for t in targets if t not in holding]
         t0 = time.monotonic()
-
-        cluster = self.cluster
+        peers = self.peers
 
         async def one(i: int, node: str) -> dict[str, Any]:
             args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
@@ -103,7 +103,7 @@ class FleetOps(Ops):
                 if node == self.node:
                     result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
                 else:
-                    peer = cluster.peers.get(node, records[node].control)
+                    peer = peers.get(node, records[node].control)
                     call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
                     result, _ = await _while_live(node, asyncio.ensure_future(call), live)
                 return dict(result)
@@ -132,22 +132,22 @@ class FleetOps(Ops):
     # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
     async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         req = StreamOpenRequest.from_wire(request, InvalidArgument)
-        if self.cluster is None:
+        if self.serving is None:
             raise Unavailable("streaming needs a cluster")
         streams = [p for p in session.pins.values() if isinstance(p, StreamPin)]
         if len(streams) >= MAX_STREAM_PINS:
             raise InvalidArgument(f"a connection holds at most {MAX_STREAM_PINS} stream pins: release one first")
         if any(p.requester != req.node for p in streams):
             raise InvalidArgument("a connection streams for one node: open another connection for another")
-        reply, pin = self.cluster.serving.open(req.name, req.version, req.node, req.chunk)
+        reply, pin = self.serving.open(req.name, req.version, req.node, req.chunk)
         pid = next(self._pins)
         session.pins[pid] = pin
         return dataclasses.replace(reply, pin=pid).to_wire(), []
 
     async def op_stream_chunks(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        if self.cluster is None:
+        served = self.serving
+        if served is None:
             raise Unavailable("streaming needs a cluster")
-        served = self.cluster.serving
 
         def count_of(pid: object) -> int:
             pin = session.pins.get(pid) if is_int(pid) else None
@@ -158,7 +158,7 @@ class FleetOps(Ops):
         req = StreamChunksRequest.from_wire(request, InvalidArgument, count_of)
         pin = session.pins[req.pin]
         assert isinstance(pin, StreamPin)
-        if req.push and self.cluster.pairs is None:
+        if req.push and self.pairs is None:
             raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
         asked = Request(pin.requester, req.chunks, req.force, req.want, req.limit, req.done, req.declined)
         wait = 0.0 if req.wait is None else req.wait
@@ -167,14 +167,15 @@ class FleetOps(Ops):
 
     async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
-        if self.cluster is None or self.cluster.pairs is None:
+        pairs = self.pairs
+        if pairs is None:
             raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
         req = StreamPairRequest.from_wire(request, InvalidArgument)
         record = {n.node: n for n in await self.registry.nodes()}.get(req.node)
         if record is None or record.control.rpartition(":")[0] != f"tcp:{req.host}":
             # only join a rendezvous at the address the named node advertises
             raise InvalidArgument(f"{req.host} is not where live node {req.node!r} listens")
-        seconds = await asyncio.to_thread(self.cluster.pairs.join, req)
+        seconds = await asyncio.to_thread(pairs.join, req)
         return StreamPairReply(seconds).to_wire(), []
 
 
