@@ -14,6 +14,7 @@ from tensord.ops.args import MAX_WAIT, args, is_int, is_number
 from tensord.ops.base import OFF_LOOP_TENSORS, Ops
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
+from tensord_contract.messages import DeleteReply, DeleteRequest
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ class CatalogueOps(Ops):
             queue.put_nowait(version)
 
     async def op_delete(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version = args(request, "name", optional=("version",))
-        deleted = await self.store.delete(check_name(name), check_version(version, allow_latest=False))
-        log.info("deleted %s%s: %d versions", name, f" v{version}" if version else "", deleted)
-        return {"deleted": deleted}, []
+        req = DeleteRequest.from_wire(request, InvalidArgument)
+        deleted = await self.store.delete(req.name, req.version)
+        log.info("deleted %s%s: %d versions", req.name, f" v{req.version}" if req.version else "", deleted)
+        return DeleteReply(deleted).to_wire(), []
 
     # -- catalogue ----------------------------------------------------------------------------
     async def op_ls(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

@@ -12,13 +12,12 @@ from typing import Any
 
 from tensord.fleet.policy import Request
 from tensord.fleet.serve import StreamPin
-from tensord.ops.args import args, is_int, node_list
+from tensord.ops.args import is_int
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
-from tensord_contract.errors import InvalidArgument, NotFound, TensordError, TransferError, Unavailable
-from tensord_contract.names import check_name, check_version
+from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, TransferError, Unavailable
+from tensord_contract.messages import ReplicateReply, ReplicateRequest
 from tensord_contract.streams import (
-    MIN_CHUNK,
     StreamChunksRequest,
     StreamOpenRequest,
     StreamPairReply,
@@ -38,56 +37,43 @@ class FleetOps(Ops):
         """Make one node (`to`: a node id, default this one) or several (`to`: a list of node
         ids, or "all" for every live node) pull a copy. Several pull at once as one fan-out: the
         reply comes when every one of them holds a complete, checked replica."""
-        name, version, device, to, index, of, peers, rate, chunk = args(
-            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate", "chunk")
-        )
-        check_name(name)
-        if device is not None and not isinstance(device, str):
-            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
-        if rate is not None and not is_int(rate, 0):
-            raise InvalidArgument("rate must be bytes per second (0: no limit)")
-        if chunk is not None and (not is_int(chunk, MIN_CHUNK) or chunk % 256):
-            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
+        req = ReplicateRequest.from_wire(request, InvalidArgument)
         if self.cluster is None:
             raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
-        version = await self.store.resolve_version(name, check_version(version))
-        if isinstance(to, list) or to == "all":
-            return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
-        if to is not None and to != self.node:
-            if not isinstance(to, str):
-                raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
+        name, device, to = req.name, req.device, req.to
+        version = await self.store.resolve_version(name, req.version)
+        if req.fan_out:
+            return await self._fan_out(dataclasses.replace(req, version=version)), []
+        if isinstance(to, str) and to != self.node:
             record = {n.node: n for n in await self.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
             assert self.peers is not None  # built with the cluster
+            forwarded = ReplicateRequest(name, version, device, rate=req.rate, chunk=req.chunk)
             call = self.peers.get(to, record.control).call(
-                "replicate", name=name, version=version, device=device, rate=rate, chunk=chunk,
-                reply_timeout=_REPLICATE_TIMEOUT,
+                "replicate", reply_timeout=_REPLICATE_TIMEOUT, **forwarded.to_wire()
             )  # fmt: skip
             result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.registry))
-            return result, []
-        place: dict[str, Any] = {}
-        if index is not None or of is not None or peers is not None:
-            if not (is_int(index) and is_int(of) and 0 <= index < of <= 4096):
-                raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
-            place = {"index": index, "of": of, "peers": node_list(peers)}
-        held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
-        out = {"node": self.node, "name": name, "version": version, "device": held.slab.device}
+            return ReplicateReply.from_wire(result, ProtocolError).to_wire(), []
+        place = req.place
+        held = await self.cluster.replicate(name, version, device, rate=req.rate, chunk=req.chunk, **place)
+        out = ReplicateReply(self.node, name, version, held.slab.device)
         done = self.cluster.finished_pull(name, version)
         if done is not None and place:
-            out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
-        return out, []
+            out = dataclasses.replace(out, **{k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
+        return out.to_wire(), []
 
-    async def _fan_out(
-        self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
-    ) -> dict[str, Any]:
+    async def _fan_out(self, req: ReplicateRequest) -> dict[str, Any]:
+        """`req` to several nodes at once (its version resolved): each pulls as a target."""
         assert self.peers is not None  # built with the cluster
+        name, version = req.name, req.version
+        assert version is not None
         records = {n.node: n for n in await self.registry.nodes()}
-        if to == "all":
+        if req.to == "all":
             targets = sorted(records)
         else:
-            assert isinstance(to, list)
-            targets = list(dict.fromkeys(node_list(to)))
+            assert isinstance(req.to, tuple)
+            targets = list(dict.fromkeys(req.to))
             missing = [t for t in targets if t not in records]
             if missing:
                 raise NotFound(f"no live node {missing[0]!r}")
@@ -97,16 +83,16 @@ class FleetOps(Ops):
         peers = self.peers
 
         async def one(i: int, node: str) -> dict[str, Any]:
-            args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
-            args.update(index=i, of=len(pulling), peers=pulling)
+            target = ReplicateRequest(name, version, req.device, rate=req.rate, chunk=req.chunk)
+            target = dataclasses.replace(target, index=i, of=len(pulling), peers=tuple(pulling))
             try:
                 if node == self.node:
-                    result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
+                    result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **target.to_wire()})
                 else:
                     peer = peers.get(node, records[node].control)
-                    call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                    call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **target.to_wire())
                     result, _ = await _while_live(node, asyncio.ensure_future(call), live)
-                return dict(result)
+                return ReplicateReply.from_wire(result, ProtocolError).to_wire()
             except TensordError as exc:
                 return {"node": node, "error": exc.message, "code": exc.code}
 
