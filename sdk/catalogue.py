@@ -9,6 +9,7 @@ extends it with the data plane (get, mount, put, load_into, reserve).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 from sdk.connection import Connection, endpoint
 from sdk.settings import Settings
 from tensord_contract.checks import is_int
-from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
+from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unavailable
+from tensord_contract.messages import DeleteReply, DeleteRequest, ReplicateReply, ReplicateRequest
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord_contract.rows import TensorRows
 
@@ -161,8 +163,8 @@ class CatalogueClient:
     def delete(self, name: str, version: int | None = None) -> int:
         """Delete one version, or every version of `name`. Idempotent: returns how many went."""
         version = check_version(version, allow_latest=False)
-        result, _ = self._conn().call("delete", name=check_name(name), version=version)
-        return int(result["deleted"])
+        result, _ = self._conn().call("delete", **DeleteRequest(check_name(name), version).to_wire())
+        return DeleteReply.from_wire(result, ProtocolError).deleted
 
     def status(self) -> dict[str, Any]:
         """The daemon: node, devices with budget and use, sets, pins, restore progress."""
@@ -198,31 +200,23 @@ class CatalogueClient:
         when some fail it raises TransferError naming them (`details["failed"]`); the others
         keep their copies. `progress`: called about twice a second, from another thread, with
         {node: fraction of chunks held} for the nodes still pulling."""
-        args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
-        if isinstance(to, list | tuple):
-            if not to or not all(isinstance(n, str) for n in to):
-                raise InvalidArgument("to must be a node id, a non-empty list of node ids, or 'all'")
-            args["to"] = list(to)
-        elif to is not None:
-            args["to"] = to
-        if device is not None:
-            args["device"] = device
-        if rate is not None:
-            args["rate"] = rate
-        if chunk is not None:
-            args["chunk"] = chunk
-        if not isinstance(args.get("to"), list) and args.get("to") != "all":
-            result, _ = self._conn().call("replicate", **args)
-            return dict(result)
-        args["version"] = int(self.info(name, version)["version"])  # progress follows this one
+        targets: str | tuple[str, ...] | None = to if not isinstance(to, list | tuple) else tuple(to)
+        if isinstance(targets, tuple) and (not targets or not all(isinstance(n, str) for n in targets)):
+            raise InvalidArgument("to must be a node id, a non-empty list of node ids, or 'all'")
+        request = ReplicateRequest(check_name(name), check_version(version), device, targets, rate, chunk)
+        if not request.fan_out:
+            result, _ = self._conn().call("replicate", **request.to_wire())
+            return ReplicateReply.from_wire(result, ProtocolError).to_wire()
+        pinned = int(self.info(name, version)["version"])  # progress follows this one
+        request = dataclasses.replace(request, version=pinned)
         stop = threading.Event()
         watcher = None
         if progress is not None:
-            watcher = threading.Thread(target=self._progress, args=(name, args["version"], progress, stop), daemon=True)
+            watcher = threading.Thread(target=self._progress, args=(name, pinned, progress, stop), daemon=True)
             watcher.start()
         conn = Connection(self.endpoint, timeout=None, identity=f"pid:{os.getpid()}", token=self.token)
         try:
-            result, _ = conn.call("replicate", **args)  # as long as the slowest node takes
+            result, _ = conn.call("replicate", **request.to_wire())  # as long as the slowest node takes
         finally:
             conn.close()
             stop.set()

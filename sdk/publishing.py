@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from sdk.connection import Connection
 from sdk.replicas import ReplicaClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
 from tensord_contract.manifest import Table
+from tensord_contract.messages import UnpublishReply, UnpublishRequest
 from tensord_contract.names import check_name
 from tensord_contract.table_messages import PublishReply, PublishRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
@@ -68,21 +69,20 @@ class Publication:
         Idempotent; also answers True when the connection is gone (so is the publication)."""
         if self._tensors is None:
             return True
-        args: dict[str, Any] = {"name": self.name, "version": self.version}
-        if timeout is not None:
-            args["timeout"] = timeout
+        request = UnpublishRequest(self.name, self.version, timeout)
         if not self._conn.alive() or self._client.closed:
             self._withdrawn()
             return True
         try:
-            result, _ = self._client._call_on(self._conn, self._lost(), "unpublish", **args)
+            result, _ = self._client._call_on(self._conn, self._lost(), "unpublish", **request.to_wire())
+            drained = UnpublishReply.from_wire(result, ProtocolError).drained
         except NotFound:  # deleted meanwhile (tensord rm, retention): nothing published
-            result = {"drained": True}
+            drained = True
         finally:
             if not self._conn.alive():  # the connection (and the publication) went meanwhile
                 self._withdrawn()
         self._withdrawn()
-        return bool(result.get("drained", False)) if isinstance(result, dict) else False
+        return drained
 
     def _withdrawn(self) -> None:
         """The daemon no longer hands it out: stop serving reads of the memory, let it go."""

@@ -18,7 +18,7 @@ from sdk.connection import Connection
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import ProtocolError, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
-from tensord_contract.messages import OpenReply, OpenRequest
+from tensord_contract.messages import OpenReply, OpenRequest, ReleaseReply, ReleaseRequest
 from tensord_contract.names import check_name, check_version
 from tensord_dataplane.opening import open_slab
 from tensord_dataplane.slab import SlabAccess
@@ -156,7 +156,7 @@ class ReplicaClient(CatalogueClient):
             if not pin.conn.alive():
                 pin.conn.close()
                 raise Unavailable(lost)
-            pin.conn.post("release", pin=pin.id)
+            pin.conn.post("release", **ReleaseRequest(pin.id).to_wire())
             return True
-        result, _ = self._call_on(pin.conn, lost, "release", pin=pin.id)
-        return bool(result.get("intact", True))
+        result, _ = self._call_on(pin.conn, lost, "release", **ReleaseRequest(pin.id).to_wire())
+        return ReleaseReply.from_wire(result, ProtocolError).intact

@@ -21,7 +21,7 @@ from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
 from tensord_contract.names import check_name
-from tensord_contract.table_messages import PutBeginReply, PutBeginRequest
+from tensord_contract.table_messages import PutBeginReply, PutBeginRequest, PutCommitReply, PutCommitRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
 from tensord_dataplane.opening import open_slab
@@ -99,12 +99,10 @@ class Reservation:
             self._fps[rows] = fps
         self.slab.finish()
         self.slab.close()  # drop write access first: the daemon seals host slabs at commit
-        result, _ = self._client._call_on(
-            self._conn, self._lost(), "put_commit", reservation=self._rid, fingerprints=self._fps.tobytes(),
-            fp=FINGERPRINT_VERSION,
-        )  # fmt: skip
+        commit = PutCommitRequest.of(self._rid, self._fps, FINGERPRINT_VERSION)
+        result, _ = self._client._call_on(self._conn, self._lost(), "put_commit", **commit.to_wire())
         self._rid = 0
-        return int(result["version"])
+        return PutCommitReply.from_wire(result, ProtocolError).version
 
     def abort(self) -> None:
         if self._rid:

@@ -145,6 +145,9 @@ class Daemon:
             self.store,
             self.context,
             cluster,
+            peers=self.peers,  # the fleet's parts, handed to the ops rather than reached through the cluster
+            serving=cluster.serving if cluster is not None else None,
+            pairs=cluster.pairs if cluster is not None else None,
             pull_through=config.pull_through,
             listen=config.listen,
             allowed_roots=config.allowed_roots,

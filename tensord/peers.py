@@ -18,7 +18,7 @@ from typing import Any
 
 from tensord_contract import control, wire
 from tensord_contract.errors import ProtocolError, TensordError, Unavailable
-from tensord_contract.messages import OpenReply, OpenRequest
+from tensord_contract.messages import OpenReply, OpenRequest, ReleaseReply, ReleaseRequest
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,12 @@ class Peer:
         if pin.epoch != self.epoch or self._streams is None:
             return False
         try:
-            result, epoch = await self.call("release", pin=pin.pin)
+            result, epoch = await self.call("release", **ReleaseRequest(pin.pin).to_wire())
+            reply = ReleaseReply.from_wire(result, ProtocolError)
         except TensordError:
             return False
         # not intact: a publication withdrawn under the pin (its bytes may have changed)
-        return epoch == pin.epoch and bool(result.get("released")) and result.get("intact", True) is not False
+        return epoch == pin.epoch and reply.released and reply.intact
 
     async def close(self) -> None:
         async with self._lock:

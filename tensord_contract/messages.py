@@ -7,6 +7,15 @@ Neither side spells the keys by hand.
 
     OpenRequest / OpenReply           `open`: pin a version and reach its replica (client ->
                                       daemon, and gateway -> holder between daemons)
+    ReleaseRequest / ReleaseReply     `release`: give a pin back (any kind: read, mount, remote,
+                                      stream)
+    DeleteRequest / DeleteReply       `delete`: one version, or every version of a set
+    UnpublishRequest / UnpublishReply `unpublish`: withdraw a publication, wait for its readers
+    ReplicateRequest / ReplicateReply `replicate`: make nodes pull a copy; the reply is the
+                                      single-node form's (a fan-out's reply is a map of them)
+
+`put_commit`'s messages are in `tensord_contract.table_messages` with `put_begin`'s (its
+fingerprint definitions come from the manifest, which needs numpy).
 
 The messages that carry a tensor table (`put_begin`, `publish`) are in
 `tensord_contract.table_messages`, the daemon-to-daemon stream ops (`stream_open`,
@@ -28,6 +37,12 @@ from tensord_contract.names import check_name, check_version
 MAX_HAVE = 64
 #: the longest an origin (where a version's bytes come from) may be
 MAX_ORIGIN = 4096
+#: the smallest chunk: below this, per-chunk costs (an RPC, an engine entry) dominate everything
+MIN_CHUNK = 64 << 10
+#: the longest a request may wait for something to happen (long polls, an unpublish's drain)
+MAX_WAIT = 300.0
+#: the most targets one fan-out may place (`replicate`'s `of`)
+MAX_FAN_OUT = 4096
 
 # No numpy here (nor in what this imports): the catalogue's client (`sdk.catalogue`, the
 # `tensord` command) may use these messages and stays fast to start.
@@ -113,3 +128,223 @@ class OpenReply:
         if not isinstance(replica, dict) or not (manifest is None or isinstance(manifest, dict)):
             raise error("malformed open reply: replica and manifest must be maps")
         return cls(pin, version, replica, manifest)
+
+
+def is_number(value: object, low: float, high: float) -> bool:
+    """An int or a float (never a bool) from `low` to `high` (inclusive)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+def _reply_map(raw: object, op: str, error: type[TensordError]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise error(f"malformed {op} reply: {raw!r:.200}")
+    return raw
+
+
+def _node_ids(value: object, what: str, error: type[TensordError]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise error(f"{what} must be a list of node ids")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    #: the pin to give back; None where the request named none this connection could hold
+    #: (not an int): the daemon answers released False, as for any pin it does not know
+    pin: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"pin": self.pin}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> ReleaseRequest:
+        check_keys(raw, "release", ("pin",), (), error)
+        pin = raw["pin"]
+        return cls(pin if is_int(pin) else None)
+
+
+@dataclass(frozen=True)
+class ReleaseReply:
+    released: bool  # the pin was this connection's (now given back)
+    intact: bool  # it held all along (a withdrawn publication or a lost remote pin: False)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"released": self.released, "intact": self.intact}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> ReleaseReply:
+        raw = _reply_map(raw, "release", error)
+        released, intact = raw.get("released"), raw.get("intact", True)  # daemons before `intact`
+        if not isinstance(released, bool) or not isinstance(intact, bool):
+            raise error(f"malformed release reply: released {released!r:.40}, intact {intact!r:.40}")
+        return cls(released, intact)
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    name: str
+    version: int | None = None  # None: every version of the set
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> DeleteRequest:
+        check_keys(raw, "delete", ("name",), ("version",), error)
+        name = raw["name"]
+        if not isinstance(name, str):
+            raise error("delete needs a set name")
+        return cls(check_name(name), check_version(raw.get("version"), allow_latest=False))
+
+
+@dataclass(frozen=True)
+class DeleteReply:
+    deleted: int  # how many versions went (0: none was there)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"deleted": self.deleted}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> DeleteReply:
+        deleted = _reply_map(raw, "delete", error).get("deleted")
+        if not is_int(deleted, 0):
+            raise error(f"malformed delete reply: deleted {deleted!r:.40}")
+        return cls(deleted)
+
+
+@dataclass(frozen=True)
+class UnpublishRequest:
+    name: str
+    version: int
+    timeout: float | None = None  # how long to wait for readers' pins (None: the daemon's default)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"name": self.name, "version": self.version}
+        if self.timeout is not None:
+            wire["timeout"] = self.timeout
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> UnpublishRequest:
+        check_keys(raw, "unpublish", ("name", "version"), ("timeout",), error)
+        name, timeout = raw["name"], raw.get("timeout")
+        if not isinstance(name, str):
+            raise error("unpublish needs a set name")
+        version = check_version(raw["version"], allow_latest=False)
+        if version is None:
+            raise error("unpublish needs the version that was published")
+        if timeout is not None and not is_number(timeout, 0, MAX_WAIT):
+            raise error(f"timeout must be seconds from 0 to {MAX_WAIT:g}")
+        return cls(check_name(name), version, timeout)
+
+
+@dataclass(frozen=True)
+class UnpublishReply:
+    drained: bool  # no reader pinned it any more when the reply was sent
+    pins: int  # readers' pins left (revoked: their reads fail)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"drained": self.drained, "pins": self.pins}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> UnpublishReply:
+        raw = _reply_map(raw, "unpublish", error)
+        drained, pins = raw.get("drained"), raw.get("pins")
+        if not isinstance(drained, bool) or not is_int(pins, 0):
+            raise error(f"malformed unpublish reply: drained {drained!r:.40}, pins {pins!r:.40}")
+        return cls(drained, pins)
+
+
+@dataclass(frozen=True)
+class ReplicateRequest:
+    name: str
+    version: int | None = None  # None: latest, resolved by the daemon
+    device: str | None = None  # where the copy goes (None: like the replicas, else host memory)
+    #: None: the daemon asked; a node id; several (a tuple: one fan-out); "all": every live node
+    to: str | tuple[str, ...] | None = None
+    rate: int | None = None  # bytes/s each pull may read (None: fleet.rate_limit; 0: no limit)
+    chunk: int | None = None  # bytes per chunk (None: fleet.chunk_bytes)
+    #: a fan-out's target: its place `index` of `of` among `peers` (set by the daemon that fans out)
+    index: int | None = None
+    of: int | None = None
+    peers: tuple[str, ...] | None = None
+
+    @property
+    def fan_out(self) -> bool:
+        return isinstance(self.to, tuple) or self.to == "all"
+
+    @property
+    def place(self) -> dict[str, Any]:
+        """The fan-out place, as `Cluster.replicate` takes it ({} when this is no target of one)."""
+        if self.index is None:
+            return {}
+        return {"index": self.index, "of": self.of, "peers": list(self.peers or ())}
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"name": self.name, "version": self.version}
+        for key in ("device", "rate", "chunk", "index", "of"):
+            if getattr(self, key) is not None:
+                wire[key] = getattr(self, key)
+        if self.to is not None:
+            wire["to"] = list(self.to) if isinstance(self.to, tuple) else self.to
+        if self.peers is not None:
+            wire["peers"] = list(self.peers)
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> ReplicateRequest:
+        optional = ("version", "device", "to", "index", "of", "peers", "rate", "chunk")
+        check_keys(raw, "replicate", ("name",), optional, error)
+        name, device, to, rate, chunk = (raw.get(k) for k in ("name", "device", "to", "rate", "chunk"))
+        index, of, peers = raw.get("index"), raw.get("of"), raw.get("peers")
+        if not isinstance(name, str):
+            raise error("replicate needs a set name")
+        if device is not None and not isinstance(device, str):
+            raise error("device must be a string like 'cpu' or 'cuda:0'")
+        if rate is not None and not is_int(rate, 0):
+            raise error("rate must be bytes per second (0: no limit)")
+        if chunk is not None and (not is_int(chunk, MIN_CHUNK) or chunk % 256):
+            raise error(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
+        if isinstance(to, list):
+            to = _node_ids(to, "to", error)
+        elif to is not None and not isinstance(to, str):
+            raise error('to must be a node id, a list of node ids, or "all"')
+        if index is not None or of is not None or peers is not None:
+            if not (is_int(index) and is_int(of) and 0 <= index < of <= MAX_FAN_OUT):
+                raise error(f"index and of must be integers with 0 <= index < of <= {MAX_FAN_OUT}")
+            peers = () if peers is None else _node_ids(peers, "peers", error)
+        return cls(check_name(name), check_version(raw.get("version")), device, to, rate, chunk, index, of, peers)
+
+
+@dataclass(frozen=True)
+class ReplicateReply:
+    """A node's copy: where it is; a fan-out's target adds how its pull went."""
+
+    node: str
+    name: str
+    version: int
+    device: str
+    seconds: float | None = None
+    sources: dict[str, Any] | None = None  # bytes from each holder
+    phases: dict[str, Any] | None = None  # seconds in each phase of the pull
+    chunk: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"node": self.node, "name": self.name, "version": self.version, "device": self.device}
+        for key in ("seconds", "sources", "phases", "chunk"):
+            if getattr(self, key) is not None:
+                wire[key] = getattr(self, key)
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> ReplicateReply:
+        raw = _reply_map(raw, "replicate", error)
+        node, name, version, device = (raw.get(k) for k in ("node", "name", "version", "device"))
+        seconds, sources, phases, chunk = (raw.get(k) for k in ("seconds", "sources", "phases", "chunk"))
+        if not (isinstance(node, str) and isinstance(name, str) and is_int(version, 1) and isinstance(device, str)):
+            raise error(f"malformed replicate reply: {raw!r:.200}")
+        if not (seconds is None or is_number(seconds, 0, float("inf"))) or not (chunk is None or is_int(chunk, 1)):
+            raise error(f"malformed replicate reply: seconds {seconds!r:.40}, chunk {chunk!r:.40}")
+        if not all(m is None or isinstance(m, dict) for m in (sources, phases)):
+            raise error("malformed replicate reply: sources and phases must be maps")
+        return cls(node, name, version, device, seconds, sources, phases, chunk)

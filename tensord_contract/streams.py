@@ -18,13 +18,11 @@ import numpy as np
 
 from tensord_contract.checks import is_device_name, is_int
 from tensord_contract.errors import ProtocolError, TensordError
+from tensord_contract.messages import MAX_WAIT as MAX_WAIT  # the contract's, kept importable here
+from tensord_contract.messages import MIN_CHUNK as MIN_CHUNK
 from tensord_contract.messages import check_keys
 from tensord_contract.names import check_name
 
-#: the smallest chunk: below this, per-chunk costs (an RPC, an engine entry) dominate everything
-MIN_CHUNK = 64 << 10
-#: the longest a request may wait for something to happen (long polls)
-MAX_WAIT = 300.0
 #: pair group backends (`tensord.fleet.pairs`)
 BACKENDS = ("nccl", "gloo")
 

@@ -4,6 +4,8 @@
     PutBeginRequest / PutBeginReply   `put_begin`: reserve a slab for a new version (its layout
                                       and a descriptor to write it through)
     PublishRequest / PublishReply     `publish`: a process's own memory advertised as a version
+    PutCommitRequest / PutCommitReply `put_commit`: the reserved slab, written, made a version
+                                      (its fingerprints, one per tensor of the table)
 """
 
 from __future__ import annotations
@@ -181,4 +183,47 @@ class PublishReply:
         version = raw.get("version") if isinstance(raw, dict) else None
         if type(version) is not int:
             raise error(f"malformed publish reply: {raw!r:.200}")
+        return cls(version)
+
+
+@dataclass(frozen=True)
+class PutCommitRequest:
+    reservation: int  # `PutBeginReply.reservation`, of this connection
+    fingerprints: bytes  # one little-endian uint64 per tensor, the table's order
+    fp: int = 2  # the fingerprint definition they were made with (absent: 2, older clients)
+
+    @classmethod
+    def of(cls, reservation: int, fingerprints: np.ndarray, fp: int) -> PutCommitRequest:
+        return cls(reservation, np.ascontiguousarray(fingerprints, dtype="<u8").tobytes(), fp)
+
+    def values(self) -> np.ndarray:
+        """The fingerprints as uint64s."""
+        return np.frombuffer(self.fingerprints, dtype="<u8").astype(np.uint64)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"reservation": self.reservation, "fingerprints": self.fingerprints, "fp": self.fp}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> PutCommitRequest:
+        check_keys(raw, "put_commit", ("reservation", "fingerprints"), ("fp",), error)
+        rid, fingerprints = raw["reservation"], raw["fingerprints"]
+        if not is_int(rid):
+            raise error(f"reservation must be the id put_begin answered, not {rid!r:.40}")
+        if not isinstance(fingerprints, bytes) or len(fingerprints) % 8:
+            raise error("fingerprints must be bytes: one little-endian uint64 per tensor")
+        return cls(rid, fingerprints, fp_definition(raw.get("fp"), error))
+
+
+@dataclass(frozen=True)
+class PutCommitReply:
+    version: int  # the version the put became
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"version": self.version}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> PutCommitReply:
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if not is_int(version, 1):
+            raise error(f"malformed put_commit reply: {raw!r:.200}")
         return cls(version)

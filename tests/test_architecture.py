@@ -216,3 +216,42 @@ def test_every_op_in_the_table_has_a_handler_and_no_handler_is_unlisted() -> Non
         f"only in the table: {set(wire.OPS) - handlers}; only handled: {handlers - set(wire.OPS)}"
     )
     assert wire.MUTATING <= wire.OPS and wire.PEER <= wire.OPS
+
+
+#: collaborators the daemon hands to whoever uses them: reaching one through the object that
+#: holds it (``x.cluster.serving``, ``x.store.registry``) is a service locator. Only
+#: ``tensord/daemon.py``, which builds and wires them, may.
+HELD_BY = {
+    "cluster": {"serving", "pairs", "peers", "store", "context", "registry"},
+    "store": {"registry", "node", "metrics", "transport", "registrations"},
+}
+#: counters of another object's record, changed only by the module that owns the record
+COUNTERS_OWNED = {"pins": {"tensord/store.py", "tensord/fleet/serve.py"}}
+
+
+def _reaches(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Attribute, ast.Name)):
+            holder = node.value.attr if isinstance(node.value, ast.Attribute) else node.value.id
+            if node.attr in HELD_BY.get(holder, ()):
+                yield node.lineno, f"{holder}.{node.attr}"
+
+
+def test_the_daemon_hands_collaborators_in_rather_than_reaching_through_their_holders() -> None:
+    found = []
+    for path in _modules("tensord"):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text(), filename=rel)
+        if rel != "tensord/daemon.py":
+            found += [f"{rel}:{line} reaches {what}" for line, what in _reaches(tree)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute):
+                owners = COUNTERS_OWNED.get(node.target.attr)
+                if owners is not None and rel not in owners:
+                    found.append(f"{rel}:{node.lineno} changes another object's {node.target.attr}")
+    assert not found, "\n".join(found)
+
+
+def test_the_reach_check_finds_a_reach() -> None:
+    tree = ast.parse("x = self.cluster.serving.status()\ny = self.serving.status()\nz = store.registry")
+    assert sorted(_reaches(tree)) == [(1, "cluster.serving"), (3, "store.registry")]

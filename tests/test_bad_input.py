@@ -43,11 +43,45 @@ BAD_NAMES = ["", "Upper", "a//b", "/a", "a/", "a/../b", "..", ".", "a b", "a\x00
 def test_bad_names_are_refused_by_sdk_and_daemon(raw: Raw, client: sdk.Client, name: Any) -> None:
     with pytest.raises(sdk.InvalidArgument):
         check_name(name)
-    for op, args in (("open", {}), ("info", {}), ("delete", {}), ("put_begin", {"device": "cpu", "tensors": []})):
+    for op, args in (
+        ("open", {}),
+        ("info", {}),
+        ("delete", {}),
+        ("put_begin", {"device": "cpu", "tensors": []}),
+        ("unpublish", {"version": 1}),
+        ("replicate", {}),
+    ):
         assert code(raw.call(op, name=name, **args)) == "invalid_argument"
     if isinstance(name, str):
         with pytest.raises(sdk.InvalidArgument):
             client.put(name, {"x": torch.ones(1)})
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("release", {}),
+        ("release", {"pin": 1, "clean": True}),
+        ("delete", {"name": "a", "version": "latest"}),
+        ("delete", {"name": "a", "version": True}),
+        ("unpublish", {"name": "a", "version": None}),
+        ("unpublish", {"name": "a", "version": 1, "timeout": -1}),
+        ("replicate", {"name": "a", "chunk": 1}),
+        ("replicate", {"name": "a", "to": 5}),
+        ("replicate", {"name": "a", "index": 3, "of": 2}),
+        ("replicate", {"name": "a", "rate": True}),
+        ("put_commit", {"reservation": 1, "fingerprints": bytes(8), "fp": "3"}),
+    ],
+)
+def test_scalar_ops_refuse_bad_arguments_before_anything_else(raw: Raw, op: str, args: dict[str, Any]) -> None:
+    """Decoded by their typed messages first: refused as the caller's fault even where the op
+    could not run here anyway (no cluster to replicate in, nothing published)."""
+    assert code(raw.call(op, **args)) == "invalid_argument"
+
+
+def test_releasing_what_is_no_pin_of_the_connection_says_so(raw: Raw) -> None:
+    for pin in (12345, "7", [1]):
+        assert raw.call("release", pin=pin)["result"] == {"released": False, "intact": False}
 
 
 def test_longest_valid_name_works(client: sdk.Client) -> None:

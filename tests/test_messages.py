@@ -13,7 +13,21 @@ import pytest
 from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import table_of
-from tensord_contract.messages import MAX_HAVE, MAX_ORIGIN, OpenReply, OpenRequest
+from tensord_contract.messages import (
+    MAX_FAN_OUT,
+    MAX_HAVE,
+    MAX_ORIGIN,
+    DeleteReply,
+    DeleteRequest,
+    OpenReply,
+    OpenRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    ReplicateReply,
+    ReplicateRequest,
+    UnpublishReply,
+    UnpublishRequest,
+)
 from tensord_contract.streams import (
     MAX_WAIT,
     MIN_CHUNK,
@@ -24,7 +38,14 @@ from tensord_contract.streams import (
     StreamPairReply,
     StreamPairRequest,
 )
-from tensord_contract.table_messages import PublishReply, PublishRequest, PutBeginReply, PutBeginRequest
+from tensord_contract.table_messages import (
+    PublishReply,
+    PublishRequest,
+    PutBeginReply,
+    PutBeginRequest,
+    PutCommitReply,
+    PutCommitRequest,
+)
 
 
 def test_open_request_round_trips_and_leaves_out_defaults() -> None:
@@ -309,3 +330,159 @@ def test_malformed_stream_pair_requests_are_invalid_arguments(change: dict, matc
     wire = {**StreamPairRequest("n1", "h", 1, "k", "gloo", "cpu", "cpu").to_wire(), **change}
     with pytest.raises(InvalidArgument, match=match):
         StreamPairRequest.from_wire(wire, InvalidArgument)
+
+
+# -- the scalar ops: release, put_commit, delete, unpublish, replicate -----------------------------
+def test_release_round_trips_and_a_pin_that_is_no_int_names_none() -> None:
+    assert ReleaseRequest.from_wire({"op": "release", **ReleaseRequest(7).to_wire()}, InvalidArgument).pin == 7
+    for odd in ([1], "7", True, None, 1.0):  # no pin of this connection: the daemon answers released False
+        assert ReleaseRequest.from_wire({"pin": odd}, InvalidArgument).pin is None
+    for bad in ({}, {"pin": 1, "clean": True}):
+        with pytest.raises(InvalidArgument, match="arguments"):
+            ReleaseRequest.from_wire(bad, InvalidArgument)
+    reply = ReleaseReply(True, False)
+    assert ReleaseReply.from_wire(reply.to_wire(), ProtocolError) == reply
+    assert ReleaseReply.from_wire({"released": True}, ProtocolError) == ReleaseReply(True, True)  # before `intact`
+    for bad_reply in (None, [], {"released": 1, "intact": True}, {"released": True, "intact": "no"}, {}):
+        with pytest.raises(ProtocolError, match="malformed release reply"):
+            ReleaseReply.from_wire(bad_reply, ProtocolError)
+
+
+def test_put_commit_round_trips_the_fingerprints() -> None:
+    fps = np.array([1, 2**64 - 1, 0], dtype=np.uint64)
+    request = PutCommitRequest.of(4, fps, 3)
+    decoded = PutCommitRequest.from_wire({"op": "put_commit", **request.to_wire()}, InvalidArgument)
+    assert decoded == request and decoded.values().dtype == np.uint64
+    np.testing.assert_array_equal(decoded.values(), fps)
+    assert PutCommitRequest.from_wire({"reservation": 4, "fingerprints": b""}, InvalidArgument).fp == 2  # older clients
+    assert PutCommitReply.from_wire(PutCommitReply(9).to_wire(), ProtocolError) == PutCommitReply(9)
+    for bad_reply in (None, {}, {"version": 0}, {"version": "9"}, {"version": True}):
+        with pytest.raises(ProtocolError, match="malformed put_commit reply"):
+            PutCommitReply.from_wire(bad_reply, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"reservation": {"a": 1}}, "reservation"),
+        ({"reservation": True}, "reservation"),
+        ({"fingerprints": []}, "fingerprints"),
+        ({"fingerprints": bytes(7)}, "fingerprints"),
+        ({"fingerprints": "x" * 8}, "fingerprints"),
+        ({"fp": 1}, "fp must name"),
+        ({"fp": "3"}, "fp must name"),
+        ({"fp": True}, "fp must name"),
+        ({"fingerprints": None, "extra": 1}, "unknown arguments"),
+    ],
+)
+def test_malformed_put_commit_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    wire = {**PutCommitRequest(1, bytes(8), 3).to_wire(), **change}
+    with pytest.raises(InvalidArgument, match=match):
+        PutCommitRequest.from_wire(wire, InvalidArgument)
+
+
+def test_delete_round_trips_and_refuses_what_is_not_a_version() -> None:
+    for request in (DeleteRequest("a/b", 3), DeleteRequest("a/b")):
+        assert DeleteRequest.from_wire({"op": "delete", **request.to_wire()}, InvalidArgument) == request
+    for bad, match in (
+        ({}, "missing arguments"),
+        ({"name": 5}, "set name"),
+        ({"name": "A B"}, "name"),
+        ({"name": "a", "version": "latest"}, "version"),
+        ({"name": "a", "version": 0}, "version"),
+        ({"name": "a", "version": True}, "version"),
+        ({"name": "a", "all": True}, "unknown arguments"),
+    ):
+        with pytest.raises(InvalidArgument, match=match):
+            DeleteRequest.from_wire(bad, InvalidArgument)
+    assert DeleteReply.from_wire(DeleteReply(0).to_wire(), ProtocolError) == DeleteReply(0)
+    for bad_reply in (None, {}, {"deleted": -1}, {"deleted": "2"}, {"deleted": False}):
+        with pytest.raises(ProtocolError, match="malformed delete reply"):
+            DeleteReply.from_wire(bad_reply, ProtocolError)
+
+
+def test_unpublish_round_trips_and_refuses_bad_timeouts_and_versions() -> None:
+    for request in (UnpublishRequest("a/b", 2, 0.5), UnpublishRequest("a/b", 2)):
+        assert UnpublishRequest.from_wire({"op": "unpublish", **request.to_wire()}, InvalidArgument) == request
+    assert "timeout" not in UnpublishRequest("a/b", 2).to_wire()
+    for bad, match in (
+        ({"name": "a"}, "missing arguments"),
+        ({"name": "a", "version": None}, "needs the version"),
+        ({"name": "a", "version": "latest"}, "version"),
+        ({"name": "a", "version": 1, "timeout": -1}, "timeout"),
+        ({"name": "a", "version": 1, "timeout": MAX_WAIT + 1}, "timeout"),
+        ({"name": "a", "version": 1, "timeout": True}, "timeout"),
+        ({"name": "a", "version": 1, "timeout": "1"}, "timeout"),
+        ({"name": ["a"], "version": 1}, "set name"),
+    ):
+        with pytest.raises(InvalidArgument, match=match):
+            UnpublishRequest.from_wire(bad, InvalidArgument)
+    reply = UnpublishReply(False, 2)
+    assert UnpublishReply.from_wire(reply.to_wire(), ProtocolError) == reply
+    for bad_reply in (None, {"drained": True}, {"drained": 1, "pins": 0}, {"drained": True, "pins": -1}):
+        with pytest.raises(ProtocolError, match="malformed unpublish reply"):
+            UnpublishReply.from_wire(bad_reply, ProtocolError)
+
+
+def test_replicate_round_trips_each_form() -> None:
+    forms = [
+        ReplicateRequest("a/b"),
+        ReplicateRequest("a/b", 3, "cuda:0", "n2", rate=0, chunk=MIN_CHUNK),
+        ReplicateRequest("a/b", None, None, ("n1", "n2")),
+        ReplicateRequest("a/b", 3, to="all", rate=10),
+        ReplicateRequest("a/b", 3, index=1, of=2, peers=("n1", "n2")),
+    ]
+    for request in forms:
+        assert ReplicateRequest.from_wire({"op": "replicate", **request.to_wire()}, InvalidArgument) == request
+    assert [r.fan_out for r in forms] == [False, False, True, True, False]
+    assert forms[4].place == {"index": 1, "of": 2, "peers": ["n1", "n2"]} and forms[0].place == {}
+    assert ReplicateRequest("a/b").to_wire() == {"name": "a/b", "version": None}
+    # a target of a fan-out from a daemon that names no peers: none
+    assert ReplicateRequest.from_wire({"name": "a", "index": 0, "of": 1}, InvalidArgument).peers == ()
+    assert ReplicateRequest.from_wire({"name": "a", "version": "latest"}, InvalidArgument).version is None
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"name": None}, "set name"),
+        ({"name": "A B"}, "name"),
+        ({"version": 0}, "version"),
+        ({"device": 0}, "device"),
+        ({"rate": -1}, "rate"),
+        ({"rate": True}, "rate"),
+        ({"chunk": MIN_CHUNK - 256}, "chunk"),
+        ({"chunk": MIN_CHUNK + 1}, "chunk"),
+        ({"to": 5}, "to must be"),
+        ({"to": ["n1", 2]}, "to must be"),
+        ({"index": 1}, "index and of"),
+        ({"index": 2, "of": 2}, "index and of"),
+        ({"index": 0, "of": MAX_FAN_OUT + 1}, "index and of"),
+        ({"index": True, "of": 2}, "index and of"),
+        ({"index": 0, "of": 2, "peers": "n1"}, "peers"),
+        ({"peers": ["n1"]}, "index and of"),
+        ({"from": "n1"}, "unknown arguments"),
+    ],
+)
+def test_malformed_replicate_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    wire = {**ReplicateRequest("a/b", 2).to_wire(), **change}
+    with pytest.raises(InvalidArgument, match=match):
+        ReplicateRequest.from_wire(wire, InvalidArgument)
+
+
+def test_replicate_replies_round_trip_and_malformed_ones_are_protocol_errors() -> None:
+    plain = ReplicateReply("n1", "a/b", 2, "cpu")
+    assert plain.to_wire() == {"node": "n1", "name": "a/b", "version": 2, "device": "cpu"}
+    target = ReplicateReply("n1", "a/b", 2, "cuda:0", 1.5, {"n2": 4096}, {"fetch": 1.2}, MIN_CHUNK)
+    for reply in (plain, target):
+        assert ReplicateReply.from_wire({**reply.to_wire(), "later": 1}, ProtocolError) == reply
+    for bad_reply in (
+        None,
+        {"node": "n1", "name": "a/b", "version": 2},
+        {"node": "n1", "name": "a/b", "version": "2", "device": "cpu"},
+        {**plain.to_wire(), "seconds": "1"},
+        {**plain.to_wire(), "chunk": 0},
+        {**plain.to_wire(), "sources": [1]},
+    ):
+        with pytest.raises(ProtocolError, match="malformed replicate reply"):
+            ReplicateReply.from_wire(bad_reply, ProtocolError)

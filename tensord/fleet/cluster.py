@@ -246,6 +246,14 @@ class Cluster:
         )
         return held
 
+    def pulls_status(self) -> list[dict[str, Any]]:
+        """The pulls under way here, as `status` shows them."""
+        return [p.status() for p in self.running.values()]
+
+    def finished_pull(self, name: str, version: int) -> dict[str, Any] | None:
+        """How the last pull of `version` here went (seconds, sources, phases, chunk), if kept."""
+        return self.finished.get((name, version))
+
     def close(self) -> None:
         for task in self.pulls.values():
             task.cancel()

@@ -18,6 +18,7 @@ from tensord.peers import Peer
 from tensord.registry.base import NodeRecord, PartialReplica, Registry
 from tensord_contract.errors import ProtocolError, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
+from tensord_contract.messages import ReleaseRequest
 from tensord_contract.streams import (
     StreamChunksReply,
     StreamChunksRequest,
@@ -97,7 +98,7 @@ class Lane:
         try:
             if self.pin is not None and self.peer.connected:
                 async with self.lock:
-                    await asyncio.wait_for(self.peer.call("release", pin=self.pin), 5.0)
+                    await asyncio.wait_for(self.peer.call("release", **ReleaseRequest(self.pin).to_wire()), 5.0)
         except (TensordError, TimeoutError, OSError):
             pass
         finally:

@@ -198,7 +198,7 @@ class Pull:
         if partial is None:
             return
         if self._reads.running:
-            partial.pins += 1  # a read still writes into the slab: it is never freed
+            self.serving.keep(partial)  # a read still writes into the slab: it is never freed
         if held is None:
             await self.serving.stopped(partial, None)
         with contextlib.suppress(TensordError):

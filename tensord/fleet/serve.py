@@ -125,6 +125,11 @@ class Serving:
         partial.arrivals.extend(chunks)
         await self._notify(partial.key)
 
+    def keep(self, partial: Partial) -> None:
+        """A read still writes into `partial`'s slab after its pull ended: it is never freed
+        (one pin nobody releases)."""
+        partial.pins += 1
+
     async def changed(self, partial: Partial) -> None:
         """Requests waiting on `partial` decide again (its pull stopped asking, say)."""
         await self._notify(partial.key)

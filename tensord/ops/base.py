@@ -1,6 +1,7 @@
 """What every op group shares: the store, this node's collaborators (`NodeContext`: its name,
-registry, metrics, Transfer Engine), the cluster, pins handed to sessions, and a few helpers.
-`Service` combines the groups into one class."""
+registry, metrics, Transfer Engine), the fleet's parts each op uses (the cluster for pulls and
+remote pins, `Serving` for the holder's side of a stream, the pair groups, the peers), pins
+handed to sessions, and a few helpers. `Service` combines the groups into one class."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from typing import Any, TypeVar
 
 from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
+from tensord.fleet.pairs import Pairs
+from tensord.fleet.serve import Serving
 from tensord.ingest.pipeline import Progress
 from tensord.ops.args import is_int
+from tensord.peers import Peers
 from tensord.records import Held
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
@@ -34,11 +38,17 @@ class Ops:
         context: NodeContext,
         cluster: Cluster | None = None,
         *,
+        peers: Peers | None = None,
+        serving: Serving | None = None,
+        pairs: Pairs | None = None,
         pull_through: bool = False,
         listen: str = "",
         allowed_roots: tuple[str, ...] = (),
     ) -> None:
         self.store, self.context, self.cluster = store, context, cluster
+        #: the fleet's parts, handed in (built with the cluster; None without one), never
+        #: reached through it: other daemons, the holder's side of streams, pair groups
+        self.peers, self.serving, self.pairs = peers, serving, pairs
         self.node, self.registry, self.metrics = context.node, context.registry, context.metrics
         self.pull_through, self.listen = pull_through, listen
         self.allowed_roots = allowed_roots

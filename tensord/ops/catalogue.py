@@ -14,6 +14,7 @@ from tensord.ops.args import MAX_WAIT, args, is_int, is_number
 from tensord.ops.base import OFF_LOOP_TENSORS, Ops
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError, Unavailable
+from tensord_contract.messages import DeleteReply, DeleteRequest
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ class CatalogueOps(Ops):
             queue.put_nowait(version)
 
     async def op_delete(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version = args(request, "name", optional=("version",))
-        deleted = await self.store.delete(check_name(name), check_version(version, allow_latest=False))
-        log.info("deleted %s%s: %d versions", name, f" v{version}" if version else "", deleted)
-        return {"deleted": deleted}, []
+        req = DeleteRequest.from_wire(request, InvalidArgument)
+        deleted = await self.store.delete(req.name, req.version)
+        log.info("deleted %s%s: %d versions", req.name, f" v{req.version}" if req.version else "", deleted)
+        return DeleteReply(deleted).to_wire(), []
 
     # -- catalogue ----------------------------------------------------------------------------
     async def op_ls(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -137,9 +138,9 @@ class CatalogueOps(Ops):
             "transport": self.context.transport.describe() if self.context.transport is not None else None,
             **store.status(),
             "restore": self.restorer.status() if self.restorer is not None else None,
-            "egress": self.cluster.serving.status() if self.cluster is not None else {"bytes": 0},
-            "pulls": [p.status() for p in self.cluster.running.values()] if self.cluster is not None else [],
-            "pairs": self.cluster.pairs.status() if self.cluster is not None and self.cluster.pairs else None,
+            "egress": self.serving.status() if self.serving is not None else {"bytes": 0},
+            "pulls": self.cluster.pulls_status() if self.cluster is not None else [],
+            "pairs": self.pairs.status() if self.pairs is not None else None,
             "registry": self.registry.status(),
             "loads": [{"name": n, "done": p.done, "total": p.total} for n, p in self._loads.values()],
         }, []
@@ -152,10 +153,10 @@ class CatalogueOps(Ops):
         async def status(record: Any) -> dict[str, Any] | None:
             if record.node == self.node:
                 return dict((await self.op_status(session, {"op": "status"}))[0])
-            if self.cluster is None:
+            if self.cluster is None or self.peers is None:
                 return None
             with contextlib.suppress(TensordError, TimeoutError):
-                peer = self.cluster.peers.get(record.node, record.control)
+                peer = self.peers.get(record.node, record.control)
                 return dict((await asyncio.wait_for(peer.call("status"), 5.0))[0])
             return None
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
-from tensord.ops.args import args, fp_definition, is_int
+from tensord.ops.args import args
 from tensord.ops.base import Ops
 from tensord.pins import MountPin, ReadPin
 from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.messages import OpenReply, OpenRequest
-from tensord_contract.table_messages import PutBeginReply, PutBeginRequest
+from tensord_contract.messages import OpenReply, OpenRequest, ReleaseReply, ReleaseRequest
+from tensord_contract.table_messages import PutBeginReply, PutBeginRequest, PutCommitReply, PutCommitRequest
 
 
 class DataOps(Ops):
@@ -34,8 +32,8 @@ class DataOps(Ops):
             held = await self.cluster.replicate(name, version, None)
         if held is not None and held.live and self.node not in exclude:
             replica, fds = self.store.descriptor(held, local=session.local)
-            if not session.local and self.cluster is not None:  # a reader on another node
-                self.cluster.serving.served_read(held.manifest.nbytes)
+            if not session.local and self.serving is not None:  # a reader on another node
+                self.serving.served_read(held.manifest.nbytes)
             self.store.pin(held)
             self._moved(session, held, "read")
             pin = next(self._pins)
@@ -56,10 +54,10 @@ class DataOps(Ops):
         return dataclasses.replace(reply, pin=pin).to_wire(), []
 
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        (pin,) = args(request, "pin")
-        held = session.pins.pop(pin, None) if is_int(pin) else None
+        req = ReleaseRequest.from_wire(request, InvalidArgument)
+        held = session.pins.pop(req.pin, None) if req.pin is not None else None
         intact = await held.release(clean=True) if held is not None else False
-        return {"released": held is not None, "intact": intact}, []
+        return ReleaseReply(held is not None, intact).to_wire(), []
 
     async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         req = await self._decode(PutBeginRequest, request)
@@ -74,15 +72,12 @@ class DataOps(Ops):
         return PutBeginReply(r.id, r.manifest.offsets, r.manifest.nbytes, replica).to_wire(), fds
 
     async def op_put_commit(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        rid, fingerprints, fp = args(request, "reservation", "fingerprints", optional=("fp",))
-        self._own(session, rid)
-        if not isinstance(fingerprints, bytes) or len(fingerprints) % 8:
-            raise InvalidArgument("fingerprints must be bytes: one little-endian uint64 per tensor")
-        fps = np.frombuffer(fingerprints, dtype="<u8").astype(np.uint64)
-        held = await self.store.commit(rid, fps, fp_definition(fp))
-        session.reservations.discard(rid)
+        req = PutCommitRequest.from_wire(request, InvalidArgument)
+        self._own(session, req.reservation)
+        held = await self.store.commit(req.reservation, req.values(), req.fp)
+        session.reservations.discard(req.reservation)
         self._moved(session, held, "write")
-        return {"version": held.manifest.version}, []
+        return PutCommitReply(held.manifest.version).to_wire(), []
 
     async def op_put_abort(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         (rid,) = args(request, "reservation")

@@ -12,13 +12,12 @@ from typing import Any
 
 from tensord.fleet.policy import Request
 from tensord.fleet.serve import StreamPin
-from tensord.ops.args import args, is_int, node_list
+from tensord.ops.args import is_int
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
-from tensord_contract.errors import InvalidArgument, NotFound, TensordError, TransferError, Unavailable
-from tensord_contract.names import check_name, check_version
+from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, TransferError, Unavailable
+from tensord_contract.messages import ReplicateReply, ReplicateRequest
 from tensord_contract.streams import (
-    MIN_CHUNK,
     StreamChunksRequest,
     StreamOpenRequest,
     StreamPairReply,
@@ -38,75 +37,62 @@ class FleetOps(Ops):
         """Make one node (`to`: a node id, default this one) or several (`to`: a list of node
         ids, or "all" for every live node) pull a copy. Several pull at once as one fan-out: the
         reply comes when every one of them holds a complete, checked replica."""
-        name, version, device, to, index, of, peers, rate, chunk = args(
-            request, "name", optional=("version", "device", "to", "index", "of", "peers", "rate", "chunk")
-        )
-        check_name(name)
-        if device is not None and not isinstance(device, str):
-            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
-        if rate is not None and not is_int(rate, 0):
-            raise InvalidArgument("rate must be bytes per second (0: no limit)")
-        if chunk is not None and (not is_int(chunk, MIN_CHUNK) or chunk % 256):
-            raise InvalidArgument(f"chunk must be at least {MIN_CHUNK} bytes, a multiple of 256")
+        req = ReplicateRequest.from_wire(request, InvalidArgument)
         if self.cluster is None:
             raise Unavailable("replication needs a cluster (etcd) and a Transfer Engine")
-        version = await self.store.resolve_version(name, check_version(version))
-        if isinstance(to, list) or to == "all":
-            return await self._fan_out(name, version, device, to, {"rate": rate, "chunk": chunk}), []
-        if to is not None and to != self.node:
-            if not isinstance(to, str):
-                raise InvalidArgument('to must be a node id, a list of node ids, or "all"')
+        name, device, to = req.name, req.device, req.to
+        version = await self.store.resolve_version(name, req.version)
+        if req.fan_out:
+            return await self._fan_out(dataclasses.replace(req, version=version)), []
+        if isinstance(to, str) and to != self.node:
             record = {n.node: n for n in await self.registry.nodes()}.get(to)
             if record is None:
                 raise NotFound(f"no live node {to!r}")
-            call = self.cluster.peers.get(to, record.control).call(
-                "replicate", name=name, version=version, device=device, rate=rate, chunk=chunk,
-                reply_timeout=_REPLICATE_TIMEOUT,
+            assert self.peers is not None  # built with the cluster
+            forwarded = ReplicateRequest(name, version, device, rate=req.rate, chunk=req.chunk)
+            call = self.peers.get(to, record.control).call(
+                "replicate", reply_timeout=_REPLICATE_TIMEOUT, **forwarded.to_wire()
             )  # fmt: skip
             result, _ = await _while_live(to, asyncio.ensure_future(call), _Live(self.registry))
-            return result, []
-        place: dict[str, Any] = {}
-        if index is not None or of is not None or peers is not None:
-            if not (is_int(index) and is_int(of) and 0 <= index < of <= 4096):
-                raise InvalidArgument("index and of must be integers with 0 <= index < of <= 4096")
-            place = {"index": index, "of": of, "peers": node_list(peers)}
-        held = await self.cluster.replicate(name, version, device, rate=rate, chunk=chunk, **place)
-        out = {"node": self.node, "name": name, "version": version, "device": held.slab.device}
-        done = self.cluster.finished.get((name, version))
+            return ReplicateReply.from_wire(result, ProtocolError).to_wire(), []
+        place = req.place
+        held = await self.cluster.replicate(name, version, device, rate=req.rate, chunk=req.chunk, **place)
+        out = ReplicateReply(self.node, name, version, held.slab.device)
+        done = self.cluster.finished_pull(name, version)
         if done is not None and place:
-            out.update({k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
-        return out, []
+            out = dataclasses.replace(out, **{k: done[k] for k in ("seconds", "sources", "phases", "chunk")})
+        return out.to_wire(), []
 
-    async def _fan_out(
-        self, name: str, version: int, device: str | None, to: object, knobs: dict[str, int | None]
-    ) -> dict[str, Any]:
-        assert self.cluster is not None
+    async def _fan_out(self, req: ReplicateRequest) -> dict[str, Any]:
+        """`req` to several nodes at once (its version resolved): each pulls as a target."""
+        assert self.peers is not None  # built with the cluster
+        name, version = req.name, req.version
+        assert version is not None
         records = {n.node: n for n in await self.registry.nodes()}
-        if to == "all":
+        if req.to == "all":
             targets = sorted(records)
         else:
-            assert isinstance(to, list)
-            targets = list(dict.fromkeys(node_list(to)))
+            assert isinstance(req.to, tuple)
+            targets = list(dict.fromkeys(req.to))
             missing = [t for t in targets if t not in records]
             if missing:
                 raise NotFound(f"no live node {missing[0]!r}")
         holding = {r.node for r in await self.registry.replicas(name, version)}
         pulling = [t for t in targets if t not in holding]
         t0 = time.monotonic()
-
-        cluster = self.cluster
+        peers = self.peers
 
         async def one(i: int, node: str) -> dict[str, Any]:
-            args: dict[str, Any] = {"name": name, "version": version, "device": device, **knobs}
-            args.update(index=i, of=len(pulling), peers=pulling)
+            target = ReplicateRequest(name, version, req.device, rate=req.rate, chunk=req.chunk)
+            target = dataclasses.replace(target, index=i, of=len(pulling), peers=tuple(pulling))
             try:
                 if node == self.node:
-                    result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **args})
+                    result, _ = await self.op_replicate(session_of_self, {"op": "replicate", **target.to_wire()})
                 else:
-                    peer = cluster.peers.get(node, records[node].control)
-                    call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **args)
+                    peer = peers.get(node, records[node].control)
+                    call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **target.to_wire())
                     result, _ = await _while_live(node, asyncio.ensure_future(call), live)
-                return dict(result)
+                return ReplicateReply.from_wire(result, ProtocolError).to_wire()
             except TensordError as exc:
                 return {"node": node, "error": exc.message, "code": exc.code}
 
@@ -132,22 +118,22 @@ class FleetOps(Ops):
     # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
     async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         req = StreamOpenRequest.from_wire(request, InvalidArgument)
-        if self.cluster is None:
+        if self.serving is None:
             raise Unavailable("streaming needs a cluster")
         streams = [p for p in session.pins.values() if isinstance(p, StreamPin)]
         if len(streams) >= MAX_STREAM_PINS:
             raise InvalidArgument(f"a connection holds at most {MAX_STREAM_PINS} stream pins: release one first")
         if any(p.requester != req.node for p in streams):
             raise InvalidArgument("a connection streams for one node: open another connection for another")
-        reply, pin = self.cluster.serving.open(req.name, req.version, req.node, req.chunk)
+        reply, pin = self.serving.open(req.name, req.version, req.node, req.chunk)
         pid = next(self._pins)
         session.pins[pid] = pin
         return dataclasses.replace(reply, pin=pid).to_wire(), []
 
     async def op_stream_chunks(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        if self.cluster is None:
+        served = self.serving
+        if served is None:
             raise Unavailable("streaming needs a cluster")
-        served = self.cluster.serving
 
         def count_of(pid: object) -> int:
             pin = session.pins.get(pid) if is_int(pid) else None
@@ -158,7 +144,7 @@ class FleetOps(Ops):
         req = StreamChunksRequest.from_wire(request, InvalidArgument, count_of)
         pin = session.pins[req.pin]
         assert isinstance(pin, StreamPin)
-        if req.push and self.cluster.pairs is None:
+        if req.push and self.pairs is None:
             raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
         asked = Request(pin.requester, req.chunks, req.force, req.want, req.limit, req.done, req.declined)
         wait = 0.0 if req.wait is None else req.wait
@@ -167,14 +153,15 @@ class FleetOps(Ops):
 
     async def op_stream_pair(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         """Join the pair group a puller set up to receive from this node (NCCL or gloo)."""
-        if self.cluster is None or self.cluster.pairs is None:
+        pairs = self.pairs
+        if pairs is None:
             raise Unavailable(f"node {self.node} has pair groups off (fleet.pair_groups)")
         req = StreamPairRequest.from_wire(request, InvalidArgument)
         record = {n.node: n for n in await self.registry.nodes()}.get(req.node)
         if record is None or record.control.rpartition(":")[0] != f"tcp:{req.host}":
             # only join a rendezvous at the address the named node advertises
             raise InvalidArgument(f"{req.host} is not where live node {req.node!r} listens")
-        seconds = await asyncio.to_thread(self.cluster.pairs.join, req)
+        seconds = await asyncio.to_thread(pairs.join, req)
         return StreamPairReply(seconds).to_wire(), []
 
 

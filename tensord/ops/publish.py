@@ -11,14 +11,13 @@ import dataclasses
 import time
 from typing import Any
 
-from tensord.ops.args import MAX_WAIT, args, is_number
 from tensord.ops.base import Ops
 from tensord.publications import withdraw
 from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
-from tensord_contract.names import check_name, check_version
+from tensord_contract.messages import UnpublishReply, UnpublishRequest
 from tensord_contract.table_messages import PublishReply, PublishRequest
 
 DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
@@ -47,12 +46,8 @@ class PublishOps(Ops):
         return PublishReply(held.manifest.version).to_wire(), []
 
     async def op_unpublish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        name, version, timeout = args(request, "name", "version", optional=("timeout",))
-        check_name(name)
-        version = check_version(version, allow_latest=False)
-        assert version is not None
-        if timeout is not None and not is_number(timeout, 0, MAX_WAIT):
-            raise InvalidArgument(f"timeout must be seconds from 0 to {MAX_WAIT:g}")
+        req = UnpublishRequest.from_wire(request, InvalidArgument)
+        name, version, timeout = req.name, req.version, req.timeout
         held = session.published.pop((name, version), None)
         if held is None:
             raise NotFound(f"{name} v{version} was not published by this connection", name=name, version=version)
@@ -62,7 +57,7 @@ class PublishOps(Ops):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(held.drained.wait(), DRAIN_SECONDS if timeout is None else timeout)
         held.revoked = held.pins > 0
-        return {"drained": not held.revoked, "pins": held.pins}, []
+        return UnpublishReply(not held.revoked, held.pins).to_wire(), []
 
     async def withdraw_published(self, session: Session) -> None:
         """The publisher's connection closed: its memory may be gone or reused at any moment."""
