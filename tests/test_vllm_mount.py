@@ -4,13 +4,15 @@ build in .venv-vllm) serving the real all-MiniLM-L6-v2, weights from a real daem
 1. The first engine in mount mode loads its files, lets vLLM post-process, hands the result to
    the store as the engine set NAME/tp0/processed and maps it in place of its own tensors.
 2. A second engine, model directory without weights, builds its model on the meta device and maps
-   the same set: it answers bit for bit like the first, copies no page of the weights, and the
+   the same set: it answers like the first (to float32 rounding: torch's CPU GEMM, which mount
+   mode uses instead of vLLM's private oneDNN copies, varies in the last bits with threads and
+   alignment), copies no page of the weights, and the
    store holds one copy for both.
 3. RL updates are refused with a clear message; an engine set of another platform is passed over;
    one that lacks a tensor of this engine is an error, never a silent attach.
 4. A decoder with tied input/output embeddings, from a whole set: a mounting engine generates
    the same tokens as the first one, the tie bound as one tensor.
-5. SIGKILL the daemon: the mapped engine keeps answering, unchanged.
+5. SIGKILL the daemon: the mapped engine keeps answering (to float32 rounding).
 """
 
 from __future__ import annotations
@@ -84,6 +86,12 @@ def second(python, dirs, daemon: DaemonProcess, workdir: Path, first) -> Any:
         engine.close()
 
 
+def _close(a: list[list[float]], b: list[list[float]], tolerance: float = 1e-6) -> bool:
+    """Embeddings equal to float32 rounding (unit-norm vectors: 1e-6 is a few ulps' worth)."""
+    pairs = [(x, y) for row, ref in zip(a, b, strict=True) for x, y in zip(row, ref, strict=True)]
+    return max(abs(x - y) for x, y in pairs) <= tolerance
+
+
 def _grew(log: str, verb: str) -> tuple[float, float]:
     """(MB, % of the set) from the engine's line on what mounting cost its own memory."""
     m = re.search(rf"anonymous memory {verb} by ([0-9.]+) MB \(([0-9.]+)% of the set\)", log)
@@ -101,15 +109,13 @@ def test_the_first_engine_hands_its_post_processed_tensors_to_the_store(first, r
     assert derivation.platform is not None and derivation.platform.startswith("cpu ")
     # vLLM's default CPU kernels keep private oneDNN copies of linear weights; mounted engines
     # compute with torch's linear on the shared ones: the same embeddings to rounding.
-    pairs = [(a, b) for row, ref in zip(first.answer, reference, strict=True) for a, b in zip(row, ref, strict=True)]
-    worst = max(abs(a - b) for a, b in pairs)
-    assert worst < 1e-4, worst
+    assert _close(first.answer, reference, tolerance=1e-4)
     # Its own tensors were freed: it holds what it did before the hand-over, or less.
     assert _grew(log, "shrank")[0] > 0
 
 
 def test_a_second_engine_maps_the_same_bytes_and_answers_bit_for_bit(second, first, daemon) -> None:
-    assert second.answer == first.answer
+    assert _close(second.answer, first.answer)
     log = second.output()
     assert f"mounted {SET} v1" in log
     mb, percent = _grew(log, "grew")
@@ -132,7 +138,7 @@ def test_a_second_engine_maps_the_same_bytes_and_answers_bit_for_bit(second, fir
 def test_rl_updates_are_refused_with_a_clear_message(second) -> None:
     with pytest.raises(RuntimeError, match=r"read-only views of .*processed v1.*mount mode"):
         second.call("update", name=NAME, version=1)
-    assert second.call("embed")["embeddings"] == second.answer
+    assert _close(second.call("embed")["embeddings"], second.answer)
 
 
 def test_an_engine_set_of_another_platform_or_shape_is_never_attached(python, dirs, daemon, workdir, second):
@@ -218,4 +224,4 @@ def test_publishing_in_place_is_refused_where_post_processing_rewrites(python, d
 def test_a_mounted_engine_outlives_a_sigkilled_daemon(python, dirs, daemon, workdir, first) -> None:
     answer = first.answer
     daemon.kill()
-    assert first.call("embed")["embeddings"] == answer
+    assert _close(first.call("embed")["embeddings"], answer)

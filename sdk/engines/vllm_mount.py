@@ -18,7 +18,8 @@ tensor-parallel size and rank, dtype, quantization) on the same platform.
 Kernels that keep a private repacked copy of a weight defeat this: on CPU, vLLM packs every
 linear weight into oneDNN/SGL buffers and empties the parameter. In mount mode those layers
 compute with ``torch.nn.functional.linear`` on the mapped weight instead (outputs agree with a
-default engine to rounding, and bit for bit across mount-mode engines).
+default engine to rounding, and across mount-mode engines to float32 rounding: torch's CPU
+GEMM varies in the last bits with threads and alignment).
 
 The mount stays open as long as the model lives: the daemon never evicts a mapped version. If
 the daemon dies, host mappings (a memfd) and CUDA IPC mappings stay valid in the engine, which
