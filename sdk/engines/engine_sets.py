@@ -47,10 +47,6 @@ class Mounted:
         self.client, self.mount, self.layout = client, mount, layout
         self.name, self.version = mount.name, mount.version
 
-    def close(self) -> None:
-        self.mount.close()
-        self.client.close()
-
 
 def mounted(model: torch.nn.Module) -> Mounted | None:
     """The engine set `model`'s parameters are views of; None when they are its own."""
