@@ -7,10 +7,10 @@ compensating changes. Definition 2 (`fingerprint_blocks`): the linear block sum 
 recorded before it carry; still checked, never made for a new version.
 
 Over a slab (`slab_fingerprints`) every tensor is fingerprinted in one chunked pass. Tensors
-anywhere on a GPU (`fingerprints`) are read where they lie by one Triton kernel over a table of
-1 MiB pieces (`fingerprint_kernels`; 8-byte aligned ones; others, or without Triton, are
-gathered into a slab-like buffer first). Not a cryptographic hash: a check against torn,
-misplaced or corrupted bytes.
+anywhere on a GPU (`fingerprints`) are read where they lie by one kernel over a table of 1 MiB
+pieces (8-byte aligned ones): shipped as PTX (`fingerprint_ptx`, nothing compiles), else
+Triton's (`fingerprint_kernels`); others, or without either, are gathered into a slab-like
+buffer first. Not a cryptographic hash: a check against torn, misplaced or corrupted bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch
 from tensord_contract.bulk import paused_gc
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import FINGERPRINT_VERSION, FINGERPRINT_VERSIONS
+from tensord_dataplane import fingerprint_ptx
 from tensord_dataplane import fingerprint_words as fw
 from tensord_dataplane.fingerprint_blocks import BLOCK_BYTES, block_finish, block_part, block_slab_fingerprints
+from tensord_dataplane.fingerprint_ptx import BLOCK_PIECE, WORD_PIECE
 from tensord_dataplane.tensors import as_bytes
 
 __all__ = [
@@ -238,19 +240,41 @@ def _gathered(
 
 
 # -- in place on a GPU: one pass over the tensors where they lie -----------------------------------
+_KERNELS = ("auto", "ptx", "triton")
+_no_ptx: list[str] = []
 _no_kernel: list[str] = []
 
 
 def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Fingerprints of the 8-byte aligned tensors among (`ptrs`, `sizes`) on `device`, read where
-    they lie by one Triton kernel: (which rows, their fingerprints); None without Triton."""
-    from tensord_dataplane.fingerprint_kernels import kernels
+    they lie by one kernel: (which rows, their fingerprints); None where no kernel runs here.
 
-    found = kernels()
-    if found is None or _no_kernel or os.environ.get("TENSORD_COPY_ENGINE") == "driver":
+    The PTX kernel (`fingerprint_ptx`: nothing compiles, Triton is not imported), else Triton's
+    (`fingerprint_kernels`, compiled on first use), else None (the caller gathers).
+    ``TENSORD_FINGERPRINT_KERNEL=ptx|triton`` allows only that one (tests, diagnosis);
+    ``TENSORD_COPY_ENGINE=driver`` runs no kernel of ours."""
+    engine = os.environ.get("TENSORD_FINGERPRINT_KERNEL", "auto")
+    if engine not in _KERNELS:
+        raise InvalidArgument(f"TENSORD_FINGERPRINT_KERNEL={engine!r}: expected auto, ptx or triton")
+    if os.environ.get("TENSORD_COPY_ENGINE") == "driver":
         return None
     aligned = (ptrs & 7) == 0
     which = np.flatnonzero(aligned)
+    if engine != "triton" and not _no_ptx:
+        try:
+            with torch.cuda.device(device):
+                if fingerprint_ptx.available(torch.cuda.current_device()):
+                    return aligned, in_place_fingerprints("ptx", device, ptrs[which], sizes[which], version)
+        except Exception as exc:  # a launch refused, ...: Triton, else gathered copies
+            _no_ptx.append(f"{type(exc).__name__}: {exc}")
+            log.warning("the PTX fingerprint kernel failed (%s): falling back", _no_ptx[0])
+    if engine == "ptx":
+        return None
+    from tensord_dataplane.fingerprint_kernels import kernels
+
+    found = kernels()
+    if found is None or _no_kernel:
+        return None
     try:
         with torch.cuda.device(device):
             values = in_place_fingerprints(found, device, ptrs[which], sizes[which], version)
@@ -261,29 +285,53 @@ def _in_place(device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) ->
     return aligned, values
 
 
-def in_place_fingerprints(found: Any, device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> np.ndarray:
-    """Run the kernel of definition `version` over tensors at 8-byte aligned `ptrs` (on
-    `device`; the CPU under TRITON_INTERPRET=1): their fingerprints (uint64)."""
-    from tensord_dataplane.fingerprint_kernels import BLOCK_PIECE, WORD_PIECE
-
+def piece_table(
+    ptrs: np.ndarray, sizes: np.ndarray, version: int, piece: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' table over tensors at `ptrs` of `sizes` bytes: (rows, used), `used` the
+    indices of the non-empty tensors, each cut into pieces of `piece` words (definition 3;
+    WORD_PIECE) or blocks (definition 2; BLOCK_PIECE), at least one piece each; one int64 row per
+    piece: (address, whole words, first word or block of the piece, index into `used`, bytes of
+    the last partial word)."""
     used = np.flatnonzero(sizes > 0)
     nwords, rem = sizes[used] // 8, sizes[used] % 8
-    unit = WORD_PIECE if version == 3 else BLOCK_PIECE * 32
+    step = piece or (WORD_PIECE if version == 3 else BLOCK_PIECE)
+    unit = step if version == 3 else step * 32
     pieces = np.maximum(1, (nwords + unit - 1) // unit)
     t = np.repeat(np.arange(len(used)), pieces)
     first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    step = WORD_PIECE if version == 3 else BLOCK_PIECE
     k0 = (np.arange(len(t)) - first) * step
+    rows = np.stack([ptrs[used][t], nwords[t], k0, t, rem[t]], axis=1).astype(np.int64).reshape(-1, 5)
+    return rows, used
+
+
+def in_place_fingerprints(found: Any, device: Any, ptrs: np.ndarray, sizes: np.ndarray, version: int) -> np.ndarray:
+    """Run the kernel of definition `version` over tensors at 8-byte aligned `ptrs` (on
+    `device`, the current device): their fingerprints (uint64). `found`: "ptx" (`fingerprint_ptx`)
+    or Triton's kernels (`fingerprint_kernels.kernels()`; on the CPU under TRITON_INTERPRET=1)."""
+    rows, used = piece_table(ptrs, sizes, version)
     shares = torch.zeros(max(len(used), 1), dtype=torch.int64, device=device)
-    if len(t):
-        rows = np.stack([ptrs[used][t], nwords[t], k0, t, rem[t]], axis=1).astype(np.int64)
+    if len(rows):
         table = torch.from_numpy(rows).to(device)
-        if version == 3:
-            found[0][(len(t),)](table, shares, PIECE=WORD_PIECE, TILE=1024)
+        if isinstance(found, str):
+            piece = WORD_PIECE if version == 3 else BLOCK_PIECE * 32
+            index = torch.cuda.current_device()
+            stream = torch.cuda.current_stream(index).cuda_stream
+            ran = fingerprint_ptx.launch(version, table.data_ptr(), len(rows), shares.data_ptr(), piece, index, stream)
+            if not ran:
+                raise RuntimeError("the PTX fingerprint kernel cannot load")
+        elif version == 3:
+            found[0][(len(rows),)](table, shares, PIECE=WORD_PIECE, TILE=1024)
         else:
-            found[1][(len(t),)](table, shares, fw.signed(fw.G), CHUNK=BLOCK_PIECE, TILE=32)
+            found[1][(len(rows),)](table, shares, fw.signed(fw.G), CHUNK=BLOCK_PIECE, TILE=32)
+    return finish_shares(shares.cpu().numpy()[: len(used)].view(_U), used, sizes, version)
+
+
+def finish_shares(shares: np.ndarray, used: np.ndarray, sizes: np.ndarray, version: int) -> np.ndarray:
+    """Fingerprints (uint64) of all tensors of `sizes` from the complete shares of the `used` ones
+    (the others are empty: share 0)."""
     values = np.zeros(len(sizes), dtype=_U)
-    values[used] = shares.cpu().numpy()[: len(used)].view(_U)
+    values[used] = shares
     if version == 3:
         return fw.finish(values, sizes)
     with np.errstate(over="ignore"):

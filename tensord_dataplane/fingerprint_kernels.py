@@ -1,4 +1,5 @@
-"""Fingerprints of tensors where they lie on a GPU: one Triton kernel over a table of pieces.
+"""Fingerprints of tensors where they lie on a GPU: one Triton kernel over a table of pieces (the
+fallback where the PTX kernels of `fingerprint_ptx` do not load; compiled on first use).
 
 Each row of the table is one piece of one tensor (address, whole words, first word or block of
 the piece, tensor index, bytes of its last partial word); each program adds its piece's share
@@ -20,8 +21,7 @@ try:
 except ImportError:  # no kernels: callers gather and fingerprint with torch
     triton = None
 
-WORD_PIECE = 1 << 17  # words (1 MiB) one program fingerprints
-BLOCK_PIECE = 4096  # blocks (1 MiB) one program fingerprints (definition 2)
+from tensord_dataplane.fingerprint_ptx import BLOCK_PIECE, WORD_PIECE  # noqa: F401 (the table's pieces)
 
 
 def kernels() -> tuple[Any, Any] | None:

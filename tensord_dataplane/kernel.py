@@ -9,19 +9,13 @@ Loads and stores use generic addresses: device, peer and mapped host memory all 
 The PTX targets sm_80 (Ampere and later); the driver assembles it when the module loads, once
 per device (ptxas took 33 ms for it on sm_90; the driver caches the result per machine). `launch` returns False
 where it cannot be loaded (no driver, a PTX ISA the driver does not know), and the caller
-falls back (`tensord_dataplane.copy`).
+falls back (`tensord_dataplane.copy`). Loading and launching: `tensord_dataplane.ptx`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import threading
-
 from tensord_contract.errors import TransferError
-from tensord_dataplane.cuda import cudart, driver
-
-log = logging.getLogger(__name__)
+from tensord_dataplane import ptx
 
 THREADS = 256
 
@@ -81,45 +75,12 @@ _MOVE1 = """
 
 PTX = _HEAD + _BODY.format(name="tensord_copy16", move=_MOVE16) + _BODY.format(name="tensord_copy1", move=_MOVE1)
 
-_P = ctypes.c_void_p
-_lock = threading.Lock()
-_functions: dict[int, tuple[int, int] | None] = {}  # device -> (copy16, copy1), None: cannot load
-_why: list[str] = []
+_module = ptx.Module("copy kernel", PTX, ("tensord_copy16", "tensord_copy1"))
 
 
-def _load(device: int) -> tuple[int, int] | None:
+def _load(device: int) -> tuple[int, ...] | None:
     """The two kernels in the current context (that of `device`), loaded once."""
-    with _lock:
-        if device in _functions:
-            return _functions[device]
-        try:
-            lib = driver()
-            ctx = _P()
-            if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and not ctx.value:
-                runtime = cudart()  # binds the current device's primary context to this thread
-                if runtime is not None:
-                    runtime.cudaFree(None)
-            if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
-                raise OSError("no current CUDA context")
-            module = _P()
-            image = ctypes.create_string_buffer(PTX.encode())
-            rc = lib.cuModuleLoadData(ctypes.byref(module), image)
-            if rc != 0:
-                raise OSError(f"cuModuleLoadData failed (CUresult {rc})")
-            found = []
-            for name in (b"tensord_copy16", b"tensord_copy1"):
-                fn = _P()
-                rc = lib.cuModuleGetFunction(ctypes.byref(fn), module, name)
-                if rc != 0:
-                    raise OSError(f"cuModuleGetFunction({name.decode()}) failed (CUresult {rc})")
-                found.append(int(fn.value or 0))
-            loaded: tuple[int, int] | None = (found[0], found[1])
-        except OSError as exc:
-            _why.append(str(exc))
-            log.warning("the PTX copy kernel cannot load on cuda:%d (%s): falling back", device, exc)
-            loaded = None
-        _functions[device] = loaded
-        return loaded
+    return _module.functions(device)
 
 
 def available(device: int) -> bool:
@@ -135,20 +96,13 @@ def launch(wide: bool, rows_ptr: int, count: int, dst_base: int, src_base: int, 
         return False
     if not count:
         return True
-    args = [ctypes.c_uint64(v % (1 << 64)) for v in (rows_ptr, dst_base, src_base)]
-    params = (_P * 3)(*(ctypes.addressof(a) for a in args))
-    lib = driver()
     fn = functions[0] if wide else functions[1]
-    for first in range(0, count, (1 << 31) - 1):
-        n = min(count - first, (1 << 31) - 1)
-        if first:
-            args[0].value = (rows_ptr + 24 * first) % (1 << 64)
-        rc = lib.cuLaunchKernel(_P(fn), n, 1, 1, THREADS, 1, 1, 0, _P(stream), params, None)
-        if rc != 0:
-            raise TransferError(f"cuLaunchKernel of the copy kernel failed (CUresult {rc})")
+    rc = ptx.launch_rows(fn, rows_ptr, 24, count, (dst_base, src_base), THREADS, stream)
+    if rc != 0:
+        raise TransferError(f"cuLaunchKernel of the copy kernel failed (CUresult {rc})")
     return True
 
 
 def loaded() -> bool:
     """Whether the kernels loaded on some device of this process."""
-    return any(f is not None for f in _functions.values())
+    return _module.loaded()

@@ -120,3 +120,41 @@ def test_a_fresh_process_first_reads_compile_nothing(daemon: DaemonProcess) -> N
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 5.0  # loose: no compile (seconds) on the way
+
+
+@pytest.mark.gpu
+def test_a_fresh_process_first_put_and_verified_reads_compile_nothing(daemon: DaemonProcess) -> None:
+    """A put's fingerprints (of the slab, on the GPU) and verified reads run the PTX fingerprint
+    kernel: no Triton imported, no compile on a fresh process's first calls."""
+    code = textwrap.dedent(
+        """
+        import sys, time, torch, sdk
+        from tensord_dataplane import fingerprint, fingerprint_ptx
+        src = {f"t{i}": torch.randn(100 + i, device="cuda") for i in range(300)}
+        targets = {f"t{i}": torch.empty(100 + i, device="cuda") for i in range(300)}
+        torch.cuda.synchronize()
+        with sdk.Client() as c:
+            t0 = time.perf_counter()
+            c.put("kernel/fresh-put", src)
+            took = time.perf_counter() - t0
+            c.load_into(targets, "kernel/fresh-put", verify=True)
+            got = c.get("kernel/fresh-put", names=[f"t{i}" for i in range(0, 300, 2)], verify=True)
+            whole = c.get("kernel/fresh-put", verify=True)
+        assert all(torch.equal(targets[k], v) for k, v in src.items())
+        assert all(torch.equal(got[f"t{i}"], src[f"t{i}"]) for i in range(0, 300, 2))
+        assert torch.equal(whole["t7"], src["t7"])
+        assert "triton" not in sys.modules, "triton was imported"
+        assert fingerprint_ptx.loaded() and not fingerprint._no_ptx, fingerprint._no_ptx
+        print(took)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(TENSORD_SOCKET=daemon.socket),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 5.0  # loose: no compile (seconds) on the way
