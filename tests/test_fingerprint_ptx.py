@@ -167,3 +167,38 @@ def test_ptx_and_triton_agree_on_a_gpu(version: int, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TENSORD_FINGERPRINT_KERNEL", "triton")
     by_triton = fingerprints(ts, version=version)
     assert by_ptx == by_triton == [fingerprint(t.cpu(), version=version) for t in ts]
+
+
+@pytest.mark.parametrize(
+    ("version", "before", "after"),
+    [
+        (3, "shfl.sync.down.b32 %r6, %r4, 16,", "shfl.sync.down.b32 %r6, %r4, 15,"),
+        (3, "shr.u64 %rd19, %rd17, 27;", "shr.u64 %rd19, %rd17, 28;"),
+        (3, "add.s64 %rd18, %rd12, 1;", "add.s64 %rd18, %rd12, 2;"),
+        (3, "setp.ne.u64 %p1, %rd7, 0;", "setp.ne.u64 %p1, %rd7, 1;"),
+        (3, "shl.b32 %r13, %r13, 3;", "shl.b32 %r13, %r13, 2;"),
+        (3, "min.u64 %rd10, %rd10, %rd6;", "mov.u64 %rd10, %rd10;"),
+        (3, "bar.sync 0;", ""),
+        (2, "shr.u64 %rd18, %rd12, 5;", "shr.u64 %rd18, %rd12, 4;"),
+        (2, "shl.b64 %rd7, %rd7, 5;", ""),
+    ],
+)
+def test_the_emulator_sees_a_wrong_bit(version: int, before: str, after: str) -> None:
+    """The emulated check is not vacuous: one changed instruction of a kernel fails it."""
+    name = _NAMES[version]
+    head, _, rest = fingerprint_ptx.PTX.partition(f".entry {name}")
+    assert before in rest
+    ptx = head + f".entry {name}" + rest.replace(before, after, 1)
+    ts = _tensors([1, 9, 4096 + 3, 600 * 8 * 2 + 5], seed=4)
+    piece = 600 if version == 3 else 20
+    sizes = np.array([t.numel() for t in ts], dtype=np.int64)
+    ptrs = np.array([t.data_ptr() for t in ts], dtype=np.int64)
+    rows, used = piece_table(ptrs, sizes, version, piece)
+    shares = torch.zeros(len(used), dtype=torch.int64)
+    words = piece if version == 3 else piece * 32
+    try:
+        ptx_emulator.launch(ptx, name, len(rows), fingerprint_ptx.THREADS, [rows.ctypes.data, shares.data_ptr(), words])
+    except AssertionError:
+        return  # caught by the emulator itself (a shared value read before the barrier, ...)
+    got = finish_shares(shares.numpy().view(np.uint64), used, sizes, version).tolist()
+    assert got != [fingerprint(t, version=version) for t in ts]
