@@ -6,7 +6,8 @@ The same table as the Triton kernels (`fingerprint.in_place_fingerprints`): rows
 (address, whole words, first word of the piece (definition 3) or first 256-byte block
 (definition 2), tensor index, bytes of the tensor's last partial word), one thread block per
 row. Its threads stride over the piece's words (coalesced: thread i reads word j0 + i, then
-j0 + i + 256, ...), each summing f(j, w_j) mod 2**64, j the word's index in its tensor:
+j0 + i + 256, ...; four words a turn, their loads issued together, then one a turn), each
+summing f(j, w_j) mod 2**64, j the word's index in its tensor:
   definition 3 (`tensord_fp_words`):  mix(w + (j + 1) * G), mix = splitmix64's finaliser;
   definition 2 (`tensord_fp_blocks`): w * (2 * (j // 32) + G) (the block sum times its key,
     distributed over the block's words).
@@ -34,13 +35,14 @@ _HEAD = """
 """
 
 # Registers: rd5 address, rd6 nwords, rd7 first word, rd8 tensor, rd9 rem, rd10 end, rd12 j,
-# rd13 stride, rd14 sum, rd16 the word; {word} leaves f(rd12, rd16) in rd17 (scratch rd18, rd19).
+# rd13 stride, rd14 sum, rd16 the word; {word} leaves f(rd12, rd16) in rd17 (scratch rd18, rd19);
+# {unrolled} uses rd28-rd35.
 _BODY = """
 .visible .entry {name}(.param .u64 p_rows, .param .u64 p_shares, .param .u64 p_piece)
 {{
     .reg .pred %p<4>;
     .reg .b32 %r<16>;
-    .reg .b64 %rd<32>;
+    .reg .b64 %rd<40>;
     .shared .align 8 .b64 warp_sums[32];
 
     ld.param.u64 %rd1, [p_rows];
@@ -64,7 +66,7 @@ _BODY = """
     add.s64 %rd12, %rd7, %rd11;
     mov.u32 %r3, %ntid.x;
     cvt.u64.u32 %rd13, %r3;
-    mov.u64 %rd14, 0;
+    mov.u64 %rd14, 0;{unrolled}
 $L_loop:
     setp.ge.u64 %p1, %rd12, %rd10;
     @%p1 bra $L_reduce;
@@ -161,14 +163,46 @@ _BLOCKS = f"""
     add.s64 %rd18, %rd18, {fw.G:#x}U;
     mul.lo.u64 %rd17, %rd16, %rd18;"""
 
+# Four words a turn while j + 3 * stride < end (their loads issued together), then the loop of
+# one word a turn above finishes the piece; rd28 = 3 * stride, rd29 = stride in bytes.
+_UNROLLED = """
+    mul.lo.u64 %rd28, %rd13, 3;
+    shl.b64 %rd29, %rd13, 3;
+$L_four:
+    add.s64 %rd30, %rd12, %rd28;
+    setp.ge.u64 %p1, %rd30, %rd10;
+    @%p1 bra $L_loop;
+    shl.b64 %rd15, %rd12, 3;
+    add.s64 %rd15, %rd5, %rd15;
+    ld.global.u64 %rd32, [%rd15];
+    add.s64 %rd15, %rd15, %rd29;
+    ld.global.u64 %rd33, [%rd15];
+    add.s64 %rd15, %rd15, %rd29;
+    ld.global.u64 %rd34, [%rd15];
+    add.s64 %rd15, %rd15, %rd29;
+    ld.global.u64 %rd35, [%rd15];{turns}
+    bra.uni $L_four;"""
+
+_TURN = """
+    mov.u64 %rd16, %rd{reg};{word}
+    add.s64 %rd14, %rd14, %rd17;
+    add.s64 %rd12, %rd12, %rd13;"""
+
+
+def _unrolled(word: str) -> str:
+    return _UNROLLED.replace("{turns}", "".join(_TURN.format(reg=r, word=word) for r in (32, 33, 34, 35)))
+
+
 _SHUFFLES = "".join(_SHUFFLE.format(offset=o) for o in (16, 8, 4, 2, 1))
 _BLOCK_START = """
     shl.b64 %rd7, %rd7, 5;"""
 
 PTX = (
     _HEAD
-    + _BODY.format(name="tensord_fp_words", start="", word=_WORDS, shuffles=_SHUFFLES)
-    + _BODY.format(name="tensord_fp_blocks", start=_BLOCK_START, word=_BLOCKS, shuffles=_SHUFFLES)
+    + _BODY.format(name="tensord_fp_words", start="", word=_WORDS, shuffles=_SHUFFLES, unrolled=_unrolled(_WORDS))
+    + _BODY.format(
+        name="tensord_fp_blocks", start=_BLOCK_START, word=_BLOCKS, shuffles=_SHUFFLES, unrolled=_unrolled(_BLOCKS)
+    )
 )
 
 _module = ptx.Module("fingerprint kernel", PTX, ("tensord_fp_words", "tensord_fp_blocks"))

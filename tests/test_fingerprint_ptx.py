@@ -78,10 +78,12 @@ def _emulated(ts: list[torch.Tensor], version: int, piece: int | None = None) ->
 
 @pytest.mark.parametrize("version", [3, 2])
 def test_the_ptx_matches_the_definition_under_an_emulator(version: int) -> None:
-    """Odd sizes and tails, pieces of 600 words (3; 20 blocks for 2: a piece ends inside
-    neither a stride nor a block boundary), several pieces per tensor."""
-    piece = 600 if version == 3 else 20
-    sizes = [0, 1, 7, 8, 9, 15, 16, 255, 256, 257, 2047, 4800, 4801, 4807, 600 * 8 * 3 + 5, 20 * 256 * 2 + 3, 11]
+    """Odd sizes and tails, pieces of 2500 words (3) or 90 blocks (2; 2880 words): a piece ends
+    inside a stride of the block's threads; several pieces per tensor; the loop of four words a
+    turn and the loop of one both run."""
+    piece = 2500 if version == 3 else 90
+    words = piece if version == 3 else piece * 32
+    sizes = [0, 1, 7, 8, 9, 15, 16, 255, 256, 257, 2047, 8191, 8192, 8193, 32 * 1024 + 3, words * 8 * 3 + 5, 11]
     ts = _tensors(sizes, seed=version)
     assert _emulated(ts, version, piece) == [fingerprint(t, version=version) for t in ts]
 
@@ -179,6 +181,8 @@ def test_ptx_and_triton_agree_on_a_gpu(version: int, monkeypatch: pytest.MonkeyP
         (3, "shl.b32 %r13, %r13, 3;", "shl.b32 %r13, %r13, 2;"),
         (3, "min.u64 %rd10, %rd10, %rd6;", "mov.u64 %rd10, %rd10;"),
         (3, "bar.sync 0;", ""),
+        (3, "ld.global.u64 %rd34, [%rd15];", "ld.global.u64 %rd34, [%rd15+8];"),
+        (3, "mov.u64 %rd16, %rd35;", "mov.u64 %rd16, %rd34;"),
         (2, "shr.u64 %rd18, %rd12, 5;", "shr.u64 %rd18, %rd12, 4;"),
         (2, "shl.b64 %rd7, %rd7, 5;", ""),
     ],
@@ -189,8 +193,8 @@ def test_the_emulator_sees_a_wrong_bit(version: int, before: str, after: str) ->
     head, _, rest = fingerprint_ptx.PTX.partition(f".entry {name}")
     assert before in rest
     ptx = head + f".entry {name}" + rest.replace(before, after, 1)
-    ts = _tensors([1, 9, 4096 + 3, 600 * 8 * 2 + 5], seed=4)
-    piece = 600 if version == 3 else 20
+    piece = 2500 if version == 3 else 90
+    ts = _tensors([1, 9, 4096 + 3, 2880 * 8 * 2 + 5], seed=4)
     sizes = np.array([t.numel() for t in ts], dtype=np.int64)
     ptrs = np.array([t.data_ptr() for t in ts], dtype=np.int64)
     rows, used = piece_table(ptrs, sizes, version, piece)
