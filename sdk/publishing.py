@@ -15,6 +15,7 @@ reused before. Reads from a publication check fingerprints by default.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -23,15 +24,14 @@ import numpy as np
 import torch
 
 from sdk.connection import Connection
+from sdk.published_layouts import Layouts
 from sdk.replicas import ReplicaClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
-from tensord_contract.manifest import Table
 from tensord_contract.messages import UnpublishReply, UnpublishRequest
 from tensord_contract.names import check_name
 from tensord_contract.table_messages import PublishReply, PublishRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
 from tensord_dataplane.fingerprint import fingerprints as fingerprints_of
-from tensord_dataplane.tensors import describe
 
 if TYPE_CHECKING:
     from tensord_dataplane.published import Registered, SeedRanges
@@ -143,28 +143,26 @@ class Publishing(ReplicaClient):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         if origin is not None and not isinstance(origin, str):
             raise InvalidArgument("origin must be a string")
-        from tensord_dataplane.published_ipc import export
-        from tensord_dataplane.sources import places
-
         names = list(tensors)
         if not all(isinstance(k, str) for k in names):
             raise InvalidArgument("tensors must be keyed by name (str)")
         conn = self._conn()
         if not conn.is_local:
             raise InvalidArgument("publishing without a copy needs the daemon of this node (its Unix socket)")
-        d = describe(tensors.values(), copy_sparse=False)
-        where = places(d, names)
-        ipc = export(where) if where.device != "cpu" else None
+        values = list(tensors.values())
+        layout = self._layouts.find(name, names, values)
+        where = layout.where
         if remote is None:
             remote = bool(conn.server.get("cluster"))
-        registered = self._register(where) if remote or where.device == "cpu" else None
+        registered = self._register(where, layout.ids) if remote or where.device == "cpu" else None
         try:
+            dense = (torch.device(where.device), layout.ptrs, layout.sizes)
             request = PublishRequest(
                 name,
-                Table.of_columns(names, d.dtypes, d.ndims, d.dims),
-                np.array(fingerprints_of(d.tensors), dtype=np.uint64),
+                layout.table,
+                np.array(fingerprints_of(values, dense=dense), dtype=np.uint64),
                 FINGERPRINT_VERSION,
-                ipc,
+                layout.ipc,
                 None if registered is None else registered.replica,
                 origin,
             )
@@ -174,9 +172,13 @@ class Publishing(ReplicaClient):
             if registered is not None:
                 registered.close()
             raise
-        return Publication(self, conn, name, reply.version, d.tensors, registered)
+        return Publication(self, conn, name, reply.version, values, registered)
 
-    def _register(self, where: Places) -> Registered | None:
+    @functools.cached_property
+    def _layouts(self) -> Layouts:
+        return Layouts()
+
+    def _register(self, where: Places, ids: tuple[int, ...]) -> Registered | None:
         """Register the allocations with this process's Transfer Engine (readers on other
         nodes, and of host memory, read through it); None where GPU memory cannot be (then
         only this node's readers reach it, by CUDA IPC)."""
@@ -187,7 +189,7 @@ class Publishing(ReplicaClient):
                 if self._seeds is None:
                     self._seeds = SeedRanges(self._start_transport())
                 seeds = self._seeds
-            return Registered(seeds, where)
+            return Registered(seeds, where, ids)
         except (TransferError, InvalidArgument) as exc:
             if where.device == "cpu":
                 raise TransferError(

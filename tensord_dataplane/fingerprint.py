@@ -152,23 +152,35 @@ def slab_fingerprints(
 
 
 def fingerprints(
-    tensors: list[torch.Tensor], *, window: int = 1 << 30, version: int = FINGERPRINT_VERSION
+    tensors: list[torch.Tensor],
+    *,
+    window: int = 1 << 30,
+    version: int = FINGERPRINT_VERSION,
+    dense: tuple[torch.device, np.ndarray, np.ndarray] | None = None,
 ) -> list[int]:
     """`fingerprint` of many tensors, in bulk: tensors of one device are gathered, up to
     `window` bytes at a time, into a buffer laid out like a slab, and fingerprinted together
     (on a GPU, 8-byte aligned ones are read in place by one kernel; on the host, definition 3
-    reads large aligned ones in place and gathers the others through one reused buffer)."""
+    reads large aligned ones in place and gathers the others through one reused buffer).
+    `dense`: (device, data pointers, byte sizes) of `tensors` when the caller knows them all
+    contiguous on that one device (not asked of torch again)."""
     _known(version)
     n = len(tensors)
     if n < 8:
         return [fingerprint(t, version=version) for t in tensors]
     out = np.zeros(n, dtype=_U)
-    with paused_gc():  # one C-level map per attribute: no Python frame per tensor
-        flags = list(map(torch.Tensor.is_contiguous, tensors))
-        dense = tensors if all(flags) else [t if c else t.contiguous() for t, c in zip(tensors, flags, strict=True)]
-        devices = list(map(attrgetter("device"), dense))
-        sizes = np.fromiter(map(attrgetter("nbytes"), dense), dtype=np.int64, count=n)
-        ptrs = np.fromiter(map(torch.Tensor.data_ptr, dense), dtype=np.int64, count=n)
+    if dense is not None:
+        devices, ptrs, sizes = [dense[0]], dense[1], dense[2]
+        if len(ptrs) != n or len(sizes) != n:
+            raise InvalidArgument("dense needs one pointer and one size per tensor")
+    else:
+        with paused_gc():  # one C-level map per attribute: no Python frame per tensor
+            flags = list(map(torch.Tensor.is_contiguous, tensors))
+            if not all(flags):
+                tensors = [t if c else t.contiguous() for t, c in zip(tensors, flags, strict=True)]
+            devices = list(map(attrgetter("device"), tensors))
+            sizes = np.fromiter(map(attrgetter("nbytes"), tensors), dtype=np.int64, count=n)
+            ptrs = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=n)
     kinds = set(devices)
     for device in kinds:
         if len(kinds) == 1:
@@ -185,7 +197,7 @@ def fingerprints(
             if version == 3:  # large, aligned ones read where they lie
                 big = (sizes[rows] >= _IN_PLACE) & (ptrs[rows] % 8 == 0)
                 if big.any():
-                    out[rows[big]] = _host_in_place([as_bytes(dense[i]) for i in rows[big].tolist()])
+                    out[rows[big]] = _host_in_place([as_bytes(tensors[i]) for i in rows[big].tolist()])
                     rows = rows[~big]
             step = min(window, _HOST_WINDOW)  # a small buffer, reused: fresh pages cost more than the hash
         for idx in _groups(sizes[rows], step):

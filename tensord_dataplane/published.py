@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +48,15 @@ class SeedRanges:
         self._idle: dict[tuple[int, int], str] = {}  # (base, size) -> device, registered, unused
         self._ids: dict[tuple[int, int], int] = {}  # GPU ranges: the allocation's buffer id
 
-    def take(self, p: Places) -> list[tuple[int, int]]:
+    def take(self, p: Places, ids: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """Register what `p` needs that is not registered (TransferError, InvalidArgument for a
-        range overlapping another publication's); the ranges, to `give` back."""
+        range overlapping another publication's); the ranges, to `give` back. `ids`: the
+        allocations' buffer ids, where the caller has just asked for them."""
         ranges = list(zip(p.bases.tolist(), p.sizes.tolist(), strict=True))
-        ids = buffer_ids([b for b, _ in ranges], p.device) if p.device.startswith("cuda") else []
+        if not p.device.startswith("cuda"):
+            ids = []
+        elif not ids:
+            ids = buffer_ids([b for b, _ in ranges], p.device)
         with self._lock:
             wanted = set(ranges)
             self._drop([(r, d) for r, d in self._idle.items() if r not in wanted])
@@ -107,11 +111,11 @@ class SeedRanges:
 class Registered:
     """One publication's allocations, registered with its publisher's engine until `close()`."""
 
-    def __init__(self, seeds: SeedRanges, p: Places) -> None:
+    def __init__(self, seeds: SeedRanges, p: Places, ids: Sequence[int] | None = None) -> None:
         if not seeds.transport.supports(p.device):
             raise TransferError(f"this process's Transfer Engine cannot expose {p.device} memory")
         self._seeds, self.device = seeds, p.device
-        self._ranges: list[tuple[int, int]] | None = seeds.take(p)
+        self._ranges: list[tuple[int, int]] | None = seeds.take(p, ids)
         # node, size and generation are the daemon's to set
         self.replica = PublishedReplica(
             "",

@@ -311,6 +311,44 @@ def test_the_same_memory_published_twice_stays_readable_until_both_go(ab) -> Non
         assert not seeds._uses and not seeds._idle  # host ranges go at once
 
 
+def test_republishing_reuses_the_layout_only_while_it_is_what_describing_would_give(ab) -> None:
+    """An RL engine publishes the same tensors after every update: the layout (table, places)
+    is used again; every change to where or how a tensor lies is seen, and the reader on the
+    other node gets exactly the published bytes each time (fingerprints checked)."""
+    src = _shard(12)
+    with ab.client("pa") as pa, ab.client("pb") as pb:
+
+        def round_trip() -> None:
+            with pa.publish("pubr/again", src) as pub:
+                assert _same(dict(pb.get("pubr/again", pub.version).items()), src)
+                target = {k: torch.zeros_like(t) for k, t in src.items()}
+                assert pb.load_into(target, "pubr/again", pub.version) == pub.version
+                assert _same(target, src)
+
+        round_trip()
+        kept = pa._layouts._kept["pubr/again"]
+        src["layer3.w"].view(torch.uint8).add_(1)  # new bytes, same memory: the layout stays
+        round_trip()
+        assert pa._layouts._kept["pubr/again"] is kept
+        changes = [
+            lambda: src.__setitem__("layer4.w", src["layer4.w"].clone()),  # replaced: a new address
+            lambda: src["layer5.w"].set_(torch.ones(3, 5, dtype=src["layer5.w"].dtype)),  # re-pointed in place
+            lambda: src["layer6.w"].resize_(2, 2),  # resized in place
+            lambda: src.__setitem__("layer7.w", src["layer7.w"].view(torch.uint8)),  # same bytes, another dtype
+            lambda: src.__setitem__("layer8.w", src["layer8.w"].reshape(-1)),  # same bytes, another shape
+            lambda: src.__setitem__("added", torch.arange(5.0)),  # another name
+            lambda: src.pop("layer9.w"),  # one name fewer
+        ]
+        for change in changes:
+            change()
+            round_trip()
+            assert pa._layouts._kept["pubr/again"] is not kept  # described afresh
+            kept = pa._layouts._kept["pubr/again"]
+        with pytest.raises(sdk.InvalidArgument, match="contiguous"):
+            pa.publish("pubr/again", {**src, "t": torch.ones(3, 4).t()})
+        assert pa._layouts._kept["pubr/again"] is kept
+
+
 def test_seed_ranges_keep_gpu_allocations_registered_for_the_next_publication() -> None:
     """Counted registrations on the in-memory reference engine; host ranges go with their last
     publication (freed host memory may be unmapped)."""
