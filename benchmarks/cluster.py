@@ -15,6 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument(
         "--tensors", type=int, default=0, help="a DeepSeek-like set of this many tensors (default: LLM-shaped)"
     )
+    p.add_argument("--profile", action="store_true", help="also profile one load_into and one get")
     args = p.parse_args()
     etcd = start_etcd(Path(tempfile.mkdtemp(prefix="tensord-etcd-")))
     work = Path(tempfile.mkdtemp(prefix="tensord-cluster-"))
@@ -103,6 +105,12 @@ def main() -> None:
                 print(row("tensord get (vs peer copy)", nbytes, get, peer))
             print(row("tensord get (vs raw read into fresh memory)", nbytes, get, raw_new))
             print(row("tensord load_into (vs raw read into registered memory)", nbytes, load, raw))
+            if args.profile:  # where a remote load_into and get spend their time
+                for label, call in (
+                    ("load_into", lambda: cb.load_into(targets, "bench/remote")),
+                    ("get", lambda: cb.get("bench/remote", device=args.to)),
+                ):
+                    profile(label, call)
             watch_latency(a, b)
     finally:
         for d in daemons:
@@ -110,6 +118,19 @@ def main() -> None:
         etcd.stop(kill=True)
         etcd.cleanup()
     sync()
+
+
+def profile(label: str, call: Callable[[], object], top: int = 18) -> None:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    call()
+    sync()
+    prof.disable()
+    print(f"== profile of one {label}: top {top} by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def watch_latency(a: DaemonProcess, b: DaemonProcess, rounds: int = 20) -> None:
