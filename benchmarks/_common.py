@@ -170,3 +170,16 @@ def random_tensors(shapes: dict[str, tuple[str, tuple[int, ...]]], device: str) 
         raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device, generator=g)
         out[k] = raw.view(getattr(torch, dtype)).view(shape)
     return out
+
+
+def profile(label: str, call: Callable[[], object], top: int = 18) -> None:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    call()
+    sync()
+    prof.disable()
+    print(f"== profile of one {label}: top {top} by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)

@@ -15,12 +15,11 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import REPO, deepseek_shapes, llm_shapes, median_seconds, random_set, random_tensors, row, sync
+from _common import REPO, deepseek_shapes, llm_shapes, median_seconds, profile, random_set, random_tensors, row, sync
 
 from tensord_dataplane.cuda import current
 from tensord_dataplane.remote import _range as memory_range
@@ -118,19 +117,6 @@ def main() -> None:
         etcd.stop(kill=True)
         etcd.cleanup()
     sync()
-
-
-def profile(label: str, call: Callable[[], object], top: int = 18) -> None:
-    import cProfile
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    call()
-    sync()
-    prof.disable()
-    print(f"== profile of one {label}: top {top} by own time")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def watch_latency(a: DaemonProcess, b: DaemonProcess, rounds: int = 20) -> None:

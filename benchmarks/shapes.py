@@ -20,7 +20,7 @@ import gc
 import time
 
 import torch
-from _common import deepseek_shapes, median_seconds, random_tensors, start_daemon, sync
+from _common import deepseek_shapes, median_seconds, profile, random_tensors, start_daemon, sync
 
 from tensord_dataplane.copy import engine_name
 from tensord_dataplane.tensors import as_bytes
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=None, help="set size in GB (default: 0.5 on cpu, 17.7 on GPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also profile one steady put and load_into")
     args = p.parse_args()
     device = args.device
     gb = args.gb if args.gb is not None else (0.5 if device == "cpu" else 17.7)
@@ -114,6 +115,9 @@ def main() -> None:
             )
             load = median_seconds(lambda: client.load_into(targets, "bench/shapes"), args.runs)
             line("tensord load_into existing tensors (vs _foreach_copy_)", load, nbytes, foreach, "target <= 1.3x")
+            if args.profile:  # where a steady put and load_into spend their time
+                profile("put", lambda: client.put("bench/shapes", src))
+                profile("load_into", lambda: client.load_into(targets, "bench/shapes"))
 
             def cold_get() -> None:
                 with daemon.client() as fresh:
