@@ -19,10 +19,21 @@ from typing import Any, TypeVar
 
 from sdk.connection import Connection, endpoint
 from sdk.settings import Settings
+from tensord_contract.catalogue_messages import (
+    InfoReply,
+    InfoRequest,
+    LoadReply,
+    LoadRequest,
+    LsReply,
+    LsRequest,
+    WaitReply,
+    WaitRequest,
+)
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unavailable
-from tensord_contract.messages import DeleteReply, DeleteRequest, ReplicateReply, ReplicateRequest
+from tensord_contract.messages import DeleteReply, DeleteRequest, FanOutReply, ReplicateReply, ReplicateRequest
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
+from tensord_contract.node_messages import NodesReply, NodesRequest, StatusReply, StatusRequest
 from tensord_contract.rows import TensorRows
 
 log = logging.getLogger("sdk.client")
@@ -128,34 +139,30 @@ class CatalogueClient:
     def load_checkpoint(self, path: str, name: str, *, device: str = "cpu", threads: int | None = None) -> int:
         """Make the daemon load a .safetensors file or Hugging Face directory that it reads itself
         (it must lie under the daemon's ingest.allowed_roots). Returns the new version."""
-        args: dict[str, Any] = {"path": os.path.abspath(path), "name": check_name(name), "device": device}
-        if threads is not None:
-            args["threads"] = threads
-        result, _ = self._conn().call("load", **args)
-        return int(result["version"])
+        request = LoadRequest(os.path.abspath(path), check_name(name), device, threads)
+        result, _ = self._conn().call("load", **request.to_wire())
+        return LoadReply.from_wire(result, ProtocolError).version
 
     def load_passed(self, fds: list[int], **args: Any) -> dict[str, Any]:
         """Make the daemon load checkpoint files this process opened: `fds` are passed over the
         Unix socket (SCM_RIGHTS), `args` are the `load` op's (path, name, files describing each
         descriptor, device, threads, tp, rules). The reply: version, nbytes, sets."""
         result, _ = self._conn().call("load", pass_fds=fds, **args)
-        return dict(result)
+        return LoadReply.from_wire(result, ProtocolError).to_wire()
 
     # -- catalogue --------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
         """Sets whose name starts with `prefix`: name, latest, versions, nbytes, tensors, device."""
-        result, _ = self._conn().call("ls", prefix=check_prefix(prefix))
-        return list(result)
+        result, _ = self._conn().call("ls", **LsRequest(check_prefix(prefix)).to_wire())
+        return LsReply.from_wire(result, ProtocolError).to_wire()
 
     def info(self, name: str, version: int | str | None = None, *, tensors: bool = False) -> dict[str, Any]:
         """One version: tensor count and dtypes, bytes, device, pins, replicas, all versions;
         with `tensors`, also every tensor's dtype, shape and bytes: a read-only mapping name ->
         {dtype, shape, nbytes} (`TensorRows`) whose rows are built when looked at."""
-        args: dict[str, Any] = {"name": check_name(name), "version": check_version(version)}
-        if tensors:
-            args["tensors"] = "columns"
-        result, _ = self._conn().call("info", **args)
-        out = dict(result)
+        request = InfoRequest(check_name(name), check_version(version), "columns" if tensors else False)
+        result, _ = self._conn().call("info", **request.to_wire())
+        out = InfoReply.from_wire(result, ProtocolError).to_wire()
         if tensors:  # columns, decoded in bulk; each row a dict only when looked at
             out["tensors"] = TensorRows(out.get("tensors"))
         return out
@@ -168,13 +175,13 @@ class CatalogueClient:
 
     def status(self) -> dict[str, Any]:
         """The daemon: node, devices with budget and use, sets, pins, restore progress."""
-        result, _ = self._conn().call("status")
-        return dict(result)
+        result, _ = self._conn().call("status", **StatusRequest().to_wire())
+        return StatusReply.from_wire(result, ProtocolError).to_wire()
 
     def nodes(self) -> list[dict[str, Any]]:
         """Live nodes of the cluster: node record (devices and budgets) and current status."""
-        result, _ = self._conn().call("nodes")
-        return list(result)
+        result, _ = self._conn().call("nodes", **NodesRequest().to_wire())
+        return NodesReply.from_wire(result, ProtocolError).to_wire()
 
     # -- cluster ----------------------------------------------------------------------------
     def replicate(
@@ -222,7 +229,7 @@ class CatalogueClient:
             stop.set()
             if watcher is not None:
                 watcher.join()
-        return dict(result)
+        return FanOutReply.from_wire(result, ProtocolError).to_wire()
 
     def _progress(
         self, name: str, version: int, report: Callable[[dict[str, float]], None], stop: threading.Event
@@ -231,8 +238,9 @@ class CatalogueClient:
         try:
             while not stop.wait(0.5):
                 with contextlib.suppress(TensordError, OSError):
-                    result, _ = conn.call("info", name=name, version=version)
-                    report({p["node"]: p["held"] / max(p["chunks"], 1) for p in result.get("partials", [])})
+                    result, _ = conn.call("info", **InfoRequest(name, version).to_wire())
+                    partials = InfoReply.from_wire(result, ProtocolError).partials
+                    report({p.node: p.held / max(p.chunks, 1) for p in partials})
         finally:
             conn.close()
 
@@ -257,18 +265,19 @@ class CatalogueClient:
             while True:
                 wait = _WATCH_POLL if timeout is None else min(_WATCH_POLL, timeout)
                 try:
-                    result, _ = conn.call("wait", name=name, after=after, timeout=wait)
+                    result, _ = conn.call("wait", **WaitRequest(name, after, wait).to_wire())
                 except Unavailable:
                     if not conn.closed:  # the daemon answered (its registry is unreachable)
                         raise
                     log.warning("watch of %s lost the daemon at %s; reconnecting", name, conn.where)
                     conn = self._reconnect()
                     continue
-                if result["version"] is None:
+                version = WaitReply.from_wire(result, ProtocolError).version
+                if version is None:
                     if timeout is not None:
                         return
                     continue
-                after = int(result["version"])
+                after = version
                 yield after
         finally:
             conn.close()

@@ -20,6 +20,7 @@ from sdk.settings import Settings
 from tensord_contract import control, wire
 from tensord_contract.defaults import DEFAULT_SOCKET
 from tensord_contract.errors import InvalidArgument, ProtocolError, Unavailable
+from tensord_contract.node_messages import HelloReply
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ class Connection:
         except OSError as exc:
             raise Unavailable(f"cannot reach the tensord daemon at {target}: {exc.strerror or exc}") from exc
         try:
-            self.server = self.call("hello", **control.hello_args(identity, token))[0]
+            result, _ = self.call("hello", **control.hello_args(identity, token))
+            #: what the daemon said of itself (`HelloReply`), as a map (`server.get("cluster")`)
+            self.server = HelloReply.from_wire(result, ProtocolError).to_wire()
         except BaseException:
             self.close()
             raise

@@ -3,8 +3,8 @@ file, does not fit its device's budget: unpinned versions on that device, least 
 first, that can come back. Either another live node holds a replica, or the checkpoint it was
 loaded from may be read again (then the version stays in the registry and in the catalogue,
 marked evicted, and its next read on this node re-reads it). If evicting every such version
-would not make room, nothing is evicted and the request fails with OutOfCapacity. `Store`
-carries the plan out.
+would not make room, nothing is evicted and the request fails with OutOfCapacity. `Eviction`
+carries the plan out on the version table (`tensord.versions.Versions`) it is handed.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from tensord.checkpoint import recorded_checkpoint
+from tensord.memory import Budgets
+from tensord.metrics import Metrics
 from tensord.records import Held
 from tensord.registry.base import Registry
+from tensord.versions import Versions
 from tensord_contract.errors import TensordError, Unavailable
+from tensord_contract.manifest import ALIGN
 
 log = logging.getLogger(__name__)
 Reason = Callable[[Held], Awaitable[str | None]]
@@ -75,3 +79,61 @@ async def recoverable(held: Held, registry: Registry, node: str, allowed_roots: 
     except TensordError:
         return None
     return "checkpoint"
+
+
+class Eviction:
+    """Makes room on a device by evicting from the version table (`policy` "lru"; "none"
+    evicts nothing). Claims what it frees before it awaits anything."""
+
+    def __init__(
+        self,
+        versions: Versions,
+        budgets: Budgets,
+        registry: Registry,
+        metrics: Metrics,
+        node: str,
+        *,
+        policy: str,
+        allowed_roots: Sequence[str],
+    ) -> None:
+        self._versions, self._budgets, self._registry, self._metrics = versions, budgets, registry, metrics
+        self.node, self.policy, self.allowed_roots = node, policy, tuple(allowed_roots)
+
+    async def make_room(self, device: str, nbytes: int) -> None:
+        """With eviction on, evict unpinned versions on `device` that can come back, least recently
+        read first, until `nbytes` more fit. Evicts nothing if that would not make room."""
+        device, nbytes, budgets = self._budgets.check_device(device), max(nbytes, ALIGN), self._budgets
+        if self.policy != "lru":
+            return
+        plan = await plan_room(
+            self._versions.all,
+            device,
+            lambda: budgets.used[device] + nbytes - budgets.limit[device],
+            lambda h: recoverable(h, self._registry, self.node, self.allowed_roots),
+        )
+        claimed = [(h, why, self._versions.claim(h, why)) for h, why in plan]  # at once: none pinned meanwhile
+        try:
+            for held, reason, idle in claimed:
+                await self._withdraw(held, reason, idle)
+        finally:
+            for held, _, _ in claimed:
+                self._versions.withdrawn(held)
+
+    async def _withdraw(self, held: Held, reason: str, idle: float) -> None:
+        """An eviction's second half: withdraw the replica, note it in the state directory."""
+        (name, version), device, nbytes = held.key, held.slab.device, held.slab.nbytes
+        try:
+            await self._registry.remove_replica(name, version, self.node, device)
+        except TensordError as exc:  # readers elsewhere find the pin refused and try another
+            log.warning("evicting %s v%d: cannot withdraw its replica now: %s", name, version, exc.message)
+        try:
+            if reason != "checkpoint":
+                await self._versions.forget(name, version)
+            elif self._versions.still_evicted(held):  # not deleted meanwhile
+                await self._versions.record(held.manifest, device, held.manifest.origin, evicted=True)
+        except TensordError as exc:  # it stays recorded as held: a restart reads it again
+            log.warning("%s", exc.message)
+        self._metrics.evictions.labels(device, reason).inc()
+        self._metrics.evicted_bytes.labels(device).inc(nbytes)
+        why = "another node holds it" if reason == "replica" else f"comes back from {held.manifest.origin}"
+        log.info("evicted %s v%d (%d bytes on %s, last read %.0f s ago): %s", name, version, nbytes, device, idle, why)

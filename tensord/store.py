@@ -1,5 +1,6 @@
-"""The node's store: slabs it holds, reservations being written, pins, budgets, retention,
-eviction, and the catalogue of what it holds in the state directory.
+"""The node's store: slabs it holds, reservations being written, budgets, retention; the
+version table (`tensord.versions`: held, evicted, pins, the state directory's records) and
+eviction (`tensord.eviction.Eviction`) are its parts.
 
 Names and versions live in the registry; the store keeps the memory. A version becomes
 visible only at commit, after its bytes are written and its slab sealed. A retired or deleted
@@ -10,12 +11,11 @@ before it becomes visible, and forgotten when it leaves the node for good (delet
 or evicted while another node holds it), so a restarted daemon knows what to restore.
 
 One lifecycle per version: held (pinnable while live) → retired, deleted or evicted (no new
-pins) → freed once, when its last pin goes. Eviction (`memory.eviction = "lru"`,
-`tensord.eviction`) claims what it frees before it awaits anything."""
+pins) → freed once, when its last pin goes (`Versions`). Eviction (`memory.eviction = "lru"`)
+claims what it frees before it awaits anything."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tensord import accounting
-from tensord.eviction import plan_room, recoverable
+from tensord.eviction import Eviction
 from tensord.memory import Budgets, CudaBlocks, HostSlab, Slab, allocate
 from tensord.metrics import Metrics
 from tensord.published_slabs import PUBLISHED, PublishedSlab, published
@@ -34,6 +34,7 @@ from tensord.records import Held, Reservation
 from tensord.registrations import Registrations
 from tensord.registry.base import Registry, Replica
 from tensord.state import Catalogue
+from tensord.versions import Versions
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import ALIGN, FINGERPRINT_VERSION, MAX_BYTES, Manifest, Table
 from tensord_dataplane.transport.base import Transport
@@ -66,14 +67,12 @@ class Store:
         self._engine = registrations if registrations is not None else Registrations(node)
         if transport is not None:
             self._engine.attach(transport)
-        self._catalogue, self.keep_manifests = catalogue, keep_manifests
         self.eviction, self.allowed_roots = eviction, tuple(allowed_roots)
         self._metrics = metrics if metrics is not None else Metrics()
-        self._held: dict[tuple[str, int], Held] = {}
-        #: versions evicted here that come back from their checkpoint on their next read
-        self._evicted: dict[tuple[str, int], tuple[Manifest, str]] = {}
-        #: versions evicted whose replica and record are still being withdrawn (adopt waits)
-        self._leaving: dict[tuple[str, int], asyncio.Event] = {}
+        self.versions = Versions(self._free, catalogue, keep_manifests=keep_manifests)
+        self._eviction = Eviction(
+            self.versions, budgets, registry, self._metrics, node, policy=eviction, allowed_roots=allowed_roots
+        )
         self._reservations: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self._blocks = CudaBlocks()  # GPU memory of freed slabs, kept for later ones
@@ -93,35 +92,46 @@ class Store:
         """The devices this node serves (those with a budget)."""
         return tuple(self._budgets.limit)
 
+    # the version table's lookups, pins and records (`Versions`), for the ops, fleet and restorer
     def holds(self, name: str, version: int) -> Held | None:
-        """The live version held here, or None."""
-        held = self._held.get((name, version))
-        return held if held is not None and held.live else None
+        return self.versions.holds(name, version)
 
     def lookup(self, name: str, version: int) -> Held | None:
-        """The version held here, live or retired while still pinned, or None."""
-        return self._held.get((name, version))
+        return self.versions.lookup(name, version)
 
     def evicted(self, name: str, version: int) -> tuple[Manifest, str] | None:
-        """The manifest and device of a version evicted here that comes back from its checkpoint."""
-        return self._evicted.get((name, version))
+        return self.versions.evicted(name, version)
 
     def note_evicted(self, manifest: Manifest, device: str) -> None:
-        """A version evicted before a restart: it comes back on its next read, as before."""
-        self._evicted[manifest.name, manifest.version] = (manifest, device)
+        self.versions.note_evicted(manifest, device)
+
+    def pin(self, held: Held, count: int = 1) -> None:
+        self.versions.pin(held, count)
+
+    def unpin(self, held: Held) -> None:
+        self.versions.unpin(held)
+
+    def retire(self, held: Held) -> None:
+        self.versions.retire(held)
+
+    async def forget(self, name: str, version: int) -> None:
+        await self.versions.forget(name, version)
+
+    async def make_room(self, device: str, nbytes: int) -> None:
+        await self._eviction.make_room(device, nbytes)
 
     def status(self) -> dict[str, Any]:
         """What this node holds and uses, per device and in all (`tensord status`, metrics)."""
-        live = [h for h in self._held.values() if h.live]
+        live = self.versions.live()
         return {
             "devices": accounting.devices(live, self._budgets, self._blocks.idle_bytes),
             "huge_pages": self.huge_page_bytes(),
             "sets": len({h.manifest.name for h in live}),
             "versions": len(live),
-            "pins": sum(h.pins for h in self._held.values()),
+            "pins": self.versions.pins,
             "reservations": len(self._reservations),
             "eviction": self.eviction,
-            "evicted": len(self._evicted),
+            "evicted": self.versions.evicted_count,
             "published": published(live),
         }
 
@@ -158,7 +168,7 @@ class Store:
 
     def huge_page_bytes(self) -> int:
         """Bytes of host slabs (held or reserved) that lie in huge pages."""
-        slabs = [h.slab for h in self._held.values()] + [r.slab for r in self._reservations.values()]
+        slabs = [h.slab for h in self.versions.all()] + [r.slab for r in self._reservations.values()]
         return sum(s.size for s in slabs if isinstance(s, HostSlab) and s.huge)
 
     # -- writing ----------------------------------------------------------------------------
@@ -196,23 +206,24 @@ class Store:
     ) -> Held:
         """Make the bytes in `slab` (laid out as `m`, uncommitted) the next version of its set:
         recorded, advertised, retention applied. The slab is freed if that fails."""
-        version = 0
+        version, held = 0, None
         try:
             version = await self._registry.allocate_version(m.name)
             manifest = m.committed(version, fingerprints, time.time(), fp_version)
-            await self._record(manifest, slab.device, PUBLISHED if slab.published else manifest.origin)
+            await self.versions.record(manifest, slab.device, PUBLISHED if slab.published else manifest.origin)
             held = Held(manifest, slab)
-            self._held[held.key] = held  # before the registry, so whoever resolves it finds it
+            self.versions.add(held)  # before the registry, so whoever resolves it finds it
             if not slab.published and self.reaches(slab.device):
                 self.expose(slab, writable=False)
             await self._registry.commit(manifest, self.replica(held))
             held.advertised = True
         except BaseException:
-            self._held.pop((m.name, version), None)
+            if held is not None:
+                self.versions.unlist(held)
             self._free(slab)
-            if version and self._catalogue is not None:
+            if version:
                 with contextlib.suppress(TensordError):  # recorded but never committed: lost at restart
-                    await self._catalogue.forget(m.name, version)
+                    await self.versions.forget(m.name, version)
             raise
         log.info("committed %s v%d: %d tensors, %d bytes on %s", m.name, version, len(m), m.nbytes, slab.device)
         try:
@@ -251,44 +262,35 @@ class Store:
         origin, was read again from its checkpoint), and advertise it."""
         self._engine.hide(slab)
         slab.seal()
-        key = (manifest.name, manifest.version)
-        while (leaving := self._leaving.get(key)) is not None:  # its eviction withdraws it first
-            await leaving.wait()
-        held = self._held.get(key)
-        if held is not None and held.live:
+        held = await self.versions.settled((manifest.name, manifest.version))  # an eviction withdraws it first
+        if held is not None:
             self._free(slab)
             return held
         held = Held(manifest, slab)
-        self._held[key] = held
-        evicted = self._evicted.pop(key, None)  # held again (not evictable until advertised)
+        evicted = self.versions.add(held)  # held again (not evictable until advertised)
         try:
-            await self._record(manifest, slab.device, source)
+            await self.versions.record(manifest, slab.device, source)
             if self.reaches(slab.device):
                 self.expose(slab, writable=False)
             await self._registry.add_replica(self.replica(held))
             held.advertised = True
         except BaseException as exc:
-            self._drop(held)
+            self.versions.drop(held)
             if isinstance(exc, NotFound):  # deleted meanwhile: nothing left to hold
-                await self.forget(*key)
+                await self.forget(*held.key)
             elif evicted is not None:
-                self._evicted[key] = evicted
+                self.versions.note_evicted(*evicted)
             raise
         if source == "peer":
             self._metrics.moved("transfer_engine", "write", manifest.data_bytes)
         log.info("holding a replica of %s v%d on %s (from %s)", manifest.name, manifest.version, slab.device, source)
         return held
 
-    async def _record(self, manifest: Manifest, device: str, source: str, *, evicted: bool = False) -> None:
-        """Note in the state directory that this node holds (or evicted) a version."""
-        if self._catalogue is not None:
-            await self._catalogue.note(manifest, device, source, evicted=evicted, with_manifest=self.keep_manifests)
-
     # -- reading ----------------------------------------------------------------------------
     async def resolve(self, name: str, version: int | None) -> Held:
         """The locally held version `version` names; NotFound if this node does not hold it."""
-        held = self._held.get((name, await self.resolve_version(name, version)))
-        if held is None or not held.live:
+        held = self.versions.holds(name, await self.resolve_version(name, version))
+        if held is None:
             raise NotFound(f"{name} v{version or 'latest'} is not held on node {self.node}", name=name, version=version)
         return held
 
@@ -297,23 +299,12 @@ class Store:
         try:
             return await self._registry.resolve(name, version)
         except Unavailable:
-            local = [v for (n, v), h in self._held.items() if n == name and h.live]
+            local = [h.manifest.version for h in self.versions.live(name)]
             if version is not None and version in local:
                 return version
             if version is None and local:
                 return max(local)
             raise
-
-    def pin(self, held: Held, count: int = 1) -> None:
-        held.pins += count
-        held.last_read = time.monotonic()
-
-    def unpin(self, held: Held) -> None:
-        held.pins -= 1
-        if held.pins == 0 and held.drained is not None:
-            held.drained.set()
-        if held.pins == 0 and not held.live:
-            self._drop(held)
 
     # -- removal ----------------------------------------------------------------------------
     async def delete(self, name: str, version: int | None) -> int:
@@ -322,16 +313,9 @@ class Store:
         for v in versions:
             await self.forget(name, v)  # first: a delete whose record stays would come back at restart
             deleted += await self._registry.delete_version(name, v)
-            if (held := self._held.get((name, v))) is not None:
+            if (held := self.versions.lookup(name, v)) is not None:
                 self.retire(held)
         return deleted
-
-    async def forget(self, name: str, version: int) -> None:
-        """A version left this node for good: nothing to restore or recover. Unavailable if
-        its record cannot be removed from the state directory (it stays recorded)."""
-        self._evicted.pop((name, version), None)
-        if self._catalogue is not None:
-            await self._catalogue.forget(name, version)
 
     async def _retain(self, name: str) -> None:
         """Keep the newest `retention` versions of `name` (0: keep all)."""
@@ -341,26 +325,9 @@ class Store:
         for v in versions[: -self.retention]:
             await self.forget(name, v)  # first, as a delete
             await self._registry.delete_version(name, v)
-            if (held := self._held.get((name, v))) is not None and held.live:
+            if (held := self.versions.holds(name, v)) is not None:
                 log.info("retention: retiring %s v%d (%d pins)", name, v, held.pins)
                 self.retire(held)
-
-    def retire(self, held: Held) -> None:
-        if not held.live:  # retired, evicted or freed already: once only
-            return
-        held.live = False
-        if held.pins == 0:
-            self._drop(held)
-
-    def _drop(self, held: Held) -> None:
-        """Forget and free a version's slab, once: a second free would give its budget back
-        twice, or close a descriptor number reused since."""
-        held.live = False
-        if self._held.get(held.key) is held:
-            del self._held[held.key]
-        if not held.freed:
-            held.freed = True
-            self._free(held.slab)
 
     def _free(self, slab: Slab) -> None:
         self._engine.hide(slab)
@@ -376,64 +343,16 @@ class Store:
 
     async def reconcile(self) -> None:
         """Retire held versions whose manifest left the registry (deleted by another node)."""
-        for held in [h for h in self._held.values() if h.live and h.advertised]:
+        for held in [h for h in self.versions.live() if h.advertised]:
             name, version = held.key
             if version not in await self._registry.versions(name) and held.live:  # not retired meanwhile
                 log.info("%s v%d was deleted elsewhere: retiring the local replica", name, version)
                 self.retire(held)
                 await self.forget(name, version)
 
-    # -- eviction ---------------------------------------------------------------------------
-    async def make_room(self, device: str, nbytes: int) -> None:
-        """With eviction on, evict unpinned versions on `device` that can come back, least recently
-        read first, until `nbytes` more fit. Evicts nothing if that would not make room."""
-        device, nbytes, budgets = self._budgets.check_device(device), max(nbytes, ALIGN), self._budgets
-        if self.eviction != "lru":
-            return
-        plan = await plan_room(
-            lambda: list(self._held.values()),
-            device,
-            lambda: budgets.used[device] + nbytes - budgets.limit[device],
-            lambda h: recoverable(h, self._registry, self.node, self.allowed_roots),
-        )
-        claimed = [(h, why, self._claim(h, why)) for h, why in plan]  # at once: none pinned meanwhile
-        try:
-            for held, reason, idle in claimed:
-                await self._withdraw(held, reason, idle)
-        finally:
-            for held, _, _ in claimed:
-                self._leaving.pop(held.key).set()
-
-    def _claim(self, held: Held, reason: str) -> float:
-        """Evict now: unresolvable, unpinnable, slab freed, marked evicted; seconds since read."""
-        self._leaving[held.key] = asyncio.Event()
-        self._drop(held)
-        if reason == "checkpoint":
-            self._evicted[held.key] = (held.manifest, held.slab.device)
-        return time.monotonic() - held.last_read
-
-    async def _withdraw(self, held: Held, reason: str, idle: float) -> None:
-        """An eviction's second half: withdraw the replica, note it in the state directory."""
-        (name, version), device, nbytes = held.key, held.slab.device, held.slab.nbytes
-        try:
-            await self._registry.remove_replica(name, version, self.node, device)
-        except TensordError as exc:  # readers elsewhere find the pin refused and try another
-            log.warning("evicting %s v%d: cannot withdraw its replica now: %s", name, version, exc.message)
-        try:
-            if reason != "checkpoint":
-                await self.forget(name, version)
-            elif self._evicted.get(held.key, (None,))[0] is held.manifest:  # not deleted meanwhile
-                await self._record(held.manifest, device, held.manifest.origin, evicted=True)
-        except TensordError as exc:  # it stays recorded as held: a restart reads it again
-            log.warning("%s", exc.message)
-        self._metrics.evictions.labels(device, reason).inc()
-        self._metrics.evicted_bytes.labels(device).inc(nbytes)
-        why = "another node holds it" if reason == "replica" else f"comes back from {held.manifest.origin}"
-        log.info("evicted %s v%d (%d bytes on %s, last read %.0f s ago): %s", name, version, nbytes, device, idle, why)
-
     def close(self) -> None:
         """Free everything (shutdown): reservations, then held slabs, pinned or not."""
         for rid in list(self._reservations):
             self.abort(rid)
-        for held in list(self._held.values()):
-            self._drop(held)
+        for held in self.versions.all():
+            self.versions.drop(held)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tensord_contract import wire
 from tensord_contract.errors import InvalidArgument, ProtocolError, TensordError, from_wire
+from tensord_contract.node_messages import HelloRequest
 
 _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxstring, _brief.maxother, _brief.maxlist, _brief.maxdict = 2, 40, 40, 4, 4
@@ -91,10 +92,7 @@ class FrameReader:
 def hello_args(identity: str, token: str | None) -> dict[str, Any]:
     """The arguments of the first request on a connection: protocol version, who is asking, and
     the token when there is one (a TCP listener with a token wants it for mutating ops)."""
-    args: dict[str, Any] = {"protocol": wire.PROTOCOL_VERSION, "client": identity}
-    if token:
-        args["token"] = token
-    return args
+    return HelloRequest(wire.PROTOCOL_VERSION, identity, token or None).to_wire()
 
 
 class ClientProtocol:

@@ -12,10 +12,13 @@ Neither side spells the keys by hand.
     DeleteRequest / DeleteReply       `delete`: one version, or every version of a set
     UnpublishRequest / UnpublishReply `unpublish`: withdraw a publication, wait for its readers
     ReplicateRequest / ReplicateReply `replicate`: make nodes pull a copy; the reply is the
-                                      single-node form's (a fan-out's reply is a map of them)
+                                      single-node form's (`FanOutReply`: a fan-out's, a map of them)
+    PutAbortRequest / PutAbortReply   `put_abort`: give a reservation back
 
-`put_commit`'s messages are in `tensord_contract.table_messages` with `put_begin`'s (its
-fingerprint definitions come from the manifest, which needs numpy).
+The catalogue ops' messages (`ls`, `info`, `wait`, `load`) are in
+`tensord_contract.catalogue_messages`, `hello`, `status` and `nodes` in
+`tensord_contract.node_messages`. `put_commit`'s messages are in `tensord_contract.table_messages`
+with `put_begin`'s (its fingerprint definitions come from the manifest, which needs numpy).
 
 The messages that carry a tensor table (`put_begin`, `publish`) are in
 `tensord_contract.table_messages`, the daemon-to-daemon stream ops (`stream_open`,
@@ -348,3 +351,68 @@ class ReplicateReply:
         if not all(m is None or isinstance(m, dict) for m in (sources, phases)):
             raise error("malformed replicate reply: sources and phases must be maps")
         return cls(node, name, version, device, seconds, sources, phases, chunk)
+
+
+# -- put_abort --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PutAbortRequest:
+    reservation: object  # `PutBeginReply.reservation`; the daemon refuses one not of this connection
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"reservation": self.reservation}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> PutAbortRequest:
+        check_keys(raw, "put_abort", ("reservation",), (), error)
+        return cls(raw["reservation"])
+
+
+@dataclass(frozen=True)
+class PutAbortReply:
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> PutAbortReply:
+        _reply_map(raw, "put_abort", error)
+        return cls()
+
+
+# -- replicate's fan-out ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FanOutReply:
+    """`replicate` to several nodes, when every one holds a checked replica (else TransferError)."""
+
+    name: str
+    version: int
+    nodes: dict[str, ReplicateReply]  # the targets that pulled
+    seconds: float
+    held: tuple[str, ...] = ()  # the targets that held it already (on the wire: {node, held: true})
+
+    def to_wire(self) -> dict[str, Any]:
+        nodes: dict[str, Any] = {n: {"node": n, "held": True} for n in self.held}
+        nodes.update({n: r.to_wire() for n, r in self.nodes.items()})
+        return {"name": self.name, "version": self.version, "nodes": nodes, "seconds": self.seconds}
+
+    @classmethod
+    def from_wire(cls, raw: object, error: type[TensordError]) -> FanOutReply:
+        raw = _reply_map(raw, "replicate", error)
+        name, version, nodes, seconds = (raw.get(k) for k in ("name", "version", "nodes", "seconds"))
+        if not (
+            isinstance(name, str)
+            and is_int(version, 1)
+            and isinstance(nodes, dict)
+            and is_number(seconds, 0, float("inf"))
+        ):
+            raise error(f"malformed replicate reply: {raw!r:.200}")
+        pulled: dict[str, ReplicateReply] = {}
+        held: list[str] = []
+        for node, entry in nodes.items():
+            if isinstance(entry, dict) and entry.get("held") is True and entry.get("node") == node:
+                held.append(node)
+            else:
+                pulled[node] = reply = ReplicateReply.from_wire(entry, error)
+                if reply.node != node:
+                    raise error(f"malformed replicate reply: {node!r:.40} answered for {reply.node!r:.40}")
+        assert isinstance(seconds, int | float)
+        return cls(name, version, pulled, seconds, tuple(held))

@@ -223,10 +223,10 @@ def test_every_op_in_the_table_has_a_handler_and_no_handler_is_unlisted() -> Non
 #: ``tensord/daemon.py``, which builds and wires them, may.
 HELD_BY = {
     "cluster": {"serving", "pairs", "peers", "store", "context", "registry"},
-    "store": {"registry", "node", "metrics", "transport", "registrations"},
+    "store": {"registry", "node", "metrics", "transport", "registrations", "versions"},
 }
 #: counters of another object's record, changed only by the module that owns the record
-COUNTERS_OWNED = {"pins": {"tensord/store.py", "tensord/fleet/serve.py"}}
+COUNTERS_OWNED = {"pins": {"tensord/versions.py", "tensord/fleet/serve.py"}}
 
 
 def _reaches(tree: ast.AST) -> Iterator[tuple[int, str]]:

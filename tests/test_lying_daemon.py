@@ -20,6 +20,7 @@ import torch
 import sdk
 from tensord_contract import wire
 from tensord_contract.manifest import Manifest, Table
+from tensord_contract.node_messages import StatusReply
 
 
 def _manifest() -> Manifest:
@@ -61,6 +62,10 @@ class Liar:
                 elif op == "release":
                     self.released += 1
                     result = {"released": True, "intact": True}
+                elif op == "status":  # well-formed: the client checks a status reply's top level
+                    result = StatusReply(
+                        "liar", "0", 0.0, "", None, {}, 0, 0, 0, 0, 0, "none", 0, [], None, {}, [], None, {}, []
+                    ).to_wire()
                 else:
                     result = {}
                 body = msgpack.packb({"id": request["id"], "ok": True, "result": result, "fds": len(fds)})

@@ -10,6 +10,19 @@ import sys
 import numpy as np
 import pytest
 
+from tensord_contract.catalogue_messages import (
+    InfoReply,
+    InfoRequest,
+    LoadReply,
+    LoadRequest,
+    LsEntry,
+    LsReply,
+    LsRequest,
+    PartialInfo,
+    PassedFile,
+    WaitReply,
+    WaitRequest,
+)
 from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import table_of
@@ -19,14 +32,26 @@ from tensord_contract.messages import (
     MAX_ORIGIN,
     DeleteReply,
     DeleteRequest,
+    FanOutReply,
     OpenReply,
     OpenRequest,
+    PutAbortReply,
+    PutAbortRequest,
     ReleaseReply,
     ReleaseRequest,
     ReplicateReply,
     ReplicateRequest,
     UnpublishReply,
     UnpublishRequest,
+)
+from tensord_contract.node_messages import (
+    HelloReply,
+    HelloRequest,
+    NodeEntry,
+    NodesReply,
+    NodesRequest,
+    StatusReply,
+    StatusRequest,
 )
 from tensord_contract.streams import (
     MAX_WAIT,
@@ -85,7 +110,10 @@ def test_open_reply_round_trips_and_malformed_replies_are_protocol_errors() -> N
 
 def test_the_core_messages_import_no_numpy() -> None:
     """`sdk.catalogue` (the `tensord` command) may use them: it must stay fast to start."""
-    code = "import sys, tensord_contract.messages; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    code = (
+        "import sys, tensord_contract.messages, tensord_contract.catalogue_messages, tensord_contract.node_messages; "
+    )
+    code += "print(sorted({'numpy', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -486,3 +514,216 @@ def test_replicate_replies_round_trip_and_malformed_ones_are_protocol_errors() -
     ):
         with pytest.raises(ProtocolError, match="malformed replicate reply"):
             ReplicateReply.from_wire(bad_reply, ProtocolError)
+
+
+# -- the catalogue's ops and what a node says of itself -------------------------------------------
+def test_hello_round_trips_and_a_client_that_is_no_string_goes_unnamed() -> None:
+    request = HelloRequest(2, "pid:7", "secret")
+    assert HelloRequest.from_wire({"op": "hello", **request.to_wire()}, InvalidArgument) == request
+    assert HelloRequest(2, "pid:7").to_wire() == {"protocol": 2, "client": "pid:7"}  # no token: none sent
+    assert HelloRequest.from_wire({"protocol": 2, "client": 5}, InvalidArgument) == HelloRequest(2)
+    for bad in ({}, {"protocol": 2, "user": "x"}):
+        with pytest.raises(InvalidArgument, match="arguments"):
+            HelloRequest.from_wire(bad, InvalidArgument)
+    reply = HelloReply(2, "n1", "0.1", {"protocol": "tcp"}, True)
+    assert HelloReply.from_wire({**reply.to_wire(), "later": 1}, ProtocolError) == reply
+    older = {k: v for k, v in reply.to_wire().items() if k != "cluster"}  # a daemon before `cluster`
+    assert HelloReply.from_wire(older, ProtocolError) == dataclasses.replace(reply, cluster=False)
+    for bad_reply in (None, [], {**reply.to_wire(), "node": 5}, {**reply.to_wire(), "cluster": None}):
+        with pytest.raises(ProtocolError, match="malformed hello reply"):
+            HelloReply.from_wire(bad_reply, ProtocolError)
+
+
+def test_ls_round_trips_and_refuses_bad_prefixes_and_entries() -> None:
+    assert LsRequest.from_wire({"op": "ls", **LsRequest("a/").to_wire()}, InvalidArgument) == LsRequest("a/")
+    assert LsRequest.from_wire({}, InvalidArgument) == LsRequest("")
+    for bad, match in (({"prefix": 5}, "prefix"), ({"prefix": "A B"}, "bad name"), ({"name": "a"}, "unknown")):
+        with pytest.raises(InvalidArgument, match=match):
+            LsRequest.from_wire(bad, InvalidArgument)
+    entry = LsEntry("a/b", 3, [1, 3], 4096, 2, "/ck/m.safetensors", "n1:cpu")
+    reply = LsReply((entry, dataclasses.replace(entry, name="c", origin=None, device=None)))
+    assert LsReply.from_wire([{**e, "later": 1} for e in reply.to_wire()], ProtocolError) == reply
+    good = entry.to_wire()
+    for bad_reply in ({}, [None], [{**good, "latest": 0}], [{**good, "versions": [1, "2"]}], [{**good, "nbytes": -1}]):
+        with pytest.raises(ProtocolError, match="malformed ls reply"):
+            LsReply.from_wire(bad_reply, ProtocolError)
+
+
+def _info(**change: object) -> InfoReply:
+    reply = InfoReply(
+        "a/b", 2, 3, [2, 3], 2, {"float32": 2}, 40, 512, 1.5e9, None, "cpu", 1, False, 0, None, False,
+        [{"name": "a/b", "version": 2, "node": "n1", "device": "cpu"}], [PartialInfo("n2", "cpu", 3, 8, MIN_CHUNK)],
+    )  # fmt: skip
+    return dataclasses.replace(reply, **change)
+
+
+def test_info_round_trips_with_rows_columns_or_neither() -> None:
+    for tensors in (False, True, "columns"):
+        request = InfoRequest("a/b", 2, tensors)
+        assert InfoRequest.from_wire({"op": "info", **request.to_wire()}, InvalidArgument) == request
+    assert InfoRequest("a").to_wire() == {"name": "a", "version": None}
+    for bad, match in (
+        ({"name": 5}, "set name"),
+        ({"name": "a", "tensors": "rows"}, "tensors"),
+        ({"name": "a", "version": 0}, "version"),
+        ({"name": "a", "pins": 1}, "unknown"),
+    ):
+        with pytest.raises(InvalidArgument, match=match):
+            InfoRequest.from_wire(bad, InvalidArgument)
+    for reply in (_info(), _info(tensors={"count": 2, "names": b"w"}), _info(tensors={"w": {"dtype": "float32"}})):
+        assert InfoReply.from_wire({**reply.to_wire(), "later": 1}, ProtocolError) == reply
+    assert "tensors" not in _info().to_wire()
+    assert (
+        InfoReply.from_wire({k: v for k, v in _info().to_wire().items() if k != "partials"}, ProtocolError).partials
+        == []
+    )
+    good = _info().to_wire()
+    for bad_reply in (
+        None,
+        {**good, "pins": -1},
+        {**good, "dtypes": {"f": "2"}},
+        {**good, "lost": 1},
+        {**good, "partials": [{"node": "n2"}]},
+        {**good, "tensors": "all"},
+        {**good, "replicas": [1]},
+    ):
+        with pytest.raises(ProtocolError, match="malformed info reply"):
+            InfoReply.from_wire(bad_reply, ProtocolError)
+
+
+def test_wait_round_trips_and_refuses_what_is_no_version_or_no_timeout() -> None:
+    for request in (WaitRequest("a", 0), WaitRequest("a", 7, 2.5)):
+        assert WaitRequest.from_wire({"op": "wait", **request.to_wire()}, InvalidArgument) == request
+    for change, match in (
+        ({"after": -1}, "after"),
+        ({"after": True}, "after"),
+        ({"timeout": MAX_WAIT + 1}, "timeout"),
+        ({"timeout": "1"}, "timeout"),
+        ({"name": None}, "set name"),
+        ({"at": 1}, "unknown"),
+    ):
+        with pytest.raises(InvalidArgument, match=match):
+            WaitRequest.from_wire({"name": "a", "after": 1, **change}, InvalidArgument)
+    with pytest.raises(InvalidArgument, match="missing"):
+        WaitRequest.from_wire({"name": "a"}, InvalidArgument)
+    for reply in (WaitReply(None), WaitReply(4)):
+        assert WaitReply.from_wire({**reply.to_wire(), "later": 1}, ProtocolError) == reply
+    for bad_reply in (None, {"version": 0}, {"version": "4"}):
+        with pytest.raises(ProtocolError, match="malformed wait reply"):
+            WaitReply.from_wire(bad_reply, ProtocolError)
+
+
+def _status(**change: object) -> StatusReply:
+    reply = StatusReply(
+        "n1", "0.1", 3.5, "", None, {"cpu": {"limit": 1 << 30, "used": 0}}, 0, 1, 1, 0, 0, "none", 0, [], None,
+        {"bytes": 0}, [], None, {"kind": "local"}, [{"name": "a", "done": 1, "total": 2}],
+    )  # fmt: skip
+    return dataclasses.replace(reply, **change)
+
+
+def test_status_and_nodes_round_trip_and_type_the_top_level() -> None:
+    assert StatusRequest.from_wire({"op": "status"}, InvalidArgument) == StatusRequest()
+    assert NodesRequest.from_wire({"op": "nodes"}, InvalidArgument) == NodesRequest()
+    for request in (StatusRequest, NodesRequest):
+        with pytest.raises(InvalidArgument, match="unknown"):
+            request.from_wire({"verbose": True}, InvalidArgument)  # type: ignore[attr-defined]
+    reply = _status()
+    assert StatusReply.from_wire({**reply.to_wire(), "later": 1}, ProtocolError) == reply
+    good = reply.to_wire()
+    for bad_reply in (
+        None,
+        {**good, "pins": "0"},
+        {**good, "devices": []},
+        {**good, "loads": [1]},
+        {k: v for k, v in good.items() if k != "registry"},
+    ):
+        with pytest.raises(ProtocolError, match="malformed status reply"):
+            StatusReply.from_wire(bad_reply, ProtocolError)
+    nodes = NodesReply(
+        (NodeEntry("n1", "h", "tcp:h:1", "", {"cpu": 1 << 30}, reply), NodeEntry("n2", "h", "", "", {}, None))
+    )
+    assert NodesReply.from_wire(nodes.to_wire(), ProtocolError) == nodes
+    assert nodes.to_wire()[0]["status"]["node"] == "n1" and nodes.to_wire()[1]["status"] is None
+    for bad_reply in ({}, [{"node": "n1"}], [{**nodes.to_wire()[0], "devices": {"cpu": -1}}]):
+        with pytest.raises(ProtocolError, match="malformed nodes reply"):
+            NodesReply.from_wire(bad_reply, ProtocolError)
+    with pytest.raises(ProtocolError, match="malformed status reply"):  # a node's status is checked too
+        NodesReply.from_wire([{**nodes.to_wire()[0], "status": {"node": "n1"}}], ProtocolError)
+
+
+def test_put_abort_round_trips_and_needs_its_reservation() -> None:
+    assert (
+        PutAbortRequest.from_wire({"op": "put_abort", **PutAbortRequest(3).to_wire()}, InvalidArgument).reservation == 3
+    )
+    for bad in ({}, {"reservation": 3, "pin": 1}):
+        with pytest.raises(InvalidArgument, match="arguments"):
+            PutAbortRequest.from_wire(bad, InvalidArgument)
+    assert PutAbortReply.from_wire({"later": 1}, ProtocolError) == PutAbortReply()
+    with pytest.raises(ProtocolError, match="malformed put_abort reply"):
+        PutAbortReply.from_wire(None, ProtocolError)
+
+
+def test_load_round_trips_each_form() -> None:
+    files = (PassedFile("/ck/a.safetensors", 10, 123), PassedFile("/ck/b.safetensors", 0, -5))
+    forms = [
+        LoadRequest("/ck", "a/b"),
+        LoadRequest("/ck", "a/b", "cuda:0", 4),
+        LoadRequest("/ck", "a/b", files=files, tp=2, rules={"rules": []}),
+    ]
+    for request in forms:
+        assert LoadRequest.from_wire({"op": "load", **request.to_wire()}, InvalidArgument) == request
+    reply = LoadReply(3, 4096, [("a/tp0", 3), ("a/tp1", 1)])
+    assert LoadReply.from_wire({**reply.to_wire(), "later": 1}, ProtocolError) == reply
+    for bad_reply in (
+        None,
+        {"version": 0, "nbytes": 1, "sets": [["a", 1]]},
+        {"version": 1, "nbytes": 1, "sets": []},
+        {"version": 1, "nbytes": 1, "sets": [["a", "1"]]},
+    ):
+        with pytest.raises(ProtocolError, match="malformed load reply"):
+            LoadReply.from_wire(bad_reply, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"name": None}, "name"),
+        ({"path": ""}, "path"),
+        ({"path": "/a\0b"}, "path"),
+        ({"device": 0}, "device"),
+        ({"threads": 0}, "threads"),
+        ({"threads": True}, "threads"),
+        ({"tp": 2}, "rules"),
+        ({"rules": {}}, "tp"),
+        ({"tp": 2, "rules": []}, "rules"),
+        ({"files": []}, "files"),
+        ({"files": "a"}, "files"),
+        ({"files": [{"path": "", "size": 1, "mtime_ns": 1}]}, "path"),
+        ({"files": [{"path": "a" * 4097, "size": 1, "mtime_ns": 1}]}, "path"),
+        ({"files": [{"path": "a", "size": -1, "mtime_ns": 1}]}, "size"),
+        ({"files": [{"path": "a", "size": 1, "mtime_ns": 1.5}]}, "mtime_ns"),
+        ({"files": [{"path": "a", "size": 1, "mtime_ns": 1}] * 2}, "distinct"),
+        ({"from": "x"}, "unknown arguments"),
+    ],
+)
+def test_malformed_load_requests_are_invalid_arguments(change: dict, match: str) -> None:
+    wire = {**LoadRequest("/ck", "a/b").to_wire(), **change}
+    with pytest.raises(InvalidArgument, match=match):
+        LoadRequest.from_wire(wire, InvalidArgument)
+
+
+def test_a_fan_out_reply_round_trips_with_the_nodes_that_held_it_already() -> None:
+    pulled = ReplicateReply("n2", "a/b", 2, "cpu", 1.5, {"n1": 4096}, {"fetch": 1.0}, MIN_CHUNK)
+    reply = FanOutReply("a/b", 2, {"n2": pulled}, 2.0, held=("n1",))
+    wire = reply.to_wire()
+    assert wire["nodes"]["n1"] == {"node": "n1", "held": True} and wire["nodes"]["n2"]["seconds"] == 1.5
+    assert FanOutReply.from_wire({**wire, "later": 1}, ProtocolError) == reply
+    for bad_reply in (
+        None,
+        {**wire, "version": 0},
+        {**wire, "seconds": None},
+        {**wire, "nodes": {"n3": {"node": "n3"}}},
+        {**wire, "nodes": {"n3": pulled.to_wire()}},
+    ):
+        with pytest.raises(ProtocolError, match="malformed replicate reply"):
+            FanOutReply.from_wire(bad_reply, ProtocolError)

@@ -9,6 +9,7 @@ A single file costs no numpy either: headers are read by the daemon.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 from sdk.catalogue import CatalogueClient
 from tensord_contract import wire
+from tensord_contract.catalogue_messages import LoadRequest, PassedFile
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError
 
 try:
@@ -100,14 +102,12 @@ def load_passing(
     paths = checkpoint_files(path)
     if len(paths) > wire.MAX_PASSED_FDS:
         raise InvalidArgument(f"{path}: {len(paths)} files, more than the {wire.MAX_PASSED_FDS} one load can pass")
-    args: dict[str, Any] = {"path": os.path.abspath(path), "name": name, "device": device}
-    if threads is not None:
-        args["threads"] = threads
+    request = LoadRequest(os.path.abspath(path), name, device, threads)
     if tp is not None:
-        args.update(tp=tp, rules=rules_data(rules))
+        request = dataclasses.replace(request, tp=tp, rules=rules_data(rules))
     with opened_files(paths) as files, _bar(client, name, progress):
-        args["files"] = [meta for _, meta in files]
-        return client.load_passed([fd for fd, _ in files], **args)
+        passed = tuple(PassedFile(**meta) for _, meta in files)
+        return client.load_passed([fd for fd, _ in files], **dataclasses.replace(request, files=passed).to_wire())
 
 
 @contextlib.contextmanager

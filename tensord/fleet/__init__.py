@@ -5,6 +5,7 @@
              the daemon and benchmarks/fleet_sim.py run the same code)
     serve    the holder's side: partial replicas being filled, grants, egress counters
     pull     the puller's side: one streaming pull of one version into a local slab
+    progress what a pull has done so far (bytes per source, seconds per phase)
     cluster  this node in the cluster: reading from, pinning on and replicating from peers
     pairs    NCCL (GPU) / gloo (host) two-rank groups between daemons, for nodes the Transfer
              Engine cannot reach

@@ -242,7 +242,7 @@ class Cluster:
             manifest.nbytes,
             seconds,
             manifest.nbytes / seconds / 1e9 if seconds > 0 else 0.0,
-            ", ".join(f"{n}: {b}" for n, b in sorted(pull.sourced.items())) or "nobody",
+            ", ".join(f"{n}: {b}" for n, b in sorted(pull.progress.sourced.items())) or "nobody",
         )
         return held
 

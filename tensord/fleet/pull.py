@@ -33,6 +33,7 @@ from tensord.fleet import pairs as pairmod
 from tensord.fleet.chunks import Grid
 from tensord.fleet.lanes import Lane, Reads, chunks_request, find_holders
 from tensord.fleet.policy import Plan, Request
+from tensord.fleet.progress import Progress
 from tensord.fleet.serve import Partial
 from tensord.fleet.settings import Pace
 from tensord.records import Held
@@ -99,11 +100,7 @@ class Pull:
         self.lanes: dict[str, Lane] = {}
         self.records: dict[str, NodeRecord] = {}
         self.co_pullers = [p for p in peers if p != self.me]
-        self.started = time.monotonic()
-        self.phases: dict[str, float] = {}  # seconds spent setting up, fetching, checking, promoting
-        self._mark = self.started
-        self.bytes = 0
-        self.sourced: dict[str, int] = {}  # bytes per source
+        self.progress = Progress()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pushes: set[Future[None]] = set()  # receives queued on pair groups, not done yet
@@ -132,15 +129,15 @@ class Pull:
         try:
             await self._advertise(force=True)
             await self._discover()
-            self._phase("setup")
+            self.progress.phase("setup")
             for round_ in range(_VERIFY_ROUNDS):
                 await self._fetch()
-                self._phase("fetch")
+                self.progress.phase("fetch")
                 await self._let_go()
                 if self._reads.running:
                     raise TransferError(f"reads into {name} v{version} did not end", name=name, version=version)
                 bad = await asyncio.to_thread(self.partial.wrong_chunks)
-                self._phase("check")
+                self.progress.phase("check")
                 if not len(bad):
                     break
                 log.warning(
@@ -157,7 +154,7 @@ class Pull:
                     f"{name} v{version} kept arriving with wrong fingerprints", name=name, version=version
                 )
             held = await self._promote()
-            self._phase("promote")
+            self.progress.phase("promote")
             return held
         finally:
             await self._finish(held)
@@ -357,8 +354,7 @@ class Pull:
         if not chunks:
             return
         nbytes = self.grid.bytes_of(chunks)
-        self.bytes += nbytes
-        self.sourced[lane.node] = self.sourced.get(lane.node, 0) + nbytes
+        self.progress.arrived(lane.node, nbytes)
         self.plan.received(lane.node, chunks)
         await self.serving.arrived(self.partial, chunks)
         log.debug("%d chunks (%d bytes) from %s in %.4f s", len(chunks), nbytes, lane.node, seconds)
@@ -437,13 +433,6 @@ class Pull:
         except Unavailable as exc:
             log.info("cannot advertise the partial replica of %s v%d: %s", *partial.key, exc.message)
 
-    def _phase(self, name: str) -> None:
-        now = time.monotonic()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self._mark
-        self._mark = now
-
     def status(self) -> dict[str, Any]:
-        m, seconds = self.manifest, time.monotonic() - self.started
-        return {"name": m.name, "version": m.version, "chunks": self.grid.count, "chunk": self.grid.size,
-                "held": self.plan.held, "bytes": self.bytes, "seconds": seconds, "sources": dict(self.sourced),
-                "phases": {k: round(v, 4) for k, v in self.phases.items()}}  # fmt: skip
+        m = self.manifest
+        return self.progress.status(m.name, m.version, self.grid.count, self.grid.size, self.plan.held)

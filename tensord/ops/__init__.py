@@ -7,5 +7,7 @@ to its `op_<name>` method.
 - `fleet`: copies between nodes (replicate and its fan-out; stream_open, stream_chunks,
   stream_pair: the holder's side of a streaming pull).
 
-Each op checks its arguments (`args`), then asks the store or the cluster.
+Each op decodes its request with its typed message (`tensord_contract`: `messages`,
+`catalogue_messages`, `node_messages`, `table_messages`, `streams`), then asks the store or the
+cluster, and answers with the reply's `to_wire()`.
 """

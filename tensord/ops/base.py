@@ -15,12 +15,12 @@ from tensord.fleet.cluster import Cluster
 from tensord.fleet.pairs import Pairs
 from tensord.fleet.serve import Serving
 from tensord.ingest.pipeline import Progress
-from tensord.ops.args import is_int
 from tensord.peers import Peers
 from tensord.records import Held
 from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Store
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest
 from tensord_contract.table_messages import PublishRequest, PutBeginRequest

@@ -6,13 +6,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tensord.ops.args import args
 from tensord.ops.base import Ops
 from tensord.pins import MountPin, ReadPin
 from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
-from tensord_contract.messages import OpenReply, OpenRequest, ReleaseReply, ReleaseRequest
+from tensord_contract.messages import (
+    OpenReply,
+    OpenRequest,
+    PutAbortReply,
+    PutAbortRequest,
+    ReleaseReply,
+    ReleaseRequest,
+)
 from tensord_contract.table_messages import PutBeginReply, PutBeginRequest, PutCommitReply, PutCommitRequest
 
 
@@ -80,8 +86,9 @@ class DataOps(Ops):
         return PutCommitReply(held.manifest.version).to_wire(), []
 
     async def op_put_abort(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        (rid,) = args(request, "reservation")
+        rid = PutAbortRequest.from_wire(request, InvalidArgument).reservation
         self._own(session, rid)
+        assert isinstance(rid, int)
         self.store.abort(rid)
         session.reservations.discard(rid)
-        return {}, []
+        return PutAbortReply().to_wire(), []

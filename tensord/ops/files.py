@@ -13,16 +13,13 @@ from typing import Any
 
 from tensord.ingest import Progress, default_threads
 from tensord.ingest.store_sink import load_on_daemon
-from tensord.ops.args import args as _args
-from tensord.ops.args import is_int
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
 from tensord.sharding import parse_rules
+from tensord_contract.catalogue_messages import LoadReply, LoadRequest, PassedFile
 from tensord_contract.errors import InvalidArgument, Unauthorized
-from tensord_contract.names import check_name
 
 log = logging.getLogger(__name__)
-MAX_TP = 1024
 _load_ids = itertools.count(1)
 
 
@@ -32,29 +29,16 @@ class FileOps(Ops):
         (`files` describes each descriptor: the caller's path, size and mtime_ns when it
         opened it), else `path`, which must lie under ingest.allowed_roots. With `tp` and
         `rules` (sharding rules as parsed TOML), split into sets NAME/tp0 .. NAME/tp{tp-1}."""
-        path, name, device, threads, files, tp, rules = _args(
-            request, "path", "name", optional=("device", "threads", "files", "tp", "rules")
-        )
-        check_name(name)
-        if not isinstance(path, str) or not path or "\0" in path:
-            raise InvalidArgument("path must be a non-empty string without NUL characters")
-        if device is not None and not isinstance(device, str):
-            raise InvalidArgument("device must be a string like 'cpu' or 'cuda:0'")
-        if threads is None:
-            threads = default_threads(device or "cpu")
-        if not is_int(threads, 1, 64):
-            raise InvalidArgument("threads must be an integer from 1 to 64")
+        req = LoadRequest.from_wire(request, InvalidArgument)
+        path, name, device = req.path, req.name, req.device
+        threads = req.threads if req.threads is not None else default_threads(device or "cpu")
         options: dict[str, Any] = {}
-        if tp is not None or rules is not None:
-            if not is_int(tp, 1, MAX_TP):
-                raise InvalidArgument(f"tp must be an integer from 1 to {MAX_TP} (with rules)")
-            if not isinstance(rules, dict):
-                raise InvalidArgument("rules must be a map: sharding rules as parsed from TOML")
-            options.update(tp=tp, rules=parse_rules(rules, source="rules"))
-        if files is None:
+        if req.tp is not None and req.rules is not None:
+            options.update(tp=req.tp, rules=parse_rules(req.rules, source="rules"))
+        if req.files is None:
             path, root = await self._allowed(path)
         else:
-            passed, unchanged = _take_passed(session, files)
+            passed, unchanged = _take_passed(session, req.files)
             options.update(passed=passed, unchanged=unchanged)
             root = None
         load_id = next(_load_ids)
@@ -80,8 +64,7 @@ class FileOps(Ops):
             self._loads.pop(load_id, None)
             for _, fd in options.get("passed", ()):
                 os.close(fd)
-        sets = [[n, v] for n, v in loaded.sets]
-        return {"version": loaded.sets[0][1], "nbytes": loaded.nbytes, "sets": sets}, []
+        return LoadReply(loaded.sets[0][1], loaded.nbytes, list(loaded.sets)).to_wire(), []
 
     async def _allowed(self, path: str) -> tuple[str, str]:
         """`path` resolved, and the allowed root it lies under; Unauthorized if none."""
@@ -99,25 +82,16 @@ class FileOps(Ops):
         return real, root
 
 
-def _take_passed(session: Session, files: object) -> tuple[list[tuple[str, int]], Callable[[], None]]:
+def _take_passed(session: Session, files: tuple[PassedFile, ...]) -> tuple[list[tuple[str, int]], Callable[[], None]]:
     """The descriptors passed with this request, as (label, fd), now owned by the caller; and a
-    check that they still are the files the client described (size, mtime) and first found."""
+    check that they still are the files the client described (size, mtime; checked in form by
+    `LoadRequest`) and first found."""
     fds, session.passed[:] = list(session.passed), []
     try:
-        if not isinstance(files, list) or len(files) != len(fds) or not fds:
+        if len(files) != len(fds) or not fds:
             raise InvalidArgument(f"files must describe each of the {len(fds)} descriptors passed with the request")
-        labels: list[str] = []
-        expected: list[tuple[int, int]] = []
-        for f in files:
-            label, size, mtime = (f.get("path"), f.get("size"), f.get("mtime_ns")) if isinstance(f, dict) else (0, 0, 0)
-            if not isinstance(label, str) or not label or "\0" in label or len(label) > 4096:
-                raise InvalidArgument("each file needs a path: a non-empty string without NUL characters")
-            if not is_int(size, 0) or not is_int(mtime):
-                raise InvalidArgument(f"file {brief(label)}: size and mtime_ns must be integers")
-            labels.append(label)
-            expected.append((size, mtime))
-        if len(set(labels)) != len(labels):
-            raise InvalidArgument("the files' paths must be distinct")
+        labels = [f.path for f in files]
+        expected = [(f.size, f.mtime_ns) for f in files]
         first = [_identity(label, fd) for label, fd in zip(labels, fds, strict=True)]
         for label, got, want in zip(labels, first, expected, strict=True):
             if got[0] >= 0 and got[:2] != want:

@@ -12,11 +12,11 @@ from typing import Any
 
 from tensord.fleet.policy import Request
 from tensord.fleet.serve import StreamPin
-from tensord.ops.args import is_int
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
+from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, TransferError, Unavailable
-from tensord_contract.messages import ReplicateReply, ReplicateRequest
+from tensord_contract.messages import FanOutReply, ReplicateReply, ReplicateRequest
 from tensord_contract.streams import (
     StreamChunksRequest,
     StreamOpenRequest,
@@ -82,7 +82,7 @@ class FleetOps(Ops):
         t0 = time.monotonic()
         peers = self.peers
 
-        async def one(i: int, node: str) -> dict[str, Any]:
+        async def one(i: int, node: str) -> ReplicateReply | TensordError:
             target = ReplicateRequest(name, version, req.device, rate=req.rate, chunk=req.chunk)
             target = dataclasses.replace(target, index=i, of=len(pulling), peers=tuple(pulling))
             try:
@@ -92,17 +92,17 @@ class FleetOps(Ops):
                     peer = peers.get(node, records[node].control)
                     call = peer.call("replicate", reply_timeout=_REPLICATE_TIMEOUT, **target.to_wire())
                     result, _ = await _while_live(node, asyncio.ensure_future(call), live)
-                return ReplicateReply.from_wire(result, ProtocolError).to_wire()
+                return ReplicateReply.from_wire(result, ProtocolError)
             except TensordError as exc:
-                return {"node": node, "error": exc.message, "code": exc.code}
+                return exc
 
         session_of_self = Session(0, "fan-out")
         live = _Live(self.registry)
-        results = await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling)))
-        nodes = {t: {"node": t, "held": True} for t in targets if t in holding}
-        nodes.update({r["node"]: r for r in results})
-        failed = {n: r["error"] for n, r in nodes.items() if "error" in r}
-        out = {"name": name, "version": version, "nodes": nodes, "seconds": time.monotonic() - t0}
+        results = dict(zip(pulling, await asyncio.gather(*(one(i, n) for i, n in enumerate(pulling))), strict=True))
+        failed = {n: r.message for n, r in results.items() if isinstance(r, TensordError)}
+        pulled = {n: r for n, r in results.items() if isinstance(r, ReplicateReply)}
+        held = tuple(t for t in targets if t in holding)
+        out = FanOutReply(name, version, pulled, time.monotonic() - t0, held)
         if failed:
             raise TransferError(
                 f"{len(failed)} of {len(targets)} nodes could not replicate {name} v{version}: "
@@ -110,10 +110,10 @@ class FleetOps(Ops):
                 name=name,
                 version=version,
                 failed=sorted(failed),
-                done=sorted(set(nodes) - set(failed)),
+                done=sorted(set(targets) - set(failed)),
             )
-        log.info("fan-out of %s v%d to %d nodes in %.2f s", name, version, len(targets), out["seconds"])
-        return out
+        log.info("fan-out of %s v%d to %d nodes in %.2f s", name, version, len(targets), out.seconds)
+        return out.to_wire()
 
     # -- streaming pulls: the holder's side (tensord.fleet) -----------------------------------
     async def op_stream_open(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from tensord import __version__
-from tensord.ops.args import args
 from tensord.ops.catalogue import CatalogueOps
 from tensord.ops.data import DataOps
 from tensord.ops.files import FileOps
@@ -16,6 +15,7 @@ from tensord.rpc import Session
 from tensord_contract import wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.messages import OpenReply
+from tensord_contract.node_messages import HelloReply, HelloRequest
 from tensord_contract.table_messages import PutBeginReply
 
 
@@ -51,17 +51,15 @@ class Service(CatalogueOps, DataOps, FileOps, FleetOps, PublishOps):
             task.cancel()
 
     async def op_hello(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        protocol, client, _ = args(request, "protocol", optional=("client", "token"))
-        if protocol != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol {protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}")
+        req = HelloRequest.from_wire(request, InvalidArgument)
+        if req.protocol != wire.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol {req.protocol!r} unsupported; this daemon speaks {wire.PROTOCOL_VERSION}")
         session.hello = True
-        if isinstance(client, str):
-            session.peer = f"{client[:64]} ({session.peer})"
+        if req.client is not None:
+            session.peer = f"{req.client[:64]} ({session.peer})"
         transport = self.context.transport
-        return {
-            "protocol": wire.PROTOCOL_VERSION,
-            "node": self.node,
-            "version": __version__,
-            "transport": transport.describe() if transport is not None else None,
-            "cluster": self.cluster is not None,  # other nodes may read what is published here
-        }, []
+        described = transport.describe() if transport is not None else None
+        # cluster: other nodes may read what is published here
+        return HelloReply(
+            wire.PROTOCOL_VERSION, self.node, __version__, described, self.cluster is not None
+        ).to_wire(), []
