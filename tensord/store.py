@@ -99,6 +99,14 @@ class Store:
     def lookup(self, name: str, version: int) -> Held | None:
         return self.versions.lookup(name, version)
 
+    def known_table(self, name: object) -> Table | None:
+        """The table of the newest version of `name` held here, if any: a new version of the
+        same layout (a training step) reuses it instead of decoding its own."""
+        if not isinstance(name, str):
+            return None
+        held = max(self.versions.live(name), key=lambda h: h.manifest.version, default=None)
+        return None if held is None else held.manifest.table
+
     def evicted(self, name: str, version: int) -> tuple[Manifest, str] | None:
         return self.versions.evicted(name, version)
 

@@ -58,7 +58,7 @@ class PutBeginRequest:
         return wire
 
     @classmethod
-    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> PutBeginRequest:
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError], known: Table | None = None) -> PutBeginRequest:
         """Decoded (a large table takes a while: the daemon decodes it off its event loop)."""
         check_keys(raw, "put_begin", ("name", "device", "tensors"), ("origin",), error)
         name, device = raw["name"], raw["device"]
@@ -66,7 +66,7 @@ class PutBeginRequest:
             raise error("device must be a string like 'cpu' or 'cuda:0'")
         origin = check_origin(raw.get("origin"), error)
         check_name(name)
-        return cls(name, device, Table.from_wire(raw["tensors"], error), origin)
+        return cls(name, device, Table.from_wire(raw["tensors"], error, known), origin)
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,9 +137,9 @@ class PublishRequest:
         return wire
 
     @classmethod
-    def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> PublishRequest:
+    def from_wire(cls, raw: dict[str, Any], error: type[TensordError], known: Table | None = None) -> PublishRequest:
         """Decoded and checked: the descriptions fit the table's packed layout and agree, and
-        the manifest with its places fits one reply frame."""
+        the manifest with its places fits one reply frame. `known`: as for `Table.from_wire`."""
         check_keys(raw, "publish", ("name", "tensors", "fingerprints"), ("replica", "exposed", "origin", "fp"), error)
         name, replica, exposed = raw["name"], raw.get("replica"), raw.get("exposed")
         check_name(name)
@@ -148,7 +148,7 @@ class PublishRequest:
             raise error("publish needs an IPC export (replica) or a Transfer Engine registration (exposed)")
         if not isinstance(replica, dict | None) or not isinstance(exposed, dict | None):
             raise error("replica and exposed must be maps describing the published allocations")
-        table = Table.from_wire(raw["tensors"], error)
+        table = Table.from_wire(raw["tensors"], error, known)
         fingerprints = _fingerprints(raw["fingerprints"], len(table), error)
         fp = fp_definition(raw.get("fp"), error)
         _, nbytes = table.layout()

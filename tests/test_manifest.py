@@ -135,3 +135,20 @@ def test_bad_tables_are_invalid_arguments(names, dtypes, shapes) -> None:
 def test_check_spec_fills_in_the_size() -> None:
     spec = check_spec("w", "bfloat16", [3, 4])
     assert (spec.name, spec.dtype, spec.shape, spec.nbytes) == ("w", "bfloat16", (3, 4), 24)
+
+
+def test_a_known_table_is_used_only_for_the_same_columns() -> None:
+    """A training step's put carries its set's table again: the daemon uses the one it decoded
+    before, but only where every column is byte for byte the same."""
+    known = Table.build(["a", "b"], ["float32", "bfloat16"], [[4, 2], [3]])
+    assert Table.from_wire(known.to_wire(), known=known) is known
+    for key, value in [
+        ("names", Table.build(["a", "c"], ["float32", "bfloat16"], [[4, 2], [3]]).to_wire()["names"]),
+        ("dtypes", np.array([0, 0], np.uint8).tobytes()),
+        ("dims", np.array([4, 3, 3], "<i8").tobytes()),
+    ]:
+        wire = {**known.to_wire(), key: value}
+        decoded = Table.from_wire(wire, known=known)
+        assert decoded is not known and decoded.to_wire()[key] == value
+    with pytest.raises(sdk.InvalidArgument):
+        Table.from_wire({**known.to_wire(), "ndims": b"\x01"}, known=known)

@@ -22,7 +22,7 @@ from tensord.rpc import Session, brief
 from tensord.store import Store
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
-from tensord_contract.manifest import Manifest
+from tensord_contract.manifest import Manifest, Table
 from tensord_contract.table_messages import PublishRequest, PutBeginRequest
 
 M = TypeVar("M", PutBeginRequest, PublishRequest)
@@ -67,14 +67,15 @@ class Ops:
         self.metrics.moved(path, direction, held.manifest.data_bytes)
 
     @staticmethod
-    async def _decode(message: type[M], request: dict[str, Any]) -> M:
+    async def _decode(message: type[M], request: dict[str, Any], known: Table | None = None) -> M:
         """A request carrying a tensor table, decoded (`message.from_wire`, InvalidArgument);
-        one of a large table off the event loop."""
+        one of a large table off the event loop unless it is `known` (the table of the set's
+        newest version, compared as bytes: a training step's put is not decoded again)."""
         tensors = request.get("tensors")
         count = tensors.get("count") if isinstance(tensors, dict) else None
-        if is_int(count, OFF_LOOP_TENSORS + 1):
-            return await asyncio.to_thread(message.from_wire, request, InvalidArgument)
-        return message.from_wire(request, InvalidArgument)
+        if is_int(count, OFF_LOOP_TENSORS + 1) and not (known is not None and known.same_wire(tensors)):
+            return await asyncio.to_thread(message.from_wire, request, InvalidArgument, known)
+        return message.from_wire(request, InvalidArgument, known)
 
     def _own(self, session: Session, rid: object) -> None:
         if not is_int(rid) or rid not in session.reservations:

@@ -66,7 +66,7 @@ class DataOps(Ops):
         return ReleaseReply(held is not None, intact).to_wire(), []
 
     async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
-        req = await self._decode(PutBeginRequest, request)
+        req = await self._decode(PutBeginRequest, request, self.store.known_table(request.get("name")))
         r = await self.store.reserve(req.name, req.device, req.table, req.origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:

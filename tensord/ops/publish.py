@@ -27,7 +27,7 @@ class PublishOps(Ops):
     async def op_publish(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         if not session.local:
             raise InvalidArgument("publish hands the daemon a process's memory: connect over this node's Unix socket")
-        req = await self._decode(PublishRequest, request)
+        req = await self._decode(PublishRequest, request, self.store.known_table(request.get("name")))
         offsets, nbytes = req.table.layout()
         manifest = Manifest(
             req.name,

@@ -127,8 +127,13 @@ class Table:
         return table
 
     @classmethod
-    def from_wire(cls, data: Any, error: type[TensordError] = InvalidArgument) -> Table:
-        """Decode and validate the columns of a wire map (`error` is raised for anything wrong)."""
+    def from_wire(cls, data: Any, error: type[TensordError] = InvalidArgument, known: Table | None = None) -> Table:
+        """Decode and validate the columns of a wire map (`error` is raised for anything wrong).
+        `known`: a table decoded before (another version's), used as it is where the wire
+        carries the same columns (compared as bytes: a training step's layout is not decoded
+        again)."""
+        if known is not None and known.same_wire(data):
+            return known
         if not isinstance(data, dict):
             raise error("tensor table must be a map")
         count = data.get("count")

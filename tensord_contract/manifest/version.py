@@ -161,7 +161,7 @@ class Manifest:
         decoded before (another version's), used as it is where the wire carries the same one."""
         if not isinstance(data, dict):
             raise error("manifest must be a map")
-        table = known if known is not None and known.same_wire(data) else Table.from_wire(data, error)
+        table = Table.from_wire(data, error, known)
         name, version, nbytes = data.get("name"), data.get("version"), data.get("nbytes")
         if type(name) is not str or type(version) is not int or version < 0:
             raise error("manifest name and version must be a string and a non-negative int")
