@@ -72,6 +72,13 @@ class Copies:
             ]
         )
 
+    def single(self, count: int) -> tuple[torch.device, np.ndarray, np.ndarray] | None:
+        """(device, pointers, sizes) of all `count` tensors, where they form one table."""
+        if len(self.tables) != 1 or len(self.tables[0][1]) != count:
+            return None
+        dev, ptrs, _, sizes = self.tables[0]
+        return dev, ptrs, sizes
+
     def read(self, slab: SlabAccess) -> None:
         for dev, ptrs, offsets, sizes in self.tables:
             slab.read_into(ptrs, offsets, sizes, dev)

@@ -77,6 +77,7 @@ class _Loaded:
     rows: np.ndarray
     targets: list[torch.Tensor]
     picked: np.ndarray | None = None  # the indices of `targets` loaded (None: all)
+    dense: tuple[torch.device, np.ndarray, np.ndarray] | None = None  # the plan's (device, pointers, sizes)
 
     def chosen(self) -> list[torch.Tensor]:
         if self.picked is None or len(self.picked) == len(self.targets):
@@ -229,10 +230,11 @@ class Reads(ReplicaClient):
                     return _Loaded(manifest.version, plan.rows, values, plan.picked)
                 self._plans.keep("load", name, plan)
             plan.copies.read(slab)
-            return _Loaded(manifest.version, plan.rows, values, plan.picked)
+            return _Loaded(manifest.version, plan.rows, values, plan.picked, plan.copies.single(len(plan.rows)))
 
         def check(manifest: Manifest, loaded: _Loaded) -> None:
-            check_fingerprints(manifest, loaded.rows, fingerprints_of(loaded.chosen(), version=manifest.fp_version))
+            fps = fingerprints_of(loaded.chosen(), version=manifest.fp_version, dense=loaded.dense)
+            check_fingerprints(manifest, loaded.rows, fps)
 
         return self._read(name, version, copy, check, verify).version
 
