@@ -325,11 +325,24 @@ def engine_name() -> str:
     from tensord_dataplane import kernel
 
     engine = os.environ.get("TENSORD_COPY_ENGINE", "auto")
-    if engine in ("auto", "kernel") and kernel.loaded():
+    if engine in ("auto", "kernel") and (kernel.loaded() or _loads_here()):
         return "kernel (PTX)"
     if engine == "driver" or _triton_broken or _kernels() is None:
         return "driver"
     return "triton"
+
+
+def _loads_here() -> bool:
+    """Whether the PTX kernel loads on the current GPU (none: False)."""
+    import torch
+
+    from tensord_dataplane import kernel
+
+    if not torch.cuda.is_available():
+        return False
+    index = torch.cuda.current_device()
+    with torch.cuda.device(index):
+        return kernel.available(index)
 
 
 # -- windows for copies between host and GPU memory ------------------------------------------------
