@@ -264,7 +264,7 @@ def _load_plan(
     every = len(picked) == len(values)
     dsts = values if every else [values[i] for i in picked.tolist()]
     d = describe(dsts, "targets", copy_sparse=False, known=snapshot if every else None)
-    check_targets(manifest, rows, [keys[i] for i in picked.tolist()], d)
+    check_targets(manifest, rows, keys if every else [keys[i] for i in picked.tolist()], d)
     offsets, sizes = manifest.offsets[rows], manifest.sizes[rows]
     plain = np.flatnonzero(d.dense)
     copies = Copies.of(d, plain, offsets, sizes)
@@ -336,9 +336,13 @@ def _runs(src: np.ndarray, at: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarra
 
 def _match_rows(manifest: Manifest, keys: list[str], *, strict: bool) -> tuple[np.ndarray, np.ndarray]:
     """The indices of the target names the set holds, and their rows."""
+    names = manifest.table.names
+    if keys == names:  # the set's own order (an engine's state_dict, as put): no lookups
+        every = np.arange(len(keys), dtype=np.int64)
+        return every, every
     index = manifest.table.index
     with paused_gc():
-        rows = [index.get(k, -1) for k in keys]
+        rows = list(map(index.get, keys, itertools.repeat(-1)))
     if strict and (len(keys) != len(manifest) or -1 in rows):
         missing = sorted(set(keys) - set(manifest.names))
         unexpected = sorted(set(manifest.names) - set(keys))

@@ -7,6 +7,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain, repeat
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import DTYPE_CODE, DTYPE_SIZES, Table
 from tensord_dataplane.snapshot import Snapshot
 
+_DTYPE, _SHAPE, _DEVICE = attrgetter("dtype"), attrgetter("shape"), attrgetter("device")
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in DTYPE_SIZES if isinstance(getattr(torch, name, None), torch.dtype)
 }
@@ -98,11 +100,11 @@ def describe(
             bad = next(t for t in given if not isinstance(t, torch.Tensor))
             raise InvalidArgument(f"{what} must be torch.Tensor, not {type(bad).__name__}")
         tensors: list[torch.Tensor] = given  # type: ignore[assignment]
-        codes = list(map(CODES.get, known.dtypes if known is not None else [t.dtype for t in tensors]))
+        codes = list(map(CODES.get, known.dtypes if known is not None else map(_DTYPE, tensors)))
         if None in codes:
             bad_dtype = next(t.dtype for t, c in zip(tensors, codes, strict=True) if c is None)
             raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord")
-        dense = list(map(torch.Tensor.is_contiguous, tensors))
+        dense = list(known.contiguous if known is not None else map(torch.Tensor.is_contiguous, tensors))
         views = list(map(torch.Tensor._is_view, tensors))
         if any(views):  # only views carry the conjugate and negative bits (their bytes are not the values)
             for i in [i for i, v in enumerate(views) if v]:
@@ -112,8 +114,8 @@ def describe(
             tensors = [
                 t if ok else t.resolve_conj().resolve_neg().contiguous() for t, ok in zip(tensors, dense, strict=True)
             ]
-        shapes = known.shapes if known is not None else [t.shape for t in tensors]
-        devices = [t.device for t in tensors]
+        shapes = known.shapes if known is not None else list(map(_SHAPE, tensors))
+        devices = list(map(_DEVICE, tensors))
         if any(d.type not in ("cpu", "cuda") for d in set(devices)):
             raise InvalidArgument(f"{what} must lie on cpu or cuda devices, not {sorted(map(str, set(devices)))}")
         try:

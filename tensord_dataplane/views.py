@@ -71,7 +71,8 @@ class TensorMap(MutableMapping[str, torch.Tensor]):
         row = i if self._rows is None else int(self._rows[i])
         code = int(table.dtypes[row])
         typed = self._typed_base(code, 0 if self._block is None else int(self._block[i]))
-        shape = table.shapes[row]
+        shapes = table.__dict__.get("shapes")  # every shape, once built; one view needs only its own
+        shape = shapes[row] if shapes is not None else table.shape(row)
         return typed.as_strided(shape, contiguous_strides(shape), int(self._offsets[i]) // typed.element_size())
 
     def __contains__(self, name: object) -> bool:
