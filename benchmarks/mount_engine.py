@@ -151,8 +151,9 @@ def main() -> None:
     m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     total = shapes_bytes(shapes)
     print(f"{len(shapes)} tensors, {total / 1e9:.2f} GB on {args.device}; medians of {args.runs} fresh processes")
-    print(f"first process: moved into the store in {made['move']:.2f} s; its device memory fell by "
-          f"{made['freed'] / 1e9:.2f} GB ({made['freed'] / total:.2f}x the set)")  # fmt: skip
+    grew = -made["freed"]  # the device as a whole (the engine and the daemon): 0 when the set only moved
+    print(f"first process: moved into the store in {made['move']:.2f} s; the device's used memory changed by "
+          f"{grew / 1e9:+.2f} GB ({grew / total:+.2f}x the set; +1.00x would be a second copy)")  # fmt: skip
     print(f"later process: import + device init {m['init']:.2f} s, meta model {m['build']:.2f} s, "
           f"mount + bind {m['mount_bind'] * 1e3:.0f} ms = {m['mount_bind'] / m['flat_copy']:.2f}x one flat copy "
           f"({m['flat_copy'] * 1e3:.0f} ms)")  # fmt: skip
