@@ -69,7 +69,9 @@ class Reservation:
         for device, sel in d.by_device().items():
             self.slab.write_from(d.ptrs[sel], offsets[sel], d.sizes[sel], device)
         if isinstance(self.slab, RemoteAccess):  # no local view of the slab: hash the sources
-            self._fps[rows] = fingerprints_of(d.tensors)
+            one = set(d.devices)
+            dense = (one.pop(), d.ptrs, d.sizes) if len(one) == 1 else None  # described: every row dense
+            self._fps[rows] = fingerprints_of(d.tensors, dense=dense)
             self._given[rows] = True
         else:
             self._copied[rows] = True
