@@ -28,11 +28,6 @@ WORD_PIECE = 1 << 17  # words (1 MiB) one row of the table covers at most (defin
 BLOCK_PIECE = 4096  # blocks (1 MiB) one row covers at most (definition 2)
 ROW_BYTES = 40
 
-_HEAD = """
-.version 7.0
-.target sm_80
-.address_size 64
-"""
 
 # Registers: rd5 address, rd6 nwords, rd7 first word, rd8 tensor, rd9 rem, rd10 end, rd12 j,
 # rd13 stride, rd14 sum, rd16 the word; {word} leaves f(rd12, rd16) in rd17 (scratch rd18, rd19);
@@ -198,7 +193,7 @@ _BLOCK_START = """
     shl.b64 %rd7, %rd7, 5;"""
 
 PTX = (
-    _HEAD
+    ptx.HEAD
     + _BODY.format(name="tensord_fp_words", start="", word=_WORDS, shuffles=_SHUFFLES, unrolled=_unrolled(_WORDS))
     + _BODY.format(
         name="tensord_fp_blocks", start=_BLOCK_START, word=_BLOCKS, shuffles=_SHUFFLES, unrolled=_unrolled(_BLOCKS)

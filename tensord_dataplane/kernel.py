@@ -19,11 +19,6 @@ from tensord_dataplane import ptx
 
 THREADS = 256
 
-_HEAD = """
-.version 7.0
-.target sm_80
-.address_size 64
-"""
 
 _BODY = """
 .visible .entry {name}(.param .u64 p_rows, .param .u64 p_dst_base, .param .u64 p_src_base)
@@ -73,7 +68,7 @@ _MOVE1 = """
     add.s64 %rd14, %rd5, %rd8;
     st.u8 [%rd14], %rs1;"""
 
-PTX = _HEAD + _BODY.format(name="tensord_copy16", move=_MOVE16) + _BODY.format(name="tensord_copy1", move=_MOVE1)
+PTX = ptx.HEAD + _BODY.format(name="tensord_copy16", move=_MOVE16) + _BODY.format(name="tensord_copy1", move=_MOVE1)
 
 _module = ptx.Module("copy kernel", PTX, ("tensord_copy16", "tensord_copy1"))
 

@@ -17,6 +17,12 @@ from tensord_dataplane.cuda import cudart, driver
 
 log = logging.getLogger(__name__)
 _P = ctypes.c_void_p
+#: the head of every module of ours: PTX ISA 7.0 for sm_80 (Ampere) and later
+HEAD = """
+.version 7.0
+.target sm_80
+.address_size 64
+"""
 _GRID = (1 << 31) - 1  # blocks of one launch at most (grid x)
 
 

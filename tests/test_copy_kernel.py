@@ -110,16 +110,7 @@ def test_a_fresh_process_first_reads_compile_nothing(daemon: DaemonProcess) -> N
         print(took)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_env(TENSORD_SOCKET=daemon.socket),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 5.0  # loose: no compile (seconds) on the way
+    _first_calls_fast(code, daemon)
 
 
 @pytest.mark.gpu
@@ -148,6 +139,11 @@ def test_a_fresh_process_first_put_and_verified_reads_compile_nothing(daemon: Da
         print(took)
         """
     )
+    _first_calls_fast(code, daemon)
+
+
+def _first_calls_fast(code: str, daemon: DaemonProcess) -> None:
+    """Run `code` in a fresh process against `daemon`: it must pass and print seconds under 5."""
     out = subprocess.run(
         [sys.executable, "-c", code],
         env=child_env(TENSORD_SOCKET=daemon.socket),
