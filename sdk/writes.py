@@ -20,6 +20,7 @@ from sdk.replicas import ReplicaClient
 from tensord_contract.descriptors import replica_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import Manifest, Table, table_of
+from tensord_contract.messages import PutAbortReply, PutAbortRequest
 from tensord_contract.names import check_name
 from tensord_contract.table_messages import PutBeginReply, PutBeginRequest, PutCommitReply, PutCommitRequest
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION
@@ -113,7 +114,10 @@ class Reservation:
                 self.slab.finish()
             finally:
                 self.slab.close()
-                self._client._call_on(self._conn, self._lost(), "put_abort", reservation=rid)
+                result, _ = self._client._call_on(
+                    self._conn, self._lost(), "put_abort", **PutAbortRequest(rid).to_wire()
+                )
+                PutAbortReply.from_wire(result, ProtocolError)
 
     def _lost(self) -> str:
         return (
@@ -161,7 +165,7 @@ class Writes(ReplicaClient):
                     os.close(fd)
             rid = PutBeginReply.reservation_of(result)
             if rid is not None:
-                conn.call("put_abort", reservation=rid)
+                conn.call("put_abort", **PutAbortRequest(rid).to_wire())
             raise
         return Reservation(self, reply.reservation, manifest, slab, conn)
 
