@@ -6,8 +6,8 @@
 Rows, medians of --runs in one process over the same DeepSeek-like tensors (separate
 allocations, shuffled): `describe` (what every put/load_into paid per call before plans), the
 `Snapshot` a kept plan is checked with (take + compare), and the `nn.Module` walk
-(`state_dict()` as before, `state_dict(keep_vars=True)` with the collector paused, as
-`load_into(module)` walks now). Ratios are against `describe` measured in the same run.
+(`state_dict()`, `state_dict(keep_vars=True)` with the collector paused, and
+`sdk.modules.state_tensors`, as `load_into(module)` walks now). Ratios are against `describe` measured in the same run.
 On a GPU also the batched copy of a plan's table (every tensor into a separate target, the
 table prepared once, as a kept plan runs it) against one flat copy of the same bytes.
 """
@@ -21,6 +21,7 @@ import torch
 from _common import deepseek_shapes, median_seconds
 from rl_sync import module_of, tensors_of
 
+from sdk.modules import state_tensors
 from tensord_contract.bulk import paused_gc
 from tensord_dataplane.snapshot import Snapshot
 from tensord_dataplane.tensors import describe
@@ -60,6 +61,10 @@ def main() -> None:
             return model.state_dict(keep_vars=True)
 
     show("module.state_dict(keep_vars=True), collector paused", median_seconds(walk, args.runs))
+    show(
+        "sdk.modules.state_tensors (as load_into(module) walks now)",
+        median_seconds(lambda: state_tensors(model), args.runs),
+    )
     if args.device.startswith("cuda"):
         copy_rows(tensors, args)
 

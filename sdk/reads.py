@@ -15,6 +15,7 @@ import torch
 
 from sdk.checks import check_fingerprints, check_targets
 from sdk.failover import read_with_failover
+from sdk.modules import state_tensors
 from sdk.plans import Copies, LoadPlan, Plans, keys_and_values
 from sdk.replicas import Pin, ReplicaClient
 from tensord_contract.bulk import paused_gc
@@ -209,12 +210,8 @@ class Reads(ReplicaClient):
         `strict`: the names must match exactly; otherwise only common names are loaded.
         `verify` as for `get`. Returns the version loaded.
         """
-        tensors: Mapping[str, torch.Tensor]
-        if isinstance(target, torch.nn.Module):
-            with paused_gc():  # the parameters themselves, not detached copies: 4x faster at 90k
-                tensors = target.state_dict(keep_vars=True)
-        else:
-            tensors = target
+        # a module: the parameters themselves, not detached copies
+        tensors = state_tensors(target) if isinstance(target, torch.nn.Module) else target
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
         keys, values = keys_and_values(tensors)
