@@ -21,8 +21,6 @@ try:
 except ImportError:  # no kernels: callers gather and fingerprint with torch
     triton = None
 
-from tensord_dataplane.fingerprint_ptx import BLOCK_PIECE, WORD_PIECE  # noqa: F401 (the table's pieces)
-
 
 def kernels() -> tuple[Any, Any] | None:
     """(words_kernel, blocks_kernel), or None without Triton."""

@@ -138,7 +138,8 @@ def test_the_triton_kernel_matches_the_definition_under_the_interpreter() -> Non
         """
         import numpy as np, torch
         from tensord_dataplane.fingerprint import fingerprint, in_place_fingerprints
-        from tensord_dataplane.fingerprint_kernels import WORD_PIECE, kernels
+        from tensord_dataplane.fingerprint_kernels import kernels
+        from tensord_dataplane.fingerprint_ptx import WORD_PIECE
         rng = np.random.default_rng(0)
         sizes = [0, 1, 7, 8, 9, 1000, 3, WORD_PIECE * 8 + 13, 2 * WORD_PIECE * 8, 5001]
         raw = [torch.from_numpy(rng.integers(0, 256, n + 8, dtype=np.uint8)) for n in sizes]

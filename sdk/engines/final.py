@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdk.modules import state_tensors
 from tensord_dataplane.fingerprint import fingerprints
 
 Place = tuple[int, int, tuple[int, ...], torch.dtype, torch.device]
@@ -37,13 +38,13 @@ def _fingerprints(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def snapshot(model: torch.nn.Module) -> Loaded:
-    state = model.state_dict(keep_vars=True)
+    state = state_tensors(model)
     return Loaded({k: _place(t) for k, t in state.items()}, _fingerprints(state))
 
 
 def rewritten(model: torch.nn.Module, loaded: Loaded) -> list[str]:
     """The state_dict entries that are not what `loaded` recorded (new or dropped ones too)."""
-    state = model.state_dict(keep_vars=True)
+    state = state_tensors(model)
     changed = set(state) ^ set(loaded.places)
     kept = {k: t for k, t in state.items() if k in loaded.places and _place(t) == loaded.places[k]}
     changed |= set(state) - set(kept) - changed
