@@ -196,10 +196,10 @@ class Daemon:
             transport=self.transport.session if self.transport else "",
             devices=dict(self.budgets.limit),
         )
+        if self.endpoint is not None:  # listening before the node says it is ready
+            await self.endpoint.start()
         await self.registry.start(node)
         self.service.ready.set()
-        if self.endpoint is not None:
-            await self.endpoint.start()
         if self.config.etcd_endpoints:
             self._tasks.append(asyncio.get_running_loop().create_task(self._reconcile()))
         self.restorer.start()
