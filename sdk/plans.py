@@ -6,7 +6,7 @@ and shapes against the set, and the pointer tables of the copies (read-only arra
 copy engine keeps their prepared, uploaded form: `tensord_dataplane.copy.copy_table`).
 
 A plan is used again only while it is exactly what would be made afresh: the same names in
-the same order, a `Snapshot` of the tensors equal to the one it was made from (data pointers,
+the same order, tensors that the `Snapshot` it was made from still holds (data pointers,
 shapes, strides, dtypes, devices: `tensord_dataplane.snapshot`) and, for a load, a set whose
 layout (names, dtypes, shapes, offsets) equals the one it was checked against. Anything else
 makes a new plan. Plans hold no tensor, only numbers: a plan never keeps memory alive, and a
@@ -101,13 +101,13 @@ class LoadPlan:
     rows: np.ndarray
     copies: Copies
 
-    def fits(self, keys: list[str], strict: bool, snapshot: Snapshot | None, manifest: Manifest) -> bool:
+    def fits(self, keys: list[str], strict: bool, values: list[torch.Tensor], manifest: Manifest) -> bool:
         return (
             strict == self.strict
             and self.snapshot is not None
-            and self.snapshot.same(snapshot)
             and keys == self.keys
             and same_layout(self.manifest, manifest)
+            and self.snapshot.holds(values)
         )
 
 
@@ -123,10 +123,10 @@ class PutPlan:
     described: Described
     written: list[tuple[np.ndarray, Copies]]  # [(offsets, copies)]: the last one, replaced under a lock
 
-    def fits(self, names: list[str], snapshot: Snapshot | None, device: str | None) -> bool:
+    def fits(self, names: list[str], values: list[torch.Tensor], device: str | None) -> bool:
         if self.snapshot is None or not (device is None or device == self.device):
             return False
-        return self.snapshot.same(snapshot) and names == self.names
+        return names == self.names and self.snapshot.holds(values)
 
     def copies(self, offsets: np.ndarray, lock: threading.Lock) -> Copies:
         with lock:

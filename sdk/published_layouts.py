@@ -5,8 +5,8 @@ An RL engine publishes its parameters after every update: the same tensors, the 
 allocations, new bytes. Describing 90k tensors, asking the driver for every allocation's range
 and exporting an IPC handle for each cost far more than the publication itself, so the last
 layout of each set name is kept and used again while it is exactly what describing afresh
-would give: the same names in order, an equal `Snapshot` (every data pointer, shape,
-contiguity and dtype) and, on a GPU, the same allocations (the driver's buffer ids: an
+would give: the same names in order, tensors its `Snapshot` still holds (every data pointer,
+shape, stride and dtype) and, on a GPU, the same allocations (the driver's buffer ids: an
 allocation freed and made anew at the same address has a new one, and a new IPC handle).
 A layout holds numbers and names, never tensors. Fingerprints are always computed afresh.
 """
@@ -40,8 +40,8 @@ class Layout:
     ids: tuple[int, ...]  # the allocations' buffer ids (GPU), in `where.bases` order
     ipc: PublishedIpcReplica | None  # GPU: the allocations exported for this node's readers
 
-    def fits(self, names: list[str], snapshot: Snapshot | None) -> bool:
-        if snapshot is None or not snapshot.same(self.snapshot) or names != self.names:
+    def fits(self, names: list[str], values: list[torch.Tensor]) -> bool:
+        if self.snapshot is None or names != self.names or not self.snapshot.holds(values):
             return False
         if not self.where.device.startswith("cuda"):
             return True
@@ -61,12 +61,11 @@ class Layouts:
     def find(self, name: str, names: list[str], values: list[torch.Tensor]) -> Layout:
         """The layout of `values` published as `name`: the kept one where it still fits, else
         described afresh (InvalidArgument for what cannot be published without a copy)."""
-        snapshot = Snapshot.take(values)
         with self._lock:
             kept = self._kept.get(name)
-        if kept is not None and kept.fits(names, snapshot):
+        if kept is not None and kept.fits(names, values):
             return kept
-        layout = _described(names, values, snapshot)
+        layout = _described(names, values, Snapshot.take(values))
         with self._lock:
             self._kept.pop(name, None)
             self._kept[name] = layout

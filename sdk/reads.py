@@ -217,11 +217,11 @@ class Reads(ReplicaClient):
         keys, values = keys_and_values(tensors)
         if not set(map(type, keys)) <= {str}:  # one C-level pass (a generator of isinstance is 10x slower)
             raise InvalidArgument("load_into needs tensors keyed by name (str)")
-        snapshot = Snapshot.take(values)
 
         def copy(manifest: Manifest, slab: SlabAccess) -> _Loaded:
             plan = self._plans.get("load", name)
-            if not (isinstance(plan, LoadPlan) and plan.fits(keys, strict, snapshot, manifest)):
+            if not (isinstance(plan, LoadPlan) and plan.fits(keys, strict, values, manifest)):
+                snapshot = Snapshot.take(values)
                 plan, done = _load_plan(manifest, keys, values, snapshot, strict=strict, slab=slab)
                 if done:  # targets not all dense: copied the slow way, nothing to keep
                     return _Loaded(manifest.version, plan.rows, values, plan.picked)

@@ -177,11 +177,10 @@ class Writes(ReplicaClient):
         if not isinstance(tensors, Mapping):
             raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
         names, values = keys_and_values(tensors)
-        snapshot = Snapshot.take(values)
         wanted = None if device is None else str(device)
         plan = self._plans.get("put", name)
-        if not (isinstance(plan, PutPlan) and plan.fits(names, snapshot, wanted)):
-            plan = _put_plan(names, values, snapshot, wanted)
+        if not (isinstance(plan, PutPlan) and plan.fits(names, values, wanted)):
+            plan = _put_plan(names, values, Snapshot.take(values), wanted)
             if plan.snapshot is not None:
                 self._plans.keep("put", name, plan)
         with self.reserve(name, plan.table, device=plan.device) as reservation:

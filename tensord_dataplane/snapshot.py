@@ -1,4 +1,4 @@
-"""Where many tensors' bytes lie and how they are laid out, taken and compared in bulk.
+"""Where many tensors' bytes lie and how they are laid out, taken and checked in bulk.
 
 A copy plan (`sdk.plans`) made for some tensors stays right exactly as long as every tensor
 still has the same data pointer, shape, contiguity and dtype (a plan is kept only for dense
@@ -7,13 +7,18 @@ The pointer names the device (with unified addressing no two devices' memory sha
 empty tensors, which copy nothing, may all have 0). A tensor re-allocated (`.to()`, `resize_`,
 `set_`, `param.data = ...`), reshaped in place, or replaced in its mapping by another (even one
 at the same address: then the plan is still right for it, unless its shape, layout or dtype
-differ) changes the snapshot. It is taken by one C-level `map` per attribute (four), not a
-Python pass per tensor, yet that is still four calls into torch per tensor: 0.7-0.8x of what
-`describe` costs (`benchmarks/plans.py`: 291 vs 412 ms at 90k tensors on the shared 2-core VM).
+differ) changes the snapshot.
+
+`take` reads the columns a plan is made from by one C-level `map` per attribute (four calls
+into torch per tensor). `holds` checks a kept snapshot against the tensors of a later call with
+fewer: the data pointers (one call per tensor) and torch's own C++ tensor guard (the one
+`torch.compile` checks its graphs' inputs with: Python type, dispatch keys, dtype, device,
+sizes and strides, for every tensor in one call; it holds no tensor). The guard is stricter
+than the columns (strides, not contiguity; the type): a tensor it rejects only makes a new
+plan. Where torch has no such guard, `holds` takes and compares the columns.
 
 Conjugate and negative views carry bits the bytes do not show: those are compared for rows
-of complex dtype (the only ones `Tensor.conj()` marks); a tensor made by the private
-`torch._neg_view` of a real dtype is not told apart.
+of complex dtype (the only ones `Tensor.conj()` marks); the guard sees them as dispatch keys.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class Snapshot:
     contiguous: list[bool]  # with the shape, the layout of the bytes (strides of size-1 dims aside)
     dtypes: list[torch.dtype]
     bits: list[tuple[bool, bool]]  # (conj, neg) of the rows of complex dtype, in order
+    guard: Any = None  # torch's tensor guard over the tensors, where torch has one
 
     @classmethod
     def take(cls, values: Sequence[Any]) -> Snapshot | None:
@@ -58,7 +64,22 @@ class Snapshot:
             if any(d.is_complex for d in set(dtypes)):
                 rows = [t for t, d in zip(values, dtypes, strict=True) if d.is_complex]
                 bits = list(zip(map(_BITS, rows), map(_NEG, rows), strict=True))
-        return cls(ptrs, shapes, contiguous, dtypes, bits)
+            return cls(ptrs, shapes, contiguous, dtypes, bits, _guard(values))
+
+    def holds(self, values: Sequence[Any]) -> bool:
+        """`values` are the tensors this was taken of, every one where and as it was."""
+        if len(values) != len(self.ptrs):
+            return False
+        if self.guard is None:
+            return self.same(Snapshot.take(values))
+        with paused_gc():
+            try:
+                if not self.guard.check(*values):
+                    return False
+                ptrs = np.fromiter(map(torch.Tensor.data_ptr, values), dtype=np.int64, count=len(values))
+            except (TypeError, RuntimeError):
+                return False
+        return bool(np.array_equal(ptrs, self.ptrs))
 
     def same(self, other: Snapshot | None) -> bool:
         """Every tensor where and as it was."""
@@ -70,3 +91,13 @@ class Snapshot:
             and self.dtypes == other.dtypes
             and self.bits == other.bits
         )
+
+
+def _guard(values: Sequence[Any]) -> Any:
+    """torch's C++ guard over `values` (sizes and strides exact), or None where torch lacks it."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        return TensorGuards(*values, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return None
