@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tensord_contract.bulk import paused_gc
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
-from tensord_contract.manifest import TensorSpec, check_spec
+from tensord_contract.manifest import Table, TensorSpec, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,9 @@ def _header_of(fd: int, p: str) -> tuple[list[FileTensor], dict[str, str]]:
     raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise _bad(p, "file changed while its header was read")
-    header = _load_json(p, raw, "header")
-    return _parse_header(p, header, data_len=size - 8 - n, data_start=8 + n)
+    with paused_gc():  # one dict per tensor
+        header = _load_json(p, raw, "header")
+        return _parse_header(p, header, data_len=size - 8 - n, data_start=8 + n)
 
 
 def read_header(path: str | os.PathLike[str]) -> list[FileTensor]:
@@ -207,13 +209,21 @@ def _parse_header(path: str, header: Any, *, data_len: int, data_start: int) -> 
         metadata = {}
     elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(path, "__metadata__ must map strings to strings")
-    entries: list[tuple[int, int, FileTensor]] = []
-    for name, info in header.items():
-        begin, end, tensor = _parse_entry(path, name, info, data_len=data_len, data_start=data_start)
-        entries.append((begin, end, tensor))
-    entries.sort(key=lambda e: (e[0], e[1], e[2].name))
+    entries = [_parse_entry(path, name, info, data_len=data_len) for name, info in header.items()]
+    table = _table_of(path, entries)
+    tensors: list[tuple[int, int, FileTensor]] = []
+    for (name, code, _, begin, end), shape, nbytes in zip(entries, table.shapes, table.sizes.tolist(), strict=True):
+        if end - begin != nbytes:
+            raise _bad(
+                path,
+                f"data_offsets span {end - begin} bytes but {code} shape {list(shape)} needs {nbytes}",
+                name,
+            )
+        dtype = SAFETENSORS_DTYPES[code]
+        tensors.append((begin, end, FileTensor(name, dtype, shape, path, data_start + begin, nbytes)))
+    tensors.sort(key=lambda e: (e[0], e[1], e[2].name))
     prev_end, prev_name = 0, ""
-    for begin, end, tensor in entries:
+    for begin, end, tensor in tensors:
         if begin == end:  # an empty tensor owns no bytes
             continue
         if begin < prev_end:
@@ -221,10 +231,14 @@ def _parse_header(path: str, header: Any, *, data_len: int, data_start: int) -> 
         prev_end, prev_name = end, tensor.name
     if prev_end < data_len:
         log.warning("%s: %d bytes after the last tensor are not used", path, data_len - prev_end)
-    return [e[2] for e in entries], dict(metadata)
+    return [e[2] for e in tensors], dict(metadata)
 
 
-def _parse_entry(path: str, name: str, info: Any, *, data_len: int, data_start: int) -> tuple[int, int, FileTensor]:
+_Entry = tuple[str, str, Any, int, int]  # name, safetensors dtype code, shape, begin, end
+
+
+def _parse_entry(path: str, name: str, info: Any, *, data_len: int) -> _Entry:
+    """One header entry's form (its name, dtype and shape are checked with all the others)."""
     if not isinstance(info, dict):
         raise _bad(path, "entry must be an object with dtype, shape and data_offsets", name)
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
@@ -234,12 +248,6 @@ def _parse_entry(path: str, name: str, info: Any, *, data_len: int, data_start: 
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         why = "sub-byte dtype is not supported" if isinstance(code, str) and code in _SUB_BYTE else "unknown dtype"
         raise _bad(path, f"{why} {code!r:.40}", name)
-    try:
-        spec = check_spec(name, SAFETENSORS_DTYPES[code], shape)
-    except InvalidArgument as exc:
-        raise _bad(path, f"invalid entry: {exc.message}", name) from None
-    except UnicodeEncodeError:
-        raise _bad(path, "name is not valid UTF-8 text", name) from None
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise _bad(path, f"data_offsets must be [begin, end] integers, not {offsets!r:.60}", name)
     begin, end = offsets
@@ -251,14 +259,22 @@ def _parse_entry(path: str, name: str, info: Any, *, data_len: int, data_start: 
             f"data_offsets [{begin}, {end}] run past the data area of {data_len} bytes (file truncated?)",
             name,
         )
-    if end - begin != spec.nbytes:
-        raise _bad(
-            path,
-            f"data_offsets span {end - begin} bytes but {code} shape {list(spec.shape)} needs {spec.nbytes}",
-            name,
-        )
-    tensor = FileTensor(spec.name, spec.dtype, spec.shape, path, data_start + begin, spec.nbytes)
-    return begin, end, tensor
+    return name, code, shape, begin, end
+
+
+def _table_of(path: str, entries: list[_Entry]) -> Table:
+    """Every entry's name, dtype and shape checked at once; a bad one is then found and named."""
+    try:
+        return Table.build([e[0] for e in entries], [SAFETENSORS_DTYPES[e[1]] for e in entries], [e[2] for e in entries])
+    except InvalidArgument as whole:
+        for name, code, shape, _, _ in entries:
+            try:
+                check_spec(name, SAFETENSORS_DTYPES[code], shape)
+            except InvalidArgument as exc:
+                raise _bad(path, f"invalid entry: {exc.message}", name) from None
+            except UnicodeEncodeError:
+                raise _bad(path, "name is not valid UTF-8 text", name) from None
+        raise _bad(path, whole.message) from None
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> list[FileTensor]:

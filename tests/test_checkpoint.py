@@ -235,6 +235,12 @@ BAD_HEADERS = {
     "bool_shape": ({"t": entry(shape=[True, True])}, 8, "non-negative ints"),
     "shape_not_list": ({"t": entry(shape="2")}, 8, "shape"),
     "too_many_dims": ({"t": entry(shape=[1] * 17, offsets=(0, 4))}, 8, "at most 16"),
+    "bad_shape_among_good": (
+        {"a": entry(), "t": entry(shape=[2, -1], offsets=(8, 16)), "z": entry(offsets=(16, 24))},
+        24,
+        "non-negative",
+    ),
+    "bad_size_among_good": ({"a": entry(), "t": entry(shape=(3,), offsets=(8, 16))}, 16, "needs 12"),
     "offsets_past_end": ({"t": entry(offsets=(8, 16))}, 8, "past the data area"),
     "offsets_reversed": ({"t": entry(offsets=(8, 0))}, 8, "begin <= end"),
     "offsets_negative": ({"t": entry(offsets=(-8, 0))}, 8, "begin <= end"),
