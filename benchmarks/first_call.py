@@ -9,12 +9,14 @@ already done it) and times its first call, its second and the median of --runs m
 (16 small tensors, as a trainer's first step of a small model, and the whole shard), `get`,
 `get` of a few names (the batched copy), `load_into` (a dict and an nn.Module), `mount`
 (enter plus one tensor), `info(tensors=True)`. It prints whether Triton was imported (a
-kernel compiled, or loaded from Triton's cache) during the first call.
+kernel compiled, or loaded from Triton's cache) during the first call. `--profile`: the first
+call of each is profiled instead (the rows then time its second call as 'first').
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,7 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import REPO, deepseek_shapes, start_daemon, sync
+from _common import REPO, deepseek_shapes, profile, start_daemon, sync
 from rl_sync import module_of, tensors_of
 
 import sdk
@@ -54,6 +56,9 @@ def child(args: argparse.Namespace) -> None:
     }
     fn = calls[args.op]
     times = []
+    if args.profile:  # the first call, profiled (to stderr), instead of timed
+        with contextlib.redirect_stdout(sys.stderr):
+            profile(f"first {args.op}", fn, top=30)
     for i in range(2 + args.runs):
         sync()
         t0 = time.perf_counter()
@@ -79,6 +84,7 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=0.05)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--profile", action="store_true", help="profile each first call (printed, not timed)")
     args = p.parse_args()
     if args.op:
         child(args)
@@ -101,10 +107,13 @@ def main() -> None:
         for op in args.ops.split(","):
             cmd = [sys.executable, __file__, "--op", op, "--device", args.device]
             cmd += ["--tensors", str(args.tensors), "--gb", str(args.gb), "--runs", str(args.runs)]
+            cmd += ["--profile"] if args.profile else []
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
             if out.returncode != 0:
                 print(f"  {op:<18} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
+            if args.profile:
+                print(out.stderr, flush=True)
             got = json.loads(out.stdout.strip().splitlines()[-1])
             t = got["times"]
             steady = statistics.median(t[2:])
