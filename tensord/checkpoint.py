@@ -345,9 +345,13 @@ def _read_indexed(directory: str, index: str, root: str) -> list[FileTensor]:
     if not isinstance(weight_map, dict):
         raise _bad(index, "index must be an object with a weight_map object")
     by_shard: dict[str, set[str]] = {}
-    for tensor, shard in weight_map.items():
-        file = _shard_path(directory, shard, index, tensor, root)
-        by_shard.setdefault(file, set()).add(tensor)
+    checked: dict[str, str] = {}  # shard name -> its path, checked once
+    with paused_gc():
+        for tensor, shard in weight_map.items():
+            file = checked.get(shard) if isinstance(shard, str) else None
+            if file is None:
+                file = checked[shard] = _shard_path(directory, shard, index, tensor, root)
+            by_shard.setdefault(file, set()).add(tensor)
     out: list[FileTensor] = []
     for file in sorted(by_shard):
         found = read_header(file)
