@@ -12,6 +12,7 @@ elements; ``plan_shard`` lists those runs as (file offset, length) in the shard'
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -156,7 +157,7 @@ class ShardPlan:
 
     @property
     def nbytes(self) -> int:
-        return sum(length for _, length in self.ranges)
+        return math.prod(self.shape) * DTYPE_SIZES[self.tensor.dtype]
 
 
 def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> ShardPlan:
@@ -190,20 +191,15 @@ def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> Sha
     inner = math.prod(shape[d + 1 :]) * DTYPE_SIZES[tensor.dtype]
     rows, row_bytes, chunk = math.prod(shape[:d]), shape[d] * inner, part * inner
     start = tensor.offset + rank * chunk
-    ranges = _coalesce((start + i * row_bytes, chunk) for i in range(rows)) if chunk else ()
+    if not chunk:
+        ranges: tuple[tuple[int, int], ...] = ()
+    elif rows == 1:
+        ranges = ((start, chunk),)
+    else:  # tp > 1: a row's part is shorter than the row, so no two runs touch
+        ranges = tuple(zip(range(start, start + rows * row_bytes, row_bytes), itertools.repeat(chunk, rows)))
     return ShardPlan(tensor, rank, tp, d, (*shape[:d], part, *shape[d + 1 :]), ranges)
 
 
 def plan_shards(tensors: Iterable[FileTensor], rank: int, tp: int, rules: ShardRules) -> list[ShardPlan]:
     """``plan_shard`` for every tensor; the first bad one raises."""
     return [plan_shard(t, rank, tp, rules) for t in tensors]
-
-
-def _coalesce(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    out: list[tuple[int, int]] = []
-    for offset, length in ranges:
-        if out and out[-1][0] + out[-1][1] == offset:
-            out[-1] = (out[-1][0], out[-1][1] + length)
-        else:
-            out.append((offset, length))
-    return tuple(out)
