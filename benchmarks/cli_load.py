@@ -136,9 +136,11 @@ def main() -> None:
         print(f"  {'':<42} {'seconds':>8} {'GB/s':>7} {'x raw read':>10} {'x load_file':>11}")
         for label, s in rows.items():
             print(f"  {label:<42} {s:8.3f} {nbytes / s / 1e9:7.2f} {limit / s:10.2f} {load_file_s / s:11.2f}")
-        ingests = [line for line in daemon.log.read_text().splitlines() if "ingested" in line]
-        for line in ingests[-3:]:  # the daemon's own time for its last loads (reads, copies, fingerprints)
+        lines = daemon.log.read_text().splitlines()
+        for line in [x for x in lines if "ingested" in x][-3:]:  # the daemon's own time (reads, copies, fingerprints)
             print("  daemon:", line[line.find("ingested") :])
+        for line in [x for x in lines if "headers" in x and "commit" in x][-3:]:  # a load's phases in the daemon
+            print("  daemon:", line[line.find("load ") :])
     finally:
         daemon.kill()
         os.unlink(path)

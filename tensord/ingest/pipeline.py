@@ -96,6 +96,7 @@ def load(
     byte is written, before any commit; it raises if the files changed meanwhile. `track` is
     handed the load's ``Progress`` before the first byte is read.
     """
+    started = time.perf_counter()
     check_name(name)
     threads = check_threads(default_threads(device) if threads is None else threads)
     if tp is not None:
@@ -120,16 +121,22 @@ def load(
     bar = Progress(total, progress, logger=logger, label=label or name)
     if track is not None:
         track(bar)
+    phases = {"headers": time.perf_counter() - started}
     with ExitStack() as stack:  # aborts every reservation not committed, on any error
         reserved = [
             stack.enter_context(sink.reserve(n, _table(sources), device=device, origin=o)) for n, sources, o in sets
         ]
+        phases["reserve"] = time.perf_counter() - started - sum(phases.values())
         fingerprints = [
             _fill(r, sources, threads, bar, files) for r, (_, sources, _) in zip(reserved, sets, strict=True)
         ]
+        phases["ingest"] = time.perf_counter() - started - sum(phases.values())
         if unchanged is not None:
             unchanged()
         versions = [r.commit(fps) for r, fps in zip(reserved, fingerprints, strict=True)]
+        phases["commit"] = time.perf_counter() - started - sum(phases.values())
+    if logger is not None:
+        logger.info("%s: %s", label or name, ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
     return Loaded([(n, v) for (n, _, _), v in zip(sets, versions, strict=True)], total)
 
 
