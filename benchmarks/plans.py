@@ -48,8 +48,13 @@ def main() -> None:
     kept = Snapshot.take(values)
     assert kept is not None
     show("snapshot: take (a plan's first call)", median_seconds(lambda: Snapshot.take(values), args.runs))
-    show("snapshot: take + compare columns (without torch's guard)", median_seconds(lambda: kept.same(Snapshot.take(values)), args.runs))
-    show("snapshot: holds (a kept plan's check: guard + pointers)", median_seconds(lambda: kept.holds(values), args.runs))
+    show(
+        "snapshot: take + compare columns (without torch's guard)",
+        median_seconds(lambda: kept.same(Snapshot.take(values)), args.runs),
+    )
+    show(
+        "snapshot: holds (a kept plan's check: guard + pointers)", median_seconds(lambda: kept.holds(values), args.runs)
+    )
     show(
         "describe given the snapshot (a plan's first call)",
         median_seconds(lambda: describe(values, known=kept), args.runs),

@@ -265,7 +265,9 @@ def _parse_entry(path: str, name: str, info: Any, *, data_len: int) -> _Entry:
 def _table_of(path: str, entries: list[_Entry]) -> Table:
     """Every entry's name, dtype and shape checked at once; a bad one is then found and named."""
     try:
-        return Table.build([e[0] for e in entries], [SAFETENSORS_DTYPES[e[1]] for e in entries], [e[2] for e in entries])
+        return Table.build(
+            [e[0] for e in entries], [SAFETENSORS_DTYPES[e[1]] for e in entries], [e[2] for e in entries]
+        )
     except InvalidArgument as whole:
         for name, code, shape, _, _ in entries:
             try:

@@ -7,7 +7,7 @@ TOML (format in ``configs/sharding-rules.example.toml``); Llama-style rules ship
 
 Splitting dim ``d`` of a row-major tensor into ``tp`` equal parts gives rank ``r`` the bytes of
 ``prod(shape[:d])`` rows, each one contiguous run of ``shape[d] // tp * prod(shape[d+1:])``
-elements; ``plan_shard`` lists those runs as (file offset, length) in the shard's own order.
+elements, a row's bytes apart; ``plan_shard`` gives those ``Runs`` in the shard's own order.
 """
 
 from __future__ import annotations
@@ -137,15 +137,42 @@ def builtin_rules(name: str) -> ShardRules:
 
 
 @dataclass(frozen=True)
+class Runs:
+    """``count`` runs of ``length`` bytes of a file, ``stride`` bytes apart from ``first``: a
+    shard's bytes in order (a whole tensor is one run). Kept as four numbers, not a list: a
+    column split of a large matrix is thousands of runs."""
+
+    first: int
+    count: int
+    stride: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """The file offset after the last run (``first`` when there is none)."""
+        return self.first + (self.count - 1) * self.stride + self.length if self.count else self.first
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """Every run as (file offset, length)."""
+        starts = (self.first + i * self.stride for i in range(self.count))
+        return tuple(zip(starts, itertools.repeat(self.length, self.count), strict=True))
+
+
+@dataclass(frozen=True)
 class ShardPlan:
-    """How to read one rank's shard of a tensor: concatenate ``ranges`` of ``tensor.path``."""
+    """How to read one rank's shard of a tensor: concatenate ``runs`` of ``tensor.path``."""
 
     tensor: FileTensor
     rank: int
     tp: int
     dim: Split  # normalised (non-negative) dim, or None when replicated
     shape: tuple[int, ...]  # the shard's shape
-    ranges: tuple[tuple[int, int], ...]  # (absolute file offset, length), in order
+    runs: Runs
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """The runs as (absolute file offset, length), in order."""
+        return self.runs.ranges()
 
     @property
     def name(self) -> str:
@@ -169,8 +196,7 @@ def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> Sha
     split = rules.match(tensor.name)
     shape = tensor.shape
     if split is None or tp == 1:
-        whole = ((tensor.offset, tensor.nbytes),) if tensor.nbytes else ()
-        return ShardPlan(tensor, rank, tp, None, shape, whole)
+        return ShardPlan(tensor, rank, tp, None, shape, whole(tensor))
     if not shape:
         raise InvalidArgument(
             f"tensor {tensor.name!r}: a 0-d tensor can only be replicated, the rule splits dim {split}",
@@ -190,14 +216,13 @@ def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> Sha
     part = shape[d] // tp
     inner = math.prod(shape[d + 1 :]) * DTYPE_SIZES[tensor.dtype]
     rows, row_bytes, chunk = math.prod(shape[:d]), shape[d] * inner, part * inner
-    start = tensor.offset + rank * chunk
-    if not chunk:
-        ranges: tuple[tuple[int, int], ...] = ()
-    elif rows == 1:
-        ranges = ((start, chunk),)
-    else:  # tp > 1: a row's part is shorter than the row, so no two runs touch
-        ranges = tuple(zip(range(start, start + rows * row_bytes, row_bytes), itertools.repeat(chunk, rows)))
-    return ShardPlan(tensor, rank, tp, d, (*shape[:d], part, *shape[d + 1 :]), ranges)
+    runs = Runs(tensor.offset + rank * chunk, rows if chunk else 0, row_bytes, chunk)
+    return ShardPlan(tensor, rank, tp, d, (*shape[:d], part, *shape[d + 1 :]), runs)
+
+
+def whole(tensor: FileTensor) -> Runs:
+    """A whole tensor's bytes: one run (none when it is empty)."""
+    return Runs(tensor.offset, 1 if tensor.nbytes else 0, tensor.nbytes, tensor.nbytes)
 
 
 def plan_shards(tensors: Iterable[FileTensor], rank: int, tp: int, rules: ShardRules) -> list[ShardPlan]:

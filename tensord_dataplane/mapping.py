@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 
@@ -67,10 +68,14 @@ def preadv(fd: int, iov: np.ndarray, offset: int) -> None:
     done = 0
     while done < want:
         n = _libc.preadv(fd, iov.ctypes.data, len(iov), offset + done)
+        if n < 0 and ctypes.get_errno() == errno.EINTR:
+            continue
         if n <= 0:
             err = ctypes.get_errno() if n < 0 else 0
             raise TransferError(
-                f"slab read stopped after {done} of {want} bytes: {os.strerror(err) if err else 'end of file'}"
+                f"slab read stopped after {done} of {want} bytes: {os.strerror(err) if err else 'end of file'}",
+                done=done,
+                errno=err,
             )
         done += n
         if done < want:  # drop what was read: whole buffers, then part of the next

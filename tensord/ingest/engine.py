@@ -194,13 +194,15 @@ def _run(
     failed: list[BaseException] = []
     stop = threading.Event()
 
-    def fill(c: Chunk, view: torch.Tensor, junk: memoryview) -> int:
+    def fill(c: Chunk, view: torch.Tensor, junk: np.ndarray) -> int:
         """Read a chunk into `view`; its fingerprint share (while the bytes are in cache)."""
-        read_chunk(c, view.numpy().data, junk, sources[c.index])
+        if view.numel() != c.nbytes or view.dtype != torch.uint8 or not view.is_contiguous():  # written by address
+            raise RuntimeError(f"chunk of {c.nbytes} bytes read into a view of {view.numel()} ({view.dtype})")
+        read_chunk(c, view.data_ptr(), junk, sources[c.index])
         return fingerprint_part(view, c.start, specs[c.index].nbytes, version=fp) if hash_chunks else 0
 
     def worker(stream: Any) -> None:
-        junk = memoryview(bytearray(GAP_BYTES))
+        junk = np.empty(GAP_BYTES, dtype=np.uint8)
         try:
             if device is not None:
                 torch.cuda.set_device(device)

@@ -1,9 +1,10 @@
-"""The file side of an ingest: which byte ranges of which files hold each chunk, and reading them.
+"""The file side of an ingest: which bytes of which file hold each chunk, and reading them.
 
 A chunk is ``chunk_bytes`` of one tensor (a whole tensor, or one rank's shard of it, whose
-rows may lie in several ranges of its file). Chunks are read in file order, each with
-``os.preadv`` (which releases the GIL); small gaps between a shard's ranges are read into a
-scratch buffer rather than costing another system call.
+rows may lie in many runs of its file: ``sharding.Runs``). Chunks are read in file order, each
+with ``preadv`` (which releases the GIL) over an I/O vector built by numpy, never a Python
+object per run; small gaps between a shard's runs are read into a scratch buffer rather than
+costing another system call.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from tensord.checkpoint import FileTensor
-from tensord.sharding import ShardPlan
-from tensord_contract.errors import InvalidArgument
+from tensord.sharding import Runs, ShardPlan, whole
+from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_dataplane.mapping import preadv
 
 Source = FileTensor | ShardPlan
 
-#: A gap this small between two ranges of one chunk (a row-parallel shard) is read into a
+#: A gap this small between two runs of one chunk (a column-split shard) is read into a
 #: scratch buffer rather than costing another system call.
 GAP_BYTES = 64 * 1024
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -27,19 +31,23 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 
 @dataclass(frozen=True)
 class Chunk:
-    """Bytes ``[start, start + nbytes)`` of tensor ``index``: the file ranges that hold them."""
+    """Bytes ``[start, start + nbytes)`` of tensor ``index``, whose bytes are ``runs`` of ``fd``."""
 
     index: int
     start: int
     nbytes: int
     fd: int
-    ranges: tuple[tuple[int, int], ...]
+    runs: Runs
+
+    @property
+    def first(self) -> int:
+        """The file offset of the chunk's first byte."""
+        r = self.runs
+        return r.first + self.start // r.length * r.stride + self.start % r.length
 
 
-def source_ranges(source: Source) -> tuple[tuple[int, int], ...]:
-    if isinstance(source, ShardPlan):
-        return source.ranges
-    return ((source.offset, source.nbytes),) if source.nbytes else ()
+def source_runs(source: Source) -> Runs:
+    return source.runs if isinstance(source, ShardPlan) else whole(source)
 
 
 def source_path(source: Source) -> str:
@@ -55,7 +63,7 @@ def opened(sources: Sequence[Source], passed: Mapping[str, int] | None = None) -
     ends: dict[str, int] = {}
     for src in sources:
         path = source_path(src)
-        ends[path] = max(ends.get(path, 0), max((off + n for off, n in source_ranges(src)), default=0))
+        ends[path] = max(ends.get(path, 0), source_runs(src).end)
     fds: dict[str, int] = {}
     try:
         for path, end in ends.items():
@@ -86,67 +94,45 @@ def plan_chunks(sources: Sequence[Source], fds: dict[str, int], chunk: int) -> l
     """Every chunk of every tensor, in file order (sequential reads for the disk)."""
     out: list[Chunk] = []
     for index, src in enumerate(sources):
-        out.extend(_split(index, fds[source_path(src)], source_ranges(src), chunk))
-    out.sort(key=lambda c: (c.fd, c.ranges[0][0]))
+        runs, fd = source_runs(src), fds[source_path(src)]
+        size = runs.count * runs.length
+        out.extend(Chunk(index, at, min(chunk, size - at), fd, runs) for at in range(0, size, chunk))
+    out.sort(key=lambda c: (c.fd, c.first))
     return out
 
 
-def _split(index: int, fd: int, ranges: Sequence[tuple[int, int]], chunk: int) -> Iterator[Chunk]:
-    pieces: list[tuple[int, int]] = []
-    start = filled = 0
-    for offset, length in ranges:
-        off, left = offset, length
-        while left:
-            take = min(left, chunk - filled)
-            pieces.append((off, take))
-            off, left, filled = off + take, left - take, filled + take
-            if filled == chunk:
-                yield Chunk(index, start, filled, fd, tuple(pieces))
-                start, filled, pieces = start + filled, 0, []
-    if filled:
-        yield Chunk(index, start, filled, fd, tuple(pieces))
+def chunk_iov(c: Chunk, dst: int, junk: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The reads of a chunk into memory at `dst`: (file offset, I/O vector of (address, length)
+    rows), gaps of up to ``len(junk)`` bytes between runs read into `junk`."""
+    r, end = c.runs, c.start + c.nbytes
+    rows = np.arange(c.start // r.length, (end - 1) // r.length + 1, dtype=np.int64)
+    lo = np.maximum(rows * r.length, c.start)  # each piece's first and end byte within the shard
+    hi = np.minimum((rows + 1) * r.length, end)
+    files = r.first + rows * r.stride + (lo - rows * r.length)
+    gap = r.stride - r.length
+    if gap == 0 or len(rows) == 1:  # one contiguous piece of the file
+        return [(int(files[0]), np.array([[dst, c.nbytes]], dtype=np.int64))]
+    pieces = np.stack([dst + lo - c.start, hi - lo], axis=1)
+    if gap > len(junk):
+        return [(int(f), pieces[i : i + 1]) for i, f in enumerate(files.tolist())]
+    iov = np.empty((2 * len(rows) - 1, 2), dtype=np.int64)  # piece, gap, piece, ...
+    iov[0::2] = pieces
+    iov[1::2] = (junk.ctypes.data, gap)
+    m = _IOV_MAX - 1 if _IOV_MAX % 2 == 0 else _IOV_MAX  # odd: a call starts and ends on a piece
+    return [(int(files[i // 2]), iov[i : i + m]) for i in range(0, len(iov), m + 1)]
 
 
-def read_chunk(c: Chunk, dst: memoryview, junk: memoryview, source: Source) -> None:
-    """Read a chunk's ranges into `dst`, one preadv per run of ranges with small gaps."""
-    iovs: list[memoryview] = []
-    pos = span_start = span_end = 0
-    for offset, length in c.ranges:
-        if iovs and (offset < span_end or offset - span_end > len(junk) or len(iovs) >= _IOV_MAX - 1):
-            _preadv_all(c.fd, iovs, span_start, source)
-            iovs = []
-        if not iovs:
-            span_start = offset
-        elif offset > span_end:
-            iovs.append(junk[: offset - span_end])
-        iovs.append(dst[pos : pos + length])
-        pos, span_end = pos + length, offset + length
-    if iovs:
-        _preadv_all(c.fd, iovs, span_start, source)
-
-
-def _preadv_all(fd: int, iovs: list[memoryview], offset: int, source: Source) -> None:
-    want = sum(len(v) for v in iovs)
-    done = 0
-    while done < want:
+def read_chunk(c: Chunk, dst: int, junk: np.ndarray, source: Source) -> None:
+    """Read a chunk's runs into memory at `dst` (``c.nbytes`` bytes), with few system calls."""
+    for offset, iov in chunk_iov(c, dst, junk):
         try:
-            n = os.preadv(fd, iovs, offset + done)
-        except OSError as exc:
-            raise InvalidArgument(
-                f"{source_path(source)}: cannot read tensor {source.name!r}: {exc.strerror or exc}",
-                path=source_path(source),
-                tensor=source.name,
-            ) from exc
-        if n <= 0:
-            raise InvalidArgument(
-                f"{source_path(source)}: file ended at byte {offset + done} inside tensor {source.name!r} "
-                "(truncated while loading?)",
-                path=source_path(source),
-                tensor=source.name,
+            preadv(c.fd, iov, offset)
+        except TransferError as exc:
+            path, err = source_path(source), exc.details["errno"]
+            why = (
+                f"cannot read tensor {source.name!r}: {os.strerror(err)}"
+                if err
+                else f"file ended at byte {offset + exc.details['done']} inside tensor {source.name!r} "
+                "(truncated while loading?)"
             )
-        done += n
-        while iovs and n >= len(iovs[0]):  # drop what a short read filled
-            n -= len(iovs[0])
-            iovs = iovs[1:]
-        if n:
-            iovs[0] = iovs[0][n:]
+            raise InvalidArgument(f"{path}: {why}", path=path, tensor=source.name) from None

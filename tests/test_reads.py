@@ -1,0 +1,71 @@
+"""The file side of an ingest (`tensord.ingest.reads`): a chunk of a shard's runs, read with a
+few preadv calls, holds exactly the bytes its (offset, length) ranges name."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensord.checkpoint import FileTensor
+from tensord.ingest import reads
+from tensord.sharding import Runs, ShardPlan
+from tensord_contract.errors import InvalidArgument
+
+
+def _expected(data: bytes, runs: Runs) -> bytes:
+    return b"".join(data[o : o + n] for o, n in runs.ranges())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunks_of_runs_hold_the_bytes_of_their_ranges(tmp_path: Path, seed: int, monkeypatch) -> None:
+    rng = random.Random(seed)
+    if seed % 4 == 0:
+        monkeypatch.setattr(reads, "_IOV_MAX", rng.choice([3, 4, 7]))  # many calls per chunk
+    length = rng.choice([1, 3, 64, 1000, 4096])
+    stride = length + rng.choice([0, 0, 1, 17, 4096, 70_000])  # 70 KB: past the scratch buffer
+    count = rng.randint(1, 300)
+    first = rng.randint(0, 5000)
+    runs = Runs(first, count, stride, length)
+    data = rng.randbytes(runs.end + rng.randint(0, 100))
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    want = _expected(data, runs)
+    chunk = max(rng.choice([1, 7, length, 3 * length + 5, len(want)]), len(want) // 200)  # few chunks
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = _source(str(path), runs)
+        got = bytearray()
+        chunks = list(reads.plan_chunks([src], {str(path): fd}, chunk))
+        assert [c.start for c in chunks] == list(range(0, len(want), chunk))
+        for c in chunks:
+            out = np.zeros(c.nbytes, dtype=np.uint8)
+            reads.read_chunk(c, out.ctypes.data, np.empty(reads.GAP_BYTES, dtype=np.uint8), src)
+            assert c.first == runs.first + c.start // length * stride + c.start % length
+            got += out.tobytes()
+    finally:
+        os.close(fd)
+    assert bytes(got) == want
+
+
+def test_a_file_cut_short_names_the_tensor_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        src = _source(str(path), Runs(40, 3, 30, 20))
+        (c,) = reads.plan_chunks([src], {str(path): fd}, 1 << 20)
+        out = np.zeros(c.nbytes, dtype=np.uint8)
+        with pytest.raises(InvalidArgument, match=r"file ended at byte 100 inside tensor 'w'"):
+            reads.read_chunk(c, out.ctypes.data, np.empty(reads.GAP_BYTES, dtype=np.uint8), src)
+    finally:
+        os.close(fd)
+
+
+def _source(path: str, runs: Runs) -> ShardPlan:
+    """A shard of tensor "w" of `path` whose bytes are `runs`."""
+    size = runs.count * runs.length
+    return ShardPlan(FileTensor("w", "uint8", (runs.end,), path, 0, runs.end), 0, 1, 0, (size,), runs)
