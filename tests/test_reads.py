@@ -25,6 +25,8 @@ def test_chunks_of_runs_hold_the_bytes_of_their_ranges(tmp_path: Path, seed: int
     rng = random.Random(seed)
     if seed % 4 == 0:
         monkeypatch.setattr(reads, "_IOV_MAX", rng.choice([3, 4, 7]))  # many calls per chunk
+    if seed % 3 == 0:
+        monkeypatch.setattr(reads, "_BATCH", rng.choice([1, 2, 5]))  # many batches of runs
     length = rng.choice([1, 3, 64, 1000, 4096])
     stride = length + rng.choice([0, 0, 1, 17, 4096, 70_000])  # 70 KB: past the scratch buffer
     count = rng.randint(1, 300)

@@ -27,6 +27,7 @@ Source = FileTensor | ShardPlan
 #: scratch buffer rather than costing another system call.
 GAP_BYTES = 64 * 1024
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+_BATCH = 1 << 16  # runs whose I/O vectors are built at once
 
 
 @dataclass(frozen=True)
@@ -101,25 +102,30 @@ def plan_chunks(sources: Sequence[Source], fds: dict[str, int], chunk: int) -> l
     return out
 
 
-def chunk_iov(c: Chunk, dst: int, junk: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def chunk_iov(c: Chunk, dst: int, junk: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """The reads of a chunk into memory at `dst`: (file offset, I/O vector of (address, length)
-    rows), gaps of up to ``len(junk)`` bytes between runs read into `junk`."""
+    rows), gaps of up to ``len(junk)`` bytes between runs read into `junk`; the runs are taken
+    ``_BATCH`` at a time (a chunk of one-byte runs must not need gigabytes of vectors)."""
     r, end = c.runs, c.start + c.nbytes
-    rows = np.arange(c.start // r.length, (end - 1) // r.length + 1, dtype=np.int64)
-    lo = np.maximum(rows * r.length, c.start)  # each piece's first and end byte within the shard
-    hi = np.minimum((rows + 1) * r.length, end)
-    files = r.first + rows * r.stride + (lo - rows * r.length)
+    first, last = c.start // r.length, (end - 1) // r.length
+    if r.stride == r.length or first == last:  # one contiguous piece of the file
+        yield c.first, np.array([[dst, c.nbytes]], dtype=np.int64)
+        return
     gap = r.stride - r.length
-    if gap == 0 or len(rows) == 1:  # one contiguous piece of the file
-        return [(int(files[0]), np.array([[dst, c.nbytes]], dtype=np.int64))]
-    pieces = np.stack([dst + lo - c.start, hi - lo], axis=1)
-    if gap > len(junk):
-        return [(int(f), pieces[i : i + 1]) for i, f in enumerate(files.tolist())]
-    iov = np.empty((2 * len(rows) - 1, 2), dtype=np.int64)  # piece, gap, piece, ...
-    iov[0::2] = pieces
-    iov[1::2] = (junk.ctypes.data, gap)
     m = _IOV_MAX - 1 if _IOV_MAX % 2 == 0 else _IOV_MAX  # odd: a call starts and ends on a piece
-    return [(int(files[i // 2]), iov[i : i + m]) for i in range(0, len(iov), m + 1)]
+    for a in range(first, last + 1, _BATCH):
+        rows = np.arange(a, min(a + _BATCH, last + 1), dtype=np.int64)
+        lo = np.maximum(rows * r.length, c.start)  # each piece's first and end byte in the shard
+        hi = np.minimum((rows + 1) * r.length, end)
+        files = (r.first + rows * r.stride + (lo - rows * r.length)).tolist()
+        pieces = np.stack([dst + lo - c.start, hi - lo], axis=1)
+        if gap > len(junk):
+            yield from ((f, pieces[i : i + 1]) for i, f in enumerate(files))
+            continue
+        iov = np.empty((2 * len(rows) - 1, 2), dtype=np.int64)  # piece, gap, piece, ...
+        iov[0::2] = pieces
+        iov[1::2] = (junk.ctypes.data, gap)
+        yield from ((files[i // 2], iov[i : i + m]) for i in range(0, len(iov), m + 1))
 
 
 def read_chunk(c: Chunk, dst: int, junk: np.ndarray, source: Source) -> None:
