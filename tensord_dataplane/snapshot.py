@@ -23,6 +23,7 @@ of complex dtype (the only ones `Tensor.conj()` marks); the guard sees them as d
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,10 +95,29 @@ class Snapshot:
 
 
 def _guard(values: Sequence[Any]) -> Any:
-    """torch's C++ guard over `values` (sizes and strides exact), or None where torch lacks it."""
+    """torch's C++ guard over `values` (sizes and strides exact), or None where torch lacks it
+    or its guard does not tell the shapes, strides and dtypes `holds` needs told apart."""
+    guards = _tensor_guards()
+    if guards is None:
+        return None
+    try:
+        return guards(*values, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+    except (TypeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _tensor_guards() -> Any:
+    """torch's private `TensorGuards`, once it has been seen to reject what it must (a private
+    API: a torch whose guard treats sizes as dynamic, or has none, gets the columns)."""
     try:
         from torch._C._dynamo.guards import TensorGuards
 
-        return TensorGuards(*values, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        probe = torch.zeros(2, 3)
+        guard = TensorGuards(probe, dynamic_dims_sizes=None, dynamic_dims_strides=None)  # type: ignore[misc, arg-type]  # the stub omits the tensors
+        others = (torch.zeros(3, 2), probe.t(), probe.view(torch.int32), probe[:, :2], torch.nn.Parameter(probe))
+        if guard.check(probe) and not any(guard.check(t) for t in others):
+            return TensorGuards
     except (ImportError, AttributeError, TypeError, RuntimeError):
-        return None
+        pass
+    return None
