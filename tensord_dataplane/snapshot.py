@@ -23,6 +23,7 @@ of complex dtype (the only ones `Tensor.conj()` marks); the guard sees them as d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Sequence
@@ -75,8 +76,9 @@ class Snapshot:
             return self.same(Snapshot.take(values))
         with paused_gc():
             try:
-                if not self.guard.check(*values):
-                    return False
+                with _one_mode():
+                    if not self.guard.check(*values):
+                        return False
                 ptrs = np.fromiter(map(torch.Tensor.data_ptr, values), dtype=np.int64, count=len(values))
             except (TypeError, RuntimeError):
                 return False
@@ -101,9 +103,20 @@ def _guard(values: Sequence[Any]) -> Any:
     if guards is None:
         return None
     try:
-        return guards(*values, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        with _one_mode():
+            return guards(*values, dynamic_dims_sizes=None, dynamic_dims_strides=None)
     except (TypeError, RuntimeError):
         return None
+
+
+def _one_mode() -> contextlib.ExitStack[bool | None]:
+    """The guard records the thread's autograd and inference modes with each tensor's dispatch
+    keys: made and checked in one fixed mode, a plan made under `inference_mode` (an engine)
+    still holds when checked outside it."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 @functools.cache

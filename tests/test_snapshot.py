@@ -68,3 +68,15 @@ def test_a_snapshot_keeps_no_tensor_alive(take: Callable[[list], Snapshot]) -> N
     gc.collect()
     assert all(r() is None for r in refs)
     assert not kept.holds([torch.zeros(1)] * 5)
+
+
+def test_a_plan_made_in_inference_mode_holds_outside_it(take: Callable[[list], Snapshot]) -> None:
+    ts = _tensors()
+    with torch.inference_mode():
+        kept = take(ts)
+        assert kept.holds(ts)
+    assert kept.holds(ts)
+    with torch.no_grad():
+        assert kept.holds(ts)
+        ts[1].set_(torch.zeros(5, 5))
+    assert not kept.holds(ts)
