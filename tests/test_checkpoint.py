@@ -442,3 +442,12 @@ def test_bad_shard_reported_with_its_path(tmp_path: Path) -> None:
     (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
     with pytest.raises(InvalidArgument, match=r"s2\.safetensors: tensor 'b': unknown dtype"):
         read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [0, 637, 999])
+def test_a_bad_entry_among_many_is_named(tmp_path: Path, bad: int) -> None:
+    header = {f"t{i:04d}": entry(offsets=(8 * i, 8 * i + 8)) for i in range(1000)}
+    header[f"t{bad:04d}"] = entry(shape=[1, -2], offsets=(8 * bad, 8 * bad + 8))
+    path = raw_file(tmp_path / "many.safetensors", header, bytes(8000))
+    with pytest.raises(InvalidArgument, match=rf"tensor 't{bad:04d}': invalid entry: .*non-negative"):
+        read_header(path)
