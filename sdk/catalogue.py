@@ -31,7 +31,6 @@ from tensord_contract.catalogue_messages import (
 )
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unavailable
-from tensord_contract.messages import DeleteReply, DeleteRequest, FanOutReply, ReplicateReply, ReplicateRequest
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord_contract.node_messages import NodesReply, NodesRequest, StatusReply, StatusRequest
 from tensord_contract.rows import TensorRows
@@ -169,6 +168,8 @@ class CatalogueClient:
 
     def delete(self, name: str, version: int | None = None) -> int:
         """Delete one version, or every version of `name`. Idempotent: returns how many went."""
+        from tensord_contract.messages import DeleteReply, DeleteRequest  # not on every command's start
+
         version = check_version(version, allow_latest=False)
         result, _ = self._conn().call("delete", **DeleteRequest(check_name(name), version).to_wire())
         return DeleteReply.from_wire(result, ProtocolError).deleted
@@ -207,6 +208,8 @@ class CatalogueClient:
         when some fail it raises TransferError naming them (`details["failed"]`); the others
         keep their copies. `progress`: called about twice a second, from another thread, with
         {node: fraction of chunks held} for the nodes still pulling."""
+        from tensord_contract.messages import FanOutReply, ReplicateReply, ReplicateRequest
+
         targets: str | tuple[str, ...] | None = to if not isinstance(to, list | tuple) else tuple(to)
         if isinstance(targets, tuple) and (not targets or not all(isinstance(n, str) for n in targets)):
             raise InvalidArgument("to must be a node id, a non-empty list of node ids, or 'all'")

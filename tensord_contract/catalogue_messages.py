@@ -21,7 +21,7 @@ from typing import Any
 
 from tensord_contract.checks import is_int
 from tensord_contract.errors import TensordError
-from tensord_contract.messages import MAX_WAIT, check_keys, is_number
+from tensord_contract.message_checks import MAX_WAIT, check_keys, is_number
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord_contract.reply_checks import (
     checked,

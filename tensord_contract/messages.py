@@ -34,39 +34,14 @@ from typing import Any
 
 from tensord_contract.checks import is_int
 from tensord_contract.errors import TensordError
+from tensord_contract.message_checks import MAX_FAN_OUT, MAX_WAIT, MIN_CHUNK, check_keys, is_number
+from tensord_contract.message_checks import MAX_HAVE as MAX_HAVE  # the contract's, importable here
+from tensord_contract.message_checks import MAX_ORIGIN as MAX_ORIGIN
+from tensord_contract.message_checks import check_origin as check_origin
 from tensord_contract.names import check_name, check_version
-
-#: the most (version, generation) pairs a reader may say it holds manifests of
-MAX_HAVE = 64
-#: the longest an origin (where a version's bytes come from) may be
-MAX_ORIGIN = 4096
-#: the smallest chunk: below this, per-chunk costs (an RPC, an engine entry) dominate everything
-MIN_CHUNK = 64 << 10
-#: the longest a request may wait for something to happen (long polls, an unpublish's drain)
-MAX_WAIT = 300.0
-#: the most targets one fan-out may place (`replicate`'s `of`)
-MAX_FAN_OUT = 4096
 
 # No numpy here (nor in what this imports): the catalogue's client (`sdk.catalogue`, the
 # `tensord` command) may use these messages and stays fast to start.
-
-
-def check_keys(
-    raw: dict[str, Any], op: str, required: tuple[str, ...], optional: tuple[str, ...], error: type[TensordError]
-) -> None:
-    """A request carries every key it needs and none it does not know (`op` aside)."""
-    unknown = sorted(k for k in raw if k != "op" and k not in required and k not in optional)
-    if unknown:
-        raise error(f"{op}: unknown arguments {unknown!r:.200}")
-    missing = [k for k in required if k not in raw]
-    if missing:
-        raise error(f"{op}: missing arguments {missing}")
-
-
-def check_origin(origin: object, error: type[TensordError]) -> str | None:
-    if origin is not None and (not isinstance(origin, str) or len(origin) > MAX_ORIGIN):
-        raise error(f"origin must be a string of at most {MAX_ORIGIN} characters")
-    return origin
 
 
 @dataclass(frozen=True)
@@ -131,11 +106,6 @@ class OpenReply:
         if not isinstance(replica, dict) or not (manifest is None or isinstance(manifest, dict)):
             raise error("malformed open reply: replica and manifest must be maps")
         return cls(pin, version, replica, manifest)
-
-
-def is_number(value: object, low: float, high: float) -> bool:
-    """An int or a float (never a bool) from `low` to `high` (inclusive)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
 
 def _reply_map(raw: object, op: str, error: type[TensordError]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from tensord_contract.checks import is_int
 from tensord_contract.errors import TensordError
-from tensord_contract.messages import check_keys
+from tensord_contract.message_checks import check_keys
 from tensord_contract.reply_checks import (
     checked,
     is_bool,

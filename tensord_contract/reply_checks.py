@@ -9,7 +9,7 @@ from typing import Any
 
 from tensord_contract.checks import is_int
 from tensord_contract.errors import TensordError
-from tensord_contract.messages import is_number
+from tensord_contract.message_checks import is_number
 from tensord_contract.names import MAX_VERSION
 
 # No numpy here: the catalogue's client uses these.

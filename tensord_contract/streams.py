@@ -18,9 +18,9 @@ import numpy as np
 
 from tensord_contract.checks import is_device_name, is_int
 from tensord_contract.errors import ProtocolError, TensordError
-from tensord_contract.messages import MAX_WAIT as MAX_WAIT  # the contract's, kept importable here
-from tensord_contract.messages import MIN_CHUNK as MIN_CHUNK
-from tensord_contract.messages import check_keys
+from tensord_contract.message_checks import MAX_WAIT as MAX_WAIT  # the contract's, kept importable here
+from tensord_contract.message_checks import MIN_CHUNK as MIN_CHUNK
+from tensord_contract.message_checks import check_keys
 from tensord_contract.names import check_name
 
 #: pair group backends (`tensord.fleet.pairs`)

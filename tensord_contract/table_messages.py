@@ -24,7 +24,7 @@ from tensord_contract.descriptors import (
 )
 from tensord_contract.errors import TensordError
 from tensord_contract.manifest import FINGERPRINT_VERSIONS, Table, check_servable
-from tensord_contract.messages import check_keys, check_origin
+from tensord_contract.message_checks import check_keys, check_origin
 from tensord_contract.names import check_name
 
 

@@ -118,6 +118,14 @@ def test_the_core_messages_import_no_numpy() -> None:
     assert out.strip() == "[]"
 
 
+def test_the_command_loads_only_the_messages_it_sends() -> None:
+    """`tensord ls/info/load` import the catalogue's and node's messages, not the data ops'."""
+    code = "import sys, sdk.catalogue, tensord.cli.main, tensord.cli.passing; "
+    code += "print(sorted({'tensord_contract.messages', 'tensord_contract.table_messages'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_requests_refuse_unknown_and_missing_keys() -> None:
     with pytest.raises(InvalidArgument, match="unknown arguments"):
         OpenRequest.from_wire({"name": "a", "pin": 1}, InvalidArgument)
