@@ -34,10 +34,7 @@ from typing import Any
 
 from tensord_contract.checks import is_int
 from tensord_contract.errors import TensordError
-from tensord_contract.message_checks import MAX_FAN_OUT, MAX_WAIT, MIN_CHUNK, check_keys, is_number
-from tensord_contract.message_checks import MAX_HAVE as MAX_HAVE  # the contract's, importable here
-from tensord_contract.message_checks import MAX_ORIGIN as MAX_ORIGIN
-from tensord_contract.message_checks import check_origin as check_origin
+from tensord_contract.message_checks import MAX_FAN_OUT, MAX_HAVE, MAX_WAIT, MIN_CHUNK, check_keys, is_number
 from tensord_contract.names import check_name, check_version
 
 # No numpy here (nor in what this imports): the catalogue's client (`sdk.catalogue`, the

@@ -18,7 +18,8 @@ than the columns (strides, not contiguity; the type): a tensor it rejects only m
 plan. Where torch has no such guard, `holds` takes and compares the columns.
 
 Conjugate and negative views carry bits the bytes do not show: those are compared for rows
-of complex dtype (the only ones `Tensor.conj()` marks); the guard sees them as dispatch keys.
+of complex dtype (the only ones `Tensor.conj()` marks); the guard sees them as dispatch keys
+(without it, a tensor made by the private `torch._neg_view` of a real dtype is not told apart).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,14 +110,13 @@ def _guard(values: Sequence[Any]) -> Any:
         return None
 
 
-def _one_mode() -> contextlib.ExitStack[bool | None]:
+@contextlib.contextmanager
+def _one_mode() -> Iterator[None]:
     """The guard records the thread's autograd and inference modes with each tensor's dispatch
     keys: made and checked in one fixed mode, a plan made under `inference_mode` (an engine)
     still holds when checked outside it."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.enable_grad())
-    return stack
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 @functools.cache

@@ -26,10 +26,8 @@ from tensord_contract.catalogue_messages import (
 from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import table_of
+from tensord_contract.message_checks import MAX_FAN_OUT, MAX_HAVE, MAX_ORIGIN
 from tensord_contract.messages import (
-    MAX_FAN_OUT,
-    MAX_HAVE,
-    MAX_ORIGIN,
     DeleteReply,
     DeleteRequest,
     FanOutReply,

@@ -121,22 +121,25 @@ def load(
     bar = Progress(total, progress, logger=logger, label=label or name)
     if track is not None:
         track(bar)
-    phases = {"headers": time.perf_counter() - started}
+    marks = [("headers", time.perf_counter())]  # each phase ends at its mark
     with ExitStack() as stack:  # aborts every reservation not committed, on any error
         reserved = [
             stack.enter_context(sink.reserve(n, _table(sources), device=device, origin=o)) for n, sources, o in sets
         ]
-        phases["reserve"] = time.perf_counter() - started - sum(phases.values())
+        marks.append(("reserve", time.perf_counter()))
         fingerprints = [
             _fill(r, sources, threads, bar, files) for r, (_, sources, _) in zip(reserved, sets, strict=True)
         ]
-        phases["ingest"] = time.perf_counter() - started - sum(phases.values())
+        marks.append(("ingest", time.perf_counter()))
         if unchanged is not None:
             unchanged()
         versions = [r.commit(fps) for r, fps in zip(reserved, fingerprints, strict=True)]
-        phases["commit"] = time.perf_counter() - started - sum(phases.values())
+        marks.append(("commit", time.perf_counter()))
     if logger is not None:
-        logger.info("%s: %s", label or name, ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+        starts = [started] + [t for _, t in marks]
+        logger.info(
+            "%s: %s", label or name, ", ".join(f"{k} {t - a:.3f} s" for (k, t), a in zip(marks, starts, strict=False))
+        )
     return Loaded([(n, v) for (n, _, _), v in zip(sets, versions, strict=True)], total)
 
 
