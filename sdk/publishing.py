@@ -108,8 +108,9 @@ class Publication:
 class Publishing(ReplicaClient):
     """The publishing part of `sdk.Client`."""
 
-    # Started on the first publish read from other nodes: an engine of its own, so that the
-    # registrations this process's reads and writes make and drop never touch a publication's.
+    # Started on the first publish read from other nodes: engines of its own (one per
+    # `BUFFERS_PER_ENGINE` allocations), so that the registrations this process's reads and
+    # writes make and drop never touch a publication's.
     _seeds: SeedRanges | None = None
 
     def close(self) -> None:
@@ -117,7 +118,7 @@ class Publishing(ReplicaClient):
         with self._lock:
             seeds, self._seeds = self._seeds, None
         if seeds is not None:
-            seeds.transport.close()  # after the connection: the daemon withdrew every publication
+            seeds.close()  # after the connection: the daemon withdrew every publication
 
     def publish(
         self,
@@ -133,9 +134,9 @@ class Publishing(ReplicaClient):
 
         `remote`: register the memory with this process's Transfer Engine, so that other nodes
         can read it (host memory is always registered: every reader reads it that way). None:
-        when the daemon is part of a cluster. Registering costs about a millisecond per
-        allocation at thousands of them (Mooncake's registration); publishing the same GPU
-        allocations again reuses it."""
+        when the daemon is part of a cluster. Each engine advertises at most 2,048 allocations
+        (TENSORD_ENGINE_BUFFERS; more start more engines, about a second each, in parallel);
+        publishing the same GPU allocations again reuses their registration."""
         check_name(name)
         if remote is not None and not isinstance(remote, bool):
             raise InvalidArgument("remote must be True, False or None")
@@ -187,7 +188,7 @@ class Publishing(ReplicaClient):
         try:
             with self._lock:
                 if self._seeds is None:
-                    self._seeds = SeedRanges(self._start_transport())
+                    self._seeds = SeedRanges(self._start_transport(), self._start_transport)
                 seeds = self._seeds
             return Registered(seeds, where, ids)
         except (TransferError, InvalidArgument) as exc:

@@ -20,7 +20,7 @@ reader may have cached a manifest for.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from tensord_contract.errors import ProtocolError, TensordError
 
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 MAX_BLOCKS = 1 << 20  # allocations one publication may span
+MAX_ENGINES = 1024  # Transfer Engines one publication may be registered with
 
 
 def _u64(x: object) -> bool:
@@ -124,7 +125,10 @@ class PublishedReplica:
     """A publishing process's memory (GPU or host) registered with its own Transfer Engine
     `session`: allocation b starts at `addresses[b]` there and spans `sizes[b]` bytes; row i of
     the manifest lies at byte `offset[i]` of allocation `block[i]` (columns as in
-    `PublishedIpcReplica`). `node` is the daemon it was published to (the one that pins it)."""
+    `PublishedIpcReplica`). `node` is the daemon it was published to (the one that pins it).
+    A publisher with more allocations than one engine advertises registers them with several:
+    `more_sessions` are the others, and `session_of` (little-endian uint16 per allocation)
+    indexes (session, *more_sessions); both empty for one engine."""
 
     node: str
     device: str
@@ -136,9 +140,21 @@ class PublishedReplica:
     nbytes: int
     generation: int
     kind: str = "published"
+    more_sessions: tuple[str, ...] = ()
+    session_of: bytes = b""
 
     def to_wire(self) -> dict[str, Any]:
-        return {**asdict(self), "addresses": list(self.addresses), "sizes": list(self.sizes)}
+        wire = {**asdict(self), "addresses": list(self.addresses), "sizes": list(self.sizes)}
+        if self.more_sessions:
+            wire["more_sessions"] = list(self.more_sessions)
+        else:  # one engine: the form peers without more_sessions know
+            del wire["more_sessions"], wire["session_of"]
+        return wire
+
+    def sessions(self) -> tuple[tuple[str, ...], np.ndarray | None]:
+        """Every engine's session and, with several, the index of each allocation's one."""
+        sessions = (self.session, *self.more_sessions)
+        return sessions, np.frombuffer(self.session_of, dtype="<u2") if self.session_of else None
 
     def layout(self, sizes: np.ndarray, error: type[TensordError] = ProtocolError) -> tuple[np.ndarray, np.ndarray]:
         """(block, offset) per row, checked as `PublishedIpcReplica.layout` does."""
@@ -152,8 +168,11 @@ def published_from_wire(
     daemon's); `error` if malformed."""
     session, device, addresses, sizes = (data.get(k) for k in ("session", "device", "addresses", "sizes"))
     block, offset = data.get("block"), data.get("offset")
-    if not isinstance(session, str) or not 0 < len(session) <= 255 or ":" not in session:
+    more, session_of = data.get("more_sessions", []), data.get("session_of", b"")
+    if not _session(session):
         raise error("a published replica needs its Transfer Engine session ('host:port')")
+    if not isinstance(more, list) or len(more) > MAX_ENGINES - 1 or not all(_session(s) for s in more):
+        raise error(f"a published replica's more_sessions must be a list of at most {MAX_ENGINES - 1} 'host:port'")
     if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda:")) or len(device) > 16:
         raise error("a published replica's device must be 'cpu' or 'cuda:N'")
     if not isinstance(addresses, list) or not isinstance(sizes, list) or len(addresses) != len(sizes):
@@ -166,7 +185,28 @@ def published_from_wire(
         raise error("every allocation size must be an integer from 1 to 2**48")
     if not isinstance(block, bytes) or not isinstance(offset, bytes):
         raise error("a published replica needs its block and offset columns as bytes")
-    return PublishedReplica(node, device, session, tuple(addresses), tuple(sizes), block, offset, nbytes, generation)
+    if not isinstance(session_of, bytes) or ((more or session_of) and len(session_of) != 2 * len(addresses)):
+        raise error("a published replica with more_sessions needs session_of: one uint16 per allocation")
+    if session_of and int(np.frombuffer(session_of, dtype="<u2").max(initial=0)) > len(more):
+        raise error(f"a published replica's session_of names a session past its {1 + len(more)}")
+    return PublishedReplica(
+        node,
+        device,
+        session,
+        tuple(addresses),
+        tuple(sizes),
+        block,
+        offset,
+        nbytes,
+        generation,
+        "published",
+        tuple(more),
+        session_of,
+    )
+
+
+def _session(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= 255 and ":" in value
 
 
 def published_ipc_from_wire(

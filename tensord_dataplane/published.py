@@ -16,8 +16,10 @@ TransferError; readers check fingerprints of what they read from a publication b
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,21 +34,54 @@ from tensord_dataplane.transport.base import Batch, Transport
 
 log = logging.getLogger(__name__)
 
+#: ranges one engine advertises (TENSORD_ENGINE_BUFFERS): see `SeedRanges`
+BUFFERS_PER_ENGINE = int(os.environ.get("TENSORD_ENGINE_BUFFERS") or 2048)
+
 
 class SeedRanges:
-    """The ranges one publishing engine has registered, and how many live publications use
-    each. A GPU allocation no publication uses any more stays registered (idle), so that
-    publishing the same memory again (an RL engine after each update) registers nothing; it is
-    registered again if the driver says the allocation was freed and made anew meanwhile (its
-    buffer id changed), and goes at the next publication that does not use it, or at close.
-    Host ranges go at once: freed host memory may be unmapped."""
+    """The ranges one publishing process has registered with its engines, and how many live
+    publications use each. A GPU allocation no publication uses any more stays registered
+    (idle), so that publishing the same memory again (an RL engine after each update) registers
+    nothing; it is registered again if the driver says the allocation was freed and made anew
+    meanwhile (its buffer id changed), and goes at the next publication that does not use it, or
+    at close. Host ranges go at once: freed host memory may be unmapped.
 
-    def __init__(self, transport: Transport) -> None:
-        self.transport = transport
+    One engine advertises at most `per_engine` ranges: a reader fetches an engine's list of
+    registered buffers in one handshake message, which Mooncake caps at 1 MiB (about 4,000
+    GPU allocations, 17,000 host ranges over TCP); registering also slows with the square of
+    the list. More ranges go to more engines, started by `more` (in parallel, once)."""
+
+    def __init__(
+        self, transport: Transport, more: Callable[[], Transport] | None = None, per_engine: int | None = None
+    ) -> None:
+        self.engines = [transport]
+        self._more = more
+        self.per_engine = per_engine or BUFFERS_PER_ENGINE
         self._lock = threading.Lock()
         self._uses: dict[tuple[int, int], int] = {}  # (base, size) -> live publications over it
         self._idle: dict[tuple[int, int], str] = {}  # (base, size) -> device, registered, unused
         self._ids: dict[tuple[int, int], int] = {}  # GPU ranges: the allocation's buffer id
+        self._engine: dict[tuple[int, int], int] = {}  # registered range -> index of its engine
+        self._held = [0]  # ranges registered per engine
+
+    @property
+    def transport(self) -> Transport:
+        """The first engine (the one every publisher has)."""
+        return self.engines[0]
+
+    def sessions(self, ranges: Sequence[tuple[int, int]]) -> tuple[tuple[str, ...], bytes]:
+        """Every engine's session, and per range the index of the one it is registered with
+        (empty while one engine holds everything)."""
+        with self._lock:
+            sessions = tuple(e.session for e in self.engines)
+            if len(sessions) == 1:
+                return sessions, b""
+            return sessions, np.array([self._engine[r] for r in ranges], dtype="<u2").tobytes()
+
+    def close(self) -> None:
+        """Close every engine (the publications are gone with the daemon's connection)."""
+        for engine in self.engines:
+            engine.close()
 
     def take(self, p: Places, ids: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """Register what `p` needs that is not registered (TransferError, InvalidArgument for a
@@ -63,15 +98,17 @@ class SeedRanges:
             if ids:  # re-made allocations at the same place: their registration is stale
                 stale = [r for r, i in zip(ranges, ids, strict=True) if r in self._idle and self._ids.get(r) != i]
                 self._drop([(r, p.device) for r in stale])
-            fresh = [r for r in ranges if r not in self._uses and r not in self._idle]
-            done: list[tuple[int, int]] = []
+            fresh = list(dict.fromkeys(r for r in ranges if r not in self._uses and r not in self._idle))
+            done: list[tuple[tuple[int, int], str]] = []
             try:
                 with current(p.device):
-                    for base, size in fresh:
-                        self.transport.register(base, size)
-                        done.append((base, size))
+                    for (base, size), e in zip(fresh, self._places_for(len(fresh)), strict=True):
+                        self.engines[e].register(base, size)
+                        self._engine[(base, size)] = e
+                        self._held[e] += 1
+                        done.append(((base, size), p.device))
             except BaseException:
-                self._drop([(r, p.device) for r in done])
+                self._drop(done)
                 raise
             for r, i in zip(ranges, ids or [0] * len(ranges), strict=True):
                 self._uses[r] = self._uses.get(r, 0) + 1
@@ -79,6 +116,33 @@ class SeedRanges:
                 if ids:
                     self._ids[r] = i
         return ranges
+
+    def _places_for(self, n: int) -> list[int]:
+        """The engine each of `n` new ranges goes to: the first ones with room, then new ones."""
+        room = [max(0, self.per_engine - held) for held in self._held]
+        short = n - sum(room)
+        if short > 0:
+            if self._more is None:
+                raise TransferError(
+                    f"this process's Transfer Engine advertises at most {self.per_engine} allocations; "
+                    f"{short} more are needed"
+                )
+            added = -(-short // self.per_engine)
+            with ThreadPoolExecutor(added) as pool:  # each start waits for its listener
+                starts = [pool.submit(self._more) for _ in range(added)]
+            failed = [f.exception() for f in starts if f.exception() is not None]
+            if failed:
+                for f in starts:
+                    if f.exception() is None:
+                        f.result().close()
+                raise failed[0]  # type: ignore[misc]
+            self.engines += [f.result() for f in starts]
+            self._held += [0] * added
+            room += [self.per_engine] * added
+        out: list[int] = []
+        for e, free in enumerate(room):
+            out += [e] * min(free, n - len(out))
+        return out
 
     def give(self, ranges: list[tuple[int, int]], device: str) -> None:
         """A publication over `ranges` was withdrawn: keep GPU ranges registered, idle."""
@@ -101,9 +165,13 @@ class SeedRanges:
         for (base, size), device in ranges:
             self._idle.pop((base, size), None)
             self._ids.pop((base, size), None)
+            e = self._engine.pop((base, size), None)
+            if e is None:
+                continue
+            self._held[e] -= 1
             try:
                 with current(device):
-                    self.transport.unregister(base)
+                    self.engines[e].unregister(base)
             except TransferError as exc:
                 log.warning("%s", exc.message)
 
@@ -116,17 +184,21 @@ class Registered:
             raise TransferError(f"this process's Transfer Engine cannot expose {p.device} memory")
         self._seeds, self.device = seeds, p.device
         self._ranges: list[tuple[int, int]] | None = seeds.take(p, ids)
+        sessions, session_of = seeds.sessions(self._ranges)
         # node, size and generation are the daemon's to set
         self.replica = PublishedReplica(
             "",
             p.device,
-            seeds.transport.session,
+            sessions[0],
             tuple(p.bases.tolist()),
             tuple(p.sizes.tolist()),
             p.block.tobytes(),
             p.offset.tobytes(),
             0,
             0,
+            "published",
+            sessions[1:],
+            session_of,
         )
 
     def close(self) -> None:
@@ -151,6 +223,11 @@ class PublishedAccess(RemoteAccess):
         bases = np.array(replica.addresses or [0], dtype=np.int64)
         used = manifest.sizes > 0
         self._sources = Sources(manifest, np.where(used, bases[np.where(used, block, 0)] + offset, 0))
+        self._sessions, engine_of = replica.sessions()
+        self._engines: tuple[np.ndarray, np.ndarray] | None = None  # sorted bases, their engine
+        if engine_of is not None:
+            order = np.argsort(bases, kind="stable")
+            self._engines = (bases[order], engine_of.astype(np.int64)[order])
 
     def base(self) -> torch.Tensor:
         raise InvalidArgument(
@@ -174,7 +251,8 @@ class PublishedAccess(RemoteAccess):
         offsets: np.ndarray,
         sizes: np.ndarray,
     ) -> None:
-        """One engine batch from the publisher's addresses of the layout ranges asked for."""
+        """One engine batch (per publisher's engine) from the publisher's addresses of the
+        layout ranges asked for."""
         if call != self._transport.read:
             raise InvalidArgument("a published replica is read-only")
         offsets, sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
@@ -188,7 +266,14 @@ class PublishedAccess(RemoteAccess):
                 with current(where):
                     self._transport.register(address, length)
                 registered.append((address, where))
-            call(self.session, Batch(dst, src, n))
+            if self._engines is None:
+                call(self.session, Batch(dst, src, n))
+            else:  # one batch per engine the pieces lie in
+                starts, engine = self._engines
+                of = engine[np.searchsorted(starts, src, "right") - 1]
+                for e in np.unique(of).tolist():
+                    at = of == e
+                    call(self._sessions[e], Batch(dst[at], src[at], n[at]))
         finally:
             for address, where in registered:
                 try:

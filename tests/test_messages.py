@@ -23,7 +23,7 @@ from tensord_contract.catalogue_messages import (
     WaitReply,
     WaitRequest,
 )
-from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica
+from tensord_contract.descriptors import IPC_HANDLE_BYTES, PublishedIpcReplica, PublishedReplica, published_from_wire
 from tensord_contract.errors import InvalidArgument, ProtocolError
 from tensord_contract.manifest import table_of
 from tensord_contract.message_checks import MAX_FAN_OUT, MAX_HAVE, MAX_ORIGIN
@@ -205,6 +205,39 @@ def test_publish_round_trips_with_the_daemon_setting_node_and_size() -> None:
     assert PublishReply.from_wire(PublishReply(4).to_wire(), ProtocolError) == PublishReply(4)
     with pytest.raises(ProtocolError, match="malformed publish reply"):
         PublishReply.from_wire({"version": "4"}, ProtocolError)
+
+
+def _two_engines(**change: object) -> dict:
+    """A publication registered with two engines (more allocations than one advertises)."""
+    two = {**_published(2).to_wire(), "more_sessions": ["h:2"], "session_of": np.array([0, 1], "<u2").tobytes()}
+    return {**two, **change}
+
+
+def test_a_publication_over_several_engines_round_trips() -> None:
+    wire = _two_engines()
+    back = published_from_wire(wire, "n", 1, 2, ProtocolError)
+    assert back.sessions()[0] == ("h:1", "h:2") and back.sessions()[1].tolist() == [0, 1]  # type: ignore[union-attr]
+    assert published_from_wire(back.to_wire(), "n", 1, 2, ProtocolError) == back
+    one = _published().to_wire()
+    assert "more_sessions" not in one and "session_of" not in one  # one engine: the old form
+    assert published_from_wire(one, "n", 1, 2, ProtocolError).sessions() == (("h:1",), None)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"more_sessions": "h:2"}, "more_sessions"),
+        ({"more_sessions": ["nocolon"]}, "more_sessions"),
+        ({"more_sessions": ["h:2"] * 1024}, "more_sessions"),
+        ({"session_of": b""}, "one uint16 per allocation"),
+        ({"session_of": b"\0\0\1"}, "one uint16 per allocation"),
+        ({"session_of": [0, 1]}, "one uint16 per allocation"),
+        ({"session_of": np.array([0, 2], "<u2").tobytes()}, "past its 2"),
+    ],
+)
+def test_malformed_engine_lists_are_refused(change: dict, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        published_from_wire(_two_engines(**change), "n", 1, 2, ProtocolError)
 
 
 @pytest.mark.parametrize(

@@ -430,3 +430,41 @@ def test_publishing_host_tensors_copies_nothing(start_daemon) -> None:
             # a copy would add 64 MiB; publishing adds a fixed ~8 MiB on this VM (engine metadata)
             assert grown < nbytes // 4, f"publishing {nbytes} bytes grew this process by {grown}"
             assert c.status()["devices"]["cpu"]["used"] == 0
+
+
+def test_more_allocations_than_one_engine_advertises_are_spread_over_engines(ab, monkeypatch) -> None:
+    """Mooncake hands a reader an engine's whole list of registered buffers in one handshake
+    message of at most 1 MiB: a publisher with more allocations registers them with more engines
+    (here 50 a engine), and readers on another node read each piece from its own engine."""
+    import tensord_dataplane.published as published
+
+    monkeypatch.setattr(published, "BUFFERS_PER_ENGINE", 50)
+    src = _shard(21, n=130)
+    expected = {k: t.clone() for k, t in src.items()}
+    with ab.client("pa") as pa, ab.client("pb") as pb:
+        with pa.publish("pubr/engines", src) as pub:
+            seeds = pa._seeds
+            assert seeds is not None and len(seeds.engines) == 3
+            assert len({e.session for e in seeds.engines}) == 3 and max(seeds._held) <= 50
+            assert _same(dict(pb.get("pubr/engines", pub.version).items()), expected)  # fingerprints checked
+            target = {k: torch.zeros_like(t) for k, t in src.items()}
+            assert pb.load_into(target, "pubr/engines", pub.version) == pub.version
+            assert _same(target, expected)
+            part = [k for k in src if k.startswith("layer1")]
+            assert _same(dict(pb.get("pubr/engines", pub.version, names=part).items()), {k: expected[k] for k in part})
+        assert not seeds._uses and sum(seeds._held) == 0  # host ranges go with the publication
+        small = _shard(22, n=10)
+        with pa.publish("pubr/engines", small) as pub:  # room in the first engine again: no new one
+            assert len(seeds.engines) == 3 and seeds._held[0] == len(seeds._engine)
+            assert _same(dict(pb.get("pubr/engines", pub.version).items()), small)
+
+
+def test_a_publication_past_the_handshake_limit_is_read_from_another_node(ab) -> None:
+    """20,000 host tensors, each its own allocation: one engine's buffer list would be over
+    Mooncake's 1 MiB handshake message (every read from it failed); with the default of
+    2,048 a engine they are read byte for byte from another node."""
+    src = {f"t{i}": torch.full((3 + i % 5,), i, dtype=torch.int32) for i in range(20_000)}
+    with ab.client("pa") as pa, ab.client("pb") as pb, pa.publish("pubr/many", src) as pub:
+        assert pa._seeds is not None and len(pa._seeds.engines) >= 10
+        got = pb.get("pubr/many", pub.version)
+        assert len(got) == len(src) and all(torch.equal(got[k], t) for k, t in src.items())
