@@ -19,6 +19,7 @@ The set is deleted after every load.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -109,33 +110,42 @@ def main() -> None:
             return lambda: subprocess.run(cmd, env=env, check=True, capture_output=True)
 
         py = sys.executable
-        rows = {
-            "raw read, 1 thread (limit)": median(raw_read(path, 1), args.runs),
-            "raw read, 2 threads (limit)": median(raw_read(path, 2), args.runs),
-            "raw read, 2 threads, into new memory": median(raw_read(path, 2, fresh=True), args.runs),
-            "load_file in a warm process": median(lambda: load_file(path, device=args.device), args.runs),
-            "load_file + a copy of each tensor": median(
-                lambda: [t.clone() for t in load_file(path, device=args.device).values()], args.runs
+        steps: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+            ("raw read, 1 thread (limit)", raw_read(path, 1), lambda: None),
+            ("raw read, 2 threads (limit)", raw_read(path, 2), lambda: None),
+            ("raw read, 2 threads, into new memory", raw_read(path, 2, fresh=True), lambda: None),
+            ("load_file in a warm process", lambda: load_file(path, device=args.device), lambda: None),
+            (
+                "load_file + a copy of each tensor",
+                lambda: [t.clone() for t in load_file(path, device=args.device).values()],
+                lambda: None,
             ),
-            "tensord load as typed (passes the file)": median(
+            (
+                "tensord load as typed (passes the file)",
                 command([py, "-m", "tensord", "load", path, "--name", "bench/load", "--device", args.device, "-q"]),
-                args.runs,
                 delete,
             ),
-            "before: the command reads it itself": median(
-                command([py, "-c", BEFORE, path, "bench/load", args.device]), args.runs, delete
+            ("python -c pass (no work)", command([py, "-c", "pass"]), lambda: None),
+            (
+                "before: the command reads it itself",
+                command([py, "-c", BEFORE, path, "bench/load", args.device]),
+                delete,
             ),
-            "python -c pass (no work)": median(command([py, "-c", "pass"]), args.runs),
-        }
-        limit = min(rows["raw read, 1 thread (limit)"], rows["raw read, 2 threads (limit)"])
-        load_file_s = rows["load_file in a warm process"]
+        ]
         print(
             f"{len(shapes)} tensors, {nbytes / 1e9:.2f} GB, device {args.device}, warm page cache, "
-            f"median of {args.runs}, {os.cpu_count()} CPUs"
+            f"median of {args.runs}, {os.cpu_count()} CPUs; rows printed as they are measured",
+            flush=True,
         )
-        print(f"  {'':<42} {'seconds':>8} {'GB/s':>7} {'x raw read':>10} {'x load_file':>11}")
-        for label, s in rows.items():
-            print(f"  {label:<42} {s:8.3f} {nbytes / s / 1e9:7.2f} {limit / s:10.2f} {load_file_s / s:11.2f}")
+        print(f"  {'':<42} {'seconds':>8} {'GB/s':>7} {'x raw read':>10} {'x load_file':>11}", flush=True)
+        rows: dict[str, float] = {}
+        for label, fn, after in steps:
+            rows[label] = s = median(fn, args.runs, after)
+            limit = min(rows["raw read, 1 thread (limit)"], rows.get("raw read, 2 threads (limit)", math.inf))
+            load_file_s = rows.get("load_file in a warm process", math.nan)
+            print(
+                f"  {label:<42} {s:8.3f} {nbytes / s / 1e9:7.2f} {limit / s:10.2f} {load_file_s / s:11.2f}", flush=True
+            )
         lines = daemon.log.read_text().splitlines()
         for line in [x for x in lines if "ingested" in x][-3:]:  # the daemon's own time (reads, copies, fingerprints)
             print("  daemon:", line[line.find("ingested") :])
