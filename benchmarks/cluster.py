@@ -22,6 +22,7 @@ import torch
 from _common import REPO, deepseek_shapes, llm_shapes, median_seconds, profile, random_set, random_tensors, row, sync
 
 from tensord_dataplane.cuda import current
+from tensord_dataplane.remote import _WINDOW as WINDOW
 from tensord_dataplane.remote import _range as memory_range
 from tensord_dataplane.transport.base import Batch
 from tests.daemons import DaemonProcess
@@ -71,6 +72,22 @@ def main() -> None:
                 lambda: engine.read(slab.session, one),  # type: ignore[attr-defined]
                 args.runs,
             )
+            window = min(WINDOW, manifest.nbytes)  # a staged load_into reads one window per engine call
+            starts = list(range(0, manifest.nbytes, window))
+            windowed = median_seconds(
+                lambda: [
+                    engine.read(  # type: ignore[attr-defined]
+                        slab.session,  # type: ignore[attr-defined]
+                        Batch(
+                            np.array([dst.data_ptr() + (i % 2) * window]),
+                            np.array([slab.address + at]),  # type: ignore[attr-defined]
+                            np.array([min(window, manifest.nbytes - at)]),
+                        ),
+                    )
+                    for i, at in enumerate(starts)
+                ],
+                args.runs,
+            )
             with current(args.to):
                 engine.unregister(base)
 
@@ -96,6 +113,7 @@ def main() -> None:
             )
             print(row("raw engine read into registered memory, one entry", nbytes, raw))
             print(row("raw engine read into fresh memory (allocate+register)", nbytes, raw_new))
+            print(row(f"raw engine read, one call per {window >> 20} MiB window", nbytes, windowed))
             if args.device.startswith("cuda") and args.to.startswith("cuda") and args.device != args.to:
                 flat = torch.empty(nbytes, dtype=torch.uint8, device=args.device)
                 peer = median_seconds(lambda: flat.to(args.to), args.runs)
@@ -104,6 +122,7 @@ def main() -> None:
                 print(row("tensord get (vs peer copy)", nbytes, get, peer))
             print(row("tensord get (vs raw read into fresh memory)", nbytes, get, raw_new))
             print(row("tensord load_into (vs raw read into registered memory)", nbytes, load, raw))
+            print(row("tensord load_into (vs the raw windowed read)", nbytes, load, windowed))
             if args.profile:  # where a remote load_into and get spend their time
                 for label, call in (
                     ("load_into", lambda: cb.load_into(targets, "bench/remote")),

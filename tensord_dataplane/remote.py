@@ -10,7 +10,7 @@ instead: each window of ~256 MiB of the slab moves as one engine entry, and the 
 copy (`tensord_dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
 registration far more, so this beats one entry per tensor and one registration per target.
 A read keeps its staging buffer registered while the transport lives (`_Stages`: 2 x 256 MiB
-per device at most) and alternates its halves, so the engine fills one window while the copy
+per device at most; TENSORD_REMOTE_WINDOW_MB) and alternates its halves, so the engine fills one window while the copy
 scatters the previous one; a copy plan's windows and their tables are prepared once.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,7 +37,8 @@ from tensord_dataplane.transport.base import Batch, Transport
 log = logging.getLogger(__name__)
 
 _DIRECT = 64  # up to this many tensors move as one engine entry each, straight to their place
-_WINDOW = 256 << 20  # bytes of the slab one staged read moves per engine call
+#: bytes of the slab one staged read moves per engine call (TENSORD_REMOTE_WINDOW_MB, a diagnostic)
+_WINDOW = int(os.environ.get("TENSORD_REMOTE_WINDOW_MB") or 256) << 20
 
 
 class RemoteAccess(SlabAccess):
