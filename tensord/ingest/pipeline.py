@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +127,9 @@ def load(
             stack.enter_context(sink.reserve(n, _table(sources), device=device, origin=o)) for n, sources, o in sets
         ]
         marks.append(("reserve", time.perf_counter()))
-        fingerprints = _fill_all(reserved, [sources for _, sources, _ in sets], threads, bar, files)
+        fingerprints = [
+            _fill(r, sources, threads, bar, files) for r, (_, sources, _) in zip(reserved, sets, strict=True)
+        ]
         marks.append(("ingest", time.perf_counter()))
         if unchanged is not None:
             unchanged()
@@ -144,20 +145,6 @@ def load(
 
 def _table(sources: Sequence[Source]) -> Table:
     return Table.build([s.name for s in sources], [s.dtype for s in sources], [s.shape for s in sources])
-
-
-def _fill_all(
-    reserved: list[Reserved], sources: list[Sequence[Source]], threads: int, bar: Progress, files: dict[str, int] | None
-) -> list[list[int]]:
-    """Fill every reservation; tp ranks at once, the reader threads shared among them (one
-    rank's start and drain overlap the others' reads, and ranks that read the same tensors
-    read them while they are in the page cache)."""
-    if len(reserved) == 1:
-        return [_fill(reserved[0], sources[0], threads, bar, files)]
-    each = max(1, threads // len(reserved))
-    with ThreadPoolExecutor(len(reserved), thread_name_prefix="rank") as pool:
-        done = [pool.submit(_fill, r, s, each, bar, files) for r, s in zip(reserved, sources, strict=True)]
-    return [f.result() for f in done]  # the first failure raises; the caller aborts every rank
 
 
 def _fill(
