@@ -175,6 +175,20 @@ def test_a_new_layout_between_versions_makes_a_new_plan(client: sdk.Client, devi
     assert torch.equal(partial["x"], c["x"]) and not torch.any(partial["z"])
 
 
+def test_keys_not_str_are_refused_after_a_kept_plan(client: sdk.Client) -> None:
+    """The key check runs only for a new plan: a kept plan must not let other keys through."""
+    name = "plans/keys"
+    src = {"a": torch.arange(4.0), "b": torch.arange(6.0)}
+    client.put(name, src)
+    targets = _zeros(src)
+    client.load_into(targets, name)
+    plan = _load_plan(client, name)
+    bad = {1: targets["a"], "b": targets["b"]}
+    with pytest.raises(InvalidArgument, match="keyed by name"):
+        client.load_into(bad, name)  # type: ignore[arg-type]
+    assert _load_plan(client, name) is plan
+
+
 def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str) -> None:
     name = f"plans/put-{device}"
     src = _tensors(device, 5)
