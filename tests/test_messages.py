@@ -78,6 +78,9 @@ def test_open_request_round_trips_and_leaves_out_defaults() -> None:
     assert OpenRequest.from_wire({"op": "open", **wire}, InvalidArgument) == request
     assert OpenRequest("a/b").to_wire() == {"name": "a/b", "version": None}
     assert OpenRequest.from_wire({"name": "a/b", "version": "latest"}, InvalidArgument).version is None
+    refs = OpenRequest("a/b", table_refs=True)
+    assert refs.to_wire()["table_refs"] is True
+    assert OpenRequest.from_wire(refs.to_wire(), InvalidArgument) == refs
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,7 @@ def test_open_request_round_trips_and_leaves_out_defaults() -> None:
     [
         ({"version": 1}, "set name"),
         ({"name": "a", "mount": 1}, "mount"),
+        ({"name": "a", "table_refs": 1}, "table_refs"),
         ({"name": "a", "exclude": "n1"}, "exclude"),
         ({"name": "a", "have": [[1]]}, "pairs"),
         ({"name": "a", "have": [[1, "2"]]}, "pairs"),
@@ -101,7 +105,19 @@ def test_malformed_open_requests_are_invalid_arguments(wire: dict, match: str) -
 def test_open_reply_round_trips_and_malformed_replies_are_protocol_errors() -> None:
     reply = OpenReply(5, 2, {"kind": "host"}, None)
     assert OpenReply.from_wire(reply.to_wire(), ProtocolError) == reply
-    for bad in (None, [], {"pin": "5", "version": 2, "replica": {}}, {"pin": 5, "version": 2, "replica": None}):
+    placed = OpenReply(5, 3, {"kind": "host"}, {"offsets": b""}, (2, 1))
+    assert placed.to_wire()["table_of"] == [2, 1]
+    assert OpenReply.from_wire(placed.to_wire(), ProtocolError) == placed
+    ok = {"pin": 5, "version": 2, "replica": {}}
+    for bad in (
+        None,
+        [],
+        {"pin": "5", "version": 2, "replica": {}},
+        {"pin": 5, "version": 2, "replica": None},
+        {**ok, "manifest": {}, "table_of": [2]},
+        {**ok, "manifest": {}, "table_of": [2, "1"]},
+        {**ok, "manifest": None, "table_of": [2, 1]},
+    ):
         with pytest.raises(ProtocolError, match="malformed open reply"):
             OpenReply.from_wire(bad, ProtocolError)
 

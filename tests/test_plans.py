@@ -12,6 +12,7 @@ import torch
 import sdk
 from sdk.plans import LoadPlan, PutPlan
 from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import Manifest
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -187,6 +188,43 @@ def test_keys_not_str_are_refused_after_a_kept_plan(client: sdk.Client) -> None:
     with pytest.raises(InvalidArgument, match="keyed by name"):
         client.load_into(bad, name)  # type: ignore[arg-type]
     assert _load_plan(client, name) is plan
+
+
+def test_a_new_version_of_a_known_layout_comes_without_its_table(
+    client: sdk.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon refers a reader to the table of a version it has; a new layout brings its own
+    table, and the plan made for the old one is not used for it."""
+    name = "plans/table-refs"
+    given: list[object] = []
+    decode = Manifest.from_wire.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Manifest], data: object, *args: object, table: object = None, **kw: object) -> Manifest:
+        given.append(table)
+        return decode(cls, data, *args, table=table, **kw)
+
+    monkeypatch.setattr(Manifest, "from_wire", classmethod(spy))
+    a = {"x": torch.arange(10.0), "y": torch.arange(30.0)}
+    targets = _zeros(a)
+    client.put(name, a)
+    client.load_into(targets, name)
+    plan = _load_plan(client, name)
+    b = {"x": a["x"] + 1, "y": a["y"] + 2}
+    client.put(name, b)
+    client.load_into(targets, name)
+    _exact(targets, b)
+    assert given[0] is None and given[1] is plan.manifest.table  # the second came as places only
+    assert _load_plan(client, name) is plan
+    c = {"x": torch.arange(12.0), "y": torch.arange(28.0)}
+    client.put(name, c)
+    with pytest.raises(InvalidArgument):
+        client.load_into(targets, name)  # the shapes differ: nothing written
+    _exact(targets, b)
+    assert given[2] is None  # a layout the reader does not have: the whole manifest
+    moved = _zeros(c)
+    client.load_into(moved, name)
+    _exact(moved, c)
+    assert _load_plan(client, name) is not plan
 
 
 def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str) -> None:

@@ -22,6 +22,8 @@ from tensord_contract.manifest.columns import (
 )
 from tensord_contract.manifest.table import Table, TensorSpec
 
+_TABLE_KEYS = frozenset({"count", "names", "dtypes", "ndims", "dims", "sizes"})  # what the table gives
+
 
 class Manifest:
     """One committed version (or a reservation, version 0): a table placed in a slab.
@@ -154,14 +156,30 @@ class Manifest:
     def to_wire(self) -> dict[str, Any]:
         return self.wire
 
+    @functools.cached_property
+    def placing_wire(self) -> dict[str, Any]:
+        """The wire form without the table's columns (nor sizes, which the table gives): for a
+        reader that has the table from another version (`OpenReply.table_of`)."""
+        return {k: v for k, v in self.wire.items() if k not in _TABLE_KEYS}
+
     @classmethod
-    def from_wire(cls, data: Any, error: type[TensordError] = ProtocolError, known: Table | None = None) -> Manifest:
+    def from_wire(
+        cls,
+        data: Any,
+        error: type[TensordError] = ProtocolError,
+        known: Table | None = None,
+        *,
+        table: Table | None = None,
+    ) -> Manifest:
         """Decode and validate a manifest; anything inconsistent raises `error` (ProtocolError:
         a manifest comes from a daemon or the registry, never from a user). `known`: a table
-        decoded before (another version's), used as it is where the wire carries the same one."""
+        decoded before (another version's), used as it is where the wire carries the same one.
+        `table`: the table of a wire that carries none (`placing_wire`)."""
         if not isinstance(data, dict):
             raise error("manifest must be a map")
-        table = Table.from_wire(data, error, known)
+        placing = table is not None
+        if table is None:
+            table = Table.from_wire(data, error, known)
         name, version, nbytes = data.get("name"), data.get("version"), data.get("nbytes")
         if type(name) is not str or type(version) is not int or version < 0:
             raise error("manifest name and version must be a string and a non-negative int")
@@ -170,7 +188,7 @@ class Manifest:
             raise error("manifest created/origin have wrong types")
         n = len(table)
         offsets = column(data, "offsets", LE_I64, n, error).astype(np.int64)
-        sizes = column(data, "sizes", LE_I64, n, error)
+        sizes = table.sizes if placing else column(data, "sizes", LE_I64, n, error)
         if not np.array_equal(sizes, table.sizes):
             i = int(np.argmax(sizes != table.sizes))
             raise error(f"tensor {table.names[i]!r:.80}: byte size disagrees with its dtype and shape")
