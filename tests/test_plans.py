@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import sdk
+from sdk.connection import Connection
 from sdk.plans import LoadPlan, PutPlan
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest
+from tests.daemons import DaemonProcess
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -258,6 +260,41 @@ def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str
         assert isinstance(kept, PutPlan) and isinstance(plan, PutPlan)
         assert kept is not plan or not plan.fits(list(src), list(src.values()), None)
         plan = kept
+
+
+def test_a_kept_put_plan_names_its_table_by_digest(
+    client: sdk.Client, daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put again sends its table's digest; where the daemon's newest version of the set has
+    another table (another writer's layout, or none) the table is sent, and every version
+    holds the layout it was put with."""
+    name = "plans/put-digest"
+    sent: list[str] = []
+    call = Connection.call
+
+    def spy(self: Connection, op: str, /, **args: object) -> object:
+        if op == "put_begin":
+            sent.append("digest" if "table_digest" in args else "table")
+        return call(self, op, **args)
+
+    monkeypatch.setattr(Connection, "call", spy)
+    src = _tensors("cpu", 7)
+    client.put(name, src)
+    client.put(name, src)
+    assert sent == ["table", "digest"]
+    other = {"other": torch.arange(3.0)}
+    with daemon.client() as writer:  # another layout becomes the set's newest version
+        writer.put(name, other)
+    sent.clear()
+    version = client.put(name, src)
+    assert sent == ["digest", "table"]  # asked for the table: it is not the newest's
+    _exact(dict(client.get(name, version, verify=True)), src)
+    _exact(dict(client.get(name, version - 1)), other)
+    client.delete(name)
+    sent.clear()
+    version = client.put(name, src)
+    assert sent == ["digest", "table"] and version >= 1
+    _exact(dict(client.get(name, version, verify=True)), src)
 
 
 def test_concurrent_steps_from_two_threads(client: sdk.Client, device: str) -> None:

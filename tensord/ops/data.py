@@ -84,6 +84,8 @@ class DataOps(Ops):
 
     async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         req = await self._decode(PutBeginRequest, request, self.store.known_table(request.get("name")))
+        if req.table is None:  # named by a digest that is not the known table's: ask for it
+            return PutBeginReply.wanting_table(), []
         r = await self.store.reserve(req.name, req.device, req.table, req.origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:
