@@ -139,7 +139,7 @@ class ReplicaClient(CatalogueClient):
                 raise ProtocolError(
                     f"the daemon gave {name} v{version} the table of a version this client did not offer"
                 )
-            manifest = Manifest.from_wire(wire, ProtocolError, table=base.table)
+            manifest = Manifest.from_wire(wire, ProtocolError, table=base.table, like=base)
         else:
             with self._lock:  # a new version of the same layout (a training step) shares its table
                 known = next((m.table for (n, _, _), m in reversed(self._manifests.items()) if n == name), None)

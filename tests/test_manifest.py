@@ -169,3 +169,9 @@ def test_a_placing_wire_carries_no_table_and_is_checked_against_the_given_one() 
     other = Table.build(["a", "b", "c", "d"], ["float32"] * 4, [[9, 9]] * 4)  # rows past the slab
     with pytest.raises(sdk.ProtocolError, match="past the slab"):
         Manifest.from_wire(wire, table=other)
+    assert Manifest.from_wire(wire, table=m.table, like=m) == m  # placed alike: not sorted again
+    for change, match in (({"offsets": _bytes([0, 0, 256, 512])}, "overlaps"), ({"nbytes": 580}, "past the slab")):
+        with pytest.raises(sdk.ProtocolError, match=match):  # placed otherwise: checked in full
+            Manifest.from_wire({**wire, **change}, table=m.table, like=m)
+    with pytest.raises(sdk.ProtocolError, match="past the slab"):  # `like` of another table: no help
+        Manifest.from_wire(wire, table=other, like=m)
