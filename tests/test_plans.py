@@ -229,6 +229,28 @@ def test_a_new_version_of_a_known_layout_comes_without_its_table(
     assert _load_plan(client, name) is not plan
 
 
+def test_a_plans_scattered_host_read_is_prepared_once(client: sdk.Client) -> None:
+    """The preadv calls of a plan's read from a host slab are made once (its arrays are
+    read-only); arrays that may change are never looked up."""
+    from tensord_dataplane import host
+
+    name = "plans/scatter"
+    src = _tensors("cpu", 3)
+    targets = _zeros(src)
+    client.put(name, src)
+    client.load_into(targets, name)
+    _, ptrs, offsets, sizes = _load_plan(client, name).copies.tables[0]
+    jobs = host._scatter_jobs(ptrs, offsets, sizes)
+    assert host._scatter_jobs(ptrs, offsets, sizes) is jobs
+    assert host._scatter_jobs(ptrs.copy(), offsets, sizes) is not jobs  # writable: made afresh
+    for t in src.values():
+        t.add_(1)
+    client.put(name, src)
+    client.load_into(targets, name)
+    _exact(targets, src)
+    assert host._scatter_jobs(ptrs, offsets, sizes) is jobs
+
+
 def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str) -> None:
     name = f"plans/put-{device}"
     src = _tensors(device, 5)
