@@ -90,7 +90,8 @@ class ReplicaClient(CatalogueClient):
         check_name(name)
         version = check_version(version)
         # mount: the daemon counts the bytes clients map (status: one copy, not two)
-        request = OpenRequest(name, version, tuple(exclude or ()), self._have(name), mount)
+        have = self._have(name)  # held here until the reply: a table it refers to is among them
+        request = OpenRequest(name, version, tuple(exclude or ()), frozenset(have), mount, table_refs=True)
         conn = self._conn()
         result, fds = conn.call("open", **request.to_wire())
         pin: Pin | None = None
@@ -99,7 +100,7 @@ class ReplicaClient(CatalogueClient):
                 pin = Pin(conn, result["pin"], name, version or 0)
             reply = OpenReply.from_wire(result, ProtocolError)
             replica = replica_from_wire(reply.replica)
-            manifest = self._manifest(name, reply, replica.generation)
+            manifest = self._manifest(name, reply, replica.generation, have)
             pin = Pin(conn, reply.pin, name, manifest.version)
             if manifest.nbytes > replica.nbytes:
                 raise ProtocolError(f"{name} v{manifest.version}: the manifest spans more than its slab")
@@ -112,13 +113,16 @@ class ReplicaClient(CatalogueClient):
                     self._release(pin)
             raise
 
-    def _have(self, name: str) -> frozenset[tuple[int, int]]:
-        """The (version, generation) pairs of `name` whose manifests this client holds."""
+    def _have(self, name: str) -> dict[tuple[int, int], Manifest]:
+        """The manifests of `name` this client holds, by (version, generation)."""
         with self._lock:
-            return frozenset((v, g) for (n, v, g) in self._manifests if n == name)
+            return {(v, g): m for (n, v, g), m in self._manifests.items() if n == name}
 
-    def _manifest(self, name: str, reply: OpenReply, generation: int) -> Manifest:
-        """The open reply's manifest: decoded and cached, or from the cache when it was left out."""
+    def _manifest(
+        self, name: str, reply: OpenReply, generation: int, have: dict[tuple[int, int], Manifest]
+    ) -> Manifest:
+        """The open reply's manifest: decoded and cached, or from the cache when it was left out;
+        its table taken from one of `have` when the reply refers to it (`table_of`)."""
         version, wire = reply.version, reply.manifest
         key = (name, version, generation)
         with self._lock:
@@ -129,9 +133,17 @@ class ReplicaClient(CatalogueClient):
             if cached is None:
                 raise ProtocolError(f"the daemon left out the manifest of {name} v{version}, which is not cached")
             return cached
-        with self._lock:  # a new version of the same layout (a training step) shares its table
-            known = next((m.table for (n, _, _), m in reversed(self._manifests.items()) if n == name), None)
-        manifest = Manifest.from_wire(wire, ProtocolError, known)
+        if reply.table_of is not None:
+            base = have.get(reply.table_of)
+            if base is None:
+                raise ProtocolError(
+                    f"the daemon gave {name} v{version} the table of a version this client did not offer"
+                )
+            manifest = Manifest.from_wire(wire, ProtocolError, table=base.table, like=base)
+        else:
+            with self._lock:  # a new version of the same layout (a training step) shares its table
+                known = next((m.table for (n, _, _), m in reversed(self._manifests.items()) if n == name), None)
+            manifest = Manifest.from_wire(wire, ProtocolError, known)
         if manifest.name != name or manifest.version != version or manifest.fingerprints is None:
             raise ProtocolError(f"the daemon answered {name} v{version} with another manifest")
         with self._lock:

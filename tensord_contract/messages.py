@@ -48,6 +48,7 @@ class OpenRequest:
     exclude: tuple[str, ...] = ()  # nodes whose replicas failed this reader
     have: frozenset[tuple[int, int]] = field(default_factory=frozenset)  # cached manifests
     mount: bool = False  # the reader maps the version (counted as mapped bytes)
+    table_refs: bool = False  # the reader takes a table from a manifest it has (`OpenReply.table_of`)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"name": self.name, "version": self.version}
@@ -57,19 +58,24 @@ class OpenRequest:
             wire["have"] = [list(pair) for pair in sorted(self.have)]
         if self.mount:
             wire["mount"] = True
+        if self.table_refs:
+            wire["table_refs"] = True
         return wire
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any], error: type[TensordError]) -> OpenRequest:
-        check_keys(raw, "open", (), ("name", "version", "exclude", "have", "mount"), error)
+        check_keys(raw, "open", (), ("name", "version", "exclude", "have", "mount", "table_refs"), error)
         name, version = raw.get("name"), raw.get("version")
         exclude, have, mount = raw.get("exclude"), raw.get("have"), raw.get("mount")
+        table_refs = raw.get("table_refs", False)
         if not isinstance(name, str):
             raise error("open needs a set name")
         check_name(name)
         version = check_version(version)
         if mount is not None and not isinstance(mount, bool):
             raise error("mount must be true or false: whether the client maps the version")
+        if not isinstance(table_refs, bool):
+            raise error("table_refs must be true or false: whether the client takes tables it has")
         if exclude is not None and (not isinstance(exclude, list) or not all(isinstance(n, str) for n in exclude)):
             raise error("exclude must be a list of node ids")
         pairs: set[tuple[int, int]] = set()
@@ -80,7 +86,7 @@ class OpenRequest:
                 if not isinstance(pair, list) or len(pair) != 2 or not all(is_int(x) for x in pair):
                     raise error("have must hold [version, generation] pairs of ints")
                 pairs.add((pair[0], pair[1]))
-        return cls(name, version, tuple(exclude or ()), frozenset(pairs), bool(mount))
+        return cls(name, version, tuple(exclude or ()), frozenset(pairs), bool(mount), table_refs)
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,16 @@ class OpenReply:
     version: int
     replica: dict[str, Any]  # a replica descriptor's wire form (`tensord_contract.descriptors`)
     manifest: dict[str, Any] | None = None  # None: the reader holds it (its `have`)
+    # (version, generation) of a manifest in the reader's `have` whose table this one shares:
+    # `manifest` then carries no table columns (`Manifest.placing_wire`)
+    table_of: tuple[int, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"pin": self.pin, "version": self.version, "manifest": self.manifest, "replica": self.replica}
+        wire: dict[str, Any] = {"pin": self.pin, "version": self.version, "manifest": self.manifest}
+        wire["replica"] = self.replica
+        if self.table_of is not None:
+            wire["table_of"] = list(self.table_of)
+        return wire
 
     @classmethod
     def from_wire(cls, raw: object, error: type[TensordError]) -> OpenReply:
@@ -102,7 +115,14 @@ class OpenReply:
             raise error(f"malformed open reply: pin {pin!r:.40}, version {version!r:.40}")
         if not isinstance(replica, dict) or not (manifest is None or isinstance(manifest, dict)):
             raise error("malformed open reply: replica and manifest must be maps")
-        return cls(pin, version, replica, manifest)
+        table_of = raw.get("table_of")
+        if table_of is not None:
+            if not isinstance(table_of, list) or len(table_of) != 2 or not all(is_int(x) for x in table_of):
+                raise error(f"malformed open reply: table_of {table_of!r:.40} is not a [version, generation] pair")
+            if manifest is None:
+                raise error("malformed open reply: table_of without a manifest")
+            table_of = (table_of[0], table_of[1])
+        return cls(pin, version, replica, manifest, table_of)
 
 
 def _reply_map(raw: object, op: str, error: type[TensordError]) -> dict[str, Any]:

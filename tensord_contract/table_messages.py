@@ -24,6 +24,7 @@ from tensord_contract.descriptors import (
 )
 from tensord_contract.errors import TensordError
 from tensord_contract.manifest import FINGERPRINT_VERSIONS, Table, check_servable
+from tensord_contract.manifest.table import DIGEST_BYTES
 from tensord_contract.message_checks import check_keys, check_origin
 from tensord_contract.names import check_name
 
@@ -46,13 +47,24 @@ def _fingerprints(raw: object, count: int, error: type[TensordError]) -> np.ndar
 
 @dataclass(frozen=True)
 class PutBeginRequest:
+    """`by_digest`: the table is named by its digest (`Table.digest`) instead of sent; the daemon
+    takes its known table of the set (its newest version's) if the digest is that table's, else
+    asks for the table (`PutBeginReply.wanting_table`). Decoded, `table` is then None."""
+
     name: str
     device: str  # where the slab is to lie: "cpu", "cuda:N"
-    table: Table  # the tensors' names, dtypes and shapes
+    table: Table | None  # the tensors' names, dtypes and shapes; None: named by a digest not known
     origin: str | None = None  # where the bytes come from; None: the daemon says who put them
+    by_digest: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"name": self.name, "device": self.device, "tensors": self.table.to_wire()}
+        wire: dict[str, Any] = {"name": self.name, "device": self.device}
+        if self.table is None:
+            raise ValueError("a put_begin request to send needs its table")
+        if self.by_digest:
+            wire["table_digest"] = self.table.digest
+        else:
+            wire["tensors"] = self.table.to_wire()
         if self.origin is not None:
             wire["origin"] = self.origin
         return wire
@@ -60,13 +72,21 @@ class PutBeginRequest:
     @classmethod
     def from_wire(cls, raw: dict[str, Any], error: type[TensordError], known: Table | None = None) -> PutBeginRequest:
         """Decoded (a large table takes a while: the daemon decodes it off its event loop)."""
-        check_keys(raw, "put_begin", ("name", "device", "tensors"), ("origin",), error)
+        check_keys(raw, "put_begin", ("name", "device"), ("origin", "tensors", "table_digest"), error)
         name, device = raw["name"], raw["device"]
         if not isinstance(device, str):
             raise error("device must be a string like 'cpu' or 'cuda:0'")
         origin = check_origin(raw.get("origin"), error)
         check_name(name)
-        return cls(name, device, Table.from_wire(raw["tensors"], error, known), origin)
+        if ("tensors" in raw) == ("table_digest" in raw):
+            raise error("put_begin needs its table: the tensors, or the table's digest")
+        if "tensors" in raw:
+            return cls(name, device, Table.from_wire(raw["tensors"], error, known), origin)
+        digest = raw["table_digest"]
+        if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+            raise error(f"table_digest must be the {DIGEST_BYTES}-byte digest of a table")
+        table = known if known is not None and known.digest == digest else None
+        return cls(name, device, table, origin, by_digest=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +99,15 @@ class PutBeginReply:
     def to_wire(self) -> dict[str, Any]:
         offsets = self.offsets.astype("<i8", copy=False).tobytes()
         return {"reservation": self.reservation, "offsets": offsets, "nbytes": self.nbytes, "replica": self.replica}
+
+    @staticmethod
+    def wanting_table() -> dict[str, Any]:
+        """The reply to a request whose table digest the daemon does not know: send the table."""
+        return {"table_wanted": True}
+
+    @staticmethod
+    def wants_table(raw: object) -> bool:
+        return isinstance(raw, dict) and raw.get("table_wanted") is True
 
     @staticmethod
     def reservation_of(raw: object) -> int | None:

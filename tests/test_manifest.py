@@ -152,3 +152,26 @@ def test_a_known_table_is_used_only_for_the_same_columns() -> None:
         assert decoded is not known and decoded.to_wire()[key] == value
     with pytest.raises(sdk.InvalidArgument):
         Table.from_wire({**known.to_wire(), "ndims": b"\x01"}, known=known)
+
+
+def test_a_placing_wire_carries_no_table_and_is_checked_against_the_given_one() -> None:
+    """A reader given a new version of a layout it has gets the places and fingerprints only."""
+    m = _manifest()
+    wire = m.placing_wire
+    assert not {"names", "dtypes", "ndims", "dims", "sizes", "count"} & wire.keys()
+    assert {**m.table.to_wire(), "sizes": m.wire["sizes"], **wire} == m.wire
+    back = Manifest.from_wire(wire, table=m.table)
+    assert back.table is m.table and back == m
+    with pytest.raises(sdk.ProtocolError):
+        Manifest.from_wire(wire)  # no table
+    with pytest.raises(sdk.ProtocolError, match="overlaps"):  # the places are checked as ever
+        Manifest.from_wire({**wire, "offsets": _bytes([0, 0, 256, 512])}, table=m.table)
+    other = Table.build(["a", "b", "c", "d"], ["float32"] * 4, [[9, 9]] * 4)  # rows past the slab
+    with pytest.raises(sdk.ProtocolError, match="past the slab"):
+        Manifest.from_wire(wire, table=other)
+    assert Manifest.from_wire(wire, table=m.table, like=m) == m  # placed alike: not sorted again
+    for change, match in (({"offsets": _bytes([0, 0, 256, 512])}, "overlaps"), ({"nbytes": 580}, "past the slab")):
+        with pytest.raises(sdk.ProtocolError, match=match):  # placed otherwise: checked in full
+            Manifest.from_wire({**wire, **change}, table=m.table, like=m)
+    with pytest.raises(sdk.ProtocolError, match="past the slab"):  # `like` of another table: no help
+        Manifest.from_wire(wire, table=other, like=m)

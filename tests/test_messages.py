@@ -78,6 +78,9 @@ def test_open_request_round_trips_and_leaves_out_defaults() -> None:
     assert OpenRequest.from_wire({"op": "open", **wire}, InvalidArgument) == request
     assert OpenRequest("a/b").to_wire() == {"name": "a/b", "version": None}
     assert OpenRequest.from_wire({"name": "a/b", "version": "latest"}, InvalidArgument).version is None
+    refs = OpenRequest("a/b", table_refs=True)
+    assert refs.to_wire()["table_refs"] is True
+    assert OpenRequest.from_wire(refs.to_wire(), InvalidArgument) == refs
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,7 @@ def test_open_request_round_trips_and_leaves_out_defaults() -> None:
     [
         ({"version": 1}, "set name"),
         ({"name": "a", "mount": 1}, "mount"),
+        ({"name": "a", "table_refs": 1}, "table_refs"),
         ({"name": "a", "exclude": "n1"}, "exclude"),
         ({"name": "a", "have": [[1]]}, "pairs"),
         ({"name": "a", "have": [[1, "2"]]}, "pairs"),
@@ -101,7 +105,19 @@ def test_malformed_open_requests_are_invalid_arguments(wire: dict, match: str) -
 def test_open_reply_round_trips_and_malformed_replies_are_protocol_errors() -> None:
     reply = OpenReply(5, 2, {"kind": "host"}, None)
     assert OpenReply.from_wire(reply.to_wire(), ProtocolError) == reply
-    for bad in (None, [], {"pin": "5", "version": 2, "replica": {}}, {"pin": 5, "version": 2, "replica": None}):
+    placed = OpenReply(5, 3, {"kind": "host"}, {"offsets": b""}, (2, 1))
+    assert placed.to_wire()["table_of"] == [2, 1]
+    assert OpenReply.from_wire(placed.to_wire(), ProtocolError) == placed
+    ok = {"pin": 5, "version": 2, "replica": {}}
+    for bad in (
+        None,
+        [],
+        {"pin": "5", "version": 2, "replica": {}},
+        {"pin": 5, "version": 2, "replica": None},
+        {**ok, "manifest": {}, "table_of": [2]},
+        {**ok, "manifest": {}, "table_of": [2, "1"]},
+        {**ok, "manifest": None, "table_of": [2, 1]},
+    ):
         with pytest.raises(ProtocolError, match="malformed open reply"):
             OpenReply.from_wire(bad, ProtocolError)
 
@@ -128,6 +144,8 @@ def test_requests_refuse_unknown_and_missing_keys() -> None:
     with pytest.raises(InvalidArgument, match="unknown arguments"):
         OpenRequest.from_wire({"name": "a", "pin": 1}, InvalidArgument)
     with pytest.raises(InvalidArgument, match="missing arguments"):
+        PutBeginRequest.from_wire({"name": "a"}, InvalidArgument)
+    with pytest.raises(InvalidArgument, match="needs its table"):
         PutBeginRequest.from_wire({"name": "a", "device": "cpu"}, InvalidArgument)
 
 
@@ -146,9 +164,30 @@ def test_put_begin_round_trips() -> None:
     assert back_reply.replica == {"kind": "host"}
 
 
+def test_put_begin_names_a_known_table_by_its_digest() -> None:
+    """A table named by digest is the daemon's known table only where the digests agree."""
+    request = PutBeginRequest("a", "cpu", TABLE, by_digest=True)
+    wire = request.to_wire()
+    assert "tensors" not in wire and wire["table_digest"] == TABLE.digest and len(TABLE.digest) == 32
+    same = table_of({"w": ("float32", (4, 2)), "b": ("bfloat16", (3,))})  # decoded alike: same digest
+    assert PutBeginRequest.from_wire(wire, InvalidArgument, same).table is same
+    for other in (
+        None,
+        table_of({"w": ("float32", (2, 4)), "b": ("bfloat16", (3,))}),
+        table_of({"w": ("float32", (4, 2)), "c": ("bfloat16", (3,))}),
+        table_of({"b": ("bfloat16", (3,)), "w": ("float32", (4, 2))}),
+        table_of({"w": ("float16", (4, 2)), "b": ("bfloat16", (3,))}),
+    ):
+        back = PutBeginRequest.from_wire(wire, InvalidArgument, other)
+        assert back.table is None and back.by_digest
+    assert PutBeginReply.wants_table(PutBeginReply.wanting_table())
+    assert not PutBeginReply.wants_table(PutBeginReply(7, np.zeros(2, np.int64), 512, {}).to_wire())
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
+        ({"table_digest": b"x" * 31}, "needs its table"),
         ({"device": 0}, "device"),
         ({"origin": "x" * (MAX_ORIGIN + 1)}, "origin"),
         ({"origin": 5}, "origin"),
@@ -161,6 +200,10 @@ def test_malformed_put_begin_requests_are_invalid_arguments(change: dict, match:
     wire = {**PutBeginRequest("a", "cpu", TABLE).to_wire(), **change}
     with pytest.raises(InvalidArgument, match=match):
         PutBeginRequest.from_wire(wire, InvalidArgument)
+    by_digest = PutBeginRequest("a", "cpu", TABLE, by_digest=True).to_wire()
+    for digest in (b"x" * 31, "x" * 32, None):
+        with pytest.raises(InvalidArgument, match="digest"):
+            PutBeginRequest.from_wire({**by_digest, "table_digest": digest}, InvalidArgument, TABLE)
 
 
 def test_malformed_put_begin_replies_are_protocol_errors() -> None:

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 import sdk
+from sdk.connection import Connection
 from sdk.plans import LoadPlan, PutPlan
 from tensord_contract.errors import InvalidArgument
+from tensord_contract.manifest import Manifest
+from tests.daemons import DaemonProcess
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -175,6 +178,79 @@ def test_a_new_layout_between_versions_makes_a_new_plan(client: sdk.Client, devi
     assert torch.equal(partial["x"], c["x"]) and not torch.any(partial["z"])
 
 
+def test_keys_not_str_are_refused_after_a_kept_plan(client: sdk.Client) -> None:
+    """The key check runs only for a new plan: a kept plan must not let other keys through."""
+    name = "plans/keys"
+    src = {"a": torch.arange(4.0), "b": torch.arange(6.0)}
+    client.put(name, src)
+    targets = _zeros(src)
+    client.load_into(targets, name)
+    plan = _load_plan(client, name)
+    bad = {1: targets["a"], "b": targets["b"]}
+    with pytest.raises(InvalidArgument, match="keyed by name"):
+        client.load_into(bad, name)  # type: ignore[arg-type]
+    assert _load_plan(client, name) is plan
+
+
+def test_a_new_version_of_a_known_layout_comes_without_its_table(
+    client: sdk.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon refers a reader to the table of a version it has; a new layout brings its own
+    table, and the plan made for the old one is not used for it."""
+    name = "plans/table-refs"
+    given: list[object] = []
+    decode = Manifest.from_wire.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Manifest], data: object, *args: object, table: object = None, **kw: object) -> Manifest:
+        given.append(table)
+        return decode(cls, data, *args, table=table, **kw)
+
+    monkeypatch.setattr(Manifest, "from_wire", classmethod(spy))
+    a = {"x": torch.arange(10.0), "y": torch.arange(30.0)}
+    targets = _zeros(a)
+    client.put(name, a)
+    client.load_into(targets, name)
+    plan = _load_plan(client, name)
+    b = {"x": a["x"] + 1, "y": a["y"] + 2}
+    client.put(name, b)
+    client.load_into(targets, name)
+    _exact(targets, b)
+    assert given[0] is None and given[1] is plan.manifest.table  # the second came as places only
+    assert _load_plan(client, name) is plan
+    c = {"x": torch.arange(12.0), "y": torch.arange(28.0)}
+    client.put(name, c)
+    with pytest.raises(InvalidArgument):
+        client.load_into(targets, name)  # the shapes differ: nothing written
+    _exact(targets, b)
+    assert given[2] is None  # a layout the reader does not have: the whole manifest
+    moved = _zeros(c)
+    client.load_into(moved, name)
+    _exact(moved, c)
+    assert _load_plan(client, name) is not plan
+
+
+def test_a_plans_scattered_host_read_is_prepared_once(client: sdk.Client) -> None:
+    """The preadv calls of a plan's read from a host slab are made once (its arrays are
+    read-only); arrays that may change are never looked up."""
+    from tensord_dataplane import host
+
+    name = "plans/scatter"
+    src = _tensors("cpu", 3)
+    targets = _zeros(src)
+    client.put(name, src)
+    client.load_into(targets, name)
+    _, ptrs, offsets, sizes = _load_plan(client, name).copies.tables[0]
+    jobs = host._scatter_jobs(ptrs, offsets, sizes)
+    assert host._scatter_jobs(ptrs, offsets, sizes) is jobs
+    assert host._scatter_jobs(ptrs.copy(), offsets, sizes) is not jobs  # writable: made afresh
+    for t in src.values():
+        t.add_(1)
+    client.put(name, src)
+    client.load_into(targets, name)
+    _exact(targets, src)
+    assert host._scatter_jobs(ptrs, offsets, sizes) is jobs
+
+
 def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str) -> None:
     name = f"plans/put-{device}"
     src = _tensors(device, 5)
@@ -206,6 +282,41 @@ def test_put_reuses_its_plan_and_follows_changes(client: sdk.Client, device: str
         assert isinstance(kept, PutPlan) and isinstance(plan, PutPlan)
         assert kept is not plan or not plan.fits(list(src), list(src.values()), None)
         plan = kept
+
+
+def test_a_kept_put_plan_names_its_table_by_digest(
+    client: sdk.Client, daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put again sends its table's digest; where the daemon's newest version of the set has
+    another table (another writer's layout, or none) the table is sent, and every version
+    holds the layout it was put with."""
+    name = "plans/put-digest"
+    sent: list[str] = []
+    call = Connection.call
+
+    def spy(self: Connection, op: str, /, **args: object) -> object:
+        if op == "put_begin":
+            sent.append("digest" if "table_digest" in args else "table")
+        return call(self, op, **args)
+
+    monkeypatch.setattr(Connection, "call", spy)
+    src = _tensors("cpu", 7)
+    client.put(name, src)
+    client.put(name, src)
+    assert sent == ["table", "digest"]
+    other = {"other": torch.arange(3.0)}
+    with daemon.client() as writer:  # another layout becomes the set's newest version
+        writer.put(name, other)
+    sent.clear()
+    version = client.put(name, src)
+    assert sent == ["digest", "table"]  # asked for the table: it is not the newest's
+    _exact(dict(client.get(name, version, verify=True)), src)
+    _exact(dict(client.get(name, version - 1)), other)
+    client.delete(name)
+    sent.clear()
+    version = client.put(name, src)
+    assert sent == ["digest", "table"] and version >= 1
+    _exact(dict(client.get(name, version, verify=True)), src)
 
 
 def test_concurrent_steps_from_two_threads(client: sdk.Client, device: str) -> None:

@@ -171,9 +171,9 @@ def test_a_version_seen_before_opens_without_its_manifest(client: sdk.Client, mo
     decoded: list[str] = []
     real = Manifest.from_wire
 
-    def counting(data, *args):  # type: ignore[no-untyped-def]
+    def counting(data, *args, **kwargs):  # type: ignore[no-untyped-def]
         decoded.append(data["name"])
-        return real(data, *args)
+        return real(data, *args, **kwargs)
 
     monkeypatch.setattr(Manifest, "from_wire", counting)
     client.get("shapes/cached")

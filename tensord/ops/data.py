@@ -9,6 +9,7 @@ from typing import Any
 from tensord.ops.base import Ops
 from tensord.pins import MountPin, ReadPin
 from tensord.published_slabs import PublishedSlab
+from tensord.records import Held
 from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.messages import (
@@ -45,8 +46,12 @@ class DataOps(Ops):
             pin = next(self._pins)
             mount = req.mount and session.local and not isinstance(held.slab, PublishedSlab)  # a mapping, not a copy
             session.pins[pin] = (MountPin if mount else ReadPin)(held, self.store.unpin)
-            known = (version, held.slab.generation) in cached
-            return OpenReply(pin, version, replica, None if known else held.manifest.wire).to_wire(), fds
+            if (version, held.slab.generation) in cached:
+                return OpenReply(pin, version, replica).to_wire(), fds
+            same = self._same_table(name, held, cached) if req.table_refs else None
+            if same is not None:  # a new version of a layout the reader has: no table (~8 MB at 90k)
+                return OpenReply(pin, version, replica, held.manifest.placing_wire, same).to_wire(), fds
+            return OpenReply(pin, version, replica, held.manifest.wire).to_wire(), fds
         if self.cluster is None:
             lost = self.restorer.lost(name, version) if self.restorer is not None else None
             message = f"{name} v{version} is not held on node {self.node}"
@@ -59,6 +64,18 @@ class DataOps(Ops):
         session.pins[pin] = remote
         return dataclasses.replace(reply, pin=pin).to_wire(), []
 
+    def _same_table(self, name: str, held: Held, cached: frozenset[tuple[int, int]]) -> tuple[int, int] | None:
+        """A (version, generation) of the reader's `have` held here with `held`'s very table."""
+        for version, generation in sorted(cached, reverse=True):
+            other = self.store.lookup(name, version)
+            if (
+                other is not None
+                and other.slab.generation == generation
+                and other.manifest.table is held.manifest.table
+            ):
+                return version, generation
+        return None
+
     async def op_release(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         req = ReleaseRequest.from_wire(request, InvalidArgument)
         held = session.pins.pop(req.pin, None) if req.pin is not None else None
@@ -67,6 +84,8 @@ class DataOps(Ops):
 
     async def op_put_begin(self, session: Session, request: dict[str, Any]) -> tuple[Any, list[int]]:
         req = await self._decode(PutBeginRequest, request, self.store.known_table(request.get("name")))
+        if req.table is None:  # named by a digest that is not the known table's: ask for it
+            return PutBeginReply.wanting_table(), []
         r = await self.store.reserve(req.name, req.device, req.table, req.origin or f"put by {session.peer}")
         session.reservations.add(r.id)
         try:

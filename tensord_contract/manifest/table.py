@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +30,8 @@ from tensord_contract.manifest.columns import (
     decode_names,
     row_products,
 )
+
+DIGEST_BYTES = 32  # `Table.digest`
 
 
 class TensorSpec(NamedTuple):
@@ -191,6 +194,16 @@ class Table:
     @functools.cached_property
     def names_blob(self) -> bytes:
         return "\0".join(self.names).encode()
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """BLAKE2b-256 of the wire columns: names the table without sending it (`put_begin`)."""
+        h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+        for part in self.to_wire().values():
+            raw = part if isinstance(part, bytes) else part.to_bytes(8, "little")
+            h.update(len(raw).to_bytes(8, "little"))
+            h.update(raw)
+        return h.digest()
 
     @functools.cached_property
     def sizes(self) -> np.ndarray:

@@ -22,6 +22,8 @@ from tensord_contract.manifest.columns import (
 )
 from tensord_contract.manifest.table import Table, TensorSpec
 
+_TABLE_KEYS = frozenset({"count", "names", "dtypes", "ndims", "dims", "sizes"})  # what the table gives
+
 
 class Manifest:
     """One committed version (or a reservation, version 0): a table placed in a slab.
@@ -51,8 +53,9 @@ class Manifest:
         if check is not None:
             self._check(check)
 
-    def _check(self, error: type[TensordError]) -> None:
-        """Every tensor aligned, inside the slab, not overlapping another; fingerprints fit."""
+    def _check(self, error: type[TensordError], like: Manifest | None = None) -> None:
+        """Every tensor aligned, inside the slab, not overlapping another; fingerprints fit.
+        `like`: a manifest checked before; placed exactly alike, the places are not sorted again."""
         n, offsets, sizes = len(self.table), self.offsets, self.table.sizes
         if self.fp_version not in FINGERPRINT_VERSIONS:
             raise error(f"fingerprint definition {self.fp_version!r:.20} unknown (known: {FINGERPRINT_VERSIONS})")
@@ -60,7 +63,7 @@ class Manifest:
             raise error(f"slab size {self.nbytes!r:.40} out of range")
         if offsets.shape != (n,) or (self.fingerprints is not None and self.fingerprints.shape != (n,)):
             raise error("one offset and one fingerprint per tensor")
-        if not n:
+        if not n or (like is not None and self.placed_like(like)):
             return
         if int(offsets.min()) < 0 or np.any(offsets % ALIGN):
             raise error("tensor offsets must be non-negative multiples of 256")
@@ -73,6 +76,10 @@ class Manifest:
         if overlap.any():
             i = int(order[1:][overlap][0])
             raise error(f"tensor {self.table.names[i]!r:.80} overlaps another")
+
+    def placed_like(self, other: Manifest) -> bool:
+        """The same table (the very object) at the same offsets in a slab of the same size."""
+        return other.table is self.table and other.nbytes == self.nbytes and np.array_equal(other.offsets, self.offsets)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Manifest) and self.wire == other.wire
@@ -154,14 +161,32 @@ class Manifest:
     def to_wire(self) -> dict[str, Any]:
         return self.wire
 
+    @functools.cached_property
+    def placing_wire(self) -> dict[str, Any]:
+        """The wire form without the table's columns (nor sizes, which the table gives): for a
+        reader that has the table from another version (`OpenReply.table_of`)."""
+        return {k: v for k, v in self.wire.items() if k not in _TABLE_KEYS}
+
     @classmethod
-    def from_wire(cls, data: Any, error: type[TensordError] = ProtocolError, known: Table | None = None) -> Manifest:
+    def from_wire(
+        cls,
+        data: Any,
+        error: type[TensordError] = ProtocolError,
+        known: Table | None = None,
+        *,
+        table: Table | None = None,
+        like: Manifest | None = None,
+    ) -> Manifest:
         """Decode and validate a manifest; anything inconsistent raises `error` (ProtocolError:
         a manifest comes from a daemon or the registry, never from a user). `known`: a table
-        decoded before (another version's), used as it is where the wire carries the same one."""
+        decoded before (another version's), used as it is where the wire carries the same one.
+        `table`: the table of a wire that carries none (`placing_wire`); `like`: a manifest
+        checked before (one placed alike needs no sort of its places)."""
         if not isinstance(data, dict):
             raise error("manifest must be a map")
-        table = Table.from_wire(data, error, known)
+        placing = table is not None
+        if table is None:
+            table = Table.from_wire(data, error, known)
         name, version, nbytes = data.get("name"), data.get("version"), data.get("nbytes")
         if type(name) is not str or type(version) is not int or version < 0:
             raise error("manifest name and version must be a string and a non-negative int")
@@ -170,7 +195,7 @@ class Manifest:
             raise error("manifest created/origin have wrong types")
         n = len(table)
         offsets = column(data, "offsets", LE_I64, n, error).astype(np.int64)
-        sizes = column(data, "sizes", LE_I64, n, error)
+        sizes = table.sizes if placing else column(data, "sizes", LE_I64, n, error)
         if not np.array_equal(sizes, table.sizes):
             i = int(np.argmax(sizes != table.sizes))
             raise error(f"tensor {table.names[i]!r:.80}: byte size disagrees with its dtype and shape")
@@ -181,7 +206,9 @@ class Manifest:
             fps = column(data, "fingerprints", LE_U64, n, error).astype(np.uint64)
         if type(nbytes) is not int:
             raise error("manifest nbytes must be an int")
-        return cls(
+        manifest = cls(
             name, version, table, offsets, nbytes, fingerprints=fps, created=float(created), origin=origin,
-            fp_version=fp_version, check=error,
+            fp_version=fp_version, check=None,
         )  # fmt: skip
+        manifest._check(error, like)
+        return manifest
