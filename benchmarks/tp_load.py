@@ -88,6 +88,11 @@ def main() -> None:
         print(f"{len(shapes)} tensors, {gb:.2f} GB, device {args.device}, warm page cache, median of {args.runs}")
         print(f"  tensord load as typed, whole (limit)   {whole:8.3f} s")
         print(f"  tensord load --tp {args.tp} as typed         {split:8.3f} s  {split / whole:5.2f}x the whole load")
+        lines = daemon.log.read_text().splitlines()
+        for line in [x for x in lines if "ingested" in x][-args.tp :]:  # the last load's ranks, in the daemon
+            print("  daemon:", line[line.find("ingested") :])
+        for line in [x for x in lines if "headers" in x and "commit" in x][-2:]:  # a load's phases
+            print("  daemon:", line[line.find("load ") :])
     finally:
         daemon.kill()
         path.unlink()
