@@ -22,8 +22,8 @@ import torch
 from _common import REPO, deepseek_shapes, llm_shapes, median_seconds, profile, random_set, random_tensors, row, sync
 
 from tensord_dataplane.cuda import current
-from tensord_dataplane.remote import _WINDOW as WINDOW
 from tensord_dataplane.remote import _range as memory_range
+from tensord_dataplane.remote import window_for
 from tensord_dataplane.transport.base import Batch
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
@@ -72,7 +72,7 @@ def main() -> None:
                 lambda: engine.read(slab.session, one),  # type: ignore[attr-defined]
                 args.runs,
             )
-            window = min(WINDOW, manifest.nbytes)  # a staged load_into reads one window per engine call
+            window = min(window_for(manifest.nbytes), manifest.nbytes)  # a staged load_into reads one window a call
             starts = list(range(0, manifest.nbytes, window))
             windowed = median_seconds(
                 lambda: [

@@ -6,12 +6,13 @@ engine batch (the engine merges entries contiguous on both sides, never across a
 boundary), then unregisters. A batch's remote ranges all lie in the one registered slab.
 
 Many scattered tensors (a `load_into` or `put` of thousands) go through a staging buffer
-instead: each window of ~256 MiB of the slab moves as one engine entry, and the batched local
+instead: each window of the slab (256 MiB to 1 GiB) moves as one engine entry, and the batched local
 copy (`tensord_dataplane.copy`) scatters or gathers it. An engine entry costs microseconds and a
 registration far more, so this beats one entry per tensor and one registration per target.
-A read keeps its staging buffer registered while the transport lives (`_Stages`: 2 x 256 MiB
-per device at most; TENSORD_REMOTE_WINDOW_MB) and alternates its halves, so the engine fills one window while the copy
-scatters the previous one; a copy plan's windows and their tables are prepared once.
+A read keeps its staging buffer registered while the transport lives (`_Stages`: two windows
+of 256 MiB, up to 1 GiB for reads over 16 GiB: `window_for`) and alternates its halves, so the
+engine fills one window while the copy scatters the previous one; a copy plan's windows and
+their tables are prepared once.
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ from tensord_dataplane.transport.base import Batch, Transport
 log = logging.getLogger(__name__)
 
 _DIRECT = 64  # up to this many tensors move as one engine entry each, straight to their place
-#: bytes of the slab one staged read moves per engine call (TENSORD_REMOTE_WINDOW_MB, a diagnostic)
-_WINDOW = int(os.environ.get("TENSORD_REMOTE_WINDOW_MB") or 256) << 20
+_WINDOW = 256 << 20  # bytes of the slab one staged read moves per engine call, at least ...
+_MAX_WINDOW = 1 << 30  # ... and at most: a sixteenth of what a read spans, between the two
+
+
+def window_for(span: int) -> int:
+    """Bytes of the slab one staged read of `span` bytes moves per engine call: an engine call
+    costs ~0.5 ms beyond its bytes (nvlink_intra on an H100: 8 GiB in 256 MiB windows 20.8 ms,
+    in 1 GiB windows 10.9 ms, in one call 6.6 ms), and the staging buffer (two windows, kept)
+    stays within an eighth of the read. TENSORD_REMOTE_WINDOW_MB fixes it (a diagnostic)."""
+    fixed = os.environ.get("TENSORD_REMOTE_WINDOW_MB")
+    if fixed:
+        return int(fixed) << 20
+    return min(_MAX_WINDOW, max(_WINDOW, (span // 16) >> 20 << 20))
 
 
 class RemoteAccess(SlabAccess):
@@ -158,7 +170,8 @@ def _parts(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[Par
             return hit[3]
     order = np.argsort(offsets, kind="stable")
     parts: list[Part] = []
-    for idx, start, end in windows(offsets[order], sizes[order], _WINDOW):
+    span = int((offsets + sizes).max() - offsets.min()) if len(offsets) else 0
+    for idx, start, end in windows(offsets[order], sizes[order], window_for(span)):
         rows = order[idx]
         cols = (ptrs[rows], offsets[rows] - start, sizes[rows])
         for c in cols:
@@ -203,7 +216,7 @@ class _Stages:
         except BaseException:
             self._unregister(transport, kept)
             raise
-        if half > _WINDOW:  # a window of one very large tensor: not worth keeping
+        if half > max(_MAX_WINDOW, window_for(0)):  # a window of one very large tensor: not worth keeping
             self._unregister(transport, kept)
             return
         with self._lock:

@@ -87,3 +87,14 @@ def test_two_threads_read_from_another_node_at_once(ab: Cluster, monkeypatch: py
         for t in threads:
             t.join(timeout=120)
     assert not errors, errors[0]
+
+
+def test_windows_grow_with_the_read_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sixteenth of the read, from 256 MiB to 1 GiB (an engine call costs ~0.5 ms beyond its
+    bytes; two windows stay staged); TENSORD_REMOTE_WINDOW_MB fixes it."""
+    monkeypatch.delenv("TENSORD_REMOTE_WINDOW_MB", raising=False)
+    assert remote.window_for(0) == remote.window_for(4 << 30) == 256 << 20
+    assert remote.window_for(8 << 30) == 512 << 20
+    assert remote.window_for(20 << 30) == remote.window_for(1 << 40) == 1 << 30
+    monkeypatch.setenv("TENSORD_REMOTE_WINDOW_MB", "64")
+    assert remote.window_for(20 << 30) == 64 << 20
