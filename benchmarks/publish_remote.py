@@ -17,6 +17,7 @@ bytes): a publication adds no copy. Publish times: the first, and again of the s
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import statistics
 import subprocess
@@ -60,6 +61,7 @@ def publisher(socket: str, tensors: int, gib: float, device: str, runs: int) -> 
         pub = c.publish(NAME, src)
         sync()
         first = time.perf_counter() - t0
+        print(f"  publisher: first publish of {len(src)} tensors {first:.3f} s", file=sys.stderr, flush=True)
         after = free_bytes(device)
         held = c.status()["devices"].get(device, {})
         pub.unpublish()
@@ -158,8 +160,11 @@ def main() -> None:
     p.add_argument("--tensors", type=int, default=2000)
     p.add_argument("--gib", type=float, default=0.1)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--stacks-after", type=float, default=0, help="dump every thread's stack after this many seconds")
     p.add_argument("--publisher", default="", help=argparse.SUPPRESS)  # internal: the publishing process
     args = p.parse_args()
+    if args.stacks_after:  # a run that outlives its time limit says where each process was
+        faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     if args.publisher:
         publisher(args.publisher, args.tensors, args.gib, args.device, args.runs)
         return
@@ -177,6 +182,7 @@ def main() -> None:
         a, b = daemons
         cmd = [sys.executable, __file__, "--publisher", a.socket, "--device", args.device]
         cmd += ["--tensors", str(args.tensors), "--gib", str(args.gib), "--runs", str(args.runs)]
+        cmd += ["--stacks-after", str(args.stacks_after)]
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
         proc = subprocess.Popen(cmd, **pipes, text=True, env=child_env(), cwd=REPO)  # type: ignore[call-overload]
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -184,30 +190,33 @@ def main() -> None:
             raise SystemExit("the publisher failed (see its stderr above)")
         pub = json.loads(line)
         nbytes = pub["nbytes"]
-        with a.client() as ca, b.client() as cb:
-            cb.get(NAME, names=["model.norm.weight"], device=args.to)  # start the client's engine
-            flat = raw_flat(ca, cb, nbytes, args.device, args.to, args.runs)  # first: its memory goes after
-            release_memory()
-            raw, raw_bytes = raw_reads(cb, args.to, args.runs)
-            get = median_seconds(lambda: cb.get(NAME, device=args.to), args.runs)
-            get_unchecked = median_seconds(lambda: cb.get(NAME, device=args.to, verify=False), args.runs)
-            targets = {k: torch.empty_like(t) for k, t in cb.get(NAME, device=args.to).items()}
-            release_memory()
-            load = median_seconds(lambda: cb.load_into(targets, NAME), args.runs)
-            load_unchecked = median_seconds(lambda: cb.load_into(targets, NAME, verify=False), args.runs)
-        assert raw_bytes == nbytes, (raw_bytes, nbytes)
         print(
             f"{pub['count']} DeepSeek-like tensors, {nbytes / 2**30:.2f} GiB published on node A ({args.device}) "
             f"by another process, read by a client of node B into {args.to} over {args.protocol}; "
-            "ratio = limit / tensord"
+            "ratio = limit / tensord; rows printed as measured",
+            flush=True,
         )
-        print(row("raw engine read of the same pieces (one entry each)", nbytes, raw))
-        print(row("raw engine read, one entry from a daemon slab", nbytes, flat))
-        print(row("tensord get, fingerprints checked (vs pieces)", nbytes, get, raw))
-        print(row("tensord get, fingerprints checked (vs one entry)", nbytes, get, flat))
-        print(row("tensord get, verify=False (vs pieces)", nbytes, get_unchecked, raw))
-        print(row("tensord load_into, checked (vs pieces)", nbytes, load, raw))
-        print(row("tensord load_into, verify=False (vs pieces)", nbytes, load_unchecked, raw))
+        with a.client() as ca, b.client() as cb:
+            t0 = time.perf_counter()
+            cb.get(NAME, names=["model.norm.weight"], device=args.to)  # start the client's engine
+            print(f"  first get of one tensor (engine start, handshakes): {time.perf_counter() - t0:.3f} s", flush=True)
+            flat = raw_flat(ca, cb, nbytes, args.device, args.to, args.runs)  # first: its memory goes after
+            print(row("raw engine read, one entry from a daemon slab", nbytes, flat), flush=True)
+            release_memory()
+            raw, raw_bytes = raw_reads(cb, args.to, args.runs)
+            assert raw_bytes == nbytes, (raw_bytes, nbytes)
+            print(row("raw engine read of the same pieces (one entry each)", nbytes, raw), flush=True)
+            get = median_seconds(lambda: cb.get(NAME, device=args.to), args.runs)
+            print(row("tensord get, fingerprints checked (vs pieces)", nbytes, get, raw), flush=True)
+            print(row("tensord get, fingerprints checked (vs one entry)", nbytes, get, flat), flush=True)
+            get_unchecked = median_seconds(lambda: cb.get(NAME, device=args.to, verify=False), args.runs)
+            print(row("tensord get, verify=False (vs pieces)", nbytes, get_unchecked, raw), flush=True)
+            targets = {k: torch.empty_like(t) for k, t in cb.get(NAME, device=args.to).items()}
+            release_memory()
+            load = median_seconds(lambda: cb.load_into(targets, NAME), args.runs)
+            print(row("tensord load_into, checked (vs pieces)", nbytes, load, raw), flush=True)
+            load_unchecked = median_seconds(lambda: cb.load_into(targets, NAME, verify=False), args.runs)
+            print(row("tensord load_into, verify=False (vs pieces)", nbytes, load_unchecked, raw), flush=True)
         added = pub["free_before"] - pub["free_after"]
         print(
             f"  publisher: first publish {pub['first'] * 1e3:.1f} ms, publish again (same memory) "

@@ -1,6 +1,6 @@
-"""Two nodes on one GPU host, one per GPU, bytes over Mooncake's intra-node NVLink transport.
-
-Run on a host with two GPUs, etcd and the CUDA Mooncake wheel: `pytest -m multigpu`.
+"""Two nodes on one GPU host, bytes over Mooncake's intra-node NVLink transport: one per GPU
+(`pytest -m multigpu`, two GPUs), or both on one GPU (`pytest -m gpu`); etcd and the CUDA
+Mooncake wheel needed.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from tensord_dataplane.transport.mooncake import available
 from tests.daemons import DaemonProcess
 from tests.etcd_server import free_port, start_etcd
 
-pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.multigpu
 def test_get_from_the_other_gpu_over_nvlink(tmp_path: Path) -> None:
     ok, why = available("nvlink_intra")
     if not ok:
@@ -63,3 +64,41 @@ def _many_tensors_into_several_allocations(c0, c1) -> None:
     targets = {k: pools[i // 250][(i % 250) << 20 : ((i % 250) + 1) << 20] for i, k in enumerate(src)}
     c1.load_into(targets, "nv/many", verify=True)
     assert all(torch.equal(targets[k].cpu(), t.cpu()) for k, t in src.items())
+
+
+def test_a_gpu_publication_over_several_engines_read_by_another_node(tmp_path: Path, monkeypatch) -> None:
+    """Two nodes on one GPU over nvlink_intra: a publisher whose allocations fill three engines
+    (16 a engine here; Mooncake caps one engine's buffer list at a 1 MiB handshake) is read
+    byte for byte by a client of the other node, with get and load_into."""
+    import tensord_dataplane.published as published
+
+    ok, why = available("nvlink_intra")
+    if not ok:
+        pytest.skip(f"no NVLink transport: {why}")
+    monkeypatch.setattr(published, "BUFFERS_PER_ENGINE", 16)
+    etcd = start_etcd(tmp_path)
+    nodes = []
+    try:
+        for node in ("n0", "n1"):
+            config = (
+                f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\n[registry]\n'
+                f'etcd_endpoints = ["{etcd.endpoint}"]\n[transport]\nprotocol = "nvlink_intra"\n'
+            )
+            nodes.append(DaemonProcess(tmp_path, node, config).start())
+        g = torch.Generator(device="cuda:0").manual_seed(2)
+        # 12 MiB each: the caching allocator gives every one a cudaMalloc of its own
+        src = {
+            f"w{i}": torch.randint(0, 255, (12 << 20,), generator=g, device="cuda:0", dtype=torch.uint8)
+            for i in range(40)
+        }
+        with nodes[0].client() as c0, nodes[1].client() as c1, c0.publish("nv/pub", src, remote=True) as pub:
+            assert c0._seeds is not None and len(c0._seeds.engines) == 3
+            got = c1.get("nv/pub", pub.version)  # fingerprints checked by default
+            assert all(torch.equal(got[k], t) for k, t in src.items())
+            targets = {k: torch.zeros_like(t) for k, t in src.items()}
+            assert c1.load_into(targets, "nv/pub", pub.version) == pub.version
+            assert all(torch.equal(targets[k], t) for k, t in src.items())
+    finally:
+        for d in nodes:
+            d.kill()
+        etcd.stop(kill=True)
