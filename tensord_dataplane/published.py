@@ -224,10 +224,9 @@ class PublishedAccess(RemoteAccess):
         used = manifest.sizes > 0
         self._sources = Sources(manifest, np.where(used, bases[np.where(used, block, 0)] + offset, 0))
         self._sessions, engine_of = replica.sessions()
-        self._engines: tuple[np.ndarray, np.ndarray] | None = None  # sorted bases, their engine
-        if engine_of is not None:
-            order = np.argsort(bases, kind="stable")
-            self._engines = (bases[order], engine_of.astype(np.int64)[order])
+        order = np.argsort(bases, kind="stable")  # a piece's allocation: by its source address
+        self._starts = bases[order]
+        self._engine = None if engine_of is None else engine_of.astype(np.int64)[order]
 
     def base(self) -> torch.Tensor:
         raise InvalidArgument(
@@ -266,14 +265,15 @@ class PublishedAccess(RemoteAccess):
                 with current(where):
                     self._transport.register(address, length)
                 registered.append((address, where))
-            if self._engines is None:
-                call(self.session, Batch(dst, src, n))
+            # pieces of different allocations are never merged: each is registered on its own
+            block = np.searchsorted(self._starts, src, "right") - 1
+            if self._engine is None:
+                call(self.session, Batch(dst, src, n, block))
             else:  # one batch per engine the pieces lie in
-                starts, engine = self._engines
-                of = engine[np.searchsorted(starts, src, "right") - 1]
+                of = self._engine[block]
                 for e in np.unique(of).tolist():
                     at = of == e
-                    call(self._sessions[e], Batch(dst[at], src[at], n[at]))
+                    call(self._sessions[e], Batch(dst[at], src[at], n[at], block[at]))
         finally:
             for address, where in registered:
                 try:

@@ -468,3 +468,40 @@ def test_a_publication_past_the_handshake_limit_is_read_from_another_node(ab) ->
         assert pa._seeds is not None and len(pa._seeds.engines) >= 10
         got = pb.get("pubr/many", pub.version)
         assert len(got) == len(src) and all(torch.equal(got[k], t) for k, t in src.items())
+
+
+@pytest.mark.parametrize("engines", [1, 2])
+def test_pieces_of_adjacent_allocations_are_read_as_one_entry_each(engines: int) -> None:
+    """Two allocations registered one by one that lie back to back (GPU allocations often do):
+    a read of both must not merge them into one entry, which lies in neither registration
+    (nvlink_intra refused it: "address not found"). The in-memory engine checks each entry
+    lies in one registered range of the publisher, as Mooncake does."""
+    import numpy as np
+
+    from tensord_contract.descriptors import PublishedReplica
+    from tensord_contract.manifest import Manifest, Table
+    from tensord_dataplane.published import PublishedAccess
+    from tensord_dataplane.transport.memory import MemoryTransport
+
+    data = torch.arange(512, dtype=torch.int32).view(torch.uint8)[:512].clone()
+    base = data.data_ptr()
+    publishers = [MemoryTransport() for _ in range(engines)]
+    publishers[0].register(base, 256)
+    publishers[-1].register(base + 256, 256)
+    more = tuple(p.session for p in publishers[1:])
+    session_of = np.array([0, engines - 1], dtype="<u2").tobytes() if more else b""
+    replica = PublishedReplica(
+        "n", "cpu", publishers[0].session, (base, base + 256), (256, 256),
+        np.array([0, 1], dtype="<u4").tobytes(), np.zeros(2, dtype="<u8").tobytes(), 512, 1,
+        "published", more, session_of,
+    )  # fmt: skip
+    manifest = Manifest(
+        "pubr/adjacent", 1, Table.build(["a", "b"], ["uint8"] * 2, [(256,), (256,)]), np.array([0, 256]), 512
+    )
+    reader = MemoryTransport()
+    out = torch.zeros(512, dtype=torch.uint8)
+    reader.register(out.data_ptr(), 512)
+    PublishedAccess(replica, manifest, reader).read_registered(
+        out.data_ptr() + manifest.offsets, manifest.offsets, manifest.sizes
+    )
+    assert torch.equal(out, data)

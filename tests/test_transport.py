@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_dataplane.transport import mooncake
-from tensord_dataplane.transport.base import Entry, Registrations, Segment, coalesce
+from tensord_dataplane.transport.base import Batch, Entry, Registrations, Segment, coalesce
 from tensord_dataplane.transport.memory import MemoryTransport
 
 MiB = 1 << 20
@@ -69,6 +70,19 @@ def test_coalesce_never_crosses_a_registration_boundary():
     entries = [Entry(1000, 5000, 100), Entry(1100, 5100, 100), Entry(1120, 5200, 0)]
     assert len(coalesce(entries)) == 1  # without the registrations: one range
     assert coalesce(entries, regs).entries() == [Entry(1000, 5000, 100), Entry(1100, 5100, 100)]
+
+
+def test_coalesce_never_crosses_the_remote_sides_fence():
+    """A publication's allocations are registered one by one on the remote side: pieces of two
+    adjacent ones, contiguous on both sides, stay two entries (a merged one lies in neither:
+    Mooncake's nvlink_intra refused it, "address not found")."""
+    shuffled = [(1100, 5100, 100, 1), (1000, 5000, 100, 0), (1200, 5200, 50, 1)]
+    local, remote, length, fence = (np.array(c, dtype=np.int64) for c in zip(*shuffled, strict=True))
+    assert len(coalesce(Batch(local, remote, length))) == 1
+    fenced = coalesce(Batch(local, remote, length, fence))
+    assert fenced.entries() == [Entry(1000, 5000, 100), Entry(1100, 5100, 150)]
+    with pytest.raises(InvalidArgument, match="fence"):
+        Batch.of(Batch(local, remote, length, fence[:2]))
 
 
 def test_descriptors_reject_bad_values():

@@ -71,19 +71,27 @@ class Entry:
 
 @dataclass(frozen=True)
 class Batch:
-    """Many copies as three equal-length int64 arrays: local address, remote address, bytes."""
+    """Many copies as three equal-length int64 arrays: local address, remote address, bytes.
+    `fence` (optional, one label per entry): entries of different labels are never merged (the
+    remote side's registrations, where it has many: a merged entry must lie in one)."""
 
     local: np.ndarray
     remote: np.ndarray
     length: np.ndarray
+    fence: np.ndarray | None = None
 
     @classmethod
     def of(cls, entries: Batch | Iterable[Entry]) -> Batch:
         """A batch from a Batch or from Entry objects; empty copies dropped; checked."""
+        fence = None
         if isinstance(entries, Batch):
             local, remote, length = (
                 np.asarray(a, dtype=np.int64).reshape(-1) for a in (entries.local, entries.remote, entries.length)
             )
+            if entries.fence is not None:
+                fence = np.asarray(entries.fence, dtype=np.int64).reshape(-1)
+                if len(fence) != len(local):
+                    raise InvalidArgument("a batch's fence needs one label per entry")
         else:
             rows = [(e.local_address, e.remote_address, e.length) for e in entries]
             arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
@@ -93,7 +101,7 @@ class Batch:
         if len(local) and (int(local.min()) < 0 or int(remote.min()) < 0 or int(length.min()) < 0):
             raise InvalidArgument("entry: negative address or length")
         keep = length > 0
-        return cls(local[keep], remote[keep], length[keep])
+        return cls(local[keep], remote[keep], length[keep], None if fence is None else fence[keep])
 
     def __len__(self) -> int:
         return len(self.length)
@@ -111,7 +119,8 @@ class Batch:
 
 def coalesce(entries: Batch | Iterable[Entry], registrations: Registrations | None = None) -> Batch:
     """Merge entries contiguous on both sides; drop empty ones. With `registrations` (the local
-    side's), a merge never crosses a registration boundary (a merged range must lie in one).
+    side's), a merge never crosses a registration boundary (a merged range must lie in one);
+    nor does it cross the batch's `fence` (the remote side's).
 
     Entries are sorted by local address first, so the result does not depend on input order.
     """
@@ -123,6 +132,9 @@ def coalesce(entries: Batch | Iterable[Entry], registrations: Registrations | No
     join = (local[1:] == local[:-1] + length[:-1]) & (remote[1:] == remote[:-1] + length[:-1])
     if registrations is not None and join.any():
         join &= registrations.segment_of(local[1:]) == registrations.segment_of(local[:-1])
+    if batch.fence is not None and join.any():
+        fence = batch.fence[order]
+        join &= fence[1:] == fence[:-1]
     start = np.ones(len(local), dtype=bool)
     start[1:] = ~join
     first = np.flatnonzero(start)
