@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tensord_contract.errors import InvalidArgument
+from tensord_dataplane.kept import KeptByArrays
 
 log = logging.getLogger(__name__)
 
@@ -161,26 +162,13 @@ def device_copy(dst: Any, src: Any, sizes: Any, device: Any, *, dst_base: int = 
 #: a plan read through windows of a staging buffer has one per window: 80 for 20 GiB in 256
 #: MiB windows (at 64, a remote load_into of such a set made all of them again each call)
 _CACHED_TABLES = 1024
-_tables: dict[tuple[int, int, int], tuple[Any, Any, Any, CopyTable]] = {}
+_tables: KeptByArrays[CopyTable] = KeptByArrays(_CACHED_TABLES)
 
 
 def copy_table(dst: Any, src: Any, sizes: Any) -> CopyTable:
     """The prepared table of these columns: found again when the same read-only numpy arrays
     come back (their contents cannot have changed), else made now (and kept if read-only)."""
-    frozen = all(isinstance(a, np.ndarray) and not a.flags.writeable for a in (dst, src, sizes))
-    if not frozen:
-        return CopyTable(dst, src, sizes)
-    key = (id(dst), id(src), id(sizes))
-    with _pool_lock:
-        hit = _tables.get(key)
-    if hit is not None and hit[0] is dst and hit[1] is src and hit[2] is sizes:
-        return hit[3]
-    made = CopyTable(dst, src, sizes)
-    with _pool_lock:
-        _tables[key] = (dst, src, sizes, made)
-        while len(_tables) > _CACHED_TABLES:
-            del _tables[next(iter(_tables))]
-    return made
+    return _tables.get((dst, src, sizes), lambda: CopyTable(dst, src, sizes))
 
 
 class CopyTable:

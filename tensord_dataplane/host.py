@@ -27,6 +27,7 @@ from tensord_dataplane import host_dma
 from tensord_dataplane import pinned as pinning
 from tensord_dataplane.copy import device_copy, host_copy, run_all, runs, windows
 from tensord_dataplane.fingerprint import FINGERPRINT_VERSION, slab_fingerprints
+from tensord_dataplane.kept import KeptByArrays
 from tensord_dataplane.mapping import MAP_NORESERVE, Mapping, map_size, preadv
 from tensord_dataplane.slab import SlabAccess
 
@@ -206,33 +207,22 @@ def _jobs(sizes: np.ndarray) -> int:
 
 
 Call = tuple[np.ndarray, int]  # a preadv call: its (address, length) vector and the file offset
-_CACHED_JOBS = 16  # scattered reads whose calls are kept (a plan's arrays)
-_jobs_made: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, list[list[Call]]]] = {}
-_jobs_lock = threading.Lock()
+_jobs_kept: KeptByArrays[list[list[Call]]] = KeptByArrays(16)  # scattered reads' calls (plans' arrays)
 
 
 def _scatter_jobs(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[list[Call]]:
     """The preadv calls of a scattered read, one list per I/O thread; found again when the
     same read-only arrays come back (a plan's, whose contents cannot change), as copy tables
     are (`tensord_dataplane.copy.copy_table`)."""
-    frozen = not (ptrs.flags.writeable or offsets.flags.writeable or sizes.flags.writeable)
-    key = (id(ptrs), id(offsets), id(sizes))
-    if frozen:
-        with _jobs_lock:
-            hit = _jobs_made.get(key)
-        if hit is not None and hit[0] is ptrs and hit[1] is offsets and hit[2] is sizes:
-            return hit[3]
+    return _jobs_kept.get((ptrs, offsets, sizes), lambda: _made_jobs(ptrs, offsets, sizes))
+
+
+def _made_jobs(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[list[Call]]:
     order = np.argsort(offsets, kind="stable")
     calls = _scatter_calls(ptrs[order], offsets[order], sizes[order])
     k = _jobs(sizes)
     calls = _balanced(calls, max(_CHUNK, -(-int(sizes.sum()) // k)))
-    jobs = [calls[i::k] for i in range(min(k, len(calls)))]
-    if frozen:
-        with _jobs_lock:
-            _jobs_made[key] = (ptrs, offsets, sizes, jobs)
-            while len(_jobs_made) > _CACHED_JOBS:
-                del _jobs_made[next(iter(_jobs_made))]
-    return jobs
+    return [calls[i::k] for i in range(min(k, len(calls)))]
 
 
 def _scatter_calls(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[tuple[np.ndarray, int]]:

@@ -32,6 +32,7 @@ from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import ALIGN
 from tensord_dataplane.copy import device_copy, host_copy, runs, windows
 from tensord_dataplane.cuda import allocation_range, current
+from tensord_dataplane.kept import KeptByArrays
 from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.transport.base import Batch, Transport
 
@@ -152,22 +153,17 @@ class RemoteAccess(SlabAccess):
 
 
 Part = tuple[np.ndarray, np.ndarray, np.ndarray, int, int]
-_CACHED_PARTS = 8
-_parts_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, list[Part]]] = {}
-_parts_lock = threading.Lock()
+_parts_kept: KeptByArrays[list[Part]] = KeptByArrays(8)
 
 
 def _parts(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[Part]:
     """The windows of the slab a scattered read passes through: (targets, their offsets in the
     window, sizes, first byte, end byte), read-only, so the batched copy keeps each prepared.
     Found again for the same read-only arrays (a copy plan's)."""
-    frozen = not (ptrs.flags.writeable or offsets.flags.writeable or sizes.flags.writeable)
-    key = (id(ptrs), id(offsets), id(sizes))
-    if frozen:
-        with _parts_lock:
-            hit = _parts_cache.get(key)
-        if hit is not None and hit[0] is ptrs and hit[1] is offsets and hit[2] is sizes:
-            return hit[3]
+    return _parts_kept.get((ptrs, offsets, sizes), lambda: _made_parts(ptrs, offsets, sizes))
+
+
+def _made_parts(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[Part]:
     order = np.argsort(offsets, kind="stable")
     parts: list[Part] = []
     span = int((offsets + sizes).max() - offsets.min()) if len(offsets) else 0
@@ -177,11 +173,6 @@ def _parts(ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> list[Par
         for c in cols:
             c.flags.writeable = False
         parts.append((*cols, start, end))
-    if frozen:
-        with _parts_lock:
-            _parts_cache[key] = (ptrs, offsets, sizes, parts)
-            while len(_parts_cache) > _CACHED_PARTS:
-                del _parts_cache[next(iter(_parts_cache))]
     return parts
 
 
