@@ -9,7 +9,8 @@ importing `sdk` reads nothing). Arguments to `sdk.Client` win over these.
     TENSORD_TRANSPORT_HOST  the address this process's engine advertises (default: the daemon's
                             host on a local socket, else 127.0.0.1)
 
-Data-plane diagnostics (TENSORD_COPY_ENGINE, TENSORD_HOST_COPY, TENSORD_IPC_KEEP_SECONDS) are read
+Data-plane settings and diagnostics (TENSORD_COPY_ENGINE, TENSORD_HOST_COPY, TENSORD_IPC_KEEP_SECONDS,
+TENSORD_ENGINE_BUFFERS, TENSORD_REMOTE_WINDOW_MB) are read
 by the `tensord_dataplane` modules they steer.
 """
 
