@@ -101,15 +101,7 @@ def raw_reads(cb: sdk.Client, to: str, runs: int) -> tuple[float, int]:
         lengths = sources.ends - sources.starts
         dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=to)
         base, length, _ = memory_range(dst)
-        local, src = dst.data_ptr() + sources.starts, sources.src
-        block = np.searchsorted(slab._starts, src, "right") - 1  # type: ignore[attr-defined]
-        batches = [(slab.session, Batch(local, src, lengths, block))]  # type: ignore[attr-defined]
-        if slab._engine is not None:  # type: ignore[attr-defined]  # one batch per publisher's engine
-            of = slab._engine[block]  # type: ignore[attr-defined]
-            batches = [
-                (slab._sessions[e], Batch(local[of == e], src[of == e], lengths[of == e], block[of == e]))
-                for e in np.unique(of)
-            ]  # type: ignore[attr-defined]
+        batches = slab.batches(dst.data_ptr() + sources.starts, sources.src, lengths)  # type: ignore[attr-defined]
         with current(to):
             engine.register(base, length)
         try:

@@ -98,7 +98,7 @@ class SeedRanges:
             if ids:  # re-made allocations at the same place: their registration is stale
                 stale = [r for r, i in zip(ranges, ids, strict=True) if r in self._idle and self._ids.get(r) != i]
                 self._drop([(r, p.device) for r in stale])
-            fresh = list(dict.fromkeys(r for r in ranges if r not in self._uses and r not in self._idle))
+            fresh = [r for r in ranges if r not in self._uses and r not in self._idle]
             done: list[tuple[tuple[int, int], str]] = []
             try:
                 with current(p.device):
@@ -242,6 +242,18 @@ class PublishedAccess(RemoteAccess):
         filling a slab it exposes: replicating a publication)."""
         self._move(self._transport.read, [], local, offsets, sizes)
 
+    def batches(self, dst: np.ndarray, src: np.ndarray, n: np.ndarray) -> list[tuple[str, Batch]]:
+        """Pieces at the publisher's addresses `src` as engine batches: one per engine they lie
+        in, never merging pieces of two allocations (each is registered on its own)."""
+        block = np.searchsorted(self._starts, src, "right") - 1
+        if self._engine is None:
+            return [(self.session, Batch(dst, src, n, block))]
+        of = self._engine[block]
+        return [
+            (self._sessions[e], Batch(dst[of == e], src[of == e], n[of == e], block[of == e]))
+            for e in np.unique(of).tolist()
+        ]
+
     def _move(
         self,
         call: Callable[[str, Batch], None],
@@ -265,15 +277,8 @@ class PublishedAccess(RemoteAccess):
                 with current(where):
                     self._transport.register(address, length)
                 registered.append((address, where))
-            # pieces of different allocations are never merged: each is registered on its own
-            block = np.searchsorted(self._starts, src, "right") - 1
-            if self._engine is None:
-                call(self.session, Batch(dst, src, n, block))
-            else:  # one batch per engine the pieces lie in
-                of = self._engine[block]
-                for e in np.unique(of).tolist():
-                    at = of == e
-                    call(self._sessions[e], Batch(dst[at], src[at], n[at], block[at]))
+            for session, batch in self.batches(dst, src, n):
+                call(session, batch)
         finally:
             for address, where in registered:
                 try:
