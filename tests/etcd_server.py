@@ -128,15 +128,21 @@ class EtcdServer:
             return False
 
 
-def start_etcd(workdir: Path | None = None, timeout: float = 15.0) -> EtcdServer:
-    """Start a fresh etcd on free loopback ports; the caller must call `cleanup()`."""
-    server = EtcdServer(workdir)
-    try:
-        server.start(timeout)
-    except BaseException:
-        server.cleanup()
-        raise
-    return server
+def start_etcd(workdir: Path | None = None, timeout: float = 15.0, attempts: int = 3) -> EtcdServer:
+    """Start a fresh etcd on free loopback ports; the caller must call `cleanup()`. A port
+    found free can be taken before etcd binds it (another process's outgoing connection picks
+    the same ephemeral port): then again on other ports, `attempts` times in all."""
+    for attempt in range(attempts):
+        server = EtcdServer(workdir)
+        try:
+            server.start(timeout)
+            return server
+        except BaseException as exc:
+            server.cleanup()
+            shutil.rmtree(server.data_dir, ignore_errors=True)
+            if attempt + 1 == attempts or "address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

@@ -85,3 +85,22 @@ def test_etcd_killed_under_live_clients(start_daemon, tmp_path: Path) -> None:
                 time.sleep(0.1)
         log = d.log.read_text()
         assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_etcd_starts_on_other_ports_when_its_port_is_taken(monkeypatch) -> None:
+    """A port found free may be taken before etcd binds it: the helper tries other ports."""
+    import socket
+
+    import tests.etcd_server as etcd_helper
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = etcd_helper.free_port
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(etcd_helper, "free_port", lambda: next(ports, None) or real())
+    try:
+        with etcd_server() as etcd:
+            assert etcd.client_port != taken.getsockname()[1] and etcd.running
+    finally:
+        taken.close()
