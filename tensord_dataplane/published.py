@@ -27,9 +27,11 @@ import torch
 from tensord_contract.descriptors import PublishedReplica
 from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import Manifest
+from tensord_dataplane.copy import device_copy, host_copy
 from tensord_dataplane.cuda import buffer_ids, current
-from tensord_dataplane.remote import RemoteAccess
+from tensord_dataplane.remote import DIRECT, RemoteAccess, allocations, stages, window_for
 from tensord_dataplane.sources import Places, Sources
+from tensord_dataplane.spans import Spans
 from tensord_dataplane.transport.base import Batch, Transport
 
 log = logging.getLogger(__name__)
@@ -237,10 +239,16 @@ class PublishedAccess(RemoteAccess):
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         raise InvalidArgument("a published replica is read-only")
 
-    def read_registered(self, local: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> None:
+    def read_runs(self, dst: torch.Tensor, src: np.ndarray, at: np.ndarray, lengths: np.ndarray) -> None:
+        self._read(dst.data_ptr() + at, src, lengths, dst.device)
+
+    def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
+        self._read(ptrs, offsets, sizes, device)
+
+    def read_registered(self, local: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: str) -> None:
         """Read layout ranges to local addresses already registered with the engine (a daemon
         filling a slab it exposes: replicating a publication)."""
-        self._move(self._transport.read, [], local, offsets, sizes)
+        self._read(local, offsets, sizes, torch.device(device), registered=True)
 
     def batches(self, dst: np.ndarray, src: np.ndarray, n: np.ndarray) -> list[tuple[str, Batch]]:
         """Pieces at the publisher's addresses `src` as engine batches: one per engine they lie
@@ -254,23 +262,29 @@ class PublishedAccess(RemoteAccess):
             for e in np.unique(of).tolist()
         ]
 
-    def _move(
-        self,
-        call: Callable[[str, Batch], None],
-        ranges: list[tuple[int, int, str]],
-        local: np.ndarray,
-        offsets: np.ndarray,
-        sizes: np.ndarray,
+    def _read(
+        self, local: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device, registered: bool = False
     ) -> None:
-        """One engine batch (per publisher's engine) from the publisher's addresses of the
-        layout ranges asked for."""
-        if call != self._transport.read:
-            raise InvalidArgument("a published replica is read-only")
+        """Layout ranges (`offsets`, `sizes`) to local addresses: large pieces one engine entry
+        each, straight to their place (registered for the call unless `registered`); many
+        small ones in spans through a staging buffer (`Spans`), scattered by the batched copy."""
         offsets, sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
         if len(offsets) and (int(offsets.min()) < 0 or int((offsets + sizes).max()) > self.nbytes):
             raise InvalidArgument(f"a read reaches past the {self.nbytes}-byte publication on node {self.node}")
         k, rel, src, n = self._sources.pieces(offsets, sizes)
         dst = np.asarray(local, dtype=np.int64)[k] + rel
+        gap = self._transport.entry_bytes if len(n) > DIRECT else 0
+        block = np.searchsorted(self._starts, src, "right") - 1
+        spans = Spans.of(src, n, block, gap, window_for(int(n.sum())))
+        d = spans.direct
+        if len(d):
+            ranges = [] if registered else allocations(dst[d], n[d], device)
+            self._direct(ranges, dst[d], src[d], n[d])
+        if spans.windows:
+            self._staged(spans, dst, device)
+
+    def _direct(self, ranges: list[tuple[int, int, str]], dst: np.ndarray, src: np.ndarray, n: np.ndarray) -> None:
+        """One engine batch (per publisher's engine); `ranges` registered for its duration."""
         registered: list[tuple[int, str]] = []
         try:
             for address, length, where in ranges:
@@ -278,7 +292,7 @@ class PublishedAccess(RemoteAccess):
                     self._transport.register(address, length)
                 registered.append((address, where))
             for session, batch in self.batches(dst, src, n):
-                call(session, batch)
+                self._transport.read(session, batch)
         finally:
             for address, where in registered:
                 try:
@@ -286,3 +300,24 @@ class PublishedAccess(RemoteAccess):
                         self._transport.unregister(address)
                 except TransferError as exc:
                     log.warning("%s", exc.message)
+
+    def _staged(self, spans: Spans, dst: np.ndarray, device: torch.device) -> None:
+        """Each window of spans read into one half of the kept staging buffer, then scattered
+        while the engine fills the other half."""
+        with stages.use(self._transport, device, spans.size) as (stage, halves):
+            done: list[torch.cuda.Event | None] = [None, None]
+            for i, w in enumerate(spans.windows):
+                half = i % halves
+                if (event := done[half]) is not None:
+                    event.synchronize()  # its last scatter has read the half
+                at = stage.data_ptr() + half * spans.size
+                for session, batch in self.batches(at + w.at, w.remote, w.length):
+                    self._transport.read(session, batch)
+                if device.type == "cuda":
+                    device_copy(dst[w.pieces], w.rel, w.n, device, src_base=at)
+                    done[half] = torch.cuda.Event()
+                    done[half].record(torch.cuda.current_stream(device))  # type: ignore[union-attr]
+                else:
+                    host_copy(dst[w.pieces], at + w.rel, w.n)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()

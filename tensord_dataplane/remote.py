@@ -38,7 +38,7 @@ from tensord_dataplane.transport.base import Batch, Transport
 
 log = logging.getLogger(__name__)
 
-_DIRECT = 64  # up to this many tensors move as one engine entry each, straight to their place
+DIRECT = 64  # up to this many tensors move as one engine entry each, straight to their place
 _WINDOW = 256 << 20  # bytes of the slab one staged read moves per engine call, at least ...
 _MAX_WINDOW = 1 << 30  # ... and at most: a sixteenth of what a read spans, between the two
 
@@ -71,12 +71,12 @@ class RemoteAccess(SlabAccess):
         self._move(self._transport.read, ranges, dst.data_ptr() + at, src, lengths)
 
     def read_into(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-        if len(ptrs) <= _DIRECT:
+        if len(ptrs) <= DIRECT:
             self._move(self._transport.read, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
             return
         parts = _parts(ptrs, offsets, sizes)
         size = max(end - start for _, _, _, start, end in parts)
-        with _stages.use(self._transport, device, size) as (stage, halves):
+        with stages.use(self._transport, device, size) as (stage, halves):
             done: list[torch.cuda.Event | None] = [None, None]
             for k, (dst, rel, n, start, end) in enumerate(parts):
                 half = k % halves
@@ -94,7 +94,7 @@ class RemoteAccess(SlabAccess):
                 torch.cuda.current_stream(device).synchronize()
 
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
-        if len(ptrs) <= _DIRECT:
+        if len(ptrs) <= DIRECT:
             self._move(self._transport.write, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
             return
         with self._stage(offsets, sizes, device) as (stage, parts):
@@ -226,7 +226,7 @@ class _Stages:
             log.warning("%s", exc.message)
 
 
-_stages = _Stages()
+stages = _Stages()
 
 
 def _scatter(device: torch.device, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray) -> None:

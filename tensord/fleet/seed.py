@@ -53,7 +53,7 @@ async def from_publication(
         try:
             address = store.expose(slab, writable=True)
             offsets, sizes = manifest.offsets, manifest.sizes
-            await asyncio.to_thread(reader.read_registered, address + offsets.astype(np.int64), offsets, sizes)
+            await asyncio.to_thread(reader.read_registered, address + offsets.astype(np.int64), offsets, sizes, device)
             bad = await asyncio.to_thread(_wrong_rows, slab, manifest)
             released = True
             intact = await pin.release()

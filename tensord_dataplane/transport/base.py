@@ -224,6 +224,9 @@ class Transport(abc.ABC):
 
     name: str = "transport"
     protocol: str = ""
+    #: bytes whose moving costs about what one entry costs besides its bytes: reads of many
+    #: pieces smaller than this go through a staging buffer in spans (`tensord_dataplane.spans`)
+    entry_bytes: int = 0
 
     @property
     @abc.abstractmethod

@@ -35,7 +35,8 @@ def available() -> tuple[bool, str]:
 class MemoryTransport(Transport):
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, entry_bytes: int = 0) -> None:
+        self.entry_bytes = entry_bytes
         self._session = f"memory:{next(_ids)}"
         self._regs = Registrations(self._session)
         self._lock = threading.Lock()
