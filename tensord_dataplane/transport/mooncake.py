@@ -40,6 +40,7 @@ Facts this module relies on (``mooncake-transfer-engine`` 0.3.13, Python binding
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -48,12 +49,13 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tensord_contract.errors import InvalidArgument, TransferError
 
 from .base import Batch, Entry, Registrations, Transport, coalesce
+from .mooncake_mover import Mover
 from .mooncake_poller import Poller, Wait
 
 __all__ = ["PROTOCOLS", "MooncakeTransport", "available", "configure_env", "resolve_protocol"]
@@ -68,6 +70,9 @@ _NIC = re.compile(r"[A-Za-z0-9_.:-]+")
 _IB_SYSFS = "/sys/class/infiniband"
 _MIN_TIMEOUT_S = 5  # Mooncake clamps MC_TRANSFER_TIMEOUT to at least 5 s
 _TCP_QUEUE_MAX = "65535"  # the largest value Mooncake accepts for its per-peer TCP queues
+#: `Transport.entry_bytes`: an entry costs ~37 us over TCP on the VM (~60 KB at 1.6 GB/s), a few
+#: us over RDMA; over nvlink_intra each entry fetches the peer's description (metadata cache off)
+_ENTRY_BYTES = {"tcp": 64 << 10, "rdma": 64 << 10, "nvlink_intra": 64 << 20}
 _POLLED = 64  # over TCP, batches of at most this many entries are waited for with sleeps
 
 
@@ -132,15 +137,37 @@ def configure_env(
             env["MC_TE_FILTERS"] = ",".join(nics)
     else:
         env.update(dict.fromkeys(_NVLINK, "1"))
-    if proto != "tcp":
+    if proto == "rdma":
         # A peer's registered memory changes with every slab it allocates; with the cache on,
         # a reader keeps the peer's first description and refuses ranges registered later.
+        # (nvlink_intra keeps it on and renews its moving engine instead: `mooncake_mover`.)
         env["MC_DISABLE_METACACHE"] = "1"
     if timeout_s is not None:
         if not timeout_s > 0:
             raise InvalidArgument("timeout_s must be positive", timeout_s=timeout_s)
         env["MC_TRANSFER_TIMEOUT"] = str(max(_MIN_TIMEOUT_S, math.ceil(timeout_s)))
     return env
+
+
+def _entry_bytes(protocol: str) -> int:
+    """`Transport.entry_bytes` of a protocol (TENSORD_ENTRY_BYTES fixes it: a diagnostic)."""
+    fixed = os.environ.get("TENSORD_ENTRY_BYTES")
+    if fixed:
+        return int(fixed)
+    return _ENTRY_BYTES[protocol]
+
+
+def _start_engine(hostname: str, protocol: str, devices: str) -> Any:
+    try:
+        engine = _load_engine_module().TransferEngine()
+        rc = engine.initialize(hostname, "P2PHANDSHAKE", protocol, devices)
+    except Exception as exc:
+        raise TransferError(f"Mooncake engine failed to start on {hostname} ({protocol}): {exc}") from exc
+    if rc != 0:
+        raise TransferError(
+            f"Mooncake engine failed to start on {hostname} ({protocol}), rc {rc}", rc=rc, protocol=protocol
+        )
+    return engine
 
 
 def _apply_env(env: dict[str, str | None]) -> None:
@@ -191,25 +218,20 @@ class MooncakeTransport(Transport):
         # batches, and each native call fetches the peer's description (metadata cache off)
         default = 1024 if self.protocol == "tcp" else 4096
         self.max_batch_entries = max_batch_entries if max_batch_entries is not None else default
+        self.entry_bytes = _entry_bytes(self.protocol)
         ok, why = available(self.protocol)
         if not ok:
             raise TransferError(f"Mooncake transport {self.protocol} is unavailable: {why}", protocol=protocol)
         env = configure_env(self.protocol, nics, timeout_s=timeout_s)
         _apply_env(env)
         devices = ",".join(nics) if nics is not None else ""
-        try:
-            engine = _load_engine_module().TransferEngine()
-            rc = engine.initialize(hostname, "P2PHANDSHAKE", self.protocol, devices)
-        except Exception as exc:
-            raise TransferError(f"Mooncake engine failed to start on {hostname} ({self.protocol}): {exc}") from exc
-        if rc != 0:
-            raise TransferError(
-                f"Mooncake engine failed to start on {hostname} ({self.protocol}), rc {rc}",
-                rc=rc,
-                protocol=self.protocol,
-            )
+        engine = _start_engine(hostname, self.protocol, devices)
         self._engine: Any = engine
         self._session = f"{hostname}:{engine.get_rpc_port()}"
+        # over nvlink_intra an engine of its own moves the bytes (see `mooncake_mover`)
+        self._mover = (
+            Mover(lambda: _start_engine(hostname, self.protocol, devices)) if self.protocol == "nvlink_intra" else None
+        )
         if self.protocol == "nvlink_intra":
             from tensord_dataplane.cuda import enable_peer_access
 
@@ -300,19 +322,14 @@ class MooncakeTransport(Transport):
             self._check_open()
             self._regs.check(batch, side="local", peer=session)
             self._in_flight += 1
-        call = self._engine.batch_transfer_sync_read if op == "read" else self._engine.batch_transfer_sync_write
-        step = self.max_batch_entries
         start = time.monotonic()
-        rc = 0
         try:
-            local, remote, length = batch.local.tolist(), batch.remote.tolist(), batch.length.tolist()
-            if self._polled and len(batch) <= _POLLED:
-                rc = self._polled_transfer(op, session, local, remote, length, start)
-            else:
-                for i in range(0, len(batch), step):  # one native call unless the batch is very long
-                    rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
-                    if rc != 0:
-                        break
+            for attempt in range(2):
+                with self._moving() as (engine, generation):
+                    rc = self._run(engine, op, session, batch, start)
+                if rc == 0 or self._mover is None or attempt:
+                    break
+                self._mover.renew(generation)  # its description of the peer may be stale
         except Exception as exc:
             raise self._fail(f"{what} failed: {exc}", peer=session, nbytes=nbytes) from exc
         finally:
@@ -337,6 +354,29 @@ class MooncakeTransport(Transport):
             seconds,
             nbytes / seconds / 1e9 if seconds > 0 else math.inf,
         )
+
+    @contextlib.contextmanager
+    def _moving(self) -> Iterator[tuple[Any, int]]:
+        """The engine that moves bytes: the mover over nvlink_intra, else this one."""
+        if self._mover is None:
+            yield self._engine, 0
+        else:
+            with self._mover.use() as used:
+                yield used
+
+    def _run(self, engine: Any, op: str, session: str, batch: Batch, start: float) -> int:
+        """The batch's native calls; 0 or the failing call's rc."""
+        local, remote, length = batch.local.tolist(), batch.remote.tolist(), batch.length.tolist()
+        if self._polled and len(batch) <= _POLLED:
+            return self._polled_transfer(op, session, local, remote, length, start)
+        call = engine.batch_transfer_sync_read if op == "read" else engine.batch_transfer_sync_write
+        step = self.max_batch_entries
+        rc = 0
+        for i in range(0, len(batch), step):  # one native call unless the batch is very long
+            rc = call(session, local[i : i + step], remote[i : i + step], length[i : i + step])
+            if rc != 0:
+                break
+        return rc
 
     def _polled_transfer(
         self, op: str, session: str, local: list[int], remote: list[int], length: list[int], start: float
@@ -381,5 +421,7 @@ class MooncakeTransport(Transport):
                 if rc != 0:
                     logger.warning("unregister %#x on %s failed, rc %s", seg.address, self._session, rc)
             engine, self._engine = self._engine, None
+        if self._mover is not None:
+            self._mover.close()
         del engine  # the native destructor closes segments and stops the listeners (about 1 s)
         logger.info("transport mooncake/%s closed, session %s", self.protocol, self._session)
