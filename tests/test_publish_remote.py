@@ -106,13 +106,13 @@ time.sleep(600)
 
 
 def _publisher(
-    socket: str, name: str, seed: int, n: int, width: int, device: str = "cpu"
+    socket: str, name: str, seed: int, n: int, width: int, device: str = "cpu", env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
         [sys.executable, "-c", PUBLISHER, socket, name, str(seed), str(n), str(width), device],
         stdout=subprocess.PIPE,
         text=True,
-        env=child_env(),
+        env={**child_env(), **(env or {})},
     )
     line = proc.stdout.readline()  # type: ignore[union-attr]
     if not line:
@@ -502,6 +502,6 @@ def test_pieces_of_adjacent_allocations_are_read_as_one_entry_each(engines: int)
     out = torch.zeros(512, dtype=torch.uint8)
     reader.register(out.data_ptr(), 512)
     PublishedAccess(replica, manifest, reader).read_registered(
-        out.data_ptr() + manifest.offsets, manifest.offsets, manifest.sizes
+        out.data_ptr() + manifest.offsets, manifest.offsets, manifest.sizes, "cpu"
     )
     assert torch.equal(out, data)
