@@ -17,6 +17,7 @@ bytes): a publication adds no copy. Publish times: the first, and again of the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import statistics
@@ -24,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,9 +94,11 @@ def publisher(socket: str, tensors: int, gib: float, device: str, runs: int) -> 
         pub.unpublish()
 
 
-def raw_reads(cb: sdk.Client, to: str, runs: int) -> tuple[float, int]:
-    """A raw engine read of the publication's pieces (one entry per tensor, as tensord's get
-    issues them) into registered memory, and the byte count."""
+@contextlib.contextmanager
+def pieces(cb: sdk.Client, to: str) -> Iterator[tuple[Any, Callable[[int], list[tuple[str, Batch]]], np.ndarray]]:
+    """The reader's engine, the engine batches of the publication's first k pieces (one entry
+    per tensor, as a raw reader issues them) into registered memory on `to`, and the pieces'
+    lengths."""
     engine = cb._transport()
     pin, manifest, slab = cb._open(NAME, None)
     try:
@@ -101,59 +106,54 @@ def raw_reads(cb: sdk.Client, to: str, runs: int) -> tuple[float, int]:
         lengths = sources.ends - sources.starts
         dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=to)
         base, length, _ = memory_range(dst)
-        batches = slab.batches(dst.data_ptr() + sources.starts, sources.src, lengths)  # type: ignore[attr-defined]
         with current(to):
             engine.register(base, length)
         try:
-            seconds = median_seconds(lambda: [engine.read(s, b) for s, b in batches], runs)
+            yield (
+                engine,
+                lambda k: slab.batches(dst.data_ptr() + sources.starts[:k], sources.src[:k], lengths[:k]),
+                lengths,
+            )  # type: ignore[attr-defined]
         finally:
             with current(to):
                 engine.unregister(base)
-        return seconds, int(lengths.sum())
     finally:
         slab.close()
         cb._release(pin)
+
+
+def raw_reads(cb: sdk.Client, to: str, runs: int) -> tuple[float, int]:
+    """A raw engine read of all the publication's pieces, one entry each, and the byte count."""
+    with pieces(cb, to) as (engine, batches_of, lengths):
+        batches = batches_of(len(lengths))
+        return median_seconds(lambda: [engine.read(s, b) for s, b in batches], runs), int(lengths.sum())
 
 
 def probe_entries(cb: sdk.Client, to: str, limit_s: float) -> float:
     """The engine's cost per entry: raw reads of the publication's first K pieces (one entry
-    each), the first read of each K (the engine maps allocations it has not seen) and again."""
-    engine = cb._transport()
-    pin, manifest, slab = cb._open(NAME, None)
-    try:
-        sources = slab._sources  # type: ignore[attr-defined]
-        lengths = sources.ends - sources.starts
-        dst = torch.empty(manifest.nbytes, dtype=torch.uint8, device=to)
-        base, length, _ = memory_range(dst)
-        with current(to):
-            engine.register(base, length)
-        try:
-            k, per = 256, 0.0
-            while k <= len(lengths):
-                batches = slab.batches(dst.data_ptr() + sources.starts[:k], sources.src[:k], lengths[:k])  # type: ignore[attr-defined]
-                times = []
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    for s, b in batches:
-                        engine.read(s, b)
-                    times.append(time.perf_counter() - t0)
-                n = sum(len(b) for _, b in batches)
-                print(
-                    f"  probe: {n} entries ({int(lengths[:k].sum())} bytes): first {times[0] * 1e3:.1f} ms, "
-                    f"again {times[1] * 1e3:.1f} ms ({times[1] / n * 1e6:.1f} us an entry)",
-                    flush=True,
-                )
-                per = times[1] / n
-                if max(times) * 4 > limit_s:
-                    break
-                k *= 4
-            return per * len(lengths)
-        finally:
-            with current(to):
-                engine.unregister(base)
-    finally:
-        slab.close()
-        cb._release(pin)
+    each), the first read of each K (the engine maps allocations it has not seen) and again;
+    the time all pieces would take at the last K's rate."""
+    with pieces(cb, to) as (engine, batches_of, lengths):
+        k, per = 256, 0.0
+        while k <= len(lengths):
+            batches = batches_of(k)
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                for s, b in batches:
+                    engine.read(s, b)
+                times.append(time.perf_counter() - t0)
+            n = sum(len(b) for _, b in batches)
+            print(
+                f"  probe: {n} entries ({int(lengths[:k].sum())} bytes): first {times[0] * 1e3:.1f} ms, "
+                f"again {times[1] * 1e3:.1f} ms ({times[1] / n * 1e6:.1f} us an entry)",
+                flush=True,
+            )
+            per = times[1] / n
+            if max(times) * 4 > limit_s:
+                break
+            k *= 4
+        return per * len(lengths)
 
 
 def release_memory() -> None:

@@ -10,7 +10,7 @@ importing `sdk` reads nothing). Arguments to `sdk.Client` win over these.
                             host on a local socket, else 127.0.0.1)
 
 Data-plane settings and diagnostics (TENSORD_COPY_ENGINE, TENSORD_HOST_COPY, TENSORD_IPC_KEEP_SECONDS,
-TENSORD_ENGINE_BUFFERS, TENSORD_REMOTE_WINDOW_MB) are read
+TENSORD_ENGINE_BUFFERS, TENSORD_REMOTE_WINDOW_MB, TENSORD_ENTRY_BYTES) are read
 by the `tensord_dataplane` modules they steer.
 """
 
