@@ -181,5 +181,6 @@ def profile(label: str, call: Callable[[], object], top: int = 18) -> None:
     call()
     sync()
     prof.disable()
-    print(f"== profile of one {label}: top {top} by own time")
+    print(f"== profile of one {label}: top {top} by own time, then by time inside")
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(top)

@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from _common import deepseek_shapes, median_seconds, random_tensors, start_daemon, sync
+from _common import deepseek_shapes, median_seconds, profile, random_tensors, start_daemon, sync
 
 import sdk
 from tensord_dataplane.fingerprint import fingerprints
@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=17.7)
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also profile one publish of the same memory again")
     args = p.parse_args()
     src = random_tensors(deepseek_shapes(args.tensors, int(args.gb * 1e9)), args.device)
     sync()
@@ -99,6 +100,8 @@ def main() -> None:
             c.delete("bench/copy")
             publish = median_seconds(lambda: c.publish("bench/pub", src).unpublish(), args.runs)
             line("publish + unpublish (no reader): no copy", publish, 0, put)
+            if args.profile:
+                profile("publish again", lambda: c.publish("bench/pub", src).unpublish())
             t0 = time.perf_counter()
             exported = export(places(describe(src.values(), copy_sparse=False), list(src)))
             line(f"  of which: export {len(exported.handles)} allocations (IPC handles)", time.perf_counter() - t0)

@@ -2,6 +2,9 @@
 
 GPU slabs of one block share the block's registration (the engine registers whole CUDA
 allocations), so each registered range counts its users and goes when the last one is hidden.
+One engine advertises at most `advertised_ranges()` ranges: past that, every reader's handshake
+with it would fail (Mooncake's 1 MiB message), so further slabs stay unexposed (readable on
+this node only) until ranges go.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from tensord.memory import Slab
 from tensord_contract.descriptors import RemoteReplica
 from tensord_contract.errors import Unavailable
 from tensord_dataplane.cuda import current
-from tensord_dataplane.transport.base import Transport
+from tensord_dataplane.transport.base import Transport, advertised_ranges
 
 
 class Registrations:
@@ -19,6 +22,7 @@ class Registrations:
         self._transport = transport
         self._registered: dict[int, tuple[Slab, int]] = {}  # id(slab) -> (slab, address)
         self._ranges: dict[int, list[int]] = {}  # registered base -> [length, users]
+        self.limit = advertised_ranges()
 
     @property
     def transport(self) -> Transport | None:
@@ -41,6 +45,12 @@ class Registrations:
         self.hide(slab)
         address = slab.address(writable=writable)
         base, length = slab.registration(address)
+        if base not in self._ranges and len(self._ranges) >= self.limit:
+            raise Unavailable(
+                f"node {self.node}'s Transfer Engine advertises {self.limit} ranges already, the most one "
+                "engine can hand a reader (TENSORD_ENGINE_BUFFERS): this slab is not exposed to other nodes",
+                limit=self.limit,
+            )
         users = self._ranges.setdefault(base, [length, 0])
         if users[1] == 0:
             with current(slab.device):
@@ -67,9 +77,14 @@ class Registrations:
         if slab.published:
             slab.address(writable=False)  # raises: a publisher's memory is read on its node only
         address = self.address(slab)
-        if self._transport is None or address is None:
+        if self._transport is None:
             raise Unavailable(
                 f"node {self.node} has no Transfer Engine: its sets are readable over its Unix socket only"
+            )
+        if address is None:
+            raise Unavailable(
+                f"node {self.node} does not expose this slab to other nodes (its engine advertises "
+                f"{len(self._ranges)} ranges; at most {self.limit}): read it on that node"
             )
         return RemoteReplica(self.node, slab.device, self._transport.session, address, slab.nbytes, slab.generation)
 

@@ -160,6 +160,13 @@ class Store:
         """Expose the slab to other nodes through the Transfer Engine; its address there."""
         return self._engine.expose(slab, writable=writable)
 
+    def _expose_if_room(self, slab: Slab) -> None:
+        """Expose a held slab read-only; past the engine's limit it stays readable here only."""
+        try:
+            self.expose(slab, writable=False)
+        except Unavailable as exc:
+            log.warning("%s", exc.message)
+
     def allocate(self, device: str, nbytes: int, label: str) -> Slab:
         device = self._budgets.check_device(device)
         nbytes = max(nbytes, ALIGN)
@@ -222,7 +229,7 @@ class Store:
             held = Held(manifest, slab)
             self.versions.add(held)  # before the registry, so whoever resolves it finds it
             if not slab.published and self.reaches(slab.device):
-                self.expose(slab, writable=False)
+                self._expose_if_room(slab)
             await self._registry.commit(manifest, self.replica(held))
             held.advertised = True
         except BaseException:
@@ -279,7 +286,7 @@ class Store:
         try:
             await self.versions.record(manifest, slab.device, source)
             if self.reaches(slab.device):
-                self.expose(slab, writable=False)
+                self._expose_if_room(slab)
             await self._registry.add_replica(self.replica(held))
             held.advertised = True
         except BaseException as exc:

@@ -16,7 +16,6 @@ TransferError; readers check fingerprints of what they read from a publication b
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +31,12 @@ from tensord_dataplane.cuda import buffer_ids, current
 from tensord_dataplane.remote import DIRECT, RemoteAccess, allocations, stages, window_for
 from tensord_dataplane.sources import Places, Sources
 from tensord_dataplane.spans import Spans
-from tensord_dataplane.transport.base import Batch, Transport
+from tensord_dataplane.transport.base import Batch, Transport, advertised_ranges
 
 log = logging.getLogger(__name__)
 
 #: ranges one engine advertises (TENSORD_ENGINE_BUFFERS): see `SeedRanges`
-BUFFERS_PER_ENGINE = int(os.environ.get("TENSORD_ENGINE_BUFFERS") or 2048)
+BUFFERS_PER_ENGINE = advertised_ranges()
 
 
 class SeedRanges:

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+import sdk
 from sdk.plans import LoadPlan
 from tensord_dataplane import remote
 from tensord_dataplane.tensors import as_bytes
 from tensord_dataplane.transport.mooncake import available
+from tests.daemons import DaemonProcess
 from tests.data import random_tensor
-from tests.etcd_server import EtcdServer
-from tests.test_cluster import Cluster
+from tests.etcd_server import EtcdServer, free_port
+from tests.test_cluster import Cluster, _config
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
 
@@ -98,3 +101,32 @@ def test_windows_grow_with_the_read_within_bounds(monkeypatch: pytest.MonkeyPatc
     assert remote.window_for(20 << 30) == remote.window_for(1 << 40) == 1 << 30
     monkeypatch.setenv("TENSORD_REMOTE_WINDOW_MB", "64")
     assert remote.window_for(20 << 30) == 64 << 20
+
+
+def test_a_node_exposes_no_more_ranges_than_one_engine_can_advertise(etcd: EtcdServer, tmp_path: Path) -> None:
+    """Past TENSORD_ENGINE_BUFFERS registered ranges (Mooncake hands a reader an engine's list in
+    one message of at most 1 MiB: beyond it every reader's handshake fails), a node keeps further
+    slabs unexposed: readable on that node, refused to other nodes with a clear error, while the
+    exposed ones stay readable from everywhere; a deleted set's range makes room again."""
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        cluster.ports["a"] = free_port()
+        cluster.nodes["a"] = DaemonProcess(
+            tmp_path, "a", _config(etcd, cluster.ports["a"], ""), env={"TENSORD_ENGINE_BUFFERS": "3"}
+        ).start()
+        cluster.start("b")
+        sets = {f"lim/s{i}": _set(i, 20) for i in range(5)}
+        with cluster.client("a") as a, cluster.client("b") as b:
+            for name, tensors in sets.items():
+                a.put(name, tensors)
+            for name in list(sets)[:3]:
+                assert _same(b.get(name), sets[name])
+            for name in list(sets)[3:]:
+                assert _same(a.get(name), sets[name])  # on its node
+                with pytest.raises(sdk.TransferError, match="does not expose"):
+                    b.get(name)
+            a.delete("lim/s0")
+            a.put("lim/s5", _set(5, 20))
+            assert _same(b.get("lim/s5"), _set(5, 20))
+    finally:
+        cluster.stop()

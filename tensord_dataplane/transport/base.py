@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import bisect
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +26,24 @@ import numpy as np
 
 from tensord_contract.errors import InvalidArgument, TransferError
 
-__all__ = ["Batch", "Entry", "Registrations", "Segment", "Transport", "coalesce", "total_bytes"]
+__all__ = [
+    "Batch",
+    "Entry",
+    "Registrations",
+    "Segment",
+    "Transport",
+    "advertised_ranges",
+    "coalesce",
+    "total_bytes",
+]
+
+
+def advertised_ranges() -> int:
+    """Registered ranges one engine may advertise (TENSORD_ENGINE_BUFFERS, default 2,048): a
+    reader fetches an engine's list in one handshake message, which Mooncake caps at 1 MiB
+    (about 4,000 GPU allocations with their IPC handles); past it every reader's handshake
+    with that engine fails."""
+    return int(os.environ.get("TENSORD_ENGINE_BUFFERS") or 2048)
 
 _T = TypeVar("_T", bound="Transport")
 
