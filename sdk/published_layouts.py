@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from tensord_contract.descriptors import PublishedIpcReplica
-from tensord_contract.errors import TransferError
+from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import Table
 from tensord_dataplane.snapshot import Snapshot
 from tensord_dataplane.sources import Places, places
@@ -58,20 +59,23 @@ class Layouts:
         self._kept: dict[str, Layout] = {}
         self._lock = threading.Lock()
 
-    def find(self, name: str, names: list[str], values: list[torch.Tensor]) -> Layout:
-        """The layout of `values` published as `name`: the kept one where it still fits, else
-        described afresh (InvalidArgument for what cannot be published without a copy)."""
+    def find(self, name: str, names: list[Any], values: list[torch.Tensor]) -> tuple[Layout, bool]:
+        """The layout of `values` published as `name`, and whether it is the one kept from the
+        last publication of `name` (still fitting), else described afresh (InvalidArgument for
+        keys that are not str, or what cannot be published without a copy)."""
         with self._lock:
             kept = self._kept.get(name)
         if kept is not None and kept.fits(names, values):
-            return kept
+            return kept, True
+        if not all(isinstance(k, str) for k in names):
+            raise InvalidArgument("tensors must be keyed by name (str)")
         layout = _described(names, values, Snapshot.take(values))
         with self._lock:
             self._kept.pop(name, None)
             self._kept[name] = layout
             while len(self._kept) > _KEPT:
                 del self._kept[next(iter(self._kept))]
-        return layout
+        return layout, False
 
 
 def _described(names: list[str], values: list[torch.Tensor], snapshot: Snapshot | None) -> Layout:

@@ -41,6 +41,8 @@ from tensord_dataplane.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
+_TABLES_KEPT = 8  # names whose newest table is kept after their versions go (`Store.known_table`)
+
 
 class Store:
     def __init__(
@@ -76,6 +78,7 @@ class Store:
         self._reservations: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self._blocks = CudaBlocks()  # GPU memory of freed slabs, kept for later ones
+        self._tables: dict[str, Table] = {}  # the newest version's table of a few names, held or gone
 
     # -- what the rest of the daemon sees -----------------------------------------------------
     def attach_transport(self, transport: Transport | None) -> None:
@@ -105,7 +108,15 @@ class Store:
         if not isinstance(name, str):
             return None
         held = max(self.versions.live(name), key=lambda h: h.manifest.version, default=None)
-        return None if held is None else held.manifest.table
+        return self._tables.get(name) if held is None else held.manifest.table
+
+    def _remember(self, manifest: Manifest) -> None:
+        """Keep the newest table of a name after its versions go (a publisher that unpublishes
+        before publishing the same layout again names it by its digest)."""
+        self._tables.pop(manifest.name, None)
+        self._tables[manifest.name] = manifest.table
+        while len(self._tables) > _TABLES_KEPT:
+            del self._tables[next(iter(self._tables))]
 
     def evicted(self, name: str, version: int) -> tuple[Manifest, str] | None:
         return self.versions.evicted(name, version)
@@ -228,6 +239,7 @@ class Store:
             await self.versions.record(manifest, slab.device, PUBLISHED if slab.published else manifest.origin)
             held = Held(manifest, slab)
             self.versions.add(held)  # before the registry, so whoever resolves it finds it
+            self._remember(manifest)
             if not slab.published and self.reaches(slab.device):
                 self._expose_if_room(slab)
             await self._registry.commit(manifest, self.replica(held))
@@ -283,6 +295,7 @@ class Store:
             return held
         held = Held(manifest, slab)
         evicted = self.versions.add(held)  # held again (not evictable until advertised)
+        self._remember(manifest)
         try:
             await self.versions.record(manifest, slab.device, source)
             if self.reaches(slab.device):

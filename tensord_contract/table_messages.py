@@ -143,20 +143,26 @@ class PublishRequest:
     one. Both describe the same allocations and each tensor's place in them."""
 
     name: str
-    table: Table
+    table: Table | None  # None (decoded only): named by a digest the daemon does not know
     fingerprints: np.ndarray  # uint64, one per tensor
     fp: int  # the fingerprint definition they were made with
     ipc: PublishedIpcReplica | None = None
     exposed: PublishedReplica | None = None  # its node is the daemon's to set ("" here)
     origin: str | None = None
+    by_digest: bool = False  # the table named by its digest, as `PutBeginRequest`'s
 
     def to_wire(self) -> dict[str, Any]:
+        if self.table is None:
+            raise ValueError("a publish request to send needs its table")
         wire: dict[str, Any] = {
             "name": self.name,
-            "tensors": self.table.to_wire(),
             "fingerprints": self.fingerprints.astype("<u8", copy=False).tobytes(),
             "fp": self.fp,
         }
+        if self.by_digest:
+            wire["table_digest"] = self.table.digest
+        else:
+            wire["tensors"] = self.table.to_wire()
         if self.ipc is not None:
             wire["replica"] = _publisher_form(self.ipc)
         if self.exposed is not None:
@@ -169,7 +175,8 @@ class PublishRequest:
     def from_wire(cls, raw: dict[str, Any], error: type[TensordError], known: Table | None = None) -> PublishRequest:
         """Decoded and checked: the descriptions fit the table's packed layout and agree, and
         the manifest with its places fits one reply frame. `known`: as for `Table.from_wire`."""
-        check_keys(raw, "publish", ("name", "tensors", "fingerprints"), ("replica", "exposed", "origin", "fp"), error)
+        optional = ("replica", "exposed", "origin", "fp", "tensors", "table_digest")
+        check_keys(raw, "publish", ("name", "fingerprints"), optional, error)
         name, replica, exposed = raw["name"], raw.get("replica"), raw.get("exposed")
         check_name(name)
         origin = check_origin(raw.get("origin"), error)
@@ -177,7 +184,17 @@ class PublishRequest:
             raise error("publish needs an IPC export (replica) or a Transfer Engine registration (exposed)")
         if not isinstance(replica, dict | None) or not isinstance(exposed, dict | None):
             raise error("replica and exposed must be maps describing the published allocations")
-        table = Table.from_wire(raw["tensors"], error, known)
+        if ("tensors" in raw) == ("table_digest" in raw):
+            raise error("publish needs its table: the tensors, or the table's digest")
+        if "tensors" in raw:
+            table = Table.from_wire(raw["tensors"], error, known)
+        else:
+            digest = raw["table_digest"]
+            if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+                raise error(f"table_digest must be the {DIGEST_BYTES}-byte digest of a table")
+            if known is None or known.digest != digest:
+                return cls(name, None, np.zeros(0, dtype=np.uint64), 0, None, None, origin, by_digest=True)
+            table = known
         fingerprints = _fingerprints(raw["fingerprints"], len(table), error)
         fp = fp_definition(raw.get("fp"), error)
         _, nbytes = table.layout()
@@ -197,7 +214,7 @@ class PublishRequest:
         handles = sum(len(h) + 5 for h in ipc.handles) + 9 * len(ipc.sizes) if ipc is not None else 0
         handles += 17 * len(reach.sizes) if reach is not None else 0  # each allocation's address and size
         check_servable(len(table.names_blob), len(table), table.dims.size, error, extra=handles + 12 * len(table))
-        return cls(name, table, fingerprints, fp, ipc, reach, origin)
+        return cls(name, table, fingerprints, fp, ipc, reach, origin, by_digest="table_digest" in raw)
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,23 @@ def test_publish_round_trips_with_the_daemon_setting_node_and_size() -> None:
         PublishReply.from_wire({"version": "4"}, ProtocolError)
 
 
+def test_a_publish_names_a_known_table_by_its_digest() -> None:
+    fps = np.array([1, 2], dtype=np.uint64)
+    wire = PublishRequest("a/b", TABLE, fps, 3, _owned(), None, by_digest=True).to_wire()
+    assert "tensors" not in wire and wire["table_digest"] == TABLE.digest
+    back = PublishRequest.from_wire(wire, InvalidArgument, TABLE)
+    assert back.table is TABLE and back.by_digest and back.fingerprints.tolist() == [1, 2]
+    other = table_of({"x": ("uint8", (3,))})
+    assert PublishRequest.from_wire(wire, InvalidArgument, other).table is None  # unknown: the daemon asks
+    assert PublishRequest.from_wire(wire, InvalidArgument).table is None
+    with pytest.raises(InvalidArgument, match="needs its table"):
+        PublishRequest.from_wire({**wire, "tensors": TABLE.to_wire()}, InvalidArgument, TABLE)
+    with pytest.raises(InvalidArgument, match="needs its table"):
+        PublishRequest.from_wire({k: v for k, v in wire.items() if k != "table_digest"}, InvalidArgument)
+    with pytest.raises(InvalidArgument, match="table_digest"):
+        PublishRequest.from_wire({**wire, "table_digest": b"short"}, InvalidArgument, TABLE)
+
+
 def _two_engines(**change: object) -> dict:
     """A publication registered with two engines (more allocations than one advertises)."""
     two = {**_published(2).to_wire(), "more_sessions": ["h:2"], "session_of": np.array([0, 1], "<u2").tobytes()}

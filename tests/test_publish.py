@@ -340,3 +340,24 @@ def test_a_withdrawal_waits_out_an_etcd_outage(start_daemon, own_etcd) -> None:
         assert c.info("pub/outage")["versions"] == [1]  # and from the registry once it is back
     log = d.log.read_text()
     assert "withdrawing pub/outage v2 waits for the registry" in log and "withdrew pub/outage v2" in log
+
+
+def test_a_publish_of_the_known_table_names_it_by_its_digest(daemon) -> None:
+    """Publishing the same layout again (an RL engine after each update) names the table by its
+    digest; a digest the daemon does not know (another table published or put since) is
+    answered with a request for the table, and publishes nothing."""
+    raw = Raw(daemon.socket)
+    try:
+        v1 = _ok(raw.call("publish", **_args("pub/digest")))["version"]
+        digest = Table.from_wire(_table(a=[4], b=[2]), ValueError).digest
+        again = {k: v for k, v in _args("pub/digest").items() if k != "tensors"}
+        v2 = _ok(raw.call("publish", **again, table_digest=digest))["version"]
+        assert v2 == v1 + 1
+        other = Table.from_wire(_table(a=[2], b=[4]), ValueError).digest
+        assert _ok(raw.call("publish", **again, table_digest=other)) == {"table_wanted": True}
+        listed = [(e["name"], e["version"]) for e in _ok(raw.call("status"))["published"]]
+        assert listed == [("pub/digest", v1), ("pub/digest", v2)]
+        bad = raw.call("publish", **again, table_digest=b"x" * 5)
+        assert not bad.get("ok") and "table_digest" in str(bad)
+    finally:
+        raw.close()

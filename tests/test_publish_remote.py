@@ -505,3 +505,31 @@ def test_pieces_of_adjacent_allocations_are_read_as_one_entry_each(engines: int)
         out.data_ptr() + manifest.offsets, manifest.offsets, manifest.sizes, "cpu"
     )
     assert torch.equal(out, data)
+
+
+def test_publishing_the_same_layout_again_names_its_table_by_digest(ab, monkeypatch) -> None:
+    """A kept layout's table goes by its digest; when the set's newest table is another one (a
+    put of other tensors under the name meanwhile) the daemon asks for it, and the version is
+    published all the same, read byte-exact from the other node."""
+    from tensord_contract.table_messages import PublishRequest
+
+    sent: list[bool] = []
+    to_wire = PublishRequest.to_wire
+
+    def spy(self: PublishRequest) -> dict:
+        sent.append(self.by_digest)
+        return to_wire(self)
+
+    monkeypatch.setattr(PublishRequest, "to_wire", spy)
+    src = _shard(21)
+    with ab.client("pa") as pa, ab.client("pb") as pb:
+        pa.publish("pubr/digest", src).unpublish()
+        with pa.publish("pubr/digest", src) as pub:
+            assert _same(dict(pb.get("pubr/digest", pub.version).items()), src)
+        assert sent == [False, True]
+        pa.put("pubr/digest", {"other": torch.ones(3)})
+        with pa.publish("pubr/digest", src) as pub:
+            assert _same(dict(pb.get("pubr/digest", pub.version).items()), src)
+        assert sent == [False, True, True, False]  # the digest was not the newest table's
+        with pytest.raises(sdk.InvalidArgument, match="keyed by name"):
+            pa.publish("pubr/digest2", {1: torch.ones(2)})  # type: ignore[dict-item]

@@ -18,7 +18,7 @@ from tensord.rpc import Session
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import Manifest
 from tensord_contract.messages import UnpublishReply, UnpublishRequest
-from tensord_contract.table_messages import PublishReply, PublishRequest
+from tensord_contract.table_messages import PublishReply, PublishRequest, PutBeginReply
 
 DRAIN_SECONDS = 60.0  # how long unpublish waits for readers by default
 
@@ -28,6 +28,8 @@ class PublishOps(Ops):
         if not session.local:
             raise InvalidArgument("publish hands the daemon a process's memory: connect over this node's Unix socket")
         req = await self._decode(PublishRequest, request, self.store.known_table(request.get("name")))
+        if req.table is None:  # named by a digest that is not the known table's: ask for it
+            return PutBeginReply.wanting_table(), []
         offsets, nbytes = req.table.layout()
         manifest = Manifest(
             req.name,
