@@ -9,6 +9,8 @@ where it lies and where it came from, so that a restarted daemon restores what i
     <state_dir>/versions/<xx>.json    {"format": 1, "versions": {name: last version handed out}}
     <state_dir>/held/<h>-<v>.rec      one held version (msgpack): name, version, device, source,
                                       evicted, and, with the embedded registry, its manifest
+                                      (its table apart, named by its digest:)
+    <state_dir>/held/tables/<d>.tbl   one table of held versions' manifests (`held_tables`)
 
 A name lives in the bucket file `xx` (two hex digits of a hash of the name), so handing out a
 version rewrites one small file, not every counter; a held version is one file (`h`: a hash of
@@ -24,6 +26,7 @@ reuse versions. State files are read without following links or waiting (a FIFO 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -37,6 +40,8 @@ from typing import Any
 
 import msgpack
 
+from tensord.durable import read_file, remove_file, why, write_file
+from tensord.held_tables import TableFiles
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.names import MAX_VERSION, check_name
@@ -66,7 +71,7 @@ class StateDir:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError as exc:
             raise InvalidArgument(
-                f"state directory {self.path}: cannot open its lock file {lock}: {_why(exc)}"
+                f"state directory {self.path}: cannot open its lock file {lock}: {why(exc)}"
             ) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -165,6 +170,7 @@ class Record:
     source: str
     evicted: bool = False
     manifest: dict[str, Any] | None = None
+    table: str = ""  # the digest (hex) of the manifest's table, stored apart (`TableFiles`)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -178,6 +184,7 @@ class Catalogue:
         self.directory = directory
         self.records: dict[tuple[str, int], Record] = {}
         self.skipped: list[Path] = []  # damaged records left out at load
+        self.tables = TableFiles(directory / "tables")
         self._lock: asyncio.Lock | None = None
 
     def __len__(self) -> int:
@@ -196,14 +203,21 @@ class Catalogue:
         files = _files(self.directory, ".rec")
         self.records.clear()
         self.skipped = []
+        read: dict[str, dict[str, Any] | None] = {}
         for path in files:
             try:
                 record = _read_record(path)
+                if record.manifest is not None and "table" in record.manifest:
+                    key, manifest = record.manifest["table"], self.tables.joined(record.manifest, read)
+                    if manifest is None:
+                        raise InvalidArgument(f"state file {path}: its table file {key!r:.80} is missing or damaged")
+                    record = dataclasses.replace(record, manifest=manifest, table=key)
             except InvalidArgument as exc:
                 log.warning("skipped: %s", exc.message)
                 self.skipped.append(path)
                 continue
             self.records[record.key] = record
+        self.tables.keep_only({r.table for r in self.records.values() if r.table})
 
     async def put(self, record: Record) -> None:
         """Record (or replace) a held version, durably, before it is visible."""
@@ -215,13 +229,17 @@ class Catalogue:
                 "device": record.device,
                 "source": record.source,
                 "evicted": record.evicted,
-                "manifest": record.manifest,
+                "manifest": self.tables.placing(record.manifest, record.table)
+                if record.table and record.manifest is not None
+                else record.manifest,
             },
             use_bin_type=True,
         )
         async with self._locked():
             try:
-                await asyncio.to_thread(_write_file, self.directory, self.filename(*record.key), data)
+                if record.table and record.manifest is not None:  # its table first: the record names it
+                    await asyncio.to_thread(self.tables.write, record.table, record.manifest)
+                await asyncio.to_thread(write_file, self.directory, self.filename(*record.key), data)
             except OSError as exc:
                 raise _failed(
                     exc, f"cannot record {record.name} v{record.version} in {self.directory}", name=record.name
@@ -234,7 +252,8 @@ class Catalogue:
         if known is not None and (known.device, known.source, known.evicted) == (device, source, evicted):
             return  # restored as it was recorded: nothing to write
         wire = manifest.to_wire() if with_manifest else None
-        await self.put(Record(manifest.name, manifest.version, device, source, evicted, wire))
+        table = manifest.table.digest.hex() if with_manifest else ""
+        await self.put(Record(manifest.name, manifest.version, device, source, evicted, wire, table))
 
     async def forget(self, name: str, version: int) -> None:
         """Drop a version that left this node for good (deleted, retired, or held elsewhere),
@@ -243,14 +262,16 @@ class Catalogue:
             if (name, version) not in self.records:
                 return
             try:
-                await asyncio.to_thread(_remove_file, self.directory, self.filename(name, version))
+                await asyncio.to_thread(remove_file, self.directory, self.filename(name, version))
             except OSError as exc:
                 raise Unavailable(
                     f"cannot remove the record of {name} v{version} from {self.directory}: {exc.strerror or exc}",
                     name=name,
                     version=version,
                 ) from exc
-            del self.records[name, version]
+            gone = self.records.pop((name, version))
+            if gone.table and not any(r.table == gone.table for r in self.records.values()):
+                await asyncio.to_thread(self.tables.remove, gone.table)
 
     def _locked(self) -> asyncio.Lock:
         if self._lock is None:
@@ -271,8 +292,8 @@ def _check_writable(directory: Path) -> None:
     """Refuse a directory where records cannot be written and removed durably: a delete
     would not stay deleted (a read-only file system, an immutable directory)."""
     try:
-        _write_file(directory, ".writable", b"")
-        _remove_file(directory, ".writable")
+        write_file(directory, ".writable", b"")
+        remove_file(directory, ".writable")
     except OSError as exc:
         raise InvalidArgument(
             f"state directory {directory} cannot be written ({exc.strerror or exc}): deletes and new versions "
@@ -285,9 +306,9 @@ def _read_record(path: Path) -> Record:
         return InvalidArgument(f"state file {path} {why}: repair or remove it (removing it forgets that held version)")
 
     try:
-        data = msgpack.unpackb(_read_file(path), raw=False, strict_map_key=True)
+        data = msgpack.unpackb(read_file(path), raw=False, strict_map_key=True)
     except OSError as exc:
-        raise bad(f"cannot be read ({_why(exc)})") from None
+        raise bad(f"cannot be read ({why(exc)})") from None
     except Exception:  # msgpack raises several unrelated types
         raise bad("is not valid msgpack") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -316,9 +337,9 @@ def _read_bucket(path: Path) -> dict[str, int]:
         )
 
     try:
-        data = json.loads(_read_file(path))
+        data = json.loads(read_file(path))
     except OSError as exc:
-        raise bad(f"cannot be read ({_why(exc)})") from None
+        raise bad(f"cannot be read ({why(exc)})") from None
     except ValueError:
         raise bad("is not valid JSON") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("versions"), dict):
@@ -330,57 +351,10 @@ def _read_bucket(path: Path) -> dict[str, int]:
     return counters
 
 
-def _read_file(path: Path) -> bytes:
-    """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return f.read()
-
-
-def _why(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
-        return "a symbolic link: state files are never links"
-    return exc.strerror or str(exc)
-
-
 def _write_bucket(directory: Path, key: str, counters: dict[str, int]) -> None:
     """Replace one bucket file durably."""
     data = json.dumps({"format": FORMAT, "versions": counters}, separators=(",", ":")).encode()
-    _write_file(directory, f"{key}.json", data)
-
-
-def _remove_file(directory: Path, filename: str) -> None:
-    try:
-        os.unlink(directory / filename)
-    except FileNotFoundError:
-        return
-    _fsync_directory(directory)
-
-
-def _write_file(directory: Path, filename: str, data: bytes) -> None:
-    """Replace one file durably: temporary file, fsync, rename, fsync the directory."""
-    final = directory / filename
-    temporary = directory / f".{filename}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, final)
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_file(directory, f"{key}.json", data)
 
 
 #: write failures that mean this node ran out of something, not that the directory is broken

@@ -22,7 +22,7 @@ from tensord_contract.manifest.columns import (
 )
 from tensord_contract.manifest.table import Table, TensorSpec
 
-_TABLE_KEYS = frozenset({"count", "names", "dtypes", "ndims", "dims", "sizes"})  # what the table gives
+TABLE_KEYS = frozenset({"count", "names", "dtypes", "ndims", "dims", "sizes"})  # what the table gives
 
 
 class Manifest:
@@ -165,7 +165,7 @@ class Manifest:
     def placing_wire(self) -> dict[str, Any]:
         """The wire form without the table's columns (nor sizes, which the table gives): for a
         reader that has the table from another version (`OpenReply.table_of`)."""
-        return {k: v for k, v in self.wire.items() if k not in _TABLE_KEYS}
+        return {k: v for k, v in self.wire.items() if k not in TABLE_KEYS}
 
     @classmethod
     def from_wire(

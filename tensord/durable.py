@@ -1,0 +1,56 @@
+"""Files that must survive a crash: written to a temporary file, fsync-ed, renamed over the
+old one, the directory fsync-ed; read without following links or waiting (a FIFO is refused)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+
+def read_file(path: Path) -> bytes:
+    """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read()
+
+
+def why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+        return "a symbolic link: state files are never links"
+    return exc.strerror or str(exc)
+
+
+def remove_file(directory: Path, filename: str) -> None:
+    try:
+        os.unlink(directory / filename)
+    except FileNotFoundError:
+        return
+    fsync_directory(directory)
+
+
+def write_file(directory: Path, filename: str, data: bytes) -> None:
+    """Replace one file durably: temporary file, fsync, rename, fsync the directory."""
+    final = directory / filename
+    temporary = directory / f".{filename}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, final)
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
