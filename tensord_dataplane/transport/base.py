@@ -45,6 +45,7 @@ def advertised_ranges() -> int:
     with that engine fails."""
     return int(os.environ.get("TENSORD_ENGINE_BUFFERS") or 2048)
 
+
 _T = TypeVar("_T", bound="Transport")
 
 
