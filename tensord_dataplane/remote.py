@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import ALIGN
 from tensord_dataplane.copy import device_copy, host_copy, runs, windows
 from tensord_dataplane.cuda import allocation_range, current
+from tensord_dataplane.env import env_int
 from tensord_dataplane.kept import KeptByArrays
 from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.transport.base import Batch, Transport
@@ -48,9 +48,9 @@ def window_for(span: int) -> int:
     costs ~0.5 ms beyond its bytes (nvlink_intra on an H100: 8 GiB in 256 MiB windows 20.8 ms,
     in 1 GiB windows 10.9 ms, in one call 6.6 ms), and the staging buffer (two windows, kept)
     stays within an eighth of the read. TENSORD_REMOTE_WINDOW_MB fixes it (a diagnostic)."""
-    fixed = os.environ.get("TENSORD_REMOTE_WINDOW_MB")
+    fixed = env_int("TENSORD_REMOTE_WINDOW_MB", 0, 1, 1 << 16)
     if fixed:
-        return int(fixed) << 20
+        return fixed << 20
     return min(_MAX_WINDOW, max(_WINDOW, (span // 16) >> 20 << 20))
 
 

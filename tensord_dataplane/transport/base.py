@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import bisect
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,6 +24,7 @@ from typing import TypeVar
 import numpy as np
 
 from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_dataplane.env import env_int
 
 __all__ = [
     "Batch",
@@ -43,7 +43,7 @@ def advertised_ranges() -> int:
     reader fetches an engine's list in one handshake message, which Mooncake caps at 1 MiB
     (about 4,000 GPU allocations with their IPC handles); past it every reader's handshake
     with that engine fails."""
-    return int(os.environ.get("TENSORD_ENGINE_BUFFERS") or 2048)
+    return env_int("TENSORD_ENGINE_BUFFERS", 2048, 1, 1 << 20)
 
 
 _T = TypeVar("_T", bound="Transport")

@@ -53,6 +53,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tensord_contract.errors import InvalidArgument, TransferError
+from tensord_dataplane.env import env_int
 
 from .base import Batch, Entry, Registrations, Transport, coalesce
 from .mooncake_mover import Mover
@@ -151,10 +152,7 @@ def configure_env(
 
 def _entry_bytes(protocol: str) -> int:
     """`Transport.entry_bytes` of a protocol (TENSORD_ENTRY_BYTES fixes it: a diagnostic)."""
-    fixed = os.environ.get("TENSORD_ENTRY_BYTES")
-    if fixed:
-        return int(fixed)
-    return _ENTRY_BYTES[protocol]
+    return env_int("TENSORD_ENTRY_BYTES", _ENTRY_BYTES[protocol], 0, 1 << 40)
 
 
 def _start_engine(hostname: str, protocol: str, devices: str) -> Any:
