@@ -166,20 +166,25 @@ class Connection:
 
     def alive(self) -> bool:
         """False once the daemon closed its end (it exited or restarted): a cheap check,
-        without waiting, made before each use so a restarted daemon is noticed in time."""
+        without waiting, made before each use so a restarted daemon is noticed in time.
+        The poll's POLLRDHUP says so without reading: a peek could wait out the socket's
+        timeout, holding the client's lock, when another thread read the replies in between
+        (CPython waits for data on a socket with a timeout even with MSG_DONTWAIT)."""
         if self.closed:
             return False
         try:
             poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
+            poller.register(self._sock, select.POLLIN | _RDHUP)
             events = poller.poll(0)
         except (OSError, ValueError):  # closed meanwhile by a failing call on another thread
             return False
         if not events:
             return True
-        if events[0][1] & (select.POLLERR | select.POLLNVAL):
+        if events[0][1] & (select.POLLERR | select.POLLNVAL | select.POLLHUP | _RDHUP):
             return False
-        try:  # readable: end of stream, or replies to posted requests waiting to be read
+        if _RDHUP:  # readable, not closed: replies to posted requests waiting to be read
+            return True
+        try:  # no POLLRDHUP here: end of stream, or replies waiting
             return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
         except BlockingIOError:
             return True
@@ -189,6 +194,9 @@ class Connection:
     def close(self) -> None:
         self.closed = True
         self._sock.close()
+
+
+_RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer closed its end
 
 
 def _close_all(fds: list[int]) -> None:
