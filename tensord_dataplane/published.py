@@ -26,11 +26,10 @@ import torch
 from tensord_contract.descriptors import PublishedReplica
 from tensord_contract.errors import InvalidArgument, TransferError
 from tensord_contract.manifest import Manifest
-from tensord_dataplane.copy import device_copy, host_copy
 from tensord_dataplane.cuda import buffer_ids, current
-from tensord_dataplane.remote import DIRECT, RemoteAccess, allocations, stages, window_for
+from tensord_dataplane.remote import DIRECT, RemoteAccess, allocations, read_through_stages, window_for
 from tensord_dataplane.sources import Places, Sources
-from tensord_dataplane.spans import Spans
+from tensord_dataplane.spans import Spans, Window
 from tensord_dataplane.transport.base import Batch, Transport, advertised_ranges
 
 log = logging.getLogger(__name__)
@@ -301,22 +300,12 @@ class PublishedAccess(RemoteAccess):
                     log.warning("%s", exc.message)
 
     def _staged(self, spans: Spans, dst: np.ndarray, device: torch.device) -> None:
-        """Each window of spans read into one half of the kept staging buffer, then scattered
-        while the engine fills the other half."""
-        with stages.use(self._transport, device, spans.size) as (stage, halves):
-            done: list[torch.cuda.Event | None] = [None, None]
-            for i, w in enumerate(spans.windows):
-                half = i % halves
-                if (event := done[half]) is not None:
-                    event.synchronize()  # its last scatter has read the half
-                at = stage.data_ptr() + half * spans.size
-                for session, batch in self.batches(at + w.at, w.remote, w.length):
-                    self._transport.read(session, batch)
-                if device.type == "cuda":
-                    device_copy(dst[w.pieces], w.rel, w.n, device, src_base=at)
-                    done[half] = torch.cuda.Event()
-                    done[half].record(torch.cuda.current_stream(device))  # type: ignore[union-attr]
-                else:
-                    host_copy(dst[w.pieces], at + w.rel, w.n)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
+        """Each window of spans read into one half of the kept staging buffer, then scattered."""
+
+        def fill(at: int, w: Window) -> None:
+            for session, batch in self.batches(at + w.at, w.remote, w.length):
+                self._transport.read(session, batch)
+
+        read_through_stages(
+            self._transport, device, spans.size, spans.windows, fill, lambda w: (dst[w.pieces], w.rel, w.n)
+        )

@@ -21,7 +21,8 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -75,23 +76,13 @@ class RemoteAccess(SlabAccess):
             self._move(self._transport.read, allocations(ptrs, sizes, device), ptrs, offsets, sizes)
             return
         parts = _parts(ptrs, offsets, sizes)
+
+        def fill(at: int, part: Part) -> None:
+            start, end = part[3], part[4]
+            self._move(self._transport.read, [], np.array([at]), np.array([start]), np.array([end - start]))
+
         size = max(end - start for _, _, _, start, end in parts)
-        with stages.use(self._transport, device, size) as (stage, halves):
-            done: list[torch.cuda.Event | None] = [None, None]
-            for k, (dst, rel, n, start, end) in enumerate(parts):
-                half = k % halves
-                if (event := done[half]) is not None:
-                    event.synchronize()  # its last scatter has read the half
-                at = stage.data_ptr() + half * size
-                self._move(self._transport.read, [], np.array([at]), np.array([start]), np.array([end - start]))
-                if device.type == "cuda":  # scatter while the engine fills the other half
-                    device_copy(dst, rel, n, device, src_base=at)
-                    done[half] = torch.cuda.Event()
-                    done[half].record(torch.cuda.current_stream(device))  # type: ignore[union-attr]
-                else:
-                    host_copy(dst, at + rel, n)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()
+        read_through_stages(self._transport, device, size, parts, fill, lambda part: part[:3])
 
     def write_from(self, ptrs: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, device: torch.device) -> None:
         if len(ptrs) <= DIRECT:
@@ -226,7 +217,40 @@ class _Stages:
             log.warning("%s", exc.message)
 
 
-stages = _Stages()
+_stages = _Stages()
+
+
+W = TypeVar("W")
+
+
+def read_through_stages(
+    transport: Transport,
+    device: torch.device,
+    size: int,
+    windows: Sequence[W],
+    fill: Callable[[int, W], None],
+    pieces: Callable[[W], tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> None:
+    """Windows of at most `size` bytes read through the kept staging buffer: `fill(at, w)` has
+    the engine write window `w` at `at`, in one half; then its `pieces(w)` (targets, offsets in
+    the window, sizes) are scattered by the batched copy while the engine fills the other half."""
+    with _stages.use(transport, device, size) as (stage, halves):
+        done: list[torch.cuda.Event | None] = [None, None]
+        for k, w in enumerate(windows):
+            half = k % halves
+            if (event := done[half]) is not None:
+                event.synchronize()  # its last scatter has read the half
+            at = stage.data_ptr() + half * size
+            fill(at, w)
+            dst, rel, n = pieces(w)
+            if device.type == "cuda":
+                device_copy(dst, rel, n, device, src_base=at)
+                done[half] = torch.cuda.Event()
+                done[half].record(torch.cuda.current_stream(device))  # type: ignore[union-attr]
+            else:
+                host_copy(dst, at + rel, n)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
 
 def _scatter(device: torch.device, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray) -> None:
