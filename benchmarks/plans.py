@@ -8,7 +8,7 @@ allocations, shuffled): `describe` (what every put/load_into paid per call befor
 `Snapshot` a plan is made with (take) and a kept plan is checked with (holds; and the older
 take + compare), and the `nn.Module` walk
 (`state_dict()`, `state_dict(keep_vars=True)` with the collector paused, and
-`sdk.modules.state_tensors`, as `load_into(module)` walks now). Ratios are against `describe` measured in the same run.
+`sdk.modules.state_tensors`, as `load_into`, `put` and `publish` walk a module). Ratios are against `describe` measured in the same run.
 On a GPU also the batched copy of a plan's table (every tensor into a separate target, the
 table prepared once, as a kept plan runs it) against one flat copy of the same bytes.
 """
@@ -68,7 +68,7 @@ def main() -> None:
 
     show("module.state_dict(keep_vars=True), collector paused", median_seconds(walk, args.runs))
     show(
-        "sdk.modules.state_tensors (as load_into(module) walks now)",
+        "sdk.modules.state_tensors (put/load_into(module) walk)",
         median_seconds(lambda: state_tensors(model), args.runs),
     )
     if args.device.startswith("cuda"):

@@ -8,8 +8,8 @@ start of the trainer's put to the moment the engine's parameters hold the new ve
 Both sides hold a DeepSeek-like shard (`_common.deepseek_shapes`: fp8 weights, fp32 scales,
 bf16 norms), every tensor its own allocation, made and listed in shuffled order. The limit,
 measured in the same run on the same bytes: two flat copies (the trainer's into the store, the
-store's into the engine). Then the same with an `nn.Module` on both sides (`state_dict()` walk
-of the trainer's module, `load_into(module)` in the engine). Medians over --steps after one
+store's into the engine). Then the same with an `nn.Module` on both sides (`put(name, module)`
+in the trainer, `load_into(module)` in the engine: each walks its module's state_dict entries). Medians over --steps after one
 warm-up step (which makes the copy plans; its time is printed too).
 """
 
@@ -97,7 +97,7 @@ def trainer(args: argparse.Namespace, module: bool) -> None:
     two_copies = statistics.median(limit[1:])
 
     with sdk.Client() as client:
-        first = client.put(NAME, src if model is None else model.state_dict())
+        first = client.put(NAME, src if model is None else model)
         env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
         cmd = [sys.executable, __file__, "--role", "engine", "--device", args.device, "--tensors", str(args.tensors)]
         cmd += ["--gb", str(args.gb), "--last", str(first + args.steps + 1)] + (["--module"] if module else [])
@@ -111,14 +111,16 @@ def trainer(args: argparse.Namespace, module: bool) -> None:
             sync()
             start = time.time()
             t0 = time.perf_counter()
-            version = client.put(NAME, src if model is None else model.state_dict())
+            version = client.put(NAME, src if model is None else model)
             puts.append(time.perf_counter() - t0)
             line = json.loads(proc.stdout.readline())
             assert line["version"] == version, line
             steps.append(line["done"] - start)
             loads.append(line["load"])
         proc.wait(timeout=60)
-    what = "nn.Module (state_dict walk, load_into(module))" if module else "dict of tensors"
+    what = (
+        "nn.Module (put(module), load_into(module): their state_dict walks included)" if module else "dict of tensors"
+    )
     print(
         f"{len(src)} tensors, {nbytes / 1e9:.2f} GB on {args.device}, {what}: RL step median "
         f"{statistics.median(steps[1:]) * 1e3:.1f} ms = {statistics.median(steps[1:]) / two_copies:.2f}x the limit "

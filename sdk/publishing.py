@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sdk.connection import Connection
+from sdk.modules import entries
 from sdk.published_layouts import Layouts
 from sdk.replicas import ReplicaClient
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TransferError
@@ -124,13 +125,14 @@ class Publishing(ReplicaClient):
     def publish(
         self,
         name: str,
-        tensors: Mapping[str, torch.Tensor],
+        tensors: torch.nn.Module | Mapping[str, torch.Tensor],
         *,
         origin: str | None = None,
         remote: bool | None = None,
     ) -> Publication:
-        """Advertise `tensors` (dense, all on one GPU or all in host memory) as the next version
-        of `name`, without a copy: readers read this process's memory. Do not write them until
+        """Advertise `tensors` (dense, all on one GPU or all in host memory; or a module: its
+        `state_dict()` entries) as the next version of `name`, without a copy: readers read
+        this process's memory. Do not write them until
         `unpublish()` returns. See the module doc for the lifetime.
 
         `remote`: register the memory with this process's Transfer Engine, so that other nodes
@@ -141,8 +143,7 @@ class Publishing(ReplicaClient):
         check_name(name)
         if remote is not None and not isinstance(remote, bool):
             raise InvalidArgument("remote must be True, False or None")
-        if not isinstance(tensors, Mapping):
-            raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
+        tensors = entries(tensors, "publish")
         if origin is not None and not isinstance(origin, str):
             raise InvalidArgument("origin must be a string")
         names = list(tensors)

@@ -15,7 +15,7 @@ import torch
 
 from sdk.checks import check_fingerprints, check_targets
 from sdk.failover import read_with_failover
-from sdk.modules import state_tensors
+from sdk.modules import entries
 from sdk.plans import Copies, LoadPlan, Plans, keys_and_values
 from sdk.replicas import Pin, ReplicaClient
 from tensord_contract.bulk import paused_gc
@@ -210,11 +210,7 @@ class Reads(ReplicaClient):
         `strict`: the names must match exactly; otherwise only common names are loaded.
         `verify` as for `get`. Returns the version loaded.
         """
-        # a module: the parameters themselves, not detached copies
-        tensors = state_tensors(target) if isinstance(target, torch.nn.Module) else target
-        if not isinstance(tensors, Mapping):
-            raise InvalidArgument("load_into needs an nn.Module or a mapping of tensors")
-        keys, values = keys_and_values(tensors)
+        keys, values = keys_and_values(entries(target, "load_into"))  # a module: its parameters themselves
 
         def copy(manifest: Manifest, slab: SlabAccess) -> _Loaded:
             plan = self._plans.get("load", name)

@@ -15,6 +15,7 @@ import torch
 
 from sdk.checks import dims_of, mismatch
 from sdk.connection import Connection
+from sdk.modules import entries
 from sdk.plans import Plans, PutPlan, keys_and_values
 from sdk.replicas import ReplicaClient
 from tensord_contract.descriptors import replica_from_wire
@@ -178,14 +179,20 @@ class Writes(ReplicaClient):
             raise
         return Reservation(self, reply.reservation, manifest, slab, conn)
 
-    def put(self, name: str, tensors: Mapping[str, torch.Tensor], *, device: str | torch.device | None = None) -> int:
+    def put(
+        self,
+        name: str,
+        tensors: torch.nn.Module | Mapping[str, torch.Tensor],
+        *,
+        device: str | torch.device | None = None,
+    ) -> int:
         """Store `tensors` as the next version of `name`; all or nothing. Returns the version.
 
+        `tensors`: a mapping of names to tensors, or a module (its `state_dict()` entries, read
+        without torch's walk and detaching where that gives the same: `sdk.modules`).
         `device`: where the slab lives ("cpu", "cuda:N"); default: where the tensors are.
         """
-        if not isinstance(tensors, Mapping):
-            raise InvalidArgument("tensors must be a mapping of str to torch.Tensor")
-        names, values = keys_and_values(tensors)
+        names, values = keys_and_values(entries(tensors, "put"))
         wanted = None if device is None else str(device)
         found = self._plans.get("put", name)
         plan = found if isinstance(found, PutPlan) and found.fits(names, values, wanted) else None

@@ -381,3 +381,63 @@ def test_a_new_version_of_the_same_layout_shares_its_decoded_table(client: sdk.C
         got = client.get(name)
         assert torch.equal(got["x"], other["x"]) and got["x"].dtype == other["x"].dtype
         assert tables()[-1] is not tables()[-2]
+
+
+class _Net(torch.nn.Module):
+    """Parameters that require grad, a persistent and a non-persistent buffer, a tied weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(12, 8)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        self.head = torch.nn.Linear(8, 12, bias=True)
+        self.head.weight = self.embed.weight
+        self.register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+        self.register_buffer("scratch", torch.ones(5), persistent=False)
+
+
+def test_put_of_a_module_stores_its_state_dict_and_follows_its_changes(client: sdk.Client, device: str) -> None:
+    """A trainer puts its module every step: the set holds `state_dict()` (names in torch's order,
+    tied weights under both names, no non-persistent buffer), through parameter replacement, a
+    re-allocation in place, a state_dict hook and an engine reading it back with load_into."""
+    name = f"plans/put-module-{device}"
+    model = _Net().to(device)
+    engine = _Net().to(device)
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+            model.steps.add_(step)
+        if step == 1:
+            model.body[0].weight = torch.nn.Parameter(torch.randn(8, 8, device=device))
+        if step == 2:
+            model.body[1].bias.data = torch.full((8,), 7.0, device=device)
+        if step == 3:
+            handle = model.body._register_state_dict_hook(lambda m, sd, prefix, meta: sd.pop(prefix + "1.bias"))
+        if step == 4:
+            handle.remove()
+        want = model.state_dict()
+        version = client.put(name, model)
+        _exact(dict(client.get(name).items()), dict(want))
+        if step != 3:  # strict: the hooked step's set lacks a name the engine has
+            assert client.load_into(engine, name) == version
+            _exact(dict(engine.state_dict()), dict(want))
+    listed = client.info(name, tensors=True)["tensors"]
+    assert "steps" in listed and "head.weight" in listed and "scratch" not in listed
+
+
+def test_publish_of_a_module_advertises_its_state_dict(client: sdk.Client) -> None:
+    model = _Net()
+    with client.publish("plans/publish-module", model) as pub:
+        got = client.get("plans/publish-module", pub.version)
+        _exact(dict(got.items()), dict(model.state_dict()))
+
+
+@pytest.mark.parametrize("bad", [[torch.ones(2)], torch.ones(2), "weights", None])
+def test_put_publish_and_load_into_refuse_what_is_neither_a_module_nor_a_mapping(client: sdk.Client, bad) -> None:
+    for op in (lambda: client.put("plans/bad", bad), lambda: client.publish("plans/bad", bad)):
+        with pytest.raises(InvalidArgument, match="nn.Module or a mapping"):
+            op()
+    with pytest.raises(InvalidArgument, match="nn.Module or a mapping"):
+        client.load_into(bad, "plans/bad")
+    assert "plans/bad" not in [s["name"] for s in client.ls()]
