@@ -6,9 +6,9 @@
 Rows, medians of --runs in one process over the same DeepSeek-like tensors (separate
 allocations, shuffled): `describe` (what every put/load_into paid per call before plans), the
 `Snapshot` a plan is made with (take) and a kept plan is checked with (holds; and the older
-take + compare), and the `nn.Module` walk
-(`state_dict()`, `state_dict(keep_vars=True)` with the collector paused, and
-`sdk.modules.state_tensors`, as `load_into`, `put` and `publish` walk a module). Ratios are against `describe` measured in the same run.
+take + compare), and the `nn.Module` walk (`state_dict()`, `state_dict(keep_vars=True)` with
+the collector paused, and `sdk.modules.state_tensors`, as `load_into`, `put` and `publish` walk
+a module). Ratios are against `describe` measured in the same run.
 On a GPU also the batched copy of a plan's table (every tensor into a separate target, the
 table prepared once, as a kept plan runs it) against one flat copy of the same bytes.
 """

@@ -9,8 +9,9 @@ Both sides hold a DeepSeek-like shard (`_common.deepseek_shapes`: fp8 weights, f
 bf16 norms), every tensor its own allocation, made and listed in shuffled order. The limit,
 measured in the same run on the same bytes: two flat copies (the trainer's into the store, the
 store's into the engine). Then the same with an `nn.Module` on both sides (`put(name, module)`
-in the trainer, `load_into(module)` in the engine: each walks its module's state_dict entries). Medians over --steps after one
-warm-up step (which makes the copy plans; its time is printed too).
+in the trainer, `load_into(module)` in the engine: each walks its module's state_dict
+entries). Medians over --steps after one warm-up step (which makes the copy plans; its time is
+printed too).
 """
 
 from __future__ import annotations

@@ -436,8 +436,8 @@ def test_publish_of_a_module_advertises_its_state_dict(client: sdk.Client) -> No
 @pytest.mark.parametrize("bad", [[torch.ones(2)], torch.ones(2), "weights", None])
 def test_put_publish_and_load_into_refuse_what_is_neither_a_module_nor_a_mapping(client: sdk.Client, bad) -> None:
     for op in (lambda: client.put("plans/bad", bad), lambda: client.publish("plans/bad", bad)):
-        with pytest.raises(InvalidArgument, match="nn.Module or a mapping"):
+        with pytest.raises(InvalidArgument, match=r"nn\.Module or a mapping"):
             op()
-    with pytest.raises(InvalidArgument, match="nn.Module or a mapping"):
+    with pytest.raises(InvalidArgument, match=r"nn\.Module or a mapping"):
         client.load_into(bad, "plans/bad")
     assert "plans/bad" not in [s["name"] for s in client.ls()]
