@@ -404,20 +404,30 @@ def _read_all(directory: str, root: str) -> list[FileTensor]:
     return out
 
 
-_SHARDED_ORIGIN = re.compile(r"#rank=\d+&tp=\d+$")
+_SHARDED_ORIGIN = re.compile(r"#rank=(\d{1,6})&tp=(\d{1,6})$")
+
+
+def recorded_rank(origin: str) -> tuple[int, int] | None:
+    """(rank, tp) where a version's origin says it is one rank of a sharded load (`tensord load
+    --tp`), else None; InvalidArgument for a rank outside [0, tp)."""
+    found = _SHARDED_ORIGIN.search(origin) if origin.startswith("file:") else None
+    if found is None:
+        return None
+    rank, tp = int(found[1]), int(found[2])
+    if not 0 <= rank < tp:
+        raise InvalidArgument(f"its origin names rank {rank} of tp={tp}")
+    return rank, tp
 
 
 def recorded_checkpoint(origin: str, allowed_roots: Sequence[str]) -> tuple[str, str]:
-    """The checkpoint a version's manifest says it was loaded from, if the daemon may read it
-    again: (real path, the allowed root it lies under). Else an error saying why not: NotFound
-    (no file origin: a put), InvalidArgument (one rank of a sharded load), Unauthorized (not
-    under `ingest.allowed_roots`). Whether the bytes are still those of the version is for the
-    caller to check (fingerprints)."""
+    """The checkpoint a version's manifest says it was loaded from (for one rank of a sharded
+    load, the whole file: `recorded_rank`), if the daemon may read it again: (real path, the
+    allowed root it lies under). Else an error saying why not: NotFound (no file origin: a put),
+    Unauthorized (not under `ingest.allowed_roots`). Whether the bytes are still those of the
+    version is for the caller to check (fingerprints)."""
     if not origin.startswith("file:"):
         raise NotFound(f"it came from {origin or 'a put'!r:.80}, not from a checkpoint file")
-    path = origin[len("file:") :]
-    if _SHARDED_ORIGIN.search(path):
-        raise InvalidArgument("it is one rank of a sharded load (tensord load --tp), which is not read again")
+    path = _SHARDED_ORIGIN.sub("", origin[len("file:") :])
     real = os.path.realpath(path)
     root = next((r for r in allowed_roots if real == r or real.startswith(r + os.sep)), None)
     if root is None:

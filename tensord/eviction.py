@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from tensord.checkpoint import recorded_checkpoint
+from tensord.checkpoint import recorded_checkpoint, recorded_rank
 from tensord.memory import Budgets
 from tensord.metrics import Metrics
 from tensord.records import Held
@@ -76,6 +76,7 @@ async def recoverable(held: Held, registry: Registry, node: str, allowed_roots: 
         pass  # no word on other replicas: only the checkpoint counts
     try:
         recorded_checkpoint(held.manifest.origin, allowed_roots)
+        recorded_rank(held.manifest.origin)
     except TensordError:
         return None
     return "checkpoint"

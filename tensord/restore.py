@@ -3,8 +3,10 @@ catalogue) and after an eviction (one version, on its next read here).
 
 For each version, in the background while the daemon serves, newest version of each name first:
   1. a copy from another live node that holds it (a cluster: `Cluster.replicate`);
-  2. else its checkpoint read again (`file:` origin, under `ingest.allowed_roots`), kept only if
-     every tensor's fingerprint equals the manifest's: a file changed since is not this version;
+  2. else its checkpoint read again (`file:` origin, under `ingest.allowed_roots`; one rank of a
+     `tensord load --tp`: that rank's shards, each split read back from the recorded shapes),
+     kept only if every tensor's fingerprint equals the manifest's: a file changed since is not
+     this version;
   3. else it is lost: logged, counted, listed by `tensord status` with the reason, and a read of
      it fails saying so. It stays in the registry (a version that existed keeps its number, and
      `latest` does not go back to an older one) until it is deleted.
@@ -21,22 +23,24 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint
+from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint, recorded_rank
 from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
 from tensord.ingest import default_threads, ingest_into
+from tensord.ingest.reads import Source
 from tensord.memory import Slab, own_view
 from tensord.publications import withdraw_version
 from tensord.published_slabs import PUBLISHED
 from tensord.records import Held
+from tensord.sharding import recorded_shards
 from tensord.state import Record
 from tensord.store import Store
 from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unavailable
-from tensord_contract.manifest import Manifest
+from tensord_contract.manifest import DTYPE_CODES, Manifest
 from tensord_dataplane.fingerprint import mismatched_rows
 
 log = logging.getLogger(__name__)
@@ -259,15 +263,22 @@ class Restorer:
         store = self.store
         device = self._device(device)
         real, root = recorded_checkpoint(manifest.origin, store.allowed_roots)
+        rank = recorded_rank(manifest.origin)
         tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
         by_name = {t.name: t for t in tensors}
         ordered = [by_name.get(n) for n in manifest.names]
         if len(by_name) != len(manifest) or None in ordered:
             raise NotFound(f"{real} no longer holds the tensors of {manifest.name} v{manifest.version}")
+        files = cast(list[FileTensor], ordered)
+        sources: Sequence[Source] = files
+        if rank is not None:  # one rank of a `tensord load --tp`: its shards, as its layout has them
+            table = manifest.table
+            layout = zip(map(DTYPE_CODES.__getitem__, table.dtypes.tolist()), table.shapes, strict=True)
+            sources = recorded_shards(files, layout, *rank)
         await store.make_room(device, manifest.nbytes)
         slab = store.allocate(device, manifest.nbytes, f"{manifest.name}@{manifest.version}")
         try:
-            fps = await asyncio.to_thread(self._ingest, slab, manifest, ordered)  # type: ignore[arg-type]
+            fps = await asyncio.to_thread(self._ingest, slab, manifest, sources)
             bad = mismatched_rows(manifest.fingerprints, fps)
             if len(bad):
                 raise NotFound(f"{real} changed since it was loaded (tensor {manifest.names[int(bad[0])]!r} differs)")
@@ -277,7 +288,7 @@ class Restorer:
         self.metrics.moved("ingest", "write", manifest.data_bytes)
         return await store.adopt(manifest, slab, source=manifest.origin)
 
-    def _ingest(self, slab: Slab, manifest: Manifest, sources: list[FileTensor]) -> list[int]:
+    def _ingest(self, slab: Slab, manifest: Manifest, sources: Sequence[Source]) -> list[int]:
         """On a worker thread, which owns the daemon's mapping of the slab from start to end:
         a stopping daemon interrupts it between chunks and never unmaps it under the readers."""
 

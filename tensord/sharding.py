@@ -189,11 +189,15 @@ class ShardPlan:
 
 def plan_shard(tensor: FileTensor, rank: int, tp: int, rules: ShardRules) -> ShardPlan:
     """Plan rank ``rank`` of ``tp``'s part of ``tensor`` under ``rules``."""
+    return plan_split(tensor, rank, tp, rules.match(tensor.name))
+
+
+def plan_split(tensor: FileTensor, rank: int, tp: int, split: Split) -> ShardPlan:
+    """Plan rank ``rank`` of ``tp``'s part of ``tensor`` split at dim ``split`` (None: whole)."""
     if not is_int(tp, 1):
         raise InvalidArgument(f"tp must be a positive int, not {tp!r:.40}")
     if not is_int(rank, 0, tp - 1):
         raise InvalidArgument(f"rank must be an int in [0, {tp}), not {rank!r:.40}")
-    split = rules.match(tensor.name)
     shape = tensor.shape
     if split is None or tp == 1:
         return ShardPlan(tensor, rank, tp, None, shape, whole(tensor))
@@ -228,3 +232,26 @@ def whole(tensor: FileTensor) -> Runs:
 def plan_shards(tensors: Iterable[FileTensor], rank: int, tp: int, rules: ShardRules) -> list[ShardPlan]:
     """``plan_shard`` for every tensor; the first bad one raises."""
     return [plan_shard(t, rank, tp, rules) for t in tensors]
+
+
+def recorded_shards(
+    tensors: Iterable[FileTensor], layout: Iterable[tuple[str, tuple[int, ...]]], rank: int, tp: int
+) -> list[ShardPlan]:
+    """Rank ``rank`` of ``tp``'s shards of a file's `tensors` as a rank set records them
+    (`layout`: the set's dtype and shape of each, in the same order): each split is read back
+    from the shapes, where only an equal split of one dim (or none: replicated) gives the
+    recorded shape, so the rules the load ran under need not be recorded. NotFound where a
+    tensor's dtype or shape is no such shard of the file's any more."""
+    plans = []
+    for t, (dtype, shape) in zip(tensors, layout, strict=True):
+        full, shape = tuple(t.shape), tuple(shape)
+        split = [d for d, (a, b) in enumerate(zip(full, shape, strict=False)) if a != b]
+        fits = len(split) == 0 or (len(split) == 1 and full[split[0]] == shape[split[0]] * tp)
+        if t.dtype != dtype or len(full) != len(shape) or not fits:
+            raise NotFound(
+                f"tensor {t.name!r}: the file holds {t.dtype} {list(full)}, no tp={tp} shard of which is "
+                f"the recorded {dtype} {list(shape)}",
+                tensor=t.name,
+            )
+        plans.append(plan_split(t, rank, tp, split[0] if split else None))
+    return plans

@@ -130,6 +130,74 @@ def _header_bytes(path: Path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
+def _llama_like(path: Path, seed: int) -> dict[str, torch.Tensor]:
+    """Row-split, column-split and replicated tensors under the built-in llama rules."""
+    p = "model.layers.0."
+    shapes = {
+        p + "self_attn.q_proj.weight": ((8, 6), torch.bfloat16),  # rows
+        p + "self_attn.o_proj.weight": ((6, 8), torch.float32),  # columns: strided runs
+        p + "mlp.down_proj.weight": ((5, 12), torch.float16),  # columns
+        p + "input_layernorm.weight": ((6,), torch.float32),  # replicated
+        "model.embed_tokens.weight": ((10, 6), torch.bfloat16),  # default: replicated
+        p + "mlp.gate_proj.weight": ((0, 6), torch.bfloat16),  # empty
+    }
+    tensors = {k: random_tensor(dtype, shape, seed=seed + i) for i, (k, (shape, dtype)) in enumerate(shapes.items())}
+    save_file(tensors, path)
+    return load_file(path)
+
+
+def test_ranks_of_a_sharded_load_come_back_from_their_file(start_daemon, tmp_path: Path) -> None:
+    """`tensord load --tp` rank sets are read again from their file after a restart: each rank's
+    shards found again from its recorded shapes, bit-exact, or lost if the file changed."""
+    models = tmp_path / "models"
+    models.mkdir()
+    _llama_like(models / "m.safetensors", seed=10)
+    _llama_like(models / "changed.safetensors", seed=20)
+    d = start_daemon("ranks", config=_config(tmp_path, [models]))
+    for file, name in (("m", "tp/m"), ("changed", "tp/changed")):
+        out = tensord(
+            "load", str(models / f"{file}.safetensors"), "--name", name, "--tp", "2", "--quiet", socket=d.socket
+        )
+        assert out.returncode == 0, out.stderr
+    with d.client() as c:
+        before = {r: dict(c.get(f"tp/m/tp{r}", verify=True).items()) for r in range(2)}
+        origin = c.info("tp/m/tp1")["origin"]
+    assert origin == f"file:{models / 'm.safetensors'}#rank=1&tp=2"
+    _llama_like(models / "changed.safetensors", seed=21)  # same names and shapes, other bytes
+    d.kill()
+    d.start()
+    with d.client() as c:
+        restore = wait_restored(c)
+        assert restore["restored"] == 2 and restore["lost"] == 2, restore
+        for r in range(2):
+            got = dict(c.get(f"tp/m/tp{r}", verify=True).items())
+            assert _same(got, before[r]) and list(got) == list(before[r])
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert before[0][q].shape == (4, 6) and not torch.equal(before[0][q], before[1][q])
+        reasons = {x["name"]: x["reason"] for x in restore["lost_versions"]}
+        assert set(reasons) == {"tp/changed/tp0", "tp/changed/tp1"}
+        assert all("changed since it was loaded" in r for r in reasons.values())
+
+
+def test_a_rank_whose_file_no_longer_fits_its_shapes_is_lost_saying_why(start_daemon, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    path = models / "m.safetensors"
+    _llama_like(path, seed=30)
+    d = start_daemon("reshaped", config=_config(tmp_path, [models]))
+    out = tensord("load", str(path), "--name", "tp/r", "--tp", "2", "--quiet", socket=d.socket)
+    assert out.returncode == 0, out.stderr
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(8, 3, dtype=torch.bfloat16)  # other shape
+    save_file(tensors, path)
+    d.kill()
+    d.start()
+    with d.client() as c:
+        restore = wait_restored(c)
+        assert restore["lost"] == 2 and restore["restored"] == 0, restore
+        assert all("no tp=2 shard" in x["reason"] for x in restore["lost_versions"]), restore
+
+
 def test_without_allowed_roots_a_checkpoint_is_not_read_again(start_daemon, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()

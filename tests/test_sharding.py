@@ -17,6 +17,7 @@ from tensord.sharding import (
     parse_rules,
     plan_shard,
     plan_shards,
+    recorded_shards,
 )
 from tensord_contract.errors import InvalidArgument, NotFound
 from tests.daemons import WEIGHTS, needs_minilm
@@ -103,6 +104,36 @@ def test_split_rebuilds_tensor(cube, name: str, dim: int, tp: int) -> None:
     assert sum(p.nbytes for p in plans) == t.nbytes
     for p in plans:
         assert all(t.offset <= off and off + n <= t.offset + t.nbytes for off, n in p.ranges)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3, 6])
+def test_recorded_shards_find_every_split_again_from_the_shapes(cube, tp: int) -> None:
+    """What a restore reads for one rank: the same runs as the rules gave, from the shapes alone."""
+    files, _ = cube
+    pairs = [("^cube$", 1), ("^cube_bf16$", 0), ("^cube_bool$", -1), ("^cube_f8$", 0), ("^empty$", 0)]
+    rules = ShardRules.from_pairs([(p, d) for p, d in pairs if files[p[1:-1]].shape[d] % tp == 0])  # divisible
+    tensors = list(files.values())
+    for rank in range(tp):
+        planned = plan_shards(tensors, rank, tp, rules)
+        layout = [(p.dtype, p.shape) for p in planned]
+        again = recorded_shards(tensors, layout, rank, tp)
+        assert [(p.name, p.shape, p.ranges) for p in again] == [(p.name, p.shape, p.ranges) for p in planned]
+
+
+def test_recorded_shards_refuse_shapes_no_split_gives(cube) -> None:
+    files, _ = cube
+    t = files["cube"]  # float32 (4, 6, 12)
+    for dtype, shape in [
+        ("float16", (4, 3, 12)),  # another dtype
+        ("float32", (4, 3, 6)),  # two dims differ
+        ("float32", (4, 4, 12)),  # not a tp=2 part
+        ("float32", (4, 6)),  # other rank of dims
+        ("float32", (4, 12, 12)),  # larger
+    ]:
+        with pytest.raises(NotFound, match="no tp=2 shard"):
+            recorded_shards([t], [(dtype, shape)], 0, 2)
+    with pytest.raises(ValueError):  # one recorded shape per tensor
+        recorded_shards([t, files["lead"]], [("float32", (4, 6, 12))], 0, 2)
 
 
 def test_dim0_is_one_range(cube) -> None:
