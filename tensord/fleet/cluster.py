@@ -29,7 +29,7 @@ from tensord.peers import Peers, RemotePin
 from tensord.records import Held
 from tensord.registry.base import NodeRecord, Replica
 from tensord.store import Store
-from tensord_contract.errors import NotFound, TensordError, TransferError, Unavailable
+from tensord_contract.errors import NotFound, OutOfCapacity, TensordError, TransferError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.messages import OpenReply
 from tensord_dataplane.fingerprint import mismatched_rows
@@ -225,10 +225,9 @@ class Cluster:
         t0 = time.monotonic()
         try:
             held = await pull.run()
-        except TensordError as exc:
-            raise TransferError(
-                f"cannot replicate {name} v{version}: {exc.message}", name=name, version=version
-            ) from exc
+        except TensordError as exc:  # no room stays a capacity error: the caller may free some
+            kind = OutOfCapacity if isinstance(exc, OutOfCapacity) else TransferError
+            raise kind(f"cannot replicate {name} v{version}: {exc.message}", name=name, version=version) from exc
         finally:
             self.running.pop((name, version), None)
         seconds = time.monotonic() - t0

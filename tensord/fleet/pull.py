@@ -114,6 +114,7 @@ class Pull:
     async def run(self) -> Held:
         name, version = self.manifest.name, self.manifest.version
         store = self.store
+        await store.make_room(self.device, self.manifest.nbytes)  # evicts what can come back, if that is on
         slab = store.allocate(self.device, self.manifest.nbytes, f"{name}@{version}~")
         address = 0
         try:

@@ -49,6 +49,7 @@ async def from_publication(
 
         name, version = manifest.name, manifest.version
         reader = PublishedAccess(replica, manifest, transport)
+        await store.make_room(device, manifest.nbytes)
         slab = store.allocate(device, manifest.nbytes, f"{name}@{version}<")
         try:
             address = store.expose(slab, writable=True)
