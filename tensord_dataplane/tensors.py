@@ -99,35 +99,41 @@ def describe(
         if not all(map(isinstance, given, repeat(torch.Tensor))):
             bad = next(t for t in given if not isinstance(t, torch.Tensor))
             raise InvalidArgument(f"{what} must be torch.Tensor, not {type(bad).__name__}")
-        tensors: list[torch.Tensor] = given  # type: ignore[assignment]
-        codes = list(map(CODES.get, known.dtypes if known is not None else map(_DTYPE, tensors)))
-        if None in codes:
-            bad_dtype = next(t.dtype for t, c in zip(tensors, codes, strict=True) if c is None)
-            raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord")
-        dense = list(known.contiguous if known is not None else map(torch.Tensor.is_contiguous, tensors))
-        views = list(map(torch.Tensor._is_view, tensors))
-        if any(views):  # only views carry the conjugate and negative bits (their bytes are not the values)
-            for i in [i for i, v in enumerate(views) if v]:
-                dense[i] = dense[i] and not tensors[i].is_conj() and not tensors[i].is_neg()
-        if copy_sparse and not all(dense):
-            known = None  # some are replaced by dense copies
-            tensors = [
-                t if ok else t.resolve_conj().resolve_neg().contiguous() for t, ok in zip(tensors, dense, strict=True)
-            ]
-        shapes = known.shapes if known is not None else list(map(_SHAPE, tensors))
-        devices = list(map(_DEVICE, tensors))
-        if any(d.type not in ("cpu", "cuda") for d in set(devices)):
-            raise InvalidArgument(f"{what} must lie on cpu or cuda devices, not {sorted(map(str, set(devices)))}")
         try:
-            ptrs = (
-                known.ptrs
-                if known is not None
-                else np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
-            )
-        except RuntimeError as exc:  # sparse, nested, ...: no plain memory to copy
+            return _describe(given, what, copy_sparse, known)  # type: ignore[arg-type]
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as exc:  # sparse, nested, ...: no plain memory to copy
             raise InvalidArgument(f"{what} must be dense (strided) tensors: {exc}") from None
-        ndims = np.fromiter(map(len, shapes), dtype=np.uint8, count=len(shapes))
-        dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=int(ndims.sum()))
+
+
+def _describe(tensors: list[torch.Tensor], what: str, copy_sparse: bool, known: Snapshot | None) -> Described:
+    """`describe` past its type check (its errors from torch are raised there as InvalidArgument)."""
+    codes = list(map(CODES.get, known.dtypes if known is not None else map(_DTYPE, tensors)))
+    if None in codes:
+        bad_dtype = next(t.dtype for t, c in zip(tensors, codes, strict=True) if c is None)
+        raise InvalidArgument(f"dtype {bad_dtype} is not supported by tensord")
+    dense = list(known.contiguous if known is not None else map(torch.Tensor.is_contiguous, tensors))
+    views = list(map(torch.Tensor._is_view, tensors))
+    if any(views):  # only views carry the conjugate and negative bits (their bytes are not the values)
+        for i in [i for i, v in enumerate(views) if v]:
+            dense[i] = dense[i] and not tensors[i].is_conj() and not tensors[i].is_neg()
+    if copy_sparse and not all(dense):
+        known = None  # some are replaced by dense copies
+        tensors = [
+            t if ok else t.resolve_conj().resolve_neg().contiguous() for t, ok in zip(tensors, dense, strict=True)
+        ]
+    shapes = known.shapes if known is not None else list(map(_SHAPE, tensors))
+    devices = list(map(_DEVICE, tensors))
+    if any(d.type not in ("cpu", "cuda") for d in set(devices)):
+        raise InvalidArgument(f"{what} must lie on cpu or cuda devices, not {sorted(map(str, set(devices)))}")
+    ptrs = (
+        known.ptrs
+        if known is not None
+        else np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
+    )
+    ndims = np.fromiter(map(len, shapes), dtype=np.uint8, count=len(shapes))
+    dims = np.fromiter(chain.from_iterable(shapes), dtype=np.int64, count=int(ndims.sum()))
     dtypes = np.array(codes, dtype=np.uint8)
     sizes = Table(names=[], dtypes=dtypes, ndims=ndims, dims=dims).sizes  # numel x itemsize, vectorised
     flags = np.ones(len(tensors), dtype=bool) if copy_sparse else np.array(dense, dtype=bool)

@@ -216,6 +216,27 @@ def test_put_of_non_tensors_is_refused(client: sdk.Client) -> None:
             client.put("not-tensors", bad)  # type: ignore[arg-type]
 
 
+def _not_strided() -> list[torch.Tensor]:
+    eye = torch.eye(3)
+    return [eye.to_sparse(), eye.to_sparse_csr(), eye.to_sparse_csc(), torch.nested.nested_tensor([eye[0], eye[1, :2]])]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's beta and prototype layouts say so
+@pytest.mark.parametrize("which", range(4))
+def test_tensors_without_plain_memory_are_refused_by_every_op(client: sdk.Client, which: int) -> None:
+    """Sparse (COO, CSR, CSC) and nested tensors: InvalidArgument naming the op's tensors, not
+    torch's RuntimeError from deep inside, and nothing stored or written."""
+    bad = {"x": _not_strided()[which]}
+    with pytest.raises(sdk.InvalidArgument, match=r"tensors must be dense \(strided\)"):
+        client.put("not-strided", bad)
+    with pytest.raises(sdk.InvalidArgument, match=r"tensors must be dense \(strided\)"):
+        client.publish("not-strided", bad)
+    client.put("strided", {"x": torch.ones(3, 3)})
+    with pytest.raises(sdk.InvalidArgument, match=r"targets must be dense \(strided\)"):
+        client.load_into(bad, "strided")
+    client.delete("strided")
+
+
 def test_load_into_mismatch_changes_nothing(client: sdk.Client) -> None:
     client.put("shape-check", {"a": torch.ones(2, 3), "b": torch.ones(4)})
     cases = [
