@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -31,6 +32,7 @@ from tensord_contract.catalogue_messages import (
 )
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, ProtocolError, TensordError, Unavailable
+from tensord_contract.message_checks import is_number
 from tensord_contract.names import MAX_VERSION, check_name, check_prefix, check_version
 from tensord_contract.node_messages import NodesReply, NodesRequest, StatusReply, StatusRequest
 from tensord_contract.rows import TensorRows
@@ -258,15 +260,19 @@ class CatalogueClient:
         check_name(name)
         if after is not None and not is_int(after, 0, MAX_VERSION):
             raise InvalidArgument(f"after must be an integer from 0 to 2**63-1, not {type(after).__name__}")
+        if timeout is not None and not is_number(timeout, 0, math.inf):
+            raise InvalidArgument(f"timeout must be None or seconds (0 or more), not {timeout!r:.40}")
         if after is None:
             try:
                 after = int(self.info(name)["latest"])
             except NotFound:
                 after = 0
         conn = self._connect()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                wait = _WATCH_POLL if timeout is None else min(_WATCH_POLL, timeout)
+                left = _WATCH_POLL if deadline is None else deadline - time.monotonic()
+                wait = max(0.0, min(_WATCH_POLL, left))  # long polls of at most _WATCH_POLL, up to the deadline
                 try:
                     result, _ = conn.call("wait", **WaitRequest(name, after, wait).to_wire())
                 except Unavailable:
@@ -277,10 +283,11 @@ class CatalogueClient:
                     continue
                 version = WaitReply.from_wire(result, ProtocolError).version
                 if version is None:
-                    if timeout is not None:
+                    if deadline is not None and time.monotonic() >= deadline:
                         return
                     continue
                 after = version
                 yield after
+                deadline = None if timeout is None else time.monotonic() + timeout
         finally:
             conn.close()
