@@ -161,6 +161,8 @@ class CatalogueClient:
         """One version: tensor count and dtypes, bytes, device, pins, replicas, all versions;
         with `tensors`, also every tensor's dtype, shape and bytes: a read-only mapping name ->
         {dtype, shape, nbytes} (`TensorRows`) whose rows are built when looked at."""
+        if not isinstance(tensors, bool):
+            raise InvalidArgument(f"tensors must be True or False, not {tensors!r:.40}")
         request = InfoRequest(check_name(name), check_version(version), "columns" if tensors else False)
         result, _ = self._conn().call("info", **request.to_wire())
         out = InfoReply.from_wire(result, ProtocolError).to_wire()

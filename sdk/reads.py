@@ -101,6 +101,8 @@ class Reads(ReplicaClient):
         slab's reads are checked by default, a publication's). A read from another node
         whose bytes failed or whose pin was lost is retried on another replica, for the same
         version ("latest" resolves once, at the first open)."""
+        if wanted is not None and not isinstance(wanted, bool):
+            raise InvalidArgument(f"verify must be True, False or None, not {wanted!r:.40}")
         first = self._open(name, check_version(version))  # NotFound here: there is no such version
         resolved = first[1].version
 
@@ -174,9 +176,10 @@ class Reads(ReplicaClient):
         None (the default) checks reads from a publication only (its publisher may withdraw it).
         """
         wanted = _check_names(names)
+        chosen = _check_device(device)
 
         def copy(manifest: Manifest, slab: SlabAccess) -> TensorMap:
-            target = _target_device(device, slab.device)
+            target = _target_device(chosen, slab.device)
             rows = None if wanted is None else _rows(manifest, wanted)
             if rows is None:  # the whole slab, padding included: one run
                 at, nbytes = manifest.offsets, manifest.nbytes
@@ -210,6 +213,8 @@ class Reads(ReplicaClient):
         `strict`: the names must match exactly; otherwise only common names are loaded.
         `verify` as for `get`. Returns the version loaded.
         """
+        if not isinstance(strict, bool):
+            raise InvalidArgument(f"strict must be True or False, not {strict!r:.40}")
         keys, values = keys_and_values(entries(target, "load_into"))  # a module: its parameters themselves
 
         def copy(manifest: Manifest, slab: SlabAccess) -> _Loaded:
@@ -281,9 +286,26 @@ def _node(opened: Opened) -> str:
     return slab.node if isinstance(slab, RemoteAccess) else "this node"
 
 
-def _target_device(device: str | torch.device | None, slab_device: str) -> torch.device:
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device `get` copies to, checked before anything is opened: cpu or a CUDA device of
+    this process (None: chosen by where the version lies)."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgument(f"device {device!r:.40} is no torch device: {exc}") from None
+    if d.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device {d}: get copies to cpu or cuda memory only")
+    count = torch.cuda.device_count() if d.type == "cuda" and torch.cuda.is_available() else 0
+    if d.type == "cuda" and not (count and (d.index or 0) < count):
+        raise InvalidArgument(f"device {d} is not available to this process ({count} CUDA devices)")
+    return d
+
+
+def _target_device(device: torch.device | None, slab_device: str) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return device
     if slab_device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())

@@ -237,6 +237,32 @@ def test_tensors_without_plain_memory_are_refused_by_every_op(client: sdk.Client
     client.delete("strided")
 
 
+@pytest.mark.parametrize("device", ["junk", "mps", "meta", "cuda:99", 0, object()])
+def test_get_to_a_device_that_is_not_there_is_refused_before_reading(client: sdk.Client, device: Any) -> None:
+    client.put("device-check", {"x": torch.ones(2)})
+    pins = client.status()["pins"]
+    with pytest.raises(sdk.InvalidArgument, match="device"):
+        client.get("device-check", device=device)
+    assert client.status()["pins"] == pins
+    client.delete("device-check")
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, 0.0, [True]])
+def test_flags_that_are_not_bools_are_refused(client: sdk.Client, flag: Any) -> None:
+    client.put("flags", {"x": torch.ones(2)})
+    target = {"x": torch.zeros(2)}
+    with pytest.raises(sdk.InvalidArgument, match="verify must be"):
+        client.get("flags", verify=flag)
+    with pytest.raises(sdk.InvalidArgument, match="verify must be"):
+        client.load_into(target, "flags", verify=flag)
+    with pytest.raises(sdk.InvalidArgument, match="strict must be"):
+        client.load_into(target, "flags", strict=flag)
+    with pytest.raises(sdk.InvalidArgument, match="tensors must be"):
+        client.info("flags", tensors=flag)
+    assert not torch.any(target["x"])
+    client.delete("flags")
+
+
 def test_load_into_mismatch_changes_nothing(client: sdk.Client) -> None:
     client.put("shape-check", {"a": torch.ones(2, 3), "b": torch.ones(4)})
     cases = [
