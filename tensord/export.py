@@ -13,6 +13,7 @@ Tensor bytes are written as they lie in memory: little-endian hosts only, as saf
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from tensord.checkpoint import MAX_HEADER_BYTES, TENSORD_TO_SAFETENSORS, FileTensor
-from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, TensordError, Unauthorized
 from tensord_contract.manifest import TensorSpec, check_spec
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,10 @@ def write_safetensors(
         planned = [_checked_spec(s.name, s.dtype, s.shape) for s in specs]
     header, placed = _header(planned, meta)
     started = time.perf_counter()
-    tmp = _open_temp(target)
+    try:
+        tmp = _open_temp(target)
+    except OSError as exc:
+        raise _not_written(target, exc) from None
     try:
         with os.fdopen(tmp.fd, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
@@ -74,6 +78,9 @@ def write_safetensors(
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), mode)
         os.replace(tmp.path, target)
+    except OSError as exc:
+        _unlink_quietly(tmp.path)
+        raise _not_written(target, exc) from None
     except BaseException:
         _unlink_quietly(tmp.path)
         raise
@@ -206,6 +213,16 @@ def _open_temp(target: str) -> _Temp:
         raise NotFound(f"{directory}: no such directory to write {os.path.basename(target)} in")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
     return _Temp(fd, tmp)
+
+
+def _not_written(target: str, exc: OSError) -> TensordError:
+    """What a failed write of `target` tells the caller (the file is left as it was)."""
+    kind: type[TensordError] = InvalidArgument
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        kind = Unauthorized
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        kind = OutOfCapacity
+    return kind(f"{target}: cannot write: {exc.strerror or exc}", path=target)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tensord.checkpoint import read_checkpoint, read_header, read_header_and_metadata
 from tensord.export import write_safetensors
-from tensord_contract.errors import InvalidArgument, NotFound
+from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
 from tensord_contract.manifest import TensorSpec
 from tests.daemons import WEIGHTS, needs_minilm
 from tests.data import random_tensor
@@ -267,3 +267,9 @@ def test_bad_target(tmp_path: Path) -> None:
         write_safetensors(tmp_path / "no" / "such.safetensors", [("a", torch.ones(1))])
     with pytest.raises(InvalidArgument, match="directory"):
         write_safetensors(tmp_path, [("a", torch.ones(1))])
+    # a directory that takes no new files: a clear error (root too), not an OSError from inside
+    with pytest.raises(InvalidArgument, match="/proc/x.safetensors: cannot write"):
+        write_safetensors("/proc/x.safetensors", [("a", torch.ones(1))])
+    if os.path.isdir("/sys"):
+        with pytest.raises(Unauthorized, match="cannot write: Permission denied"):
+            write_safetensors("/sys/x.safetensors", [("a", torch.ones(1))])
