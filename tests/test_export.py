@@ -268,7 +268,7 @@ def test_bad_target(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="directory"):
         write_safetensors(tmp_path, [("a", torch.ones(1))])
     # a directory that takes no new files: a clear error (root too), not an OSError from inside
-    with pytest.raises(InvalidArgument, match="/proc/x.safetensors: cannot write"):
+    with pytest.raises(InvalidArgument, match=r"/proc/x\.safetensors: cannot write"):
         write_safetensors("/proc/x.safetensors", [("a", torch.ones(1))])
     if os.path.isdir("/sys"):
         with pytest.raises(Unauthorized, match="cannot write: Permission denied"):
