@@ -14,21 +14,16 @@ import sdk
 from tensord_dataplane.transport.mooncake import available
 from tests.daemons import DaemonProcess
 from tests.data import random_tensor, same_bits
-from tests.etcd_server import free_port
 from tests.test_eviction import MIB, _files
+from tests.test_restore_cluster import _node as cluster_node
 from tests.test_restore_cluster import etcd  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(not available("tcp")[0], reason=f"Mooncake TE unavailable: {available('tcp')[1]}")
 
 
 def _node(tmp_path: Path, etcd, node: str, budget: str) -> DaemonProcess:  # noqa: F811
-    config = (
-        f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "t"\nstate_dir = "{tmp_path / node}"\n'
-        f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 10\n[transport]\nprotocol = "tcp"\n'
-        f'[memory]\nbudgets = {{ cpu = "{budget}" }}\neviction = "lru"\nhuge_pages = false\n'
-        f'[ingest]\nallowed_roots = ["{tmp_path / "models"}"]\n'
-    )
-    return DaemonProcess(tmp_path / "daemons", node, config).start()
+    memory = f'[memory]\nbudgets = {{ cpu = "{budget}" }}\neviction = "lru"\nhuge_pages = false\n'
+    return cluster_node(tmp_path, etcd, node, tmp_path / "models", None, memory)
 
 
 def test_a_pull_from_a_peer_evicts_what_can_come_back(etcd, tmp_path: Path) -> None:  # noqa: F811

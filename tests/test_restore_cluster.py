@@ -34,12 +34,14 @@ def etcd(tmp_path: Path):
     server.cleanup()
 
 
-def _node(tmp_path: Path, etcd, node: str, models: Path, metrics: int) -> DaemonProcess:
+def _node(tmp_path: Path, etcd, node: str, models: Path, metrics: int | None, extra: str = "") -> DaemonProcess:
+    """A node of an etcd cluster over TCP, its state in tmp_path/node; `extra`: more config."""
     config = (
         f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "{TOKEN}"\nstate_dir = "{tmp_path / node}"\n'
         f'[registry]\netcd_endpoints = ["{etcd.endpoint}"]\nlease_ttl = 10\n'
         f'[transport]\nprotocol = "tcp"\n[ingest]\nallowed_roots = ["{models}"]\n'
-        f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+        + ("" if metrics is None else f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n')
+        + extra
     )
     return DaemonProcess(tmp_path / "daemons", node, config).start()
 
