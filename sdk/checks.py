@@ -38,6 +38,49 @@ def check_targets(manifest: Manifest, rows: np.ndarray, keys: list[str], d: Any)
             )
 
 
+def distinct_targets(
+    manifest: Manifest, rows: np.ndarray, keys: list[str], d: Any, dense: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `dense` targets to copy into, once each, and the ties: (i, j) pairs of targets that
+    share memory (tied weights), of which only i is written. Targets may share memory only
+    where the set holds the same bytes for both (equal fingerprints, `same_ties`); otherwise
+    InvalidArgument naming two, nothing written (one batched copy would interleave them)."""
+    no_ties = np.zeros((0, 2), dtype=np.int64)
+    sel = dense[d.sizes[dense] > 0]
+    if len(sel) < 2:
+        return dense, no_ties
+    order = sel[np.argsort(d.ptrs[sel], kind="stable")]
+    starts, ends = d.ptrs[order], d.ptrs[order] + d.sizes[order]
+    shared = np.flatnonzero(starts[1:] < np.maximum.accumulate(ends)[:-1]) + 1  # each overlaps one before it
+    if not len(shared):
+        return dense, no_ties
+    ties = []
+    for j in shared.tolist():
+        i = j - 1
+        while ends[i] <= starts[j]:  # the one before it that it overlaps
+            i -= 1
+        a, b = int(order[i]), int(order[j])
+        if starts[i] != starts[j] or ends[i] != ends[j]:
+            raise InvalidArgument(f"targets {keys[a]!r} and {keys[b]!r} overlap in memory: load them separately")
+        ties.append((a, b))
+    tied = np.array(ties, dtype=np.int64)
+    if not same_ties(manifest, rows, tied):
+        a, b = next((a, b) for a, b in ties if not same_ties(manifest, rows, np.array([(a, b)])))
+        raise InvalidArgument(
+            f"targets {keys[a]!r} and {keys[b]!r} share memory, and the set holds other bytes for them: "
+            "load them separately"
+        )
+    return np.setdiff1d(dense, tied[:, 1], assume_unique=True), tied
+
+
+def same_ties(manifest: Manifest, rows: np.ndarray, tied: np.ndarray) -> bool:
+    """The set holds the same bytes for both targets of every tie (`distinct_targets`)."""
+    fps = manifest.fingerprints
+    if not len(tied):
+        return True
+    return fps is not None and bool(np.array_equal(fps[rows[tied[:, 0]]], fps[rows[tied[:, 1]]]))
+
+
 def mismatch(
     manifest: Manifest,
     rows: np.ndarray,

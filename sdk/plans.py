@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sdk.checks import same_ties
 from tensord_contract.manifest import Manifest, Table
 from tensord_dataplane.slab import SlabAccess
 from tensord_dataplane.snapshot import Snapshot
@@ -100,6 +101,7 @@ class LoadPlan:
     picked: np.ndarray
     rows: np.ndarray
     copies: Copies
+    tied: np.ndarray  # (i, j): targets sharing memory, only i copied (`sdk.checks.distinct_targets`)
 
     def fits(self, keys: list[str], strict: bool, values: list[torch.Tensor], manifest: Manifest) -> bool:
         return (
@@ -107,6 +109,7 @@ class LoadPlan:
             and self.snapshot is not None
             and keys == self.keys
             and same_layout(self.manifest, manifest)
+            and same_ties(manifest, self.rows, self.tied)  # a new version may hold tied rows apart
             and self.snapshot.holds(values)
         )
 

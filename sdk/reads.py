@@ -13,7 +13,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from sdk.checks import check_fingerprints, check_targets
+from sdk.checks import check_fingerprints, check_targets, distinct_targets
 from sdk.failover import read_with_failover
 from sdk.modules import entries
 from sdk.plans import Copies, LoadPlan, Plans, keys_and_values
@@ -264,12 +264,14 @@ def _load_plan(
     every = len(picked) == len(values)
     dsts = values if every else [values[i] for i in picked.tolist()]
     d = describe(dsts, "targets", copy_sparse=False, known=snapshot if every else None)
-    check_targets(manifest, rows, keys if every else [keys[i] for i in picked.tolist()], d)
+    named = keys if every else [keys[i] for i in picked.tolist()]
+    check_targets(manifest, rows, named, d)
     offsets, sizes = manifest.offsets[rows], manifest.sizes[rows]
-    plain = np.flatnonzero(d.dense)
-    copies = Copies.of(d, plain, offsets, sizes)
-    plan = LoadPlan(keys, strict, snapshot, manifest, picked, rows, copies)
-    if snapshot is not None and len(plain) == len(dsts):
+    dense = np.flatnonzero(d.dense)
+    once, tied = distinct_targets(manifest, rows, named, d, dense)
+    copies = Copies.of(d, once, offsets, sizes)
+    plan = LoadPlan(keys, strict, snapshot, manifest, picked, rows, copies, tied)
+    if snapshot is not None and len(dense) == len(dsts):
         return plan, False
     copies.read(slab)
     for i in np.flatnonzero(~d.dense).tolist():  # rare: through a private copy, then copy_

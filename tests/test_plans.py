@@ -441,3 +441,36 @@ def test_put_publish_and_load_into_refuse_what_is_neither_a_module_nor_a_mapping
     with pytest.raises(InvalidArgument, match=r"nn\.Module or a mapping"):
         client.load_into(bad, "plans/bad")
     assert "plans/bad" not in [s["name"] for s in client.ls()]
+
+
+def test_targets_sharing_memory_are_written_once_or_refused(client: sdk.Client, device: str) -> None:
+    """Tied weights (one tensor under two names) load when the set holds the same bytes for
+    both, also through a kept plan; a version that holds them apart, or targets that overlap
+    only in part, are refused with nothing written: one batched copy would interleave them."""
+    name = f"plans/tied-{device}"
+    w = torch.arange(12.0, device=device).reshape(3, 4)
+    buf = torch.zeros(10, device=device)
+    targets = {"embed": torch.zeros(3, 4, device=device), "bias": torch.zeros(4, device=device)}
+    targets["head"] = targets["embed"]  # tied
+    targets["left"], targets["right"] = buf[:5], buf[5:]  # one buffer, apart: fine
+    src = {"embed": w, "head": w.clone(), "bias": torch.ones(4, device=device)}
+    src["left"], src["right"] = torch.full((5,), 2.0, device=device), torch.full((5,), 3.0, device=device)
+    client.put(name, src)
+    for _ in range(2):  # a new plan, then the kept one
+        client.load_into(targets, name)
+        assert torch.equal(targets["embed"], w) and targets["head"] is targets["embed"]
+        assert torch.equal(buf, torch.tensor([2.0] * 5 + [3.0] * 5, device=device))
+    assert _load_plan(client, name).tied.shape == (1, 2)
+    apart = dict(src, head=w + 1)
+    client.put(name, apart)  # the same layout, the tied rows apart: the kept plan must not do
+    before = {k: t.clone() for k, t in targets.items()}
+    with pytest.raises(InvalidArgument, match="'embed' and 'head' share memory, and the set holds other bytes"):
+        client.load_into(targets, name)
+    with pytest.raises(InvalidArgument, match="share memory"):
+        client.load_into(targets, name, verify=True)
+    _exact(targets, before)
+    nine = torch.zeros(9, device=device)
+    overlapping = dict(targets, left=nine[:5], right=nine[4:], head=torch.zeros(3, 4, device=device))
+    with pytest.raises(InvalidArgument, match="'left' and 'right' overlap in memory"):
+        client.load_into(overlapping, name)
+    _exact(targets, before)
