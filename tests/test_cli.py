@@ -46,6 +46,22 @@ def test_user_mistakes_are_one_line_errors(daemon, tmp_path) -> None:
     _fail(tensord("info", "Bad Name", socket=daemon.socket), "bad name")
     _fail(tensord("ls", socket=str(tmp_path / "nowhere.sock")), "cannot reach the tensord daemon")
     _fail(tensord("load", str(tmp_path / "missing.safetensors"), "--name", "x", socket=daemon.socket))
+    _fail(tensord("info", "x", "--version", "-1", socket=daemon.socket), "version must be")
+    out = tensord("export", "x", str(tmp_path / "x.safetensors"), "--version", "newest", socket=daemon.socket)
+    assert out.returncode == 2 and "a version number or 'latest', not 'newest'" in out.stderr
+
+
+def test_version_latest_by_name(daemon, client) -> None:
+    client.put("cli/versions", {"w": torch.zeros(2)})
+    client.put("cli/versions", {"w": torch.ones(3)})
+    info = json.loads(tensord("info", "cli/versions", "--version", "latest", "--json", socket=daemon.socket).stdout)
+    assert info["version"] == 2 and info["tensors"]["w"]["shape"] == [3]
+    info = json.loads(tensord("info", "cli/versions", "--version", "1", "--json", socket=daemon.socket).stdout)
+    assert info["version"] == 1
+    assert tensord("rm", "cli/versions", "--version", "2", socket=daemon.socket).stdout.strip() == "deleted 1 version"
+    assert client.info("cli/versions")["versions"] == [1]
+    assert tensord("rm", "cli/versions", "--version", "latest", socket=daemon.socket).returncode == 2  # by number only
+    client.delete("cli/versions")
 
 
 def _corrupt_files(tmp_path):

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def version_arg(text: str) -> int | str:
+    """A --version: a number, or "latest"."""
+    if text == "latest":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a version number or 'latest', not {text!r:.40}") from None
+
+
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("ls", help="list sets")
     s.add_argument("prefix", nargs="?", default="")
@@ -30,19 +40,19 @@ def add_commands(sub: Any) -> None:
 
     s = sub.add_parser("info", help="describe one version of a set")
     s.add_argument("name")
-    s.add_argument("--version", type=int)
+    s.add_argument("--version", type=version_arg, help="a version number or latest (default)")
     s.add_argument("--tensors", action="store_true", help="list every tensor (dtype, shape, bytes)")
     s.add_argument("--json", action="store_true", help="everything as JSON, tensors included")
     s.set_defaults(run=_info)
 
     s = sub.add_parser("rm", help="delete a set, or one version of it")
     s.add_argument("name")
-    s.add_argument("--version", type=int)
+    s.add_argument("--version", type=int, help="the version number to delete (default: every version)")
     s.set_defaults(run=_rm)
 
     s = sub.add_parser("replicate", help="make nodes pull a copy of a set (several at once: a streamed fan-out)")
     s.add_argument("name")
-    s.add_argument("--version", type=int)
+    s.add_argument("--version", type=version_arg, help="a version number or latest (default)")
     s.add_argument(
         "--to",
         help="node that pulls, or nodes a,b,c, or 'all' live nodes (default: the daemon this command talks to)",

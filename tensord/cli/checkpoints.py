@@ -98,7 +98,7 @@ def load_sharded(
     return load(sink, path, name, tp=tp, rules=rules, device=device, threads=threads, progress=progress).sets
 
 
-def export_set(client: Client, name: str, path: str | Path, *, version: int | None = None) -> int:
+def export_set(client: Client, name: str, path: str | Path, *, version: int | str | None = None) -> int:
     """Write one version of a set to a .safetensors file, one tensor at a time; its version.
 
     The file appears atomically (see ``tensord.export``). Host replicas on this node are read

@@ -10,6 +10,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from tensord.cli.catalogue import version_arg
+
 if TYPE_CHECKING:
     from sdk.client import Client
     from tensord.sharding import ShardRules
@@ -35,7 +37,7 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser("export", help="write one version of a set to a .safetensors file")
     s.add_argument("name")
     s.add_argument("path")
-    s.add_argument("--version", type=int, help="default: latest")
+    s.add_argument("--version", type=version_arg, help="a version number or latest (default)")
     s.set_defaults(run=_export)
 
 
