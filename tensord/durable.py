@@ -9,13 +9,21 @@ import stat
 from pathlib import Path
 
 
-def read_file(path: Path) -> bytes:
-    """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read)."""
+def read_file(path: Path, limit: int | None = None) -> bytes:
+    """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read).
+    `limit`: a file of more bytes is refused unread (a damaged one must not fill memory)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        return f.read()
+        if limit is None:
+            return f.read()
+        data = f.read(limit + 1) if info.st_size <= limit else b""
+        if info.st_size > limit or len(data) > limit:
+            size = max(info.st_size, len(data))
+            raise OSError(errno.EFBIG, f"{size} bytes or more, larger than any such state file ({limit})")
+        return data
 
 
 def why(exc: OSError) -> str:

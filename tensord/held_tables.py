@@ -3,13 +3,17 @@ table's digest (`Table.digest`): a new version of a layout already recorded (a t
 a publication of the same memory) writes its places and fingerprints, not its table again
 (8.6 MB at 90k tensors: ~30 ms of durable writing on the VM, on every put). A table file goes
 with the last record that uses it; at load, one that fails its digest leaves its records
-unrestored (logged), and files no record uses are removed.
+unrestored (logged), and files no record uses are removed. A `tables` that is not a directory (a symbolic
+link, a file) is never read or followed: its records are unrestored, and it is replaced by an
+empty directory (logged), so new versions can be recorded.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +23,33 @@ from tensord.durable import read_file, remove_file, why, write_file
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Table
 from tensord_contract.manifest.version import TABLE_KEYS
+from tensord_contract.wire import MAX_FRAME
 
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[0-9a-f]{64}")
+#: a manifest fits one reply frame: no record or table file this daemon writes is larger
+MAX_STATE_FILE = MAX_FRAME
 
 
 class TableFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.written: set[str] = set()  # keys whose file is on disk
+
+    def open(self) -> None:
+        """Before load: a `tables` that is not a real directory is replaced by an empty one
+        (what it points to or holds is neither read nor removed); OSError if it cannot be."""
+        try:
+            mode = os.lstat(self.directory).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(mode):
+            return
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+        log.warning("%s is %s: the tables in it are not read; replaced by an empty directory", self.directory, kind)
+        os.unlink(self.directory)
+        self.directory.mkdir(mode=0o700)
 
     @staticmethod
     def placing(manifest: dict[str, Any], key: str) -> dict[str, Any]:
@@ -60,7 +81,7 @@ class TableFiles:
     def _read(self, key: str) -> dict[str, Any] | None:
         path = self.directory / f"{key}.tbl"
         try:
-            part = msgpack.unpackb(read_file(path), raw=False, strict_map_key=True)
+            part = msgpack.unpackb(read_file(path, MAX_STATE_FILE), raw=False, strict_map_key=True)
             if not isinstance(part, dict) or set(part) != TABLE_KEYS:
                 raise InvalidArgument("holds no table")
             if Table.from_wire(part, InvalidArgument).digest.hex() != key:

@@ -20,7 +20,8 @@ the directory. Counters are never removed (a deleted name keeps its count); a he
 file goes when the version is deleted or leaves the node for good. A damaged record is skipped
 and logged (that version is not restored; the counters keep its number from being reused). A
 counter file that cannot be read stops the daemon from starting, naming it: starting over would
-reuse versions. State files are read without following links or waiting (a FIFO is refused).
+reuse versions. State files are read without following links or waiting (a FIFO is refused), and a
+record or table file larger than any the daemon writes (`MAX_STATE_FILE`) is refused unread.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 import msgpack
 
 from tensord.durable import read_file, remove_file, why, write_file
-from tensord.held_tables import TableFiles
+from tensord.held_tables import MAX_STATE_FILE, TableFiles
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.names import MAX_VERSION, check_name
@@ -201,6 +202,10 @@ class Catalogue:
         """Read every record; a damaged one is skipped and logged (its version is not restored,
         and the version counters keep it from being reused)."""
         files = _files(self.directory, ".rec")
+        try:
+            self.tables.open()
+        except OSError as exc:
+            raise InvalidArgument(f"state directory {self.tables.directory}: cannot be replaced: {why(exc)}") from None
         self.records.clear()
         self.skipped = []
         read: dict[str, dict[str, Any] | None] = {}
@@ -306,7 +311,7 @@ def _read_record(path: Path) -> Record:
         return InvalidArgument(f"state file {path} {why}: repair or remove it (removing it forgets that held version)")
 
     try:
-        data = msgpack.unpackb(read_file(path), raw=False, strict_map_key=True)
+        data = msgpack.unpackb(read_file(path, MAX_STATE_FILE), raw=False, strict_map_key=True)
     except OSError as exc:
         raise bad(f"cannot be read ({why(exc)})") from None
     except Exception:  # msgpack raises several unrelated types

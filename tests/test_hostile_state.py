@@ -1,0 +1,128 @@
+"""A daemon restarted over a damaged state directory's table files (`held/tables/`): it starts,
+leaves the versions whose table is bad unrestored (logged), restores the others bit-exact and
+takes new versions; it never reads a huge file into memory, never follows a link out of the
+state directory, and never removes what lies outside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sdk
+from tensord.state import Catalogue
+from tests.data import random_tensor, same_bits
+from tests.test_restore import wait_restored
+
+NAMES = ("t/huge", "t/garbage", "t/fifo", "t/link", "t/dir", "t/good")
+
+
+def _config(tmp_path: Path) -> str:
+    return f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[ingest]\nallowed_roots = ["{tmp_path / "models"}"]\n'
+
+
+def _loaded(d, tmp_path: Path, names: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each name a checkpoint of its own layout (one table file each), loaded by the daemon."""
+    models = tmp_path / "models"
+    models.mkdir()
+    want = {}
+    with d.client() as c:
+        for i, name in enumerate(names):
+            path = models / f"{i}.safetensors"
+            save_file({f"w{j}": random_tensor(torch.float32, (3, j + 1), seed=i * 10 + j) for j in range(i + 1)}, path)
+            want[name] = load_file(path)
+            assert c.load_checkpoint(str(path), name) == 1
+    return want
+
+
+def _table_file(state: Path, name: str) -> Path:
+    record = msgpack.unpackb((state / "held" / Catalogue.filename(name, 1)).read_bytes())
+    return state / "held" / "tables" / f"{record['manifest']['table']}.tbl"
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_damaged_table_files_leave_their_versions_out_and_the_rest_served(start_daemon, tmp_path: Path) -> None:
+    d = start_daemon("tables", config=_config(tmp_path))
+    want = _loaded(d, tmp_path, NAMES)
+    d.kill()
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    outside.mkdir()
+    files = {name: _table_file(state, name) for name in NAMES}
+    with open(files["t/huge"], "r+b") as f:
+        f.truncate(2 << 30)  # sparse: costs no disk, 2 GiB of memory if read
+    files["t/garbage"].write_bytes(msgpack.packb({"count": 1, "names": [[[[1]]]]}))
+    files["t/fifo"].unlink()
+    os.mkfifo(files["t/fifo"])
+    shutil.move(files["t/link"], outside / files["t/link"].name)  # a valid table, through a link
+    files["t/link"].symlink_to(outside / files["t/link"].name)
+    files["t/dir"].unlink()
+    files["t/dir"].mkdir()
+
+    t0 = time.monotonic()
+    d.start(timeout=30)
+    with d.client() as c:
+        restore = wait_restored(c)
+        assert time.monotonic() - t0 < 20
+        assert [s["name"] for s in c.ls()] == ["t/good"]
+        assert (restore["restored"], restore["lost"]) == (1, 0)
+        got = c.get("t/good")
+        assert set(got) == set(want["t/good"]) and all(same_bits(got[k], want["t/good"][k]) for k in got)
+        for i, name in enumerate(NAMES[:-1]):  # their numbers are not reused
+            path = str(tmp_path / "models" / f"{i}.safetensors")
+            if name == "t/dir":  # a directory stands where its table file would be written
+                with pytest.raises(sdk.Unavailable, match="cannot record t/dir v2"):
+                    c.load_checkpoint(path, name)
+                continue
+            assert c.load_checkpoint(path, name) == 2
+        assert sorted(s["name"] for s in c.ls()) == sorted(set(NAMES) - {"t/dir"})
+    assert _peak_rss(d.pid) < 1 << 30, "a huge table file was read into memory"
+    assert (outside / files["t/link"].name).exists()
+    log = d.log.read_text()
+    assert "Traceback" not in log
+    for name in NAMES[:-1]:
+        assert f"table file {files[name]}" in log, name
+    assert "larger than any such state file" in log
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_tables_directory_that_is_a_link_or_a_file_is_not_followed(start_daemon, tmp_path: Path, kind: str) -> None:
+    """A link's target keeps every file, even ones no record uses (the daemon removes unused
+    table files of its own directory); the daemon replaces the entry with an empty directory
+    and records new versions there."""
+    d = start_daemon("tablesdir", config=_config(tmp_path))
+    want = _loaded(d, tmp_path, ("t/a", "t/b"))
+    d.kill()
+    tables, elsewhere = tmp_path / "state" / "held" / "tables", tmp_path / "elsewhere"
+    shutil.copytree(tables, elsewhere)
+    (elsewhere / f"{'0' * 64}.tbl").write_bytes(b"not the daemon's")
+    before = sorted(p.name for p in elsewhere.iterdir())
+    shutil.rmtree(tables)
+    if kind == "link":
+        tables.symlink_to(elsewhere)
+    else:
+        tables.write_bytes(b"junk")
+    d.start(timeout=30)
+    with d.client() as c:
+        wait_restored(c)
+        assert c.ls() == []  # their tables are not read through the link
+        assert c.load_checkpoint(str(tmp_path / "models" / "0.safetensors"), "t/a") == 2
+        got = c.get("t/a")
+        assert all(same_bits(got[k], want["t/a"][k]) for k in want["t/a"])
+    assert sorted(p.name for p in elsewhere.iterdir()) == before
+    assert tables.is_dir() and not tables.is_symlink() and len(list(tables.iterdir())) == 1
+    assert f"{tables} is {'a symbolic link' if kind == 'link' else 'not a directory'}" in d.log.read_text()
+    d.kill()
+    d.start(timeout=30)
+    with d.client() as c:
+        assert wait_restored(c)["restored"] == 2  # v1 too: its table (the same) is recorded again
+        assert c.info("t/a")["versions"] == [1, 2] and [s["name"] for s in c.ls()] == ["t/a"]
