@@ -20,7 +20,7 @@ from tensord.state import Catalogue
 from tests.data import random_tensor, same_bits
 from tests.test_restore import wait_restored
 
-NAMES = ("t/huge", "t/garbage", "t/fifo", "t/link", "t/dir", "t/good")
+NAMES = ("t/huge", "t/garbage", "t/fifo", "t/link", "t/dir", "t/other", "t/good")
 
 
 def _config(tmp_path: Path) -> str:
@@ -67,6 +67,10 @@ def test_damaged_table_files_leave_their_versions_out_and_the_rest_served(start_
     files["t/link"].symlink_to(outside / files["t/link"].name)
     files["t/dir"].unlink()
     files["t/dir"].mkdir()
+    record = state / "held" / Catalogue.filename("t/other", 1)  # names another set's table (more tensors)
+    data = msgpack.unpackb(record.read_bytes())
+    data["manifest"]["table"] = files["t/good"].stem
+    record.write_bytes(msgpack.packb(data))
 
     t0 = time.monotonic()
     d.start(timeout=30)
@@ -89,8 +93,9 @@ def test_damaged_table_files_leave_their_versions_out_and_the_rest_served(start_
     assert (outside / files["t/link"].name).exists()
     log = d.log.read_text()
     assert "Traceback" not in log
-    for name in NAMES[:-1]:
+    for name in NAMES[:-2]:
         assert f"table file {files[name]}" in log, name
+    assert "the record of t/other v1 holds a bad manifest" in log
     assert "larger than any such state file" in log
 
 
