@@ -26,6 +26,16 @@ def read_file(path: Path, limit: int | None = None) -> bytes:
         return data
 
 
+#: read failures that say what the file is (none, a link, not a regular file, too large), not
+#: that it could not be read this time (permissions, I/O, out of descriptors or memory)
+_SETTLED = (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EFBIG)
+
+
+def unsettled(exc: BaseException | None) -> bool:
+    """Whether a read failed for a reason that may pass (the file may well be intact)."""
+    return isinstance(exc, OSError) and exc.errno not in _SETTLED
+
+
 def why(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
         return "a symbolic link: state files are never links"

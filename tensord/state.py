@@ -41,7 +41,7 @@ from typing import Any
 
 import msgpack
 
-from tensord.durable import read_file, remove_file, why, write_file
+from tensord.durable import read_file, remove_file, unsettled, why, write_file
 from tensord.held_tables import MAX_STATE_FILE, TableFiles
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
@@ -208,6 +208,7 @@ class Catalogue:
             raise InvalidArgument(f"state directory {self.tables.directory}: cannot be replaced: {why(exc)}") from None
         self.records.clear()
         self.skipped = []
+        self.tables.unsure = False
         read: dict[str, dict[str, Any] | None] = {}
         for path in files:
             try:
@@ -220,6 +221,7 @@ class Catalogue:
             except InvalidArgument as exc:
                 log.warning("skipped: %s", exc.message)
                 self.skipped.append(path)
+                self.tables.unsure = self.tables.unsure or unsettled(exc.__cause__)
                 continue
             self.records[record.key] = record
         self.tables.keep_only({r.table for r in self.records.values() if r.table})
@@ -313,7 +315,7 @@ def _read_record(path: Path) -> Record:
     try:
         data = msgpack.unpackb(read_file(path, MAX_STATE_FILE), raw=False, strict_map_key=True)
     except OSError as exc:
-        raise bad(f"cannot be read ({why(exc)})") from None
+        raise bad(f"cannot be read ({why(exc)})") from exc
     except Exception:  # msgpack raises several unrelated types
         raise bad("is not valid msgpack") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

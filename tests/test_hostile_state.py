@@ -5,18 +5,23 @@ state directory, and never removes what lies outside it."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import shutil
 import time
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import sdk
+from tensord import durable, held_tables, state
 from tensord.state import Catalogue
+from tensord_contract.manifest import Manifest, table_of
 from tests.data import random_tensor, same_bits
 from tests.test_restore import wait_restored
 
@@ -131,3 +136,38 @@ def test_a_tables_directory_that_is_a_link_or_a_file_is_not_followed(start_daemo
     with d.client() as c:
         assert wait_restored(c)["restored"] == 2  # v1 too: its table (the same) is recorded again
         assert c.info("t/a")["versions"] == [1, 2] and [s["name"] for s in c.ls()] == ["t/a"]
+
+
+@pytest.mark.parametrize("where", ["table", "record"])
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EIO, errno.EMFILE])
+def test_a_state_file_unreadable_for_now_removes_no_table_file(tmp_path: Path, monkeypatch, where, err) -> None:
+    """A table file (or a record, whose table is then unknown) that cannot be read at load for
+    a reason that may pass (permissions, I/O, descriptors) leaves its record unrestored this
+    time, and every table file in place: once it reads again, the record comes back."""
+    cat = Catalogue(tmp_path)
+    cat.load()
+    for name in ("a/one", "a/two"):
+        table = table_of({name: ("float32", (4,))})
+        m = Manifest(name, 0, table, *table.layout()).committed(1, np.zeros(1, np.uint64), 1.0, 3)
+        asyncio.run(cat.note(m, "cpu", "s", evicted=False, with_manifest=True))
+    tables = sorted((tmp_path / "tables").iterdir())
+    record = tmp_path / Catalogue.filename("a/one", 1)
+    key = msgpack.unpackb(record.read_bytes())["manifest"]["table"]
+    blocked = record if where == "record" else tmp_path / "tables" / f"{key}.tbl"
+    real = durable.read_file
+
+    def failing(path: Path, limit: int | None = None) -> bytes:
+        if Path(path) == blocked:
+            raise OSError(err, os.strerror(err))
+        return real(path, limit)
+
+    monkeypatch.setattr(held_tables, "read_file", failing)
+    monkeypatch.setattr(state, "read_file", failing)
+    back = Catalogue(tmp_path)
+    back.load()
+    assert back.get("a/one", 1) is None and back.get("a/two", 1) is not None
+    assert sorted((tmp_path / "tables").iterdir()) == tables
+    monkeypatch.undo()
+    again = Catalogue(tmp_path)
+    again.load()
+    assert again.get("a/one", 1) is not None and again.get("a/two", 1) is not None
