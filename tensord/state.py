@@ -146,6 +146,8 @@ class VersionCounters:
             key = self.bucket(name)
             counters = {**self._buckets.get(key, {})}
             counters[name] = version = counters.get(name, 0) + 1 if to is None else max(to, counters.get(name, 0))
+            if version > MAX_VERSION:  # a version every reader can decode, or none
+                raise OutOfCapacity(f"{name} has used every version up to {MAX_VERSION}: use another name", name=name)
             try:
                 await asyncio.to_thread(_write_bucket, self.directory, key, counters)
             except OSError as exc:
@@ -344,7 +346,7 @@ def _read_bucket(path: Path) -> dict[str, int]:
         )
 
     try:
-        data = json.loads(read_file(path))
+        data = json.loads(read_file(path, MAX_STATE_FILE))
     except OSError as exc:
         raise bad(f"cannot be read ({why(exc)})") from None
     except ValueError:
@@ -353,7 +355,7 @@ def _read_bucket(path: Path) -> dict[str, int]:
         raise bad(f"is not a version-counter file of format {FORMAT}")
     counters = data["versions"]
     for name, version in counters.items():
-        if type(version) is not int or version < 0:
+        if type(version) is not int or not 0 <= version <= MAX_VERSION:
             raise bad(f"holds a bad counter for {name!r:.80}")
     return counters
 

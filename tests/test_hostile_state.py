@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import shutil
 import time
@@ -20,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import sdk
 from tensord import durable, held_tables, state
-from tensord.state import Catalogue
+from tensord.state import Catalogue, VersionCounters
 from tensord_contract.manifest import Manifest, table_of
+from tensord_contract.names import MAX_VERSION
 from tests.data import random_tensor, same_bits
 from tests.test_restore import wait_restored
 
@@ -171,3 +173,32 @@ def test_a_state_file_unreadable_for_now_removes_no_table_file(tmp_path: Path, m
     again = Catalogue(tmp_path)
     again.load()
     assert again.get("a/one", 1) is not None and again.get("a/two", 1) is not None
+
+
+def test_version_counters_stop_at_the_largest_version_and_refuse_beyond_it(start_daemon, tmp_path: Path) -> None:
+    """A counter at 2**63-2 hands out 2**63-1, the last version every reader decodes; the next
+    put is OutOfCapacity and changes nothing. A counter past 2**63-1 stops the start, naming
+    its file (as any damaged counter does)."""
+    d = start_daemon("counters", config=_config(tmp_path))
+    with d.client() as c:
+        assert c.put("c/max", {"x": torch.ones(2)}) == 1
+    d.kill()
+    bucket = tmp_path / "state" / "versions" / f"{VersionCounters.bucket('c/max')}.json"
+    data = json.loads(bucket.read_text())
+    data["versions"]["c/max"] = MAX_VERSION - 1
+    bucket.write_text(json.dumps(data))
+    d.start(timeout=30)
+    with d.client() as c:
+        assert c.put("c/max", {"x": torch.full((2,), 3.0)}) == MAX_VERSION
+        used = c.status()["devices"]["cpu"]["used"]
+        with pytest.raises(sdk.OutOfCapacity, match="every version"):
+            c.put("c/max", {"x": torch.ones(2)})
+        assert c.info("c/max")["versions"] == [1, MAX_VERSION]
+        assert [s["latest"] for s in c.ls()] == [MAX_VERSION]
+        assert (c.status()["devices"]["cpu"]["used"], c.status()["reservations"]) == (used, 0)
+        assert torch.equal(c.get("c/max")["x"], torch.full((2,), 3.0))
+    d.kill()
+    data["versions"]["c/max"] = MAX_VERSION + 1
+    bucket.write_text(json.dumps(data))
+    with pytest.raises(RuntimeError, match=f"state file {bucket} holds a bad counter"):
+        d.start(timeout=30)
