@@ -1,8 +1,10 @@
-"""Files that must survive a crash: written to a temporary file, fsync-ed, renamed over the
+"""Files that must survive a crash: written to a fresh temporary file (whatever stood at its
+name, a link included, is removed first, never written through), fsync-ed, renamed over the
 old one, the directory fsync-ed; read without following links or waiting (a FIFO is refused)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -54,7 +56,9 @@ def write_file(directory: Path, filename: str, data: bytes) -> None:
     """Replace one file durably: temporary file, fsync, rename, fsync the directory."""
     final = directory / filename
     temporary = directory / f".{filename}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(FileNotFoundError):  # a crash's leftover, or a link: never written through
+        os.unlink(temporary)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:

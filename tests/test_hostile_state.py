@@ -202,3 +202,31 @@ def test_version_counters_stop_at_the_largest_version_and_refuse_beyond_it(start
     bucket.write_text(json.dumps(data))
     with pytest.raises(RuntimeError, match=f"state file {bucket} holds a bad counter"):
         d.start(timeout=30)
+
+
+def test_links_planted_at_temporary_names_are_never_written_through(start_daemon, tmp_path: Path) -> None:
+    """Every state write goes to `.NAME.tmp` first: a link planted there (to a file outside the
+    state directory) is replaced, not followed; the file it points to keeps its bytes and the
+    record, table and counter written are regular files that load again."""
+    d = start_daemon("planted", config=_config(tmp_path))
+    with d.client() as c:
+        assert c.put("p/first", {"x": torch.ones(2)}) == 1  # the directories exist
+    state, victim = tmp_path / "state", tmp_path / "victim"
+    victim.write_bytes(b"not the daemon's")
+    digest = table_of({"x": ("float32", (3,))}).digest.hex()
+    written = [
+        state / "held" / Catalogue.filename("p/link", 1),
+        state / "held" / "tables" / f"{digest}.tbl",
+        state / "versions" / f"{VersionCounters.bucket('p/link')}.json",
+    ]
+    for path in written:
+        (path.parent / f".{path.name}.tmp").symlink_to(victim)
+    with d.client() as c:
+        assert c.put("p/link", {"x": torch.ones(3)}) == 1
+    assert victim.read_bytes() == b"not the daemon's"
+    assert all(p.is_file() and not p.is_symlink() for p in written)
+    d.kill()
+    d.start(timeout=30)
+    with d.client() as c:
+        assert c.info("p/link")["versions"] == [1]  # its record and table read back
+        assert c.put("p/link", {"x": torch.ones(3)}) == 2
