@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tensord_contract.manifest import table_of
-from tests.frames import Raw, code
+from tests.frames import Raw, code, log_clean
 from tests.test_publish import _EXPOSED, _args
 
 THREE = table_of({"x": ("float32", (4,)), "y": ("float32", (2,)), "z": ("float32", (3,))})
@@ -37,18 +37,6 @@ def _state(raw: Raw) -> tuple[Any, ...]:
     return _ok(raw.call("ls")), status["reservations"], published, sorted(status["devices"])
 
 
-def _log_clean(daemon) -> None:
-    text = daemon.log.read_text()
-    assert "Traceback" not in text and "internal error" not in text, text[-3000:]
-
-
-@pytest.fixture
-def raw(daemon):
-    r = Raw(daemon.socket)
-    yield r
-    r.close()
-
-
 @pytest.mark.parametrize("digest", ["x" * 32, 5, None, b"x" * 31, b"x" * 33, b"", [THREE.digest], {"d": 1}, 1.5])
 def test_a_malformed_table_digest_is_refused_and_changes_nothing(daemon, raw: Raw, digest: Any) -> None:
     with daemon.client() as c:
@@ -60,7 +48,7 @@ def test_a_malformed_table_digest_is_refused_and_changes_nothing(daemon, raw: Ra
     both = raw.call("put_begin", name="digest/bad", device="cpu", table_digest=THREE.digest, tensors=THREE.to_wire())
     assert code(both) == "invalid_argument"
     assert _state(raw) == before
-    _log_clean(daemon)
+    log_clean(daemon.log)
 
 
 def test_a_known_table_of_another_tensor_count_than_the_request_is_refused(daemon, raw: Raw) -> None:
@@ -81,7 +69,7 @@ def test_a_known_table_of_another_tensor_count_than_the_request_is_refused(daemo
     fps = np.arange(3, dtype="<u8").tobytes()
     assert _ok(raw.call("put_commit", reservation=rid, fingerprints=fps, fp=3))["version"] == 2
     assert _ok(raw.call("info", name="digest/count"))["count"] == 3
-    _log_clean(daemon)
+    log_clean(daemon.log)
 
 
 @pytest.mark.parametrize("device", ["cuda:", "cuda:-1", "cuda:abc", "cuda:1x", "gpu", "cuda:\u0661", "CPU", "cpu\n"])
@@ -138,7 +126,7 @@ def test_mutated_publishes_get_no_internal_reply_and_leave_nothing(daemon) -> No
             time.sleep(0.05)
         assert c.status()["published"] == []
         assert not {"digest/fuzz", "cpu"} & {s["name"] for s in c.ls()}  # "cpu" is a name, too
-    _log_clean(daemon)
+    log_clean(daemon.log)
 
 
 def test_puts_by_digest_racing_puts_of_another_layout_read_back_their_own_bytes(daemon) -> None:
@@ -175,4 +163,4 @@ def test_puts_by_digest_racing_puts_of_another_layout_read_back_their_own_bytes(
         for version, want in written.items():
             got = c.get("digest/race", version, verify=True)
             assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), version
-    _log_clean(daemon)
+    log_clean(daemon.log)

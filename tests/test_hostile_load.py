@@ -1,13 +1,12 @@
 """`load` with passed descriptors (SCM_RIGHTS) that no honest `tensord load` sends: character
 devices, pipes, descriptors not open for reading, `O_PATH` ones, a /proc file (regular, size
-0, endless), a descriptor not at offset 0, a file cut or grown while the daemon reads it. Each
-is refused with InvalidArgument and leaves no version, reservation or descriptor behind, or,
-where the bytes are a checkpoint, loads them bit-exact."""
+0, endless), a descriptor not at offset 0, a memfd (files cut or grown while the daemon reads
+them: `test_load_passing.py`). Each is refused with InvalidArgument and leaves no version,
+reservation or descriptor behind, or, where the bytes are a checkpoint, loads them bit-exact."""
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,9 +37,9 @@ def _nothing_left(daemon, name: str, fds_before: int) -> None:
         status = c.status()
         assert status["reservations"] == 0 and status["loads"] == []
     deadline = time.monotonic() + 5  # a slab freed after a delete closes its memfd soon after
-    while daemon.open_fds() != fds_before and time.monotonic() < deadline:
+    while daemon.open_fds() > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert daemon.open_fds() == fds_before
+    assert daemon.open_fds() <= fds_before  # the passed descriptor was closed
 
 
 def _warm(daemon, checkpoint: str) -> None:
@@ -108,51 +107,3 @@ def test_a_descriptor_not_at_offset_zero_and_a_memfd_load_the_checkpoint(daemon,
     finally:
         os.close(fd)
         os.close(memfd)
-
-
-@pytest.mark.parametrize("change", ["truncate", "grow"])
-def test_a_file_cut_or_grown_while_it_is_read_is_refused(daemon, tmp_path, change: str) -> None:
-    """Changed once the daemon shows the load in progress, without touching its mtime back:
-    refused; retried with a larger file if the load ended first."""
-    name = f"hostile/{change}"
-    for size in (32 << 20, 128 << 20, 512 << 20):
-        path = tmp_path / f"{change}.safetensors"
-        save_file({"w": torch.arange(size // 4, dtype=torch.int32)}, path)
-        fd = os.open(path, os.O_RDONLY)
-        done, changed = threading.Event(), threading.Event()
-
-        def alter(path=path, done=done, changed=changed) -> None:
-            with CatalogueClient(daemon.socket) as watcher:
-                while not done.is_set():
-                    if any(x["name"] == name for x in watcher.status()["loads"]):
-                        if change == "truncate":
-                            os.truncate(path, os.path.getsize(path) // 2)
-                        else:
-                            with open(path, "ab") as f:
-                                f.write(b"\0" * 4096)
-                        changed.set()
-                        return
-
-        _warm(daemon, str(path))
-        fds_before = daemon.open_fds()
-        thread = threading.Thread(target=alter)
-        thread.start()
-        refused = None
-        try:
-            _load(daemon, fd, str(path), name, threads=1)
-        except sdk.InvalidArgument as exc:
-            refused = exc
-        finally:
-            done.set()
-            thread.join()
-            os.close(fd)
-        if refused is None and not changed.is_set():
-            with CatalogueClient(daemon.socket) as c:
-                c.delete(name)
-            continue
-        assert refused is not None, "a file changed under the load became a version"
-        assert "changed while it was read" in refused.message or "truncated" in refused.message
-        time.sleep(0.1)
-        _nothing_left(daemon, name, fds_before)
-        return
-    pytest.skip("every load ended before the file could be changed")
