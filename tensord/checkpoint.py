@@ -349,11 +349,13 @@ def _shard_path(directory: str, shard: Any, index: str, tensor: str, root: str) 
 
 
 def _read_indexed(directory: str, index: str, root: str) -> list[FileTensor]:
-    try:
-        if os.path.getsize(index) > MAX_INDEX_BYTES:
+    try:  # O_NONBLOCK: an index that is a FIFO must not hang the open
+        with os.fdopen(os.open(index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _bad(index, "index is not a regular file")
+            raw = f.read(MAX_INDEX_BYTES + 1)
+        if len(raw) > MAX_INDEX_BYTES:
             raise _bad(index, f"index larger than {MAX_INDEX_BYTES} bytes")
-        with open(index, "rb") as f:
-            raw = f.read()
     except OSError as exc:
         raise _bad(index, f"cannot read: {exc.strerror or exc}") from exc
     data = _load_json(index, raw, "index")

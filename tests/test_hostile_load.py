@@ -107,3 +107,19 @@ def test_a_descriptor_not_at_offset_zero_and_a_memfd_load_the_checkpoint(daemon,
     finally:
         os.close(fd)
         os.close(memfd)
+
+
+def test_a_checkpoint_directory_whose_index_is_a_fifo_is_refused(start_daemon, tmp_path) -> None:
+    """A FIFO where a directory's index would be (under an allowed root, read by path) is
+    refused at once: opening it used to block a daemon thread for ever, and with it the load
+    and the daemon's stop."""
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    save_file(WEIGHTS, models / "m" / "model-00001.safetensors")
+    os.mkfifo(models / "m" / "model.safetensors.index.json")
+    d = start_daemon("fifo-index", config=f'[ingest]\nallowed_roots = ["{models}"]\n')
+    with CatalogueClient(d.socket, timeout=20) as c:
+        with pytest.raises(sdk.InvalidArgument, match="index is not a regular file"):
+            c.load_checkpoint(str(models / "m"), "hostile/fifo-index")
+        assert c.ls() == [] and c.status()["loads"] == []
+    assert d.stop(timeout=10) == 0
