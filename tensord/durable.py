@@ -44,6 +44,25 @@ def why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def not_a_directory(path: Path) -> str:
+    """What `path` is when it is not a directory of its own: "a symbolic link" (never
+    followed: what it points to is not the state directory's), "not a directory"; "" for a
+    directory, or nothing yet."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISDIR(mode):
+        return ""
+    return "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+
+
+def made_a_directory(path: Path) -> None:
+    """Replace what stands at `path` (a link, a file: `not_a_directory`) by an empty directory."""
+    os.unlink(path)
+    path.mkdir(mode=0o700)
+
+
 def remove_file(directory: Path, filename: str) -> None:
     try:
         os.unlink(directory / filename)

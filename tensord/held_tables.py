@@ -12,15 +12,21 @@ it is replaced by an empty directory (logged), so new versions can be recorded.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from tensord.durable import read_file, remove_file, unsettled, why, write_file
+from tensord.durable import (
+    made_a_directory,
+    not_a_directory,
+    read_file,
+    remove_file,
+    unsettled,
+    why,
+    write_file,
+)
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Table
 from tensord_contract.manifest.version import TABLE_KEYS
@@ -44,16 +50,10 @@ class TableFiles:
     def open(self) -> None:
         """Before load: a `tables` that is not a real directory is replaced by an empty one
         (what it points to or holds is neither read nor removed); OSError if it cannot be."""
-        try:
-            mode = os.lstat(self.directory).st_mode
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(mode):
-            return
-        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
-        log.warning("%s is %s: the tables in it are not read; replaced by an empty directory", self.directory, kind)
-        os.unlink(self.directory)
-        self.directory.mkdir(mode=0o700)
+        kind = not_a_directory(self.directory)
+        if kind:
+            log.warning("%s is %s: the tables in it are not read; replaced by an empty directory", self.directory, kind)
+            made_a_directory(self.directory)
 
     @staticmethod
     def placing(manifest: dict[str, Any], key: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from typing import Any
 
 import msgpack
 
-from tensord.durable import read_file, remove_file, unsettled, why, write_file
+from tensord.durable import made_a_directory, not_a_directory, read_file, remove_file, unsettled, why, write_file
 from tensord.held_tables import MAX_STATE_FILE, TableFiles
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
@@ -122,6 +122,9 @@ class VersionCounters:
         return hashlib.blake2b(name.encode(), digest_size=1).hexdigest()
 
     def load(self) -> None:
+        kind = not_a_directory(self.directory)
+        if kind:  # starting without its counters would reuse versions
+            raise InvalidArgument(f"state directory {self.directory} is {kind}: make it the directory of counters")
         files = _files(self.directory, ".json")
         self._buckets.clear()
         for path in files:
@@ -202,7 +205,15 @@ class Catalogue:
 
     def load(self) -> None:
         """Read every record; a damaged one is skipped and logged (its version is not restored,
-        and the version counters keep it from being reused)."""
+        and the version counters keep it from being reused). A `held` that is not a directory
+        (a link, a file) is not read: replaced by an empty directory (logged)."""
+        kind = not_a_directory(self.directory)
+        if kind:
+            log.warning("%s is %s: the versions it records are not read; replaced by a directory", self.directory, kind)
+            try:
+                made_a_directory(self.directory)
+            except OSError as exc:
+                raise InvalidArgument(f"state directory {self.directory}: cannot be replaced: {why(exc)}") from None
         files = _files(self.directory, ".rec")
         try:
             self.tables.open()

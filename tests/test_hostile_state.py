@@ -230,3 +230,32 @@ def test_links_planted_at_temporary_names_are_never_written_through(start_daemon
     with d.client() as c:
         assert c.info("p/link")["versions"] == [1]  # its record and table read back
         assert c.put("p/link", {"x": torch.ones(3)}) == 2
+
+
+def test_held_or_versions_as_a_link_is_never_followed(start_daemon, tmp_path: Path) -> None:
+    """`held` a link to a copy of itself (plus a stray table file): not read, not written,
+    nothing in the copy removed; the daemon records anew in a real directory. `versions` a
+    link: the start stops naming it (without its counters, versions would be reused)."""
+    d = start_daemon("heldlink", config=_config(tmp_path))
+    _loaded(d, tmp_path, ("h/a",))
+    d.kill()
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    shutil.copytree(state / "held", elsewhere)
+    (elsewhere / "tables" / f"{'0' * 64}.tbl").write_bytes(b"not the daemon's")
+    before = sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*"))
+    shutil.rmtree(state / "held")
+    (state / "held").symlink_to(elsewhere)
+    d.start(timeout=30)
+    with d.client() as c:
+        wait_restored(c)
+        assert c.ls() == []
+        assert c.load_checkpoint(str(tmp_path / "models" / "0.safetensors"), "h/a") == 2  # counters kept
+    assert sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*")) == before
+    assert (state / "held").is_dir() and not (state / "held").is_symlink()
+    assert (state / "held" / Catalogue.filename("h/a", 2)).is_file()
+    assert f"{state / 'held'} is a symbolic link" in d.log.read_text()
+    d.kill()
+    shutil.move(state / "versions", tmp_path / "counters")
+    (state / "versions").symlink_to(tmp_path / "counters")
+    with pytest.raises(RuntimeError, match=f"state directory {state / 'versions'} is a symbolic link"):
+        d.start(timeout=30)
