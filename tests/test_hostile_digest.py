@@ -7,6 +7,7 @@ every version read back holds the bytes that were put."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import threading
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import sdk
 from tensord_contract.manifest import table_of
 from tests.frames import Raw, code, log_clean
 from tests.test_publish import _EXPOSED, _args
@@ -163,4 +165,46 @@ def test_puts_by_digest_racing_puts_of_another_layout_read_back_their_own_bytes(
         for version, want in written.items():
             got = c.get("digest/race", version, verify=True)
             assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), version
+    log_clean(daemon.log)
+
+
+def test_puts_by_digest_racing_deletes_of_the_name_never_fail_or_mix_bytes(daemon) -> None:
+    """One client puts a kept plan again and again (its table named by digest, known after the
+    name's versions were deleted: the daemon remembers it), another deletes the name in a loop:
+    every put succeeds with a new version, every read is its put's bytes or NotFound."""
+    stop, errors, versions = threading.Event(), [], []
+
+    def putter() -> None:
+        tensors = {"x": torch.zeros(64), "y": torch.zeros(5, dtype=torch.int64)}
+        try:
+            with daemon.client() as c:
+                for step in range(40):
+                    for t in tensors.values():
+                        t.fill_(step)
+                    versions.append(c.put("digest/deleted", tensors))
+                    try:
+                        got = c.get("digest/deleted", versions[-1])
+                    except sdk.NotFound:
+                        continue
+                    assert all(torch.equal(got[k], torch.full_like(v, step)) for k, v in tensors.items()), step
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def deleter() -> None:
+        with daemon.client() as c:
+            while not stop.is_set():
+                with contextlib.suppress(sdk.NotFound):
+                    c.delete("digest/deleted")
+
+    threads = [threading.Thread(target=putter), threading.Thread(target=deleter)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert versions == list(range(1, 41))
+    with daemon.client() as c:
+        assert c.status()["reservations"] == 0
     log_clean(daemon.log)
