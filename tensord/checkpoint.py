@@ -131,10 +131,12 @@ def _load_json(path: str, raw: bytes, what: str) -> Any:
 def read_header_and_metadata(path: str | os.PathLike[str]) -> tuple[list[FileTensor], dict[str, str]]:
     """Read and validate one file's header; return its tensors (by offset) and ``__metadata__``."""
     p = os.fspath(path)
-    try:
-        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block open()
-            raise _bad(p, "is a directory" if os.path.isdir(p) else "is not a regular file")
-        with open(p, "rb") as f:
+    try:  # O_NONBLOCK: a FIFO (even one swapped in after a check by path) must not block open()
+        with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise _bad(p, "is a directory" if stat.S_ISDIR(mode) else "is not a regular file")
+            os.set_blocking(f.fileno(), True)
             return _header_of(f.fileno(), p)
     except FileNotFoundError:
         raise NotFound(f"{p}: no such file", path=p) from None
@@ -349,11 +351,13 @@ def _shard_path(directory: str, shard: Any, index: str, tensor: str, root: str) 
 
 
 def _read_indexed(directory: str, index: str, root: str) -> list[FileTensor]:
-    try:
-        if os.path.getsize(index) > MAX_INDEX_BYTES:
+    try:  # O_NONBLOCK: an index that is a FIFO must not hang the open
+        with os.fdopen(os.open(index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _bad(index, "index is not a regular file")
+            raw = f.read(MAX_INDEX_BYTES + 1)
+        if len(raw) > MAX_INDEX_BYTES:
             raise _bad(index, f"index larger than {MAX_INDEX_BYTES} bytes")
-        with open(index, "rb") as f:
-            raw = f.read()
     except OSError as exc:
         raise _bad(index, f"cannot read: {exc.strerror or exc}") from exc
     data = _load_json(index, raw, "index")

@@ -67,6 +67,7 @@ class Session:
     #: uses, the server closes the rest after the reply
     passed: list[int] = field(default_factory=list)
     outcome: tuple[str, str] = ("", "")  # (op, "ok" or error code) of the last request: metrics
+    fd: int = -1  # the connection's socket, for an op that waits to see it closed (`ops.base.unless_gone`)
 
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[tuple[Any, list[int]]]]
@@ -178,7 +179,7 @@ class Server:
                 log.debug("connection dropped while accepting it: %s", exc)
                 conn.close()
                 continue
-            task = loop.create_task(self._serve(conn, Session(self._next, peer, local=local)))
+            task = loop.create_task(self._serve(conn, Session(self._next, peer, local=local, fd=conn.fileno())))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -20,7 +20,8 @@ the directory. Counters are never removed (a deleted name keeps its count); a he
 file goes when the version is deleted or leaves the node for good. A damaged record is skipped
 and logged (that version is not restored; the counters keep its number from being reused). A
 counter file that cannot be read stops the daemon from starting, naming it: starting over would
-reuse versions. State files are read without following links or waiting (a FIFO is refused).
+reuse versions. State files are read without following links or waiting (a FIFO is refused), and a
+record or table file larger than any the daemon writes (`MAX_STATE_FILE`) is refused unread.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from typing import Any
 
 import msgpack
 
-from tensord.durable import read_file, remove_file, why, write_file
-from tensord.held_tables import TableFiles
+from tensord.durable import made_a_directory, not_a_directory, read_file, remove_file, unsettled, why, write_file
+from tensord.held_tables import MAX_STATE_FILE, TableFiles
 from tensord_contract.errors import InvalidArgument, OutOfCapacity, TensordError, Unavailable
 from tensord_contract.manifest import Manifest
 from tensord_contract.names import MAX_VERSION, check_name
@@ -121,6 +122,9 @@ class VersionCounters:
         return hashlib.blake2b(name.encode(), digest_size=1).hexdigest()
 
     def load(self) -> None:
+        kind = not_a_directory(self.directory)
+        if kind:  # starting without its counters would reuse versions
+            raise InvalidArgument(f"state directory {self.directory} is {kind}: make it the directory of counters")
         files = _files(self.directory, ".json")
         self._buckets.clear()
         for path in files:
@@ -145,6 +149,8 @@ class VersionCounters:
             key = self.bucket(name)
             counters = {**self._buckets.get(key, {})}
             counters[name] = version = counters.get(name, 0) + 1 if to is None else max(to, counters.get(name, 0))
+            if version > MAX_VERSION:  # a version every reader can decode, or none
+                raise OutOfCapacity(f"{name} has used every version up to {MAX_VERSION}: use another name", name=name)
             try:
                 await asyncio.to_thread(_write_bucket, self.directory, key, counters)
             except OSError as exc:
@@ -199,10 +205,23 @@ class Catalogue:
 
     def load(self) -> None:
         """Read every record; a damaged one is skipped and logged (its version is not restored,
-        and the version counters keep it from being reused)."""
+        and the version counters keep it from being reused). A `held` that is not a directory
+        (a link, a file) is not read: replaced by an empty directory (logged)."""
+        kind = not_a_directory(self.directory)
+        if kind:
+            log.warning("%s is %s: the versions it records are not read; replaced by a directory", self.directory, kind)
+            try:
+                made_a_directory(self.directory)
+            except OSError as exc:
+                raise InvalidArgument(f"state directory {self.directory}: cannot be replaced: {why(exc)}") from None
         files = _files(self.directory, ".rec")
+        try:
+            self.tables.open()
+        except OSError as exc:
+            raise InvalidArgument(f"state directory {self.tables.directory}: cannot be replaced: {why(exc)}") from None
         self.records.clear()
         self.skipped = []
+        self.tables.unsure = False
         read: dict[str, dict[str, Any] | None] = {}
         for path in files:
             try:
@@ -215,6 +234,7 @@ class Catalogue:
             except InvalidArgument as exc:
                 log.warning("skipped: %s", exc.message)
                 self.skipped.append(path)
+                self.tables.unsure = self.tables.unsure or unsettled(exc.__cause__)
                 continue
             self.records[record.key] = record
         self.tables.keep_only({r.table for r in self.records.values() if r.table})
@@ -306,9 +326,9 @@ def _read_record(path: Path) -> Record:
         return InvalidArgument(f"state file {path} {why}: repair or remove it (removing it forgets that held version)")
 
     try:
-        data = msgpack.unpackb(read_file(path), raw=False, strict_map_key=True)
+        data = msgpack.unpackb(read_file(path, MAX_STATE_FILE), raw=False, strict_map_key=True)
     except OSError as exc:
-        raise bad(f"cannot be read ({why(exc)})") from None
+        raise bad(f"cannot be read ({why(exc)})") from exc
     except Exception:  # msgpack raises several unrelated types
         raise bad("is not valid msgpack") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -337,7 +357,7 @@ def _read_bucket(path: Path) -> dict[str, int]:
         )
 
     try:
-        data = json.loads(read_file(path))
+        data = json.loads(read_file(path, MAX_STATE_FILE))
     except OSError as exc:
         raise bad(f"cannot be read ({why(exc)})") from None
     except ValueError:
@@ -346,7 +366,7 @@ def _read_bucket(path: Path) -> dict[str, int]:
         raise bad(f"is not a version-counter file of format {FORMAT}")
     counters = data["versions"]
     for name, version in counters.items():
-        if type(version) is not int or version < 0:
+        if type(version) is not int or not 0 <= version <= MAX_VERSION:
             raise bad(f"holds a bad counter for {name!r:.80}")
     return counters
 

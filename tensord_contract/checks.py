@@ -14,9 +14,9 @@ def is_int(value: object, low: int | None = None, high: int | None = None) -> Ty
     return (low is None or value >= low) and (high is None or value <= high)
 
 
-_DEVICE = re.compile(r"^(cpu|cuda:\d{1,4})$")
+_DEVICE = re.compile(r"cpu|cuda:[0-9]{1,4}")
 
 
-def is_device_name(value: object) -> bool:
+def is_device_name(value: object) -> TypeGuard[str]:
     """Whether `value` names a device: "cpu" or "cuda:N"."""
     return isinstance(value, str) and _DEVICE.fullmatch(value) is not None

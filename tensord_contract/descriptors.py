@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
+from tensord_contract.checks import is_device_name
 from tensord_contract.errors import ProtocolError, TensordError
 
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
@@ -173,8 +174,8 @@ def published_from_wire(
         raise error("a published replica needs its Transfer Engine session ('host:port')")
     if not isinstance(more, list) or len(more) > MAX_ENGINES - 1 or not all(_session(s) for s in more):
         raise error(f"a published replica's more_sessions must be a list of at most {MAX_ENGINES - 1} 'host:port'")
-    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda:")) or len(device) > 16:
-        raise error("a published replica's device must be 'cpu' or 'cuda:N'")
+    if not is_device_name(device):
+        raise error(f"a published replica's device must be 'cpu' or 'cuda:N', not {device!r:.40}")
     if not isinstance(addresses, list) or not isinstance(sizes, list) or len(addresses) != len(sizes):
         raise error("a published replica needs lists of allocation addresses and sizes of one length")
     if len(addresses) > MAX_BLOCKS:

@@ -8,6 +8,7 @@ import pytest
 import sdk
 from tests.daemons import DaemonProcess
 from tests.etcd_server import EtcdServer, etcd_server
+from tests.frames import Raw
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -47,6 +48,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 def client(daemon: DaemonProcess) -> Iterator[sdk.Client]:
     with daemon.client() as c:
         yield c
+
+
+@pytest.fixture
+def raw(daemon: DaemonProcess) -> Iterator[Raw]:
+    """A hand-driven connection to the shared daemon, hello said (`tests.frames.Raw`)."""
+    r = Raw(daemon.socket)
+    yield r
+    r.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -67,3 +68,9 @@ def code(reply: dict[str, Any] | None) -> str:
     """The error code of a failed reply."""
     assert reply is not None and reply["ok"] is False, reply
     return str(reply["error"]["code"])
+
+
+def log_clean(log: Path) -> None:
+    """A daemon's log shows no traceback and no internal error."""
+    text = log.read_text()
+    assert "Traceback" not in text and "internal error" not in text, text[-3000:]

@@ -17,13 +17,6 @@ from tensord_contract.names import check_name
 from tests.frames import Raw, code
 
 
-@pytest.fixture
-def raw(daemon):
-    r = Raw(daemon.socket)
-    yield r
-    r.close()
-
-
 @pytest.fixture(autouse=True)
 def _daemon_unharmed(daemon):
     """After every test here: the store is as it was and the daemon still serves."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -17,21 +16,9 @@ import sdk
 from tensord_contract import wire
 from tensord_contract.manifest import MAX_MANIFEST_BYTES, MAX_TENSORS, Table
 from tests.etcd_server import free_port
-from tests.frames import Raw, code
+from tests.frames import Raw, code, log_clean
 
 TOKEN = "hostile-secret"
-
-
-def _log_clean(log: Path) -> None:
-    text = log.read_text()
-    assert "Traceback" not in text and "internal error" not in text, text[-3000:]
-
-
-@pytest.fixture
-def raw(daemon):
-    r = Raw(daemon.socket)
-    yield r
-    r.close()
 
 
 @pytest.mark.parametrize(
@@ -60,7 +47,7 @@ def test_malformed_requests_get_precise_codes(daemon, raw: Raw, request_: dict[s
     else:
         assert code(reply) == expected
     assert raw.call("ls")["ok"]  # the connection goes on
-    _log_clean(daemon.log)
+    log_clean(daemon.log)
 
 
 def test_deeply_nested_arguments_are_refused(daemon, raw: Raw) -> None:
@@ -72,7 +59,7 @@ def test_deeply_nested_arguments_are_refused(daemon, raw: Raw) -> None:
     raw.send({"id": 8, "op": "put_begin", "args": {"name": "deep", "device": "cpu", "tensors": nested}})
     assert code(raw.recv()) == "invalid_argument"
     assert raw.call("ls")["ok"]
-    _log_clean(daemon.log)
+    log_clean(daemon.log)
 
 
 def test_error_with_an_integer_msgpack_cannot_hold_is_still_answered(daemon, raw: Raw) -> None:
@@ -84,7 +71,7 @@ def test_error_with_an_integer_msgpack_cannot_hold_is_still_answered(daemon, raw
     assert code(reply) == "out_of_capacity"
     assert "bytes requested" in reply["error"]["message"]
     assert raw.call("status")["result"]["reservations"] == 0
-    _log_clean(daemon.log)
+    log_clean(daemon.log)
 
 
 def test_a_set_whose_manifest_no_reply_could_carry_is_refused_at_put_begin(daemon, raw: Raw) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import time
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from tensord.context import NodeContext
@@ -21,11 +23,15 @@ from tensord.restore import Restorer
 from tensord.rpc import Session, brief
 from tensord.store import Store
 from tensord_contract.checks import is_int
-from tensord_contract.errors import InvalidArgument
+from tensord_contract.errors import InvalidArgument, Unavailable
 from tensord_contract.manifest import Manifest, Table
 from tensord_contract.table_messages import PublishRequest, PutBeginRequest
 
 M = TypeVar("M", PutBeginRequest, PublishRequest)
+T = TypeVar("T")
+
+#: how often an op that waits on a client's behalf looks whether that client closed its socket
+HANGUP_POLL = 0.5
 
 #: tables of more tensors than this are decoded or listed on a worker thread, off the event loop
 OFF_LOOP_TENSORS = 2_000
@@ -85,3 +91,34 @@ class Ops:
         """A committed manifest: from memory when this node holds the version (it never changes)."""
         held = self.store.lookup(name, version)
         return held.manifest if held is not None else await self.registry.manifest(name, version)
+
+
+async def unless_gone(session: Session, waited: Awaitable[T], timeout: float) -> T:
+    """`asyncio.wait_for(waited, timeout)`, but Unavailable as soon as the session's client has
+    closed its Unix socket (a reply it can never read; the session then closes and gives back
+    what it held, instead of at the timeout). A TCP peer's close is a half-close to the daemon
+    (FIN) and is seen only when the wait ends."""
+    task = asyncio.ensure_future(waited)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            await asyncio.wait({task}, timeout=max(0.0, min(deadline - loop.time(), HANGUP_POLL)))
+            if task.done():
+                return task.result()
+            if loop.time() >= deadline:
+                raise TimeoutError
+            if _hung_up(session.fd):
+                raise Unavailable("the client closed its connection while the daemon waited for it")
+    finally:
+        task.cancel()
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the peer of socket `fd` closed it: POLLHUP (a Unix socket's peer gone, not a
+    half-close, which is POLLRDHUP alone) or an error."""
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLHUP | select.POLLERR)
+    return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from tensord import __version__
-from tensord.ops.base import OFF_LOOP_TENSORS, Ops
+from tensord.ops.base import OFF_LOOP_TENSORS, Ops, unless_gone
 from tensord.rpc import Session
 from tensord_contract.catalogue_messages import (
     DEFAULT_WAIT,
@@ -45,7 +45,7 @@ class CatalogueOps(Ops):
             current = watches[name] = (task, queue, after)
         task, queue, _ = current
         try:
-            version = await asyncio.wait_for(queue.get(), timeout)
+            version = await unless_gone(session, queue.get(), timeout)
         except TimeoutError:
             if task.done() and task.exception() is not None:
                 watches.pop(name, None)

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from typing import Any
 
-from tensord.ops.base import Ops
+from tensord.ops.base import Ops, unless_gone
 from tensord.publications import withdraw
 from tensord.published_slabs import PublishedSlab
 from tensord.rpc import Session
@@ -54,11 +54,13 @@ class PublishOps(Ops):
         if held is None:
             raise NotFound(f"{name} v{version} was not published by this connection", name=name, version=version)
         await withdraw(self.store, self.context, held)
-        if held.pins > 0:
-            held.drained = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(held.drained.wait(), DRAIN_SECONDS if timeout is None else timeout)
-        held.revoked = held.pins > 0
+        try:
+            if held.pins > 0:
+                held.drained = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await unless_gone(session, held.drained.wait(), DRAIN_SECONDS if timeout is None else timeout)
+        finally:  # also when the publisher left meanwhile: the readers still pinned are told
+            held.revoked = held.pins > 0
         return UnpublishReply(not held.revoked, held.pins).to_wire(), []
 
     async def withdraw_published(self, session: Session) -> None:
