@@ -23,8 +23,9 @@ import pytest
 from tensord.registry.base import NodeRecord, Registry, Replica
 from tensord.registry.etcd import EtcdRegistry
 from tensord.registry.local import LocalRegistry
-from tensord_contract.errors import NotFound, Unavailable, VersionConflict
+from tensord_contract.errors import NotFound, OutOfCapacity, Unavailable, VersionConflict
 from tensord_contract.manifest import Manifest, Table
+from tensord_contract.names import MAX_VERSION
 from tests.etcd_server import EtcdServer
 
 T = TypeVar("T")
@@ -321,6 +322,25 @@ async def test_large_manifests_fit_etcd_default_limits(
     assert await reg.delete_version("big/set", v)
     with reg._etcd("test") as c:
         assert list(await c.get_prefix(parts, keys_only=True)) == []
+
+
+async def test_etcd_versions_stop_at_the_last_one_readers_decode(
+    etcd: EtcdServer, make_etcd: Callable[..., EtcdRegistry]
+) -> None:
+    reg = make_etcd(etcd)
+    await reg.start(NODE)
+    key = reg._keys.next("last/set")
+    with reg._etcd("test") as c:
+        await c.put(key, str(MAX_VERSION).encode())
+    assert await reg.allocate_version("last/set") == MAX_VERSION
+    for _ in range(2):  # and never past it
+        with pytest.raises(OutOfCapacity, match="used every version"):
+            await reg.allocate_version("last/set")
+    for garbage in (b"12x", b"-3", b"\xff", str(2**70).encode()):
+        with reg._etcd("test") as c:
+            await c.put(key, garbage)
+        with pytest.raises(Unavailable, match="counter"):
+            await reg.allocate_version("last/set")
 
 
 _DOOMED_NODE = """

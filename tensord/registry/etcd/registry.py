@@ -27,8 +27,9 @@ from tensord.registry.etcd.connection import Connection
 from tensord.registry.etcd.keys import Keys
 from tensord.registry.etcd.lease import LeaseSession
 from tensord.registry.etcd.values import decode_manifest, encode_manifest, pack, unpack
-from tensord_contract.errors import InvalidArgument, NotFound, Unavailable, VersionConflict
+from tensord_contract.errors import InvalidArgument, NotFound, OutOfCapacity, Unavailable, VersionConflict
 from tensord_contract.manifest import Manifest
+from tensord_contract.names import MAX_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,14 @@ class EtcdRegistry(Registry):
             if ok:
                 return current
             found = resp[0] if resp else []
-            current, mod = (int(found[0][0]), found[0][1].mod_revision) if found else (0, 0)
+            current, mod = (_counter(key, found[0][0]), found[0][1].mod_revision) if found else (0, 0)
 
     async def allocate_version(self, name: str) -> int:
         # `next` holds the version the next caller gets; absent means 1
-        return max(await self._cas(self._keys.next(name), "allocate version", lambda cur: max(cur, 1) + 1), 1)
+        version = max(await self._cas(self._keys.next(name), "allocate version", _advance), 1)
+        if version > MAX_VERSION:  # a version every reader can decode, or none
+            raise OutOfCapacity(f"{name} has used every version up to {MAX_VERSION}: use another name", name=name)
+        return version
 
     async def commit(self, manifest: Manifest, replica: Replica) -> None:
         name, version = manifest.name, manifest.version
@@ -375,3 +379,16 @@ class EtcdRegistry(Registry):
                 log.debug("watch of %r interrupted, resuming from revision %s: %s", name, start, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _WATCH_RETRY[1])
+
+
+def _advance(current: int) -> int | None:
+    """The next version counter: past the last decodable version it stays (nothing allocated)."""
+    return None if current > MAX_VERSION else max(current, 1) + 1
+
+
+def _counter(key: bytes, raw: bytes) -> int:
+    """A counter's value in etcd: a decimal from 0 to 2**63, else Unavailable naming the key."""
+    text = raw.decode("ascii", "replace")
+    if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) <= MAX_VERSION + 1):
+        raise Unavailable(f"the registry's counter {key.decode(errors='replace')!r} holds {text[:40]!r}, no version")
+    return int(text)
