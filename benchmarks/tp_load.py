@@ -7,7 +7,8 @@ A Llama-like bf16 safetensors file (attention and MLP projections split by the b
 `llama` rules: q/k/v/gate/up by rows, o/down by columns, so each rank's column shard is
 thousands of runs of its file). Rows, medians after one warm-up, warm page cache:
 - `tensord load FILE` whole (the limit: every byte of the file read once);
-- `tensord load FILE --tp N` (N sets, each rank's bytes read from the same file);
+- `tensord load FILE --tp N` (N sets, filled in one pass over the file: the daemon's line says
+  the bytes written into the ranks and the bytes read);
 - planning a 70B-class Llama's shards at tp 8 from its headers alone (header-only files with
   holes; no data read): `plan_shards` and the chunks of one rank, per rank.
 """
@@ -89,7 +90,7 @@ def main() -> None:
         print(f"  tensord load as typed, whole (limit)   {whole:8.3f} s")
         print(f"  tensord load --tp {args.tp} as typed         {split:8.3f} s  {split / whole:5.2f}x the whole load")
         lines = daemon.log.read_text().splitlines()
-        for line in [x for x in lines if "ingested" in x][-args.tp :]:  # the last load's ranks, in the daemon
+        for line in [x for x in lines if "ingested" in x][-1:]:  # the last load (all its ranks), in the daemon
             print("  daemon:", line[line.find("ingested") :])
         for line in [x for x in lines if "headers" in x and "commit" in x][-2:]:  # a load's phases
             print("  daemon:", line[line.find("load ") :])
