@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -92,8 +93,13 @@ def main() -> None:
         lines = daemon.log.read_text().splitlines()
         for line in [x for x in lines if "ingested" in x][-1:]:  # the last load (all its ranks), in the daemon
             print("  daemon:", line[line.find("ingested") :])
-        for line in [x for x in lines if "headers" in x and "commit" in x][-2:]:  # a load's phases
+        phases = [x for x in lines if "headers" in x and "commit" in x]  # each load's, warm-ups first
+        for line in phases[-2:]:
             print("  daemon:", line[line.find("load ") :])
+        ingests = [float(x.split("ingest ")[1].split(" s")[0]) for x in phases]
+        whole_in, split_in = (statistics.median(ingests[k + 1 : k + 1 + args.runs]) for k in (0, args.runs + 1))
+        print(f"  daemon's ingest phase, medians: whole {whole_in:.3f} s, --tp {args.tp} {split_in:.3f} s", end="")
+        print(f"  {split_in / whole_in:5.2f}x")
     finally:
         daemon.kill()
         path.unlink()
