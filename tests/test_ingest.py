@@ -280,7 +280,7 @@ def test_sharded_failure_after_a_rank_is_written_commits_none(client, llama, tmp
 
     def advance(self: Progress, n: int) -> None:
         calls.append(n)
-        if len(calls) == len(expected):  # groups of both ranks are in their slabs
+        if len(calls) == len(expected):  # some of the ranks' bytes are in their slabs
             os.truncate(copy, 4096)
 
     monkeypatch.setattr(Progress, "advance", advance)
