@@ -7,7 +7,8 @@ A Llama-like bf16 safetensors file (attention and MLP projections split by the b
 `llama` rules: q/k/v/gate/up by rows, o/down by columns, so each rank's column shard is
 thousands of runs of its file). Rows, medians after one warm-up, warm page cache:
 - `tensord load FILE` whole (the limit: every byte of the file read once);
-- `tensord load FILE --tp N` (N sets, each rank's bytes read from the same file);
+- `tensord load FILE --tp N` (N sets, filled in one pass over the file: the daemon's line says
+  the bytes written into the ranks and the bytes read);
 - planning a 70B-class Llama's shards at tp 8 from its headers alone (header-only files with
   holes; no data read): `plan_shards` and the chunks of one rank, per rank.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -89,10 +91,15 @@ def main() -> None:
         print(f"  tensord load as typed, whole (limit)   {whole:8.3f} s")
         print(f"  tensord load --tp {args.tp} as typed         {split:8.3f} s  {split / whole:5.2f}x the whole load")
         lines = daemon.log.read_text().splitlines()
-        for line in [x for x in lines if "ingested" in x][-args.tp :]:  # the last load's ranks, in the daemon
+        for line in [x for x in lines if "ingested" in x][-1:]:  # the last load (all its ranks), in the daemon
             print("  daemon:", line[line.find("ingested") :])
-        for line in [x for x in lines if "headers" in x and "commit" in x][-2:]:  # a load's phases
+        phases = [x for x in lines if "headers" in x and "commit" in x]  # each load's, warm-ups first
+        for line in phases[-2:]:
             print("  daemon:", line[line.find("load ") :])
+        ingests = [float(x.split("ingest ")[1].split(" s")[0]) for x in phases]
+        whole_in, split_in = (statistics.median(ingests[k + 1 : k + 1 + args.runs]) for k in (0, args.runs + 1))
+        print(f"  daemon's ingest phase, medians: whole {whole_in:.3f} s, --tp {args.tp} {split_in:.3f} s", end="")
+        print(f"  {split_in / whole_in:5.2f}x")
     finally:
         daemon.kill()
         path.unlink()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tensord.checkpoint import read_checkpoint
 from tensord.cli.checkpoints import export_set, load_checkpoint, load_sharded
-from tensord.ingest import Progress, ingest_into, load
+from tensord.ingest import Ingested, Progress, ingest_into, load
 from tensord.sharding import ShardRules, builtin_rules, plan_shards
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
@@ -270,7 +270,8 @@ def test_non_divisible_dim_fails_before_reserving(daemon, client, llama) -> None
 
 
 def test_sharded_failure_after_a_rank_is_written_commits_none(client, llama, tmp_path, monkeypatch) -> None:
-    """Rank 0 written, rank 1's file cut short: no rank is committed, no reservation is left."""
+    """The file cut short once part of every rank is written (the ranks fill in one pass): no
+    rank is committed, no reservation is left."""
     path, expected = llama
     copy = tmp_path / "cut.safetensors"
     copy.write_bytes(path.read_bytes())
@@ -279,7 +280,7 @@ def test_sharded_failure_after_a_rank_is_written_commits_none(client, llama, tmp
 
     def advance(self: Progress, n: int) -> None:
         calls.append(n)
-        if len(calls) == len(expected):  # every tensor of rank 0 is in its slab
+        if len(calls) == len(expected):  # some of the ranks' bytes are in their slabs
             os.truncate(copy, 4096)
 
     monkeypatch.setattr(Progress, "advance", advance)
@@ -299,6 +300,7 @@ class _MemorySink:
         self.shards, self.fail_commit = shards, fail_commit
         self.events: list[tuple[str, str]] = []
         self.slabs: list[HostAccess] = []
+        self.reserved: dict[str, tuple[Manifest, HostAccess]] = {}
 
     @contextmanager
     def reserve(self, name: str, table: Table, *, device: str, origin: str):
@@ -307,6 +309,7 @@ class _MemorySink:
         os.ftruncate(fd, nbytes)
         manifest, slab = Manifest(name, 0, table, offsets, nbytes), HostAccess(fd, nbytes, writable=True)
         self.events.append(("reserve", origin))
+        self.reserved[name] = (manifest, slab)
         sink = self
 
         class Reserved:
@@ -402,12 +405,12 @@ def test_a_daemon_side_load_cancelled_mid_ingest_commits_nothing(many, monkeypat
     store, session = _FakeStore(), Session(1)
     ingesting, finish = threading.Event(), threading.Event()
 
-    def slow_ingest(slab, manifest, sources, **kwargs) -> list[int]:
+    def slow_ingest(slabs, manifests, sources, **kwargs) -> Ingested:
         ingesting.set()
         assert finish.wait(30)
-        return [0] * len(manifest)
+        return Ingested([[0] * len(m) for m in manifests], 0)
 
-    monkeypatch.setattr(pipeline, "ingest_into", slow_ingest)
+    monkeypatch.setattr(pipeline, "ingest_ranks", slow_ingest)
     monkeypatch.setattr(store_sink, "own_view", lambda slab: SimpleNamespace(close=lambda: None))
 
     async def run() -> None:

@@ -97,3 +97,40 @@ def test_cli_load_passes_the_file_to_a_gpu_slab(daemon, client, tmp_path) -> Non
     got = client.get("gpu/passed", device="cuda:0", verify=True)
     for key, t in expected.items():
         assert torch.equal(got[key].cpu().view(-1).view(torch.uint8), t.view(-1).view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("chunk_bytes", [BLOCK_BYTES, None])
+def test_every_rank_of_a_one_pass_load_to_gpu(client, tmp_path, chunk_bytes) -> None:
+    """The ranks of a --tp load filled in one pass into GPU slabs: each group staged once, then
+    one copy per rank; fingerprints computed on the GPU, every rank byte-exact."""
+    from contextlib import ExitStack
+
+    from tensord.ingest import ingest_ranks
+    from tensord.sharding import plan_shards
+    from tests.test_tp_onepass import RULES, SHAPES, _shards
+
+    expected = {k: _random(d, s, i) for i, (k, (d, s)) in enumerate(SHAPES.items())}
+    path = tmp_path / "odd.safetensors"
+    save_file(expected, path)
+    files, tp = read_checkpoint(path), 4
+    plans = [plan_shards(files, rank, tp, RULES) for rank in range(tp)]
+    names = [f"gpu/onepass-{chunk_bytes or 0}/tp{r}" for r in range(tp)]
+    with ExitStack() as stack:
+        rs = [
+            stack.enter_context(client.reserve(n, {p.name: (p.dtype, p.shape) for p in ps}, device="cuda:0"))
+            for n, ps in zip(names, plans, strict=True)
+        ]
+        ordered = [
+            [{p.name: p for p in ps}[t.name] for t in r.manifest.tensors] for ps, r in zip(plans, rs, strict=True)
+        ]
+        got = ingest_ranks([r.slab for r in rs], [r.manifest for r in rs], ordered, threads=3, chunk_bytes=chunk_bytes)
+        want = _shards(expected, RULES, tp)
+        for rank, r in enumerate(rs):
+            assert got.fingerprints[rank] == [fingerprint(want[rank][t.name]) for t in r.manifest.tensors]
+            for spec, fp in zip(r.manifest.tensors, got.fingerprints[rank], strict=True):
+                r.written(spec.name, fp)
+            r.commit()
+    for rank, n in enumerate(names):
+        shard = client.get(n, device="cpu", verify=True)
+        for key, t in want[rank].items():
+            assert _same(shard[key], t), (rank, key)

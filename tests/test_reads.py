@@ -71,3 +71,62 @@ def _source(path: str, runs: Runs) -> ShardPlan:
     """A shard of tensor "w" of `path` whose bytes are `runs`."""
     size = runs.count * runs.length
     return ShardPlan(FileTensor("w", "uint8", (runs.end,), path, 0, runs.end), 0, 1, 0, (size,), runs)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_group_reads_every_ranks_runs_in_one_pass(tmp_path: Path, seed: int, monkeypatch) -> None:
+    """The ranks' runs side by side in each row (a column split, or one with a gap after the
+    row): one group's vector fills every rank's memory with exactly its ranges, and reads no
+    byte twice when the chunks hold whole rows."""
+    rng = random.Random(seed)
+    if seed % 3 == 0:
+        monkeypatch.setattr(reads, "_IOV_MAX", rng.choice([2, 3, 4, 7]))
+    if seed % 4 == 0:
+        monkeypatch.setattr(reads, "_BATCH", rng.choice([1, 3, 8]))
+    tp, length = rng.choice([2, 3, 4]), rng.choice([1, 3, 64, 514, 4096])
+    count, first = rng.randint(2, 200), rng.randint(0, 3000)
+    stride = tp * length + rng.choice([0, 0, 5, 70_000])
+    ranks = [Runs(first + r * length, count, stride, length) for r in range(tp)]
+    data = rng.randbytes(ranks[-1].end + rng.randint(0, 50))
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sources = [[_source(str(path), runs)] for runs in ranks]
+        chunk = rng.choice([256, 1024, 1 << 20])
+        groups = reads.plan_groups(sources, {str(path): fd}, chunk)
+        got = [bytearray() for _ in range(tp)]
+        read = 0
+        for g in groups:
+            assert [c.rank for c in g.chunks] == list(range(tp)) and not g.same
+            assert len({(c.start, c.nbytes) for c in g.chunks}) == 1
+            outs = [np.zeros(c.nbytes, dtype=np.uint8) for c in g.chunks]
+            junk = np.empty(reads.GAP_BYTES, dtype=np.uint8)
+            read += reads.read_group(g, [o.ctypes.data for o in outs], junk, sources[0][0])
+            for c, o in zip(g.chunks, outs, strict=True):
+                got[c.rank] += o.tobytes()
+    finally:
+        os.close(fd)
+    assert [bytes(b) for b in got] == [_expected(data, runs) for runs in ranks]
+    if stride == tp * length and all(g.chunks[0].nbytes % length == 0 for g in groups[:-1]):
+        assert read == tp * count * length  # whole rows: each byte once
+
+
+def test_a_replicated_tensor_is_one_group_read_once(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = random.Random(1).randbytes(5000)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        runs = Runs(100, 1, 4000, 4000)
+        sources = [[_source(str(path), runs)] for _ in range(3)]
+        groups = reads.plan_groups(sources, {str(path): fd}, 1024)
+        assert all(g.same and g.staged == g.chunks[0].nbytes for g in groups)
+        out = np.zeros(4000, dtype=np.uint8)
+        read = 0
+        for g in groups:
+            c = g.chunks[0]
+            read += reads.read_group(g, [out.ctypes.data + c.start] * 3, np.empty(16, dtype=np.uint8), sources[0][0])
+    finally:
+        os.close(fd)
+    assert out.tobytes() == data[100:4100] and read == 4000

@@ -6,7 +6,8 @@ code; what differs is only where reservations come from, a ``Sink``: ``store_sin
 over the daemon's Store, ``tensord.cli.checkpoints.ClientSink`` over an ``sdk.Client``.
 Everything is validated (headers, shard plans, every file opens and is long enough) before the
 first reservation; a set appears only when every byte is written, and with ``tp`` ranks only
-once every rank is written; what is not committed is aborted.
+once every rank is written (all ranks are filled in one pass over the files); what is not
+committed is aborted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tensord.checkpoint import read_checkpoint, read_passed_checkpoint
-from tensord.ingest.engine import check_threads, ingest_into
+from tensord.ingest.engine import Ingested, check_threads, ingest_ranks
 from tensord.ingest.reads import Source, opened
 from tensord.sharding import ShardRules, plan_shards
 from tensord_contract.checks import is_int
@@ -55,10 +56,13 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a load made: ``(set name, version)`` for each set (one per tp rank), bytes read."""
+    """What a load made: ``(set name, version)`` for each set (one per tp rank), the bytes
+    written into them (``nbytes``: a replicated tensor counts once per rank) and the bytes read
+    from the files (``read``: each once, a replicated tensor too)."""
 
     sets: list[tuple[str, int]]
     nbytes: int
+    read: int
 
 
 def default_threads(device: str) -> int:
@@ -127,20 +131,18 @@ def load(
             stack.enter_context(sink.reserve(n, _table(sources), device=device, origin=o)) for n, sources, o in sets
         ]
         marks.append(("reserve", time.perf_counter()))
-        fingerprints = [
-            _fill(r, sources, threads, bar, files) for r, (_, sources, _) in zip(reserved, sets, strict=True)
-        ]
+        ingested = _fill(reserved, [sources for _, sources, _ in sets], threads, bar, files)
         marks.append(("ingest", time.perf_counter()))
         if unchanged is not None:
             unchanged()
-        versions = [r.commit(fps) for r, fps in zip(reserved, fingerprints, strict=True)]
+        versions = [r.commit(fps) for r, fps in zip(reserved, ingested.fingerprints, strict=True)]
         marks.append(("commit", time.perf_counter()))
     if logger is not None:
         starts = [started] + [t for _, t in marks]
         logger.info(
             "%s: %s", label or name, ", ".join(f"{k} {t - a:.3f} s" for (k, t), a in zip(marks, starts, strict=False))
         )
-    return Loaded([(n, v) for (n, _, _), v in zip(sets, versions, strict=True)], total)
+    return Loaded([(n, v) for (n, _, _), v in zip(sets, versions, strict=True)], total, ingested.read)
 
 
 def _table(sources: Sequence[Source]) -> Table:
@@ -148,21 +150,30 @@ def _table(sources: Sequence[Source]) -> Table:
 
 
 def _fill(
-    reserved: Reserved, sources: Sequence[Source], threads: int, bar: Progress, files: dict[str, int] | None
-) -> list[int]:
-    """Ingest into a reservation, in the order of its layout; the fingerprints."""
-    manifest = reserved.manifest
-    by_name = {s.name: s for s in sources}
-    ordered = [by_name.get(t.name) for t in manifest.tensors]
-    if None in ordered or len(by_name) != len(ordered):
-        raise InvalidArgument(f"the daemon's layout of {manifest.name} does not list the tensors asked for")
-    return ingest_into(reserved.slab, manifest, ordered, threads=threads, progress=bar.advance, passed=files)  # type: ignore[arg-type]
+    reserved: list[Reserved],
+    sources: list[Sequence[Source]],
+    threads: int,
+    bar: Progress,
+    files: dict[str, int] | None,
+) -> Ingested:
+    """Ingest into the reservations (a rank's each), in one pass over the files, each in the
+    order of its layout."""
+    ordered = []
+    for r, wanted in zip(reserved, sources, strict=True):
+        manifest = r.manifest
+        by_name = {s.name: s for s in wanted}
+        mine = [by_name.get(t.name) for t in manifest.tensors]
+        if None in mine or len(by_name) != len(mine):
+            raise InvalidArgument(f"the daemon's layout of {manifest.name} does not list the tensors asked for")
+        ordered.append(mine)
+    slabs, manifests = [r.slab for r in reserved], [r.manifest for r in reserved]
+    return ingest_ranks(slabs, manifests, ordered, threads=threads, progress=bar.advance, passed=files)  # type: ignore[arg-type]
 
 
 class Progress:
     """Bytes, GB/s and ETA: a one-line bar on stderr, and/or log lines (for the daemon's log).
 
-    ``advance`` is the callable ``ingest_into`` takes; it is safe to call from several threads.
+    ``advance`` is the callable ``ingest_ranks`` takes; it is safe to call from several threads.
     """
 
     def __init__(
