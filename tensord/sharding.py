@@ -18,12 +18,13 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tensord.checkpoint import FileTensor
+from tensord.rule_patterns import first_matches
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound
 from tensord_contract.manifest import DTYPE_SIZES, MAX_DIMS
@@ -69,10 +70,13 @@ class ShardRules:
 
     def match(self, name: str) -> Split:
         """The split for ``name``: a dim, or ``None`` to replicate."""
-        for rule in self.rules:
-            if rule.pattern.search(name):
-                return rule.dim
-        return self.default
+        return self.splits([name])[0]
+
+    def splits(self, names: Sequence[str]) -> list[Split]:
+        """`match` of every name at once: patterns that could backtrack for long are matched in
+        a child process with a time limit (`tensord.rule_patterns`; rules may come from a client)."""
+        found = first_matches([r.pattern for r in self.rules], names)
+        return [self.rules[i].dim if i >= 0 else self.default for i in found]
 
 
 def _compile(pattern: object, where: str) -> re.Pattern[str]:
@@ -231,7 +235,16 @@ def whole(tensor: FileTensor) -> Runs:
 
 def plan_shards(tensors: Iterable[FileTensor], rank: int, tp: int, rules: ShardRules) -> list[ShardPlan]:
     """``plan_shard`` for every tensor; the first bad one raises."""
-    return [plan_shard(t, rank, tp, rules) for t in tensors]
+    return plan_ranks(tensors, tp, rules, [rank])[0]
+
+
+def plan_ranks(
+    tensors: Iterable[FileTensor], tp: int, rules: ShardRules, ranks: Iterable[int] | None = None
+) -> list[list[ShardPlan]]:
+    """``plan_shards`` of each of `ranks` (default: every rank), the rules matched once."""
+    listed = list(tensors)
+    splits = rules.splits([t.name for t in listed])
+    return [[plan_split(t, r, tp, s) for t, s in zip(listed, splits, strict=True)] for r in (ranks or range(tp))]
 
 
 def recorded_shards(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -252,6 +255,29 @@ def test_cli_load_tp_with_rules_file(daemon, client, llama, tmp_path) -> None:
     out = tensord("load", str(path), "--name", "ingest/cli-tp", "--rules", "llama", socket=daemon.socket)
     assert out.returncode == 1
     assert out.stderr.strip() == "tensord: error: --rules needs --tp"
+
+
+def test_a_rule_that_backtracks_for_ever_does_not_stall_the_daemon(daemon, client, tmp_path) -> None:
+    """A client's rule pattern is matched in a child process with a time limit: other clients
+    are served meanwhile, and the load fails saying why, with nothing reserved."""
+    path = tmp_path / "evil.safetensors"
+    save_file({"a" * 64 + "!": torch.ones(4), "w": torch.ones(4, 2)}, path)
+    rules = tmp_path / "evil.toml"
+    rules.write_text('default = "replicate"\n[[rule]]\npattern = "(a+)+$"\nsplit = 0\n')
+    args = ("load", str(path), "--name", "ingest/evil", "--tp", "2", "--rules", str(rules), "--quiet")
+    result: list[subprocess.CompletedProcess[str]] = []
+    loading = threading.Thread(target=lambda: result.append(tensord(*args, socket=daemon.socket)))
+    loading.start()
+    slowest = 0.0
+    while loading.is_alive():
+        t0 = time.monotonic()
+        client.ls()
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.1)
+    assert slowest < 1.0, slowest
+    assert result[0].returncode == 1 and "took over 10 s to match" in result[0].stderr, result[0].stderr
+    assert [s["name"] for s in client.ls() if s["name"].startswith("ingest/evil")] == []
+    assert client.status()["reservations"] == 0
 
 
 def test_non_divisible_dim_fails_before_reserving(daemon, client, llama) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tensord.checkpoint import FileTensor, read_checkpoint, read_header
+from tensord.rule_patterns import bounded, first_matches
 from tensord.sharding import (
     ShardPlan,
     ShardRules,
@@ -204,6 +207,39 @@ def test_first_match_wins() -> None:
     assert rules.match("a.other.weight") == 1
     assert rules.match("a.bias") == 0
     assert rules.match("a.scale") == -1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "bounded_here"),
+    [
+        (r"norm\.(weight|bias)$", True),
+        (r"layers\.\d+\.mlp", True),
+        (r"a{2,5}b", True),
+        (r"(a+)+$", False),  # nested repeats
+        (r"(a|aa)*$", False),  # an alternation under a repeat
+        (r".*a.*b", False),  # two repeats: a search is ~L**3
+        (r"(x)\1", False),  # a back reference
+    ],
+)
+def test_patterns_that_could_backtrack_for_long_are_matched_in_a_child(pattern: str, bounded_here: bool) -> None:
+    assert bounded(re.compile(pattern)) is bounded_here
+
+
+def test_the_child_matches_as_this_process_does() -> None:
+    names = [f"model.layers.{i}.mlp.experts.{j}.w{k}" for i in range(3) for j in range(4) for k in (1, 2)]
+    names += ["lm_head.weight", "x" * 1000]
+    patterns = [re.compile(p) for p in (r"experts\.\d+\.w1$", r"lm_head", r"layers\.\d+\..*w2$")]
+    assert not bounded(patterns[2])
+    want = [next((i for i, p in enumerate(patterns) if p.search(n)), -1) for n in names]
+    assert first_matches(patterns, names) == want  # through the child
+    assert first_matches(patterns[:2], names) == [w if w < 2 else -1 for w in want]  # in this process
+
+
+def test_a_pattern_that_backtracks_for_ever_is_refused_in_time() -> None:
+    start = time.monotonic()
+    with pytest.raises(InvalidArgument, match="took over 1 s to match 1 tensor names"):
+        first_matches([re.compile(r"(a+)+$")], ["a" * 64 + "!"], timeout=1.0)
+    assert time.monotonic() - start < 5
 
 
 @needs_minilm

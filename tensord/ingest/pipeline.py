@@ -26,7 +26,7 @@ from typing import Protocol
 from tensord.checkpoint import read_checkpoint, read_passed_checkpoint
 from tensord.ingest.engine import Ingested, check_threads, ingest_ranks
 from tensord.ingest.reads import Source, opened
-from tensord.sharding import ShardRules, plan_shards
+from tensord.sharding import ShardRules, plan_ranks
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument
 from tensord_contract.manifest import Manifest, Table
@@ -117,7 +117,7 @@ def load(
         sets = [(name, tensors, origin)]
     else:
         assert rules is not None
-        plans = [plan_shards(tensors, rank, tp, rules) for rank in range(tp)]
+        plans = plan_ranks(tensors, tp, rules)
         sets = [(names[r], plans[r], f"{origin}#rank={r}&tp={tp}") for r in range(tp)]
     with opened(tensors, files):  # every file opens and is long enough, before reserving
         pass
