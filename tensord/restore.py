@@ -27,12 +27,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from tensord.checkpoint import FileTensor, read_checkpoint, recorded_checkpoint, recorded_rank
+from tensord.checkpoint import FileTensor, read_passed_checkpoint, recorded_checkpoint, recorded_rank
 from tensord.context import NodeContext
 from tensord.fleet.cluster import Cluster
 from tensord.ingest import default_threads, ingest_into
 from tensord.ingest.reads import Source
 from tensord.memory import Slab, own_view
+from tensord.opened_checkpoint import opened_inside
 from tensord.publications import withdraw_version
 from tensord.published_slabs import PUBLISHED
 from tensord.records import Held
@@ -264,7 +265,21 @@ class Restorer:
         device = self._device(device)
         real, root = recorded_checkpoint(manifest.origin, store.allowed_roots)
         rank = recorded_rank(manifest.origin)
-        tensors = await asyncio.to_thread(read_checkpoint, real, root=root)
+        with contextlib.ExitStack() as held:  # read through descriptors opened once, inside the root
+            passed, _ = await asyncio.to_thread(held.enter_context, opened_inside(real, root))
+            tensors = await asyncio.to_thread(read_passed_checkpoint, passed)
+            return await self._read_again(manifest, device, real, rank, tensors, dict(passed))
+
+    async def _read_again(
+        self,
+        manifest: Manifest,
+        device: str,
+        real: str,
+        rank: tuple[int, int] | None,
+        tensors: list[FileTensor],
+        descriptors: dict[str, int],
+    ) -> Held:
+        store = self.store
         by_name = {t.name: t for t in tensors}
         ordered = [by_name.get(n) for n in manifest.names]
         if len(by_name) != len(manifest) or None in ordered:
@@ -278,7 +293,7 @@ class Restorer:
         await store.make_room(device, manifest.nbytes)
         slab = store.allocate(device, manifest.nbytes, f"{manifest.name}@{manifest.version}")
         try:
-            fps = await asyncio.to_thread(self._ingest, slab, manifest, sources)
+            fps = await asyncio.to_thread(self._ingest, slab, manifest, sources, descriptors)
             bad = mismatched_rows(manifest.fingerprints, fps)
             if len(bad):
                 raise NotFound(f"{real} changed since it was loaded (tensor {manifest.names[int(bad[0])]!r} differs)")
@@ -288,7 +303,7 @@ class Restorer:
         self.metrics.moved("ingest", "write", manifest.data_bytes)
         return await store.adopt(manifest, slab, source=manifest.origin)
 
-    def _ingest(self, slab: Slab, manifest: Manifest, sources: Sequence[Source]) -> list[int]:
+    def _ingest(self, slab: Slab, manifest: Manifest, sources: Sequence[Source], files: dict[str, int]) -> list[int]:
         """On a worker thread, which owns the daemon's mapping of the slab from start to end:
         a stopping daemon interrupts it between chunks and never unmaps it under the readers."""
 
@@ -298,7 +313,8 @@ class Restorer:
 
         view = own_view(slab)
         try:
-            return ingest_into(view, manifest, sources, threads=default_threads(slab.device), progress=progress)
+            threads = default_threads(slab.device)
+            return ingest_into(view, manifest, sources, threads=threads, progress=progress, passed=files)
         finally:
             view.close()
 

@@ -34,14 +34,13 @@ async def load_on_daemon(
     name: str,
     *,
     device: str,
-    root: str | None,
     threads: int,
     logger: logging.Logger,
     **options: Any,
 ) -> Loaded:
-    """Load a checkpoint the daemon reads itself as `name`: `path` resolved, inside `root`, or
-    the files the caller passed (``passed``, with ``unchanged``: see ``pipeline.load``, as are
-    ``tp``, ``rules`` and ``track``)."""
+    """Load a checkpoint the daemon reads itself as `name` (`path` its origin) from the files
+    opened for it (``passed``, with ``unchanged``: see ``pipeline.load``, as are ``tp``,
+    ``rules`` and ``track``)."""
     sink = StoreSink(store, metrics, session, asyncio.get_running_loop())
     try:
         return await asyncio.to_thread(
@@ -51,7 +50,6 @@ async def load_on_daemon(
                 path,
                 name,
                 device=device,
-                root=root,
                 threads=threads,
                 logger=logger,
                 label=f"load {name}",

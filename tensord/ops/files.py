@@ -4,15 +4,16 @@ socket, or paths under the directories the config allows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
 from tensord.ingest import Progress, default_threads
 from tensord.ingest.store_sink import load_on_daemon
+from tensord.opened_checkpoint import identity, opened_inside, watch
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
 from tensord.sharding import parse_rules
@@ -35,12 +36,14 @@ class FileOps(Ops):
         options: dict[str, Any] = {}
         if req.tp is not None and req.rules is not None:
             options.update(tp=req.tp, rules=parse_rules(req.rules, source="rules"))
-        if req.files is None:
+        held = contextlib.ExitStack()
+        if req.files is None:  # read through descriptors opened once, inside the root
             path, root = await self._allowed(path)
+            passed, unchanged = await asyncio.to_thread(held.enter_context, opened_inside(path, root))
         else:
             passed, unchanged = _take_passed(session, req.files)
-            options.update(passed=passed, unchanged=unchanged)
-            root = None
+            held.callback(_close_all, passed)
+        options.update(passed=passed, unchanged=unchanged)
         load_id = next(_load_ids)
 
         def track(progress: Progress) -> None:
@@ -54,7 +57,6 @@ class FileOps(Ops):
                 path,
                 name,
                 device=device or "cpu",
-                root=root,
                 threads=threads,
                 logger=log,
                 track=track,
@@ -62,8 +64,7 @@ class FileOps(Ops):
             )
         finally:
             self._loads.pop(load_id, None)
-            for _, fd in options.get("passed", ()):
-                os.close(fd)
+            held.close()
         return LoadReply(loaded.sets[0][1], loaded.nbytes, list(loaded.sets)).to_wire(), []
 
     async def _allowed(self, path: str) -> tuple[str, str]:
@@ -90,28 +91,18 @@ def _take_passed(session: Session, files: tuple[PassedFile, ...]) -> tuple[list[
     try:
         if len(files) != len(fds) or not fds:
             raise InvalidArgument(f"files must describe each of the {len(fds)} descriptors passed with the request")
-        labels = [f.path for f in files]
-        expected = [(f.size, f.mtime_ns) for f in files]
-        first = [_identity(label, fd) for label, fd in zip(labels, fds, strict=True)]
-        for label, got, want in zip(labels, first, expected, strict=True):
-            if got[0] >= 0 and got[:2] != want:
-                raise InvalidArgument(f"{label}: changed since it was opened (size or modification time)", path=label)
+        passed = [(f.path, fd) for f, fd in zip(files, fds, strict=True)]
+        for f, fd in zip(files, fds, strict=True):
+            got = identity(fd)
+            if got[0] >= 0 and got[:2] != (f.size, f.mtime_ns):  # not a regular file: the header reader says so
+                raise InvalidArgument(f"{f.path}: changed since it was opened (size or modification time)", path=f.path)
+        return passed, watch(passed)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
 
-    def unchanged() -> None:
-        for label, fd, before in zip(labels, fds, first, strict=True):
-            if _identity(label, fd) != before:
-                raise InvalidArgument(f"{label}: changed while it was read (size or modification time)", path=label)
 
-    return list(zip(labels, fds, strict=True)), unchanged
-
-
-def _identity(label: str, fd: int) -> tuple[int, int, int, int]:
-    """(size, mtime_ns, device, inode) of a passed regular file."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return (-1, -1, st.st_dev, st.st_ino)  # refused with a clear message by the header reader
-    return (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+def _close_all(passed: list[tuple[str, int]]) -> None:
+    for _, fd in passed:
+        os.close(fd)
