@@ -98,13 +98,15 @@ def test_tp_sharding_on_the_daemon(daemon, client, tmp_path) -> None:
         assert torch.equal(got["norm.weight"], want["norm.weight"])
 
 
-def test_the_cli_load_path_imports_no_torch(daemon, tmp_path) -> None:
+@pytest.mark.parametrize("tp", [[], ["--tp", "2"]])
+def test_the_cli_load_path_imports_no_torch(daemon, tmp_path, tp: list[str]) -> None:
+    """Not even numpy, with --tp too (its rules are checked by `tensord.sharding_rules`)."""
     path = tmp_path / "t.safetensors"
     save_file(_weights(2), path)
     code = (
         "import sys\n"
         "from tensord.cli import main\n"
-        f"rc = main(['load', {str(path)!r}, '--name', 'passed/notorch'])\n"
+        f"rc = main(['load', {str(path)!r}, '--name', 'passed/notorch', *{tp!r}])\n"
         "bad = sorted(m for m in ('torch', 'numpy', 'safetensors', 'tensord.ingest') if m in sys.modules)\n"
         "print(rc, bad)\n"
     )

@@ -66,7 +66,7 @@ def opened_files(paths: list[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]
 
 def rules_data(spec: str | None) -> dict[str, Any]:
     """Sharding rules as parsed TOML (checked here), from a file or built in by name (default llama)."""
-    from tensord.sharding import RULES_DIR, parse_rules  # numpy: only with --tp
+    from tensord.sharding_rules import RULES_DIR, parse_rules  # no numpy
 
     path: str | Path = RULES_DIR / "llama.toml"
     if spec is not None:

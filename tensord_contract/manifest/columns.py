@@ -11,13 +11,14 @@ from tensord_contract.bulk import paused_gc
 from tensord_contract.dtypes import DTYPE_CODE as DTYPE_CODE  # re-exported
 from tensord_contract.dtypes import DTYPE_CODES, DTYPE_SIZES
 from tensord_contract.errors import TensordError
+from tensord_contract.limits import MAX_DIMS as MAX_DIMS  # re-exported; numpy-free code checks it too
 from tensord_contract.wire import MAX_FRAME
 
 ALIGN = 256
 #: At most this many tensors in one set: 3.8x Kimi-K2's ~138,000 (fp8 weights + scales).
 MAX_TENSORS = 1 << 19
 MAX_TENSOR_NAME_BYTES = 1024
-MAX_DIMS = 16
+
 MAX_DIM = 1 << 48
 #: No slab (so no tensor) may reach 2**62 bytes: sizes and offsets stay exact in int64.
 MAX_BYTES = 1 << 62
