@@ -3,15 +3,17 @@
 Python's `re` backtracks and holds the interpreter lock while it does: a pattern like `(a+)+$`
 against a 30-character tensor name runs for minutes, and every client of the daemon waits.
 A pattern is matched in the daemon's process only when it cannot backtrack badly: at most one
-repeat of more than one item (`*`, `+`, `{m,n}`; a search over a name of L characters then
-costs at most ~L**2 steps) and no repeat holding another repeat, an alternation or a back
-reference. Rules with any other pattern are matched in a child process (`python -I`, no
-imports beyond `re` and `json`) that is killed after `timeout` seconds: the load then fails
-with InvalidArgument saying so, and nothing is reserved.
+place where a match may go more than one way (a repeat of varying count, `?` included, or an
+alternation), none under a repeat, and no back reference; a search over a name of L characters
+then takes ~L**2 steps at most (times the alternatives). Rules with any other pattern are
+matched in a child process (`python -I`, no imports beyond `re` and `json`) that is killed
+after `timeout` seconds: the load then fails with InvalidArgument saying so, and nothing is
+reserved.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -31,13 +33,17 @@ json.dump([next((i for i, r in enumerate(rules) if r.search(n)), -1) for n in jo
 """
 
 
+@functools.lru_cache(maxsize=1024)
 def bounded(pattern: re.Pattern[str]) -> bool:
     """Whether `pattern` cannot backtrack badly (see the module doc); False where unsure."""
     try:
-        from re import _constants, _parser  # type: ignore[attr-defined]
+        try:
+            from re import _constants, _parser  # type: ignore[attr-defined]
+        except ImportError:  # Python 3.10
+            import sre_constants as _constants
+            import sre_parse as _parser
 
-        parsed = _parser.parse(pattern.pattern, pattern.flags)
-        return _walk(parsed, _constants, inside=False) <= 1
+        return _choices(_parser.parse(pattern.pattern, pattern.flags), _constants) <= 1
     except _Unbounded:
         return False
     except Exception:  # another Python's parser: not sure, so not in the daemon's process
@@ -48,31 +54,29 @@ class _Unbounded(Exception):
     pass
 
 
-def _walk(items: Any, c: Any, *, inside: bool) -> int:
-    """The repeats of more than one item in `items`; _Unbounded for a nested repeat, an
-    alternation under a repeat, or a back reference."""
-    repeats = 0
+def _choices(items: Any, c: Any) -> int:
+    """The places in `items` where a match may go more than one way (a repeat of varying count,
+    `?` included, and an alternation); _Unbounded where one lies under a repeat (its count
+    multiplies them) or for a back reference."""
+    found = 0
     for op, av in items:
         if op in (c.MAX_REPEAT, c.MIN_REPEAT) or op is getattr(c, "POSSESSIVE_REPEAT", None):
-            _, high, body = av
-            if high > 1:
-                if inside:
-                    raise _Unbounded
-                repeats += 1
-            repeats += _walk(body, c, inside=inside or high > 1)
-        elif op is c.BRANCH:
-            if inside:
+            low, high, body = av
+            inner = _choices(body, c)
+            if inner and high > 1:
                 raise _Unbounded
-            repeats += sum(_walk(branch, c, inside=inside) for branch in av[1])
+            found += inner + (low != high)
+        elif op is c.BRANCH:
+            found += 1 + sum(_choices(branch, c) for branch in av[1])
         elif op is c.SUBPATTERN:
-            repeats += _walk(av[-1], c, inside=inside)
+            found += _choices(av[-1], c)
         elif op in (c.ASSERT, c.ASSERT_NOT):
-            repeats += _walk(av[1], c, inside=inside)
+            found += _choices(av[1], c)
         elif op is getattr(c, "ATOMIC_GROUP", None):
-            repeats += _walk(av, c, inside=inside)
+            found += _choices(av, c)
         elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
             raise _Unbounded
-    return repeats
+    return found
 
 
 def first_matches(patterns: Sequence[re.Pattern[str]], names: Sequence[str], timeout: float = TIMEOUT) -> list[int]:

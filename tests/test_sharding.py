@@ -219,6 +219,11 @@ def test_first_match_wins() -> None:
         (r"(a|aa)*$", False),  # an alternation under a repeat
         (r".*a.*b", False),  # two repeats: a search is ~L**3
         (r"(x)\1", False),  # a back reference
+        (r"(?:a?){24}b", False),  # an optional item under a counted repeat: 2**24 ways
+        ("a?" * 20 + "a" * 20, False),  # twenty optional items in a row
+        (r"(?=(a?){30})b", False),  # under a lookahead too
+        (r"(a|a)(a|a)b", False),  # two alternations
+        (r"[a-z]+\d?", False),  # a repeat and an optional item
     ],
 )
 def test_patterns_that_could_backtrack_for_long_are_matched_in_a_child(pattern: str, bounded_here: bool) -> None:
