@@ -190,6 +190,10 @@ def group_iov(chunks: Sequence[Chunk], dsts: Sequence[int], junk: np.ndarray) ->
     c, r = chunks[0], chunks[0].runs
     end = c.start + c.nbytes
     first, last = c.start // r.length, (end - 1) // r.length
+    if len(chunks) == 1 and (r.stride == r.length or first == last):  # one piece of the file: no vectors to build
+        at = r.first + first * r.stride + (c.start - first * r.length)
+        yield at, np.array([[dsts[0], c.nbytes]], dtype=np.int64)
+        return
     firsts = np.array([x.runs.first for x in chunks], dtype=np.int64)
     to = np.array(dsts, dtype=np.int64) - c.start
     per = max(1, _BATCH // len(chunks))
