@@ -64,6 +64,9 @@ def distinct_targets(
             raise InvalidArgument(f"targets {keys[a]!r} and {keys[b]!r} overlap in memory: load them separately")
         ties.append((a, b))
     tied = np.array(ties, dtype=np.int64)
+    if manifest.fingerprints is None:
+        a, b = ties[0]
+        raise InvalidArgument(f"targets {keys[a]!r} and {keys[b]!r} share memory: load them separately")
     if not same_ties(manifest, rows, tied):
         a, b = next((a, b) for a, b in ties if not same_ties(manifest, rows, np.array([(a, b)])))
         raise InvalidArgument(

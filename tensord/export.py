@@ -65,22 +65,18 @@ def write_safetensors(
         raise _not_written(target, exc) from None
     try:
         with os.fdopen(tmp.fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
+            _written(target, f.write, struct.pack("<Q", len(header)) + header)
             count = 0
-            for count, item in enumerate(_items(tensors), start=1):
+            for count, item in enumerate(_items(tensors), start=1):  # the source's own errors pass as they are
                 if count > len(planned):
                     raise InvalidArgument(f"{target}: the source yielded more than {len(planned)} tensors")
-                f.write(_payload(item, planned[count - 1]))
+                _written(target, f.write, _payload(item, planned[count - 1]))
             if count != len(planned):
                 raise InvalidArgument(f"{target}: the source yielded {count} tensors, expected {len(planned)}")
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), mode)
-        os.replace(tmp.path, target)
-    except OSError as exc:
-        _unlink_quietly(tmp.path)
-        raise _not_written(target, exc) from None
+            _written(target, f.flush)
+            _written(target, os.fsync, f.fileno())
+            _written(target, os.fchmod, f.fileno(), mode)
+        _written(target, os.replace, tmp.path, target)
     except BaseException:
         _unlink_quietly(tmp.path)
         raise
@@ -213,6 +209,14 @@ def _open_temp(target: str) -> _Temp:
         raise NotFound(f"{directory}: no such directory to write {os.path.basename(target)} in")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
     return _Temp(fd, tmp)
+
+
+def _written(target: str, write: Callable[..., object], *args: Any) -> None:
+    """`write(*args)`, an OSError from it as the error that tells the caller (`_not_written`)."""
+    try:
+        write(*args)
+    except OSError as exc:
+        raise _not_written(target, exc) from None
 
 
 def _not_written(target: str, exc: OSError) -> TensordError:

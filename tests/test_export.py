@@ -270,6 +270,14 @@ def test_bad_target(tmp_path: Path) -> None:
     # a directory that takes no new files: a clear error (root too), not an OSError from inside
     with pytest.raises(InvalidArgument, match=r"/proc/x\.safetensors: cannot write"):
         write_safetensors("/proc/x.safetensors", [("a", torch.ones(1))])
+    def failing_source():  # type: ignore[no-untyped-def]
+        yield ("a", torch.ones(1))
+        raise ConnectionError("the daemon went away")
+
+    spec = [TensorSpec("a", "float32", (1,)), TensorSpec("b", "float32", (1,))]
+    with pytest.raises(ConnectionError, match="went away"):  # the source's error, not a write error
+        write_safetensors(tmp_path / "partial.safetensors", failing_source(), specs=spec)
+    assert not any(tmp_path.glob("*partial*"))
     if os.path.isdir("/sys"):
         with pytest.raises(Unauthorized, match="cannot write: Permission denied"):
             write_safetensors("/sys/x.safetensors", [("a", torch.ones(1))])

@@ -341,6 +341,10 @@ async def test_etcd_versions_stop_at_the_last_one_readers_decode(
             await c.put(key, garbage)
         with pytest.raises(Unavailable, match="counter"):
             await reg.allocate_version("last/set")
+    with reg._etcd("test") as c:
+        await c.put(reg._keys.latest("last/set"), b"garbage")
+    with pytest.raises(Unavailable, match="counter"):
+        await reg.resolve("last/set")
 
 
 _DOOMED_NODE = """

@@ -225,8 +225,9 @@ class EtcdRegistry(Registry):
             raise NotFound(f"{name!r} has no version {version}", name=name, version=version)
         with self._etcd("resolve") as c:
             latest = await c.get(self._keys.latest(name))
-        if latest is not None and await self._exists(self._keys.version(name, int(latest.value))):
-            return int(latest.value)
+        newest = None if latest is None else _counter(self._keys.latest(name), latest.value)
+        if newest is not None and await self._exists(self._keys.version(name, newest)):
+            return newest
         existing = await self.versions(name)  # latest was deleted: the newest that remains
         if not existing:
             raise NotFound(f"no set named {name!r}", name=name)
