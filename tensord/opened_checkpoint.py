@@ -7,15 +7,18 @@ compared with the open descriptor's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from tensord.checkpoint import read_checkpoint
 from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
 
 Passed = list[tuple[str, int]]  # (label: the file's path, descriptor)
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -80,3 +83,15 @@ def identity(fd: int) -> tuple[int, int, int, int]:
     if not stat.S_ISREG(st.st_mode):
         return (-1, -1, st.st_dev, st.st_ino)
     return (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+
+
+async def to_the_end(fn: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread(fn, *args)`, except that a caller cancelled meanwhile waits for the
+    thread to end before the cancellation goes on: descriptors the thread reads (or opens into
+    an ExitStack of the caller's) are closed by the caller only once no thread uses them."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise

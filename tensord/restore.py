@@ -33,7 +33,7 @@ from tensord.fleet.cluster import Cluster
 from tensord.ingest import default_threads, ingest_into
 from tensord.ingest.reads import Source
 from tensord.memory import Slab, own_view
-from tensord.opened_checkpoint import opened_inside
+from tensord.opened_checkpoint import opened_inside, to_the_end
 from tensord.publications import withdraw_version
 from tensord.published_slabs import PUBLISHED
 from tensord.records import Held
@@ -266,8 +266,8 @@ class Restorer:
         real, root = recorded_checkpoint(manifest.origin, store.allowed_roots)
         rank = recorded_rank(manifest.origin)
         with contextlib.ExitStack() as held:  # read through descriptors opened once, inside the root
-            passed, _ = await asyncio.to_thread(held.enter_context, opened_inside(real, root))
-            tensors = await asyncio.to_thread(read_passed_checkpoint, passed)
+            passed, _ = await to_the_end(held.enter_context, opened_inside(real, root))
+            tensors = await to_the_end(read_passed_checkpoint, passed)
             return await self._read_again(manifest, device, real, rank, tensors, dict(passed))
 
     async def _read_again(
@@ -293,7 +293,7 @@ class Restorer:
         await store.make_room(device, manifest.nbytes)
         slab = store.allocate(device, manifest.nbytes, f"{manifest.name}@{manifest.version}")
         try:
-            fps = await asyncio.to_thread(self._ingest, slab, manifest, sources, descriptors)
+            fps = await to_the_end(self._ingest, slab, manifest, sources, descriptors)  # stops at the next chunk
             bad = mismatched_rows(manifest.fingerprints, fps)
             if len(bad):
                 raise NotFound(f"{real} changed since it was loaded (tensor {manifest.names[int(bad[0])]!r} differs)")

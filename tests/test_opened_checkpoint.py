@@ -69,3 +69,27 @@ def test_a_link_leading_outside_is_refused(files) -> None:
         opened_checkpoint.opened_inside(str(root / "out.safetensors"), str(root)),
     ):
         pass
+
+
+def test_a_cancelled_caller_waits_for_its_thread_to_end() -> None:
+    """So that descriptors a thread reads are closed only once it is done with them."""
+    import asyncio
+    import threading
+    import time
+
+    ended = threading.Event()
+
+    def slow() -> int:
+        time.sleep(0.3)
+        ended.set()
+        return 1
+
+    async def main() -> bool:
+        task = asyncio.ensure_future(opened_checkpoint.to_the_end(slow))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return ended.is_set()
+
+    assert asyncio.run(main())

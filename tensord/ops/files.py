@@ -13,7 +13,7 @@ from typing import Any
 
 from tensord.ingest import Progress, default_threads
 from tensord.ingest.store_sink import load_on_daemon
-from tensord.opened_checkpoint import identity, opened_inside, watch
+from tensord.opened_checkpoint import identity, opened_inside, to_the_end, watch
 from tensord.ops.base import Ops
 from tensord.rpc import Session, brief
 from tensord.sharding import parse_rules
@@ -36,35 +36,34 @@ class FileOps(Ops):
         options: dict[str, Any] = {}
         if req.tp is not None and req.rules is not None:
             options.update(tp=req.tp, rules=parse_rules(req.rules, source="rules"))
-        held = contextlib.ExitStack()
-        if req.files is None:  # read through descriptors opened once, inside the root
-            path, root = await self._allowed(path)
-            passed, unchanged = await asyncio.to_thread(held.enter_context, opened_inside(path, root))
-        else:
-            passed, unchanged = _take_passed(session, req.files)
-            held.callback(_close_all, passed)
-        options.update(passed=passed, unchanged=unchanged)
-        load_id = next(_load_ids)
+        with contextlib.ExitStack() as held:
+            if req.files is None:  # read through descriptors opened once, inside the root
+                path, root = await self._allowed(path)
+                passed, unchanged = await to_the_end(held.enter_context, opened_inside(path, root))
+            else:
+                passed, unchanged = _take_passed(session, req.files)
+                held.callback(_close_all, passed)
+            options.update(passed=passed, unchanged=unchanged)
+            load_id = next(_load_ids)
 
-        def track(progress: Progress) -> None:
-            self._loads[load_id] = (name, progress)
+            def track(progress: Progress) -> None:
+                self._loads[load_id] = (name, progress)
 
-        try:
-            loaded = await load_on_daemon(
-                self.store,
-                self.metrics,
-                session,
-                path,
-                name,
-                device=device or "cpu",
-                threads=threads,
-                logger=log,
-                track=track,
-                **options,
-            )
-        finally:
-            self._loads.pop(load_id, None)
-            held.close()
+            try:
+                loaded = await load_on_daemon(
+                    self.store,
+                    self.metrics,
+                    session,
+                    path,
+                    name,
+                    device=device or "cpu",
+                    threads=threads,
+                    logger=log,
+                    track=track,
+                    **options,
+                )
+            finally:
+                self._loads.pop(load_id, None)
         return LoadReply(loaded.sets[0][1], loaded.nbytes, list(loaded.sets)).to_wire(), []
 
     async def _allowed(self, path: str) -> tuple[str, str]:
