@@ -29,7 +29,7 @@ def test_a_timeout_longer_than_one_poll_is_kept(client: sdk.Client, daemon, monk
     took = time.monotonic() - start
     timer.join()
     assert seen == [2]  # delivered, though four polls had come back empty before it
-    assert 0.8 + 1.5 <= took < 0.8 + 1.5 + 2.0  # then 1.5 s more without one
+    assert 0.7 + 1.5 <= took < 0.8 + 1.5 + 3.0  # then 1.5 s more without one
 
 
 def test_a_zero_timeout_returns_at_once(client: sdk.Client) -> None:
