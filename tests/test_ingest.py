@@ -274,7 +274,7 @@ def test_a_rule_that_backtracks_for_ever_does_not_stall_the_daemon(daemon, clien
         client.ls()
         slowest = max(slowest, time.monotonic() - t0)
         time.sleep(0.1)
-    assert slowest < 1.0, slowest
+    assert slowest < 2.0, slowest  # never the 10 s the match runs for
     assert result[0].returncode == 1 and "took over 10 s to match" in result[0].stderr, result[0].stderr
     assert [s["name"] for s in client.ls() if s["name"].startswith("ingest/evil")] == []
     assert client.status()["reservations"] == 0
