@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tensord.regular_files import NotRegular, kind, open_regular
 from tensord_contract.bulk import paused_gc
 from tensord_contract.checks import is_int
 from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
@@ -131,13 +132,11 @@ def _load_json(path: str, raw: bytes, what: str) -> Any:
 def read_header_and_metadata(path: str | os.PathLike[str]) -> tuple[list[FileTensor], dict[str, str]]:
     """Read and validate one file's header; return its tensors (by offset) and ``__metadata__``."""
     p = os.fspath(path)
-    try:  # O_NONBLOCK: a FIFO (even one swapped in after a check by path) must not block open()
-        with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise _bad(p, "is a directory" if stat.S_ISDIR(mode) else "is not a regular file")
-            os.set_blocking(f.fileno(), True)
+    try:  # a FIFO (even one swapped in after a check by path) must not block the open
+        with os.fdopen(open_regular(p), "rb") as f:
             return _header_of(f.fileno(), p)
+    except NotRegular as exc:
+        raise _bad(p, "is a directory" if exc.kind == "a directory" else "is not a regular file") from None
     except FileNotFoundError:
         raise NotFound(f"{p}: no such file", path=p) from None
     except OSError as exc:
@@ -157,7 +156,7 @@ def read_passed_checkpoint(files: Sequence[tuple[str, int]]) -> list[FileTensor]
         except OSError as exc:
             raise _bad(label, f"cannot read the passed descriptor: {exc.strerror or exc}") from exc
         if not stat.S_ISREG(mode):
-            raise _bad(label, f"the passed descriptor is {_kind(mode)}, not a regular file")
+            raise _bad(label, f"the passed descriptor is {kind(mode)}, not a regular file")
         if not readable:
             raise _bad(label, "the passed descriptor is not open for reading")
         try:
@@ -170,13 +169,6 @@ def read_passed_checkpoint(files: Sequence[tuple[str, int]]) -> list[FileTensor]
             seen[t.name] = label
         out.extend(tensors)
     return out
-
-
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def _header_of(fd: int, p: str) -> tuple[list[FileTensor], dict[str, str]]:
@@ -351,13 +343,13 @@ def _shard_path(directory: str, shard: Any, index: str, tensor: str, root: str) 
 
 
 def _read_indexed(directory: str, index: str, root: str) -> list[FileTensor]:
-    try:  # O_NONBLOCK: an index that is a FIFO must not hang the open
-        with os.fdopen(os.open(index, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise _bad(index, "index is not a regular file")
+    try:  # an index that is a FIFO must not hang the open
+        with os.fdopen(open_regular(index), "rb") as f:
             raw = f.read(MAX_INDEX_BYTES + 1)
         if len(raw) > MAX_INDEX_BYTES:
             raise _bad(index, f"index larger than {MAX_INDEX_BYTES} bytes")
+    except NotRegular:
+        raise _bad(index, "index is not a regular file") from None
     except OSError as exc:
         raise _bad(index, f"cannot read: {exc.strerror or exc}") from exc
     data = _load_json(index, raw, "index")

@@ -10,15 +10,14 @@ import os
 import stat
 from pathlib import Path
 
+from tensord.regular_files import open_regular
+
 
 def read_file(path: Path, limit: int | None = None) -> bytes:
     """A state file's bytes; never follows a link, never waits (a FIFO is refused, not read).
     `limit`: a file of more bytes is refused unread (a damaged one must not fill memory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+    with os.fdopen(open_regular(path, follow=False), "rb") as f:
+        info = os.fstat(f.fileno())
         if limit is None:
             return f.read()
         data = f.read(limit + 1) if info.st_size <= limit else b""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tensord.checkpoint import read_checkpoint
+from tensord.regular_files import NotRegular, open_regular
 from tensord_contract.errors import InvalidArgument, NotFound, Unauthorized
 
 Passed = list[tuple[str, int]]  # (label: the file's path, descriptor)
@@ -38,10 +39,12 @@ def opened_inside(path: str, root: str) -> Iterator[tuple[Passed, Callable[[], N
 
 
 def _open_inside(file: str, root: str) -> int:
-    try:  # O_NONBLOCK: a FIFO swapped in must not hang the open
-        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:  # a FIFO swapped in must not hang the open
+        fd = open_regular(file)
     except FileNotFoundError:
         raise NotFound(f"{file}: no such file", path=file) from None
+    except NotRegular as exc:
+        raise InvalidArgument(f"{file}: not a regular file but {exc.kind}", path=file) from None
     except OSError as exc:
         raise InvalidArgument(f"{file}: cannot read it: {exc.strerror or exc}", path=file) from None
     try:
@@ -52,9 +55,6 @@ def _open_inside(file: str, root: str) -> int:
         now = os.stat(real)
         if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
             raise InvalidArgument(f"{file}: replaced while it was opened", path=file)
-        if not stat.S_ISREG(opened.st_mode):
-            raise InvalidArgument(f"{file}: not a regular file", path=file)
-        os.set_blocking(fd, True)
     except OSError as exc:  # the path resolved is gone again, say
         os.close(fd)
         raise InvalidArgument(f"{file}: replaced while it was opened ({exc.strerror or exc})", path=file) from None

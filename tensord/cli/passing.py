@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import stat
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.catalogue import CatalogueClient
+from tensord.regular_files import NotRegular, open_regular
 from tensord_contract import wire
 from tensord_contract.catalogue_messages import LoadRequest, PassedFile
 from tensord_contract.errors import InvalidArgument, NotFound, TensordError
@@ -46,17 +46,16 @@ def opened_files(paths: list[str]) -> Iterator[list[tuple[int, dict[str, Any]]]]
     out: list[tuple[int, dict[str, Any]]] = []
     try:
         for p in paths:
-            try:  # O_NONBLOCK: a FIFO must not hang the open; cleared below for a regular file
-                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:  # a FIFO must not hang the open
+                fd = open_regular(p)
             except FileNotFoundError:
                 raise NotFound(f"{p}: no such file", path=p) from None
+            except NotRegular:
+                raise InvalidArgument(f"{p}: not a regular file", path=p) from None
             except OSError as exc:
                 raise InvalidArgument(f"{p}: cannot read it: {exc.strerror or exc}", path=p) from None
             out.append((fd, {}))
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidArgument(f"{p}: not a regular file", path=p)
-            os.set_blocking(fd, True)
             out[-1] = (fd, {"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         yield out
     finally:
