@@ -4,11 +4,11 @@
 `module.state_dict(keep_vars=True)`: every parameter and persistent buffer under its dotted
 name, in the module's order. torch's walk builds metadata and calls hooks at every module (and
 `state_dict()` without `keep_vars` detaches every tensor): over a DeepSeek-like model of 60k
-modules and 90k tensors it costs ~200 ms (`keep_vars`) and ~450 ms (detached) on the 2-core VM,
-more than the copy. Where no module changes what it saves (no state_dict hooks, no override of
-`state_dict`, `_save_to_state_dict` or `get_extra_state`), the same entries in the same order
-are read straight from each module's `_parameters` and `_buffers` (~75 ms there); otherwise
-torch's own walk is used.
+modules and 90k tensors it costs ~295 ms (`keep_vars`) and ~480 ms (detached) on the 2-core VM
+(`benchmarks/plans.py`), more than the copy. Where no module changes what it saves (no
+state_dict hooks, no override of `state_dict`, `_save_to_state_dict` or `get_extra_state`),
+the same entries in the same order are read straight from each module's `_parameters` and
+`_buffers` (~145 ms there); otherwise torch's own walk is used.
 """
 
 from __future__ import annotations

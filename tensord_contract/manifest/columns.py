@@ -18,7 +18,6 @@ ALIGN = 256
 #: At most this many tensors in one set: 3.8x Kimi-K2's ~138,000 (fp8 weights + scales).
 MAX_TENSORS = 1 << 19
 MAX_TENSOR_NAME_BYTES = 1024
-
 MAX_DIM = 1 << 48
 #: No slab (so no tensor) may reach 2**62 bytes: sizes and offsets stay exact in int64.
 MAX_BYTES = 1 << 62
